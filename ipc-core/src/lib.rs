@@ -1,0 +1,47 @@
+//! The system-independent heart of ipcd: the shared segment's layout, the
+//! single-producer single-consumer ring of frames, the doorbell handshake
+//! and the control-socket messages.
+//!
+//! Nothing here makes a system call. Rings work over a [`Region`], which any
+//! [`SharedMemory`] can back: an `mmap`ed memfd in the daemon and client, or
+//! [`HeapMemory`] in tests, so the whole protocol runs in one process.
+//!
+//! Every word the peer can write is treated as hostile: read once into a
+//! local, validated, and never trusted past a [`RingError`].
+//!
+//! ```
+//! use ipc_core::{Consumer, Direction, HeapMemory, Producer, Region, SegmentLayout};
+//!
+//! let layout = SegmentLayout::new(4096).unwrap();
+//! let region = Region::new(HeapMemory::new(layout.segment_size()));
+//! let mut tx = Producer::new(&region, &layout, Direction::Request);
+//! let mut rx = Consumer::new(&region, &layout, Direction::Request);
+//!
+//! tx.try_push(1, 0, 42, b"ping").unwrap();
+//! let must_wake = tx.publish(); // true only if the consumer announced sleep
+//! assert!(!must_wake);
+//!
+//! let mut payload = Vec::new();
+//! let header = rx.try_pop(&mut payload).unwrap().unwrap();
+//! assert_eq!((header.request_id, &payload[..]), (42, &b"ping"[..]));
+//! rx.release();
+//! ```
+
+mod error;
+pub mod frame;
+pub mod handshake;
+pub mod layout;
+mod region;
+mod reply;
+mod ring;
+pub mod sync;
+
+pub use error::{HandshakeError, LayoutError};
+pub use frame::{FrameHeader, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
+pub use handshake::{
+    DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, Welcome, PROTOCOL_VERSION,
+};
+pub use layout::SegmentLayout;
+pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN};
+pub use reply::{decode_error, encode_error, ErrorCode, MAX_ERROR_MESSAGE};
+pub use ring::{Consumer, Direction, Frame, Index, Producer, PushError, RingError};

@@ -1,0 +1,722 @@
+//! A single-producer single-consumer ring of variable-length frames in
+//! shared memory, where the peer is not trusted.
+//!
+//! # Protocol
+//!
+//! Words (offsets in [`crate::layout`]):
+//!
+//! - `head`: bytes ever published by the producer. Written only by the
+//!   producer, with Release, after the frames it covers are written.
+//! - `tail`: bytes ever released by the consumer. Written only by the
+//!   consumer, with Release, after it has copied the frames it covers out.
+//! - `data_waiter`: 1 while the consumer is (about to be) asleep waiting for
+//!   data; the producer swaps it back to 0 when it wakes the consumer.
+//! - `space_waiter`: the same, for a producer waiting for free space.
+//!
+//! Both indices only grow (u64 byte counts: they never wrap in practice).
+//! Each side keeps its own index privately and never reads it back from
+//! shared memory; the peer's index is read once per refresh into a local,
+//! checked (`tail <= head`, `head - tail <= capacity`, 8-byte aligned, never
+//! moving backwards) and used only from that local. A violation is a
+//! [`RingError`], never a panic and never an access outside the ring.
+//!
+//! Happens-before edges:
+//!
+//! - `SYNC(frame-published)`: the producer's Release store of `head` pairs
+//!   with the consumer's Acquire load of `head`; the frame bytes written
+//!   before the store are visible after the load.
+//! - `SYNC(space-released)`: the consumer's Release store of `tail` pairs with
+//!   the producer's Acquire load of `tail`; the consumer's reads of the
+//!   released bytes happen before the producer overwrites them.
+//!
+//! Sleeping without losing a wake-up (`SYNC(sleep-handshake)`), a Dekker
+//! pattern with two SeqCst fences:
+//!
+//! ```text
+//! consumer (prepare_sleep)            producer (publish)
+//!   data_waiter = 1                     head = h            (Release)
+//!   fence(SeqCst)                       fence(SeqCst)
+//!   read head: data? -> cancel sleep    read data_waiter: 1? -> swap 0, wake
+//!   else sleep while data_waiter == 1
+//! ```
+//!
+//! The two fences are totally ordered. If the consumer's fence comes first,
+//! the producer's load after its own fence sees `data_waiter == 1` and wakes
+//! it. If the producer's fence comes first, the consumer's load of `head`
+//! sees the new frame and it does not sleep. Either way the frame is not
+//! left unseen by a sleeping consumer. The consumer sleeps only while the
+//! word still holds 1 (a futex wait on that value, or an eventfd whose
+//! counter the producer bumps after the swap), so a wake that lands between
+//! its check and its sleep is not lost either. The same handshake, with
+//! `space_waiter` and `tail`, lets a producer sleep until space frees.
+//!
+//! # Wrap-around
+//!
+//! A frame is always contiguous in the ring. When the next frame does not fit
+//! before the end, the producer fills the rest of the lap with a pad frame
+//! (`FLAG_PAD`, its length covering exactly the rest) and writes the frame at
+//! offset 0; if fewer than [`HEADER_LEN`] bytes remain (only 8 can), both
+//! sides skip them without a header. The largest payload is half the
+//! capacity minus a header, so a maximum frame fits in an empty ring wherever
+//! its indices stand.
+
+use std::fmt;
+
+use crate::frame::{frame_size, FrameHeader, FLAG_PAD, FRAME_ALIGN, HEADER_LEN};
+use crate::layout::{SegmentLayout, DATA_WAITER, HEAD, SPACE_WAITER, TAIL};
+use crate::region::Region;
+use crate::sync::{fence, AtomicU32, Ordering};
+
+/// Which of a segment's two rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to daemon.
+    Request,
+    /// Daemon to client.
+    Response,
+}
+
+/// A ring's place in a segment, shared by its producer and consumer ends.
+#[derive(Clone, Debug)]
+struct RingRef {
+    region: Region,
+    control: usize,
+    data: usize,
+    capacity: u64,
+    max_payload: u32,
+}
+
+impl RingRef {
+    fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> RingRef {
+        assert!(
+            region.len() >= layout.segment_size(),
+            "region smaller than the segment layout"
+        );
+        let (control, data) = match direction {
+            Direction::Request => (layout.request_control(), layout.request_data()),
+            Direction::Response => (layout.response_control(), layout.response_data()),
+        };
+        RingRef {
+            region: region.clone(),
+            control,
+            data,
+            capacity: u64::from(layout.capacity()),
+            max_payload: layout.max_payload(),
+        }
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        self.region.atomic_u32(self.control + offset)
+    }
+
+    fn data_offset(&self, index: u64) -> usize {
+        self.data + (index & (self.capacity - 1)) as usize
+    }
+
+    fn to_end(&self, index: u64) -> u64 {
+        self.capacity - (index & (self.capacity - 1))
+    }
+
+    /// Checks a peer-written index `theirs` against our own `ours`, where
+    /// the producer's index must be `>=` the consumer's by at most the
+    /// capacity, and `floor` is the last value we accepted for it.
+    fn check_index(
+        &self,
+        theirs: u64,
+        lo: u64,
+        hi: u64,
+        floor: u64,
+        which: Index,
+    ) -> Result<u64, RingError> {
+        if theirs % FRAME_ALIGN as u64 != 0 {
+            return Err(RingError::MisalignedIndex {
+                which,
+                index: theirs,
+            });
+        }
+        if theirs < lo || theirs > hi || theirs < floor || hi - lo > self.capacity {
+            return Err(RingError::IndexOutOfRange {
+                which,
+                index: theirs,
+                low: lo.max(floor),
+                high: hi,
+            });
+        }
+        Ok(theirs)
+    }
+}
+
+/// Names the index a [`RingError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Index {
+    /// The producer's index.
+    Head,
+    /// The consumer's index.
+    Tail,
+}
+
+impl fmt::Display for Index {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Index::Head => "producer index",
+            Index::Tail => "consumer index",
+        })
+    }
+}
+
+/// The peer broke the ring protocol. The ring can no longer be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RingError {
+    /// An index the peer wrote is not 8-byte aligned.
+    MisalignedIndex {
+        /// Which index.
+        which: Index,
+        /// The value read.
+        index: u64,
+    },
+    /// An index the peer wrote is outside the range it may take.
+    IndexOutOfRange {
+        /// Which index.
+        which: Index,
+        /// The value read.
+        index: u64,
+        /// Lowest value allowed.
+        low: u64,
+        /// Highest value allowed.
+        high: u64,
+    },
+    /// A frame header has flag bits this version does not know.
+    UnknownFlags {
+        /// The flags read.
+        flags: u16,
+    },
+    /// A frame claims a payload longer than the negotiated maximum.
+    PayloadTooLarge {
+        /// The length claimed.
+        len: u32,
+        /// The negotiated maximum.
+        max: u32,
+    },
+    /// A frame runs past the end of the ring or past the published index.
+    FrameOverrun {
+        /// Bytes the frame occupies.
+        size: u64,
+        /// Bytes available where it starts.
+        available: u64,
+    },
+    /// A pad frame does not cover exactly the rest of the lap.
+    BadPad {
+        /// The pad's length.
+        len: u32,
+        /// The length it must have.
+        expected: u64,
+    },
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingError::MisalignedIndex { which, index } => {
+                write!(f, "{which} {index} is not {FRAME_ALIGN}-byte aligned")
+            }
+            RingError::IndexOutOfRange {
+                which,
+                index,
+                low,
+                high,
+            } => {
+                write!(
+                    f,
+                    "{which} {index} is outside the valid range {low}..={high}"
+                )
+            }
+            RingError::UnknownFlags { flags } => {
+                write!(f, "frame flags {flags:#06x} have unknown bits")
+            }
+            RingError::PayloadTooLarge { len, max } => {
+                write!(f, "frame length {len} exceeds the negotiated maximum {max}")
+            }
+            RingError::FrameOverrun { size, available } => {
+                write!(
+                    f,
+                    "frame of {size} bytes overruns the {available} bytes available"
+                )
+            }
+            RingError::BadPad { len, expected } => {
+                write!(f, "pad frame length {len} does not cover the {expected} bytes to the end of the ring")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
+/// Why a frame could not be pushed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PushError {
+    /// Not enough free space now; retry after the consumer releases some.
+    Full,
+    /// The payload is larger than the negotiated maximum; it never fits.
+    TooLarge {
+        /// The payload length.
+        len: usize,
+        /// The negotiated maximum.
+        max: u32,
+    },
+    /// The consumer broke the protocol.
+    Corrupt(RingError),
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushError::Full => f.write_str("ring is full"),
+            PushError::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "payload of {len} bytes exceeds the negotiated maximum {max}"
+                )
+            }
+            PushError::Corrupt(e) => write!(f, "ring is corrupt: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PushError {}
+
+impl From<RingError> for PushError {
+    fn from(e: RingError) -> PushError {
+        PushError::Corrupt(e)
+    }
+}
+
+/// The writing end of a ring.
+#[derive(Debug)]
+pub struct Producer {
+    ring: RingRef,
+    /// Next byte to write (private; the shared `head` lags until `publish`).
+    head: u64,
+    /// The value last stored to the shared `head`.
+    published: u64,
+    /// The last validated value of the consumer's `tail`.
+    cached_tail: u64,
+}
+
+impl Producer {
+    /// The producer end of `direction`'s ring in a fresh segment (both
+    /// indices zero).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `region` is smaller than the layout says.
+    pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Producer {
+        Producer {
+            ring: RingRef::new(region, layout, direction),
+            head: 0,
+            published: 0,
+            cached_tail: 0,
+        }
+    }
+
+    /// The largest payload a frame may carry.
+    pub fn max_payload(&self) -> u32 {
+        self.ring.max_payload
+    }
+
+    /// Re-reads the consumer's index.
+    fn refresh_tail(&mut self) -> Result<(), RingError> {
+        // SYNC(space-released): pairs with the consumer's Release store in
+        // `Consumer::release`; its reads of the freed bytes are done.
+        let tail = self
+            .ring
+            .region
+            .atomic_u64(self.ring.control + TAIL)
+            .load(Ordering::Acquire);
+        let lo = self.head.saturating_sub(self.ring.capacity);
+        self.cached_tail =
+            self.ring
+                .check_index(tail, lo, self.head, self.cached_tail, Index::Tail)?;
+        Ok(())
+    }
+
+    /// Bytes needed to place a frame of `size` bytes at `head`, padding
+    /// included.
+    fn needed(&self, size: u64) -> u64 {
+        let to_end = self.ring.to_end(self.head);
+        if size > to_end {
+            to_end + size
+        } else {
+            size
+        }
+    }
+
+    fn has_room(&self, needed: u64) -> bool {
+        self.head + needed - self.cached_tail <= self.ring.capacity
+    }
+
+    /// Writes a frame carrying `payload`, unpublished until
+    /// [`Producer::publish`]. Never blocks.
+    pub fn try_push(
+        &mut self,
+        service: u16,
+        flags: u16,
+        request_id: u64,
+        payload: &[u8],
+    ) -> Result<(), PushError> {
+        if payload.len() > self.ring.max_payload as usize {
+            return Err(PushError::TooLarge {
+                len: payload.len(),
+                max: self.ring.max_payload,
+            });
+        }
+        let size = frame_size(payload.len()) as u64;
+        let needed = self.needed(size);
+        if !self.has_room(needed) {
+            self.refresh_tail()?;
+            if !self.has_room(needed) {
+                return Err(PushError::Full);
+            }
+        }
+        let to_end = self.ring.to_end(self.head);
+        if size > to_end {
+            // The frame would straddle the end: pad the rest of the lap.
+            if to_end >= HEADER_LEN as u64 {
+                let pad = FrameHeader {
+                    len: (to_end - HEADER_LEN as u64) as u32,
+                    service: 0,
+                    flags: FLAG_PAD,
+                    request_id: 0,
+                };
+                self.ring
+                    .region
+                    .write(self.ring.data_offset(self.head), &pad.encode());
+            }
+            self.head += to_end;
+        }
+        let header = FrameHeader {
+            len: payload.len() as u32,
+            service,
+            flags,
+            request_id,
+        };
+        let at = self.ring.data_offset(self.head);
+        self.ring.region.write(at, &header.encode());
+        self.ring.region.write(at + HEADER_LEN, payload);
+        self.head += size;
+        Ok(())
+    }
+
+    /// Whether a frame with `len` payload bytes would fit now, re-reading
+    /// the consumer's index if the cached one says no.
+    pub fn has_space_for(&mut self, len: usize) -> Result<bool, RingError> {
+        let needed = self.needed(frame_size(len) as u64);
+        if self.has_room(needed) {
+            return Ok(true);
+        }
+        self.refresh_tail()?;
+        Ok(self.has_room(needed))
+    }
+
+    /// Makes every frame pushed so far visible to the consumer. Returns
+    /// `true` when the consumer announced that it sleeps and must be woken
+    /// (the caller rings the doorbell).
+    pub fn publish(&mut self) -> bool {
+        if self.head == self.published {
+            return false;
+        }
+        // SYNC(frame-published): pairs with the consumer's Acquire load of
+        // `head`; the frames written above are visible after it.
+        self.ring
+            .region
+            .atomic_u64(self.ring.control + HEAD)
+            .store(self.head, Ordering::Release);
+        self.published = self.head;
+        // SYNC(sleep-handshake): pairs with the fence in
+        // `Consumer::prepare_sleep`.
+        fence(Ordering::SeqCst);
+        let waiter = self.ring.word(DATA_WAITER);
+        // Relaxed: ordered by the fence above; the swap makes sure one
+        // announcement gets one wake, however many frames follow.
+        waiter.load(Ordering::Relaxed) != 0 && waiter.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// Announces that the producer will sleep until a frame of `len` payload
+    /// bytes fits. Returns `false` (and withdraws the announcement) if it
+    /// fits already; otherwise the caller sleeps while
+    /// [`Producer::space_waiter`] holds 1.
+    pub fn prepare_wait_space(&mut self, len: usize) -> Result<bool, RingError> {
+        // Relaxed: the fence below orders it before the re-check.
+        self.ring.word(SPACE_WAITER).store(1, Ordering::Relaxed);
+        // SYNC(sleep-handshake): pairs with the fence in `Consumer::release`.
+        fence(Ordering::SeqCst);
+        if self.has_space_for(len)? {
+            self.ring.word(SPACE_WAITER).store(0, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Withdraws a space-wait announcement after waking.
+    pub fn finish_wait_space(&self) {
+        // Relaxed: only a hint for the consumer; a stale 1 costs one wake.
+        self.ring.word(SPACE_WAITER).store(0, Ordering::Relaxed);
+    }
+
+    /// The word a sleeping producer waits on (futex doorbell).
+    pub fn space_waiter(&self) -> &AtomicU32 {
+        self.ring.word(SPACE_WAITER)
+    }
+
+    /// Whether every frame pushed has been released by the consumer, as far
+    /// as the last read of its index knows.
+    pub fn is_drained(&self) -> bool {
+        self.cached_tail == self.head
+    }
+}
+
+/// A frame found by [`Consumer::try_peek`], not yet consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// The decoded header.
+    pub header: FrameHeader,
+    at: u64,
+    payload: usize,
+    size: u64,
+}
+
+impl Frame {
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.header.len as usize
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.header.len == 0
+    }
+}
+
+/// The reading end of a ring.
+#[derive(Debug)]
+pub struct Consumer {
+    ring: RingRef,
+    /// Next byte to read (private; the shared `tail` lags until `release`).
+    tail: u64,
+    /// The value last stored to the shared `tail`.
+    released: u64,
+    /// The last validated value of the producer's `head`.
+    cached_head: u64,
+}
+
+impl Consumer {
+    /// The consumer end of `direction`'s ring in a fresh segment.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `region` is smaller than the layout says.
+    pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Consumer {
+        Consumer {
+            ring: RingRef::new(region, layout, direction),
+            tail: 0,
+            released: 0,
+            cached_head: 0,
+        }
+    }
+
+    /// The largest payload a frame may carry.
+    pub fn max_payload(&self) -> u32 {
+        self.ring.max_payload
+    }
+
+    fn refresh_head(&mut self) -> Result<(), RingError> {
+        // SYNC(frame-published): pairs with the producer's Release store in
+        // `Producer::publish`; the frames it covers are visible.
+        let head = self
+            .ring
+            .region
+            .atomic_u64(self.ring.control + HEAD)
+            .load(Ordering::Acquire);
+        let hi = self.tail.saturating_add(self.ring.capacity);
+        self.cached_head =
+            self.ring
+                .check_index(head, self.tail, hi, self.cached_head, Index::Head)?;
+        Ok(())
+    }
+
+    /// Whether no published frame is waiting, re-reading the producer's
+    /// index.
+    pub fn is_empty(&mut self) -> Result<bool, RingError> {
+        if self.tail != self.cached_head {
+            return Ok(false);
+        }
+        self.refresh_head()?;
+        Ok(self.tail == self.cached_head)
+    }
+
+    /// The next frame, if one is published, validated against the ring's
+    /// bounds and the negotiated maximum. Does not consume it.
+    pub fn try_peek(&mut self) -> Result<Option<Frame>, RingError> {
+        loop {
+            if self.tail == self.cached_head {
+                self.refresh_head()?;
+                if self.tail == self.cached_head {
+                    return Ok(None);
+                }
+            }
+            let available = self.cached_head - self.tail;
+            let to_end = self.ring.to_end(self.tail);
+            if to_end < HEADER_LEN as u64 {
+                // Too short for a header: the producer skipped it and put a
+                // frame at the start of the next lap.
+                if available <= to_end {
+                    return Err(RingError::FrameOverrun {
+                        size: to_end,
+                        available,
+                    });
+                }
+                self.tail += to_end;
+                continue;
+            }
+            if available < HEADER_LEN as u64 {
+                return Err(RingError::FrameOverrun {
+                    size: HEADER_LEN as u64,
+                    available,
+                });
+            }
+            let mut raw = [0u8; HEADER_LEN];
+            self.ring
+                .region
+                .read(self.ring.data_offset(self.tail), &mut raw);
+            let header = FrameHeader::decode(&raw);
+            if header.unknown_flags() != 0 {
+                return Err(RingError::UnknownFlags {
+                    flags: header.flags,
+                });
+            }
+            if header.is_pad() {
+                let expected = to_end - HEADER_LEN as u64;
+                if u64::from(header.len) != expected {
+                    return Err(RingError::BadPad {
+                        len: header.len,
+                        expected,
+                    });
+                }
+                if available <= to_end {
+                    return Err(RingError::FrameOverrun {
+                        size: to_end,
+                        available,
+                    });
+                }
+                self.tail += to_end;
+                continue;
+            }
+            if header.len > self.ring.max_payload {
+                return Err(RingError::PayloadTooLarge {
+                    len: header.len,
+                    max: self.ring.max_payload,
+                });
+            }
+            let size = frame_size(header.len as usize) as u64;
+            let room = available.min(to_end);
+            if size > room {
+                return Err(RingError::FrameOverrun {
+                    size,
+                    available: room,
+                });
+            }
+            return Ok(Some(Frame {
+                header,
+                at: self.tail,
+                payload: self.ring.data_offset(self.tail) + HEADER_LEN,
+                size,
+            }));
+        }
+    }
+
+    /// Copies `frame`'s payload into `out`, replacing its contents.
+    pub fn read_payload(&self, frame: &Frame, out: &mut Vec<u8>) {
+        out.clear();
+        self.ring
+            .region
+            .read_append(frame.payload, frame.len(), out);
+    }
+
+    /// Consumes `frame`, the one the last `try_peek` returned. Its space is
+    /// handed back at the next [`Consumer::release`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if `frame` is not the frame at the consumer's position.
+    pub fn consume(&mut self, frame: &Frame) {
+        assert_eq!(
+            frame.at, self.tail,
+            "consume of a frame that is not the next one"
+        );
+        self.tail += frame.size;
+    }
+
+    /// Peeks, copies out and consumes the next frame.
+    pub fn try_pop(&mut self, out: &mut Vec<u8>) -> Result<Option<FrameHeader>, RingError> {
+        match self.try_peek()? {
+            None => Ok(None),
+            Some(frame) => {
+                self.read_payload(&frame, out);
+                self.consume(&frame);
+                Ok(Some(frame.header))
+            }
+        }
+    }
+
+    /// Hands the space of every consumed frame back to the producer. Returns
+    /// `true` when the producer announced that it sleeps waiting for space
+    /// and must be woken.
+    pub fn release(&mut self) -> bool {
+        if self.tail == self.released {
+            return false;
+        }
+        // SYNC(space-released): pairs with the producer's Acquire load of
+        // `tail`; our copies out of the released bytes are complete.
+        self.ring
+            .region
+            .atomic_u64(self.ring.control + TAIL)
+            .store(self.tail, Ordering::Release);
+        self.released = self.tail;
+        // SYNC(sleep-handshake): pairs with the fence in
+        // `Producer::prepare_wait_space`.
+        fence(Ordering::SeqCst);
+        let waiter = self.ring.word(SPACE_WAITER);
+        // Relaxed: ordered by the fence above.
+        waiter.load(Ordering::Relaxed) != 0 && waiter.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// Announces that the consumer will sleep until data arrives. Returns
+    /// `false` (and withdraws the announcement) if data is already there;
+    /// otherwise the caller sleeps while [`Consumer::data_waiter`] holds 1.
+    pub fn prepare_sleep(&mut self) -> Result<bool, RingError> {
+        // Relaxed: the fence below orders it before the re-check.
+        self.ring.word(DATA_WAITER).store(1, Ordering::Relaxed);
+        // SYNC(sleep-handshake): pairs with the fence in `Producer::publish`.
+        fence(Ordering::SeqCst);
+        if !self.is_empty()? {
+            self.ring.word(DATA_WAITER).store(0, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Withdraws a sleep announcement after waking.
+    pub fn finish_sleep(&self) {
+        // Relaxed: only a hint for the producer; a stale 1 costs one wake.
+        self.ring.word(DATA_WAITER).store(0, Ordering::Relaxed);
+    }
+
+    /// The word a sleeping consumer waits on (futex doorbell).
+    pub fn data_waiter(&self) -> &AtomicU32 {
+        self.ring.word(DATA_WAITER)
+    }
+}
+
+#[cfg(test)]
+mod tests;

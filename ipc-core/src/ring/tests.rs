@@ -1,0 +1,444 @@
+use std::collections::VecDeque;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::frame::FLAG_ERROR;
+use crate::layout::SegmentLayout;
+use crate::region::HeapMemory;
+
+fn ring(capacity: u32) -> (Region, Producer, Consumer) {
+    let layout = SegmentLayout::new(capacity).unwrap();
+    let region = Region::new(HeapMemory::new(layout.segment_size()));
+    let p = Producer::new(&region, &layout, Direction::Request);
+    let c = Consumer::new(&region, &layout, Direction::Request);
+    (region, p, c)
+}
+
+fn control(_region: &Region) -> usize {
+    SegmentLayout::new(4096).unwrap().request_control()
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (seed as usize * 31 + i) as u8).collect()
+}
+
+#[test]
+fn empty_ring_has_nothing() {
+    let (_r, _p, mut c) = ring(4096);
+    let mut out = Vec::new();
+    assert_eq!(c.try_pop(&mut out).unwrap(), None);
+    assert!(c.is_empty().unwrap());
+}
+
+#[test]
+fn unpublished_frames_are_invisible() {
+    let (_r, mut p, mut c) = ring(4096);
+    p.try_push(1, 0, 7, b"hello").unwrap();
+    let mut out = Vec::new();
+    assert_eq!(c.try_pop(&mut out).unwrap(), None);
+    p.publish();
+    let h = c.try_pop(&mut out).unwrap().unwrap();
+    assert_eq!((h.service, h.flags, h.request_id, h.len), (1, 0, 7, 5));
+    assert_eq!(out, b"hello");
+}
+
+#[test]
+fn full_ring_refuses_then_accepts_after_release() {
+    let (_r, mut p, mut c) = ring(4096);
+    let body = [0xAB; 64 - 16];
+    let mut pushed = 0;
+    loop {
+        match p.try_push(0, 0, pushed, &body) {
+            Ok(()) => pushed += 1,
+            Err(PushError::Full) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(pushed, 4096 / 64);
+    p.publish();
+    let mut out = Vec::new();
+    assert_eq!(c.try_pop(&mut out).unwrap().unwrap().request_id, 0);
+    // Consumed but not released: the producer still sees a full ring.
+    assert_eq!(p.try_push(0, 0, 99, &body), Err(PushError::Full));
+    c.release();
+    p.try_push(0, 0, 99, &body).unwrap();
+}
+
+#[test]
+fn frames_that_would_straddle_the_end_wrap_with_a_pad() {
+    let (_r, mut p, mut c) = ring(4096);
+    let mut out = Vec::new();
+    // 3 frames of 1200 bytes leave 496 bytes before the end; a fourth frame
+    // of 1200 bytes would straddle it and must be padded to the next lap.
+    for id in 0..3 {
+        p.try_push(0, 0, id, &payload(id, 1200 - 16)).unwrap();
+    }
+    p.publish();
+    for _ in 0..3 {
+        c.try_pop(&mut out).unwrap().unwrap();
+    }
+    c.release();
+    p.try_push(0, 0, 3, &payload(3, 1200 - 16)).unwrap();
+    p.publish();
+    let h = c.try_pop(&mut out).unwrap().unwrap();
+    assert_eq!(h.request_id, 3);
+    assert_eq!(out, payload(3, 1200 - 16));
+    // 3600 (three frames) + 496 (pad) + 1200 bytes consumed.
+    c.release();
+    let tail = _r.atomic_u64(control(&_r) + TAIL).load(Ordering::Relaxed);
+    assert_eq!(tail, 4096 + 1200);
+}
+
+#[test]
+fn eight_byte_remnant_is_skipped_without_a_header() {
+    let (_r, mut p, mut c) = ring(4096);
+    let mut out = Vec::new();
+    // Two frames of 2040 bytes leave exactly 16 bytes; one more 8 => leave 8.
+    p.try_push(0, 0, 0, &payload(0, 2040 - 16)).unwrap();
+    p.try_push(0, 0, 1, &payload(1, 2048 - 16)).unwrap();
+    p.publish();
+    assert_eq!(c.try_pop(&mut out).unwrap().unwrap().request_id, 0);
+    assert_eq!(c.try_pop(&mut out).unwrap().unwrap().request_id, 1);
+    c.release();
+    // head is at 4088: 8 bytes remain, too few for a pad header.
+    p.try_push(0, 0, 2, &payload(2, 100)).unwrap();
+    p.publish();
+    let h = c.try_pop(&mut out).unwrap().unwrap();
+    assert_eq!(h.request_id, 2);
+    assert_eq!(out, payload(2, 100));
+}
+
+#[test]
+fn maximum_frame_fits_wherever_the_empty_ring_stands() {
+    for offset in (16usize..4096).step_by(8) {
+        let (_r, mut p, mut c) = ring(4096);
+        let mut out = Vec::new();
+        // Move both indices to `offset` with frames of at most 1024 bytes;
+        // the last one takes the remainder (at least 16 bytes).
+        let mut at = 0;
+        while at < offset {
+            let step = if offset - at > 1024 + 16 {
+                1024
+            } else {
+                offset - at
+            };
+            p.try_push(0, 0, 0, &payload(0, step - 16)).unwrap();
+            p.publish();
+            c.try_pop(&mut out).unwrap().unwrap();
+            c.release();
+            at += step;
+        }
+        let max = p.max_payload() as usize;
+        assert_eq!(max, 2048 - 16);
+        p.try_push(0, 0, 1, &payload(1, max))
+            .unwrap_or_else(|e| panic!("at offset {offset}: {e}"));
+        p.publish();
+        assert_eq!(c.try_pop(&mut out).unwrap().unwrap().len as usize, max);
+        assert_eq!(out, payload(1, max));
+    }
+}
+
+#[test]
+fn frame_over_the_maximum_is_refused() {
+    let (_r, mut p, _c) = ring(4096);
+    let max = p.max_payload();
+    assert_eq!(
+        p.try_push(0, 0, 0, &vec![0; max as usize + 1]),
+        Err(PushError::TooLarge {
+            len: max as usize + 1,
+            max
+        })
+    );
+}
+
+#[test]
+fn head_behind_tail_is_an_error() {
+    let (r, mut p, mut c) = ring(4096);
+    let mut out = Vec::new();
+    p.try_push(0, 0, 0, &[1; 48]).unwrap();
+    p.publish();
+    c.try_pop(&mut out).unwrap();
+    c.release();
+    // The producer "rewinds" its published index below our consumer index.
+    r.atomic_u64(control(&r) + HEAD).store(0, Ordering::Relaxed);
+    assert!(matches!(
+        c.try_pop(&mut out),
+        Err(RingError::IndexOutOfRange {
+            which: Index::Head,
+            index: 0,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn head_beyond_capacity_is_an_error() {
+    let (r, _p, mut c) = ring(4096);
+    r.atomic_u64(control(&r) + HEAD)
+        .store(4096 + 8, Ordering::Relaxed);
+    assert!(matches!(
+        c.try_peek(),
+        Err(RingError::IndexOutOfRange {
+            which: Index::Head,
+            index: 4104,
+            ..
+        })
+    ));
+    r.atomic_u64(control(&r) + HEAD)
+        .store(u64::MAX - 7, Ordering::Relaxed);
+    assert!(c.try_peek().is_err());
+}
+
+#[test]
+fn misaligned_head_is_an_error() {
+    let (r, _p, mut c) = ring(4096);
+    r.atomic_u64(control(&r) + HEAD)
+        .store(20, Ordering::Relaxed);
+    assert!(matches!(
+        c.try_peek(),
+        Err(RingError::MisalignedIndex {
+            which: Index::Head,
+            index: 20
+        })
+    ));
+}
+
+#[test]
+fn tail_beyond_head_is_an_error_for_the_producer() {
+    let (r, mut p, _c) = ring(4096);
+    let body = [0u8; 4096 / 2 - 16];
+    p.try_push(0, 0, 0, &body).unwrap();
+    p.try_push(0, 0, 1, &body).unwrap();
+    r.atomic_u64(control(&r) + TAIL)
+        .store(1 << 20, Ordering::Relaxed);
+    assert!(matches!(
+        p.try_push(0, 0, 2, &[0; 8]),
+        Err(PushError::Corrupt(RingError::IndexOutOfRange {
+            which: Index::Tail,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn tail_moving_backwards_is_an_error() {
+    let (r, mut p, mut c) = ring(4096);
+    let body = [0u8; 1000];
+    let mut out = Vec::new();
+    p.try_push(0, 0, 0, &body).unwrap();
+    p.try_push(0, 0, 1, &body).unwrap();
+    p.publish();
+    c.try_pop(&mut out).unwrap();
+    c.try_pop(&mut out).unwrap();
+    c.release();
+    p.try_push(0, 0, 2, &body).unwrap();
+    p.try_push(0, 0, 3, &body).unwrap(); // refreshes the tail (2032)
+    r.atomic_u64(control(&r) + TAIL).store(8, Ordering::Relaxed);
+    p.try_push(0, 0, 4, &body).unwrap_err();
+}
+
+#[test]
+fn length_beyond_the_maximum_is_an_error() {
+    let (r, mut p, mut c) = ring(4096);
+    p.try_push(0, 0, 0, &[0; 64]).unwrap();
+    p.publish();
+    // Rewrite the header's length field in place.
+    let data = SegmentLayout::new(4096).unwrap().request_data();
+    r.write(data, &70_000u32.to_le_bytes());
+    assert_eq!(
+        c.try_peek(),
+        Err(RingError::PayloadTooLarge {
+            len: 70_000,
+            max: 2032
+        })
+    );
+}
+
+#[test]
+fn length_beyond_the_published_index_is_an_error() {
+    let (r, mut p, mut c) = ring(4096);
+    p.try_push(0, 0, 0, &[0; 64]).unwrap();
+    p.publish();
+    let data = SegmentLayout::new(4096).unwrap().request_data();
+    r.write(data, &1000u32.to_le_bytes());
+    assert!(matches!(c.try_peek(), Err(RingError::FrameOverrun { .. })));
+}
+
+#[test]
+fn unknown_flags_and_bad_pads_are_errors() {
+    let (r, mut p, mut c) = ring(4096);
+    p.try_push(0, 0x40, 0, &[0; 8]).unwrap();
+    p.publish();
+    assert_eq!(c.try_peek(), Err(RingError::UnknownFlags { flags: 0x40 }));
+
+    let (r2, mut p2, mut c2) = ring(4096);
+    p2.try_push(0, 0, 0, &[0; 8]).unwrap();
+    p2.publish();
+    let data = SegmentLayout::new(4096).unwrap().request_data();
+    r2.write(data + 6, &FLAG_PAD.to_le_bytes());
+    assert!(matches!(c2.try_peek(), Err(RingError::BadPad { .. })));
+    drop(r);
+}
+
+#[test]
+fn sleep_announcement_is_seen_by_the_producer_once() {
+    let (_r, mut p, mut c) = ring(4096);
+    assert!(c.prepare_sleep().unwrap(), "empty ring: may sleep");
+    assert_eq!(c.data_waiter().load(Ordering::Relaxed), 1);
+    p.try_push(0, 0, 0, b"x").unwrap();
+    assert!(p.publish(), "the sleeping consumer must be woken");
+    assert_eq!(c.data_waiter().load(Ordering::Relaxed), 0);
+    p.try_push(0, 0, 1, b"y").unwrap();
+    assert!(!p.publish(), "one announcement, one wake");
+    assert!(
+        !c.prepare_sleep().unwrap(),
+        "data is waiting: must not sleep"
+    );
+    assert_eq!(c.data_waiter().load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn space_wait_announcement_is_seen_by_the_consumer() {
+    let (_r, mut p, mut c) = ring(4096);
+    let body = [0u8; 2000];
+    p.try_push(0, 0, 0, &body).unwrap();
+    p.try_push(0, 0, 1, &body).unwrap();
+    p.publish();
+    assert!(p.prepare_wait_space(2000).unwrap());
+    let mut out = Vec::new();
+    c.try_pop(&mut out).unwrap();
+    assert!(c.release(), "the waiting producer must be woken");
+    assert!(!p.prepare_wait_space(2000).unwrap());
+}
+
+#[test]
+fn error_flag_round_trips() {
+    let (_r, mut p, mut c) = ring(4096);
+    p.try_push(3, FLAG_ERROR, 9, b"boom").unwrap();
+    p.publish();
+    let mut out = Vec::new();
+    let h = c.try_pop(&mut out).unwrap().unwrap();
+    assert!(h.is_error());
+    assert_eq!(out, b"boom");
+}
+
+#[test]
+fn threads_pass_every_frame_in_order() {
+    let layout = SegmentLayout::new(4096).unwrap();
+    let region = Region::new(HeapMemory::new(layout.segment_size()));
+    let mut p = Producer::new(&region, &layout, Direction::Request);
+    let mut c = Consumer::new(&region, &layout, Direction::Request);
+    const N: u64 = 50_000;
+    let producer = std::thread::spawn(move || {
+        for id in 0..N {
+            let body = payload(id, (id % 300) as usize);
+            loop {
+                match p.try_push(0, 0, id, &body) {
+                    Ok(()) => break,
+                    Err(PushError::Full) => {
+                        p.publish();
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            if id % 7 == 0 {
+                p.publish();
+            }
+        }
+        p.publish();
+    });
+    let mut out = Vec::new();
+    let mut next = 0;
+    while next < N {
+        match c.try_pop(&mut out).unwrap() {
+            Some(h) => {
+                assert_eq!(h.request_id, next);
+                assert_eq!(out, payload(next, (next % 300) as usize));
+                next += 1;
+                if next % 5 == 0 {
+                    c.release();
+                }
+            }
+            None => {
+                c.release();
+                std::thread::yield_now();
+            }
+        }
+    }
+    producer.join().unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push(usize),
+    Publish,
+    Pop,
+    Release,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..1100).prop_map(Op::Push),
+        2 => Just(Op::Publish),
+        3 => Just(Op::Pop),
+        2 => Just(Op::Release),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The ring behaves like a queue: what is pushed and published comes out
+    /// in order, byte for byte; a push fails only when the bytes held
+    /// (consumed but unreleased included) leave no room.
+    #[test]
+    fn ring_matches_a_vecdeque_model(ops in proptest::collection::vec(op(), 1..400)) {
+        let (_r, mut p, mut c) = ring(4096);
+        let mut pushed: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
+        let mut published = 0usize; // how many of `pushed` are published
+        let mut next_id = 0u64;
+        let mut consumed_unreleased = 0usize;
+        let mut out = Vec::new();
+        for op in ops {
+            match op {
+                Op::Push(len) => {
+                    let body = payload(next_id, len);
+                    match p.try_push(0, 0, next_id, &body) {
+                        Ok(()) => { pushed.push_back((next_id, body)); next_id += 1; }
+                        Err(PushError::Full) => {
+                            // An empty ring (nothing held, nothing awaiting
+                            // release) always takes a frame up to the maximum.
+                            prop_assert!(!pushed.is_empty() || consumed_unreleased > 0);
+                        }
+                        Err(e) => prop_assert!(false, "unexpected {}", e),
+                    }
+                }
+                Op::Publish => { p.publish(); published = pushed.len(); }
+                Op::Pop => {
+                    match c.try_pop(&mut out).unwrap() {
+                        Some(h) => {
+                            prop_assert!(published > 0);
+                            let (id, body) = pushed.pop_front().unwrap();
+                            published -= 1;
+                            consumed_unreleased += 1;
+                            prop_assert_eq!(h.request_id, id);
+                            prop_assert_eq!(&out, &body);
+                        }
+                        None => prop_assert_eq!(published, 0),
+                    }
+                }
+                Op::Release => { c.release(); consumed_unreleased = 0; }
+            }
+        }
+        // Everything published still comes out, in order.
+        p.publish();
+        while let Some(h) = c.try_pop(&mut out).unwrap() {
+            let (id, body) = pushed.pop_front().unwrap();
+            prop_assert_eq!(h.request_id, id);
+            prop_assert_eq!(&out, &body);
+        }
+        prop_assert!(pushed.is_empty());
+    }
+}
