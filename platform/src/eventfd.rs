@@ -1,0 +1,97 @@
+//! Non-blocking eventfds used as doorbells.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use mio::event::Source;
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use rustix::event::EventfdFlags;
+use rustix::io::Errno;
+
+/// An eventfd counter: `notify` adds one, `drain` reads and resets it.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// A new non-blocking, close-on-exec eventfd with a zero counter.
+    pub fn new() -> io::Result<EventFd> {
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(EventFd { fd })
+    }
+
+    /// Adopts a received eventfd and makes sure it is non-blocking.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<EventFd> {
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        Ok(EventFd { fd })
+    }
+
+    /// Adds one to the counter, waking whoever polls it. A counter at its
+    /// maximum (only a hostile peer gets it there) already signals
+    /// readiness, so `EAGAIN` counts as success.
+    pub fn notify(&self) -> io::Result<()> {
+        match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            Ok(_) | Err(Errno::AGAIN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads and resets the counter; 0 when nothing was signalled.
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        match rustix::io::read(&self.fd, &mut buf) {
+            Ok(8) => Ok(u64::from_ne_bytes(buf)),
+            Ok(n) => Err(io::Error::other(format!("eventfd read returned {n} bytes"))),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Source for EventFd {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.fd.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        SourceFd(&self.fd.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        SourceFd(&self.fd.as_raw_fd()).deregister(registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_then_drain_resets() {
+        let e = EventFd::new().unwrap();
+        assert_eq!(e.drain().unwrap(), 0);
+        e.notify().unwrap();
+        e.notify().unwrap();
+        assert_eq!(e.drain().unwrap(), 2);
+        assert_eq!(e.drain().unwrap(), 0);
+    }
+}

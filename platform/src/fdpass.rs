@@ -1,0 +1,98 @@
+//! Passing file descriptors over Unix sockets with `SCM_RIGHTS`.
+//!
+//! Received fds are close-on-exec (`MSG_CMSG_CLOEXEC`). A truncated control
+//! message (`MSG_CTRUNC`: the kernel dropped fds, because the buffer was
+//! too small or the fd limit was hit) is an error, never silently fewer fds;
+//! the fds that did arrive are closed.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// The most fds one message may carry.
+pub const MAX_FDS: usize = 4;
+
+/// Sends `bytes` with `fds` attached to them. Returns the bytes sent (the
+/// fds travel with the first byte).
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} fds per message");
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("fds do not fit the control buffer"));
+    }
+    Ok(rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+/// Receives into `buf`, collecting any fds that came with the bytes.
+/// Returns `(bytes, fds)`; 0 bytes and no fds means the peer hung up.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let ret = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
+        }
+    }
+    if ret.flags.contains(ReturnFlags::CTRUNC) {
+        // Dropping `fds` closes what did arrive.
+        return Err(io::Error::other(format!(
+            "control message truncated: fds were dropped ({} arrived)",
+            fds.len()
+        )));
+    }
+    Ok((ret.bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn fds_travel_and_are_cloexec() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let e = crate::EventFd::new().unwrap();
+        assert_eq!(send_with_fds(a.as_fd(), b"hi", &[e.as_fd()]).unwrap(), 2);
+        let mut buf = [0u8; 8];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (2, 1));
+        let flags = rustix::io::fcntl_getfd(&fds[0]).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+        // The received fd is the same eventfd.
+        let got = crate::EventFd::from_fd(fds.into_iter().next().unwrap()).unwrap();
+        e.notify().unwrap();
+        assert_eq!(got.drain().unwrap(), 1);
+    }
+
+    #[test]
+    fn hang_up_reads_zero() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        let mut buf = [0u8; 8];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (0, 0));
+    }
+}

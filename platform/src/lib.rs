@@ -1,0 +1,28 @@
+//! The only crate of ipcd that talks to the kernel: sealed memfds, shared
+//! mappings, eventfds, futexes on shared words, `SCM_RIGHTS` fd passing and
+//! peer credentials.
+//!
+//! ```
+//! use std::os::fd::AsFd;
+//! use ipc_platform::{check_sealed, create_sealed, Mapping};
+//!
+//! let fd = create_sealed("example", 8192).unwrap();
+//! check_sealed(fd.as_fd(), 8192).unwrap(); // what a receiver does first
+//! let region = Mapping::map(fd.as_fd(), 8192).unwrap();
+//! assert_eq!(region.len(), 8192);
+//! ```
+
+mod eventfd;
+mod fdpass;
+pub mod futex;
+mod mapping;
+mod memfd;
+mod socket;
+
+pub use eventfd::EventFd;
+pub use fdpass::{recv_with_fds, send_with_fds, MAX_FDS};
+pub use mapping::Mapping;
+pub use memfd::{check_sealed, create_sealed, try_resize, SealError, SEALS};
+pub use socket::{
+    peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials,
+};

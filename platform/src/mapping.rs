@@ -1,0 +1,43 @@
+//! Shared mappings of a segment.
+//!
+//! # Safety
+//!
+//! This module implements [`SharedMemory`] for a `memmap2::MmapRaw`, which
+//! hands out raw pointers only: nothing here forms a reference into the
+//! mapping. The mapping is `MAP_SHARED` and lives as long as the [`Mapping`]
+//! (and so as long as every `Region` holding it).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use ipc_core::{Region, SharedMemory};
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A read-write shared mapping of a whole segment.
+pub struct Mapping {
+    map: MmapRaw,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` read-write and shared, faulting the pages in
+    /// now rather than on the hot path. Callers check the fd's seals and size
+    /// first ([`crate::check_sealed`]).
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Region> {
+        let raw = fd.as_raw_fd();
+        let map = MmapOptions::new().len(len).populate().map_raw(raw)?;
+        Ok(Region::new(Arc::new(Mapping { map })))
+    }
+}
+
+// SAFETY: `MmapRaw` keeps the same base pointer and length until it is
+// dropped, the mapping is readable and writable (map_raw maps read-write),
+// and mmap returns page-aligned addresses, which satisfies REGION_ALIGN.
+unsafe impl SharedMemory for Mapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
