@@ -469,6 +469,12 @@ impl Producer {
         self.ring.word(SPACE_WAITER)
     }
 
+    /// The word the consumer sleeps on: futex-wake it when
+    /// [`Producer::publish`] returns `true`.
+    pub fn peer_waiter(&self) -> &AtomicU32 {
+        self.ring.word(DATA_WAITER)
+    }
+
     /// Whether every frame pushed has been released by the consumer, as far
     /// as the last read of its index knows.
     pub fn is_drained(&self) -> bool {
@@ -715,6 +721,12 @@ impl Consumer {
     /// The word a sleeping consumer waits on (futex doorbell).
     pub fn data_waiter(&self) -> &AtomicU32 {
         self.ring.word(DATA_WAITER)
+    }
+
+    /// The word the producer sleeps on: futex-wake it when
+    /// [`Consumer::release`] returns `true`.
+    pub fn peer_waiter(&self) -> &AtomicU32 {
+        self.ring.word(SPACE_WAITER)
     }
 }
 

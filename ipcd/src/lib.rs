@@ -1,0 +1,39 @@
+//! ipcd: a daemon that serves request/response calls over sealed
+//! shared-memory rings, and the library to embed it with your own services.
+//!
+//! A client connects to the control socket and sends a hello; the daemon
+//! creates a sealed memfd holding a request ring and a response ring, plus
+//! an eventfd doorbell, and passes them over the socket. From then on calls
+//! travel through shared memory; the control connection only signals that
+//! the client is gone.
+//!
+//! Key types: [`Server`] (built by [`ServerBuilder`]), [`ShutdownHandle`],
+//! [`ServiceError`].
+//!
+//! ```no_run
+//! use ipcd::{Server, ServiceError};
+//!
+//! let server = Server::builder()
+//!     .socket("/tmp/my-ipcd.sock")
+//!     .workers(2)
+//!     .service("reverse", |req: &[u8]| {
+//!         let mut v = req.to_vec();
+//!         v.reverse();
+//!         Ok::<_, ServiceError>(v)
+//!     })
+//!     .build()?;
+//! server.run()?; // until shutdown_handle().shutdown()
+//! # Ok::<(), ipcd::ServerError>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod acceptor;
+mod server;
+mod service;
+mod session;
+mod stats;
+mod worker;
+
+pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};
+pub use service::{Handler, ServiceError};

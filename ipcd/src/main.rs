@@ -1,0 +1,136 @@
+//! The ipcd daemon binary.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// ipcd: request/response IPC over sealed shared-memory rings.
+///
+/// Listens on a Unix control socket; clients (ipc-client) handshake there and
+/// then call services through shared memory. SIGINT or SIGTERM stops it:
+/// calls in flight get a shutdown error, the socket file is removed, and it
+/// exits 0.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Control socket path [default: $IPCD_SOCKET, else
+    /// $XDG_RUNTIME_DIR/ipcd.sock, else /tmp/ipcd-<uid>/ipcd.sock]
+    #[arg(long)]
+    socket: Option<PathBuf>,
+
+    /// Control socket permissions, in octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+
+    /// Worker threads [default: the available cores]
+    #[arg(long)]
+    workers: Option<usize>,
+
+    /// Clients served at once; the next one is rejected.
+    #[arg(long, default_value_t = 4096)]
+    max_clients: usize,
+
+    /// Time a new connection has to send its hello (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Largest ring a client may ask for, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_ring_size: u32,
+
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+
+    /// Also offer the debug.sleep and debug.fail services (for tests).
+    #[arg(long)]
+    debug_services: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not octal: {e}"))?;
+    if mode > 0o777 {
+        return Err(format!("mode {s} has bits beyond 0777"));
+    }
+    Ok(mode)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = number
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, ms, us or m)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    match ipc_platform::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!("open-files limit raised to {limit:?}"),
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
+    let mut builder = ipcd::Server::builder()
+        .socket_mode(args.socket_mode)
+        .max_clients(args.max_clients)
+        .handshake_timeout(args.handshake_timeout)
+        .max_ring_capacity(args.max_ring_size)
+        .debug_services(args.debug_services);
+    if let Some(socket) = args.socket {
+        builder = builder.socket(socket);
+    }
+    if let Some(workers) = args.workers {
+        builder = builder.workers(workers);
+    }
+    let server = builder.build().context("cannot start ipcd")?;
+    let handle = server.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("ipcd-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                handle.shutdown();
+            }
+        })?;
+    server.run().context("ipcd failed")?;
+    Ok(())
+}

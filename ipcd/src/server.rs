@@ -1,0 +1,331 @@
+//! The embeddable server: configuration, the service table, and `run`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::{Poll, Token, Waker};
+
+use crate::acceptor::Acceptor;
+use crate::service::{self, Handler, ServiceError, ServiceTable};
+use crate::stats::Stats;
+
+pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
+
+/// What every thread of a server shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) services: ServiceTable,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+/// A validated server configuration.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) socket: PathBuf,
+    pub(crate) socket_mode: u32,
+    pub(crate) workers: usize,
+    pub(crate) max_clients: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) max_ring_capacity: u32,
+}
+
+/// Why a server could not be built or run.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The control socket could not be bound.
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A service could not be registered.
+    Service(String),
+    /// A configuration value is out of range.
+    Config(String),
+    /// A system call failed while starting or running.
+    Io(io::Error),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Bind { path, source } => {
+                write!(f, "cannot listen on {}: {source}", path.display())
+            }
+            ServerError::Service(m) | ServerError::Config(m) => f.write_str(m),
+            ServerError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServerError::Bind { source, .. } | ServerError::Io(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for ServerError {
+    fn from(e: io::Error) -> ServerError {
+        ServerError::Io(e)
+    }
+}
+
+/// Builds a [`Server`]: where it listens, how many workers, and which
+/// services it offers besides the built-in `echo`, `ping` and `stats`.
+pub struct ServerBuilder {
+    socket: Option<PathBuf>,
+    socket_mode: u32,
+    workers: Option<usize>,
+    max_clients: usize,
+    handshake_timeout: Duration,
+    max_ring_capacity: u32,
+    debug_services: bool,
+    services: Vec<(String, Handler)>,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> ServerBuilder {
+        ServerBuilder {
+            socket: None,
+            socket_mode: 0o600,
+            workers: None,
+            max_clients: 4096,
+            handshake_timeout: Duration::from_secs(2),
+            max_ring_capacity: 16 << 20,
+            debug_services: false,
+            services: Vec::new(),
+        }
+    }
+}
+
+impl ServerBuilder {
+    /// The control socket path (default: [`ipc_platform::default_socket_path`]).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// The control socket's permission bits (default 0600).
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket_mode = mode;
+        self
+    }
+
+    /// Worker threads (default: the available cores).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// The most clients served at once (default 4096); the next gets an
+    /// explicit reject.
+    pub fn max_clients(mut self, n: usize) -> Self {
+        self.max_clients = n;
+        self
+    }
+
+    /// How long a connection may take to send its hello (default 2 s).
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// The largest ring a client may ask for, in bytes (default 16 MiB).
+    pub fn max_ring_capacity(mut self, bytes: u32) -> Self {
+        self.max_ring_capacity = bytes;
+        self
+    }
+
+    /// Also offer `debug.sleep` and `debug.fail`, for tests.
+    pub fn debug_services(mut self, on: bool) -> Self {
+        self.debug_services = on;
+        self
+    }
+
+    /// Adds a service whose handler returns its reply.
+    pub fn service<F>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(&[u8]) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
+    {
+        self.services.push((
+            name.into(),
+            Arc::new(move |request: &[u8], reply: &mut Vec<u8>| {
+                *reply = handler(request)?;
+                Ok(())
+            }),
+        ));
+        self
+    }
+
+    /// Adds a service whose handler writes its reply into a reused buffer
+    /// (no allocation per call if the handler makes none).
+    pub fn service_into<F>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static,
+    {
+        self.services.push((name.into(), Arc::new(handler)));
+        self
+    }
+
+    /// Validates the configuration and binds the control socket. The server
+    /// accepts connections (they queue) from here on; [`Server::run`] serves
+    /// them.
+    pub fn build(self) -> Result<Server, ServerError> {
+        let workers = match self.workers {
+            Some(0) => return Err(ServerError::Config("workers must be at least 1".into())),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if self.max_clients == 0 {
+            return Err(ServerError::Config("max clients must be at least 1".into()));
+        }
+        let socket = match self.socket {
+            Some(p) => p,
+            None => {
+                let p = ipc_platform::default_socket_path();
+                if p.parent() == Some(ipc_platform::fallback_dir().as_path()) {
+                    ipc_platform::ensure_private_dir(&ipc_platform::fallback_dir()).map_err(
+                        |source| ServerError::Bind {
+                            path: p.clone(),
+                            source,
+                        },
+                    )?;
+                }
+                p
+            }
+        };
+        let stats = Arc::new(Stats::new(workers));
+        let mut services = ServiceTable::default();
+        let mut all = vec![
+            ("echo".to_string(), service::echo()),
+            ("ping".to_string(), service::ping()),
+            ("stats".to_string(), {
+                let stats = Arc::clone(&stats);
+                let h: Handler = Arc::new(move |_: &[u8], reply: &mut Vec<u8>| {
+                    *reply = stats.to_json();
+                    Ok(())
+                });
+                h
+            }),
+        ];
+        if self.debug_services {
+            all.push(("debug.sleep".to_string(), service::debug_sleep()));
+            all.push(("debug.fail".to_string(), service::debug_fail()));
+        }
+        all.extend(self.services);
+        for (name, handler) in all {
+            services.add(name, handler).map_err(ServerError::Service)?;
+        }
+        let bound = ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024).map_err(
+            |source| ServerError::Bind {
+                path: socket.clone(),
+                source,
+            },
+        )?;
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), ACCEPTOR_WAKER)?);
+        let config = Config {
+            socket,
+            socket_mode: self.socket_mode,
+            workers,
+            max_clients: self.max_clients,
+            handshake_timeout: self.handshake_timeout,
+            max_ring_capacity: self.max_ring_capacity,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            services,
+            stats,
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Server {
+            shared,
+            bound,
+            poll,
+            waker,
+        })
+    }
+}
+
+/// A bound ipcd server, ready to [`run`](Server::run).
+///
+/// ```no_run
+/// use ipcd::{Server, ServiceError};
+///
+/// let server = Server::builder()
+///     .socket("/tmp/example-ipcd.sock")
+///     .service("upper", |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()))
+///     .build()?;
+/// let stop = server.shutdown_handle();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(std::time::Duration::from_secs(60));
+///     stop.shutdown();
+/// });
+/// server.run()?;
+/// # Ok::<(), ipcd::ServerError>(())
+/// ```
+pub struct Server {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) bound: ipc_platform::BoundSocket,
+    pub(crate) poll: Poll,
+    pub(crate) waker: Arc<Waker>,
+}
+
+impl Server {
+    /// A builder with the defaults.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// The control socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.shared.config.socket
+    }
+
+    /// A handle that stops the server from any thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shared: Arc::clone(&self.shared),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Serves until shut down: stops accepting, answers requests still in
+    /// the rings with a shutdown error, closes every session, removes the
+    /// socket file, and returns.
+    pub fn run(self) -> Result<(), ServerError> {
+        tracing::info!(
+            socket = %self.shared.config.socket.display(),
+            mode = format_args!("{:o}", self.shared.config.socket_mode),
+            workers = self.shared.config.workers,
+            max_clients = self.shared.config.max_clients,
+            "ipcd listening"
+        );
+        Acceptor::new(self)?.run()
+    }
+}
+
+/// Stops a running [`Server`].
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to shut down; [`Server::run`] returns once it has.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}

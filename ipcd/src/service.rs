@@ -1,0 +1,119 @@
+//! Services: named handlers that map a request's bytes to a reply.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// An error a handler returns; the client receives its message as a remote
+/// error for that call alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceError {
+    message: String,
+}
+
+impl ServiceError {
+    /// An error with `message` (cut to 1024 bytes on the wire).
+    pub fn new(message: impl Into<String>) -> ServiceError {
+        ServiceError {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+/// A handler that writes its reply into a buffer the worker reuses, so a
+/// service that does not allocate costs no allocation per call.
+///
+/// `request` is a private copy of the client's bytes; `reply` arrives empty.
+/// Handlers run on a worker thread: one that blocks delays the other
+/// sessions of that worker.
+pub type Handler =
+    Arc<dyn Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static>;
+
+/// The services of a server, by id. Ids are indices: the first service is 0.
+#[derive(Clone, Default)]
+pub(crate) struct ServiceTable {
+    entries: Vec<(String, Handler)>,
+}
+
+impl ServiceTable {
+    pub(crate) fn add(&mut self, name: String, handler: Handler) -> Result<(), String> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(format!("service name {name:?} must be 1 to 256 bytes"));
+        }
+        if self.entries.iter().any(|(n, _)| *n == name) {
+            return Err(format!("service {name:?} is registered twice"));
+        }
+        if self.entries.len() >= usize::from(u16::MAX) {
+            return Err(format!("more than {} services", u16::MAX));
+        }
+        self.entries.push((name, handler));
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, id: u16) -> Option<&Handler> {
+        self.entries.get(usize::from(id)).map(|(_, h)| h)
+    }
+
+    pub(crate) fn directory(&self) -> Vec<ipc_core::ServiceEntry> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(id, (name, _))| ipc_core::ServiceEntry {
+                name: name.clone(),
+                id: id as u16,
+            })
+            .collect()
+    }
+}
+
+/// `echo`: the reply is the request.
+pub(crate) fn echo() -> Handler {
+    Arc::new(|request, reply| {
+        reply.extend_from_slice(request);
+        Ok(())
+    })
+}
+
+/// `ping`: an empty reply.
+pub(crate) fn ping() -> Handler {
+    Arc::new(|_, _| Ok(()))
+}
+
+/// `debug.sleep`: sleeps for the little-endian u32 of milliseconds in the
+/// request (at most 10 s), then replies empty. Only registered with
+/// `--debug-services`, for tests that need a call to stay in flight.
+pub(crate) fn debug_sleep() -> Handler {
+    Arc::new(|request, _| {
+        let ms: [u8; 4] = request.try_into().map_err(|_| {
+            ServiceError::new(format!(
+                "debug.sleep takes a 4-byte u32, got {} bytes",
+                request.len()
+            ))
+        })?;
+        let ms = u32::from_le_bytes(ms).min(10_000);
+        std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
+        Ok(())
+    })
+}
+
+/// `debug.fail`: always returns an error naming the request length.
+pub(crate) fn debug_fail() -> Handler {
+    Arc::new(|request, _| {
+        Err(ServiceError::new(format!(
+            "debug.fail asked to fail ({} bytes)",
+            request.len()
+        )))
+    })
+}

@@ -1,0 +1,290 @@
+//! One client's session: its shared rings, its doorbells, and the loop that
+//! serves its requests.
+//!
+//! Everything read from the segment comes through `ipc_core`'s ring ends,
+//! which validate every index and header; request payloads are copied into a
+//! private buffer before a handler sees them. A protocol violation ends this
+//! session only.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use ipc_core::{encode_error, Consumer, ErrorCode, FrameHeader, Producer, PushError, FLAG_ERROR};
+use ipc_platform::{futex, EventFd, PeerCredentials};
+
+use crate::service::ServiceTable;
+use crate::stats::WorkerCounters;
+
+/// How the daemon wakes this client.
+pub(crate) enum ClientWake {
+    /// Futex words in the segment.
+    Futex,
+    /// The client's eventfd.
+    EventFd(EventFd),
+}
+
+/// A reply that did not fit the response ring yet.
+struct PendingReply {
+    header: FrameHeader,
+    body: Vec<u8>,
+}
+
+/// What [`Session::serve`] left behind.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// The budget ran out with requests left: serve again soon.
+    Busy,
+    /// The request ring is empty and the client was told to ring the
+    /// doorbell for the next request.
+    Parked,
+    /// The response ring is full and the client was told to ring the
+    /// doorbell once it frees space.
+    Stalled,
+}
+
+/// Buffers a worker reuses across requests and sessions.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    request: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    pub(crate) peer: PeerCredentials,
+    pub(crate) control: mio::net::UnixStream,
+    /// Client to daemon doorbell; registered in the worker's poll.
+    pub(crate) bell: EventFd,
+    wake: ClientWake,
+    requests: Consumer,
+    responses: Producer,
+    last_request_id: u64,
+    pending: Option<PendingReply>,
+    /// Whether the session sits in its worker's ready queue.
+    pub(crate) queued: bool,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        peer: PeerCredentials,
+        control: mio::net::UnixStream,
+        bell: EventFd,
+        wake: ClientWake,
+        requests: Consumer,
+        responses: Producer,
+    ) -> Session {
+        Session {
+            id,
+            peer,
+            control,
+            bell,
+            wake,
+            requests,
+            responses,
+            last_request_id: 0,
+            pending: None,
+            queued: false,
+        }
+    }
+
+    fn wake_client(&self, word: &std::sync::atomic::AtomicU32) {
+        let result = match &self.wake {
+            ClientWake::Futex => futex::wake_one(word).map(drop),
+            ClientWake::EventFd(e) => e.notify(),
+        };
+        if let Err(e) = result {
+            tracing::warn!(session = self.id, "cannot wake client: {e}");
+        }
+    }
+
+    /// Serves up to `budget` requests. With `shutting_down`, requests are
+    /// answered with a shutdown error instead of being executed.
+    pub(crate) fn serve(
+        &mut self,
+        services: &ServiceTable,
+        counters: &WorkerCounters,
+        scratch: &mut Scratch,
+        budget: usize,
+        shutting_down: bool,
+    ) -> Result<Progress, String> {
+        let result = self.serve_batch(services, counters, scratch, budget, shutting_down);
+        // Publish whatever was answered and hand back what was read, even
+        // when the batch ended in a violation (the error is reported after).
+        if self.responses.publish() {
+            self.wake_client(self.responses.peer_waiter());
+        }
+        if self.requests.release() {
+            self.wake_client(self.requests.peer_waiter());
+        }
+        match result? {
+            Progress::Busy => Ok(Progress::Busy),
+            Progress::Stalled => {
+                let len = self.pending.as_ref().map_or(0, |p| p.body.len());
+                if self
+                    .responses
+                    .prepare_wait_space(len)
+                    .map_err(|e| format!("response ring: {e}"))?
+                {
+                    Ok(Progress::Stalled)
+                } else {
+                    Ok(Progress::Busy)
+                }
+            }
+            Progress::Parked => {
+                if self
+                    .requests
+                    .prepare_sleep()
+                    .map_err(|e| format!("request ring: {e}"))?
+                {
+                    Ok(Progress::Parked)
+                } else {
+                    Ok(Progress::Busy)
+                }
+            }
+        }
+    }
+
+    fn serve_batch(
+        &mut self,
+        services: &ServiceTable,
+        counters: &WorkerCounters,
+        scratch: &mut Scratch,
+        budget: usize,
+        shutting_down: bool,
+    ) -> Result<Progress, String> {
+        if let Some(pending) = self.pending.take() {
+            match self.responses.try_push(
+                pending.header.service,
+                pending.header.flags,
+                pending.header.request_id,
+                &pending.body,
+            ) {
+                Ok(()) => {}
+                Err(PushError::Full) => {
+                    self.pending = Some(pending);
+                    return Ok(Progress::Stalled);
+                }
+                Err(e) => return Err(format!("response ring: {e}")),
+            }
+        }
+        self.responses.finish_wait_space();
+        let mut served = 0;
+        while served < budget {
+            let frame = match self
+                .requests
+                .try_peek()
+                .map_err(|e| format!("request ring: {e}"))?
+            {
+                Some(frame) => frame,
+                None => return Ok(Progress::Parked),
+            };
+            let header = frame.header;
+            if header.flags != 0 {
+                return Err(format!(
+                    "request {} carries response flags {:#x}",
+                    header.request_id, header.flags
+                ));
+            }
+            if header.request_id <= self.last_request_id {
+                return Err(format!(
+                    "request id {} is not above the previous {}",
+                    header.request_id, self.last_request_id
+                ));
+            }
+            self.last_request_id = header.request_id;
+            self.requests.read_payload(&frame, &mut scratch.request);
+            self.requests.consume(&frame);
+            counters
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+
+            let flags = self.dispatch(services, header, scratch, shutting_down);
+            if flags != 0 {
+                counters
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            counters
+                .replies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            served += 1;
+            match self
+                .responses
+                .try_push(header.service, flags, header.request_id, &scratch.reply)
+            {
+                Ok(()) => {}
+                Err(PushError::Full) => {
+                    self.pending = Some(PendingReply {
+                        header: FrameHeader { flags, ..header },
+                        body: std::mem::take(&mut scratch.reply),
+                    });
+                    return Ok(Progress::Stalled);
+                }
+                Err(e) => return Err(format!("response ring: {e}")),
+            }
+        }
+        Ok(Progress::Busy)
+    }
+
+    /// Runs the request in `scratch.request`, leaving the reply or error
+    /// body in `scratch.reply`. Returns the response flags.
+    fn dispatch(
+        &self,
+        services: &ServiceTable,
+        header: FrameHeader,
+        scratch: &mut Scratch,
+        shutting_down: bool,
+    ) -> u16 {
+        scratch.reply.clear();
+        if shutting_down {
+            encode_error(
+                ErrorCode::Shutdown,
+                "daemon is shutting down; the request was not executed",
+                &mut scratch.reply,
+            );
+            return FLAG_ERROR;
+        }
+        let Some(handler) = services.get(header.service) else {
+            encode_error(
+                ErrorCode::UnknownService,
+                &format!("no service has id {}", header.service),
+                &mut scratch.reply,
+            );
+            return FLAG_ERROR;
+        };
+        let request = &scratch.request;
+        let reply = &mut scratch.reply;
+        match catch_unwind(AssertUnwindSafe(|| handler(request, reply))) {
+            Ok(Ok(())) => {
+                let max = self.responses.max_payload();
+                if scratch.reply.len() > max as usize {
+                    let msg = format!(
+                        "reply of {} bytes exceeds the negotiated maximum {max}",
+                        scratch.reply.len()
+                    );
+                    encode_error(ErrorCode::ReplyTooLarge, &msg, &mut scratch.reply);
+                    return FLAG_ERROR;
+                }
+                0
+            }
+            Ok(Err(e)) => {
+                encode_error(ErrorCode::Handler, e.message(), &mut scratch.reply);
+                FLAG_ERROR
+            }
+            Err(_) => {
+                tracing::error!(
+                    session = self.id,
+                    service = header.service,
+                    "service handler panicked"
+                );
+                encode_error(
+                    ErrorCode::HandlerPanicked,
+                    "service handler panicked",
+                    &mut scratch.reply,
+                );
+                FLAG_ERROR
+            }
+        }
+    }
+}

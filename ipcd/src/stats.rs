@@ -1,0 +1,135 @@
+//! Counters the `stats` service reports.
+//!
+//! Per-request counters live in one cache-padded block per worker, so the
+//! hot path never writes a line another worker writes; the `stats` service
+//! sums them when asked. Every counter is `Relaxed`: they are statistics,
+//! not synchronisation.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Why a handshake was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RejectReason {
+    VersionMismatch,
+    TooManyClients,
+    BadHello,
+    HandshakeTimeout,
+    HungUp,
+    Resources,
+    ShuttingDown,
+}
+
+const REJECT_NAMES: [&str; 7] = [
+    "version_mismatch",
+    "too_many_clients",
+    "bad_hello",
+    "handshake_timeout",
+    "hung_up",
+    "resources",
+    "shutting_down",
+];
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DisconnectReason {
+    /// The client closed its control connection.
+    ClientHangup,
+    /// The client broke the ring or control protocol.
+    ProtocolViolation,
+    /// The daemon is shutting down.
+    Shutdown,
+    /// A system call on the session failed.
+    IoError,
+}
+
+const DISCONNECT_NAMES: [&str; 4] = [
+    "client_hangup",
+    "protocol_violation",
+    "shutdown",
+    "io_error",
+];
+
+impl DisconnectReason {
+    pub(crate) fn name(self) -> &'static str {
+        DISCONNECT_NAMES[self as usize]
+    }
+}
+
+/// One worker's counters, alone on their cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct WorkerCounters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) replies: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) sessions: AtomicUsize,
+}
+
+pub(crate) struct Stats {
+    started: Instant,
+    pub(crate) connected: AtomicUsize,
+    accepted: AtomicU64,
+    rejected: [AtomicU64; 7],
+    disconnects: [AtomicU64; 4],
+    pub(crate) workers: Vec<WorkerCounters>,
+}
+
+impl Stats {
+    pub(crate) fn new(workers: usize) -> Stats {
+        Stats {
+            started: Instant::now(),
+            connected: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            rejected: Default::default(),
+            disconnects: Default::default(),
+            workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
+        }
+    }
+
+    pub(crate) fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, reason: RejectReason) {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn disconnected(&self, reason: DisconnectReason) {
+        self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The JSON the `stats` service replies with.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        fn named(
+            names: &[&str],
+            counters: &[AtomicU64],
+        ) -> serde_json::Map<String, serde_json::Value> {
+            names
+                .iter()
+                .zip(counters)
+                .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into()))
+                .collect()
+        }
+        let sum = |f: fn(&WorkerCounters) -> &AtomicU64| {
+            self.workers
+                .iter()
+                .map(|w| f(w).load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        let value = serde_json::json!({
+            "connected_clients": self.connected.load(Ordering::Relaxed),
+            "handshakes": {
+                "accepted": self.accepted.load(Ordering::Relaxed),
+                "rejected": named(&REJECT_NAMES, &self.rejected),
+            },
+            "requests": sum(|w| &w.requests),
+            "replies": sum(|w| &w.replies),
+            "errors": sum(|w| &w.errors),
+            "disconnects": named(&DISCONNECT_NAMES, &self.disconnects),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "workers": self.workers.len(),
+        });
+        value.to_string().into_bytes()
+    }
+}
