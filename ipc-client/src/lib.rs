@@ -1,1 +1,31 @@
+//! The client library for ipcd.
+//!
+//! Connect, resolve a service by name once, then call it: request bytes go
+//! through a shared-memory ring to the daemon and the reply comes back
+//! through another, with a doorbell only when the other side sleeps.
+//!
+//! Key types: [`Client`], [`Service`], [`ClientOptions`], and the typed errors
+//! [`ConnectError`] and [`CallError`].
+//!
+//! ```no_run
+//! use ipc_client::Client;
+//!
+//! let mut client = Client::connect()?; // $IPCD_SOCKET, $XDG_RUNTIME_DIR/ipcd.sock, ...
+//! let echo = client.service("echo")?;
+//! let reply = client.call(&echo, b"hello")?;
+//! assert_eq!(reply, b"hello");
+//!
+//! // Reuse a buffer: no allocation per call once it is large enough.
+//! let mut buf = Vec::new();
+//! client.call_into(&echo, b"again", &mut buf)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+
+pub use client::{Client, ClientOptions, Service};
+pub use error::{CallError, ConnectError};
+pub use ipc_core::{DoorbellKind, Reject};
