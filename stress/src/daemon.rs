@@ -1,0 +1,172 @@
+//! The daemon under test: a private one started for the run, or a running
+//! one found by its socket; and what /proc says about its memory and fds.
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// An ipcd started by stress on a temporary socket, stopped on drop.
+pub struct PrivateDaemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateDaemon {
+    /// Starts `binary` on a fresh socket and waits until it accepts.
+    pub fn start(binary: &Path, max_clients: usize) -> anyhow::Result<PrivateDaemon> {
+        let dir = tempfile::Builder::new().prefix("ipcd-stress-").tempdir()?;
+        let socket = dir.path().join("ipcd.sock");
+        let child = Command::new(binary)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--max-clients")
+            .arg((max_clients + 16).to_string())
+            .arg("--log-level")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut daemon = PrivateDaemon {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before accepting connections",
+                    binary.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not accept connections within 10 s",
+                    binary.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The socket it listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops it with SIGTERM and checks that it exits 0.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("ipcd exited with {status} after SIGTERM");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("ipcd did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for PrivateDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The pid of the daemon listening on `socket`, from the kernel's record of
+/// the peer (SO_PEERCRED): works for a private daemon and a running one.
+pub fn daemon_pid(socket: &Path) -> anyhow::Result<i32> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    Ok(ipc_platform::peer_credentials(stream.as_fd())?.pid)
+}
+
+/// Memory and fds of a process, from /proc.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ProcessUsage {
+    /// Resident anonymous memory, kB.
+    pub rss_anon_kb: u64,
+    /// Resident shared memory (the session segments), kB.
+    pub rss_shmem_kb: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+}
+
+/// Reads `/proc/<pid>/status` and counts `/proc/<pid>/fd`.
+pub fn usage(pid: i32) -> anyhow::Result<ProcessUsage> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    Ok(ProcessUsage {
+        rss_anon_kb: field("RssAnon:"),
+        rss_shmem_kb: field("RssShmem:"),
+        fds,
+    })
+}
+
+/// Samples a process's anonymous RSS while a run lasts and keeps the peak.
+pub struct PeakSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PeakSampler {
+    /// Starts sampling `pid` every `every`.
+    pub fn start(pid: i32, every: Duration) -> PeakSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (s, p) = (Arc::clone(&stop), Arc::clone(&peak));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(u) = usage(pid) {
+                    p.fetch_max(u.rss_anon_kb, Ordering::Relaxed);
+                }
+                std::thread::sleep(every);
+            }
+        });
+        PeakSampler {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling and returns the peak seen, in kB.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,372 @@
+//! The throughput workload: each client makes synchronous echo calls whose
+//! payload names the client and the sequence number, and checks every reply
+//! byte for byte.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use ipc_client::{Client, ClientOptions, Service};
+
+/// What every client of a run does.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// Calls per client.
+    pub messages: u64,
+    /// Payload bytes per call (at least [`MIN_PAYLOAD`]).
+    pub payload: usize,
+    /// Timeout of each call.
+    pub call_timeout: Duration,
+}
+
+/// The smallest payload: a u32 client id and a u64 sequence number.
+pub const MIN_PAYLOAD: usize = 12;
+
+/// Writes the payload of call `seq` of client `client` into `buf`: the ids,
+/// then bytes that depend on both, so a reply meant for another call or
+/// another client cannot pass the check.
+pub fn fill_payload(client: u32, seq: u64, buf: &mut [u8]) {
+    buf[0..4].copy_from_slice(&client.to_le_bytes());
+    buf[4..12].copy_from_slice(&seq.to_le_bytes());
+    let mix = u64::from(client).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    for (i, b) in buf[12..].iter_mut().enumerate() {
+        *b = (mix >> ((i % 8) * 8)) as u8 ^ i as u8;
+    }
+}
+
+/// What one client measured.
+pub struct ClientOutcome {
+    /// Round-trip times of the successful calls, in nanoseconds.
+    pub latency_ns: Histogram<u64>,
+    /// Time to connect (handshake included), in nanoseconds.
+    pub connect_ns: u64,
+    /// Calls whose reply matched.
+    pub succeeded: u64,
+    /// Calls that returned an error (or never ran because the client could
+    /// not connect).
+    pub failed: u64,
+    /// Calls whose reply differed from the request.
+    pub mismatched: u64,
+    /// The first error seen, for the report.
+    pub first_error: Option<String>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 ns to 100 s at 3 significant digits: every round trip fits.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+impl ClientOutcome {
+    fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
+        ClientOutcome {
+            latency_ns: new_histogram(),
+            connect_ns,
+            succeeded: 0,
+            failed: messages,
+            mismatched: 0,
+            first_error: Some(error),
+        }
+    }
+}
+
+fn ring_for(payload: usize) -> u32 {
+    // Room for the largest payload (about half the ring) with headroom.
+    let need = (payload + 16) * 2;
+    need.max(64 * 1024).next_power_of_two().min(1 << 30) as u32
+}
+
+/// Connects one client and resolves `echo`. Returns the time it took.
+pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
+    let start = Instant::now();
+    let options = ClientOptions::default()
+        .ring_capacity(ring_for(w.payload))
+        .call_timeout(w.call_timeout);
+    let result = Client::connect_with(&w.socket, options)
+        .map_err(|e| e.to_string())
+        .and_then(|client| {
+            if w.payload > client.max_payload() {
+                return Err(format!(
+                    "payload {} exceeds the daemon's maximum {}",
+                    w.payload,
+                    client.max_payload()
+                ));
+            }
+            let echo = client.service("echo").map_err(|e| e.to_string())?;
+            Ok((client, echo))
+        });
+    (result, start.elapsed().as_nanos() as u64)
+}
+
+/// Runs the calls of client `id`.
+pub fn run_calls(
+    client: &mut Client,
+    echo: &Service,
+    w: &Workload,
+    id: u32,
+    connect_ns: u64,
+) -> ClientOutcome {
+    let mut out = ClientOutcome {
+        latency_ns: new_histogram(),
+        connect_ns,
+        succeeded: 0,
+        failed: 0,
+        mismatched: 0,
+        first_error: None,
+    };
+    let mut request = vec![0u8; w.payload];
+    let mut reply = Vec::with_capacity(w.payload);
+    for seq in 0..w.messages {
+        fill_payload(id, seq, &mut request);
+        let start = Instant::now();
+        match client.call_into(echo, &request, &mut reply) {
+            Ok(()) => {
+                let rtt = start.elapsed().as_nanos() as u64;
+                if reply == request {
+                    out.succeeded += 1;
+                    out.latency_ns.saturating_record(rtt.max(1));
+                } else {
+                    out.mismatched += 1;
+                    out.first_error.get_or_insert_with(|| {
+                        format!("client {id} call {seq}: reply differs from request")
+                    });
+                }
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_error
+                    .get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `clients` clients as threads of this process. All connect first;
+/// the calls start together. Returns the outcomes, the duration of the
+/// calling phase, and the clients (still connected, so the daemon can be
+/// measured with them attached).
+pub fn run_threads(w: &Workload, clients: usize) -> (Vec<ClientOutcome>, Duration, Vec<Client>) {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|id| {
+            let w = w.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::Builder::new()
+                .name(format!("client-{id}"))
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let (connected, connect_ns) = connect(&w);
+                    barrier.wait();
+                    match connected {
+                        Ok((mut client, echo)) => {
+                            let outcome = run_calls(&mut client, &echo, &w, id as u32, connect_ns);
+                            (outcome, Some(client))
+                        }
+                        Err(e) => (
+                            ClientOutcome::failed_to_connect(w.messages, connect_ns, e),
+                            None,
+                        ),
+                    }
+                })
+                .expect("spawn client thread")
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut outcomes = Vec::with_capacity(clients);
+    let mut kept = Vec::with_capacity(clients);
+    for t in threads {
+        let (outcome, client) = t.join().expect("client thread panicked");
+        outcomes.push(outcome);
+        kept.extend(client);
+    }
+    (outcomes, start.elapsed(), kept)
+}
+
+/// A client process started by [`run_procs`].
+struct ChildClient {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// Runs `clients` clients, each in its own process (this binary started
+/// again with `--child-client ID`). Returns as [`run_threads`]; the
+/// returned guard keeps the children connected until dropped.
+pub fn run_procs(
+    w: &Workload,
+    clients: usize,
+    exe: &Path,
+) -> anyhow::Result<(Vec<ClientOutcome>, Duration, ProcsGuard)> {
+    let mut children = Vec::with_capacity(clients);
+    for id in 0..clients {
+        let mut child = Command::new(exe)
+            .arg("--child-client")
+            .arg(id.to_string())
+            .arg("--socket")
+            .arg(&w.socket)
+            .arg("--messages")
+            .arg(w.messages.to_string())
+            .arg("--payload")
+            .arg(w.payload.to_string())
+            .arg("--call-timeout-ms")
+            .arg(w.call_timeout.as_millis().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start client process {id}"))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        children.push(ChildClient {
+            child,
+            stdin,
+            stdout,
+        });
+    }
+    let mut connects = Vec::with_capacity(clients);
+    for c in &mut children {
+        let mut line = String::new();
+        c.stdout.read_line(&mut line)?;
+        let mut parts = line.split_whitespace();
+        match (parts.next(), parts.next()) {
+            (Some("ready"), Some(ns)) => connects.push(ns.parse::<u64>()?),
+            _ => bail!("client process said {line:?} instead of ready"),
+        }
+    }
+    let start = Instant::now();
+    for c in &mut children {
+        c.stdin.write_all(b"go\n")?;
+        c.stdin.flush()?;
+    }
+    let mut outcomes = Vec::with_capacity(clients);
+    for (c, connect_ns) in children.iter_mut().zip(connects) {
+        outcomes.push(read_outcome(&mut c.stdout, connect_ns)?);
+    }
+    let elapsed = start.elapsed();
+    Ok((outcomes, elapsed, ProcsGuard { children }))
+}
+
+/// Keeps client processes connected; dropping it tells them to exit.
+pub struct ProcsGuard {
+    children: Vec<ChildClient>,
+}
+
+impl Drop for ProcsGuard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.stdin.write_all(b"quit\n");
+            let _ = c.stdin.flush();
+        }
+        for c in &mut self.children {
+            let _ = c.child.wait();
+        }
+    }
+}
+
+fn read_outcome(
+    stdout: &mut BufReader<ChildStdout>,
+    connect_ns: u64,
+) -> anyhow::Result<ClientOutcome> {
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [tag, succeeded, failed, mismatched, hist_len] = fields[..] else {
+        bail!("client process said {line:?} instead of its results");
+    };
+    if tag != "done" {
+        bail!("client process said {line:?} instead of its results");
+    }
+    let mut hist = vec![0u8; hist_len.parse()?];
+    stdout.read_exact(&mut hist)?;
+    let latency_ns: Histogram<u64> = Deserializer::new().deserialize(&mut &hist[..])?;
+    let mut error = String::new();
+    stdout.read_line(&mut error)?;
+    let error = error
+        .trim_end()
+        .strip_prefix("error ")
+        .unwrap_or("")
+        .to_string();
+    Ok(ClientOutcome {
+        latency_ns,
+        connect_ns,
+        succeeded: succeeded.parse()?,
+        failed: failed.parse()?,
+        mismatched: mismatched.parse()?,
+        first_error: (!error.is_empty()).then_some(error),
+    })
+}
+
+/// The body of a client process: connect, say ready, wait for go, call,
+/// report, wait for quit.
+pub fn child_main(w: &Workload, id: u32) -> anyhow::Result<()> {
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    let (connected, connect_ns) = connect(w);
+    writeln!(stdout, "ready {connect_ns}")?;
+    stdout.flush()?;
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line)?;
+    let (outcome, client) = match connected {
+        Ok((mut client, echo)) => (
+            run_calls(&mut client, &echo, w, id, connect_ns),
+            Some(client),
+        ),
+        Err(e) => (
+            ClientOutcome::failed_to_connect(w.messages, connect_ns, e),
+            None,
+        ),
+    };
+    let mut hist = Vec::new();
+    V2Serializer::new().serialize(&outcome.latency_ns, &mut hist)?;
+    writeln!(
+        stdout,
+        "done {} {} {} {}",
+        outcome.succeeded,
+        outcome.failed,
+        outcome.mismatched,
+        hist.len()
+    )?;
+    stdout.write_all(&hist)?;
+    writeln!(
+        stdout,
+        "error {}",
+        outcome.first_error.unwrap_or_default().replace('\n', " ")
+    )?;
+    stdout.flush()?;
+    line.clear();
+    stdin.lock().read_line(&mut line)?;
+    drop(client);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_differ_by_client_and_sequence() {
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        fill_payload(1, 2, &mut a);
+        fill_payload(1, 3, &mut b);
+        assert_ne!(a, b);
+        fill_payload(2, 2, &mut b);
+        assert_ne!(a, b);
+        fill_payload(1, 2, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn ring_fits_the_payload() {
+        assert_eq!(ring_for(64), 64 * 1024);
+        assert!(ring_for(1 << 20) / 2 - 16 >= 1 << 20);
+    }
+}
