@@ -329,3 +329,106 @@ impl ShutdownHandle {
         let _ = self.waker.wake();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_client::{CallError, Client};
+
+    /// Runs an embedded server with extra services on a temporary socket.
+    fn embedded() -> (
+        tempfile::TempDir,
+        PathBuf,
+        ShutdownHandle,
+        std::thread::JoinHandle<Result<(), ServerError>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("embedded.sock");
+        let server = Server::builder()
+            .socket(&socket)
+            .workers(1)
+            .service("upper", |req: &[u8]| Ok(req.to_ascii_uppercase()))
+            .service("refuse", |_: &[u8]| {
+                Err(ServiceError::new("refused by policy"))
+            })
+            .service("explode", |_: &[u8]| -> Result<Vec<u8>, ServiceError> {
+                panic!("handler bug")
+            })
+            .service_into("len", |req: &[u8], out: &mut Vec<u8>| {
+                out.extend_from_slice(&(req.len() as u64).to_le_bytes());
+                Ok(())
+            })
+            .service("huge", |_: &[u8]| Ok(vec![0u8; 1 << 20]))
+            .build()
+            .unwrap();
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        (dir, socket, handle, thread)
+    }
+
+    #[test]
+    fn embedded_services_answer_and_errors_stay_per_call() {
+        let (_dir, socket, handle, thread) = embedded();
+        let mut client = Client::connect_to(&socket).unwrap();
+        let upper = client.service("upper").unwrap();
+        assert_eq!(client.call(&upper, b"shout").unwrap(), b"SHOUT");
+
+        let refuse = client.service("refuse").unwrap();
+        assert_eq!(
+            client.call(&refuse, b"x"),
+            Err(CallError::Remote {
+                message: "refused by policy".into()
+            })
+        );
+
+        let explode = client.service("explode").unwrap();
+        match client.call(&explode, b"x") {
+            Err(CallError::Remote { message }) => {
+                assert!(message.contains("panicked"), "{message}")
+            }
+            other => panic!("expected a remote error, got {other:?}"),
+        }
+
+        let huge = client.service("huge").unwrap();
+        match client.call(&huge, b"") {
+            Err(CallError::Remote { message }) => assert!(
+                message.contains("exceeds the negotiated maximum"),
+                "{message}"
+            ),
+            other => panic!("expected a too-large reply error, got {other:?}"),
+        }
+
+        // After every kind of error the same session still works.
+        let len = client.service("len").unwrap();
+        assert_eq!(client.call(&len, &[7; 300]).unwrap(), 300u64.to_le_bytes());
+        assert_eq!(client.call(&upper, b"still here").unwrap(), b"STILL HERE");
+
+        handle.shutdown();
+        thread.join().unwrap().unwrap();
+        assert!(!socket.exists(), "the socket file is removed on shutdown");
+        assert!(matches!(
+            client.call(&upper, b"x"),
+            Err(CallError::Disconnected { .. }) | Err(CallError::Shutdown)
+        ));
+    }
+
+    #[test]
+    fn duplicate_service_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = Server::builder()
+            .socket(dir.path().join("dup.sock"))
+            .service("echo", |req: &[u8]| Ok(req.to_vec()))
+            .build();
+        assert!(matches!(result, Err(ServerError::Service(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn zero_workers_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = Server::builder()
+            .socket(dir.path().join("w.sock"))
+            .workers(0)
+            .build();
+        assert!(matches!(result, Err(ServerError::Config(_))));
+    }
+}

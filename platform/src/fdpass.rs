@@ -88,6 +88,30 @@ mod tests {
     }
 
     #[test]
+    fn truncated_control_message_is_an_error() {
+        // Send more fds than the receiver makes room for: the kernel drops
+        // the rest and sets MSG_CTRUNC, which must not pass silently.
+        let (a, b) = UnixStream::pair().unwrap();
+        let fds: Vec<crate::EventFd> = (0..MAX_FDS + 4)
+            .map(|_| crate::EventFd::new().unwrap())
+            .collect();
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS + 4))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
+        rustix::net::sendmsg(
+            a.as_fd(),
+            &[IoSlice::new(b"x")],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 8];
+        let err = recv_with_fds(b.as_fd(), &mut buf).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
     fn hang_up_reads_zero() {
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);

@@ -1,0 +1,110 @@
+//! A CI-sized replay of the stress test through the real binaries: the
+//! stress binary starts its own ipcd (built beside it by `cargo test`), runs
+//! 8 clients x 2,000 verified echo calls, and must report all of them
+//! succeeded in its JSON.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn binaries() -> (PathBuf, PathBuf) {
+    let stress = PathBuf::from(env!("CARGO_BIN_EXE_stress"));
+    let ipcd = stress.with_file_name("ipcd");
+    assert!(
+        ipcd.exists(),
+        "{} is missing: run the workspace's tests (cargo test --workspace), which build it",
+        ipcd.display()
+    );
+    (stress, ipcd)
+}
+
+fn run(extra: &[&str]) -> serde_json::Value {
+    let (stress, ipcd) = binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let output = Command::new(&stress)
+        .args(["--clients", "8", "--messages", "2000", "--json"])
+        .arg(&json)
+        .arg("--daemon")
+        .arg(&ipcd)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stress failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("PASS"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    report["runs"][0].clone()
+}
+
+fn check(run: &serde_json::Value) {
+    assert_eq!(run["scenario"], "throughput");
+    assert_eq!(run["transport"], "shm");
+    assert_eq!(run["clients"], 8);
+    assert_eq!(run["messages_per_client"], 2000);
+    assert_eq!(run["payload_bytes"], 64);
+    assert_eq!(run["window"], 1);
+    assert_eq!(run["sent"], 16_000);
+    assert_eq!(run["succeeded"], 16_000);
+    assert_eq!(run["failed"], 0);
+    assert_eq!(run["mismatched"], 0);
+    assert!(run["throughput_msgs_per_s"].as_f64().unwrap() > 0.0);
+    let lat = &run["latency_us"];
+    let (p50, p99, max) = (
+        lat["p50"].as_f64().unwrap(),
+        lat["p99"].as_f64().unwrap(),
+        lat["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
+    for key in ["p90", "p999", "mean"] {
+        assert!(
+            lat[key].as_f64().unwrap() > 0.0,
+            "latency {key} missing: {lat}"
+        );
+    }
+    assert!(run["connect_us"]["p50"].as_f64().unwrap() > 0.0);
+    // The daemon was read from /proc with 8 sessions attached: each holds at
+    // least its control socket and doorbell, and its segment is resident.
+    assert!(
+        run["daemon"]["fds"].as_u64().unwrap() >= 16,
+        "{}",
+        run["daemon"]
+    );
+    assert!(
+        run["daemon"]["rss_shmem_kb"].as_u64().unwrap() > 0,
+        "{}",
+        run["daemon"]
+    );
+    assert!(
+        run["daemon"]["rss_anon_kb"].as_u64().unwrap() > 0,
+        "{}",
+        run["daemon"]
+    );
+    assert!(
+        run["peak_rss_anon_kb"].as_u64().unwrap() >= run["daemon"]["rss_anon_kb"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn threads_replay_passes_and_reports_every_figure() {
+    check(&run(&[]));
+}
+
+#[test]
+fn process_replay_passes() {
+    check(&run(&["--procs"]));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (stress, _) = binaries();
+    let out = Command::new(stress)
+        .args(["--payload", "4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--payload"));
+}
