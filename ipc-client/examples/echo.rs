@@ -20,11 +20,7 @@ struct Point {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut client = Client::connect()?;
-    println!(
-        "connected: session {}, max payload {} bytes",
-        client.session_id(),
-        client.max_payload()
-    );
+    println!("connected: session {}, max payload {} bytes", client.session_id(), client.max_payload());
 
     let echo = client.service("echo")?;
     let reply = client.call(&echo, b"hello, ipcd")?;
@@ -32,11 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The echo service returns the request bytes, so a typed call through it
     // decodes to the value sent.
-    let point = Point {
-        x: 3,
-        y: -4,
-        label: "p".into(),
-    };
+    let point = Point { x: 3, y: -4, label: "p".into() };
     let back: Point = client.call_typed(&echo, &point)?;
     assert_eq!(back, point);
     println!("typed round trip: {back:?}");
@@ -47,10 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..10_000 {
         client.call_into(&ping, &[], &mut buf)?;
     }
-    println!(
-        "10000 pings: {:.2} us per call",
-        start.elapsed().as_secs_f64() * 1e6 / 10_000.0
-    );
+    println!("10000 pings: {:.2} us per call", start.elapsed().as_secs_f64() * 1e6 / 10_000.0);
 
     match client.service("no-such-service") {
         Err(CallError::UnknownService { name }) => {
@@ -60,9 +49,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let stats = client.service("stats")?;
-    println!(
-        "stats: {}",
-        String::from_utf8_lossy(&client.call(&stats, &[])?)
-    );
+    println!("stats: {}", String::from_utf8_lossy(&client.call(&stats, &[])?));
     Ok(())
 }

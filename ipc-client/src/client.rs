@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX, MAX_CONTROL_MESSAGE};
 use ipc_core::{
-    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, Hello, Producer, PushError, Reject,
-    SegmentLayout, ServerMessage, Welcome, PROTOCOL_VERSION,
+    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, Hello, Producer, PushError, Reject, SegmentLayout,
+    ServerMessage, Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::futex::{self, Wake};
 use ipc_platform::{EventFd, Mapping};
@@ -149,17 +149,11 @@ impl Client {
     }
 
     /// Connects to the daemon at `path` with `options`.
-    pub fn connect_with(
-        path: impl AsRef<Path>,
-        options: ClientOptions,
-    ) -> Result<Client, ConnectError> {
+    pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client, ConnectError> {
         let path = path.as_ref();
         let mut control = UnixStream::connect(path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ConnectError::NotRunning {
-                    path: path.to_path_buf(),
-                    source,
-                }
+                ConnectError::NotRunning { path: path.to_path_buf(), source }
             }
             _ => ConnectError::Io(source),
         })?;
@@ -167,9 +161,7 @@ impl Client {
         control.set_write_timeout(Some(options.connect_timeout))?;
         let hello = handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
             .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        control
-            .write_all(&hello)
-            .map_err(|e| timeout_or(e, options.connect_timeout))?;
+        control.write_all(&hello).map_err(|e| timeout_or(e, options.connect_timeout))?;
         let (message, fds) = read_answer(&control, options.connect_timeout)?;
         let welcome = match message {
             ServerMessage::Welcome(w) => w,
@@ -192,26 +184,15 @@ impl Client {
     ) -> Result<Client, ConnectError> {
         let protocol = |m: String| ConnectError::Protocol(m);
         if welcome.version != PROTOCOL_VERSION {
-            return Err(ConnectError::VersionMismatch {
-                daemon: welcome.version,
-                client: PROTOCOL_VERSION,
-            });
+            return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
         }
         if welcome.doorbell != options.doorbell {
-            return Err(protocol(format!(
-                "asked for a {:?} doorbell, got {:?}",
-                options.doorbell, welcome.doorbell
-            )));
+            return Err(protocol(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, welcome.doorbell)));
         }
         if fds.len() != welcome.fd_count() {
-            return Err(protocol(format!(
-                "welcome carries {} fds, expected {}",
-                fds.len(),
-                welcome.fd_count()
-            )));
+            return Err(protocol(format!("welcome carries {} fds, expected {}", fds.len(), welcome.fd_count())));
         }
-        let layout =
-            SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
+        let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
         if welcome.max_payload != layout.max_payload() {
             return Err(protocol(format!(
                 "maximum payload {} does not match ring capacity {}",
@@ -221,21 +202,15 @@ impl Client {
         let mut fds = fds.into_iter();
         let (memfd, daemon_bell) = (fds.next().unwrap(), fds.next().unwrap());
         let size = layout.segment_size();
-        ipc_platform::check_sealed(memfd.as_fd(), size as u64)
-            .map_err(|e| protocol(e.to_string()))?;
+        ipc_platform::check_sealed(memfd.as_fd(), size as u64).map_err(|e| protocol(e.to_string()))?;
         let region = Mapping::map(memfd.as_fd(), size)?;
         drop(memfd);
-        SegmentLayout::read_header(&region, welcome.ring_capacity)
-            .map_err(|e| protocol(e.to_string()))?;
+        SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
         let bell = match fds.next() {
             Some(fd) => Bell::EventFd(EventFd::from_fd(fd)?),
             None => Bell::Futex,
         };
-        let services = welcome
-            .services
-            .into_iter()
-            .map(|s| (s.name, s.id))
-            .collect();
+        let services = welcome.services.into_iter().map(|s| (s.name, s.id)).collect();
         Ok(Client {
             control,
             requests: Producer::new(&region, &layout, Direction::Request),
@@ -254,13 +229,8 @@ impl Client {
     /// Resolves a service by name.
     pub fn service(&self, name: &str) -> Result<Service, CallError> {
         match self.services.get(name) {
-            Some(&id) => Ok(Service {
-                id,
-                name: Arc::from(name),
-            }),
-            None => Err(CallError::UnknownService {
-                name: name.to_string(),
-            }),
+            Some(&id) => Ok(Service { id, name: Arc::from(name) }),
+            None => Err(CallError::UnknownService { name: name.to_string() }),
         }
     }
 
@@ -295,12 +265,7 @@ impl Client {
     }
 
     /// As [`Client::call`], with its own timeout.
-    pub fn call_timeout(
-        &mut self,
-        service: &Service,
-        request: &[u8],
-        timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
+    pub fn call_timeout(&mut self, service: &Service, request: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
         let mut reply = Vec::new();
         self.call_into_timeout(service, request, &mut reply, timeout)?;
         Ok(reply)
@@ -308,12 +273,7 @@ impl Client {
 
     /// As [`Client::call`], writing the reply into `reply` (replacing its
     /// contents). Allocates nothing once `reply` has grown large enough.
-    pub fn call_into(
-        &mut self,
-        service: &Service,
-        request: &[u8],
-        reply: &mut Vec<u8>,
-    ) -> Result<(), CallError> {
+    pub fn call_into(&mut self, service: &Service, request: &[u8], reply: &mut Vec<u8>) -> Result<(), CallError> {
         self.call_into_timeout(service, request, reply, self.call_timeout)
     }
 
@@ -326,15 +286,10 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), CallError> {
         if let Some(reason) = &self.broken {
-            return Err(CallError::Disconnected {
-                reason: reason.clone(),
-            });
+            return Err(CallError::Disconnected { reason: reason.clone() });
         }
         if request.len() > self.max_payload {
-            return Err(CallError::TooLarge {
-                len: request.len(),
-                max: self.max_payload,
-            });
+            return Err(CallError::TooLarge { len: request.len(), max: self.max_payload });
         }
         let deadline = Instant::now() + timeout;
         let id = self.next_id;
@@ -351,16 +306,12 @@ impl Client {
         request: &Req,
     ) -> Result<Resp, CallError> {
         let config = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(request, config)
-            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let bytes = bincode::serde::encode_to_vec(request, config).map_err(|e| CallError::Encode(e.to_string()))?;
         let reply = self.call(service, &bytes)?;
-        let (value, used) = bincode::serde::decode_from_slice(&reply, config)
-            .map_err(|e| CallError::Decode(e.to_string()))?;
+        let (value, used) =
+            bincode::serde::decode_from_slice(&reply, config).map_err(|e| CallError::Decode(e.to_string()))?;
         if used != reply.len() {
-            return Err(CallError::Decode(format!(
-                "{} stray bytes after the reply",
-                reply.len() - used
-            )));
+            return Err(CallError::Decode(format!("{} stray bytes after the reply", reply.len() - used)));
         }
         Ok(value)
     }
@@ -371,9 +322,7 @@ impl Client {
     }
 
     fn ring_daemon(&mut self) -> Result<(), CallError> {
-        self.daemon_bell
-            .notify()
-            .map_err(|e| self.fail(format!("cannot ring the daemon's doorbell: {e}")))
+        self.daemon_bell.notify().map_err(|e| self.fail(format!("cannot ring the daemon's doorbell: {e}")))
     }
 
     fn send(
@@ -397,15 +346,8 @@ impl Client {
                     self.requests.finish_wait_space();
                     waited?;
                 }
-                Err(PushError::TooLarge { len, max }) => {
-                    return Err(CallError::TooLarge {
-                        len,
-                        max: max as usize,
-                    })
-                }
-                Err(PushError::Corrupt(e)) => {
-                    return Err(self.fail(format!("request ring corrupt: {e}")))
-                }
+                Err(PushError::TooLarge { len, max }) => return Err(CallError::TooLarge { len, max: max as usize }),
+                Err(PushError::Corrupt(e)) => return Err(self.fail(format!("request ring corrupt: {e}"))),
                 Err(e) => return Err(self.fail(e.to_string())),
             }
         }
@@ -455,10 +397,7 @@ impl Client {
                 continue;
             }
             if header.request_id > id {
-                let reason = format!(
-                    "reply to request {} arrived while request {id} waits",
-                    header.request_id
-                );
+                let reason = format!("reply to request {} arrived while request {id} waits", header.request_id);
                 return Err(self.fail(reason));
             }
             self.responses.read_payload(&frame, reply);
@@ -472,9 +411,7 @@ impl Client {
             let (code, message) = decode_error(reply);
             reply.clear();
             return Err(match code {
-                ErrorCode::UnknownService => CallError::UnknownService {
-                    name: service.name().to_string(),
-                },
+                ErrorCode::UnknownService => CallError::UnknownService { name: service.name().to_string() },
                 ErrorCode::Shutdown => CallError::Shutdown,
                 _ => CallError::Remote { message },
             });
@@ -483,12 +420,7 @@ impl Client {
 
     /// Sleeps until the daemon rings, the deadline passes, or the daemon is
     /// found gone. The caller has announced the sleep in the ring.
-    fn sleep(
-        &mut self,
-        what: Await,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), CallError> {
+    fn sleep(&mut self, what: Await, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -512,10 +444,7 @@ impl Client {
                     }
                 }
                 Bell::EventFd(bell) => {
-                    match ipc_platform::wait_readable(
-                        &[bell.as_fd(), self.control.as_fd()],
-                        Some(slice),
-                    ) {
+                    match ipc_platform::wait_readable(&[bell.as_fd(), self.control.as_fd()], Some(slice)) {
                         Ok(ready) => {
                             if ready[0] {
                                 let _ = bell.drain();
@@ -531,16 +460,8 @@ impl Client {
             }
             match ipc_platform::peer_closed(self.control.as_fd()) {
                 Ok(false) => {}
-                Ok(true) => {
-                    return Err(CallError::Disconnected {
-                        reason: "the daemon closed the session".into(),
-                    })
-                }
-                Err(e) => {
-                    return Err(CallError::Disconnected {
-                        reason: format!("control connection failed: {e}"),
-                    })
-                }
+                Ok(true) => return Err(CallError::Disconnected { reason: "the daemon closed the session".into() }),
+                Err(e) => return Err(CallError::Disconnected { reason: format!("control connection failed: {e}") }),
             }
         }
     }
@@ -554,10 +475,7 @@ fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
 }
 
 /// Reads the daemon's answer to the hello, with the fds that come with it.
-fn read_answer(
-    control: &UnixStream,
-    timeout: Duration,
-) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+fn read_answer(control: &UnixStream, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -567,28 +485,21 @@ fn read_answer(
                 .map_err(|e| ConnectError::Protocol(e.to_string()))?;
             if buf.len() >= LENGTH_PREFIX + len {
                 if buf.len() > LENGTH_PREFIX + len {
-                    return Err(ConnectError::Protocol(
-                        "stray bytes after the daemon's answer".into(),
-                    ));
+                    return Err(ConnectError::Protocol("stray bytes after the daemon's answer".into()));
                 }
                 let message = handshake::decode_server_message(&buf[LENGTH_PREFIX..])
                     .map_err(|e| ConnectError::Protocol(e.to_string()))?;
                 return Ok((message, fds));
             }
         }
-        let (n, got) = ipc_platform::recv_with_fds(control.as_fd(), &mut chunk)
-            .map_err(|e| timeout_or(e, timeout))?;
+        let (n, got) = ipc_platform::recv_with_fds(control.as_fd(), &mut chunk).map_err(|e| timeout_or(e, timeout))?;
         fds.extend(got);
         if n == 0 {
-            return Err(ConnectError::Protocol(
-                "the daemon closed the connection during the handshake".into(),
-            ));
+            return Err(ConnectError::Protocol("the daemon closed the connection during the handshake".into()));
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > LENGTH_PREFIX + MAX_CONTROL_MESSAGE {
-            return Err(ConnectError::Protocol(
-                "the daemon's answer is too long".into(),
-            ));
+            return Err(ConnectError::Protocol("the daemon's answer is too long".into()));
         }
     }
 }

@@ -46,10 +46,7 @@ impl fmt::Display for ConnectError {
                 write!(f, "ipcd is not running at {} ({source})", path.display())
             }
             ConnectError::VersionMismatch { daemon, client } => {
-                write!(
-                    f,
-                    "protocol version mismatch: daemon speaks {daemon}, client speaks {client}"
-                )
+                write!(f, "protocol version mismatch: daemon speaks {daemon}, client speaks {client}")
             }
             ConnectError::Rejected(r) => write!(f, "rejected by the daemon: {r}"),
             ConnectError::Timeout { after } => {
@@ -125,15 +122,10 @@ impl fmt::Display for CallError {
             CallError::Disconnected { reason } => write!(f, "disconnected from ipcd: {reason}"),
             CallError::UnknownService { name } => write!(f, "unknown service {name:?}"),
             CallError::TooLarge { len, max } => {
-                write!(
-                    f,
-                    "request of {len} bytes exceeds the negotiated maximum {max}"
-                )
+                write!(f, "request of {len} bytes exceeds the negotiated maximum {max}")
             }
             CallError::Remote { message } => write!(f, "service error: {message}"),
-            CallError::Shutdown => {
-                f.write_str("ipcd is shutting down; the request was not executed")
-            }
+            CallError::Shutdown => f.write_str("ipcd is shutting down; the request was not executed"),
             CallError::Encode(m) => write!(f, "cannot encode the request: {m}"),
             CallError::Decode(m) => write!(f, "cannot decode the reply: {m}"),
         }

@@ -55,16 +55,9 @@ impl fmt::Display for LayoutError {
             }
             LayoutError::BadMagic { found } => write!(f, "segment magic {found:#018x} is wrong"),
             LayoutError::BadVersion { found, expected } => {
-                write!(
-                    f,
-                    "segment layout version {found} is not the expected {expected}"
-                )
+                write!(f, "segment layout version {found} is not the expected {expected}")
             }
-            LayoutError::Mismatch {
-                field,
-                found,
-                expected,
-            } => {
+            LayoutError::Mismatch { field, found, expected } => {
                 write!(f, "segment {field} is {found}, expected {expected}")
             }
         }
@@ -118,16 +111,10 @@ impl fmt::Display for HandshakeError {
         match self {
             HandshakeError::BadMagic { found } => write!(f, "hello magic {found:#010x} is wrong"),
             HandshakeError::VersionMismatch { ours, theirs } => {
-                write!(
-                    f,
-                    "protocol version mismatch: ours is {ours}, theirs is {theirs}"
-                )
+                write!(f, "protocol version mismatch: ours is {ours}, theirs is {theirs}")
             }
             HandshakeError::TooLong { len, max } => {
-                write!(
-                    f,
-                    "control message of {len} bytes exceeds the maximum {max}"
-                )
+                write!(f, "control message of {len} bytes exceeds the maximum {max}")
             }
             HandshakeError::TrailingBytes { extra } => {
                 write!(f, "{extra} stray bytes follow the control message")

@@ -55,8 +55,7 @@ impl FrameHeader {
             service: u16::from_le_bytes([bytes[4], bytes[5]]),
             flags: u16::from_le_bytes([bytes[6], bytes[7]]),
             request_id: u64::from_le_bytes([
-                bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14],
-                bytes[15],
+                bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
             ]),
         }
     }
@@ -88,12 +87,7 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = FrameHeader {
-            len: 70_000,
-            service: 513,
-            flags: FLAG_ERROR,
-            request_id: u64::MAX - 3,
-        };
+        let h = FrameHeader { len: 70_000, service: 513, flags: FLAG_ERROR, request_id: u64::MAX - 3 };
         assert_eq!(FrameHeader::decode(&h.encode()), h);
         assert_eq!(h.unknown_flags(), 0);
         assert!(h.is_error() && !h.is_pad());
@@ -101,10 +95,7 @@ mod tests {
 
     #[test]
     fn unknown_flags_are_reported() {
-        let h = FrameHeader {
-            flags: 0x8001,
-            ..FrameHeader::default()
-        };
+        let h = FrameHeader { flags: 0x8001, ..FrameHeader::default() };
         assert_eq!(h.unknown_flags(), 0x8000);
     }
 

@@ -26,10 +26,7 @@ pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 pub const LENGTH_PREFIX: usize = 4;
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_fixed_int_encoding()
-        .with_limit::<MAX_CONTROL_MESSAGE>()
+    bincode::config::standard().with_little_endian().with_fixed_int_encoding().with_limit::<MAX_CONTROL_MESSAGE>()
 }
 
 /// How the daemon wakes a client that sleeps waiting for a reply.
@@ -58,12 +55,7 @@ pub struct Hello {
 impl Hello {
     /// A hello of this build's version.
     pub fn new(ring_capacity: u32, doorbell: DoorbellKind) -> Hello {
-        Hello {
-            magic: HELLO_MAGIC,
-            version: PROTOCOL_VERSION,
-            ring_capacity,
-            doorbell,
-        }
+        Hello { magic: HELLO_MAGIC, version: PROTOCOL_VERSION, ring_capacity, doorbell }
     }
 }
 
@@ -143,10 +135,7 @@ impl std::fmt::Display for Reject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reject::VersionMismatch { daemon, client } => {
-                write!(
-                    f,
-                    "protocol version mismatch: daemon speaks {daemon}, client speaks {client}"
-                )
+                write!(f, "protocol version mismatch: daemon speaks {daemon}, client speaks {client}")
             }
             Reject::TooManyClients { max } => write!(f, "too many clients (maximum {max})"),
             Reject::NotPermitted { reason } => write!(f, "not permitted: {reason}"),
@@ -169,14 +158,9 @@ pub enum ServerMessage {
 /// Encodes `msg` with its length prefix.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, HandshakeError> {
     let body =
-        bincode::serde::encode_to_vec(msg, config()).map_err(|e| HandshakeError::Encode {
-            reason: e.to_string(),
-        })?;
+        bincode::serde::encode_to_vec(msg, config()).map_err(|e| HandshakeError::Encode { reason: e.to_string() })?;
     if body.len() > MAX_CONTROL_MESSAGE {
-        return Err(HandshakeError::TooLong {
-            len: body.len(),
-            max: MAX_CONTROL_MESSAGE,
-        });
+        return Err(HandshakeError::TooLong { len: body.len(), max: MAX_CONTROL_MESSAGE });
     }
     let mut out = Vec::with_capacity(LENGTH_PREFIX + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -188,23 +172,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, HandshakeError> {
 pub fn body_len(prefix: [u8; LENGTH_PREFIX]) -> Result<usize, HandshakeError> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_CONTROL_MESSAGE {
-        return Err(HandshakeError::TooLong {
-            len,
-            max: MAX_CONTROL_MESSAGE,
-        });
+        return Err(HandshakeError::TooLong { len, max: MAX_CONTROL_MESSAGE });
     }
     Ok(len)
 }
 
 fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HandshakeError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(body, config()).map_err(|e| HandshakeError::Decode {
-            reason: e.to_string(),
-        })?;
+    let (value, used) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| HandshakeError::Decode { reason: e.to_string() })?;
     if used != body.len() {
-        return Err(HandshakeError::TrailingBytes {
-            extra: body.len() - used,
-        });
+        return Err(HandshakeError::TrailingBytes { extra: body.len() - used });
     }
     Ok(value)
 }
@@ -213,9 +190,7 @@ fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Handshak
 /// version before anything else.
 pub fn decode_hello(body: &[u8]) -> Result<Hello, HandshakeError> {
     if body.len() < 8 {
-        return Err(HandshakeError::Decode {
-            reason: format!("hello of {} bytes is too short", body.len()),
-        });
+        return Err(HandshakeError::Decode { reason: format!("hello of {} bytes is too short", body.len()) });
     }
     let magic = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
     if magic != HELLO_MAGIC {
@@ -223,10 +198,7 @@ pub fn decode_hello(body: &[u8]) -> Result<Hello, HandshakeError> {
     }
     let version = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
     if version != PROTOCOL_VERSION {
-        return Err(HandshakeError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs: version,
-        });
+        return Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
     }
     decode_exact(body)
 }
@@ -267,35 +239,23 @@ mod tests {
         let framed = encode(&hello).unwrap();
         assert_eq!(
             decode_hello(body(&framed)),
-            Err(HandshakeError::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: 7
-            })
+            Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: 7 })
         );
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(matches!(
-            decode_hello(b"GET / HTTP/1.1\r\n"),
-            Err(HandshakeError::BadMagic { .. })
-        ));
+        assert!(matches!(decode_hello(b"GET / HTTP/1.1\r\n"), Err(HandshakeError::BadMagic { .. })));
         assert!(decode_hello(b"IPC").is_err());
         let mut framed = encode(&Hello::new(1, DoorbellKind::Futex)).unwrap();
         framed.push(0);
-        assert!(matches!(
-            decode_hello(&framed[4..]),
-            Err(HandshakeError::TrailingBytes { extra: 1 })
-        ));
+        assert!(matches!(decode_hello(&framed[4..]), Err(HandshakeError::TrailingBytes { extra: 1 })));
         let mut bad_kind = encode(&Hello::new(1, DoorbellKind::Futex)).unwrap();
         let last = bad_kind.len() - 1;
         bad_kind[last] = 9;
         assert!(decode_hello(&bad_kind[4..]).is_err());
         assert!(decode_server_message(&[0xff; 3]).is_err());
-        assert!(matches!(
-            body_len(u32::MAX.to_le_bytes()),
-            Err(HandshakeError::TooLong { .. })
-        ));
+        assert!(matches!(body_len(u32::MAX.to_le_bytes()), Err(HandshakeError::TooLong { .. })));
     }
 
     #[test]
@@ -306,15 +266,9 @@ mod tests {
             ring_capacity: 65536,
             max_payload: 32752,
             doorbell: DoorbellKind::Futex,
-            services: vec![ServiceEntry {
-                name: "echo".into(),
-                id: 1,
-            }],
+            services: vec![ServiceEntry { name: "echo".into(), id: 1 }],
         });
-        let reject = ServerMessage::Reject(Reject::VersionMismatch {
-            daemon: 1,
-            client: 2,
-        });
+        let reject = ServerMessage::Reject(Reject::VersionMismatch { daemon: 1, client: 2 });
         for msg in [welcome, reject] {
             let framed = encode(&msg).unwrap();
             assert_eq!(decode_server_message(body(&framed)).unwrap(), msg);

@@ -77,9 +77,7 @@ impl SegmentLayout {
     /// The capacity must be a power of two between [`MIN_RING_CAPACITY`] and
     /// [`MAX_RING_CAPACITY`].
     pub fn new(capacity: u32) -> Result<SegmentLayout, LayoutError> {
-        if !capacity.is_power_of_two()
-            || !(MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&capacity)
-        {
+        if !capacity.is_power_of_two() || !(MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&capacity) {
             return Err(LayoutError::BadCapacity { capacity });
         }
         Ok(SegmentLayout { capacity })
@@ -89,16 +87,8 @@ impl SegmentLayout {
     /// `[MIN_RING_CAPACITY, max]`.
     pub fn fit_capacity(requested: u32, max: u32) -> u32 {
         let max = max.clamp(MIN_RING_CAPACITY, MAX_RING_CAPACITY);
-        let max = if max.is_power_of_two() {
-            max
-        } else {
-            max.next_power_of_two() / 2
-        };
-        requested
-            .max(MIN_RING_CAPACITY)
-            .checked_next_power_of_two()
-            .unwrap_or(MAX_RING_CAPACITY)
-            .min(max)
+        let max = if max.is_power_of_two() { max } else { max.next_power_of_two() / 2 };
+        requested.max(MIN_RING_CAPACITY).checked_next_power_of_two().unwrap_or(MAX_RING_CAPACITY).min(max)
     }
 
     /// Bytes of ring data per direction.
@@ -146,39 +136,20 @@ impl SegmentLayout {
     ///
     /// Panics if the region is smaller than [`SegmentLayout::segment_size`].
     pub fn write_header(&self, region: &Region) {
-        assert!(
-            region.len() >= self.segment_size(),
-            "region smaller than the segment"
-        );
-        region
-            .atomic_u64(H_MAGIC)
-            .store(SEGMENT_MAGIC, Ordering::Relaxed);
-        region
-            .atomic_u32(H_VERSION)
-            .store(LAYOUT_VERSION, Ordering::Relaxed);
-        region
-            .atomic_u32(H_CAPACITY)
-            .store(self.capacity, Ordering::Relaxed);
-        region
-            .atomic_u32(H_MAX_PAYLOAD)
-            .store(self.max_payload(), Ordering::Relaxed);
-        region
-            .atomic_u64(H_SEGMENT_SIZE)
-            .store(self.segment_size() as u64, Ordering::Relaxed);
+        assert!(region.len() >= self.segment_size(), "region smaller than the segment");
+        region.atomic_u64(H_MAGIC).store(SEGMENT_MAGIC, Ordering::Relaxed);
+        region.atomic_u32(H_VERSION).store(LAYOUT_VERSION, Ordering::Relaxed);
+        region.atomic_u32(H_CAPACITY).store(self.capacity, Ordering::Relaxed);
+        region.atomic_u32(H_MAX_PAYLOAD).store(self.max_payload(), Ordering::Relaxed);
+        region.atomic_u64(H_SEGMENT_SIZE).store(self.segment_size() as u64, Ordering::Relaxed);
     }
 
     /// Reads and checks the header of a received segment against what the
     /// handshake announced. Relaxed loads suffice: the header was written
     /// before the fd was sent, and the `sendmsg`/`recvmsg` pair orders it.
-    pub fn read_header(
-        region: &Region,
-        expected_capacity: u32,
-    ) -> Result<SegmentLayout, LayoutError> {
+    pub fn read_header(region: &Region, expected_capacity: u32) -> Result<SegmentLayout, LayoutError> {
         if region.len() < DATA_START {
-            return Err(LayoutError::TooSmall {
-                len: region.len(),
-                need: DATA_START,
-            });
+            return Err(LayoutError::TooSmall { len: region.len(), need: DATA_START });
         }
         let magic = region.atomic_u64(H_MAGIC).load(Ordering::Relaxed);
         if magic != SEGMENT_MAGIC {
@@ -186,10 +157,7 @@ impl SegmentLayout {
         }
         let version = region.atomic_u32(H_VERSION).load(Ordering::Relaxed);
         if version != LAYOUT_VERSION {
-            return Err(LayoutError::BadVersion {
-                found: version,
-                expected: LAYOUT_VERSION,
-            });
+            return Err(LayoutError::BadVersion { found: version, expected: LAYOUT_VERSION });
         }
         let capacity = region.atomic_u32(H_CAPACITY).load(Ordering::Relaxed);
         if capacity != expected_capacity {
@@ -229,10 +197,7 @@ mod tests {
     fn capacity_must_be_a_power_of_two_in_range() {
         assert!(SegmentLayout::new(4096).is_ok());
         assert!(SegmentLayout::new(1 << 20).is_ok());
-        assert!(matches!(
-            SegmentLayout::new(5000),
-            Err(LayoutError::BadCapacity { capacity: 5000 })
-        ));
+        assert!(matches!(SegmentLayout::new(5000), Err(LayoutError::BadCapacity { capacity: 5000 })));
         assert!(SegmentLayout::new(2048).is_err());
         assert!(SegmentLayout::new(1 << 31).is_err());
     }
@@ -254,21 +219,12 @@ mod tests {
         assert_eq!(SegmentLayout::read_header(&region, 8192).unwrap(), layout);
         assert!(matches!(
             SegmentLayout::read_header(&region, 4096),
-            Err(LayoutError::Mismatch {
-                field: "capacity",
-                ..
-            })
+            Err(LayoutError::Mismatch { field: "capacity", .. })
         ));
         region.atomic_u32(H_VERSION).store(99, Ordering::Relaxed);
-        assert!(matches!(
-            SegmentLayout::read_header(&region, 8192),
-            Err(LayoutError::BadVersion { found: 99, .. })
-        ));
+        assert!(matches!(SegmentLayout::read_header(&region, 8192), Err(LayoutError::BadVersion { found: 99, .. })));
         region.atomic_u64(H_MAGIC).store(7, Ordering::Relaxed);
-        assert!(matches!(
-            SegmentLayout::read_header(&region, 8192),
-            Err(LayoutError::BadMagic { found: 7 })
-        ));
+        assert!(matches!(SegmentLayout::read_header(&region, 8192), Err(LayoutError::BadMagic { found: 7 })));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub unsafe trait SharedMemory: Send + Sync + 'static {
     fn as_ptr(&self) -> *mut u8;
     /// The length of the memory in bytes.
     fn len(&self) -> usize;
+    /// Whether the memory has no bytes (a region needs at least one).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The alignment a region's base must have: one page covers every cache
@@ -64,10 +68,7 @@ unsafe impl Sync for Region {}
 
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Region")
-            .field("base", &self.base)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("Region").field("base", &self.base).field("len", &self.len).finish()
     }
 }
 
@@ -81,16 +82,8 @@ impl Region {
     /// contract.
     pub fn new(memory: Arc<dyn SharedMemory>) -> Region {
         let base = NonNull::new(memory.as_ptr()).expect("shared memory pointer is null");
-        assert_eq!(
-            base.as_ptr() as usize % REGION_ALIGN,
-            0,
-            "shared memory is not aligned to {REGION_ALIGN} bytes"
-        );
-        Region {
-            base,
-            len: memory.len(),
-            _owner: memory,
-        }
+        assert_eq!(base.as_ptr() as usize % REGION_ALIGN, 0, "shared memory is not aligned to {REGION_ALIGN} bytes");
+        Region { base, len: memory.len(), _owner: memory }
     }
 
     /// The region's length in bytes.
@@ -182,11 +175,7 @@ impl Region {
         // which cannot overlap the region. After the copy those bytes are
         // initialised, so the new length is valid.
         unsafe {
-            ptr::copy_nonoverlapping(
-                self.base.as_ptr().add(offset),
-                dst.as_mut_ptr().add(start),
-                len,
-            );
+            ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), dst.as_mut_ptr().add(start), len);
             dst.set_len(start + len);
         }
     }
@@ -224,8 +213,7 @@ impl HeapMemory {
     /// Panics if `len` is zero or the allocation fails.
     pub fn new(len: usize) -> Arc<HeapMemory> {
         assert!(len > 0, "heap memory of zero bytes");
-        let layout =
-            std::alloc::Layout::from_size_align(len, REGION_ALIGN).expect("heap memory layout");
+        let layout = std::alloc::Layout::from_size_align(len, REGION_ALIGN).expect("heap memory layout");
         // SAFETY: `layout` has a non-zero size (asserted above).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
@@ -262,9 +250,7 @@ mod tests {
         let mut out = [0u8; 4];
         region.read(16, &mut out);
         assert_eq!(out, [1, 2, 3, 4]);
-        region
-            .atomic_u64(64)
-            .store(0x0807_0605_0403_0201, crate::sync::Ordering::Relaxed);
+        region.atomic_u64(64).store(0x0807_0605_0403_0201, crate::sync::Ordering::Relaxed);
         let mut word = [0u8; 8];
         region.read(64, &mut word);
         assert_eq!(word, [1, 2, 3, 4, 5, 6, 7, 8]);

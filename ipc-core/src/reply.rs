@@ -83,10 +83,7 @@ mod tests {
     fn error_bodies_round_trip() {
         let mut out = Vec::new();
         encode_error(ErrorCode::Handler, "no such key", &mut out);
-        assert_eq!(
-            decode_error(&out),
-            (ErrorCode::Handler, "no such key".to_string())
-        );
+        assert_eq!(decode_error(&out), (ErrorCode::Handler, "no such key".to_string()));
     }
 
     #[test]

@@ -88,10 +88,7 @@ struct RingRef {
 
 impl RingRef {
     fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> RingRef {
-        assert!(
-            region.len() >= layout.segment_size(),
-            "region smaller than the segment layout"
-        );
+        assert!(region.len() >= layout.segment_size(), "region smaller than the segment layout");
         let (control, data) = match direction {
             Direction::Request => (layout.request_control(), layout.request_data()),
             Direction::Response => (layout.response_control(), layout.response_data()),
@@ -120,27 +117,12 @@ impl RingRef {
     /// Checks a peer-written index `theirs` against our own `ours`, where
     /// the producer's index must be `>=` the consumer's by at most the
     /// capacity, and `floor` is the last value we accepted for it.
-    fn check_index(
-        &self,
-        theirs: u64,
-        lo: u64,
-        hi: u64,
-        floor: u64,
-        which: Index,
-    ) -> Result<u64, RingError> {
+    fn check_index(&self, theirs: u64, lo: u64, hi: u64, floor: u64, which: Index) -> Result<u64, RingError> {
         if theirs % FRAME_ALIGN as u64 != 0 {
-            return Err(RingError::MisalignedIndex {
-                which,
-                index: theirs,
-            });
+            return Err(RingError::MisalignedIndex { which, index: theirs });
         }
         if theirs < lo || theirs > hi || theirs < floor || hi - lo > self.capacity {
-            return Err(RingError::IndexOutOfRange {
-                which,
-                index: theirs,
-                low: lo.max(floor),
-                high: hi,
-            });
+            return Err(RingError::IndexOutOfRange { which, index: theirs, low: lo.max(floor), high: hi });
         }
         Ok(theirs)
     }
@@ -220,16 +202,8 @@ impl fmt::Display for RingError {
             RingError::MisalignedIndex { which, index } => {
                 write!(f, "{which} {index} is not {FRAME_ALIGN}-byte aligned")
             }
-            RingError::IndexOutOfRange {
-                which,
-                index,
-                low,
-                high,
-            } => {
-                write!(
-                    f,
-                    "{which} {index} is outside the valid range {low}..={high}"
-                )
+            RingError::IndexOutOfRange { which, index, low, high } => {
+                write!(f, "{which} {index} is outside the valid range {low}..={high}")
             }
             RingError::UnknownFlags { flags } => {
                 write!(f, "frame flags {flags:#06x} have unknown bits")
@@ -238,10 +212,7 @@ impl fmt::Display for RingError {
                 write!(f, "frame length {len} exceeds the negotiated maximum {max}")
             }
             RingError::FrameOverrun { size, available } => {
-                write!(
-                    f,
-                    "frame of {size} bytes overruns the {available} bytes available"
-                )
+                write!(f, "frame of {size} bytes overruns the {available} bytes available")
             }
             RingError::BadPad { len, expected } => {
                 write!(f, "pad frame length {len} does not cover the {expected} bytes to the end of the ring")
@@ -274,10 +245,7 @@ impl fmt::Display for PushError {
         match self {
             PushError::Full => f.write_str("ring is full"),
             PushError::TooLarge { len, max } => {
-                write!(
-                    f,
-                    "payload of {len} bytes exceeds the negotiated maximum {max}"
-                )
+                write!(f, "payload of {len} bytes exceeds the negotiated maximum {max}")
             }
             PushError::Corrupt(e) => write!(f, "ring is corrupt: {e}"),
         }
@@ -312,12 +280,7 @@ impl Producer {
     ///
     /// Panics if `region` is smaller than the layout says.
     pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Producer {
-        Producer {
-            ring: RingRef::new(region, layout, direction),
-            head: 0,
-            published: 0,
-            cached_tail: 0,
-        }
+        Producer { ring: RingRef::new(region, layout, direction), head: 0, published: 0, cached_tail: 0 }
     }
 
     /// The largest payload a frame may carry.
@@ -329,15 +292,9 @@ impl Producer {
     fn refresh_tail(&mut self) -> Result<(), RingError> {
         // SYNC(space-released): pairs with the consumer's Release store in
         // `Consumer::release`; its reads of the freed bytes are done.
-        let tail = self
-            .ring
-            .region
-            .atomic_u64(self.ring.control + TAIL)
-            .load(Ordering::Acquire);
+        let tail = self.ring.region.atomic_u64(self.ring.control + TAIL).load(Ordering::Acquire);
         let lo = self.head.saturating_sub(self.ring.capacity);
-        self.cached_tail =
-            self.ring
-                .check_index(tail, lo, self.head, self.cached_tail, Index::Tail)?;
+        self.cached_tail = self.ring.check_index(tail, lo, self.head, self.cached_tail, Index::Tail)?;
         Ok(())
     }
 
@@ -358,18 +315,9 @@ impl Producer {
 
     /// Writes a frame carrying `payload`, unpublished until
     /// [`Producer::publish`]. Never blocks.
-    pub fn try_push(
-        &mut self,
-        service: u16,
-        flags: u16,
-        request_id: u64,
-        payload: &[u8],
-    ) -> Result<(), PushError> {
+    pub fn try_push(&mut self, service: u16, flags: u16, request_id: u64, payload: &[u8]) -> Result<(), PushError> {
         if payload.len() > self.ring.max_payload as usize {
-            return Err(PushError::TooLarge {
-                len: payload.len(),
-                max: self.ring.max_payload,
-            });
+            return Err(PushError::TooLarge { len: payload.len(), max: self.ring.max_payload });
         }
         let size = frame_size(payload.len()) as u64;
         let needed = self.needed(size);
@@ -389,18 +337,11 @@ impl Producer {
                     flags: FLAG_PAD,
                     request_id: 0,
                 };
-                self.ring
-                    .region
-                    .write(self.ring.data_offset(self.head), &pad.encode());
+                self.ring.region.write(self.ring.data_offset(self.head), &pad.encode());
             }
             self.head += to_end;
         }
-        let header = FrameHeader {
-            len: payload.len() as u32,
-            service,
-            flags,
-            request_id,
-        };
+        let header = FrameHeader { len: payload.len() as u32, service, flags, request_id };
         let at = self.ring.data_offset(self.head);
         self.ring.region.write(at, &header.encode());
         self.ring.region.write(at + HEADER_LEN, payload);
@@ -428,10 +369,7 @@ impl Producer {
         }
         // SYNC(frame-published): pairs with the consumer's Acquire load of
         // `head`; the frames written above are visible after it.
-        self.ring
-            .region
-            .atomic_u64(self.ring.control + HEAD)
-            .store(self.head, Ordering::Release);
+        self.ring.region.atomic_u64(self.ring.control + HEAD).store(self.head, Ordering::Release);
         self.published = self.head;
         // SYNC(sleep-handshake): pairs with the fence in
         // `Consumer::prepare_sleep`.
@@ -523,12 +461,7 @@ impl Consumer {
     ///
     /// Panics if `region` is smaller than the layout says.
     pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Consumer {
-        Consumer {
-            ring: RingRef::new(region, layout, direction),
-            tail: 0,
-            released: 0,
-            cached_head: 0,
-        }
+        Consumer { ring: RingRef::new(region, layout, direction), tail: 0, released: 0, cached_head: 0 }
     }
 
     /// The largest payload a frame may carry.
@@ -539,15 +472,9 @@ impl Consumer {
     fn refresh_head(&mut self) -> Result<(), RingError> {
         // SYNC(frame-published): pairs with the producer's Release store in
         // `Producer::publish`; the frames it covers are visible.
-        let head = self
-            .ring
-            .region
-            .atomic_u64(self.ring.control + HEAD)
-            .load(Ordering::Acquire);
+        let head = self.ring.region.atomic_u64(self.ring.control + HEAD).load(Ordering::Acquire);
         let hi = self.tail.saturating_add(self.ring.capacity);
-        self.cached_head =
-            self.ring
-                .check_index(head, self.tail, hi, self.cached_head, Index::Head)?;
+        self.cached_head = self.ring.check_index(head, self.tail, hi, self.cached_head, Index::Head)?;
         Ok(())
     }
 
@@ -577,60 +504,38 @@ impl Consumer {
                 // Too short for a header: the producer skipped it and put a
                 // frame at the start of the next lap.
                 if available <= to_end {
-                    return Err(RingError::FrameOverrun {
-                        size: to_end,
-                        available,
-                    });
+                    return Err(RingError::FrameOverrun { size: to_end, available });
                 }
                 self.tail += to_end;
                 continue;
             }
             if available < HEADER_LEN as u64 {
-                return Err(RingError::FrameOverrun {
-                    size: HEADER_LEN as u64,
-                    available,
-                });
+                return Err(RingError::FrameOverrun { size: HEADER_LEN as u64, available });
             }
             let mut raw = [0u8; HEADER_LEN];
-            self.ring
-                .region
-                .read(self.ring.data_offset(self.tail), &mut raw);
+            self.ring.region.read(self.ring.data_offset(self.tail), &mut raw);
             let header = FrameHeader::decode(&raw);
             if header.unknown_flags() != 0 {
-                return Err(RingError::UnknownFlags {
-                    flags: header.flags,
-                });
+                return Err(RingError::UnknownFlags { flags: header.flags });
             }
             if header.is_pad() {
                 let expected = to_end - HEADER_LEN as u64;
                 if u64::from(header.len) != expected {
-                    return Err(RingError::BadPad {
-                        len: header.len,
-                        expected,
-                    });
+                    return Err(RingError::BadPad { len: header.len, expected });
                 }
                 if available <= to_end {
-                    return Err(RingError::FrameOverrun {
-                        size: to_end,
-                        available,
-                    });
+                    return Err(RingError::FrameOverrun { size: to_end, available });
                 }
                 self.tail += to_end;
                 continue;
             }
             if header.len > self.ring.max_payload {
-                return Err(RingError::PayloadTooLarge {
-                    len: header.len,
-                    max: self.ring.max_payload,
-                });
+                return Err(RingError::PayloadTooLarge { len: header.len, max: self.ring.max_payload });
             }
             let size = frame_size(header.len as usize) as u64;
             let room = available.min(to_end);
             if size > room {
-                return Err(RingError::FrameOverrun {
-                    size,
-                    available: room,
-                });
+                return Err(RingError::FrameOverrun { size, available: room });
             }
             return Ok(Some(Frame {
                 header,
@@ -644,9 +549,7 @@ impl Consumer {
     /// Copies `frame`'s payload into `out`, replacing its contents.
     pub fn read_payload(&self, frame: &Frame, out: &mut Vec<u8>) {
         out.clear();
-        self.ring
-            .region
-            .read_append(frame.payload, frame.len(), out);
+        self.ring.region.read_append(frame.payload, frame.len(), out);
     }
 
     /// Consumes `frame`, the one the last `try_peek` returned. Its space is
@@ -656,10 +559,7 @@ impl Consumer {
     ///
     /// Panics if `frame` is not the frame at the consumer's position.
     pub fn consume(&mut self, frame: &Frame) {
-        assert_eq!(
-            frame.at, self.tail,
-            "consume of a frame that is not the next one"
-        );
+        assert_eq!(frame.at, self.tail, "consume of a frame that is not the next one");
         self.tail += frame.size;
     }
 
@@ -684,10 +584,7 @@ impl Consumer {
         }
         // SYNC(space-released): pairs with the producer's Acquire load of
         // `tail`; our copies out of the released bytes are complete.
-        self.ring
-            .region
-            .atomic_u64(self.ring.control + TAIL)
-            .store(self.tail, Ordering::Release);
+        self.ring.region.atomic_u64(self.ring.control + TAIL).store(self.tail, Ordering::Release);
         self.released = self.tail;
         // SYNC(sleep-handshake): pairs with the fence in
         // `Producer::prepare_wait_space`.

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
-    Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Reject, SegmentLayout,
-    ServerMessage, Welcome, PROTOCOL_VERSION,
+    Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Reject, SegmentLayout, ServerMessage, Welcome,
+    PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, PeerCredentials};
 use mio::net::{UnixListener, UnixStream};
@@ -58,17 +58,10 @@ pub(crate) struct Acceptor {
 
 impl Acceptor {
     pub(crate) fn new(server: Server) -> Result<Acceptor, ServerError> {
-        let Server {
-            shared,
-            bound,
-            poll,
-            waker,
-        } = server;
+        let Server { shared, bound, poll, waker } = server;
         let listener_fd = bound.listener.try_clone()?;
-        let mut listener =
-            UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut workers = Vec::with_capacity(shared.config.workers);
         for i in 0..shared.config.workers {
             workers.push(worker::spawn(i, Arc::clone(&shared))?);
@@ -89,9 +82,7 @@ impl Acceptor {
     pub(crate) fn run(mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(256);
         while !self.shared.shutting_down.load(Ordering::Acquire) {
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -118,11 +109,7 @@ impl Acceptor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .iter()
-            .map(|(_, p)| p.deadline)
-            .chain(self.accept_paused_until)
-            .min()
+        self.pending.iter().map(|(_, p)| p.deadline).chain(self.accept_paused_until).min()
     }
 
     fn accept(&mut self) {
@@ -160,11 +147,7 @@ impl Acceptor {
         };
         let entry = self.pending.vacant_entry();
         let token = Token(entry.key() + FIRST_PENDING);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, token, Interest::READABLE)
-        {
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             tracing::error!("cannot register a connection: {e}");
             return;
         }
@@ -197,10 +180,7 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::debug!(
-                        pid = pending.peer.pid,
-                        "connection failed during its hello: {e}"
-                    );
+                    tracing::debug!(pid = pending.peer.pid, "connection failed during its hello: {e}");
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
@@ -209,12 +189,7 @@ impl Acceptor {
         if pending.buf.len() < LENGTH_PREFIX {
             return;
         }
-        let prefix = [
-            pending.buf[0],
-            pending.buf[1],
-            pending.buf[2],
-            pending.buf[3],
-        ];
+        let prefix = [pending.buf[0], pending.buf[1], pending.buf[2], pending.buf[3]];
         let len = match handshake::body_len(prefix) {
             Ok(len) if len <= MAX_HELLO => len,
             Ok(len) | Err(HandshakeError::TooLong { len, .. }) => {
@@ -223,13 +198,7 @@ impl Acceptor {
                 return;
             }
             Err(e) => {
-                self.reject(
-                    key,
-                    Reject::BadHello {
-                        reason: e.to_string(),
-                    },
-                    RejectReason::BadHello,
-                );
+                self.reject(key, Reject::BadHello { reason: e.to_string() }, RejectReason::BadHello);
                 return;
             }
         };
@@ -246,19 +215,10 @@ impl Acceptor {
             Ok(hello) => self.admit(key, hello),
             Err(HandshakeError::VersionMismatch { ours, theirs }) => self.reject(
                 key,
-                Reject::VersionMismatch {
-                    daemon: ours,
-                    client: theirs,
-                },
+                Reject::VersionMismatch { daemon: ours, client: theirs },
                 RejectReason::VersionMismatch,
             ),
-            Err(e) => self.reject(
-                key,
-                Reject::BadHello {
-                    reason: e.to_string(),
-                },
-                RejectReason::BadHello,
-            ),
+            Err(e) => self.reject(key, Reject::BadHello { reason: e.to_string() }, RejectReason::BadHello),
         }
     }
 
@@ -283,11 +243,7 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        tracing::info!(
-            pid = pending.peer.pid,
-            uid = pending.peer.uid,
-            "handshake rejected: {reject}"
-        );
+        tracing::info!(pid = pending.peer.pid, uid = pending.peer.uid, "handshake rejected: {reject}");
         if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
             let _ = pending.stream.write(&bytes);
         }
@@ -300,11 +256,7 @@ impl Acceptor {
         }
         let max = self.shared.config.max_clients;
         if self.shared.stats.connected.load(Ordering::Relaxed) >= max {
-            return self.reject(
-                key,
-                Reject::TooManyClients { max: max as u32 },
-                RejectReason::TooManyClients,
-            );
+            return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
         }
         let Some(pending) = self.take_pending(key) else {
             return;
@@ -315,33 +267,17 @@ impl Acceptor {
             Err(e) => {
                 tracing::error!("cannot create a session: {e}");
                 let reason = e.to_string();
-                return self.reject_pending(
-                    pending,
-                    Reject::ResourceExhausted { reason },
-                    RejectReason::Resources,
-                );
+                return self.reject_pending(pending, Reject::ResourceExhausted { reason }, RejectReason::Resources);
             }
         };
         self.next_session += 1;
-        let session = Session::new(
-            id,
-            pending.peer,
-            pending.stream,
-            bell,
-            wake,
-            requests,
-            responses,
-        );
+        let session = Session::new(id, pending.peer, pending.stream, bell, wake, requests, responses);
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.accepted();
         let worker = self
             .workers
             .iter()
-            .min_by_key(|w| {
-                self.shared.stats.workers[w.index]
-                    .sessions
-                    .load(Ordering::Relaxed)
-            })
+            .min_by_key(|w| self.shared.stats.workers[w.index].sessions.load(Ordering::Relaxed))
             .expect("at least one worker");
         tracing::debug!(
             session = id,
@@ -358,14 +294,8 @@ impl Acceptor {
 
     /// Creates the segment and doorbells and sends the welcome with their
     /// fds.
-    fn create_session(
-        &self,
-        id: u64,
-        pending: &Pending,
-        hello: &Hello,
-    ) -> io::Result<SessionParts> {
-        let capacity =
-            SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+    fn create_session(&self, id: u64, pending: &Pending, hello: &Hello) -> io::Result<SessionParts> {
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
         let layout = SegmentLayout::new(capacity).map_err(io::Error::other)?;
         let size = layout.segment_size();
         let memfd = ipc_platform::create_sealed("ipcd-session", size as u64)?;
@@ -384,18 +314,14 @@ impl Acceptor {
             doorbell: hello.doorbell,
             services: self.shared.services.directory(),
         };
-        let bytes =
-            handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other)?;
+        let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other)?;
         let mut fds: Vec<BorrowedFd<'_>> = vec![memfd.as_fd(), bell.as_fd()];
         if let Some(e) = &client_bell {
             fds.push(e.as_fd());
         }
         let sent = ipc_platform::send_with_fds(pending.stream.as_fd(), &bytes, &fds)?;
         if sent != bytes.len() {
-            return Err(io::Error::other(format!(
-                "welcome cut short: {sent} of {} bytes sent",
-                bytes.len()
-            )));
+            return Err(io::Error::other(format!("welcome cut short: {sent} of {} bytes sent", bytes.len())));
         }
         // The mapping keeps the segment alive; the daemon needs no fd for it.
         drop(memfd);
@@ -409,19 +335,10 @@ impl Acceptor {
     }
 
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<usize> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
+        let expired: Vec<usize> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k).collect();
         for key in expired {
             if let Some(p) = self.pending.get(key) {
-                tracing::info!(
-                    pid = p.peer.pid,
-                    uid = p.peer.uid,
-                    "handshake timed out; closing the connection"
-                );
+                tracing::info!(pid = p.peer.pid, uid = p.peer.uid, "handshake timed out; closing the connection");
             }
             self.drop_pending(key, RejectReason::HandshakeTimeout);
         }
@@ -431,8 +348,7 @@ impl Acceptor {
     /// to answer what is in flight and close their sessions.
     fn stop(&mut self) {
         self.shared.shutting_down.store(true, Ordering::Release);
-        if let Err(e) = ipc_platform::remove_control_socket(&self.shared.config.socket, &self.bound)
-        {
+        if let Err(e) = ipc_platform::remove_control_socket(&self.shared.config.socket, &self.bound) {
             tracing::warn!("cannot remove {}: {e}", self.shared.config.socket.display());
         }
         if let Some(mut listener) = self.listener.take() {

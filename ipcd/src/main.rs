@@ -53,8 +53,7 @@ struct Args {
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|e| format!("{s:?} is not octal: {e}"))?;
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("{s:?} is not octal: {e}"))?;
     if mode > 0o777 {
         return Err(format!("mode {s} has bits beyond 0777"));
     }
@@ -62,12 +61,8 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = number
-        .parse()
-        .map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    let (number, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = number.parse().map_err(|e| format!("{s:?} is not a duration: {e}"))?;
     let secs = match unit {
         "s" => n,
         "ms" => n / 1e3,
@@ -85,11 +80,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -118,19 +109,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let server = builder.build().context("cannot start ipcd")?;
     let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    std::thread::Builder::new()
-        .name("ipcd-signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping");
-                handle.shutdown();
-            }
-        })?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new().name("ipcd-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "stopping");
+            handle.shutdown();
+        }
+    })?;
     server.run().context("ipcd failed")?;
     Ok(())
 }

@@ -194,12 +194,8 @@ impl ServerBuilder {
             None => {
                 let p = ipc_platform::default_socket_path();
                 if p.parent() == Some(ipc_platform::fallback_dir().as_path()) {
-                    ipc_platform::ensure_private_dir(&ipc_platform::fallback_dir()).map_err(
-                        |source| ServerError::Bind {
-                            path: p.clone(),
-                            source,
-                        },
-                    )?;
+                    ipc_platform::ensure_private_dir(&ipc_platform::fallback_dir())
+                        .map_err(|source| ServerError::Bind { path: p.clone(), source })?;
                 }
                 p
             }
@@ -226,12 +222,8 @@ impl ServerBuilder {
         for (name, handler) in all {
             services.add(name, handler).map_err(ServerError::Service)?;
         }
-        let bound = ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024).map_err(
-            |source| ServerError::Bind {
-                path: socket.clone(),
-                source,
-            },
-        )?;
+        let bound = ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024)
+            .map_err(|source| ServerError::Bind { path: socket.clone(), source })?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), ACCEPTOR_WAKER)?);
         let config = Config {
@@ -242,18 +234,8 @@ impl ServerBuilder {
             handshake_timeout: self.handshake_timeout,
             max_ring_capacity: self.max_ring_capacity,
         };
-        let shared = Arc::new(Shared {
-            config,
-            services,
-            stats,
-            shutting_down: AtomicBool::new(false),
-        });
-        Ok(Server {
-            shared,
-            bound,
-            poll,
-            waker,
-        })
+        let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
+        Ok(Server { shared, bound, poll, waker })
     }
 }
 
@@ -294,10 +276,7 @@ impl Server {
 
     /// A handle that stops the server from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            shared: Arc::clone(&self.shared),
-            waker: Arc::clone(&self.waker),
-        }
+        ShutdownHandle { shared: Arc::clone(&self.shared), waker: Arc::clone(&self.waker) }
     }
 
     /// Serves until shut down: stops accepting, answers requests still in
@@ -336,24 +315,15 @@ mod tests {
     use ipc_client::{CallError, Client};
 
     /// Runs an embedded server with extra services on a temporary socket.
-    fn embedded() -> (
-        tempfile::TempDir,
-        PathBuf,
-        ShutdownHandle,
-        std::thread::JoinHandle<Result<(), ServerError>>,
-    ) {
+    fn embedded() -> (tempfile::TempDir, PathBuf, ShutdownHandle, std::thread::JoinHandle<Result<(), ServerError>>) {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("embedded.sock");
         let server = Server::builder()
             .socket(&socket)
             .workers(1)
             .service("upper", |req: &[u8]| Ok(req.to_ascii_uppercase()))
-            .service("refuse", |_: &[u8]| {
-                Err(ServiceError::new("refused by policy"))
-            })
-            .service("explode", |_: &[u8]| -> Result<Vec<u8>, ServiceError> {
-                panic!("handler bug")
-            })
+            .service("refuse", |_: &[u8]| Err(ServiceError::new("refused by policy")))
+            .service("explode", |_: &[u8]| -> Result<Vec<u8>, ServiceError> { panic!("handler bug") })
             .service_into("len", |req: &[u8], out: &mut Vec<u8>| {
                 out.extend_from_slice(&(req.len() as u64).to_le_bytes());
                 Ok(())
@@ -374,12 +344,7 @@ mod tests {
         assert_eq!(client.call(&upper, b"shout").unwrap(), b"SHOUT");
 
         let refuse = client.service("refuse").unwrap();
-        assert_eq!(
-            client.call(&refuse, b"x"),
-            Err(CallError::Remote {
-                message: "refused by policy".into()
-            })
-        );
+        assert_eq!(client.call(&refuse, b"x"), Err(CallError::Remote { message: "refused by policy".into() }));
 
         let explode = client.service("explode").unwrap();
         match client.call(&explode, b"x") {
@@ -391,10 +356,9 @@ mod tests {
 
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
-            Err(CallError::Remote { message }) => assert!(
-                message.contains("exceeds the negotiated maximum"),
-                "{message}"
-            ),
+            Err(CallError::Remote { message }) => {
+                assert!(message.contains("exceeds the negotiated maximum"), "{message}")
+            }
             other => panic!("expected a too-large reply error, got {other:?}"),
         }
 
@@ -406,10 +370,7 @@ mod tests {
         handle.shutdown();
         thread.join().unwrap().unwrap();
         assert!(!socket.exists(), "the socket file is removed on shutdown");
-        assert!(matches!(
-            client.call(&upper, b"x"),
-            Err(CallError::Disconnected { .. }) | Err(CallError::Shutdown)
-        ));
+        assert!(matches!(client.call(&upper, b"x"), Err(CallError::Disconnected { .. }) | Err(CallError::Shutdown)));
     }
 
     #[test]
@@ -425,10 +386,7 @@ mod tests {
     #[test]
     fn zero_workers_is_a_configuration_error() {
         let dir = tempfile::tempdir().unwrap();
-        let result = Server::builder()
-            .socket(dir.path().join("w.sock"))
-            .workers(0)
-            .build();
+        let result = Server::builder().socket(dir.path().join("w.sock")).workers(0).build();
         assert!(matches!(result, Err(ServerError::Config(_))));
     }
 }

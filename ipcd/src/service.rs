@@ -13,9 +13,7 @@ pub struct ServiceError {
 impl ServiceError {
     /// An error with `message` (cut to 1024 bytes on the wire).
     pub fn new(message: impl Into<String>) -> ServiceError {
-        ServiceError {
-            message: message.into(),
-        }
+        ServiceError { message: message.into() }
     }
 
     /// The message.
@@ -38,8 +36,7 @@ impl std::error::Error for ServiceError {}
 /// `request` is a private copy of the client's bytes; `reply` arrives empty.
 /// Handlers run on a worker thread: one that blocks delays the other
 /// sessions of that worker.
-pub type Handler =
-    Arc<dyn Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static>;
+pub type Handler = Arc<dyn Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static>;
 
 /// The services of a server, by id. Ids are indices: the first service is 0.
 #[derive(Clone, Default)]
@@ -70,10 +67,7 @@ impl ServiceTable {
         self.entries
             .iter()
             .enumerate()
-            .map(|(id, (name, _))| ipc_core::ServiceEntry {
-                name: name.clone(),
-                id: id as u16,
-            })
+            .map(|(id, (name, _))| ipc_core::ServiceEntry { name: name.clone(), id: id as u16 })
             .collect()
     }
 }
@@ -96,12 +90,9 @@ pub(crate) fn ping() -> Handler {
 /// `--debug-services`, for tests that need a call to stay in flight.
 pub(crate) fn debug_sleep() -> Handler {
     Arc::new(|request, _| {
-        let ms: [u8; 4] = request.try_into().map_err(|_| {
-            ServiceError::new(format!(
-                "debug.sleep takes a 4-byte u32, got {} bytes",
-                request.len()
-            ))
-        })?;
+        let ms: [u8; 4] = request
+            .try_into()
+            .map_err(|_| ServiceError::new(format!("debug.sleep takes a 4-byte u32, got {} bytes", request.len())))?;
         let ms = u32::from_le_bytes(ms).min(10_000);
         std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
         Ok(())
@@ -110,10 +101,5 @@ pub(crate) fn debug_sleep() -> Handler {
 
 /// `debug.fail`: always returns an error naming the request length.
 pub(crate) fn debug_fail() -> Handler {
-    Arc::new(|request, _| {
-        Err(ServiceError::new(format!(
-            "debug.fail asked to fail ({} bytes)",
-            request.len()
-        )))
-    })
+    Arc::new(|request, _| Err(ServiceError::new(format!("debug.fail asked to fail ({} bytes)", request.len()))))
 }

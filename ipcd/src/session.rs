@@ -7,6 +7,7 @@
 //! session only.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 
 use ipc_core::{encode_error, Consumer, ErrorCode, FrameHeader, Producer, PushError, FLAG_ERROR};
 use ipc_platform::{futex, EventFd, PeerCredentials};
@@ -74,18 +75,7 @@ impl Session {
         requests: Consumer,
         responses: Producer,
     ) -> Session {
-        Session {
-            id,
-            peer,
-            control,
-            bell,
-            wake,
-            requests,
-            responses,
-            last_request_id: 0,
-            pending: None,
-            queued: false,
-        }
+        Session { id, peer, control, bell, wake, requests, responses, last_request_id: 0, pending: None, queued: false }
     }
 
     fn wake_client(&self, word: &std::sync::atomic::AtomicU32) {
@@ -121,22 +111,14 @@ impl Session {
             Progress::Busy => Ok(Progress::Busy),
             Progress::Stalled => {
                 let len = self.pending.as_ref().map_or(0, |p| p.body.len());
-                if self
-                    .responses
-                    .prepare_wait_space(len)
-                    .map_err(|e| format!("response ring: {e}"))?
-                {
+                if self.responses.prepare_wait_space(len).map_err(|e| format!("response ring: {e}"))? {
                     Ok(Progress::Stalled)
                 } else {
                     Ok(Progress::Busy)
                 }
             }
             Progress::Parked => {
-                if self
-                    .requests
-                    .prepare_sleep()
-                    .map_err(|e| format!("request ring: {e}"))?
-                {
+                if self.requests.prepare_sleep().map_err(|e| format!("request ring: {e}"))? {
                     Ok(Progress::Parked)
                 } else {
                     Ok(Progress::Busy)
@@ -154,12 +136,8 @@ impl Session {
         shutting_down: bool,
     ) -> Result<Progress, String> {
         if let Some(pending) = self.pending.take() {
-            match self.responses.try_push(
-                pending.header.service,
-                pending.header.flags,
-                pending.header.request_id,
-                &pending.body,
-            ) {
+            let h = pending.header;
+            match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
                 Ok(()) => {}
                 Err(PushError::Full) => {
                     self.pending = Some(pending);
@@ -167,24 +145,35 @@ impl Session {
                 }
                 Err(e) => return Err(format!("response ring: {e}")),
             }
+            // The client freed space: withdraw the wait announcement.
+            self.responses.finish_wait_space();
         }
-        self.responses.finish_wait_space();
-        let mut served = 0;
-        while served < budget {
-            let frame = match self
-                .requests
-                .try_peek()
-                .map_err(|e| format!("request ring: {e}"))?
-            {
+        let (mut served, mut errors) = (0u64, 0u64);
+        let result = self.serve_requests(services, scratch, budget, shutting_down, &mut served, &mut errors);
+        // Counted once per batch rather than per request.
+        counters.requests.fetch_add(served, Ordering::Relaxed);
+        counters.replies.fetch_add(served, Ordering::Relaxed);
+        counters.errors.fetch_add(errors, Ordering::Relaxed);
+        result
+    }
+
+    fn serve_requests(
+        &mut self,
+        services: &ServiceTable,
+        scratch: &mut Scratch,
+        budget: usize,
+        shutting_down: bool,
+        served: &mut u64,
+        errors: &mut u64,
+    ) -> Result<Progress, String> {
+        while (*served as usize) < budget {
+            let frame = match self.requests.try_peek().map_err(|e| format!("request ring: {e}"))? {
                 Some(frame) => frame,
                 None => return Ok(Progress::Parked),
             };
             let header = frame.header;
             if header.flags != 0 {
-                return Err(format!(
-                    "request {} carries response flags {:#x}",
-                    header.request_id, header.flags
-                ));
+                return Err(format!("request {} carries response flags {:#x}", header.request_id, header.flags));
             }
             if header.request_id <= self.last_request_id {
                 return Err(format!(
@@ -195,24 +184,10 @@ impl Session {
             self.last_request_id = header.request_id;
             self.requests.read_payload(&frame, &mut scratch.request);
             self.requests.consume(&frame);
-            counters
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-
             let flags = self.dispatch(services, header, scratch, shutting_down);
-            if flags != 0 {
-                counters
-                    .errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            counters
-                .replies
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            served += 1;
-            match self
-                .responses
-                .try_push(header.service, flags, header.request_id, &scratch.reply)
-            {
+            *errors += u64::from(flags != 0);
+            *served += 1;
+            match self.responses.try_push(header.service, flags, header.request_id, &scratch.reply) {
                 Ok(()) => {}
                 Err(PushError::Full) => {
                     self.pending = Some(PendingReply {
@@ -259,10 +234,7 @@ impl Session {
             Ok(Ok(())) => {
                 let max = self.responses.max_payload();
                 if scratch.reply.len() > max as usize {
-                    let msg = format!(
-                        "reply of {} bytes exceeds the negotiated maximum {max}",
-                        scratch.reply.len()
-                    );
+                    let msg = format!("reply of {} bytes exceeds the negotiated maximum {max}", scratch.reply.len());
                     encode_error(ErrorCode::ReplyTooLarge, &msg, &mut scratch.reply);
                     return FLAG_ERROR;
                 }
@@ -273,16 +245,8 @@ impl Session {
                 FLAG_ERROR
             }
             Err(_) => {
-                tracing::error!(
-                    session = self.id,
-                    service = header.service,
-                    "service handler panicked"
-                );
-                encode_error(
-                    ErrorCode::HandlerPanicked,
-                    "service handler panicked",
-                    &mut scratch.reply,
-                );
+                tracing::error!(session = self.id, service = header.service, "service handler panicked");
+                encode_error(ErrorCode::HandlerPanicked, "service handler panicked", &mut scratch.reply);
                 FLAG_ERROR
             }
         }

@@ -20,15 +20,8 @@ pub(crate) enum RejectReason {
     ShuttingDown,
 }
 
-const REJECT_NAMES: [&str; 7] = [
-    "version_mismatch",
-    "too_many_clients",
-    "bad_hello",
-    "handshake_timeout",
-    "hung_up",
-    "resources",
-    "shutting_down",
-];
+const REJECT_NAMES: [&str; 7] =
+    ["version_mismatch", "too_many_clients", "bad_hello", "handshake_timeout", "hung_up", "resources", "shutting_down"];
 
 /// Why a session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,12 +36,7 @@ pub(crate) enum DisconnectReason {
     IoError,
 }
 
-const DISCONNECT_NAMES: [&str; 4] = [
-    "client_hangup",
-    "protocol_violation",
-    "shutdown",
-    "io_error",
-];
+const DISCONNECT_NAMES: [&str; 4] = ["client_hangup", "protocol_violation", "shutdown", "io_error"];
 
 impl DisconnectReason {
     pub(crate) fn name(self) -> &'static str {
@@ -101,21 +89,11 @@ impl Stats {
 
     /// The JSON the `stats` service replies with.
     pub(crate) fn to_json(&self) -> Vec<u8> {
-        fn named(
-            names: &[&str],
-            counters: &[AtomicU64],
-        ) -> serde_json::Map<String, serde_json::Value> {
-            names
-                .iter()
-                .zip(counters)
-                .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into()))
-                .collect()
+        fn named(names: &[&str], counters: &[AtomicU64]) -> serde_json::Map<String, serde_json::Value> {
+            names.iter().zip(counters).map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into())).collect()
         }
         let sum = |f: fn(&WorkerCounters) -> &AtomicU64| {
-            self.workers
-                .iter()
-                .map(|w| f(w).load(Ordering::Relaxed))
-                .sum::<u64>()
+            self.workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum::<u64>()
         };
         let value = serde_json::json!({
             "connected_clients": self.connected.load(Ordering::Relaxed),

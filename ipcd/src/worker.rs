@@ -38,9 +38,7 @@ pub(crate) struct WorkerHandle {
 impl WorkerHandle {
     /// Hands a new session to the worker.
     pub(crate) fn adopt(&self, session: Session) -> io::Result<()> {
-        self.tx
-            .send(session)
-            .map_err(|_| io::Error::other("worker has exited"))?;
+        self.tx.send(session).map_err(|_| io::Error::other("worker has exited"))?;
         self.waker.wake()
     }
 
@@ -63,26 +61,19 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("ipcd-worker-{index}"))
-        .spawn(move || {
-            let mut worker = Worker {
-                index,
-                poll,
-                rx,
-                shared,
-                sessions: Slab::new(),
-                ready: VecDeque::new(),
-                scratch: Scratch::default(),
-            };
-            worker.run();
-        })?;
-    Ok(WorkerHandle {
-        index,
-        tx,
-        waker,
-        thread: Some(thread),
-    })
+    let thread = std::thread::Builder::new().name(format!("ipcd-worker-{index}")).spawn(move || {
+        let mut worker = Worker {
+            index,
+            poll,
+            rx,
+            shared,
+            sessions: Slab::new(),
+            ready: VecDeque::new(),
+            scratch: Scratch::default(),
+        };
+        worker.run();
+    })?;
+    Ok(WorkerHandle { index, tx, waker, thread: Some(thread) })
 }
 
 struct Worker {
@@ -107,19 +98,12 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.ready.is_empty() {
-                None
-            } else {
-                Some(Duration::ZERO)
-            };
+            let timeout = if self.ready.is_empty() { None } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(
-                    worker = self.index,
-                    "poll failed: {e}; closing this worker's sessions"
-                );
+                tracing::error!(worker = self.index, "poll failed: {e}; closing this worker's sessions");
                 self.close_all(DisconnectReason::IoError);
                 return;
             }
@@ -135,9 +119,7 @@ impl Worker {
                             self.schedule(key);
                         }
                     }
-                    Token(t) => {
-                        self.control_event(t / 2, event.is_read_closed() || event.is_error())
-                    }
+                    Token(t) => self.control_event(t / 2, event.is_read_closed() || event.is_error()),
                 }
             }
             if self.shared.shutting_down.load(Ordering::Acquire) {
@@ -164,18 +146,14 @@ impl Worker {
             let registry = self.poll.registry();
             let registered = registry
                 .register(&mut session.bell, bell_token(key), Interest::READABLE)
-                .and_then(|()| {
-                    registry.register(&mut session.control, control_token(key), Interest::READABLE)
-                });
+                .and_then(|()| registry.register(&mut session.control, control_token(key), Interest::READABLE));
             if let Err(e) = registered {
                 tracing::error!(session = session.id, "cannot register session: {e}");
                 self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
                 self.shared.stats.disconnected(DisconnectReason::IoError);
                 continue;
             }
-            self.shared.stats.workers[self.index]
-                .sessions
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.workers[self.index].sessions.fetch_add(1, Ordering::Relaxed);
             entry.insert(session);
             // The client may have sent requests before we registered its
             // doorbell; look once, then it parks and the doorbell takes over.
@@ -220,13 +198,7 @@ impl Worker {
             };
             session.queued = false;
             let counters = &self.shared.stats.workers[self.index];
-            match session.serve(
-                &self.shared.services,
-                counters,
-                &mut self.scratch,
-                BUDGET,
-                false,
-            ) {
+            match session.serve(&self.shared.services, counters, &mut self.scratch, BUDGET, false) {
                 Ok(Progress::Busy) => self.schedule(key),
                 Ok(Progress::Parked) | Ok(Progress::Stalled) => {}
                 Err(reason) => {
@@ -250,15 +222,9 @@ impl Worker {
         let _ = registry.deregister(&mut session.bell);
         let _ = registry.deregister(&mut session.control);
         self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
-        self.shared.stats.workers[self.index]
-            .sessions
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.stats.workers[self.index].sessions.fetch_sub(1, Ordering::Relaxed);
         self.shared.stats.disconnected(reason);
-        tracing::debug!(
-            session = session.id,
-            reason = reason.name(),
-            "session closed"
-        );
+        tracing::debug!(session = session.id, reason = reason.name(), "session closed");
         // Dropping the session unmaps its segment and closes its fds; the
         // client sees its control connection hang up.
     }
@@ -276,13 +242,7 @@ impl Worker {
         self.adopt_sessions();
         let counters = &self.shared.stats.workers[self.index];
         for (_, session) in self.sessions.iter_mut() {
-            if let Err(reason) = session.serve(
-                &self.shared.services,
-                counters,
-                &mut self.scratch,
-                usize::MAX,
-                true,
-            ) {
+            if let Err(reason) = session.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true) {
                 tracing::debug!(session = session.id, "while shutting down: {reason}");
             }
         }

@@ -58,21 +58,11 @@ impl AsFd for EventFd {
 }
 
 impl Source for EventFd {
-    fn register(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
+    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
         SourceFd(&self.fd.as_raw_fd()).register(registry, token, interests)
     }
 
-    fn reregister(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
+    fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
         SourceFd(&self.fd.as_raw_fd()).reregister(registry, token, interests)
     }
 

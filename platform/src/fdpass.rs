@@ -10,8 +10,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
 };
 
 /// The most fds one message may carry.
@@ -19,23 +19,14 @@ pub const MAX_FDS: usize = 4;
 
 /// Sends `bytes` with `fds` attached to them. Returns the bytes sent (the
 /// fds travel with the first byte).
-pub fn send_with_fds(
-    sock: BorrowedFd<'_>,
-    bytes: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> io::Result<usize> {
+pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} fds per message");
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other("fds do not fit the control buffer"));
     }
-    Ok(rustix::net::sendmsg(
-        sock,
-        &[IoSlice::new(bytes)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
+    Ok(rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?)
 }
 
 /// Receives into `buf`, collecting any fds that came with the bytes.
@@ -43,12 +34,7 @@ pub fn send_with_fds(
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    let ret = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
+    let ret = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
     for msg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = msg {
@@ -57,10 +43,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
     }
     if ret.flags.contains(ReturnFlags::CTRUNC) {
         // Dropping `fds` closes what did arrive.
-        return Err(io::Error::other(format!(
-            "control message truncated: fds were dropped ({} arrived)",
-            fds.len()
-        )));
+        return Err(io::Error::other(format!("control message truncated: fds were dropped ({} arrived)", fds.len())));
     }
     Ok((ret.bytes, fds))
 }
@@ -92,20 +75,12 @@ mod tests {
         // Send more fds than the receiver makes room for: the kernel drops
         // the rest and sets MSG_CTRUNC, which must not pass silently.
         let (a, b) = UnixStream::pair().unwrap();
-        let fds: Vec<crate::EventFd> = (0..MAX_FDS + 4)
-            .map(|_| crate::EventFd::new().unwrap())
-            .collect();
+        let fds: Vec<crate::EventFd> = (0..MAX_FDS + 4).map(|_| crate::EventFd::new().unwrap()).collect();
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS + 4))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
-        rustix::net::sendmsg(
-            a.as_fd(),
-            &[IoSlice::new(b"x")],
-            &mut control,
-            SendFlags::empty(),
-        )
-        .unwrap();
+        rustix::net::sendmsg(a.as_fd(), &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
         let mut buf = [0u8; 8];
         let err = recv_with_fds(b.as_fd(), &mut buf).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");

@@ -48,19 +48,13 @@ mod tests {
     #[test]
     fn wait_returns_at_once_on_a_changed_word() {
         let w = AtomicU32::new(0);
-        assert_eq!(
-            wait(&w, 1, Some(Duration::from_secs(5))).unwrap(),
-            Wake::Woken
-        );
+        assert_eq!(wait(&w, 1, Some(Duration::from_secs(5))).unwrap(), Wake::Woken);
     }
 
     #[test]
     fn wait_times_out() {
         let w = AtomicU32::new(1);
-        assert_eq!(
-            wait(&w, 1, Some(Duration::from_millis(5))).unwrap(),
-            Wake::TimedOut
-        );
+        assert_eq!(wait(&w, 1, Some(Duration::from_millis(5))).unwrap(), Wake::TimedOut);
     }
 
     #[test]

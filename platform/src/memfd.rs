@@ -15,9 +15,7 @@ use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 
 /// The seals every segment carries: it can be neither shrunk nor grown, and
 /// no further seal can be added or removed.
-pub const SEALS: SealFlags = SealFlags::SHRINK
-    .union(SealFlags::GROW)
-    .union(SealFlags::SEAL);
+pub const SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW).union(SealFlags::SEAL);
 
 /// Creates a close-on-exec memfd of `size` bytes with its pages allocated,
 /// sealed with [`SEALS`].
@@ -55,10 +53,7 @@ impl fmt::Display for SealError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SealError::Seals { found, expected } => {
-                write!(
-                    f,
-                    "memfd seals {found:#x} are not the required {expected:#x}"
-                )
+                write!(f, "memfd seals {found:#x} are not the required {expected:#x}")
             }
             SealError::Size { found, expected } => {
                 write!(f, "memfd size {found} is not the announced {expected}")
@@ -82,18 +77,12 @@ impl std::error::Error for SealError {
 pub fn check_sealed(fd: BorrowedFd<'_>, size: u64) -> Result<(), SealError> {
     let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| SealError::Io(e.into()))?;
     if seals != SEALS {
-        return Err(SealError::Seals {
-            found: seals.bits(),
-            expected: SEALS.bits(),
-        });
+        return Err(SealError::Seals { found: seals.bits(), expected: SEALS.bits() });
     }
     let stat = rustix::fs::fstat(fd).map_err(|e| SealError::Io(e.into()))?;
     let found = stat.st_size as u64;
     if found != size {
-        return Err(SealError::Size {
-            found,
-            expected: size,
-        });
+        return Err(SealError::Size { found, expected: size });
     }
     Ok(())
 }
@@ -111,37 +100,17 @@ mod tests {
     fn sealed_memfd_cannot_be_resized_and_passes_the_check() {
         let fd = create_sealed("test", 8192).unwrap();
         check_sealed(fd.as_fd(), 8192).unwrap();
-        assert_eq!(
-            try_resize(&fd, 4096).unwrap_err().raw_os_error(),
-            Some(rustix::io::Errno::PERM.raw_os_error())
-        );
-        assert_eq!(
-            try_resize(&fd, 1 << 20).unwrap_err().raw_os_error(),
-            Some(rustix::io::Errno::PERM.raw_os_error())
-        );
-        assert!(matches!(
-            check_sealed(fd.as_fd(), 4096),
-            Err(SealError::Size {
-                found: 8192,
-                expected: 4096
-            })
-        ));
+        assert_eq!(try_resize(&fd, 4096).unwrap_err().raw_os_error(), Some(rustix::io::Errno::PERM.raw_os_error()));
+        assert_eq!(try_resize(&fd, 1 << 20).unwrap_err().raw_os_error(), Some(rustix::io::Errno::PERM.raw_os_error()));
+        assert!(matches!(check_sealed(fd.as_fd(), 4096), Err(SealError::Size { found: 8192, expected: 4096 })));
     }
 
     #[test]
     fn unsealed_memfd_is_refused() {
-        let fd =
-            rustix::fs::memfd_create("unsealed", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-                .unwrap();
+        let fd = rustix::fs::memfd_create("unsealed", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
         rustix::fs::ftruncate(&fd, 4096).unwrap();
-        assert!(matches!(
-            check_sealed(fd.as_fd(), 4096),
-            Err(SealError::Seals { found: 0, .. })
-        ));
+        assert!(matches!(check_sealed(fd.as_fd(), 4096), Err(SealError::Seals { found: 0, .. })));
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).unwrap();
-        assert!(matches!(
-            check_sealed(fd.as_fd(), 4096),
-            Err(SealError::Seals { .. })
-        ));
+        assert!(matches!(check_sealed(fd.as_fd(), 4096), Err(SealError::Seals { .. })));
     }
 }

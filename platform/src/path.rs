@@ -71,11 +71,7 @@ pub struct BoundSocket {
 pub fn bind_control_socket(path: &Path, mode: u32, backlog: i32) -> io::Result<BoundSocket> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
+    let lock_file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
     let lock: OwnedFd = lock_file.into();
     if let Err(e) = rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
         return Err(io::Error::new(
@@ -94,10 +90,7 @@ pub fn bind_control_socket(path: &Path, mode: u32, backlog: i32) -> io::Result<B
                 Ok(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
-                        format!(
-                            "a live daemon already accepts connections on {}",
-                            path.display()
-                        ),
+                        format!("a live daemon already accepts connections on {}", path.display()),
                     ))
                 }
                 Err(_) => std::fs::remove_file(path)?,
@@ -106,10 +99,7 @@ pub fn bind_control_socket(path: &Path, mode: u32, backlog: i32) -> io::Result<B
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -23,11 +23,7 @@ pub struct PeerCredentials {
 /// Reads `SO_PEERCRED`.
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
     let cred = rustix::net::sockopt::socket_peercred(sock)?;
-    Ok(PeerCredentials {
-        pid: cred.pid.as_raw_nonzero().get(),
-        uid: cred.uid.as_raw(),
-        gid: cred.gid.as_raw(),
-    })
+    Ok(PeerCredentials { pid: cred.pid.as_raw_nonzero().get(), uid: cred.uid.as_raw(), gid: cred.gid.as_raw() })
 }
 
 /// Whether the peer of a connected stream socket has hung up, without
@@ -45,10 +41,7 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> io::Result<bool> {
 /// Waits until one of `fds` is readable (or hung up), for at most
 /// `timeout`. Returns which were ready.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let mut polls: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|fd| PollFd::new(fd, PollFlags::IN))
-        .collect();
+    let mut polls: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(fd, PollFlags::IN)).collect();
     let ts = timeout.map(|t| rustix::time::Timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
         tv_nsec: i64::from(t.subsec_nanos()),
@@ -66,13 +59,7 @@ pub fn raise_nofile_limit() -> io::Result<Option<u64>> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
-        setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: limit.maximum,
-                maximum: limit.maximum,
-            },
-        )?;
+        setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum })?;
     }
     Ok(limit.maximum)
 }
@@ -97,9 +84,6 @@ mod tests {
         assert!(!peer_closed(a.as_fd()).unwrap());
         drop(b);
         assert!(peer_closed(a.as_fd()).unwrap());
-        assert_eq!(
-            wait_readable(&[a.as_fd()], Some(Duration::from_secs(5))).unwrap(),
-            vec![true]
-        );
+        assert_eq!(wait_readable(&[a.as_fd()], Some(Duration::from_secs(5))).unwrap(), vec![true]);
     }
 }

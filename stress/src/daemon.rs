@@ -37,27 +37,17 @@ impl PrivateDaemon {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut daemon = PrivateDaemon {
-            child,
-            socket,
-            _dir: dir,
-        };
+        let mut daemon = PrivateDaemon { child, socket, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
                 return Ok(daemon);
             }
             if let Some(status) = daemon.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} before accepting connections",
-                    binary.display()
-                );
+                bail!("{} exited with {status} before accepting connections", binary.display());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "{} did not accept connections within 10 s",
-                    binary.display()
-                );
+                bail!("{} did not accept connections within 10 s", binary.display());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -126,11 +116,7 @@ pub fn usage(pid: i32) -> anyhow::Result<ProcessUsage> {
             .unwrap_or(0)
     };
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
-    Ok(ProcessUsage {
-        rss_anon_kb: field("RssAnon:"),
-        rss_shmem_kb: field("RssShmem:"),
-        fds,
-    })
+    Ok(ProcessUsage { rss_anon_kb: field("RssAnon:"), rss_shmem_kb: field("RssShmem:"), fds })
 }
 
 /// Samples a process's anonymous RSS while a run lasts and keeps the peak.
@@ -154,11 +140,7 @@ impl PeakSampler {
                 std::thread::sleep(every);
             }
         });
-        PeakSampler {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
+        PeakSampler { stop, peak, thread: Some(thread) }
     }
 
     /// Stops sampling and returns the peak seen, in kB.

@@ -76,10 +76,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(id) = args.child_client {
-        return match workload::child_main(
-            &workload(&args, args.socket.clone().unwrap_or_default()),
-            id,
-        ) {
+        return match workload::child_main(&workload(&args, args.socket.clone().unwrap_or_default()), id) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: client process {id}: {e:#}");
@@ -102,9 +99,7 @@ fn validate(args: &Args) -> Result<(), String> {
         return Err("--clients and --messages must be at least 1".into());
     }
     if args.payload < MIN_PAYLOAD {
-        return Err(format!(
-            "--payload must be at least {MIN_PAYLOAD} bytes (client id and sequence number)"
-        ));
+        return Err(format!("--payload must be at least {MIN_PAYLOAD} bytes (client id and sequence number)"));
     }
     if args.child_client.is_some() && args.socket.is_none() {
         return Err("--child-client needs --socket".into());
@@ -127,15 +122,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let private = match &args.socket {
         Some(_) => None,
         None => {
-            let binary = args
-                .daemon
-                .clone()
-                .unwrap_or_else(|| exe.with_file_name("ipcd"));
+            let binary = args.daemon.clone().unwrap_or_else(|| exe.with_file_name("ipcd"));
             if !binary.exists() {
-                bail!(
-                    "{} not found; build it (cargo build --release) or pass --daemon PATH",
-                    binary.display()
-                );
+                bail!("{} not found; build it (cargo build --release) or pass --daemon PATH", binary.display());
             }
             Some(PrivateDaemon::start(&binary, args.clients)?)
         }
@@ -160,24 +149,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         (outcomes, elapsed, usage)
     };
     let peak = sampler.finish();
-    let run = Run::from_outcomes(
-        &outcomes,
-        args.messages,
-        args.payload,
-        elapsed,
-        usage,
-        peak.max(usage.rss_anon_kb),
-    );
-    print!(
-        "{}",
-        run.summary(if args.procs { "processes" } else { "threads" })
-    );
+    let run = Run::from_outcomes(&outcomes, args.messages, args.payload, elapsed, usage, peak.max(usage.rss_anon_kb));
+    print!("{}", run.summary(if args.procs { "processes" } else { "threads" }));
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&Report {
-            runs: std::slice::from_ref(&run),
-        })?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let text = serde_json::to_string_pretty(&Report { runs: std::slice::from_ref(&run) })?;
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(d) = private {
         d.stop()?;

@@ -91,11 +91,7 @@ impl Run {
             failed,
             mismatched,
             duration_s: secs,
-            throughput_msgs_per_s: if secs > 0.0 {
-                succeeded as f64 / secs
-            } else {
-                0.0
-            },
+            throughput_msgs_per_s: if secs > 0.0 { succeeded as f64 / secs } else { 0.0 },
             latency_us: Latency {
                 p50: q(&latency, 0.50),
                 p90: q(&latency, 0.90),
@@ -104,10 +100,7 @@ impl Run {
                 max: us(latency.max()),
                 mean: latency.mean() / 1000.0,
             },
-            connect_us: Connect {
-                p50: q(&connect, 0.50),
-                max: us(connect.max()),
-            },
+            connect_us: Connect { p50: q(&connect, 0.50), max: us(connect.max()) },
             daemon,
             peak_rss_anon_kb,
             first_error,
@@ -130,33 +123,20 @@ impl Run {
             "  calls       sent {}  succeeded {}  failed {}  mismatched {}\n",
             self.sent, self.succeeded, self.failed, self.mismatched
         );
-        s += &format!(
-            "  throughput  {:.0} msg/s over {:.3} s\n",
-            self.throughput_msgs_per_s, self.duration_s
-        );
+        s += &format!("  throughput  {:.0} msg/s over {:.3} s\n", self.throughput_msgs_per_s, self.duration_s);
         s += &format!(
             "  latency us  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}  (round trip, every call)\n",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         );
-        s += &format!(
-            "  connect us  p50 {:.1}  max {:.1}\n",
-            self.connect_us.p50, self.connect_us.max
-        );
+        s += &format!("  connect us  p50 {:.1}  max {:.1}\n", self.connect_us.p50, self.connect_us.max);
         s += &format!(
             "  daemon      rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
-            self.daemon.rss_anon_kb,
-            self.peak_rss_anon_kb,
-            self.daemon.rss_shmem_kb,
-            self.daemon.fds
+            self.daemon.rss_anon_kb, self.peak_rss_anon_kb, self.daemon.rss_shmem_kb, self.daemon.fds
         );
         if let Some(e) = &self.first_error {
             s += &format!("  first error {e}\n");
         }
-        s += if self.passed() {
-            "  result      PASS\n"
-        } else {
-            "  result      FAIL\n"
-        };
+        s += if self.passed() { "  result      PASS\n" } else { "  result      FAIL\n" };
         s
     }
 }

@@ -35,8 +35,7 @@ pub const MIN_PAYLOAD: usize = 12;
 pub fn fill_payload(client: u32, seq: u64, buf: &mut [u8]) {
     buf[0..4].copy_from_slice(&client.to_le_bytes());
     buf[4..12].copy_from_slice(&seq.to_le_bytes());
-    let mix = u64::from(client).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mix = u64::from(client).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03);
     for (i, b) in buf[12..].iter_mut().enumerate() {
         *b = (mix >> ((i % 8) * 8)) as u8 ^ i as u8;
     }
@@ -86,33 +85,19 @@ fn ring_for(payload: usize) -> u32 {
 /// Connects one client and resolves `echo`. Returns the time it took.
 pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     let start = Instant::now();
-    let options = ClientOptions::default()
-        .ring_capacity(ring_for(w.payload))
-        .call_timeout(w.call_timeout);
-    let result = Client::connect_with(&w.socket, options)
-        .map_err(|e| e.to_string())
-        .and_then(|client| {
-            if w.payload > client.max_payload() {
-                return Err(format!(
-                    "payload {} exceeds the daemon's maximum {}",
-                    w.payload,
-                    client.max_payload()
-                ));
-            }
-            let echo = client.service("echo").map_err(|e| e.to_string())?;
-            Ok((client, echo))
-        });
+    let options = ClientOptions::default().ring_capacity(ring_for(w.payload)).call_timeout(w.call_timeout);
+    let result = Client::connect_with(&w.socket, options).map_err(|e| e.to_string()).and_then(|client| {
+        if w.payload > client.max_payload() {
+            return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
+        }
+        let echo = client.service("echo").map_err(|e| e.to_string())?;
+        Ok((client, echo))
+    });
     (result, start.elapsed().as_nanos() as u64)
 }
 
 /// Runs the calls of client `id`.
-pub fn run_calls(
-    client: &mut Client,
-    echo: &Service,
-    w: &Workload,
-    id: u32,
-    connect_ns: u64,
-) -> ClientOutcome {
+pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, connect_ns: u64) -> ClientOutcome {
     let mut out = ClientOutcome {
         latency_ns: new_histogram(),
         connect_ns,
@@ -134,15 +119,13 @@ pub fn run_calls(
                     out.latency_ns.saturating_record(rtt.max(1));
                 } else {
                     out.mismatched += 1;
-                    out.first_error.get_or_insert_with(|| {
-                        format!("client {id} call {seq}: reply differs from request")
-                    });
+                    out.first_error
+                        .get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
                 }
             }
             Err(e) => {
                 out.failed += 1;
-                out.first_error
-                    .get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+                out.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
             }
         }
     }
@@ -170,10 +153,7 @@ pub fn run_threads(w: &Workload, clients: usize) -> (Vec<ClientOutcome>, Duratio
                             let outcome = run_calls(&mut client, &echo, &w, id as u32, connect_ns);
                             (outcome, Some(client))
                         }
-                        Err(e) => (
-                            ClientOutcome::failed_to_connect(w.messages, connect_ns, e),
-                            None,
-                        ),
+                        Err(e) => (ClientOutcome::failed_to_connect(w.messages, connect_ns, e), None),
                     }
                 })
                 .expect("spawn client thread")
@@ -225,11 +205,7 @@ pub fn run_procs(
             .with_context(|| format!("cannot start client process {id}"))?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        children.push(ChildClient {
-            child,
-            stdin,
-            stdout,
-        });
+        children.push(ChildClient { child, stdin, stdout });
     }
     let mut connects = Vec::with_capacity(clients);
     for c in &mut children {
@@ -271,10 +247,7 @@ impl Drop for ProcsGuard {
     }
 }
 
-fn read_outcome(
-    stdout: &mut BufReader<ChildStdout>,
-    connect_ns: u64,
-) -> anyhow::Result<ClientOutcome> {
+fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow::Result<ClientOutcome> {
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let fields: Vec<&str> = line.split_whitespace().collect();
@@ -289,11 +262,7 @@ fn read_outcome(
     let latency_ns: Histogram<u64> = Deserializer::new().deserialize(&mut &hist[..])?;
     let mut error = String::new();
     stdout.read_line(&mut error)?;
-    let error = error
-        .trim_end()
-        .strip_prefix("error ")
-        .unwrap_or("")
-        .to_string();
+    let error = error.trim_end().strip_prefix("error ").unwrap_or("").to_string();
     Ok(ClientOutcome {
         latency_ns,
         connect_ns,
@@ -315,31 +284,14 @@ pub fn child_main(w: &Workload, id: u32) -> anyhow::Result<()> {
     let mut line = String::new();
     stdin.lock().read_line(&mut line)?;
     let (outcome, client) = match connected {
-        Ok((mut client, echo)) => (
-            run_calls(&mut client, &echo, w, id, connect_ns),
-            Some(client),
-        ),
-        Err(e) => (
-            ClientOutcome::failed_to_connect(w.messages, connect_ns, e),
-            None,
-        ),
+        Ok((mut client, echo)) => (run_calls(&mut client, &echo, w, id, connect_ns), Some(client)),
+        Err(e) => (ClientOutcome::failed_to_connect(w.messages, connect_ns, e), None),
     };
     let mut hist = Vec::new();
     V2Serializer::new().serialize(&outcome.latency_ns, &mut hist)?;
-    writeln!(
-        stdout,
-        "done {} {} {} {}",
-        outcome.succeeded,
-        outcome.failed,
-        outcome.mismatched,
-        hist.len()
-    )?;
+    writeln!(stdout, "done {} {} {} {}", outcome.succeeded, outcome.failed, outcome.mismatched, hist.len())?;
     stdout.write_all(&hist)?;
-    writeln!(
-        stdout,
-        "error {}",
-        outcome.first_error.unwrap_or_default().replace('\n', " ")
-    )?;
+    writeln!(stdout, "error {}", outcome.first_error.unwrap_or_default().replace('\n', " "))?;
     stdout.flush()?;
     line.clear();
     stdin.lock().read_line(&mut line)?;

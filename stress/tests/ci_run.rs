@@ -30,11 +30,7 @@ fn run(extra: &[&str]) -> serde_json::Value {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "stress failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "stress failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("PASS"), "{stdout}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     report["runs"][0].clone()
@@ -53,39 +49,18 @@ fn check(run: &serde_json::Value) {
     assert_eq!(run["mismatched"], 0);
     assert!(run["throughput_msgs_per_s"].as_f64().unwrap() > 0.0);
     let lat = &run["latency_us"];
-    let (p50, p99, max) = (
-        lat["p50"].as_f64().unwrap(),
-        lat["p99"].as_f64().unwrap(),
-        lat["max"].as_f64().unwrap(),
-    );
+    let (p50, p99, max) = (lat["p50"].as_f64().unwrap(), lat["p99"].as_f64().unwrap(), lat["max"].as_f64().unwrap());
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
     for key in ["p90", "p999", "mean"] {
-        assert!(
-            lat[key].as_f64().unwrap() > 0.0,
-            "latency {key} missing: {lat}"
-        );
+        assert!(lat[key].as_f64().unwrap() > 0.0, "latency {key} missing: {lat}");
     }
     assert!(run["connect_us"]["p50"].as_f64().unwrap() > 0.0);
     // The daemon was read from /proc with 8 sessions attached: each holds at
     // least its control socket and doorbell, and its segment is resident.
-    assert!(
-        run["daemon"]["fds"].as_u64().unwrap() >= 16,
-        "{}",
-        run["daemon"]
-    );
-    assert!(
-        run["daemon"]["rss_shmem_kb"].as_u64().unwrap() > 0,
-        "{}",
-        run["daemon"]
-    );
-    assert!(
-        run["daemon"]["rss_anon_kb"].as_u64().unwrap() > 0,
-        "{}",
-        run["daemon"]
-    );
-    assert!(
-        run["peak_rss_anon_kb"].as_u64().unwrap() >= run["daemon"]["rss_anon_kb"].as_u64().unwrap()
-    );
+    assert!(run["daemon"]["fds"].as_u64().unwrap() >= 16, "{}", run["daemon"]);
+    assert!(run["daemon"]["rss_shmem_kb"].as_u64().unwrap() > 0, "{}", run["daemon"]);
+    assert!(run["daemon"]["rss_anon_kb"].as_u64().unwrap() > 0, "{}", run["daemon"]);
+    assert!(run["peak_rss_anon_kb"].as_u64().unwrap() >= run["daemon"]["rss_anon_kb"].as_u64().unwrap());
 }
 
 #[test]
@@ -101,10 +76,7 @@ fn process_replay_passes() {
 #[test]
 fn usage_errors_exit_2() {
     let (stress, _) = binaries();
-    let out = Command::new(stress)
-        .args(["--payload", "4"])
-        .output()
-        .unwrap();
+    let out = Command::new(stress).args(["--payload", "4"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--payload"));
 }

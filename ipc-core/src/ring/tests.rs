@@ -118,11 +118,7 @@ fn maximum_frame_fits_wherever_the_empty_ring_stands() {
         // the last one takes the remainder (at least 16 bytes).
         let mut at = 0;
         while at < offset {
-            let step = if offset - at > 1024 + 16 {
-                1024
-            } else {
-                offset - at
-            };
+            let step = if offset - at > 1024 + 16 { 1024 } else { offset - at };
             p.try_push(0, 0, 0, &payload(0, step - 16)).unwrap();
             p.publish();
             c.try_pop(&mut out).unwrap().unwrap();
@@ -131,8 +127,7 @@ fn maximum_frame_fits_wherever_the_empty_ring_stands() {
         }
         let max = p.max_payload() as usize;
         assert_eq!(max, 2048 - 16);
-        p.try_push(0, 0, 1, &payload(1, max))
-            .unwrap_or_else(|e| panic!("at offset {offset}: {e}"));
+        p.try_push(0, 0, 1, &payload(1, max)).unwrap_or_else(|e| panic!("at offset {offset}: {e}"));
         p.publish();
         assert_eq!(c.try_pop(&mut out).unwrap().unwrap().len as usize, max);
         assert_eq!(out, payload(1, max));
@@ -145,10 +140,7 @@ fn frame_over_the_maximum_is_refused() {
     let max = p.max_payload();
     assert_eq!(
         p.try_push(0, 0, 0, &vec![0; max as usize + 1]),
-        Err(PushError::TooLarge {
-            len: max as usize + 1,
-            max
-        })
+        Err(PushError::TooLarge { len: max as usize + 1, max })
     );
 }
 
@@ -162,46 +154,23 @@ fn head_behind_tail_is_an_error() {
     c.release();
     // The producer "rewinds" its published index below our consumer index.
     r.atomic_u64(control(&r) + HEAD).store(0, Ordering::Relaxed);
-    assert!(matches!(
-        c.try_pop(&mut out),
-        Err(RingError::IndexOutOfRange {
-            which: Index::Head,
-            index: 0,
-            ..
-        })
-    ));
+    assert!(matches!(c.try_pop(&mut out), Err(RingError::IndexOutOfRange { which: Index::Head, index: 0, .. })));
 }
 
 #[test]
 fn head_beyond_capacity_is_an_error() {
     let (r, _p, mut c) = ring(4096);
-    r.atomic_u64(control(&r) + HEAD)
-        .store(4096 + 8, Ordering::Relaxed);
-    assert!(matches!(
-        c.try_peek(),
-        Err(RingError::IndexOutOfRange {
-            which: Index::Head,
-            index: 4104,
-            ..
-        })
-    ));
-    r.atomic_u64(control(&r) + HEAD)
-        .store(u64::MAX - 7, Ordering::Relaxed);
+    r.atomic_u64(control(&r) + HEAD).store(4096 + 8, Ordering::Relaxed);
+    assert!(matches!(c.try_peek(), Err(RingError::IndexOutOfRange { which: Index::Head, index: 4104, .. })));
+    r.atomic_u64(control(&r) + HEAD).store(u64::MAX - 7, Ordering::Relaxed);
     assert!(c.try_peek().is_err());
 }
 
 #[test]
 fn misaligned_head_is_an_error() {
     let (r, _p, mut c) = ring(4096);
-    r.atomic_u64(control(&r) + HEAD)
-        .store(20, Ordering::Relaxed);
-    assert!(matches!(
-        c.try_peek(),
-        Err(RingError::MisalignedIndex {
-            which: Index::Head,
-            index: 20
-        })
-    ));
+    r.atomic_u64(control(&r) + HEAD).store(20, Ordering::Relaxed);
+    assert!(matches!(c.try_peek(), Err(RingError::MisalignedIndex { which: Index::Head, index: 20 })));
 }
 
 #[test]
@@ -210,14 +179,10 @@ fn tail_beyond_head_is_an_error_for_the_producer() {
     let body = [0u8; 4096 / 2 - 16];
     p.try_push(0, 0, 0, &body).unwrap();
     p.try_push(0, 0, 1, &body).unwrap();
-    r.atomic_u64(control(&r) + TAIL)
-        .store(1 << 20, Ordering::Relaxed);
+    r.atomic_u64(control(&r) + TAIL).store(1 << 20, Ordering::Relaxed);
     assert!(matches!(
         p.try_push(0, 0, 2, &[0; 8]),
-        Err(PushError::Corrupt(RingError::IndexOutOfRange {
-            which: Index::Tail,
-            ..
-        }))
+        Err(PushError::Corrupt(RingError::IndexOutOfRange { which: Index::Tail, .. }))
     ));
 }
 
@@ -246,13 +211,7 @@ fn length_beyond_the_maximum_is_an_error() {
     // Rewrite the header's length field in place.
     let data = SegmentLayout::new(4096).unwrap().request_data();
     r.write(data, &70_000u32.to_le_bytes());
-    assert_eq!(
-        c.try_peek(),
-        Err(RingError::PayloadTooLarge {
-            len: 70_000,
-            max: 2032
-        })
-    );
+    assert_eq!(c.try_peek(), Err(RingError::PayloadTooLarge { len: 70_000, max: 2032 }));
 }
 
 #[test]
@@ -291,10 +250,7 @@ fn sleep_announcement_is_seen_by_the_producer_once() {
     assert_eq!(c.data_waiter().load(Ordering::Relaxed), 0);
     p.try_push(0, 0, 1, b"y").unwrap();
     assert!(!p.publish(), "one announcement, one wake");
-    assert!(
-        !c.prepare_sleep().unwrap(),
-        "data is waiting: must not sleep"
-    );
+    assert!(!c.prepare_sleep().unwrap(), "data is waiting: must not sleep");
     assert_eq!(c.data_waiter().load(Ordering::Relaxed), 0);
 }
 
