@@ -98,7 +98,16 @@ impl Session {
         budget: usize,
         shutting_down: bool,
     ) -> Result<Progress, String> {
-        let result = self.serve_batch(services, counters, scratch, budget, shutting_down);
+        let (mut served, mut errors) = (0u64, 0u64);
+        let result = match self.flush_pending() {
+            Ok(true) => self.serve_requests(services, scratch, budget, shutting_down, &mut served, &mut errors),
+            Ok(false) => Ok(Progress::Stalled),
+            Err(e) => Err(e),
+        };
+        // Counted once per batch rather than per request.
+        counters.requests.fetch_add(served, Ordering::Relaxed);
+        counters.replies.fetch_add(served, Ordering::Relaxed);
+        counters.errors.fetch_add(errors, Ordering::Relaxed);
         // Publish whatever was answered and hand back what was read, even
         // when the batch ended in a violation (the error is reported after).
         if self.responses.publish() {
@@ -127,34 +136,23 @@ impl Session {
         }
     }
 
-    fn serve_batch(
-        &mut self,
-        services: &ServiceTable,
-        counters: &WorkerCounters,
-        scratch: &mut Scratch,
-        budget: usize,
-        shutting_down: bool,
-    ) -> Result<Progress, String> {
-        if let Some(pending) = self.pending.take() {
-            let h = pending.header;
-            match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
-                Ok(()) => {}
-                Err(PushError::Full) => {
-                    self.pending = Some(pending);
-                    return Ok(Progress::Stalled);
-                }
-                Err(e) => return Err(format!("response ring: {e}")),
+    /// Pushes the reply left over from a stall. Returns whether nothing is
+    /// pending any more.
+    fn flush_pending(&mut self) -> Result<bool, String> {
+        let Some(pending) = self.pending.take() else { return Ok(true) };
+        let h = pending.header;
+        match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
+            Ok(()) => {
+                // The client freed space: withdraw the wait announcement.
+                self.responses.finish_wait_space();
+                Ok(true)
             }
-            // The client freed space: withdraw the wait announcement.
-            self.responses.finish_wait_space();
+            Err(PushError::Full) => {
+                self.pending = Some(pending);
+                Ok(false)
+            }
+            Err(e) => Err(format!("response ring: {e}")),
         }
-        let (mut served, mut errors) = (0u64, 0u64);
-        let result = self.serve_requests(services, scratch, budget, shutting_down, &mut served, &mut errors);
-        // Counted once per batch rather than per request.
-        counters.requests.fetch_add(served, Ordering::Relaxed);
-        counters.replies.fetch_add(served, Ordering::Relaxed);
-        counters.errors.fetch_add(errors, Ordering::Relaxed);
-        result
     }
 
     fn serve_requests(
@@ -250,5 +248,118 @@ impl Session {
                 FLAG_ERROR
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::WorkerCounters;
+    use ipc_core::{Direction, HeapMemory, Region, SegmentLayout};
+    use std::sync::Arc;
+
+    /// A session over heap memory, with the client's ring ends beside it.
+    fn new_session() -> (Session, Producer, Consumer) {
+        let layout = SegmentLayout::new(4096).unwrap();
+        let region = Region::new(HeapMemory::new(layout.segment_size()));
+        let (control, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let session = Session::new(
+            1,
+            PeerCredentials { pid: 1, uid: 0, gid: 0 },
+            mio::net::UnixStream::from_std(control),
+            EventFd::new().unwrap(),
+            ClientWake::EventFd(EventFd::new().unwrap()),
+            Consumer::new(&region, &layout, Direction::Request),
+            Producer::new(&region, &layout, Direction::Response),
+        );
+        let tx = Producer::new(&region, &layout, Direction::Request);
+        let rx = Consumer::new(&region, &layout, Direction::Response);
+        (session, tx, rx)
+    }
+
+    #[test]
+    fn full_response_ring_stalls_then_resumes_without_losing_a_reply() {
+        let mut services = ServiceTable::default();
+        // Replies ten times larger than requests fill the response ring first.
+        services
+            .add(
+                "big".into(),
+                Arc::new(|req: &[u8], out: &mut Vec<u8>| {
+                    for _ in 0..25 {
+                        out.extend_from_slice(req);
+                    }
+                    Ok(())
+                }),
+            )
+            .unwrap();
+        let (mut session, mut tx, mut rx) = new_session();
+        let counters = WorkerCounters::default();
+        let mut scratch = Scratch::default();
+        const N: u64 = 100;
+        for id in 1..=N {
+            tx.try_push(0, 0, id, &id.to_le_bytes()).unwrap();
+        }
+        tx.publish();
+
+        let mut next = 1;
+        let mut reply = Vec::new();
+        let mut stalls = 0;
+        while next <= N {
+            match session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap() {
+                Progress::Stalled => stalls += 1,
+                Progress::Parked => {}
+                Progress::Busy => continue,
+            }
+            // Drain what was answered, as a client would, and see whether the
+            // daemon asked to be told about the freed space.
+            while let Some(h) = rx.try_pop(&mut reply).unwrap() {
+                assert_eq!(h.request_id, next);
+                assert_eq!(reply, next.to_le_bytes().repeat(25));
+                next += 1;
+            }
+            let daemon_waits = rx.release();
+            if next <= N {
+                assert!(daemon_waits, "a stalled daemon must have announced its wait");
+            }
+        }
+        assert!(stalls > 0, "the test must exercise the stall path");
+        assert_eq!(counters.requests.load(Ordering::Relaxed), N);
+        assert_eq!(counters.replies.load(Ordering::Relaxed), N);
+    }
+
+    #[test]
+    fn request_with_response_flags_or_repeated_id_is_a_violation() {
+        let services = ServiceTable::default();
+        let counters = WorkerCounters::default();
+        let mut scratch = Scratch::default();
+
+        let (mut session, mut tx, _rx) = new_session();
+        tx.try_push(0, ipc_core::FLAG_ERROR, 1, b"x").unwrap();
+        tx.publish();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        assert!(err.contains("response flags"), "{err}");
+
+        let (mut session, mut tx, _rx) = new_session();
+        tx.try_push(0, 0, 5, b"x").unwrap();
+        tx.try_push(0, 0, 5, b"y").unwrap();
+        tx.publish();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        assert!(err.contains("not above the previous 5"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_answers_without_running_the_handler() {
+        let mut services = ServiceTable::default();
+        services.add("never".into(), Arc::new(|_: &[u8], _: &mut Vec<u8>| panic!("must not run"))).unwrap();
+        let counters = WorkerCounters::default();
+        let mut scratch = Scratch::default();
+        let (mut session, mut tx, mut rx) = new_session();
+        tx.try_push(0, 0, 1, b"x").unwrap();
+        tx.publish();
+        session.serve(&services, &counters, &mut scratch, 64, true).unwrap();
+        let mut body = Vec::new();
+        let h = rx.try_pop(&mut body).unwrap().unwrap();
+        assert!(h.is_error());
+        assert_eq!(ipc_core::decode_error(&body).0, ErrorCode::Shutdown);
     }
 }
