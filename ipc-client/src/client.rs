@@ -337,6 +337,11 @@ impl Client {
             match self.requests.try_push(service, 0, id, request) {
                 Ok(()) => break,
                 Err(PushError::Full) => {
+                    // Calls are synchronous, so every reply waiting now
+                    // belongs to an earlier call that timed out. Dropping
+                    // them frees the daemon if it stalled on a full response
+                    // ring, which is what keeps our request ring full.
+                    self.discard_late_replies(id)?;
                     match self.requests.prepare_wait_space(request.len()) {
                         Ok(true) => {}
                         Ok(false) => continue,
@@ -352,6 +357,22 @@ impl Client {
             }
         }
         if self.requests.publish() {
+            self.ring_daemon()?;
+        }
+        Ok(())
+    }
+
+    /// Consumes the replies of calls before `id` (calls that timed out) and
+    /// hands their space back to the daemon.
+    fn discard_late_replies(&mut self, id: u64) -> Result<(), CallError> {
+        loop {
+            match self.responses.try_peek() {
+                Ok(Some(frame)) if frame.header.request_id < id => self.responses.consume(&frame),
+                Ok(_) => break,
+                Err(e) => return Err(self.fail(format!("response ring corrupt: {e}"))),
+            }
+        }
+        if self.responses.release() {
             self.ring_daemon()?;
         }
         Ok(())
@@ -392,8 +413,12 @@ impl Client {
             };
             let header = frame.header;
             if header.request_id < id {
-                // The late reply of an earlier call that timed out.
+                // The late reply of an earlier call that timed out. Hand its
+                // space back at once: the daemon may need it for ours.
                 self.responses.consume(&frame);
+                if self.responses.release() {
+                    self.ring_daemon()?;
+                }
                 continue;
             }
             if header.request_id > id {

@@ -229,8 +229,11 @@ impl Acceptor {
     }
 
     fn drop_pending(&mut self, key: usize, reason: RejectReason) {
-        if self.take_pending(key).is_some() {
+        if let Some(pending) = self.take_pending(key) {
+            // Count before closing, so a client that sees the close also
+            // sees the count.
             self.shared.stats.rejected(reason);
+            drop(pending);
         }
     }
 
@@ -244,10 +247,12 @@ impl Acceptor {
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
         tracing::info!(pid = pending.peer.pid, uid = pending.peer.uid, "handshake rejected: {reject}");
+        // Count before answering, so a client that sees the reject also
+        // sees the count.
+        self.shared.stats.rejected(reason);
         if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
             let _ = pending.stream.write(&bytes);
         }
-        self.shared.stats.rejected(reason);
     }
 
     fn admit(&mut self, key: usize, hello: Hello) {

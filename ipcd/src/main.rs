@@ -28,11 +28,11 @@ struct Args {
     socket_mode: u32,
 
     /// Worker threads [default: the available cores]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_positive)]
     workers: Option<usize>,
 
     /// Clients served at once; the next one is rejected.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value = "4096", value_parser = parse_positive)]
     max_clients: usize,
 
     /// Time a new connection has to send its hello (e.g. 2s, 500ms).
@@ -50,6 +50,14 @@ struct Args {
     /// Also offer the debug.sleep and debug.fail services (for tests).
     #[arg(long)]
     debug_services: bool,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -1,0 +1,672 @@
+//! What the integration tests share: a real `ipcd` process per test, raw
+//! control-socket and ring access for tests that play a hostile client,
+//! watchdogs, and small readers for the `stats` service's JSON.
+//!
+//! Every test file compiles its own copy of this module and uses only part
+//! of it, hence the `dead_code` allowance.
+
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ipc_client::Client;
+use ipc_core::handshake::{self, LENGTH_PREFIX};
+use ipc_core::{
+    Consumer, Direction, DoorbellKind, FrameHeader, Hello, Producer, Region, SegmentLayout, ServerMessage, Welcome,
+};
+use ipc_platform::{EventFd, Mapping};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+/// The daemon under test, built by cargo for this test run.
+pub const IPCD: &str = env!("CARGO_BIN_EXE_ipcd");
+
+/// How long a daemon may take to start listening. Generous because a
+/// loaded 2-core CI machine may be linking other test binaries meanwhile.
+pub const STARTUP_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a daemon may take to exit after a signal.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// The watchdog over a whole test body. It only turns a hang into a
+/// failure; it is not a performance bound.
+pub const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the daemon may take to close a connection it has given up on.
+pub const HANG_UP_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long asynchronous clean-up (a worker closing a session) may take to
+/// become visible.
+pub const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
+
+/// A `Command` for the ipcd binary that cannot outlive the test thread that
+/// spawns it, so that a test killed or hung mid-way leaves no daemon behind.
+pub fn ipcd_command() -> Command {
+    let mut cmd = Command::new(IPCD);
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+/// Makes the kernel SIGKILL the child when the thread that spawned it exits.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec, where only
+    // async-signal-safe functions may be called; prctl is a plain system
+    // call that touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Configures a [`Daemon`] before it starts.
+pub struct DaemonBuilder {
+    args: Vec<OsString>,
+    dir: Option<tempfile::TempDir>,
+    inherit_stderr: bool,
+}
+
+impl DaemonBuilder {
+    /// Adds one command-line argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds command-line arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs the daemon in `dir` (its socket is `dir/ipcd.sock`), for tests
+    /// that prepare the path beforehand.
+    pub fn dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// Lets the daemon write to the test's stderr instead of capturing it.
+    pub fn inherit_stderr(mut self) -> Self {
+        self.inherit_stderr = true;
+        self
+    }
+
+    /// Starts the daemon and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// Panics, with the daemon's stderr, if it exits or does not listen
+    /// within [`STARTUP_LIMIT`].
+    pub fn start(self) -> Daemon {
+        let dir = match self.dir {
+            Some(d) => d,
+            None => {
+                tempfile::Builder::new().prefix("ipcd-test-").tempdir().expect("cannot create a temporary directory")
+            }
+        };
+        let socket = dir.path().join("ipcd.sock");
+        let mut cmd = ipcd_command();
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--log-level", "warn"])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if self.inherit_stderr { Stdio::inherit() } else { Stdio::piped() });
+        let mut child = cmd.spawn().expect("cannot spawn ipcd");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        // The pipe is drained continuously so that a chatty daemon never
+        // blocks on a full pipe while a test waits for it.
+        let drain = child.stderr.take().map(|mut pipe| {
+            let sink = Arc::clone(&stderr);
+            thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        let mut daemon = Daemon { child, socket, stderr, drain, dir: Some(dir) };
+        daemon.wait_listening();
+        daemon
+    }
+}
+
+/// A running ipcd process with its own socket in a temporary directory.
+///
+/// Dropping it SIGKILLs the daemon if it still runs, reaps it (no zombie),
+/// and removes the directory. A test that panics gets the daemon's stderr
+/// printed.
+pub struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    drain: Option<JoinHandle<()>>,
+    // Declared last so the directory outlives the process using it; `None`
+    // only after `into_dir`.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// A builder with no extra arguments.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder { args: Vec::new(), dir: None, inherit_stderr: false }
+    }
+
+    /// Starts a daemon with `args` besides `--socket` and `--log-level`.
+    pub fn start(args: &[&str]) -> Daemon {
+        Daemon::builder().args(args.iter().copied()).start()
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + STARTUP_LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("cannot poll ipcd") {
+                self.join_drain();
+                panic!("ipcd exited during startup with {status}; stderr:\n{}", self.stderr());
+            }
+            // A bare connect that hangs up at once proves the acceptor
+            // queue is live without creating a session.
+            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "ipcd did not listen on {} within {STARTUP_LIMIT:?}; stderr:\n{}",
+                    self.socket.display(),
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The control socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The temporary directory holding the socket.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("directory present").path()
+    }
+
+    /// Kills the daemon (if it still runs) and hands over its directory,
+    /// with whatever the daemon left in it, to start another daemon there.
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        self.kill();
+        self.dir.take().expect("directory present")
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        fd_count(self.pid())
+    }
+
+    /// What the daemon wrote to stderr so far (empty if inherited).
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Whether the process is still running (reaping it if not).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("cannot poll ipcd").is_none()
+    }
+
+    /// Sends `sig` to the daemon if it still runs. A reaped pid may have
+    /// been reused by another process, so it is never signalled.
+    pub fn signal(&mut self, sig: Signal) {
+        if self.is_running() {
+            signal::kill(Pid::from_raw(self.pid() as i32), sig).expect("cannot signal ipcd");
+        }
+    }
+
+    /// Waits up to `limit` for the daemon to exit.
+    ///
+    /// # Panics
+    ///
+    /// Panics, with the daemon's stderr, if it is still running after
+    /// `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("cannot poll ipcd") {
+                self.join_drain();
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("ipcd still runs {limit:?} after it was asked to stop; stderr:\n{}", self.stderr());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then waits (at most [`EXIT_LIMIT`]) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(EXIT_LIMIT)
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(EXIT_LIMIT)
+    }
+
+    /// A client with the default options.
+    ///
+    /// # Panics
+    ///
+    /// Panics, with the daemon's stderr, if the connection fails.
+    pub fn client(&self) -> Client {
+        match Client::connect_to(&self.socket) {
+            Ok(c) => c,
+            Err(e) => panic!("cannot connect to ipcd: {e}; stderr:\n{}", self.stderr()),
+        }
+    }
+
+    fn join_drain(&mut self) {
+        if let Some(t) = self.drain.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.join_drain();
+        if thread::panicking() {
+            eprintln!("--- ipcd stderr ---\n{}--- end ---", self.stderr());
+        }
+    }
+}
+
+/// Waits until the daemon's first worker thread sleeps inside a handler
+/// (debug.sleep), so that what is sent to that worker next queues behind
+/// it. Returns false where the thread's current system call cannot be read.
+///
+/// # Panics
+///
+/// Panics if the worker is not seen in a sleep within `limit`.
+pub fn wait_worker_in_handler(pid: u32, limit: Duration) -> bool {
+    // nanosleep and clock_nanosleep; epoll_wait is what an idle worker
+    // sits in.
+    let sleeps: &[u64] = if cfg!(target_arch = "x86_64") {
+        &[35, 230]
+    } else if cfg!(target_arch = "aarch64") {
+        &[101, 115]
+    } else {
+        return false;
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let worker = tasks
+        .flatten()
+        .map(|t| t.path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "ipcd-worker-0"));
+    let Some(worker) = worker else {
+        return false;
+    };
+    let syscall = || std::fs::read_to_string(worker.join("syscall")).ok();
+    if syscall().is_none() {
+        return false;
+    }
+    let in_sleep = || {
+        syscall()
+            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+            .is_some_and(|n| sleeps.contains(&n))
+    };
+    assert!(poll_until(limit, in_sleep), "the worker never entered the debug.sleep handler");
+    true
+}
+
+/// Open file descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("cannot list /proc/<pid>/fd").count()
+}
+
+/// Lines of `/proc/<pid>/maps` that mention `needle`.
+pub fn mapping_count(pid: u32, needle: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .expect("cannot read /proc/<pid>/maps")
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Runs `f` on its own thread and returns its result, or panics if it has
+/// not finished within `limit`, so no test can hang forever. A panic in `f`
+/// is passed on unchanged.
+pub fn watchdog<T, F>(limit: Duration, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("watched".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("cannot spawn a thread");
+    match rx.recv_timeout(limit) {
+        Ok(value) => {
+            let _ = handle.join();
+            value
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("watchdog: not finished within {limit:?}"),
+        Err(RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(payload) => std::panic::resume_unwind(payload),
+            Ok(()) => unreachable!("the thread ended without sending its result"),
+        },
+    }
+}
+
+/// Joins `handle`, or panics if its thread has not finished within `limit`.
+pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
+    let deadline = Instant::now() + limit;
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            panic!("watchdog: {what} not finished within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    match handle.join() {
+        Ok(v) => v,
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds or `limit` passes;
+/// returns whether it held. For state that changes asynchronously, instead
+/// of a fixed sleep.
+pub fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The `stats` service's JSON.
+pub fn stats_json(client: &mut Client) -> String {
+    let stats = client.service("stats").expect("stats service");
+    let reply = client.call(&stats, b"").expect("stats call");
+    String::from_utf8(reply).expect("stats replies UTF-8")
+}
+
+/// The unsigned integer after `"key":` in compact JSON. The stats keys are
+/// unique across the document, so no real parser is needed.
+///
+/// # Panics
+///
+/// Panics if the key is missing or not followed by an integer.
+pub fn json_u64(json: &str, key: &str) -> u64 {
+    let pattern = format!("\"{key}\":");
+    let at = json.find(&pattern).unwrap_or_else(|| panic!("no {key:?} in stats: {json}"));
+    let digits: String = json[at + pattern.len()..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("{key:?} is not an integer in stats: {json}"))
+}
+
+/// Polls the stats until the counter `key` satisfies `want` (or
+/// [`CLEANUP_LIMIT`] passes) and returns its last value and the JSON it
+/// came from, for the caller to assert on. The daemon bumps some counters
+/// just after the effect a test can observe (a reject sent, a connection
+/// closed), so a single read may be a moment early.
+pub fn stat_eventually(client: &mut Client, key: &str, want: impl Fn(u64) -> bool) -> (u64, String) {
+    let mut json = stats_json(client);
+    poll_until(CLEANUP_LIMIT, || {
+        json = stats_json(client);
+        want(json_u64(&json, key))
+    });
+    (json_u64(&json, key), json)
+}
+
+/// `len` bytes that differ for every `seed`, so a reply carrying another
+/// call's bytes cannot pass for the right one.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// How the daemon answered on the control socket.
+#[derive(Debug)]
+pub enum Answer {
+    /// A complete message, with the fds that came with it.
+    Message(ServerMessage, Vec<OwnedFd>),
+    /// The daemon closed the connection (or reset it) without a message.
+    Closed,
+}
+
+impl Answer {
+    /// The message, or a panic naming what came instead.
+    pub fn message(self) -> (ServerMessage, Vec<OwnedFd>) {
+        match self {
+            Answer::Message(m, fds) => (m, fds),
+            Answer::Closed => panic!("the daemon closed the connection without an answer"),
+        }
+    }
+}
+
+/// Connects a bare control connection whose reads and writes give up after
+/// [`HANG_UP_LIMIT`].
+pub fn raw_connect(socket: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket).expect("cannot connect to the control socket");
+    stream.set_read_timeout(Some(HANG_UP_LIMIT)).unwrap();
+    stream.set_write_timeout(Some(HANG_UP_LIMIT)).unwrap();
+    stream
+}
+
+/// Reads one length-prefixed answer and its fds.
+///
+/// # Panics
+///
+/// Panics if nothing arrives within the stream's read timeout, if the
+/// answer is cut short, or if it does not decode.
+pub fn read_answer(stream: &UnixStream) -> Answer {
+    let mut buf = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if buf.len() >= LENGTH_PREFIX {
+            let len = handshake::body_len([buf[0], buf[1], buf[2], buf[3]]).expect("answer length prefix");
+            if buf.len() >= LENGTH_PREFIX + len {
+                assert_eq!(buf.len(), LENGTH_PREFIX + len, "stray bytes after the answer");
+                let msg = handshake::decode_server_message(&buf[LENGTH_PREFIX..]).expect("answer decodes");
+                return Answer::Message(msg, fds);
+            }
+        }
+        match ipc_platform::recv_with_fds(stream.as_fd(), &mut chunk) {
+            Ok((0, got)) if got.is_empty() => {
+                assert!(buf.is_empty(), "answer cut short after {} bytes", buf.len());
+                return Answer::Closed;
+            }
+            Ok((n, got)) => {
+                fds.extend(got);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && buf.is_empty() => {
+                return Answer::Closed;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("no answer from the daemon: {e}"),
+        }
+    }
+}
+
+/// Sends `bytes` on a fresh control connection and reads the answer.
+pub fn exchange(socket: &Path, bytes: &[u8]) -> Answer {
+    let mut stream = raw_connect(socket);
+    stream.write_all(bytes).expect("cannot send to the daemon");
+    read_answer(&stream)
+}
+
+/// A session opened by hand: the test holds the same shared memory and
+/// doorbells a client would, and can write anything into them.
+pub struct RawSession {
+    /// The control connection; its hang-up ends the session.
+    pub stream: UnixStream,
+    /// The daemon's welcome.
+    pub welcome: Welcome,
+    /// The segment's memfd, kept open to inspect it.
+    pub memfd: OwnedFd,
+    /// The client-to-daemon doorbell.
+    pub bell: EventFd,
+    /// The daemon-to-client eventfd, with [`DoorbellKind::EventFd`].
+    pub client_bell: Option<EventFd>,
+    /// The layout the welcome announced.
+    pub layout: SegmentLayout,
+    /// The mapped segment.
+    pub region: Region,
+    /// Our end of the request ring.
+    pub requests: Producer,
+    /// Our end of the response ring.
+    pub responses: Consumer,
+}
+
+impl RawSession {
+    /// Handshakes by hand with a hello for `capacity` and `doorbell`, and
+    /// maps the segment after checking its seals and header, as the client
+    /// library does.
+    pub fn connect(socket: &Path, capacity: u32, doorbell: DoorbellKind) -> RawSession {
+        let mut stream = raw_connect(socket);
+        let hello = handshake::encode(&Hello::new(capacity, doorbell)).unwrap();
+        stream.write_all(&hello).expect("cannot send the hello");
+        let (msg, fds) = read_answer(&stream).message();
+        let welcome = match msg {
+            ServerMessage::Welcome(w) => w,
+            ServerMessage::Reject(r) => panic!("hello rejected: {r}"),
+        };
+        assert_eq!(fds.len(), welcome.fd_count(), "fds with the welcome");
+        let mut fds = fds.into_iter();
+        let memfd = fds.next().unwrap();
+        let bell = EventFd::from_fd(fds.next().unwrap()).unwrap();
+        let client_bell = fds.next().map(|fd| EventFd::from_fd(fd).unwrap());
+        let layout = SegmentLayout::new(welcome.ring_capacity).expect("granted capacity");
+        ipc_platform::check_sealed(memfd.as_fd(), layout.segment_size() as u64).expect("segment seals and size");
+        let region = Mapping::map(memfd.as_fd(), layout.segment_size()).expect("map the segment");
+        SegmentLayout::read_header(&region, welcome.ring_capacity).expect("segment header");
+        let requests = Producer::new(&region, &layout, Direction::Request);
+        let responses = Consumer::new(&region, &layout, Direction::Response);
+        RawSession { stream, welcome, memfd, bell, client_bell, layout, region, requests, responses }
+    }
+
+    /// The id of the service called `name`.
+    pub fn service(&self, name: &str) -> u16 {
+        self.welcome
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name:?} in the welcome"))
+            .id
+    }
+
+    /// Rings the daemon's doorbell.
+    pub fn ring(&self) {
+        self.bell.notify().expect("cannot ring the daemon's doorbell");
+    }
+
+    /// Stores `value` into the request ring's producer index, as a client
+    /// that scribbles its own control block would.
+    pub fn store_request_head(&self, value: u64) {
+        self.region.atomic_u64(self.layout.request_control()).store(value, Ordering::Release);
+    }
+
+    /// Stores `value` into the response ring's consumer index.
+    pub fn store_response_tail(&self, value: u64) {
+        self.region
+            .atomic_u64(self.layout.response_control() + ipc_core::layout::CACHE_LINE)
+            .store(value, Ordering::Release);
+    }
+
+    /// Writes raw bytes at `offset` into the request ring's data.
+    pub fn write_request_data(&self, offset: usize, bytes: &[u8]) {
+        self.region.write(self.layout.request_data() + offset, bytes);
+    }
+
+    /// Sends one well-formed request and polls for its response (the raw
+    /// session never announces sleep, so the daemon never has to wake it).
+    pub fn call(&mut self, service: u16, request_id: u64, payload: &[u8]) -> (FrameHeader, Vec<u8>) {
+        self.requests.try_push(service, 0, request_id, payload).expect("request fits");
+        self.requests.publish();
+        self.ring();
+        let deadline = Instant::now() + HANG_UP_LIMIT;
+        let mut body = Vec::new();
+        loop {
+            if let Some(header) = self.responses.try_pop(&mut body).expect("response ring") {
+                self.responses.release();
+                return (header, body);
+            }
+            assert!(Instant::now() < deadline, "no response to request {request_id} within {HANG_UP_LIMIT:?}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether the daemon has closed the control connection, without
+    /// waiting.
+    pub fn is_hung_up(&self) -> bool {
+        ipc_platform::peer_closed(self.stream.as_fd()).unwrap_or(true)
+    }
+
+    /// Waits until the daemon closes the control connection.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the connection is still open after `limit`, or if the
+    /// daemon sends anything on it.
+    pub fn expect_hang_up(&mut self, limit: Duration) {
+        self.stream.set_read_timeout(Some(limit)).unwrap();
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => {}
+            Ok(_) => panic!("the daemon sent data on the control connection"),
+            // The daemon's end was closed with our bytes unread in it.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the daemon did not close the session within {limit:?}: {e}"),
+        }
+    }
+}

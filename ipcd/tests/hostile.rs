@@ -1,0 +1,170 @@
+//! Clients that break the ring protocol on purpose, by writing into the
+//! shared segment what the client library never would. Each must be
+//! disconnected alone: the daemon keeps running and a client connected
+//! before it keeps getting correct replies.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    json_u64, pattern, poll_until, stat_eventually, stats_json, watchdog, Daemon, RawSession, CLEANUP_LIMIT,
+    HANG_UP_LIMIT, TEST_LIMIT,
+};
+use ipc_client::Client;
+use ipc_core::{DoorbellKind, FrameHeader, PushError, SegmentLayout};
+
+/// Opens a bystander client, then a raw session that `scribble` abuses,
+/// rings the daemon, and checks that only the raw session was cut off.
+fn hostile_is_cut_off_alone<F>(capacity: u32, scribble: F)
+where
+    F: FnOnce(&mut RawSession) + Send + 'static,
+{
+    let mut daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let mut bystander = Client::connect_to(&socket).unwrap();
+        let echo = bystander.service("echo").unwrap();
+        assert_eq!(bystander.call(&echo, b"before").unwrap(), b"before");
+
+        let mut hostile = RawSession::connect(&socket, capacity, DoorbellKind::Futex);
+        scribble(&mut hostile);
+        hostile.ring();
+        hostile.expect_hang_up(HANG_UP_LIMIT);
+
+        let mut reply = Vec::new();
+        for i in 0..1000u64 {
+            let request = pattern(i, (i % 300) as usize);
+            bystander.call_into(&echo, &request, &mut reply).unwrap();
+            assert!(reply == request, "bystander call {i}: reply differs");
+        }
+        let (violations, json) = stat_eventually(&mut bystander, "protocol_violation", |n| n >= 1);
+        assert!(violations >= 1, "{json}");
+        // The bystander itself is the one client left.
+        let cleaned = poll_until(CLEANUP_LIMIT, || json_u64(&stats_json(&mut bystander), "connected_clients") == 1);
+        assert!(cleaned, "{}", stats_json(&mut bystander));
+    });
+    assert!(daemon.is_running(), "ipcd exited; stderr:\n{}", daemon.stderr());
+}
+
+#[test]
+fn misaligned_request_index_disconnects_only_that_client() {
+    hostile_is_cut_off_alone(65536, |raw| raw.store_request_head(12345));
+}
+
+#[test]
+fn out_of_range_request_index_disconnects_only_that_client() {
+    // Aligned, but claims far more bytes than the ring holds.
+    hostile_is_cut_off_alone(65536, |raw| raw.store_request_head(1 << 40));
+}
+
+#[test]
+fn oversized_frame_length_disconnects_only_that_client() {
+    hostile_is_cut_off_alone(65536, |raw| {
+        let header = FrameHeader { len: 0xFFFF_FFF0, service: raw.service("echo"), flags: 0, request_id: 1 };
+        raw.write_request_data(0, &header.encode());
+        // A correctly published index: only the frame inside is a lie.
+        raw.store_request_head(16);
+    });
+}
+
+#[test]
+fn frame_overrunning_the_published_index_disconnects_only_that_client() {
+    hostile_is_cut_off_alone(65536, |raw| {
+        // A legal length, but the head covers only the header.
+        let header = FrameHeader { len: 1000, service: raw.service("echo"), flags: 0, request_id: 1 };
+        raw.write_request_data(0, &header.encode());
+        raw.store_request_head(16);
+    });
+}
+
+#[test]
+fn unknown_frame_flags_disconnect_only_that_client() {
+    hostile_is_cut_off_alone(65536, |raw| {
+        let header = FrameHeader { len: 0, service: raw.service("ping"), flags: 0x8000, request_id: 1 };
+        raw.write_request_data(0, &header.encode());
+        raw.store_request_head(16);
+    });
+}
+
+#[test]
+fn repeated_request_id_disconnects_only_that_client() {
+    hostile_is_cut_off_alone(65536, |raw| {
+        let ping = raw.service("ping");
+        raw.requests.try_push(ping, 0, 5, b"").unwrap();
+        raw.requests.try_push(ping, 0, 5, b"").unwrap();
+        raw.requests.publish();
+    });
+}
+
+#[test]
+fn bad_response_ring_consumer_index_disconnects_only_that_client() {
+    // The daemon reads the client's consumer index only when the response
+    // ring looks full, so fill it: more empty pings than 16-byte response
+    // frames fit in a 4 KiB ring, without ever consuming a response.
+    hostile_is_cut_off_alone(4096, |raw| {
+        // Aligned, so the range check rather than the alignment check must
+        // catch it.
+        raw.store_response_tail(!7);
+        let ping = raw.service("ping");
+        let frames = raw.layout.capacity() as u64 / 16;
+        let deadline = Instant::now() + HANG_UP_LIMIT;
+        let mut id = 1;
+        while id <= 2 * frames && !raw.is_hung_up() {
+            match raw.requests.try_push(ping, 0, id, b"") {
+                Ok(()) => id += 1,
+                Err(PushError::Full) => {
+                    // The daemon frees request space as it serves; wait
+                    // for it (or for the disconnect this test expects).
+                    raw.requests.publish();
+                    raw.ring();
+                    assert!(Instant::now() < deadline, "the request ring never drained");
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("request ring: {e}"),
+            }
+        }
+        raw.requests.publish();
+    });
+}
+
+#[test]
+fn bytes_on_the_control_socket_after_the_handshake_disconnect_the_client() {
+    hostile_is_cut_off_alone(65536, |raw| {
+        raw.stream.write_all(b"surprise").unwrap();
+    });
+}
+
+#[test]
+fn received_memfd_is_sealed_against_resizing() {
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let mut raw = RawSession::connect(&socket, 65536, DoorbellKind::Futex);
+        let size = raw.layout.segment_size() as u64;
+        ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
+
+        let seals = rustix::fs::fcntl_get_seals(&raw.memfd).expect("F_GET_SEALS");
+        assert_eq!(seals, ipc_platform::SEALS);
+
+        for new_size in [size / 2, 0, size + 4096, size * 2] {
+            let err = ipc_platform::try_resize(&raw.memfd, new_size).expect_err("resizing a sealed segment must fail");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "resize to {new_size}: {err}");
+        }
+        // F_SEAL_SEAL forbids adding seals as well, so a client cannot
+        // freeze the daemon's writes either.
+        let added = rustix::fs::fcntl_add_seals(&raw.memfd, rustix::fs::SealFlags::WRITE);
+        assert_eq!(added, Err(rustix::io::Errno::PERM));
+
+        // Nothing changed: same size, same header, and the session serves.
+        ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size after");
+        SegmentLayout::read_header(&raw.region, raw.welcome.ring_capacity).unwrap();
+        let echo = raw.service("echo");
+        let (header, body) = raw.call(echo, 1, b"sealed");
+        assert!(!header.is_error());
+        assert_eq!(body, b"sealed");
+    });
+}
