@@ -58,14 +58,9 @@ impl fmt::Display for ConnectError {
     }
 }
 
-impl std::error::Error for ConnectError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ConnectError::NotRunning { source, .. } | ConnectError::Io(source) => Some(source),
-            _ => None,
-        }
-    }
-}
+/// The messages already include their cause, so `source()` is `None`:
+/// printing the chain would repeat it.
+impl std::error::Error for ConnectError {}
 
 impl From<io::Error> for ConnectError {
     fn from(e: io::Error) -> ConnectError {

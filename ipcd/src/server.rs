@@ -65,14 +65,9 @@ impl fmt::Display for ServerError {
     }
 }
 
-impl std::error::Error for ServerError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ServerError::Bind { source, .. } | ServerError::Io(source) => Some(source),
-            _ => None,
-        }
-    }
-}
+/// The messages already include their cause, so `source()` is `None`:
+/// printing the chain would repeat it.
+impl std::error::Error for ServerError {}
 
 impl From<io::Error> for ServerError {
     fn from(e: io::Error) -> ServerError {

@@ -73,14 +73,10 @@ pub fn bind_control_socket(path: &Path, mode: u32, backlog: i32) -> io::Result<B
     lock_path.push(".lock");
     let lock_file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
     let lock: OwnedFd = lock_file.into();
-    if let Err(e) = rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+    if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!(
-                "another ipcd is running on {} (it holds {}): {e}",
-                path.display(),
-                Path::new(&lock_path).display()
-            ),
+            format!("another ipcd is running on {} (it holds {})", path.display(), Path::new(&lock_path).display()),
         ));
     }
     match std::fs::symlink_metadata(path) {
