@@ -398,3 +398,59 @@ proptest! {
         prop_assert!(pushed.is_empty());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever a hostile producer writes (indices and every data byte), the
+    /// consumer returns frames within bounds or an error: it never panics
+    /// and never reads outside the ring.
+    #[test]
+    fn consumer_survives_arbitrary_shared_bytes(
+        heads in proptest::collection::vec(any::<u64>(), 1..6),
+        small_heads in proptest::collection::vec(0u64..9000, 1..6),
+        data in proptest::collection::vec(any::<u8>(), 4096),
+        aligned in any::<bool>(),
+    ) {
+        let (r, _p, mut c) = ring(4096);
+        let layout = SegmentLayout::new(4096).unwrap();
+        r.write(layout.request_data(), &data);
+        let mut out = Vec::new();
+        for head in heads.iter().chain(&small_heads) {
+            let head = if aligned { head & !7 } else { *head };
+            r.atomic_u64(layout.request_control() + HEAD).store(head, Ordering::Relaxed);
+            for _ in 0..8 {
+                match c.try_pop(&mut out) {
+                    Ok(Some(h)) => {
+                        prop_assert!(h.len <= c.max_payload());
+                        prop_assert_eq!(out.len(), h.len as usize);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            c.release();
+        }
+    }
+
+    /// Whatever a hostile consumer writes as its index, the producer pushes
+    /// within bounds or returns an error.
+    #[test]
+    fn producer_survives_arbitrary_consumer_indices(
+        tails in proptest::collection::vec(any::<u64>(), 1..8),
+        lens in proptest::collection::vec(0usize..2032, 1..8),
+    ) {
+        let (r, mut p, _c) = ring(4096);
+        let layout = SegmentLayout::new(4096).unwrap();
+        for (tail, len) in tails.iter().zip(lens.iter().cycle()) {
+            r.atomic_u64(layout.request_control() + TAIL).store(*tail, Ordering::Relaxed);
+            for _ in 0..4 {
+                match p.try_push(0, 0, 0, &vec![0xA5; *len]) {
+                    Ok(()) => {}
+                    Err(PushError::Full) | Err(PushError::Corrupt(_)) => break,
+                    Err(e) => prop_assert!(false, "unexpected {}", e),
+                }
+            }
+            p.publish();
+        }
+    }
+}
