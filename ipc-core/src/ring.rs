@@ -16,9 +16,12 @@
 //! Both indices only grow (u64 byte counts: they never wrap in practice).
 //! Each side keeps its own index privately and never reads it back from
 //! shared memory; the peer's index is read once per refresh into a local,
-//! checked (`tail <= head`, `head - tail <= capacity`, 8-byte aligned, never
-//! moving backwards) and used only from that local. A violation is a
-//! [`RingError`], never a panic and never an access outside the ring.
+//! checked, and used only from that local. The checks: 8-byte aligned, never
+//! moving backwards, and within what the peer can honestly have reached:
+//! a producer's `head` between our read position and what we have released
+//! plus the capacity; a consumer's `tail` between our write position minus
+//! the capacity and what we have published. A violation is a [`RingError`],
+//! never a panic and never an access outside the ring.
 //!
 //! Happens-before edges:
 //!
@@ -114,14 +117,13 @@ impl RingRef {
         self.capacity - (index & (self.capacity - 1))
     }
 
-    /// Checks a peer-written index `theirs` against our own `ours`, where
-    /// the producer's index must be `>=` the consumer's by at most the
-    /// capacity, and `floor` is the last value we accepted for it.
+    /// Checks a peer-written index: aligned, within `lo..=hi`, and not below
+    /// `floor`, the last value accepted for it.
     fn check_index(&self, theirs: u64, lo: u64, hi: u64, floor: u64, which: Index) -> Result<u64, RingError> {
         if theirs % FRAME_ALIGN as u64 != 0 {
             return Err(RingError::MisalignedIndex { which, index: theirs });
         }
-        if theirs < lo || theirs > hi || theirs < floor || hi - lo > self.capacity {
+        if theirs < lo || theirs > hi || theirs < floor {
             return Err(RingError::IndexOutOfRange { which, index: theirs, low: lo.max(floor), high: hi });
         }
         Ok(theirs)
@@ -293,8 +295,10 @@ impl Producer {
         // SYNC(space-released): pairs with the consumer's Release store in
         // `Consumer::release`; its reads of the freed bytes are done.
         let tail = self.ring.region.atomic_u64(self.ring.control + TAIL).load(Ordering::Acquire);
+        // The consumer cannot have released what was never published, nor
+        // be more than a ring behind what we wrote.
         let lo = self.head.saturating_sub(self.ring.capacity);
-        self.cached_tail = self.ring.check_index(tail, lo, self.head, self.cached_tail, Index::Tail)?;
+        self.cached_tail = self.ring.check_index(tail, lo, self.published, self.cached_tail, Index::Tail)?;
         Ok(())
     }
 
@@ -473,7 +477,10 @@ impl Consumer {
         // SYNC(frame-published): pairs with the producer's Release store in
         // `Producer::publish`; the frames it covers are visible.
         let head = self.ring.region.atomic_u64(self.ring.control + HEAD).load(Ordering::Acquire);
-        let hi = self.tail.saturating_add(self.ring.capacity);
+        // The producer cannot be behind what we read, nor more than a ring
+        // ahead of what we handed back: so however fast it publishes, one
+        // serving pass reads at most one ring's worth before releasing.
+        let hi = self.released.saturating_add(self.ring.capacity);
         self.cached_head = self.ring.check_index(head, self.tail, hi, self.cached_head, Index::Head)?;
         Ok(())
     }

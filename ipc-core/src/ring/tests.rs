@@ -454,3 +454,52 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn consumer_reads_at_most_one_ring_before_releasing() {
+    // A hostile producer that keeps publishing cannot make the consumer read
+    // more than a ring's worth before it hands the space back.
+    let (r, mut p, mut c) = ring(4096);
+    let mut out = Vec::new();
+    let frame = [0u8; 1024 - 16];
+    for id in 0..4 {
+        p.try_push(0, 0, id, &frame).unwrap();
+    }
+    p.publish();
+    for _ in 0..4 {
+        c.try_pop(&mut out).unwrap().unwrap();
+    }
+    // Nothing released yet: a head beyond 4096 claims frames written over
+    // space we have not handed back.
+    let control = SegmentLayout::new(4096).unwrap().request_control();
+    r.atomic_u64(control + HEAD).store(4096 + 1024, Ordering::Relaxed);
+    assert!(matches!(
+        c.try_pop(&mut out),
+        Err(RingError::IndexOutOfRange { which: Index::Head, index: 5120, high: 4096, .. })
+    ));
+}
+
+#[test]
+fn producer_refuses_a_release_of_unpublished_bytes() {
+    let (r, mut p, _c) = ring(4096);
+    let frame = [0u8; 1024 - 16];
+    for id in 0..4 {
+        p.try_push(0, 0, id, &frame).unwrap();
+    }
+    p.publish();
+    p.try_push(0, 0, 4, &frame).unwrap_err(); // full: 4096 bytes held
+                                              // The consumer claims to have released 4096 bytes, all published: fine.
+    let control = SegmentLayout::new(4096).unwrap().request_control();
+    r.atomic_u64(control + TAIL).store(4096, Ordering::Relaxed);
+    p.try_push(0, 0, 4, &frame).unwrap();
+    // Now 5120 are written but only 4096 published: a tail of 5120 releases
+    // a frame the consumer was never shown.
+    r.atomic_u64(control + TAIL).store(5120, Ordering::Relaxed);
+    for id in 5..8 {
+        p.try_push(0, 0, id, &frame).unwrap();
+    }
+    assert!(matches!(
+        p.try_push(0, 0, 8, &frame),
+        Err(PushError::Corrupt(RingError::IndexOutOfRange { which: Index::Tail, index: 5120, high: 4096, .. }))
+    ));
+}
