@@ -15,7 +15,7 @@ use ipc_core::{
     ServerMessage, Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::futex::{self, Wake};
-use ipc_platform::{EventFd, Mapping};
+use ipc_platform::{Drained, EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -24,6 +24,8 @@ use crate::error::{CallError, ConnectError};
 /// How long a sleeping call waits between checks that the daemon is still
 /// there. Bounds how late a daemon crash is noticed by a blocked call.
 const LIVENESS_SLICE: Duration = Duration::from_millis(50);
+/// The longest call timeout honoured.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Settings for a connection.
 #[derive(Clone, Debug)]
@@ -33,7 +35,7 @@ pub struct ClientOptions {
     /// caps it); the largest payload is about half of it. Default 64 KiB.
     pub ring_capacity: u32,
     /// How the daemon should wake this client. Default: a futex in shared
-    /// memory; [`DoorbellKind::EventFd`] gives an fd for your own poll loop.
+    /// memory; [`DoorbellKind::Pollable`] gives an fd for your own poll loop.
     pub doorbell: DoorbellKind,
     /// Timeout of [`Client::call`] and friends. Default 30 s.
     pub call_timeout: Duration,
@@ -100,7 +102,7 @@ impl Service {
 /// How the daemon wakes us.
 enum Bell {
     Futex,
-    EventFd(EventFd),
+    Pollable(SocketBell),
 }
 
 /// What a sleeping call waits for.
@@ -202,12 +204,12 @@ impl Client {
         let mut fds = fds.into_iter();
         let (memfd, daemon_bell) = (fds.next().unwrap(), fds.next().unwrap());
         let size = layout.segment_size();
-        ipc_platform::check_sealed(memfd.as_fd(), size as u64).map_err(|e| protocol(e.to_string()))?;
-        let region = Mapping::map(memfd.as_fd(), size)?;
+        // Refused unless sealed against resizing and of the announced size.
+        let region = Mapping::map(memfd.as_fd(), size).map_err(|e| protocol(e.to_string()))?;
         drop(memfd);
         SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
         let bell = match fds.next() {
-            Some(fd) => Bell::EventFd(EventFd::from_fd(fd)?),
+            Some(fd) => Bell::Pollable(SocketBell::from_fd(fd)),
             None => Bell::Futex,
         };
         let services = welcome.services.into_iter().map(|s| (s.name, s.id)).collect();
@@ -249,11 +251,11 @@ impl Client {
         self.session_id
     }
 
-    /// With [`DoorbellKind::EventFd`], the fd that becomes readable when a
+    /// With [`DoorbellKind::Pollable`], the fd that becomes readable when a
     /// reply may be waiting, for a poll loop of your own.
     pub fn doorbell_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.bell {
-            Bell::EventFd(e) => Some(e.as_fd()),
+            Bell::Pollable(b) => Some(b.as_fd()),
             Bell::Futex => None,
         }
     }
@@ -291,6 +293,9 @@ impl Client {
         if request.len() > self.max_payload {
             return Err(CallError::TooLarge { len: request.len(), max: self.max_payload });
         }
+        // Timeouts beyond a year are taken as a year, so the deadline never
+        // overflows.
+        let timeout = timeout.min(MAX_TIMEOUT);
         let deadline = Instant::now() + timeout;
         let id = self.next_id;
         self.next_id += 1;
@@ -468,14 +473,16 @@ impl Client {
                         Err(e) => return Err(self.fail(format!("futex wait failed: {e}"))),
                     }
                 }
-                Bell::EventFd(bell) => {
+                Bell::Pollable(bell) => {
                     match ipc_platform::wait_readable(&[bell.as_fd(), self.control.as_fd()], Some(slice)) {
-                        Ok(ready) => {
-                            if ready[0] {
-                                let _ = bell.drain();
+                        Ok(ready) if ready[0] => match bell.drain() {
+                            Ok(Drained::Rang) | Ok(Drained::Quiet) => true,
+                            Ok(Drained::Closed) => {
+                                return Err(CallError::Disconnected { reason: "the daemon closed the session".into() })
                             }
-                            ready[0]
-                        }
+                            Err(e) => return Err(self.fail(format!("doorbell read failed: {e}"))),
+                        },
+                        Ok(_) => false,
                         Err(e) => return Err(self.fail(format!("poll failed: {e}"))),
                     }
                 }

@@ -35,8 +35,11 @@ pub enum DoorbellKind {
     /// A futex word in the shared segment (the default: one syscall per
     /// wake, no extra fd).
     Futex,
-    /// An eventfd the client can put in its own poll loop.
-    EventFd,
+    /// A socket the client can put in its own poll loop: readable when the
+    /// daemon rings. (Not an eventfd: an eventfd would share its open file,
+    /// and so its `O_NONBLOCK` flag, with the client, which could then make
+    /// the daemon's writes block.)
+    Pollable,
 }
 
 /// The client's opening message.
@@ -87,12 +90,12 @@ pub struct Welcome {
 
 impl Welcome {
     /// The fds that travel with this welcome, in order: the segment memfd,
-    /// the client-to-daemon eventfd, and with [`DoorbellKind::EventFd`] the
-    /// daemon-to-client eventfd.
+    /// the client-to-daemon eventfd, and with [`DoorbellKind::Pollable`] the
+    /// client's end of the daemon-to-client doorbell socket.
     pub fn fd_count(&self) -> usize {
         match self.doorbell {
             DoorbellKind::Futex => 2,
-            DoorbellKind::EventFd => 3,
+            DoorbellKind::Pollable => 3,
         }
     }
 }
@@ -220,7 +223,7 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let hello = Hello::new(65536, DoorbellKind::EventFd);
+        let hello = Hello::new(65536, DoorbellKind::Pollable);
         let framed = encode(&hello).unwrap();
         assert_eq!(decode_hello(body(&framed)).unwrap(), hello);
     }

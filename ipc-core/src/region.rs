@@ -12,10 +12,14 @@
 //!   while the peer writes the same word, because every access to it is
 //!   atomic.
 //! - Payload bytes are only copied in or out with `ptr::copy_nonoverlapping`.
-//!   A hostile peer may scribble over the bytes while they are being copied;
-//!   the copy then yields garbage, which every reader validates, but it never
-//!   reads or writes outside the region, because every offset is bounds
-//!   checked here, against the length fixed at construction.
+//!   Between honest ends the copies never race: the ring orders them with
+//!   its Release/Acquire pairs. A hostile peer in another process may
+//!   scribble over the bytes while they are copied; that race is outside
+//!   Rust's memory model (it is another process), and at the machine level
+//!   it yields garbage, which every reader validates. No copy reads or writes
+//!   outside the region: every offset is bounds checked here, against the
+//!   length fixed at construction. Within one process (tests, or an
+//!   embedded server and client), only the ring ends touch the bytes.
 //! - The memory stays mapped for as long as any `Region` clone exists: a
 //!   region holds an `Arc` of the [`SharedMemory`] that owns the mapping.
 

@@ -18,7 +18,7 @@ use ipc_core::{
     Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Reject, SegmentLayout, ServerMessage, Welcome,
     PROTOCOL_VERSION,
 };
-use ipc_platform::{EventFd, Mapping, PeerCredentials};
+use ipc_platform::{EventFd, Mapping, PeerCredentials, SocketBell};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -304,11 +304,11 @@ impl Acceptor {
         let layout = SegmentLayout::new(capacity).map_err(io::Error::other)?;
         let size = layout.segment_size();
         let memfd = ipc_platform::create_sealed("ipcd-session", size as u64)?;
-        let region = Mapping::map(memfd.as_fd(), size)?;
+        let region = Mapping::map(memfd.as_fd(), size).map_err(io::Error::other)?;
         layout.write_header(&region);
         let bell = EventFd::new()?;
         let client_bell = match hello.doorbell {
-            DoorbellKind::EventFd => Some(EventFd::new()?),
+            DoorbellKind::Pollable => Some(SocketBell::pair()?),
             DoorbellKind::Futex => None,
         };
         let welcome = Welcome {
@@ -321,8 +321,8 @@ impl Acceptor {
         };
         let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other)?;
         let mut fds: Vec<BorrowedFd<'_>> = vec![memfd.as_fd(), bell.as_fd()];
-        if let Some(e) = &client_bell {
-            fds.push(e.as_fd());
+        if let Some((_ours, theirs)) = &client_bell {
+            fds.push(theirs.as_fd());
         }
         let sent = ipc_platform::send_with_fds(pending.stream.as_fd(), &bytes, &fds)?;
         if sent != bytes.len() {
@@ -330,7 +330,7 @@ impl Acceptor {
         }
         // The mapping keeps the segment alive; the daemon needs no fd for it.
         drop(memfd);
-        let wake = client_bell.map_or(ClientWake::Futex, ClientWake::EventFd);
+        let wake = client_bell.map_or(ClientWake::Futex, |(ours, _theirs)| ClientWake::Pollable(ours));
         Ok((
             bell,
             wake,

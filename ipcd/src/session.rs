@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
 use ipc_core::{encode_error, Consumer, ErrorCode, FrameHeader, Producer, PushError, FLAG_ERROR};
-use ipc_platform::{futex, EventFd, PeerCredentials};
+use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
 use crate::service::ServiceTable;
 use crate::stats::WorkerCounters;
@@ -19,8 +19,8 @@ use crate::stats::WorkerCounters;
 pub(crate) enum ClientWake {
     /// Futex words in the segment.
     Futex,
-    /// The client's eventfd.
-    EventFd(EventFd),
+    /// Our end of the client's doorbell socket.
+    Pollable(SocketBell),
 }
 
 /// A reply that did not fit the response ring yet.
@@ -53,7 +53,8 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) peer: PeerCredentials,
     pub(crate) control: mio::net::UnixStream,
-    /// Client to daemon doorbell; registered in the worker's poll.
+    /// Client to daemon doorbell; registered (edge-triggered) in the
+    /// worker's poll and never read: see `ipc_platform::EventFd`.
     pub(crate) bell: EventFd,
     wake: ClientWake,
     requests: Consumer,
@@ -81,7 +82,7 @@ impl Session {
     fn wake_client(&self, word: &std::sync::atomic::AtomicU32) {
         let result = match &self.wake {
             ClientWake::Futex => futex::wake_one(word).map(drop),
-            ClientWake::EventFd(e) => e.notify(),
+            ClientWake::Pollable(bell) => bell.ring(),
         };
         if let Err(e) = result {
             tracing::warn!(session = self.id, "cannot wake client: {e}");
@@ -268,7 +269,7 @@ mod tests {
             PeerCredentials { pid: 1, uid: 0, gid: 0 },
             mio::net::UnixStream::from_std(control),
             EventFd::new().unwrap(),
-            ClientWake::EventFd(EventFd::new().unwrap()),
+            ClientWake::Pollable(SocketBell::pair().unwrap().0),
             Consumer::new(&region, &layout, Direction::Request),
             Producer::new(&region, &layout, Direction::Response),
         );

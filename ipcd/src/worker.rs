@@ -1,7 +1,7 @@
 //! A worker thread: one mio poll over its share of the sessions.
 //!
-//! A session's request doorbell (eventfd) and control socket are registered
-//! in the poll. A doorbell puts the session in the ready queue; the worker
+//! A session's request doorbell (an eventfd, watched but never read) and
+//! its control socket are registered in the poll. A doorbell puts the session in the ready queue; the worker
 //! serves every ready session in turn, a bounded batch each, until all of
 //! them are parked (request ring empty, client told to ring) or stalled
 //! (response ring full, client told to ring once it frees space), and only
@@ -37,9 +37,15 @@ pub(crate) struct WorkerHandle {
 
 impl WorkerHandle {
     /// Hands a new session to the worker.
+    /// Hands a new session to the worker. An error means the worker did not
+    /// get it (the session is dropped); a failed wake-up only delays it to
+    /// the worker's next event, so it is logged, not returned.
     pub(crate) fn adopt(&self, session: Session) -> io::Result<()> {
         self.tx.send(session).map_err(|_| io::Error::other("worker has exited"))?;
-        self.waker.wake()
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(worker = self.index, "cannot wake the worker for a new session: {e}");
+        }
+        Ok(())
     }
 
     /// Wakes the worker (to notice shutdown).
@@ -110,15 +116,9 @@ impl Worker {
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.adopt_sessions(),
-                    Token(t) if t % 2 == 0 => {
-                        let key = t / 2;
-                        if let Some(session) = self.sessions.get(key) {
-                            if let Err(e) = session.bell.drain() {
-                                tracing::warn!(session = session.id, "doorbell read failed: {e}");
-                            }
-                            self.schedule(key);
-                        }
-                    }
+                    // A doorbell. Its eventfd is never read: the client
+                    // shares its open file and could make a read block.
+                    Token(t) if t % 2 == 0 => self.schedule(t / 2),
                     Token(t) => self.control_event(t / 2, event.is_read_closed() || event.is_error()),
                 }
             }
@@ -144,9 +144,13 @@ impl Worker {
             let entry = self.sessions.vacant_entry();
             let key = entry.key();
             let registry = self.poll.registry();
-            let registered = registry
-                .register(&mut session.bell, bell_token(key), Interest::READABLE)
-                .and_then(|()| registry.register(&mut session.control, control_token(key), Interest::READABLE));
+            let registered = registry.register(&mut session.bell, bell_token(key), Interest::READABLE).and_then(|()| {
+                registry.register(&mut session.control, control_token(key), Interest::READABLE).inspect_err(|_| {
+                    // The client keeps the eventfd open, so a stale
+                    // registration would outlive our fd: remove it.
+                    let _ = registry.deregister(&mut session.bell);
+                })
+            });
             if let Err(e) = registered {
                 tracing::error!(session = session.id, "cannot register session: {e}");
                 self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
@@ -242,6 +246,9 @@ impl Worker {
         self.adopt_sessions();
         let counters = &self.shared.stats.workers[self.index];
         for (_, session) in self.sessions.iter_mut() {
+            // One pass answers what is in the request ring. It ends: the
+            // ring never lets a pass read more than one ring's worth before
+            // releasing, and a full response ring stalls it.
             if let Err(reason) = session.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true) {
                 tracing::debug!(session = session.id, "while shutting down: {reason}");
             }

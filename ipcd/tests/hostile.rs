@@ -168,3 +168,50 @@ fn received_memfd_is_sealed_against_resizing() {
         assert_eq!(body, b"sealed");
     });
 }
+
+/// An fd passed by SCM_RIGHTS shares its open file, and so its O_NONBLOCK
+/// flag, with the daemon's copy. A client that makes its doorbells blocking,
+/// races the daemon for the eventfd's counter, saturates it, and leaves its
+/// own doorbell unread must not block the worker it shares with a neighbour,
+/// nor keep the daemon from stopping.
+#[test]
+fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
+    let mut daemon = Daemon::start(&["--workers", "1"]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let mut bystander = Client::connect_to(&socket).unwrap();
+        let echo_id = bystander.service("echo").unwrap();
+        let mut hostile = RawSession::connect(&socket, 65536, DoorbellKind::Pollable);
+        let echo = hostile.service("echo");
+        rustix::fs::fcntl_setfl(&hostile.bell, rustix::fs::OFlags::empty()).unwrap();
+        let bell = hostile.client_bell.take().expect("a pollable doorbell was granted");
+        rustix::fs::fcntl_setfl(&bell, rustix::fs::OFlags::empty()).unwrap();
+        let data_waiter = hostile.layout.response_control() + 2 * ipc_core::layout::CACHE_LINE;
+        let mut body = Vec::new();
+        for id in 1..=300u64 {
+            // Ask to be woken (the daemon then rings a doorbell we never
+            // read), send a request, ring, and steal the ring back at once.
+            hostile.region.atomic_u32(data_waiter).store(1, std::sync::atomic::Ordering::SeqCst);
+            hostile.requests.try_push(echo, 0, id, b"x").unwrap_or_else(|e| panic!("request {id}: {e}"));
+            hostile.requests.publish();
+            rustix::io::write(&hostile.bell, &1u64.to_ne_bytes()).unwrap();
+            let mut counter = [0u8; 8];
+            rustix::io::read(&hostile.bell, &mut counter).unwrap();
+            while hostile.responses.try_pop(&mut body).unwrap().is_some() {}
+            hostile.responses.release();
+        }
+        // Saturate the eventfd: a write of the daemon's would now block.
+        rustix::io::write(&hostile.bell, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+
+        let mut reply = Vec::new();
+        for i in 0..1000u64 {
+            let request = pattern(i, 64);
+            bystander.call_into(&echo_id, &request, &mut reply).unwrap();
+            assert!(reply == request, "bystander call {i}: reply differs");
+        }
+        drop(bell);
+    });
+    assert!(daemon.is_running(), "ipcd exited; stderr:\n{}", daemon.stderr());
+    let status = daemon.terminate();
+    assert!(status.success(), "ipcd did not stop cleanly: {status}; stderr:\n{}", daemon.stderr());
+}

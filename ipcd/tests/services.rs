@@ -156,7 +156,7 @@ fn eventfd_doorbell_serves_2000_calls() {
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
-        let options = ClientOptions::default().doorbell(DoorbellKind::EventFd);
+        let options = ClientOptions::default().doorbell(DoorbellKind::Pollable);
         let mut client = Client::connect_with(&socket, options).unwrap();
         assert!(client.doorbell_fd().is_some());
         let echo = client.service("echo").unwrap();

@@ -1,4 +1,10 @@
-//! Non-blocking eventfds used as doorbells.
+//! Non-blocking eventfds: the client-to-daemon doorbell.
+//!
+//! The daemon registers the eventfd in its epoll (edge-triggered) and never
+//! reads or writes it: the client shares the open file and could clear
+//! `O_NONBLOCK` on it, which would make any read or write of the daemon's
+//! block. Edge-triggered epoll reports every write whether or not the
+//! counter is read back, so no read is needed.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -29,9 +35,9 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
-    /// Adds one to the counter, waking whoever polls it. A counter at its
-    /// maximum (only a hostile peer gets it there) already signals
-    /// readiness, so `EAGAIN` counts as success.
+    /// Adds one to the counter, waking whoever polls it. The client rings
+    /// the daemon this way; the daemon never calls it. A counter at its
+    /// maximum already signals readiness, so `EAGAIN` counts as success.
     pub fn notify(&self) -> io::Result<()> {
         match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
             Ok(_) | Err(Errno::AGAIN) => Ok(()),
@@ -39,7 +45,8 @@ impl EventFd {
         }
     }
 
-    /// Reads and resets the counter; 0 when nothing was signalled.
+    /// Reads and resets the counter; 0 when nothing was signalled. Only for
+    /// an eventfd whose open file no one else can change.
     pub fn drain(&self) -> io::Result<u64> {
         let mut buf = [0u8; 8];
         match rustix::io::read(&self.fd, &mut buf) {
@@ -83,5 +90,32 @@ mod tests {
         e.notify().unwrap();
         assert_eq!(e.drain().unwrap(), 2);
         assert_eq!(e.drain().unwrap(), 0);
+    }
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+    use mio::{Events, Interest, Poll, Token};
+    use std::time::Duration;
+
+    /// The daemon never reads a client's eventfd (a read could block if the
+    /// client clears O_NONBLOCK on the shared open file). That is only
+    /// sound if edge-triggered epoll reports every write, even when the
+    /// counter was never read back to zero.
+    #[test]
+    fn edge_triggered_poll_reports_every_write_without_a_read() {
+        let mut poll = Poll::new().unwrap();
+        let mut bell = EventFd::new().unwrap();
+        poll.registry().register(&mut bell, Token(7), Interest::READABLE).unwrap();
+        let mut events = Events::with_capacity(4);
+        for round in 0..5 {
+            bell.notify().unwrap();
+            poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(events.iter().count(), 1, "round {round}: one write, one event");
+            // Without a new write there is no new event.
+            poll.poll(&mut events, Some(Duration::from_millis(1))).unwrap();
+            assert_eq!(events.iter().count(), 0, "round {round}: no write, no event");
+        }
     }
 }

@@ -7,11 +7,13 @@
 //! use ipc_platform::{check_sealed, create_sealed, Mapping};
 //!
 //! let fd = create_sealed("example", 8192).unwrap();
-//! check_sealed(fd.as_fd(), 8192).unwrap(); // what a receiver does first
-//! let region = Mapping::map(fd.as_fd(), 8192).unwrap();
+//! check_sealed(fd.as_fd(), 8192).unwrap();
+//! let region = Mapping::map(fd.as_fd(), 8192).unwrap(); // checks the seals again
+//! assert!(Mapping::map(fd.as_fd(), 4096).is_err()); // wrong size: refused
 //! assert_eq!(region.len(), 8192);
 //! ```
 
+mod bell;
 mod eventfd;
 mod fdpass;
 pub mod futex;
@@ -20,6 +22,7 @@ mod memfd;
 mod path;
 mod socket;
 
+pub use bell::{Drained, SocketBell};
 pub use eventfd::EventFd;
 pub use fdpass::{recv_with_fds, send_with_fds, MAX_FDS};
 pub use mapping::Mapping;

@@ -7,12 +7,13 @@
 //! mapping. The mapping is `MAP_SHARED` and lives as long as the [`Mapping`]
 //! (and so as long as every `Region` holding it).
 
-use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use ipc_core::{Region, SharedMemory};
 use memmap2::{MmapOptions, MmapRaw};
+
+use crate::{check_sealed, SealError};
 
 /// A read-write shared mapping of a whole segment.
 pub struct Mapping {
@@ -20,12 +21,15 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` read-write and shared, faulting the pages in
-    /// now rather than on the hot path. Callers check the fd's seals and size
-    /// first ([`crate::check_sealed`]).
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Region> {
-        let raw = fd.as_raw_fd();
-        let map = MmapOptions::new().len(len).populate().map_raw(raw)?;
+    /// Maps the `len` bytes of a sealed memfd read-write and shared,
+    /// faulting the pages in now rather than on the hot path.
+    ///
+    /// The seals and the size are checked first ([`crate::check_sealed`]):
+    /// an unsealed file could be shrunk under the mapping, and the next
+    /// access would raise SIGBUS.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Region, SealError> {
+        check_sealed(fd, len as u64)?;
+        let map = MmapOptions::new().len(len).populate().map_raw(fd.as_raw_fd()).map_err(SealError::Io)?;
         Ok(Region::new(Arc::new(Mapping { map })))
     }
 }

@@ -45,7 +45,8 @@ pub enum SealError {
         /// The size expected.
         expected: u64,
     },
-    /// Reading the seals or the size failed (not a memfd, for example).
+    /// Reading the seals or the size, or mapping, failed (not a memfd, for
+    /// example).
     Io(io::Error),
 }
 
@@ -58,7 +59,7 @@ impl fmt::Display for SealError {
             SealError::Size { found, expected } => {
                 write!(f, "memfd size {found} is not the announced {expected}")
             }
-            SealError::Io(e) => write!(f, "cannot inspect memfd: {e}"),
+            SealError::Io(e) => write!(f, "cannot inspect or map memfd: {e}"),
         }
     }
 }

@@ -12,7 +12,8 @@ use rustix::net::RecvFlags;
 /// kernel recorded them at `connect()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCredentials {
-    /// Process id.
+    /// Process id; 0 when the peer lives in a pid namespace this process
+    /// cannot see.
     pub pid: i32,
     /// User id.
     pub uid: u32,
@@ -21,9 +22,13 @@ pub struct PeerCredentials {
 }
 
 /// Reads `SO_PEERCRED`.
+///
+/// Through nix rather than rustix: rustix's `UCred` holds the pid as a
+/// non-zero type, and the kernel reports pid 0 for a peer in another pid
+/// namespace.
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
-    let cred = rustix::net::sockopt::socket_peercred(sock)?;
-    Ok(PeerCredentials { pid: cred.pid.as_raw_nonzero().get(), uid: cred.uid.as_raw(), gid: cred.gid.as_raw() })
+    let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(PeerCredentials { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
 }
 
 /// Whether the peer of a connected stream socket has hung up, without

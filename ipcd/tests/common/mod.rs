@@ -25,7 +25,7 @@ use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
     Consumer, Direction, DoorbellKind, FrameHeader, Hello, Producer, Region, SegmentLayout, ServerMessage, Welcome,
 };
-use ipc_platform::{EventFd, Mapping};
+use ipc_platform::{EventFd, Mapping, SocketBell};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
@@ -556,8 +556,9 @@ pub struct RawSession {
     pub memfd: OwnedFd,
     /// The client-to-daemon doorbell.
     pub bell: EventFd,
-    /// The daemon-to-client eventfd, with [`DoorbellKind::EventFd`].
-    pub client_bell: Option<EventFd>,
+    /// The client's end of the daemon-to-client doorbell, with
+    /// [`DoorbellKind::Pollable`].
+    pub client_bell: Option<SocketBell>,
     /// The layout the welcome announced.
     pub layout: SegmentLayout,
     /// The mapped segment.
@@ -585,7 +586,7 @@ impl RawSession {
         let mut fds = fds.into_iter();
         let memfd = fds.next().unwrap();
         let bell = EventFd::from_fd(fds.next().unwrap()).unwrap();
-        let client_bell = fds.next().map(|fd| EventFd::from_fd(fd).unwrap());
+        let client_bell = fds.next().map(SocketBell::from_fd);
         let layout = SegmentLayout::new(welcome.ring_capacity).expect("granted capacity");
         ipc_platform::check_sealed(memfd.as_fd(), layout.segment_size() as u64).expect("segment seals and size");
         let region = Mapping::map(memfd.as_fd(), layout.segment_size()).expect("map the segment");
