@@ -303,8 +303,11 @@ impl Client {
         self.receive(service, id, reply, deadline, timeout)
     }
 
-    /// Calls `service` with a serde-encoded (bincode) request and decodes the
-    /// reply.
+    /// Calls `service` with a serde-encoded request and decodes the reply.
+    ///
+    /// Both travel as `bincode::serde` with `bincode::config::standard()`
+    /// (bincode 2): a service decodes the request and encodes its reply the
+    /// same way.
     pub fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         service: &Service,
@@ -400,7 +403,7 @@ impl Client {
             let Some(frame) = frame else {
                 if let Some(reason) = daemon_gone {
                     // The ring was checked once more after the hang-up.
-                    return Err(self.fail(reason));
+                    return Err(CallError::Disconnected { reason });
                 }
                 match self.responses.prepare_sleep() {
                     Ok(true) => {}
@@ -449,7 +452,9 @@ impl Client {
     }
 
     /// Sleeps until the daemon rings, the deadline passes, or the daemon is
-    /// found gone. The caller has announced the sleep in the ring.
+    /// found gone (which marks the client broken; the caller may still find
+    /// a reply the daemon left before it went). The caller has announced the
+    /// sleep in the ring.
     fn sleep(&mut self, what: Await, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
         loop {
             let now = Instant::now();
@@ -477,9 +482,7 @@ impl Client {
                     match ipc_platform::wait_readable(&[bell.as_fd(), self.control.as_fd()], Some(slice)) {
                         Ok(ready) if ready[0] => match bell.drain() {
                             Ok(Drained::Rang) | Ok(Drained::Quiet) => true,
-                            Ok(Drained::Closed) => {
-                                return Err(CallError::Disconnected { reason: "the daemon closed the session".into() })
-                            }
+                            Ok(Drained::Closed) => return Err(self.fail("the daemon closed the session".into())),
                             Err(e) => return Err(self.fail(format!("doorbell read failed: {e}"))),
                         },
                         Ok(_) => false,
@@ -492,8 +495,8 @@ impl Client {
             }
             match ipc_platform::peer_closed(self.control.as_fd()) {
                 Ok(false) => {}
-                Ok(true) => return Err(CallError::Disconnected { reason: "the daemon closed the session".into() }),
-                Err(e) => return Err(CallError::Disconnected { reason: format!("control connection failed: {e}") }),
+                Ok(true) => return Err(self.fail("the daemon closed the session".into())),
+                Err(e) => return Err(self.fail(format!("control connection failed: {e}"))),
             }
         }
     }
