@@ -62,9 +62,20 @@ impl Acceptor {
         let listener_fd = bound.listener.try_clone()?;
         let mut listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut workers = Vec::with_capacity(shared.config.workers);
+        let mut workers: Vec<WorkerHandle> = Vec::with_capacity(shared.config.workers);
         for i in 0..shared.config.workers {
-            workers.push(worker::spawn(i, Arc::clone(&shared))?);
+            match worker::spawn(i, Arc::clone(&shared)) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    // Stop the workers already running before giving up.
+                    shared.shutting_down.store(true, Ordering::Release);
+                    for w in &mut workers {
+                        w.wake();
+                        w.join();
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         Ok(Acceptor {
             shared,
