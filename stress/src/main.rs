@@ -116,6 +116,16 @@ fn workload(args: &Args, socket: PathBuf) -> Workload {
     }
 }
 
+/// The daemon's usage after the calls; zeros (with a warning) if it can no
+/// longer be read, for example because the daemon died, so the run is still
+/// reported.
+fn daemon_usage(pid: i32) -> daemon::ProcessUsage {
+    daemon::usage(pid).unwrap_or_else(|e| {
+        eprintln!("warning: cannot read /proc/{pid} of the daemon: {e}; its figures are reported as 0");
+        daemon::ProcessUsage::default()
+    })
+}
+
 /// Runs the test; returns whether it passed.
 fn run(args: Args) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("cannot find this binary")?;
@@ -139,12 +149,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let sampler = PeakSampler::start(pid, Duration::from_millis(20));
     let (outcomes, elapsed, usage) = if args.procs {
         let (outcomes, elapsed, guard) = workload::run_procs(&w, args.clients, &exe)?;
-        let usage = daemon::usage(pid)?;
+        let usage = daemon_usage(pid);
         drop(guard);
         (outcomes, elapsed, usage)
     } else {
         let (outcomes, elapsed, clients) = workload::run_threads(&w, args.clients);
-        let usage = daemon::usage(pid)?;
+        let usage = daemon_usage(pid);
         drop(clients);
         (outcomes, elapsed, usage)
     };

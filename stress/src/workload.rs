@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use ipc_client::{Client, ClientOptions, Service};
+use ipc_client::{CallError, Client, ClientOptions, Service};
 
 /// What every client of a run does.
 #[derive(Clone, Debug)]
@@ -49,8 +49,8 @@ pub struct ClientOutcome {
     pub connect_ns: u64,
     /// Calls whose reply matched.
     pub succeeded: u64,
-    /// Calls that returned an error (or never ran because the client could
-    /// not connect).
+    /// Calls that returned an error, or never ran because the client could
+    /// not connect or was disconnected.
     pub failed: u64,
     /// Calls whose reply differed from the request.
     pub mismatched: u64,
@@ -126,6 +126,12 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
             Err(e) => {
                 out.failed += 1;
                 out.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+                if matches!(e, CallError::Disconnected { .. }) {
+                    // Every later call of this client would fail the same
+                    // way at once: count them without making them.
+                    out.failed += w.messages - seq - 1;
+                    break;
+                }
             }
         }
     }

@@ -80,3 +80,59 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--payload"));
 }
+
+/// A run whose daemon dies counts the failed calls, still writes its
+/// report, and exits 1: the pass/fail check can fail.
+#[test]
+fn failed_calls_are_counted_and_exit_1() {
+    let (stress, ipcd) = binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipcd.sock");
+    let json = dir.path().join("run.json");
+    let mut daemon = Command::new(&ipcd)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--log-level", "error"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "ipcd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Far more calls than can finish before the daemon is killed.
+    let mut run = Command::new(&stress)
+        .args(["--clients", "2", "--messages", "100000000", "--json"])
+        .arg(&json)
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    // Every call after the crash fails at once (the clients are marked
+    // disconnected), so the run ends quickly; the watchdog is a backstop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            run.kill().unwrap();
+            panic!("stress did not finish after its daemon died");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let run = &report["runs"][0];
+    let (sent, ok, failed) =
+        (run["sent"].as_u64().unwrap(), run["succeeded"].as_u64().unwrap(), run["failed"].as_u64().unwrap());
+    assert!(failed > 0, "{run}");
+    assert_eq!(sent, 200_000_000);
+    assert_eq!(ok + failed + run["mismatched"].as_u64().unwrap(), sent, "{run}");
+}
