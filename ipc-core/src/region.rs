@@ -183,17 +183,6 @@ impl Region {
             dst.set_len(start + len);
         }
     }
-
-    /// Fills `len` bytes at `offset` with `byte`.
-    ///
-    /// # Panics
-    ///
-    /// Panics if the range is out of bounds.
-    pub fn fill(&self, offset: usize, len: usize, byte: u8) {
-        self.check(offset, len, 1);
-        // SAFETY: the range is inside the region (checked).
-        unsafe { ptr::write_bytes(self.base.as_ptr().add(offset), byte, len) }
-    }
 }
 
 /// A zeroed, page-aligned heap buffer that can back a [`Region`], for tests

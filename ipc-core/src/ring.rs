@@ -416,12 +416,6 @@ impl Producer {
     pub fn peer_waiter(&self) -> &AtomicU32 {
         self.ring.word(DATA_WAITER)
     }
-
-    /// Whether every frame pushed has been released by the consumer, as far
-    /// as the last read of its index knows.
-    pub fn is_drained(&self) -> bool {
-        self.cached_tail == self.head
-    }
 }
 
 /// A frame found by [`Consumer::try_peek`], not yet consumed.
