@@ -61,6 +61,13 @@ impl ClientOptions {
         self
     }
 
+    /// Raises [`ClientOptions::ring_capacity`] so that payloads of `bytes`
+    /// fit (the largest payload is about half a ring).
+    pub fn fit_payload(mut self, bytes: usize) -> Self {
+        self.ring_capacity = self.ring_capacity.max(SegmentLayout::capacity_for_payload(bytes));
+        self
+    }
+
     /// Sets [`ClientOptions::doorbell`].
     pub fn doorbell(mut self, kind: DoorbellKind) -> Self {
         self.doorbell = kind;

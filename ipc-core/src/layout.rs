@@ -91,6 +91,13 @@ impl SegmentLayout {
         requested.max(MIN_RING_CAPACITY).checked_next_power_of_two().unwrap_or(MAX_RING_CAPACITY).min(max)
     }
 
+    /// The smallest valid capacity whose rings carry payloads of `payload`
+    /// bytes, or the largest capacity if none does.
+    pub fn capacity_for_payload(payload: usize) -> u32 {
+        let need = payload.saturating_add(crate::frame::HEADER_LEN).saturating_mul(2);
+        need.clamp(MIN_RING_CAPACITY as usize, MAX_RING_CAPACITY as usize).next_power_of_two() as u32
+    }
+
     /// Bytes of ring data per direction.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -209,6 +216,20 @@ mod tests {
         assert_eq!(SegmentLayout::fit_capacity(u32::MAX, 1 << 20), 1 << 20);
         assert_eq!(SegmentLayout::fit_capacity(1 << 20, 3 << 20), 1 << 20);
         assert_eq!(SegmentLayout::fit_capacity(4 << 20, 3 << 20), 2 << 20);
+    }
+
+    #[test]
+    fn capacity_for_payload_carries_the_payload() {
+        assert_eq!(SegmentLayout::capacity_for_payload(0), MIN_RING_CAPACITY);
+        for payload in [64usize, 2032, 2033, 1 << 20, (1 << 20) + 1] {
+            let layout = SegmentLayout::new(SegmentLayout::capacity_for_payload(payload)).unwrap();
+            assert!(layout.max_payload() as usize >= payload, "{payload}");
+            // And it is the smallest: half of it would not do.
+            if layout.capacity() > MIN_RING_CAPACITY {
+                assert!((layout.capacity() / 2 / 2 - 16) < payload as u32, "{payload}");
+            }
+        }
+        assert_eq!(SegmentLayout::capacity_for_payload(usize::MAX), MAX_RING_CAPACITY);
     }
 
     #[test]

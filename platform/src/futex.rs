@@ -23,15 +23,18 @@ pub enum Wake {
 
 /// Sleeps while `word` holds `expected`, for at most `timeout`.
 pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<Wake> {
-    let ts = timeout.map(|t| rustix::time::Timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: i64::from(t.subsec_nanos()),
-    });
+    let ts = timeout.map(timespec);
     match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
         Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(Wake::Woken),
         Err(Errno::TIMEDOUT) => Ok(Wake::TimedOut),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A relative timeout as the kernel takes it, saturating at `i64::MAX`
+/// seconds.
+pub(crate) fn timespec(t: Duration) -> rustix::time::Timespec {
+    rustix::time::Timespec { tv_sec: t.as_secs().min(i64::MAX as u64) as i64, tv_nsec: i64::from(t.subsec_nanos()) }
 }
 
 /// Wakes one waiter sleeping on `word`. Returns whether one was woken.

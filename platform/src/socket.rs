@@ -47,10 +47,7 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> io::Result<bool> {
 /// `timeout`. Returns which were ready.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
     let mut polls: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(fd, PollFlags::IN)).collect();
-    let ts = timeout.map(|t| rustix::time::Timespec {
-        tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: i64::from(t.subsec_nanos()),
-    });
+    let ts = timeout.map(crate::futex::timespec);
     match rustix::event::poll(&mut polls, ts.as_ref()) {
         Ok(_) | Err(Errno::INTR) => {}
         Err(e) => return Err(e.into()),

@@ -76,16 +76,10 @@ impl ClientOutcome {
     }
 }
 
-fn ring_for(payload: usize) -> u32 {
-    // Room for the largest payload (about half the ring) with headroom.
-    let need = (payload + 16) * 2;
-    need.max(64 * 1024).next_power_of_two().min(1 << 30) as u32
-}
-
 /// Connects one client and resolves `echo`. Returns the time it took.
 pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     let start = Instant::now();
-    let options = ClientOptions::default().ring_capacity(ring_for(w.payload)).call_timeout(w.call_timeout);
+    let options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
     let result = Client::connect_with(&w.socket, options).map_err(|e| e.to_string()).and_then(|client| {
         if w.payload > client.max_payload() {
             return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
@@ -320,11 +314,5 @@ mod tests {
         assert_ne!(a, b);
         fill_payload(1, 2, &mut b);
         assert_eq!(a, b);
-    }
-
-    #[test]
-    fn ring_fits_the_payload() {
-        assert_eq!(ring_for(64), 64 * 1024);
-        assert!(ring_for(1 << 20) / 2 - 16 >= 1 << 20);
     }
 }
