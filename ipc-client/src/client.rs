@@ -1,55 +1,121 @@
-//! The client: handshake, then calls over the session's rings.
+//! The client: handshake, then calls over the link, one at a time or
+//! pipelined.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX, MAX_CONTROL_MESSAGE};
 use ipc_core::{
-    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, Hello, Producer, PushError, Reject, SegmentLayout,
-    ServerMessage, Welcome, PROTOCOL_VERSION,
+    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, FrameHeader, Hello, Producer, Reject, SegmentLayout,
+    ServerMessage, Spinner, Welcome, PROTOCOL_VERSION,
 };
-use ipc_platform::futex::{self, Wake};
-use ipc_platform::{Drained, EventFd, Mapping, SocketBell};
+use ipc_platform::{EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{CallError, ConnectError};
+use crate::link::{Link, ReplyRef, RequestBuf};
+use crate::shm::{Bell, ShmLink};
+use crate::stream::{Socket, StreamLink};
 
-/// How long a sleeping call waits between checks that the daemon is still
-/// there. Bounds how late a daemon crash is noticed by a blocked call.
-const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 /// The longest call timeout honoured.
 const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The default spin limit, chosen by measuring one and 100 clients on a
+/// 2-core machine (see the README): long enough to cover a peer that
+/// answers without sleeping, short enough that failed spins cost little.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// How a client reaches the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Shared-memory rings, set up over the daemon's control socket at this
+    /// path.
+    Shm(PathBuf),
+    /// Frames over a Unix stream socket at this path (the daemon's `--uds`).
+    Uds(PathBuf),
+    /// Frames over TCP to this address (the daemon's `--tcp`).
+    Tcp(SocketAddr),
+}
+
+impl Transport {
+    /// Its short name: `shm`, `uds` or `tcp`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Shm(_) => "shm",
+            Transport::Uds(_) => "uds",
+            Transport::Tcp(_) => "tcp",
+        }
+    }
+}
+
+impl From<PathBuf> for Transport {
+    fn from(path: PathBuf) -> Transport {
+        Transport::Shm(path)
+    }
+}
+
+impl From<&Path> for Transport {
+    fn from(path: &Path) -> Transport {
+        Transport::Shm(path.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Transport {
+    fn from(path: &PathBuf) -> Transport {
+        Transport::Shm(path.clone())
+    }
+}
+
+impl From<&str> for Transport {
+    fn from(path: &str) -> Transport {
+        Transport::Shm(PathBuf::from(path))
+    }
+}
+
+impl From<SocketAddr> for Transport {
+    fn from(addr: SocketAddr) -> Transport {
+        Transport::Tcp(addr)
+    }
+}
 
 /// Settings for a connection.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientOptions {
     /// Bytes per ring to ask for (the daemon rounds up to a power of two and
-    /// caps it); the largest payload is about half of it. Default 64 KiB.
+    /// caps it); the largest payload is about half of it. Stream transports
+    /// use it to agree on the same largest payload. Default 64 KiB.
     pub ring_capacity: u32,
     /// How the daemon should wake this client. Default: a futex in shared
     /// memory; [`DoorbellKind::Pollable`] gives an fd for your own poll loop.
     pub doorbell: DoorbellKind,
-    /// Timeout of [`Client::call`] and friends. Default 30 s.
+    /// Timeout of [`Client::call`], [`Client::send`], [`Client::wait`] and
+    /// friends. Default 30 s.
     pub call_timeout: Duration,
     /// How long to wait for the daemon's answer to the hello. Default 5 s.
     pub connect_timeout: Duration,
+    /// The longest a wait for a reply spins on the ring before sleeping
+    /// (shared memory only). Spinning adapts: it stops while spins keep
+    /// failing. Default [`DEFAULT_SPIN`] when more than one core is
+    /// available, else zero (never spin).
+    pub spin: Duration,
 }
 
 impl Default for ClientOptions {
     fn default() -> ClientOptions {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         ClientOptions {
             ring_capacity: 64 * 1024,
             doorbell: DoorbellKind::Futex,
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            spin: if cores > 1 { DEFAULT_SPIN } else { Duration::ZERO },
         }
     }
 }
@@ -85,6 +151,12 @@ impl ClientOptions {
         self.connect_timeout = t;
         self
     }
+
+    /// Sets [`ClientOptions::spin`] (zero: never spin).
+    pub fn spin(mut self, limit: Duration) -> Self {
+        self.spin = limit;
+        self
+    }
 }
 
 /// A service resolved by name, ready to call.
@@ -106,40 +178,70 @@ impl Service {
     }
 }
 
-/// How the daemon wakes us.
-enum Bell {
-    Futex,
-    Pollable(SocketBell),
+/// A request sent with [`Client::send`] and not yet answered: pass it to
+/// [`Client::wait`], or take replies in arrival order with [`Client::recv`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket {
+    id: u64,
 }
 
-/// What a sleeping call waits for.
-#[derive(Clone, Copy)]
-enum Await {
-    Reply,
-    Space,
+impl Ticket {
+    /// The request id on the wire (unique per client, increasing).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
 }
 
-/// A connection to ipcd. Calls take `&mut self`: one call at a time per
-/// client; use one client per thread (a client is `Send`).
+/// A request on the link whose reply has not been read.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    id: u64,
+    service: u16,
+    /// Its caller gave up (timed out): the reply is dropped when it comes.
+    abandoned: bool,
+}
+
+/// Where an awaited reply is.
+enum Found {
+    /// On the link, not yet consumed.
+    Link(ReplyRef),
+    /// Read earlier, while another was awaited.
+    Stashed(Vec<u8>),
+}
+
+/// A reply read off the link while another was awaited.
+struct Stashed {
+    header: FrameHeader,
+    body: Vec<u8>,
+}
+
+/// A connection to ipcd. Calls take `&mut self`; use one client per thread
+/// (a client is `Send`). Requests may be pipelined: [`Client::send`] several,
+/// then [`Client::wait`] or [`Client::recv`] their replies.
 pub struct Client {
-    control: UnixStream,
-    requests: Producer,
-    responses: Consumer,
-    daemon_bell: EventFd,
-    bell: Bell,
+    link: Link,
+    transport: &'static str,
     services: HashMap<String, u16>,
     max_payload: usize,
     session_id: u64,
     next_id: u64,
     call_timeout: Duration,
+    /// Sent requests whose replies have not been read, in id order.
+    in_flight: VecDeque<InFlight>,
+    /// Replies read while waiting for another, in arrival order.
+    stash: VecDeque<Stashed>,
     broken: Option<String>,
+    /// Scratch for error replies read in place.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
+            .field("transport", &self.transport)
             .field("session_id", &self.session_id)
             .field("max_payload", &self.max_payload)
+            .field("in_flight", &self.in_flight())
             .field("broken", &self.broken)
             .finish_non_exhaustive()
     }
@@ -152,26 +254,51 @@ impl Client {
         Client::connect_to(ipc_platform::default_socket_path())
     }
 
-    /// Connects to the daemon listening at `path`.
+    /// Connects over shared memory to the daemon listening at `path`.
     pub fn connect_to(path: impl AsRef<Path>) -> Result<Client, ConnectError> {
-        Client::connect_with(path, ClientOptions::default())
+        Client::connect_with(path.as_ref(), ClientOptions::default())
     }
 
-    /// Connects to the daemon at `path` with `options`.
-    pub fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client, ConnectError> {
-        let path = path.as_ref();
-        let mut control = UnixStream::connect(path).map_err(|source| match source.kind() {
+    /// Connects through `transport` (a path means shared memory) with
+    /// `options`. The API above the transport is the same for all three.
+    pub fn connect_with(transport: impl Into<Transport>, options: ClientOptions) -> Result<Client, ConnectError> {
+        let transport = transport.into();
+        let not_running = |target: String, source: io::Error| match source.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ConnectError::NotRunning { path: path.to_path_buf(), source }
+                ConnectError::NotRunning { path: PathBuf::from(target), source }
             }
             _ => ConnectError::Io(source),
-        })?;
-        control.set_read_timeout(Some(options.connect_timeout))?;
-        control.set_write_timeout(Some(options.connect_timeout))?;
+        };
+        let socket = match &transport {
+            Transport::Shm(path) | Transport::Uds(path) => {
+                Socket::Unix(UnixStream::connect(path).map_err(|e| not_running(path.display().to_string(), e))?)
+            }
+            Transport::Tcp(addr) => {
+                let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
+                    .map_err(|e| not_running(addr.to_string(), e))?;
+                tcp.set_nodelay(true)?;
+                Socket::Tcp(tcp)
+            }
+        };
+        let welcome_timeout = |e: io::Error| timeout_or(e, options.connect_timeout);
+        match &socket {
+            Socket::Unix(s) => {
+                s.set_read_timeout(Some(options.connect_timeout))?;
+                s.set_write_timeout(Some(options.connect_timeout))?;
+            }
+            Socket::Tcp(s) => {
+                s.set_read_timeout(Some(options.connect_timeout))?;
+                s.set_write_timeout(Some(options.connect_timeout))?;
+            }
+        }
         let hello = handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
             .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        control.write_all(&hello).map_err(|e| timeout_or(e, options.connect_timeout))?;
-        let (message, fds) = read_answer(&control, options.connect_timeout)?;
+        match &socket {
+            Socket::Unix(s) => (&*s).write_all(&hello),
+            Socket::Tcp(s) => (&*s).write_all(&hello),
+        }
+        .map_err(welcome_timeout)?;
+        let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
         let welcome = match message {
             ServerMessage::Welcome(w) => w,
             ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
@@ -179,27 +306,9 @@ impl Client {
             }
             ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
         };
-        let client = Client::from_welcome(control, welcome, fds, &options)?;
-        client.control.set_read_timeout(None)?;
-        client.control.set_write_timeout(None)?;
-        Ok(client)
-    }
-
-    fn from_welcome(
-        control: UnixStream,
-        welcome: Welcome,
-        fds: Vec<OwnedFd>,
-        options: &ClientOptions,
-    ) -> Result<Client, ConnectError> {
         let protocol = |m: String| ConnectError::Protocol(m);
         if welcome.version != PROTOCOL_VERSION {
             return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
-        }
-        if welcome.doorbell != options.doorbell {
-            return Err(protocol(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, welcome.doorbell)));
-        }
-        if fds.len() != welcome.fd_count() {
-            return Err(protocol(format!("welcome carries {} fds, expected {}", fds.len(), welcome.fd_count())));
         }
         let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
         if welcome.max_payload != layout.max_payload() {
@@ -208,31 +317,41 @@ impl Client {
                 welcome.max_payload, welcome.ring_capacity
             )));
         }
-        let mut fds = fds.into_iter();
-        let (memfd, daemon_bell) = (fds.next().unwrap(), fds.next().unwrap());
-        let size = layout.segment_size();
-        // Refused unless sealed against resizing and of the announced size.
-        let region = Mapping::map(memfd.as_fd(), size).map_err(|e| protocol(e.to_string()))?;
-        drop(memfd);
-        SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
-        let bell = match fds.next() {
-            Some(fd) => Bell::Pollable(SocketBell::from_fd(fd)),
-            None => Bell::Futex,
+        let link = match socket {
+            Socket::Unix(control) if matches!(transport, Transport::Shm(_)) => {
+                control.set_read_timeout(None)?;
+                control.set_write_timeout(None)?;
+                Link::Shm(shm_link(control, &welcome, &layout, fds, &options)?)
+            }
+            socket => {
+                if !fds.is_empty() {
+                    return Err(protocol(format!("a stream welcome carries {} fds", fds.len())));
+                }
+                match &socket {
+                    Socket::Unix(s) => s.set_write_timeout(None)?,
+                    Socket::Tcp(s) => s.set_write_timeout(None)?,
+                }
+                Link::Stream(StreamLink::new(socket, welcome.max_payload as usize))
+            }
         };
-        let services = welcome.services.into_iter().map(|s| (s.name, s.id)).collect();
         Ok(Client {
-            control,
-            requests: Producer::new(&region, &layout, Direction::Request),
-            responses: Consumer::new(&region, &layout, Direction::Response),
-            daemon_bell: EventFd::from_fd(daemon_bell)?,
-            bell,
-            services,
+            link,
+            transport: transport.name(),
+            services: welcome.services.into_iter().map(|s| (s.name, s.id)).collect(),
             max_payload: welcome.max_payload as usize,
             session_id: welcome.session_id,
             next_id: 1,
             call_timeout: options.call_timeout,
+            in_flight: VecDeque::new(),
+            stash: VecDeque::new(),
             broken: None,
+            scratch: Vec::new(),
         })
+    }
+
+    /// The transport's short name: `shm`, `uds` or `tcp`.
+    pub fn transport(&self) -> &'static str {
+        self.transport
     }
 
     /// Resolves a service by name.
@@ -258,13 +377,16 @@ impl Client {
         self.session_id
     }
 
-    /// With [`DoorbellKind::Pollable`], the fd that becomes readable when a
-    /// reply may be waiting, for a poll loop of your own.
+    /// With shared memory and [`DoorbellKind::Pollable`], the fd that
+    /// becomes readable when a reply may be waiting, for a poll loop of your
+    /// own.
     pub fn doorbell_fd(&self) -> Option<BorrowedFd<'_>> {
-        match &self.bell {
-            Bell::Pollable(b) => Some(b.as_fd()),
-            Bell::Futex => None,
-        }
+        self.link.doorbell_fd()
+    }
+
+    /// Requests sent whose outcome has not been handed out yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|p| !p.abandoned).count() + self.stash.len()
     }
 
     /// Calls `service` with `request` and returns the reply, waiting at most
@@ -294,20 +416,52 @@ impl Client {
         reply: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CallError> {
-        if let Some(reason) = &self.broken {
-            return Err(CallError::Disconnected { reason: reason.clone() });
+        let (deadline, timeout) = deadline(timeout);
+        let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, deadline, timeout)?.0;
+        match self.await_reply(ticket, deadline, timeout)? {
+            Found::Stashed(body) => {
+                *reply = body;
+                Ok(())
+            }
+            Found::Link(r) => {
+                self.link.read_all(&r, reply);
+                let consumed = self.link.consume(&r);
+                self.note(consumed)
+            }
         }
-        if request.len() > self.max_payload {
-            return Err(CallError::TooLarge { len: request.len(), max: self.max_payload });
+    }
+
+    /// Calls `service` with a request of `len` bytes that `fill` writes in
+    /// place, and returns a guard over the reply, read in place. Nothing is
+    /// copied on the way but the bytes `fill` writes and those you read out
+    /// of the guard; nothing is allocated.
+    ///
+    /// The reply's space stays taken until the guard is dropped.
+    ///
+    /// ```no_run
+    /// # let mut client = ipc_client::Client::connect()?;
+    /// let echo = client.service("echo")?;
+    /// let reply = client.call_with(&echo, 8, |buf| buf.write_at(0, &42u64.to_le_bytes()))?;
+    /// let mut word = [0u8; 8];
+    /// reply.read_at(0, &mut word);
+    /// assert_eq!(u64::from_le_bytes(word), 42);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn call_with(
+        &mut self,
+        service: &Service,
+        len: usize,
+        fill: impl FnOnce(&mut RequestBuf<'_>),
+    ) -> Result<ReplyGuard<'_>, CallError> {
+        let (deadline, timeout) = deadline(self.call_timeout);
+        let ticket = self.start(service, len, fill, true, deadline, timeout)?.0;
+        match self.await_reply(ticket, deadline, timeout)? {
+            Found::Link(reply) => Ok(ReplyGuard { client: self, reply, pos: 0 }),
+            // Only replies to other requests are stashed while a request
+            // waits for room, and this one was written before anything was
+            // awaited.
+            Found::Stashed(_) => unreachable!("a call's own reply is never stashed"),
         }
-        // Timeouts beyond a year are taken as a year, so the deadline never
-        // overflows.
-        let timeout = timeout.min(MAX_TIMEOUT);
-        let deadline = Instant::now() + timeout;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(service.id, id, request, deadline, timeout)?;
-        self.receive(service, id, reply, deadline, timeout)
     }
 
     /// Calls `service` with a serde-encoded request and decodes the reply.
@@ -331,182 +485,411 @@ impl Client {
         Ok(value)
     }
 
-    fn fail(&mut self, reason: String) -> CallError {
-        self.broken = Some(reason.clone());
-        CallError::Disconnected { reason }
+    /// Queues a request without waiting: [`CallError::Full`] when the link
+    /// has no room for it now. Queued requests reach the daemon at the next
+    /// wait, receive, call or [`Client::flush`].
+    pub fn try_send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
+        let (deadline, timeout) = deadline(Duration::ZERO);
+        self.start(service, request.len(), |buf| buf.write_at(0, request), false, deadline, timeout).map(|(t, _)| t)
     }
 
-    fn ring_daemon(&mut self) -> Result<(), CallError> {
-        self.daemon_bell.notify().map_err(|e| self.fail(format!("cannot ring the daemon's doorbell: {e}")))
+    /// Queues a request, waiting up to the call timeout for room in the
+    /// link. Queued requests reach the daemon at the next wait, receive,
+    /// call or [`Client::flush`] (and whenever `send` must wait for room).
+    /// While it waits, replies that arrive are kept for [`Client::wait`] and
+    /// [`Client::recv`], so the daemon is never stuck behind them.
+    pub fn send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
+        let (deadline, timeout) = deadline(self.call_timeout);
+        self.start(service, request.len(), |buf| buf.write_at(0, request), true, deadline, timeout).map(|(t, _)| t)
     }
 
-    fn send(
-        &mut self,
-        service: u16,
-        id: u64,
-        request: &[u8],
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), CallError> {
-        loop {
-            match self.requests.try_push(service, 0, id, request) {
-                Ok(()) => break,
-                Err(PushError::Full) => {
-                    // Calls are synchronous, so every reply waiting now
-                    // belongs to an earlier call that timed out. Dropping
-                    // them frees the daemon if it stalled on a full response
-                    // ring, which is what keeps our request ring full.
-                    self.discard_late_replies(id)?;
-                    match self.requests.prepare_wait_space(request.len()) {
-                        Ok(true) => {}
-                        Ok(false) => continue,
-                        Err(e) => return Err(self.fail(format!("request ring corrupt: {e}"))),
-                    }
-                    let waited = self.sleep(Await::Space, deadline, timeout);
-                    self.requests.finish_wait_space();
-                    waited?;
-                }
-                Err(PushError::TooLarge { len, max }) => return Err(CallError::TooLarge { len, max: max as usize }),
-                Err(PushError::Corrupt(e)) => return Err(self.fail(format!("request ring corrupt: {e}"))),
-                Err(e) => return Err(self.fail(e.to_string())),
-            }
-        }
-        if self.requests.publish() {
-            self.ring_daemon()?;
-        }
-        Ok(())
-    }
-
-    /// Consumes the replies of calls before `id` (calls that timed out) and
-    /// hands their space back to the daemon.
-    fn discard_late_replies(&mut self, id: u64) -> Result<(), CallError> {
-        loop {
-            match self.responses.try_peek() {
-                Ok(Some(frame)) if frame.header.request_id < id => self.responses.consume(&frame),
-                Ok(_) => break,
-                Err(e) => return Err(self.fail(format!("response ring corrupt: {e}"))),
-            }
-        }
-        if self.responses.release() {
-            self.ring_daemon()?;
-        }
-        Ok(())
-    }
-
-    fn receive(
+    /// As [`Client::send`], with a request of `len` bytes that `fill`
+    /// writes in place.
+    pub fn send_with(
         &mut self,
         service: &Service,
-        id: u64,
-        reply: &mut Vec<u8>,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), CallError> {
-        let mut daemon_gone = None;
-        loop {
-            let frame = match self.responses.try_peek() {
-                Ok(frame) => frame,
-                Err(e) => return Err(self.fail(format!("response ring corrupt: {e}"))),
-            };
-            let Some(frame) = frame else {
-                if let Some(reason) = daemon_gone {
-                    // The ring was checked once more after the hang-up.
-                    return Err(CallError::Disconnected { reason });
-                }
-                match self.responses.prepare_sleep() {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => return Err(self.fail(format!("response ring corrupt: {e}"))),
-                }
-                let waited = self.sleep(Await::Reply, deadline, timeout);
-                self.responses.finish_sleep();
-                match waited {
-                    Ok(()) => {}
-                    Err(CallError::Disconnected { reason }) => daemon_gone = Some(reason),
-                    Err(e) => return Err(e),
-                }
-                continue;
-            };
-            let header = frame.header;
-            if header.request_id < id {
-                // The late reply of an earlier call that timed out. Hand its
-                // space back at once: the daemon may need it for ours.
-                self.responses.consume(&frame);
-                if self.responses.release() {
-                    self.ring_daemon()?;
-                }
-                continue;
+        len: usize,
+        fill: impl FnOnce(&mut RequestBuf<'_>),
+    ) -> Result<Ticket, CallError> {
+        let (deadline, timeout) = deadline(self.call_timeout);
+        self.start(service, len, fill, true, deadline, timeout).map(|(t, _)| t)
+    }
+
+    /// Hands every queued request to the daemon.
+    pub fn flush(&mut self) -> Result<(), CallError> {
+        self.check_usable()?;
+        let flushed = self.link.flush();
+        self.note(flushed)
+    }
+
+    /// Waits up to the call timeout for the reply to `ticket`. On timeout the
+    /// ticket is spent: its reply is dropped when it arrives.
+    pub fn wait(&mut self, ticket: Ticket) -> Result<Vec<u8>, CallError> {
+        let mut reply = Vec::new();
+        self.wait_into(ticket, &mut reply)?;
+        Ok(reply)
+    }
+
+    /// As [`Client::wait`], writing the reply into `reply`.
+    pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
+        let (deadline, timeout) = deadline(self.call_timeout);
+        match self.await_reply(ticket, deadline, timeout)? {
+            Found::Stashed(body) => {
+                *reply = body;
+                Ok(())
             }
-            if header.request_id > id {
-                let reason = format!("reply to request {} arrived while request {id} waits", header.request_id);
-                return Err(self.fail(reason));
+            Found::Link(r) => {
+                self.link.read_all(&r, reply);
+                let consumed = self.link.consume(&r);
+                self.note(consumed)
             }
-            self.responses.read_payload(&frame, reply);
-            self.responses.consume(&frame);
-            if self.responses.release() {
-                self.ring_daemon()?;
-            }
-            if !header.is_error() {
-                return Ok(());
-            }
-            let (code, message) = decode_error(reply);
-            reply.clear();
-            return Err(match code {
-                ErrorCode::UnknownService => CallError::UnknownService { name: service.name().to_string() },
-                ErrorCode::Shutdown => CallError::Shutdown,
-                _ => CallError::Remote { message },
-            });
         }
     }
 
-    /// Sleeps until the daemon rings, the deadline passes, or the daemon is
-    /// found gone (which marks the client broken; the caller may still find
-    /// a reply the daemon left before it went). The caller has announced the
-    /// sleep in the ring.
-    fn sleep(&mut self, what: Await, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
+    /// Waits up to the call timeout for the next reply to any request in
+    /// flight, in arrival order, and returns its ticket with its outcome.
+    ///
+    /// The outer error means no reply came: [`CallError::Timeout`] (the
+    /// requests stay in flight), [`CallError::Disconnected`] (every request
+    /// in flight is lost with the connection), or
+    /// [`CallError::NothingInFlight`].
+    pub fn recv(&mut self) -> Result<(Ticket, Result<Vec<u8>, CallError>), CallError> {
+        let mut reply = Vec::new();
+        let (ticket, outcome) = self.recv_into(&mut reply)?;
+        Ok((ticket, outcome.map(|()| reply)))
+    }
+
+    /// As [`Client::recv`], writing a reply into `reply`. Allocates nothing
+    /// once `reply` has grown large enough (unless replies had to be kept
+    /// aside while [`Client::send`] or [`Client::wait`] waited for another).
+    pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<(Ticket, Result<(), CallError>), CallError> {
+        if let Some(stashed) = self.stash.pop_front() {
+            let id = stashed.header.request_id;
+            *reply = stashed.body;
+            return Ok((Ticket { id }, self.outcome(stashed.header, reply)));
+        }
+        if self.in_flight.iter().all(|p| p.abandoned) {
+            return Err(CallError::NothingInFlight);
+        }
+        let (deadline, timeout) = deadline(self.call_timeout);
+        self.check_usable()?;
+        let flushed = self.link.flush();
+        self.note(flushed)?;
+        let next = self.next_reply(deadline, timeout);
+        let (_, r) = self.note(next)?;
+        self.link.read_all(&r, reply);
+        let consumed = self.link.consume(&r);
+        self.note(consumed)?;
+        Ok((Ticket { id: r.header().request_id }, self.outcome(r.header(), reply)))
+    }
+
+    fn check_usable(&self) -> Result<(), CallError> {
+        match &self.broken {
+            Some(reason) => Err(CallError::Disconnected { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the client broken when `result` says the link is gone.
+    fn note<T>(&mut self, result: Result<T, CallError>) -> Result<T, CallError> {
+        if let Err(CallError::Disconnected { reason }) = &result {
+            if self.broken.is_none() {
+                self.broken = Some(reason.clone());
+            }
+        }
+        result
+    }
+
+    /// Writes a request, waiting for room (with `wait`) until the deadline.
+    /// With `flush`, hands it to the daemon at once.
+    fn start<R>(
+        &mut self,
+        service: &Service,
+        len: usize,
+        fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
+        wait: bool,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(Ticket, R), CallError> {
+        self.check_usable()?;
+        if len > self.max_payload {
+            return Err(CallError::TooLarge { len, max: self.max_payload });
+        }
+        let id = self.next_id;
+        let mut fill = Some(fill);
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(CallError::Timeout { after: timeout });
-            }
-            let slice = (deadline - now).min(LIVENESS_SLICE);
-            let woken = match &self.bell {
-                Bell::Futex => {
-                    let word: &AtomicU32 = match what {
-                        Await::Reply => self.responses.data_waiter(),
-                        Await::Space => self.requests.space_waiter(),
-                    };
-                    // The daemon swaps the word to 0 before it wakes us.
-                    if word.load(Ordering::Acquire) != 1 {
-                        return Ok(());
-                    }
-                    match futex::wait(word, 1, Some(slice)) {
-                        Ok(Wake::Woken) => true,
-                        Ok(Wake::TimedOut) => false,
-                        Err(e) => return Err(self.fail(format!("futex wait failed: {e}"))),
-                    }
+            let written = self.link.try_write(service.id, id, len, |buf| (fill.take().expect("filled once"))(buf));
+            match self.note(written)? {
+                Some(r) => {
+                    self.next_id += 1;
+                    self.in_flight.push_back(InFlight { id, service: service.id, abandoned: false });
+                    return Ok((Ticket { id }, r));
                 }
-                Bell::Pollable(bell) => {
-                    match ipc_platform::wait_readable(&[bell.as_fd(), self.control.as_fd()], Some(slice)) {
-                        Ok(ready) if ready[0] => match bell.drain() {
-                            Ok(Drained::Rang) | Ok(Drained::Quiet) => true,
-                            Ok(Drained::Closed) => return Err(self.fail("the daemon closed the session".into())),
-                            Err(e) => return Err(self.fail(format!("doorbell read failed: {e}"))),
-                        },
-                        Ok(_) => false,
-                        Err(e) => return Err(self.fail(format!("poll failed: {e}"))),
-                    }
+                None if !wait => return Err(CallError::Full { in_flight: self.in_flight() }),
+                None => {
+                    // The daemon may be stuck on a full reply path: take
+                    // what replies there are aside, then wait for room.
+                    self.stash_replies()?;
+                    let waited = self.link.wait_writable(len, deadline, timeout);
+                    self.note(waited)?;
+                    self.stash_replies()?;
                 }
-            };
-            if woken {
-                return Ok(());
-            }
-            match ipc_platform::peer_closed(self.control.as_fd()) {
-                Ok(false) => {}
-                Ok(true) => return Err(self.fail("the daemon closed the session".into())),
-                Err(e) => return Err(self.fail(format!("control connection failed: {e}"))),
             }
         }
     }
+
+    /// Moves every reply waiting on the link into the stash (dropping those
+    /// of abandoned requests).
+    fn stash_replies(&mut self) -> Result<(), CallError> {
+        loop {
+            let peeked = self.link.peek();
+            let Some(r) = self.note(peeked)? else { return Ok(()) };
+            let entry = self.claim(&r)?;
+            if !entry.abandoned {
+                let mut body = Vec::new();
+                self.link.read_all(&r, &mut body);
+                self.stash.push_back(Stashed { header: r.header(), body });
+            }
+            let consumed = self.link.consume(&r);
+            self.note(consumed)?;
+        }
+    }
+
+    /// Takes the in-flight entry a reply answers; a reply to nothing we sent
+    /// breaks the connection.
+    fn claim(&mut self, r: &ReplyRef) -> Result<InFlight, CallError> {
+        let id = r.header().request_id;
+        match self.in_flight.binary_search_by_key(&id, |p| p.id) {
+            Ok(i) if self.in_flight[i].service == r.header().service => {
+                Ok(self.in_flight.remove(i).expect("index from the search"))
+            }
+            Ok(i) => {
+                let reason = format!(
+                    "the daemon answered request {id} of service {} as service {}",
+                    self.in_flight[i].service,
+                    r.header().service
+                );
+                self.note(Err(CallError::Disconnected { reason }))
+            }
+            Err(_) => {
+                let reason = format!("the daemon sent a reply to request {id}, which is not in flight");
+                self.note(Err(CallError::Disconnected { reason }))
+            }
+        }
+    }
+
+    /// The next reply on the link that someone still waits for, not yet
+    /// consumed, with its claimed entry.
+    fn next_reply(&mut self, deadline: Instant, timeout: Duration) -> Result<(InFlight, ReplyRef), CallError> {
+        loop {
+            match self.link.peek()? {
+                Some(r) => {
+                    let entry = self.claim(&r)?;
+                    if !entry.abandoned {
+                        return Ok((entry, r));
+                    }
+                    self.link.consume(&r)?;
+                }
+                None => {
+                    if Instant::now() >= deadline {
+                        return Err(CallError::Timeout { after: timeout });
+                    }
+                    self.link.wait_readable(deadline, timeout)?;
+                }
+            }
+        }
+    }
+
+    /// Waits for `ticket`'s reply and leaves it unconsumed on the link for
+    /// the caller (or hands over the stashed one); an error reply is
+    /// consumed and returned as the error.
+    fn await_reply(&mut self, ticket: Ticket, deadline: Instant, timeout: Duration) -> Result<Found, CallError> {
+        if let Some(i) = self.stash.iter().position(|s| s.header.request_id == ticket.id) {
+            let stashed = self.stash.remove(i).expect("index from the search");
+            let mut body = stashed.body;
+            self.outcome(stashed.header, &mut body)?;
+            return Ok(Found::Stashed(body));
+        }
+        let Ok(i) = self.in_flight.binary_search_by_key(&ticket.id, |p| p.id) else {
+            return Err(CallError::UnknownTicket { id: ticket.id });
+        };
+        if self.in_flight[i].abandoned {
+            return Err(CallError::UnknownTicket { id: ticket.id });
+        }
+        self.check_usable()?;
+        let flushed = self.link.flush();
+        self.note(flushed)?;
+        loop {
+            let next = self.next_reply(deadline, timeout);
+            let (entry, r) = match self.note(next) {
+                Ok(found) => found,
+                Err(e) => {
+                    if matches!(e, CallError::Timeout { .. }) {
+                        self.abandon(ticket.id);
+                    }
+                    return Err(e);
+                }
+            };
+            if entry.id == ticket.id {
+                if r.header().is_error() {
+                    let mut body = std::mem::take(&mut self.scratch);
+                    self.link.read_all(&r, &mut body);
+                    let consumed = self.link.consume(&r);
+                    let outcome = self.outcome(r.header(), &mut body);
+                    self.scratch = body;
+                    self.note(consumed)?;
+                    outcome?;
+                    unreachable!("an error reply gives an error outcome");
+                }
+                return Ok(Found::Link(r));
+            }
+            let mut body = Vec::new();
+            self.link.read_all(&r, &mut body);
+            self.stash.push_back(Stashed { header: r.header(), body });
+            let consumed = self.link.consume(&r);
+            self.note(consumed)?;
+        }
+    }
+
+    fn abandon(&mut self, id: u64) {
+        if let Ok(i) = self.in_flight.binary_search_by_key(&id, |p| p.id) {
+            self.in_flight[i].abandoned = true;
+        }
+    }
+
+    /// The outcome a reply carries; an error reply's body is decoded (and
+    /// `body` cleared).
+    fn outcome(&self, header: FrameHeader, body: &mut Vec<u8>) -> Result<(), CallError> {
+        if !header.is_error() {
+            return Ok(());
+        }
+        let (code, message) = decode_error(body);
+        body.clear();
+        Err(match code {
+            ErrorCode::UnknownService => {
+                let name = self
+                    .services
+                    .iter()
+                    .find(|(_, &id)| id == header.service)
+                    .map_or_else(|| format!("#{}", header.service), |(n, _)| n.clone());
+                CallError::UnknownService { name }
+            }
+            ErrorCode::Shutdown => CallError::Shutdown,
+            _ => CallError::Remote { message },
+        })
+    }
+}
+
+/// A reply read in place, from [`Client::call_with`]. Its space in the ring
+/// (or input buffer) is handed back when the guard is dropped.
+///
+/// Like the request side, it hands out no reference to shared memory: read
+/// with [`ReplyGuard::read_at`], [`std::io::Read`], or copy it all out with
+/// [`ReplyGuard::to_vec`].
+pub struct ReplyGuard<'c> {
+    client: &'c mut Client,
+    reply: ReplyRef,
+    pos: usize,
+}
+
+impl ReplyGuard<'_> {
+    /// The reply's length in bytes.
+    pub fn len(&self) -> usize {
+        self.reply.len()
+    }
+
+    /// Whether the reply is empty.
+    pub fn is_empty(&self) -> bool {
+        self.reply.len() == 0
+    }
+
+    /// Copies `dst.len()` bytes from `offset` into `dst`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the range is past the reply's end.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        self.client.link.read_at(&self.reply, offset, dst);
+    }
+
+    /// Copies the whole reply into `out`, replacing its contents.
+    pub fn copy_into(&self, out: &mut Vec<u8>) {
+        self.client.link.read_all(&self.reply, out);
+    }
+
+    /// The whole reply, copied out.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.copy_into(&mut out);
+        out
+    }
+}
+
+/// Sequential reads from the start of the reply.
+impl io::Read for ReplyGuard<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.reply.len() - self.pos);
+        self.client.link.read_at(&self.reply, self.pos, &mut buf[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl std::fmt::Debug for ReplyGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyGuard").field("len", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl Drop for ReplyGuard<'_> {
+    fn drop(&mut self) {
+        let consumed = self.client.link.consume(&self.reply);
+        // A failure to ring the daemon breaks the client; the next call
+        // reports it.
+        let _ = self.client.note(consumed);
+    }
+}
+
+/// The deadline of an operation that starts now, with its timeout capped
+/// at a year so the deadline never overflows.
+fn deadline(timeout: Duration) -> (Instant, Duration) {
+    let timeout = timeout.min(MAX_TIMEOUT);
+    (Instant::now() + timeout, timeout)
+}
+
+fn shm_link(
+    control: UnixStream,
+    welcome: &Welcome,
+    layout: &SegmentLayout,
+    fds: Vec<OwnedFd>,
+    options: &ClientOptions,
+) -> Result<ShmLink, ConnectError> {
+    let protocol = |m: String| ConnectError::Protocol(m);
+    if welcome.doorbell != options.doorbell {
+        return Err(protocol(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, welcome.doorbell)));
+    }
+    if fds.len() != welcome.fd_count() {
+        return Err(protocol(format!("welcome carries {} fds, expected {}", fds.len(), welcome.fd_count())));
+    }
+    let mut fds = fds.into_iter();
+    let (memfd, daemon_bell) = (fds.next().expect("counted"), fds.next().expect("counted"));
+    // Refused unless sealed against resizing and of the announced size.
+    let region = Mapping::map(memfd.as_fd(), layout.segment_size()).map_err(|e| protocol(e.to_string()))?;
+    drop(memfd);
+    SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
+    let bell = match fds.next() {
+        Some(fd) => Bell::Pollable(SocketBell::from_fd(fd)),
+        None => Bell::Futex,
+    };
+    Ok(ShmLink {
+        control,
+        requests: Producer::new(&region, layout, Direction::Request),
+        responses: Consumer::new(&region, layout, Direction::Response),
+        daemon_bell: EventFd::from_fd(daemon_bell)?,
+        bell,
+        spinner: Spinner::new(options.spin),
+        gone: None,
+    })
 }
 
 fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
@@ -517,7 +900,7 @@ fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
 }
 
 /// Reads the daemon's answer to the hello, with the fds that come with it.
-fn read_answer(control: &UnixStream, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -534,7 +917,7 @@ fn read_answer(control: &UnixStream, timeout: Duration) -> Result<(ServerMessage
                 return Ok((message, fds));
             }
         }
-        let (n, got) = ipc_platform::recv_with_fds(control.as_fd(), &mut chunk).map_err(|e| timeout_or(e, timeout))?;
+        let (n, got) = ipc_platform::recv_with_fds(control, &mut chunk).map_err(|e| timeout_or(e, timeout))?;
         fds.extend(got);
         if n == 0 {
             return Err(ConnectError::Protocol("the daemon closed the connection during the handshake".into()));

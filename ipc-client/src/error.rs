@@ -104,6 +104,19 @@ pub enum CallError {
     },
     /// The daemon is shutting down; the request was not executed.
     Shutdown,
+    /// [`crate::Client::try_send`] found no room for the request now.
+    Full {
+        /// Requests in flight at the time.
+        in_flight: usize,
+    },
+    /// [`crate::Client::recv`] was called with no request in flight.
+    NothingInFlight,
+    /// The ticket has no request in flight: its outcome was already handed
+    /// out (or it timed out).
+    UnknownTicket {
+        /// The ticket's request id.
+        id: u64,
+    },
     /// A typed request could not be encoded.
     Encode(String),
     /// A typed reply could not be decoded.
@@ -121,6 +134,13 @@ impl fmt::Display for CallError {
             }
             CallError::Remote { message } => write!(f, "service error: {message}"),
             CallError::Shutdown => f.write_str("ipcd is shutting down; the request was not executed"),
+            CallError::Full { in_flight } => {
+                write!(f, "no room for another request now ({in_flight} in flight)")
+            }
+            CallError::NothingInFlight => f.write_str("no request is in flight"),
+            CallError::UnknownTicket { id } => {
+                write!(f, "request {id} is not in flight (its outcome was already handed out)")
+            }
             CallError::Encode(m) => write!(f, "cannot encode the request: {m}"),
             CallError::Decode(m) => write!(f, "cannot decode the reply: {m}"),
         }

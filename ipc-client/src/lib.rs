@@ -25,7 +25,11 @@
 
 mod client;
 mod error;
+mod link;
+mod shm;
+mod stream;
 
-pub use client::{Client, ClientOptions, Service};
+pub use client::{Client, ClientOptions, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
 pub use error::{CallError, ConnectError};
 pub use ipc_core::{DoorbellKind, Reject};
+pub use link::RequestBuf;

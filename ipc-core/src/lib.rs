@@ -34,6 +34,7 @@ pub mod layout;
 mod region;
 mod reply;
 mod ring;
+mod spin;
 pub mod sync;
 
 pub use error::{HandshakeError, LayoutError};
@@ -42,4 +43,5 @@ pub use handshake::{DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, We
 pub use layout::SegmentLayout;
 pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN};
 pub use reply::{decode_error, encode_error, ErrorCode, MAX_ERROR_MESSAGE};
-pub use ring::{Consumer, Direction, Frame, Index, Producer, PushError, RingError};
+pub use ring::{Consumer, Direction, Frame, Index, PayloadWriter, Producer, PushError, RingError};
+pub use spin::Spinner;

@@ -320,10 +320,28 @@ impl Producer {
     /// Writes a frame carrying `payload`, unpublished until
     /// [`Producer::publish`]. Never blocks.
     pub fn try_push(&mut self, service: u16, flags: u16, request_id: u64, payload: &[u8]) -> Result<(), PushError> {
-        if payload.len() > self.ring.max_payload as usize {
-            return Err(PushError::TooLarge { len: payload.len(), max: self.ring.max_payload });
+        self.try_push_with(service, flags, request_id, payload.len(), |w| w.write_at(0, payload))
+    }
+
+    /// Writes a frame of `len` payload bytes whose contents `fill` writes in
+    /// place, through a [`PayloadWriter`] over the ring; unpublished until
+    /// [`Producer::publish`]. Never blocks: when the frame does not fit,
+    /// `fill` is not called and the error is [`PushError::Full`].
+    ///
+    /// Bytes `fill` leaves unwritten keep what earlier frames of this ring
+    /// left there. If `fill` panics, the frame is not pushed.
+    pub fn try_push_with<R>(
+        &mut self,
+        service: u16,
+        flags: u16,
+        request_id: u64,
+        len: usize,
+        fill: impl FnOnce(&mut PayloadWriter<'_>) -> R,
+    ) -> Result<R, PushError> {
+        if len > self.ring.max_payload as usize {
+            return Err(PushError::TooLarge { len, max: self.ring.max_payload });
         }
-        let size = frame_size(payload.len()) as u64;
+        let size = frame_size(len) as u64;
         let needed = self.needed(size);
         if !self.has_room(needed) {
             self.refresh_tail()?;
@@ -345,12 +363,13 @@ impl Producer {
             }
             self.head += to_end;
         }
-        let header = FrameHeader { len: payload.len() as u32, service, flags, request_id };
+        let header = FrameHeader { len: len as u32, service, flags, request_id };
         let at = self.ring.data_offset(self.head);
         self.ring.region.write(at, &header.encode());
-        self.ring.region.write(at + HEADER_LEN, payload);
+        let mut writer = PayloadWriter { region: &self.ring.region, at: at + HEADER_LEN, len, pos: 0 };
+        let result = fill(&mut writer);
         self.head += size;
-        Ok(())
+        Ok(result)
     }
 
     /// Whether a frame with `len` payload bytes would fit now, re-reading
@@ -415,6 +434,63 @@ impl Producer {
     /// [`Producer::publish`] returns `true`.
     pub fn peer_waiter(&self) -> &AtomicU32 {
         self.ring.word(DATA_WAITER)
+    }
+}
+
+/// The payload of a frame being pushed, written in place in the ring by
+/// [`Producer::try_push_with`].
+///
+/// It hands out no reference to the ring (the peer can write those bytes):
+/// data is copied in through [`PayloadWriter::write_at`] or [`std::io::Write`],
+/// exactly once, from the caller's values to shared memory.
+#[derive(Debug)]
+pub struct PayloadWriter<'a> {
+    region: &'a Region,
+    at: usize,
+    len: usize,
+    pos: usize,
+}
+
+impl PayloadWriter<'_> {
+    /// The payload's length, fixed when the frame was reserved.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `src` to `offset` within the payload.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `offset + src.len()` exceeds the payload's length.
+    pub fn write_at(&mut self, offset: usize, src: &[u8]) {
+        let end = offset.checked_add(src.len());
+        assert!(
+            end.is_some_and(|end| end <= self.len),
+            "write of {} bytes at {offset} past a payload of {} bytes",
+            src.len(),
+            self.len
+        );
+        self.region.write(self.at + offset, src);
+    }
+}
+
+/// Writes sequentially from the start of the payload; a write past its end
+/// is cut short (and an empty write reports it, as for a full slice).
+impl std::io::Write for PayloadWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.len - self.pos);
+        self.write_at(self.pos, &buf[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -551,6 +627,23 @@ impl Consumer {
     pub fn read_payload(&self, frame: &Frame, out: &mut Vec<u8>) {
         out.clear();
         self.ring.region.read_append(frame.payload, frame.len(), out);
+    }
+
+    /// Copies `dst.len()` bytes of `frame`'s payload, from `offset`, into
+    /// `dst`: a partial read in place, without copying the whole payload.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the range is outside the payload.
+    pub fn read_at(&self, frame: &Frame, offset: usize, dst: &mut [u8]) {
+        let end = offset.checked_add(dst.len());
+        assert!(
+            end.is_some_and(|end| end <= frame.len()),
+            "read of {} bytes at {offset} past a payload of {} bytes",
+            dst.len(),
+            frame.len()
+        );
+        self.ring.region.read(frame.payload + offset, dst);
     }
 
     /// Consumes `frame`, the one the last `try_peek` returned. Its space is

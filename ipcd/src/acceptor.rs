@@ -6,6 +6,10 @@
 //! answered with a welcome (and the session's fds) or an explicit reject. A
 //! connection that sends garbage is rejected, one that stays silent past the
 //! deadline is closed, and neither affects anyone else.
+//!
+//! The same handshake runs on the stream listeners (`--uds`, `--tcp`); there
+//! the welcome carries no fds and the connection itself then carries the
+//! frames.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -18,18 +22,21 @@ use ipc_core::{
     Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Reject, SegmentLayout, ServerMessage, Welcome,
     PROTOCOL_VERSION,
 };
-use ipc_platform::{EventFd, Mapping, PeerCredentials, SocketBell};
-use mio::net::{UnixListener, UnixStream};
+use ipc_platform::{EventFd, Mapping, SocketBell};
+use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::server::{Server, ServerError, Shared, ACCEPTOR_WAKER};
 use crate::session::{ClientWake, Session};
 use crate::stats::RejectReason;
-use crate::worker::{self, WorkerHandle};
+use crate::stream_session::{Peer, Stream, StreamSession};
+use crate::worker::{self, Conn, WorkerHandle};
 
 const LISTENER: Token = Token(0);
-const FIRST_PENDING: usize = 2;
+const UDS_LISTENER: Token = Token(2);
+const TCP_LISTENER: Token = Token(3);
+const FIRST_PENDING: usize = 4;
 /// The longest hello body accepted.
 const MAX_HELLO: usize = 1024;
 /// How long to stop accepting after running out of fds.
@@ -37,9 +44,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 type SessionParts = (EventFd, ClientWake, Consumer, Producer);
 
+/// Which listener a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The control socket: the session gets shared-memory rings.
+    Shm,
+    /// A stream listener: frames travel on the connection itself.
+    Stream,
+}
+
 struct Pending {
-    stream: UnixStream,
-    peer: PeerCredentials,
+    stream: Stream,
+    kind: Kind,
+    peer: Peer,
     buf: Vec<u8>,
     deadline: Instant,
 }
@@ -48,6 +65,9 @@ pub(crate) struct Acceptor {
     shared: Arc<Shared>,
     bound: ipc_platform::BoundSocket,
     listener: Option<UnixListener>,
+    uds_bound: Option<ipc_platform::BoundSocket>,
+    uds_listener: Option<UnixListener>,
+    tcp_listener: Option<TcpListener>,
     poll: Poll,
     _waker: Arc<Waker>,
     workers: Vec<WorkerHandle>,
@@ -58,10 +78,27 @@ pub(crate) struct Acceptor {
 
 impl Acceptor {
     pub(crate) fn new(server: Server) -> Result<Acceptor, ServerError> {
-        let Server { shared, bound, poll, waker } = server;
+        let Server { shared, bound, uds, tcp, poll, waker } = server;
         let listener_fd = bound.listener.try_clone()?;
         let mut listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let uds_listener = match &uds {
+            Some(b) => {
+                let fd = b.listener.try_clone()?;
+                let mut l = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd));
+                poll.registry().register(&mut l, UDS_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let tcp_listener = match tcp {
+            Some(l) => {
+                let mut l = TcpListener::from_std(l);
+                poll.registry().register(&mut l, TCP_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(shared.config.workers);
         for i in 0..shared.config.workers {
             match worker::spawn(i, Arc::clone(&shared)) {
@@ -81,6 +118,9 @@ impl Acceptor {
             shared,
             bound,
             listener: Some(listener),
+            uds_bound: uds,
+            uds_listener,
+            tcp_listener,
             poll,
             _waker: waker,
             workers,
@@ -103,7 +143,7 @@ impl Acceptor {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER | UDS_LISTENER | TCP_LISTENER => self.accept(),
                     ACCEPTOR_WAKER => {}
                     Token(t) => self.read_hello(t - FIRST_PENDING),
                 }
@@ -123,17 +163,39 @@ impl Acceptor {
         self.pending.iter().map(|(_, p)| p.deadline).chain(self.accept_paused_until).min()
     }
 
+    /// Accepts what waits on every listener.
     fn accept(&mut self) {
         if self.accept_paused_until.is_some() {
             return;
         }
-        loop {
-            let Some(listener) = &self.listener else {
+        for token in [LISTENER, UDS_LISTENER, TCP_LISTENER] {
+            if !self.accept_from(token) {
                 return;
+            }
+        }
+    }
+
+    /// Accepts until `token`'s listener would block. Returns false when
+    /// accepting is paused (out of fds).
+    fn accept_from(&mut self, token: Token) -> bool {
+        loop {
+            let accepted = match token {
+                LISTENER => match &self.listener {
+                    Some(l) => l.accept().map(|(s, _)| (Stream::Unix(s), Kind::Shm)),
+                    None => return true,
+                },
+                UDS_LISTENER => match &self.uds_listener {
+                    Some(l) => l.accept().map(|(s, _)| (Stream::Unix(s), Kind::Stream)),
+                    None => return true,
+                },
+                _ => match &self.tcp_listener {
+                    Some(l) => l.accept().map(|(s, _)| (Stream::Tcp(s), Kind::Stream)),
+                    None => return true,
+                },
             };
-            match listener.accept() {
-                Ok((stream, _)) => self.add_pending(stream),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            match accepted {
+                Ok((stream, kind)) => self.add_pending(stream, kind),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
@@ -142,19 +204,28 @@ impl Acceptor {
                     // spin, then try again.
                     tracing::error!("accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
+                    return false;
                 }
             }
         }
     }
 
-    fn add_pending(&mut self, mut stream: UnixStream) {
-        let peer = match ipc_platform::peer_credentials(stream.as_fd()) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("cannot read peer credentials: {e}; closing the connection");
-                return;
-            }
+    fn add_pending(&mut self, mut stream: Stream, kind: Kind) {
+        let peer = match &stream {
+            Stream::Unix(s) => match ipc_platform::peer_credentials(s.as_fd()) {
+                Ok(p) => Peer::Unix(p),
+                Err(e) => {
+                    tracing::warn!("cannot read peer credentials: {e}; closing the connection");
+                    return;
+                }
+            },
+            Stream::Tcp(s) => match s.peer_addr().and_then(|a| s.set_nodelay(true).map(|()| a)) {
+                Ok(addr) => Peer::Tcp(addr),
+                Err(e) => {
+                    tracing::warn!("cannot set up a TCP connection: {e}; closing it");
+                    return;
+                }
+            },
         };
         let entry = self.pending.vacant_entry();
         let token = Token(entry.key() + FIRST_PENDING);
@@ -164,6 +235,7 @@ impl Acceptor {
         }
         entry.insert(Pending {
             stream,
+            kind,
             peer,
             buf: Vec::with_capacity(64),
             deadline: Instant::now() + self.shared.config.handshake_timeout,
@@ -178,7 +250,7 @@ impl Acceptor {
         loop {
             match pending.stream.read(&mut chunk) {
                 Ok(0) => {
-                    tracing::debug!(pid = pending.peer.pid, "connection closed before its hello");
+                    tracing::debug!(peer = %pending.peer, "connection closed before its hello");
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
@@ -191,7 +263,7 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::debug!(pid = pending.peer.pid, "connection failed during its hello: {e}");
+                    tracing::debug!(peer = %pending.peer, "connection failed during its hello: {e}");
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
@@ -257,7 +329,7 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        tracing::info!(pid = pending.peer.pid, uid = pending.peer.uid, "handshake rejected: {reject}");
+        tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
         // Count before answering, so a client that sees the reject also
         // sees the count.
         self.shared.stats.rejected(reason);
@@ -278,16 +350,12 @@ impl Acceptor {
             return;
         };
         let id = self.next_session;
-        let (bell, wake, requests, responses) = match self.create_session(id, &pending, &hello) {
-            Ok(parts) => parts,
-            Err(e) => {
-                tracing::error!("cannot create a session: {e}");
-                let reason = e.to_string();
-                return self.reject_pending(pending, Reject::ResourceExhausted { reason }, RejectReason::Resources);
-            }
+        let conn = match pending.kind {
+            Kind::Shm => self.open_shm(id, pending, &hello),
+            Kind::Stream => self.open_stream(id, pending, &hello),
         };
+        let Some(conn) = conn else { return };
         self.next_session += 1;
-        let session = Session::new(id, pending.peer, pending.stream, bell, wake, requests, responses);
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.accepted();
         let worker = self
@@ -295,17 +363,57 @@ impl Acceptor {
             .iter()
             .min_by_key(|w| self.shared.stats.workers[w.index].sessions.load(Ordering::Relaxed))
             .expect("at least one worker");
-        tracing::debug!(
-            session = id,
-            pid = session.peer.pid,
-            uid = session.peer.uid,
-            worker = worker.index,
-            "session opened"
-        );
-        if let Err(e) = worker.adopt(session) {
+        tracing::debug!(session = id, worker = worker.index, "session opened");
+        if let Err(e) = worker.adopt(conn) {
             tracing::error!(session = id, "cannot hand the session to a worker: {e}");
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello) -> Option<Conn> {
+        let (bell, wake, requests, responses) = match self.create_session(id, &pending, hello) {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::error!("cannot create a session: {e}");
+                let reason = e.to_string();
+                self.reject_pending(pending, Reject::ResourceExhausted { reason }, RejectReason::Resources);
+                return None;
+            }
+        };
+        let (Stream::Unix(control), Peer::Unix(peer)) = (pending.stream, pending.peer) else {
+            unreachable!("the control socket is a Unix socket");
+        };
+        tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
+        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses)))
+    }
+
+    /// Answers a stream client's hello: a welcome without fds, after which
+    /// the connection carries frames.
+    fn open_stream(&mut self, id: u64, mut pending: Pending, hello: &Hello) -> Option<Conn> {
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+        let max_payload = SegmentLayout::new(capacity).map(|l| l.max_payload()).unwrap_or(0);
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            session_id: id,
+            ring_capacity: capacity,
+            max_payload,
+            doorbell: hello.doorbell,
+            services: self.shared.services.directory(),
+        };
+        let sent = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other).and_then(|bytes| {
+            // A fresh connection's send buffer takes a welcome whole.
+            match pending.stream.write(&bytes)? {
+                n if n == bytes.len() => Ok(()),
+                n => Err(io::Error::other(format!("welcome cut short: {n} of {} bytes sent", bytes.len()))),
+            }
+        });
+        if let Err(e) = sent {
+            tracing::warn!(peer = %pending.peer, "cannot welcome a stream client: {e}");
+            self.shared.stats.rejected(RejectReason::HungUp);
+            return None;
+        }
+        tracing::debug!(session = id, peer = %pending.peer, "stream session");
+        Some(Conn::Stream(StreamSession::new(id, pending.peer, pending.stream, max_payload as usize)))
     }
 
     /// Creates the segment and doorbells and sends the welcome with their
@@ -354,7 +462,7 @@ impl Acceptor {
         let expired: Vec<usize> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k).collect();
         for key in expired {
             if let Some(p) = self.pending.get(key) {
-                tracing::info!(pid = p.peer.pid, uid = p.peer.uid, "handshake timed out; closing the connection");
+                tracing::info!(peer = %p.peer, "handshake timed out; closing the connection");
             }
             self.drop_pending(key, RejectReason::HandshakeTimeout);
         }
@@ -369,6 +477,17 @@ impl Acceptor {
         }
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
+        }
+        if let (Some(path), Some(bound)) = (&self.shared.config.uds, &self.uds_bound) {
+            if let Err(e) = ipc_platform::remove_control_socket(path, bound) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+        if let Some(mut l) = self.uds_listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some(mut l) = self.tcp_listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
         }
         let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
         for key in keys {

@@ -33,7 +33,8 @@ mod server;
 mod service;
 mod session;
 mod stats;
+mod stream_session;
 mod worker;
 
-pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};
+pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN};
 pub use service::{Handler, ServiceError};

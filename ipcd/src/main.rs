@@ -12,7 +12,8 @@ use clap::Parser;
 /// ipcd: request/response IPC over sealed shared-memory rings.
 ///
 /// Listens on a Unix control socket; clients (ipc-client) handshake there and
-/// then call services through shared memory. SIGINT or SIGTERM stops it:
+/// then call services through shared memory. With --uds and --tcp it also
+/// serves the same services over plain stream sockets. SIGINT or SIGTERM stops it:
 /// calls in flight get a shutdown error, the socket file is removed, and it
 /// exits 0.
 #[derive(Parser, Debug)]
@@ -50,6 +51,21 @@ struct Args {
     /// Also offer the debug.sleep and debug.fail services (for tests).
     #[arg(long)]
     debug_services: bool,
+
+    /// Also serve the same services over a plain Unix stream socket at PATH
+    /// (for clients that cannot map shared memory, and as a baseline).
+    #[arg(long, value_name = "PATH")]
+    uds: Option<PathBuf>,
+
+    /// Also serve over TCP at ADDR, e.g. 127.0.0.1:7070. No access control:
+    /// bind it to loopback.
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<std::net::SocketAddr>,
+
+    /// Longest a worker spins on idle rings before sleeping, in
+    /// microseconds (0: never) [default: 50 with more than one core]
+    #[arg(long, value_name = "US")]
+    spin_us: Option<u64>,
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -114,6 +130,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
+    }
+    if let Some(path) = args.uds {
+        builder = builder.uds(path);
+    }
+    if let Some(addr) = args.tcp {
+        builder = builder.tcp(addr);
+    }
+    if let Some(us) = args.spin_us {
+        builder = builder.spin(Duration::from_micros(us));
     }
     let server = builder.build().context("cannot start ipcd")?;
     let handle = server.shutdown_handle();

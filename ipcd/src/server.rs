@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,14 @@ use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::stats::Stats;
 
 pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
+
+/// The default spin limit of a worker, chosen by measuring one and 100
+/// clients on a 2-core machine (see the README).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+fn workers_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// What every thread of a server shares.
 pub(crate) struct Shared {
@@ -32,6 +41,9 @@ pub(crate) struct Config {
     pub(crate) max_clients: usize,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_ring_capacity: u32,
+    /// How long a worker spins on idle rings before sleeping.
+    pub(crate) spin: Duration,
+    pub(crate) uds: Option<PathBuf>,
 }
 
 /// Why a server could not be built or run.
@@ -85,6 +97,9 @@ pub struct ServerBuilder {
     handshake_timeout: Duration,
     max_ring_capacity: u32,
     debug_services: bool,
+    spin: Duration,
+    uds: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
     services: Vec<(String, Handler)>,
 }
 
@@ -98,6 +113,9 @@ impl Default for ServerBuilder {
             handshake_timeout: Duration::from_secs(2),
             max_ring_capacity: 16 << 20,
             debug_services: false,
+            spin: DEFAULT_SPIN,
+            uds: None,
+            tcp: None,
             services: Vec::new(),
         }
     }
@@ -141,6 +159,30 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a worker watches idle rings before it sleeps (default
+    /// [`DEFAULT_SPIN`] with more than one core, else zero). Spinning
+    /// adapts: it stops while spins keep finding nothing. Zero never spins.
+    pub fn spin(mut self, limit: Duration) -> Self {
+        self.spin = limit;
+        self
+    }
+
+    /// Also serve over a plain Unix stream socket at `path`: the same
+    /// services and frames, for clients that cannot map shared memory
+    /// (created with the control socket's permissions).
+    pub fn uds(mut self, path: impl Into<PathBuf>) -> Self {
+        self.uds = Some(path.into());
+        self
+    }
+
+    /// Also serve over TCP at `addr` (port 0 picks a free port; see
+    /// [`Server::tcp_addr`]). There is no access control on TCP: bind it to
+    /// loopback.
+    pub fn tcp(mut self, addr: SocketAddr) -> Self {
+        self.tcp = Some(addr);
+        self
+    }
+
     /// Also offer `debug.sleep` and `debug.fail`, for tests.
     pub fn debug_services(mut self, on: bool) -> Self {
         self.debug_services = on;
@@ -179,7 +221,7 @@ impl ServerBuilder {
         let workers = match self.workers {
             Some(0) => return Err(ServerError::Config("workers must be at least 1".into())),
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => workers_cores(),
         };
         if self.max_clients == 0 {
             return Err(ServerError::Config("max clients must be at least 1".into()));
@@ -219,6 +261,23 @@ impl ServerBuilder {
         }
         let bound = ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024)
             .map_err(|source| ServerError::Bind { path: socket.clone(), source })?;
+        let uds = match &self.uds {
+            Some(path) => Some(
+                ipc_platform::bind_control_socket(path, self.socket_mode, 1024)
+                    .map_err(|source| ServerError::Bind { path: path.clone(), source })?,
+            ),
+            None => None,
+        };
+        let tcp = match self.tcp {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|source| ServerError::Bind { path: PathBuf::from(addr.to_string()), source })?;
+                listener.set_nonblocking(true)?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let spin = if workers_cores() > 1 { self.spin } else { Duration::ZERO };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), ACCEPTOR_WAKER)?);
         let config = Config {
@@ -228,9 +287,11 @@ impl ServerBuilder {
             max_clients: self.max_clients,
             handshake_timeout: self.handshake_timeout,
             max_ring_capacity: self.max_ring_capacity,
+            spin,
+            uds: self.uds,
         };
         let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
-        Ok(Server { shared, bound, poll, waker })
+        Ok(Server { shared, bound, uds, tcp, poll, waker })
     }
 }
 
@@ -254,6 +315,8 @@ impl ServerBuilder {
 pub struct Server {
     pub(crate) shared: Arc<Shared>,
     pub(crate) bound: ipc_platform::BoundSocket,
+    pub(crate) uds: Option<ipc_platform::BoundSocket>,
+    pub(crate) tcp: Option<std::net::TcpListener>,
     pub(crate) poll: Poll,
     pub(crate) waker: Arc<Waker>,
 }
@@ -267,6 +330,12 @@ impl Server {
     /// The control socket path.
     pub fn socket_path(&self) -> &Path {
         &self.shared.config.socket
+    }
+
+    /// The TCP address served, if any (with the port chosen when asked for
+    /// port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// A handle that stops the server from any thread.
@@ -283,6 +352,9 @@ impl Server {
             mode = format_args!("{:o}", self.shared.config.socket_mode),
             workers = self.shared.config.workers,
             max_clients = self.shared.config.max_clients,
+            uds = ?self.shared.config.uds,
+            tcp = ?self.tcp_addr(),
+            spin_us = self.shared.config.spin.as_micros() as u64,
             "ipcd listening"
         );
         Acceptor::new(self)?.run()

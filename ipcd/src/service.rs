@@ -1,7 +1,10 @@
 //! Services: named handlers that map a request's bytes to a reply.
 
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+
+use ipc_core::{encode_error, ErrorCode, FrameHeader, FLAG_ERROR};
 
 /// An error a handler returns; the client receives its message as a remote
 /// error for that call alone.
@@ -69,6 +72,60 @@ impl ServiceTable {
             .enumerate()
             .map(|(id, (name, _))| ipc_core::ServiceEntry { name: name.clone(), id: id as u16 })
             .collect()
+    }
+}
+
+/// Checks a request's header against the session's rules: no response
+/// flags, and ids strictly increasing (so a reply can never be matched to
+/// the wrong request). Returns the new last id.
+pub(crate) fn check_request(header: &FrameHeader, last_id: u64) -> Result<u64, String> {
+    if header.flags != 0 {
+        return Err(format!("request {} carries response flags {:#x}", header.request_id, header.flags));
+    }
+    if header.request_id <= last_id {
+        return Err(format!("request id {} is not above the previous {last_id}", header.request_id));
+    }
+    Ok(header.request_id)
+}
+
+/// Runs one request on any transport, leaving the reply or error body in
+/// `reply`; returns the response flags. A handler's error, panic or
+/// oversized reply becomes an error reply for this request alone. With
+/// `shutting_down`, the handler is not run.
+pub(crate) fn dispatch(
+    services: &ServiceTable,
+    header: &FrameHeader,
+    request: &[u8],
+    reply: &mut Vec<u8>,
+    max_payload: usize,
+    shutting_down: bool,
+    session: u64,
+) -> u16 {
+    reply.clear();
+    if shutting_down {
+        encode_error(ErrorCode::Shutdown, "daemon is shutting down; the request was not executed", reply);
+        return FLAG_ERROR;
+    }
+    let Some(handler) = services.get(header.service) else {
+        encode_error(ErrorCode::UnknownService, &format!("no service has id {}", header.service), reply);
+        return FLAG_ERROR;
+    };
+    match catch_unwind(AssertUnwindSafe(|| handler(request, reply))) {
+        Ok(Ok(())) if reply.len() <= max_payload => 0,
+        Ok(Ok(())) => {
+            let msg = format!("reply of {} bytes exceeds the negotiated maximum {max_payload}", reply.len());
+            encode_error(ErrorCode::ReplyTooLarge, &msg, reply);
+            FLAG_ERROR
+        }
+        Ok(Err(e)) => {
+            encode_error(ErrorCode::Handler, e.message(), reply);
+            FLAG_ERROR
+        }
+        Err(_) => {
+            tracing::error!(session, service = header.service, "service handler panicked");
+            encode_error(ErrorCode::HandlerPanicked, "service handler panicked", reply);
+            FLAG_ERROR
+        }
     }
 }
 

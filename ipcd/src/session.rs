@@ -6,13 +6,12 @@
 //! private buffer before a handler sees them. A protocol violation ends this
 //! session only.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
-use ipc_core::{encode_error, Consumer, ErrorCode, FrameHeader, Producer, PushError, FLAG_ERROR};
+use ipc_core::{Consumer, FrameHeader, Producer, PushError};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
-use crate::service::ServiceTable;
+use crate::service::{check_request, dispatch, ServiceTable};
 use crate::stats::WorkerCounters;
 
 /// How the daemon wakes this client.
@@ -37,6 +36,13 @@ pub(crate) enum Progress {
     /// The request ring is empty and the client was told to ring the
     /// doorbell for the next request.
     Parked,
+    /// The request ring is empty and the client was not told to ring: the
+    /// worker watches the ring (spins) for a while, then calls
+    /// [`Session::park`].
+    Idle,
+    /// The client hung up (stream transports; shared-memory hang-ups come
+    /// from the control connection).
+    Closed,
     /// The response ring is full and the client was told to ring the
     /// doorbell once it frees space.
     Stalled,
@@ -46,7 +52,7 @@ pub(crate) enum Progress {
 #[derive(Default)]
 pub(crate) struct Scratch {
     request: Vec<u8>,
-    reply: Vec<u8>,
+    pub(crate) reply: Vec<u8>,
 }
 
 pub(crate) struct Session {
@@ -63,6 +69,8 @@ pub(crate) struct Session {
     pending: Option<PendingReply>,
     /// Whether the session sits in its worker's ready queue.
     pub(crate) queued: bool,
+    /// Whether the session sits in its worker's idle list.
+    pub(crate) idle: bool,
 }
 
 impl Session {
@@ -76,7 +84,19 @@ impl Session {
         requests: Consumer,
         responses: Producer,
     ) -> Session {
-        Session { id, peer, control, bell, wake, requests, responses, last_request_id: 0, pending: None, queued: false }
+        Session {
+            id,
+            peer,
+            control,
+            bell,
+            wake,
+            requests,
+            responses,
+            last_request_id: 0,
+            pending: None,
+            queued: false,
+            idle: false,
+        }
     }
 
     fn wake_client(&self, word: &std::sync::atomic::AtomicU32) {
@@ -90,7 +110,9 @@ impl Session {
     }
 
     /// Serves up to `budget` requests. With `shutting_down`, requests are
-    /// answered with a shutdown error instead of being executed.
+    /// answered with a shutdown error instead of being executed. With
+    /// `park`, an empty request ring parks the session; without, it is left
+    /// [`Progress::Idle`].
     pub(crate) fn serve(
         &mut self,
         services: &ServiceTable,
@@ -98,6 +120,7 @@ impl Session {
         scratch: &mut Scratch,
         budget: usize,
         shutting_down: bool,
+        park: bool,
     ) -> Result<Progress, String> {
         let (mut served, mut errors) = (0u64, 0u64);
         let result = match self.flush_pending() {
@@ -127,14 +150,26 @@ impl Session {
                     Ok(Progress::Busy)
                 }
             }
-            Progress::Parked => {
-                if self.requests.prepare_sleep().map_err(|e| format!("request ring: {e}"))? {
-                    Ok(Progress::Parked)
-                } else {
-                    Ok(Progress::Busy)
-                }
-            }
+            Progress::Parked if !park => Ok(Progress::Idle),
+            Progress::Parked => self.park(),
+            other => Ok(other),
         }
+    }
+
+    /// Tells the client to ring for its next request: [`Progress::Parked`],
+    /// or [`Progress::Busy`] if a request arrived meanwhile.
+    pub(crate) fn park(&mut self) -> Result<Progress, String> {
+        if self.requests.prepare_sleep().map_err(|e| format!("request ring: {e}"))? {
+            Ok(Progress::Parked)
+        } else {
+            Ok(Progress::Busy)
+        }
+    }
+
+    /// Whether a request is waiting (a corrupt ring counts: serving reports
+    /// it).
+    pub(crate) fn has_requests(&mut self) -> bool {
+        self.requests.is_empty().map_or(true, |empty| !empty)
     }
 
     /// Pushes the reply left over from a stall. Returns whether nothing is
@@ -171,19 +206,11 @@ impl Session {
                 None => return Ok(Progress::Parked),
             };
             let header = frame.header;
-            if header.flags != 0 {
-                return Err(format!("request {} carries response flags {:#x}", header.request_id, header.flags));
-            }
-            if header.request_id <= self.last_request_id {
-                return Err(format!(
-                    "request id {} is not above the previous {}",
-                    header.request_id, self.last_request_id
-                ));
-            }
-            self.last_request_id = header.request_id;
+            self.last_request_id = check_request(&header, self.last_request_id)?;
             self.requests.read_payload(&frame, &mut scratch.request);
             self.requests.consume(&frame);
-            let flags = self.dispatch(services, header, scratch, shutting_down);
+            let max = self.responses.max_payload() as usize;
+            let flags = dispatch(services, &header, &scratch.request, &mut scratch.reply, max, shutting_down, self.id);
             *errors += u64::from(flags != 0);
             *served += 1;
             match self.responses.try_push(header.service, flags, header.request_id, &scratch.reply) {
@@ -199,56 +226,6 @@ impl Session {
             }
         }
         Ok(Progress::Busy)
-    }
-
-    /// Runs the request in `scratch.request`, leaving the reply or error
-    /// body in `scratch.reply`. Returns the response flags.
-    fn dispatch(
-        &self,
-        services: &ServiceTable,
-        header: FrameHeader,
-        scratch: &mut Scratch,
-        shutting_down: bool,
-    ) -> u16 {
-        scratch.reply.clear();
-        if shutting_down {
-            encode_error(
-                ErrorCode::Shutdown,
-                "daemon is shutting down; the request was not executed",
-                &mut scratch.reply,
-            );
-            return FLAG_ERROR;
-        }
-        let Some(handler) = services.get(header.service) else {
-            encode_error(
-                ErrorCode::UnknownService,
-                &format!("no service has id {}", header.service),
-                &mut scratch.reply,
-            );
-            return FLAG_ERROR;
-        };
-        let request = &scratch.request;
-        let reply = &mut scratch.reply;
-        match catch_unwind(AssertUnwindSafe(|| handler(request, reply))) {
-            Ok(Ok(())) => {
-                let max = self.responses.max_payload();
-                if scratch.reply.len() > max as usize {
-                    let msg = format!("reply of {} bytes exceeds the negotiated maximum {max}", scratch.reply.len());
-                    encode_error(ErrorCode::ReplyTooLarge, &msg, &mut scratch.reply);
-                    return FLAG_ERROR;
-                }
-                0
-            }
-            Ok(Err(e)) => {
-                encode_error(ErrorCode::Handler, e.message(), &mut scratch.reply);
-                FLAG_ERROR
-            }
-            Err(_) => {
-                tracing::error!(session = self.id, service = header.service, "service handler panicked");
-                encode_error(ErrorCode::HandlerPanicked, "service handler panicked", &mut scratch.reply);
-                FLAG_ERROR
-            }
-        }
     }
 }
 
@@ -306,10 +283,11 @@ mod tests {
         let mut reply = Vec::new();
         let mut stalls = 0;
         while next <= N {
-            match session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap() {
+            match session.serve(&services, &counters, &mut scratch, usize::MAX, false, true).unwrap() {
                 Progress::Stalled => stalls += 1,
                 Progress::Parked => {}
                 Progress::Busy => continue,
+                other => panic!("a parking serve returned {other:?}"),
             }
             // Drain what was answered, as a client would, and see whether the
             // daemon asked to be told about the freed space.
@@ -337,14 +315,14 @@ mod tests {
         let (mut session, mut tx, _rx) = new_session();
         tx.try_push(0, ipc_core::FLAG_ERROR, 1, b"x").unwrap();
         tx.publish();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false, true).unwrap_err();
         assert!(err.contains("response flags"), "{err}");
 
         let (mut session, mut tx, _rx) = new_session();
         tx.try_push(0, 0, 5, b"x").unwrap();
         tx.try_push(0, 0, 5, b"y").unwrap();
         tx.publish();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false, true).unwrap_err();
         assert!(err.contains("not above the previous 5"), "{err}");
     }
 
@@ -357,10 +335,10 @@ mod tests {
         let (mut session, mut tx, mut rx) = new_session();
         tx.try_push(0, 0, 1, b"x").unwrap();
         tx.publish();
-        session.serve(&services, &counters, &mut scratch, 64, true).unwrap();
+        session.serve(&services, &counters, &mut scratch, 64, true, true).unwrap();
         let mut body = Vec::new();
         let h = rx.try_pop(&mut body).unwrap().unwrap();
         assert!(h.is_error());
-        assert_eq!(ipc_core::decode_error(&body).0, ErrorCode::Shutdown);
+        assert_eq!(ipc_core::decode_error(&body).0, ipc_core::ErrorCode::Shutdown);
     }
 }

@@ -1,12 +1,19 @@
 //! A worker thread: one mio poll over its share of the sessions.
 //!
-//! A session's request doorbell (an eventfd, watched but never read) and
-//! its control socket are registered in the poll. A doorbell puts the session in the ready queue; the worker
-//! serves every ready session in turn, a bounded batch each, until all of
-//! them are parked (request ring empty, client told to ring) or stalled
-//! (response ring full, client told to ring once it frees space), and only
-//! then sleeps in `epoll_wait`. While clients keep their rings busy the
-//! worker makes no system call per message.
+//! A shared-memory session's request doorbell (an eventfd, watched but never
+//! read) and its control socket are registered in the poll; a stream
+//! session's socket is registered for reading and writing. An event puts
+//! the session in the ready queue; the worker serves every ready session in
+//! turn, a bounded batch each, until none is left with work, and only then
+//! sleeps in `epoll_wait`. While clients keep their rings busy the worker
+//! makes no system call per message.
+//!
+//! Before sleeping, the worker may spin: shared-memory sessions whose ring
+//! ran empty are left idle (the client is not told to ring), and the worker
+//! watches their rings for a bounded, adaptive time ([`ipc_core::Spinner`]).
+//! A request that lands meanwhile costs neither side a system call. When
+//! the spin ends empty, every idle session is parked (its client told to
+//! ring) before the worker sleeps, so no request is left unseen.
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,8 +27,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::server::Shared;
+use ipc_core::Spinner;
+
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::DisconnectReason;
+use crate::stream_session::StreamSession;
 
 const WAKER: Token = Token(usize::MAX);
 /// Requests served from one session before the worker turns to the next.
@@ -30,17 +40,16 @@ const BUDGET: usize = 64;
 /// The acceptor's side of a worker.
 pub(crate) struct WorkerHandle {
     pub(crate) index: usize,
-    tx: Sender<Session>,
+    tx: Sender<Conn>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
-    /// Hands a new session to the worker.
     /// Hands a new session to the worker. An error means the worker did not
     /// get it (the session is dropped); a failed wake-up only delays it to
     /// the worker's next event, so it is logged, not returned.
-    pub(crate) fn adopt(&self, session: Session) -> io::Result<()> {
+    pub(crate) fn adopt(&self, session: Conn) -> io::Result<()> {
         self.tx.send(session).map_err(|_| io::Error::other("worker has exited"))?;
         if let Err(e) = self.waker.wake() {
             tracing::warn!(worker = self.index, "cannot wake the worker for a new session: {e}");
@@ -68,6 +77,7 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name(format!("ipcd-worker-{index}")).spawn(move || {
+        let spinner = Spinner::new(shared.config.spin);
         let mut worker = Worker {
             index,
             poll,
@@ -75,6 +85,8 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
             shared,
             sessions: Slab::new(),
             ready: VecDeque::new(),
+            idle: Vec::new(),
+            spinner,
             scratch: Scratch::default(),
         };
         worker.run();
@@ -82,20 +94,48 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
     Ok(WorkerHandle { index, tx, waker, thread: Some(thread) })
 }
 
+/// A session on either transport.
+pub(crate) enum Conn {
+    Shm(Session),
+    Stream(StreamSession),
+}
+
+impl Conn {
+    fn id(&self) -> u64 {
+        match self {
+            Conn::Shm(s) => s.id,
+            Conn::Stream(s) => s.id,
+        }
+    }
+
+    fn queued(&mut self) -> &mut bool {
+        match self {
+            Conn::Shm(s) => &mut s.queued,
+            Conn::Stream(s) => &mut s.queued,
+        }
+    }
+}
+
 struct Worker {
     index: usize,
     poll: Poll,
-    rx: Receiver<Session>,
+    rx: Receiver<Conn>,
     shared: Arc<Shared>,
-    sessions: Slab<Session>,
+    sessions: Slab<Conn>,
     ready: VecDeque<usize>,
+    /// Shared-memory sessions whose ring ran empty and whose client was not
+    /// told to ring: watched by spinning, parked before the worker sleeps.
+    idle: Vec<usize>,
+    spinner: Spinner,
     scratch: Scratch,
 }
 
-fn bell_token(key: usize) -> Token {
+/// A shared-memory session's doorbell, or a stream session's socket.
+fn io_token(key: usize) -> Token {
     Token(key * 2)
 }
 
+/// A shared-memory session's control connection.
 fn control_token(key: usize) -> Token {
     Token(key * 2 + 1)
 }
@@ -104,7 +144,8 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.ready.is_empty() { None } else { Some(Duration::ZERO) };
+            let sleep = self.ready.is_empty() && self.idle.is_empty();
+            let timeout = if sleep { None } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -116,8 +157,9 @@ impl Worker {
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.adopt_sessions(),
-                    // A doorbell. Its eventfd is never read: the client
-                    // shares its open file and could make a read block.
+                    // A doorbell (its eventfd is never read: the client
+                    // shares its open file and could make a read block), or
+                    // a stream socket that can be read or written.
                     Token(t) if t % 2 == 0 => self.schedule(t / 2),
                     Token(t) => self.control_event(t / 2, event.is_read_closed() || event.is_error()),
                 }
@@ -126,41 +168,55 @@ impl Worker {
                 self.shut_down();
                 return;
             }
+            self.wake_idle();
             self.serve_ready();
+            if self.ready.is_empty() && !self.idle.is_empty() {
+                self.spin_then_park();
+            }
         }
     }
 
     fn schedule(&mut self, key: usize) {
         if let Some(session) = self.sessions.get_mut(key) {
-            if !session.queued {
-                session.queued = true;
+            let queued = session.queued();
+            if !*queued {
+                *queued = true;
                 self.ready.push_back(key);
             }
         }
     }
 
     fn adopt_sessions(&mut self) {
-        while let Ok(mut session) = self.rx.try_recv() {
+        while let Ok(mut conn) = self.rx.try_recv() {
             let entry = self.sessions.vacant_entry();
             let key = entry.key();
             let registry = self.poll.registry();
-            let registered = registry.register(&mut session.bell, bell_token(key), Interest::READABLE).and_then(|()| {
-                registry.register(&mut session.control, control_token(key), Interest::READABLE).inspect_err(|_| {
-                    // The client keeps the eventfd open, so a stale
-                    // registration would outlive our fd: remove it.
-                    let _ = registry.deregister(&mut session.bell);
-                })
-            });
+            let registered = match &mut conn {
+                Conn::Shm(session) => {
+                    registry.register(&mut session.bell, io_token(key), Interest::READABLE).and_then(|()| {
+                        registry.register(&mut session.control, control_token(key), Interest::READABLE).inspect_err(
+                            |_| {
+                                // The client keeps the eventfd open, so a stale
+                                // registration would outlive our fd: remove it.
+                                let _ = registry.deregister(&mut session.bell);
+                            },
+                        )
+                    })
+                }
+                Conn::Stream(session) => {
+                    registry.register(&mut session.stream, io_token(key), Interest::READABLE | Interest::WRITABLE)
+                }
+            };
             if let Err(e) = registered {
-                tracing::error!(session = session.id, "cannot register session: {e}");
+                tracing::error!(session = conn.id(), "cannot register session: {e}");
                 self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
                 self.shared.stats.disconnected(DisconnectReason::IoError);
                 continue;
             }
             self.shared.stats.workers[self.index].sessions.fetch_add(1, Ordering::Relaxed);
-            entry.insert(session);
-            // The client may have sent requests before we registered its
-            // doorbell; look once, then it parks and the doorbell takes over.
+            entry.insert(conn);
+            // The client may have sent requests before we registered it;
+            // look once, then the doorbell or socket takes over.
             self.schedule(key);
         }
     }
@@ -168,7 +224,7 @@ impl Worker {
     /// Something happened on a control connection: after the handshake the
     /// client sends nothing, so this is a hang-up or a violation.
     fn control_event(&mut self, key: usize, closed: bool) {
-        let Some(session) = self.sessions.get(key) else {
+        let Some(Conn::Shm(session)) = self.sessions.get(key) else {
             return;
         };
         let reason = match ipc_platform::peer_closed(std::os::fd::AsFd::as_fd(&session.control)) {
@@ -193,25 +249,98 @@ impl Worker {
     fn serve_ready(&mut self) {
         // One pass over what is ready now; the caller polls (without
         // sleeping) between passes so new doorbells are seen.
+        let spin = !self.spinner.limit().is_zero();
         for _ in 0..self.ready.len() {
             let Some(key) = self.ready.pop_front() else {
                 break;
             };
-            let Some(session) = self.sessions.get_mut(key) else {
+            let Some(conn) = self.sessions.get_mut(key) else {
                 continue;
             };
-            session.queued = false;
+            *conn.queued() = false;
             let counters = &self.shared.stats.workers[self.index];
-            match session.serve(&self.shared.services, counters, &mut self.scratch, BUDGET, false) {
+            let services = &self.shared.services;
+            let progress = match conn {
+                Conn::Shm(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false, !spin),
+                Conn::Stream(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false),
+            };
+            match progress {
                 Ok(Progress::Busy) => self.schedule(key),
+                Ok(Progress::Idle) => {
+                    if let Conn::Shm(s) = conn {
+                        if !s.idle {
+                            s.idle = true;
+                            self.idle.push(key);
+                        }
+                    }
+                }
                 Ok(Progress::Parked) | Ok(Progress::Stalled) => {}
+                Ok(Progress::Closed) => self.close(key, DisconnectReason::ClientHangup),
                 Err(reason) => {
-                    tracing::warn!(
-                        session = session.id,
-                        pid = session.peer.pid,
-                        uid = session.peer.uid,
-                        "protocol violation: {reason}; disconnecting"
-                    );
+                    match conn {
+                        Conn::Shm(s) => tracing::warn!(
+                            session = s.id,
+                            pid = s.peer.pid,
+                            uid = s.peer.uid,
+                            "protocol violation: {reason}; disconnecting"
+                        ),
+                        Conn::Stream(s) => {
+                            tracing::warn!(session = s.id, peer = %s.peer, "protocol violation: {reason}; disconnecting")
+                        }
+                    }
+                    self.close(key, DisconnectReason::ProtocolViolation);
+                }
+            }
+        }
+    }
+
+    /// Moves idle sessions whose client has sent a request back to the
+    /// ready queue, so busy neighbours cannot starve them.
+    fn wake_idle(&mut self) {
+        let mut i = 0;
+        while i < self.idle.len() {
+            let key = self.idle[i];
+            let waiting = match self.sessions.get_mut(key) {
+                Some(Conn::Shm(s)) => s.has_requests(),
+                // Closed meanwhile: drop the stale key.
+                _ => true,
+            };
+            if !waiting {
+                i += 1;
+                continue;
+            }
+            self.idle.swap_remove(i);
+            if let Some(Conn::Shm(s)) = self.sessions.get_mut(key) {
+                s.idle = false;
+                self.schedule(key);
+            }
+        }
+    }
+
+    /// Watches the idle sessions' rings for a while; if nothing comes, parks
+    /// them all so the worker can sleep.
+    fn spin_then_park(&mut self) {
+        let Worker { sessions, idle, spinner, .. } = self;
+        let found = spinner.spin(|| {
+            idle.iter().any(|&k| match sessions.get_mut(k) {
+                Some(Conn::Shm(s)) => s.has_requests(),
+                _ => false,
+            })
+        });
+        if found {
+            self.wake_idle();
+            return;
+        }
+        for key in std::mem::take(&mut self.idle) {
+            let Some(Conn::Shm(s)) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            s.idle = false;
+            match s.park() {
+                Ok(Progress::Parked) => {}
+                Ok(_) => self.schedule(key),
+                Err(reason) => {
+                    tracing::warn!(session = s.id, pid = s.peer.pid, "protocol violation: {reason}; disconnecting");
                     self.close(key, DisconnectReason::ProtocolViolation);
                 }
             }
@@ -219,18 +348,25 @@ impl Worker {
     }
 
     fn close(&mut self, key: usize, reason: DisconnectReason) {
-        let Some(mut session) = self.sessions.try_remove(key) else {
+        let Some(mut conn) = self.sessions.try_remove(key) else {
             return;
         };
         let registry = self.poll.registry();
-        let _ = registry.deregister(&mut session.bell);
-        let _ = registry.deregister(&mut session.control);
+        match &mut conn {
+            Conn::Shm(s) => {
+                let _ = registry.deregister(&mut s.bell);
+                let _ = registry.deregister(&mut s.control);
+            }
+            Conn::Stream(s) => {
+                let _ = registry.deregister(&mut s.stream);
+            }
+        }
         self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         self.shared.stats.workers[self.index].sessions.fetch_sub(1, Ordering::Relaxed);
         self.shared.stats.disconnected(reason);
-        tracing::debug!(session = session.id, reason = reason.name(), "session closed");
+        tracing::debug!(session = conn.id(), reason = reason.name(), "session closed");
         // Dropping the session unmaps its segment and closes its fds; the
-        // client sees its control connection hang up.
+        // client sees its connection hang up.
     }
 
     fn close_all(&mut self, reason: DisconnectReason) {
@@ -240,17 +376,26 @@ impl Worker {
         }
     }
 
-    /// Answers every request still in a ring with a shutdown error, then
+    /// Answers every request still waiting with a shutdown error, then
     /// closes every session.
     fn shut_down(&mut self) {
         self.adopt_sessions();
         let counters = &self.shared.stats.workers[self.index];
-        for (_, session) in self.sessions.iter_mut() {
-            // One pass answers what is in the request ring. It ends: the
-            // ring never lets a pass read more than one ring's worth before
-            // releasing, and a full response ring stalls it.
-            if let Err(reason) = session.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true) {
-                tracing::debug!(session = session.id, "while shutting down: {reason}");
+        for (_, conn) in self.sessions.iter_mut() {
+            // One pass answers what is waiting. It ends: the ring never lets
+            // a pass read more than one ring's worth before releasing, a
+            // full response ring stalls it, and a stream session reads at
+            // most its buffer's worth.
+            let result = match conn {
+                Conn::Shm(s) => s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true),
+                Conn::Stream(s) => {
+                    let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true);
+                    s.flush_before_close();
+                    r
+                }
+            };
+            if let Err(reason) = result {
+                tracing::debug!(session = conn.id(), "while shutting down: {reason}");
             }
         }
         self.close_all(DisconnectReason::Shutdown);

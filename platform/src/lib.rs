@@ -1,6 +1,7 @@
 //! The only crate of ipcd that talks to the kernel: sealed memfds, shared
 //! mappings, eventfds, futexes on shared words, `SCM_RIGHTS` fd passing and
-//! peer credentials.
+//! peer credentials, and
+//! the byte-stream calls of the Unix-socket and TCP transports.
 //!
 //! ```
 //! use std::os::fd::AsFd;
@@ -21,6 +22,7 @@ mod mapping;
 mod memfd;
 mod path;
 mod socket;
+pub mod stream;
 
 pub use bell::{Drained, SocketBell};
 pub use eventfd::EventFd;

@@ -503,3 +503,48 @@ fn producer_refuses_a_release_of_unpublished_bytes() {
         Err(PushError::Corrupt(RingError::IndexOutOfRange { which: Index::Tail, index: 5120, high: 4096, .. }))
     ));
 }
+
+#[test]
+fn in_place_writes_and_partial_reads_round_trip_across_the_wrap() {
+    use std::io::Write;
+    let (_r, mut p, mut c) = ring(4096);
+    // 700-byte payloads do not divide the ring, so frames wrap with pads.
+    for id in 1..=40u64 {
+        let body = payload(id, 700);
+        let written = p
+            .try_push_with(3, 0, id, body.len(), |w| {
+                assert_eq!(w.len(), 700);
+                w.write_all(&body[..300]).unwrap();
+                w.write_all(&body[300..]).unwrap();
+                // The writer is bounded by the frame.
+                w.write(b"overflow").unwrap()
+            })
+            .unwrap();
+        assert_eq!(written, 0);
+        p.publish();
+        let frame = c.try_peek().unwrap().unwrap();
+        assert_eq!((frame.header.request_id, frame.len()), (id, 700));
+        let mut part = [0u8; 100];
+        c.read_at(&frame, 600, &mut part);
+        assert_eq!(&part[..], &body[600..]);
+        c.consume(&frame);
+        c.release();
+    }
+}
+
+#[test]
+fn full_ring_does_not_call_the_fill_closure() {
+    let (_r, mut p, _c) = ring(4096);
+    while p.try_push(0, 0, 1, &[0; 1000]).is_ok() {}
+    let result = p.try_push_with(0, 0, 2, 1000, |_| panic!("must not be called on a full ring"));
+    assert!(matches!(result, Err(PushError::Full)));
+    let too_large = p.try_push_with(0, 0, 2, 1 << 20, |_| panic!("must not be called when too large"));
+    assert!(matches!(too_large, Err(PushError::TooLarge { .. })));
+}
+
+#[test]
+#[should_panic(expected = "past a payload")]
+fn writer_refuses_writes_past_the_payload() {
+    let (_r, mut p, _c) = ring(4096);
+    let _ = p.try_push_with(0, 0, 1, 8, |w| w.write_at(4, &[0; 5]));
+}

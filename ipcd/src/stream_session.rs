@@ -1,0 +1,381 @@
+//! A session over a byte stream (the `--uds` and `--tcp` transports): the
+//! same frames, services and rules as the rings, read and written in
+//! batches.
+//!
+//! Input is read without blocking into a buffer bounded by one maximum
+//! frame plus read-ahead; replies collect in an output buffer that is sent
+//! once per batch. When the client stops reading and the output passes its
+//! bound, the session stops reading requests until the socket drains, so a
+//! slow client holds only its own buffers.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use ipc_core::{FrameHeader, HEADER_LEN};
+use ipc_platform::PeerCredentials;
+use mio::event::Source;
+use mio::{Interest, Registry, Token};
+
+use crate::service::{check_request, dispatch, ServiceTable};
+use crate::session::{Progress, Scratch};
+use crate::stats::WorkerCounters;
+
+/// Read-ahead beyond one maximum frame.
+const READ_AHEAD: usize = 64 * 1024;
+/// Bytes read per `recv` at the least (the buffer grows to a frame as
+/// needed).
+const MIN_READ: usize = 16 * 1024;
+
+/// A connected stream socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Unix(mio::net::UnixStream),
+    Tcp(mio::net::TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.register(registry, token, interests),
+            Stream::Tcp(s) => s.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.reregister(registry, token, interests),
+            Stream::Tcp(s) => s.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.deregister(registry),
+            Stream::Tcp(s) => s.deregister(registry),
+        }
+    }
+}
+
+/// Who is at the other end, for logs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Peer {
+    Unix(PeerCredentials),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Unix(c) => write!(f, "pid {} uid {}", c.pid, c.uid),
+            Peer::Tcp(addr) => write!(f, "tcp {addr}"),
+        }
+    }
+}
+
+pub(crate) struct StreamSession {
+    pub(crate) id: u64,
+    pub(crate) peer: Peer,
+    pub(crate) stream: Stream,
+    max_payload: usize,
+    /// Received bytes are `input[start..end]`; the vector grows up to one
+    /// maximum frame plus read-ahead.
+    input: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Replies not yet sent: `output[sent..]`.
+    output: Vec<u8>,
+    sent: usize,
+    last_request_id: u64,
+    /// The client closed its sending side: serve what is buffered, then end.
+    read_closed: bool,
+    pub(crate) queued: bool,
+}
+
+impl StreamSession {
+    pub(crate) fn new(id: u64, peer: Peer, stream: Stream, max_payload: usize) -> StreamSession {
+        StreamSession {
+            id,
+            peer,
+            stream,
+            max_payload,
+            input: Vec::new(),
+            start: 0,
+            end: 0,
+            output: Vec::new(),
+            sent: 0,
+            last_request_id: 0,
+            read_closed: false,
+            queued: false,
+        }
+    }
+
+    /// Output beyond which the session stops reading requests.
+    fn output_limit(&self) -> usize {
+        HEADER_LEN + self.max_payload + READ_AHEAD
+    }
+
+    fn pending_output(&self) -> usize {
+        self.output.len() - self.sent
+    }
+
+    /// Sends what the socket takes without blocking.
+    fn send(&mut self) -> Result<(), String> {
+        while self.sent < self.output.len() {
+            match self.stream.write(&self.output[self.sent..]) {
+                Ok(0) => return Err("the connection accepts no more bytes".into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("send failed: {e}")),
+            }
+        }
+        if self.sent == self.output.len() {
+            self.output.clear();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads once without blocking. Returns whether the socket may hold more
+    /// (the read filled the space it was given).
+    fn receive(&mut self) -> Result<bool, String> {
+        if self.start > 0 && self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let frame = HEADER_LEN + self.max_payload;
+        if self.input.len() - self.end < MIN_READ {
+            if self.start > 0 {
+                self.input.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let wanted = (self.end + MIN_READ).clamp(MIN_READ, frame + READ_AHEAD);
+            if self.input.len() < wanted {
+                self.input.resize(wanted, 0);
+            }
+        }
+        if self.end == self.input.len() {
+            // A whole frame plus read-ahead is buffered: serve before reading.
+            return Ok(true);
+        }
+        loop {
+            match self.stream.read(&mut self.input[self.end..]) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(self.end == self.input.len());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.read_closed = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(format!("receive failed: {e}")),
+            }
+        }
+    }
+
+    /// The next complete request in the input, checked.
+    fn next_request(&mut self) -> Result<Option<FrameHeader>, String> {
+        if self.end - self.start < HEADER_LEN {
+            return Ok(None);
+        }
+        let raw: [u8; HEADER_LEN] = self.input[self.start..self.start + HEADER_LEN].try_into().expect("header length");
+        let header = FrameHeader::decode(&raw);
+        if header.len as usize > self.max_payload {
+            return Err(format!("request of {} bytes exceeds the negotiated maximum {}", header.len, self.max_payload));
+        }
+        if self.end - self.start < HEADER_LEN + header.len as usize {
+            return Ok(None);
+        }
+        self.last_request_id = check_request(&header, self.last_request_id)?;
+        Ok(Some(header))
+    }
+
+    /// Reads, serves up to `budget` requests and sends the replies.
+    pub(crate) fn serve(
+        &mut self,
+        services: &ServiceTable,
+        counters: &WorkerCounters,
+        scratch: &mut Scratch,
+        budget: usize,
+        shutting_down: bool,
+    ) -> Result<Progress, String> {
+        self.send()?;
+        let (mut served, mut errors) = (0u64, 0u64);
+        let mut more_to_read = true;
+        let result = loop {
+            if self.pending_output() > self.output_limit() {
+                break Ok(Progress::Stalled);
+            }
+            if served as usize >= budget {
+                break Ok(Progress::Busy);
+            }
+            let header = match self.next_request() {
+                Ok(Some(h)) => h,
+                Ok(None) if more_to_read && !self.read_closed => match self.receive() {
+                    Ok(more) => {
+                        more_to_read = more;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                },
+                Ok(None) if self.read_closed => break Ok(Progress::Closed),
+                Ok(None) => break Ok(Progress::Parked),
+                Err(e) => break Err(e),
+            };
+            let body = self.start + HEADER_LEN;
+            let request = &self.input[body..body + header.len as usize];
+            let flags =
+                dispatch(services, &header, request, &mut scratch.reply, self.max_payload, shutting_down, self.id);
+            self.start = body + header.len as usize;
+            let reply = FrameHeader { len: scratch.reply.len() as u32, flags, ..header };
+            self.output.extend_from_slice(&reply.encode());
+            self.output.extend_from_slice(&scratch.reply);
+            served += 1;
+            errors += u64::from(flags != 0);
+        };
+        counters.requests.fetch_add(served, Ordering::Relaxed);
+        counters.replies.fetch_add(served, Ordering::Relaxed);
+        counters.errors.fetch_add(errors, Ordering::Relaxed);
+        // Replies to what was served go out even when the batch ended in a
+        // violation.
+        let sent = self.send();
+        let progress = result?;
+        sent?;
+        if progress == Progress::Stalled && self.pending_output() <= self.output_limit() {
+            // The last send drained it: no writable edge will come, so go on.
+            return Ok(Progress::Busy);
+        }
+        Ok(progress)
+    }
+
+    /// Sends what is pending, for a session being closed (best effort).
+    pub(crate) fn flush_before_close(&mut self) {
+        let _ = self.send();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let peer = Peer::Unix(PeerCredentials { pid: 1, uid: 0, gid: 0 });
+        (StreamSession::new(7, peer, Stream::Unix(mio::net::UnixStream::from_std(ours)), 1024), theirs)
+    }
+
+    fn services() -> ServiceTable {
+        let mut t = ServiceTable::default();
+        t.add("echo".into(), crate::service::echo()).unwrap();
+        t
+    }
+
+    fn frame(id: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = FrameHeader { len: payload.len() as u32, service: 0, flags: 0, request_id: id }.encode().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn frames_split_anywhere_are_served_in_order() {
+        use std::io::{Read, Write};
+        let (mut session, mut client) = pair();
+        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let wire: Vec<u8> = (1..=50u64).flat_map(|id| frame(id, &id.to_le_bytes().repeat(id as usize % 7))).collect();
+        // Deliver in awkward pieces: a request is served only once whole.
+        for piece in wire.chunks(13) {
+            client.write_all(piece).unwrap();
+            let p = session.serve(&services, &counters, &mut scratch, 64, false).unwrap();
+            assert_eq!(p, Progress::Parked);
+        }
+        let expected: Vec<u8> =
+            (1..=50u64).flat_map(|id| frame(id, &id.to_le_bytes().repeat(id as usize % 7))).collect();
+        let mut got = vec![0u8; expected.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+        drop(client);
+        assert_eq!(session.serve(&services, &counters, &mut scratch, 64, false).unwrap(), Progress::Closed);
+    }
+
+    #[test]
+    fn oversized_and_out_of_order_requests_are_violations() {
+        use std::io::Write;
+        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let (mut session, mut client) = pair();
+        let mut big = FrameHeader { len: 5000, service: 0, flags: 0, request_id: 1 }.encode().to_vec();
+        big.extend_from_slice(&[0; 100]);
+        client.write_all(&big).unwrap();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        assert!(err.contains("exceeds the negotiated maximum"), "{err}");
+
+        let (mut session, mut client) = pair();
+        client.write_all(&[frame(5, b"a"), frame(5, b"b")].concat()).unwrap();
+        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        assert!(err.contains("not above the previous 5"), "{err}");
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_stalls_only_its_session() {
+        use std::io::Write;
+        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let (mut session, mut client) = pair();
+        client.set_nonblocking(true).unwrap();
+        let mut id = 0;
+        let mut stalled = false;
+        // The client writes and never reads: the session must stop reading
+        // (Stalled) with bounded output, never block.
+        for _ in 0..10_000 {
+            id += 1;
+            if client.write_all(&frame(id, &[1; 1000])).is_err() {
+                break;
+            }
+            if session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap() == Progress::Stalled {
+                stalled = true;
+                break;
+            }
+        }
+        assert!(stalled, "a session whose client does not read must stall");
+        assert!(session.pending_output() <= session.output_limit() + HEADER_LEN + 1024);
+    }
+}
