@@ -101,8 +101,9 @@ pub struct ClientOptions {
     /// How long to wait for the daemon's answer to the hello. Default 5 s.
     pub connect_timeout: Duration,
     /// The longest a wait for a reply spins on the ring before sleeping
-    /// (shared memory only). Spinning adapts: it stops while spins keep
-    /// failing. Default [`DEFAULT_SPIN`] when more than one core is
+    /// (shared memory only). Spinning adapts: a wait spins only while no
+    /// runnable thread is waiting for a core, and spinning stops while spins
+    /// keep failing. Default [`DEFAULT_SPIN`] when more than one core is
     /// available, else zero (never spin).
     pub spin: Duration,
 }
@@ -888,6 +889,7 @@ fn shm_link(
         daemon_bell: EventFd::from_fd(daemon_bell)?,
         bell,
         spinner: Spinner::new(options.spin),
+        gauge: ipc_platform::CoreGauge::new(),
         gone: None,
     })
 }

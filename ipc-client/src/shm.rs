@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ipc_core::{Consumer, Frame, Producer, PushError, Spinner};
 use ipc_platform::futex::{self, Wake};
-use ipc_platform::{Drained, EventFd, SocketBell};
+use ipc_platform::{CoreGauge, Drained, EventFd, SocketBell};
 
 use crate::error::CallError;
 use crate::link::{disconnected, RequestBuf};
@@ -38,6 +38,7 @@ pub(crate) struct ShmLink {
     pub(crate) daemon_bell: EventFd,
     pub(crate) bell: Bell,
     pub(crate) spinner: Spinner,
+    pub(crate) gauge: CoreGauge,
     /// Set once the daemon is found gone; replies it left are still read.
     pub(crate) gone: Option<String>,
 }
@@ -111,8 +112,8 @@ impl ShmLink {
             return Err(disconnected(reason.clone()));
         }
         self.flush()?;
-        let responses = &mut self.responses;
-        if self.spinner.spin(|| !responses.is_empty().unwrap_or(true)) {
+        let (responses, gauge) = (&mut self.responses, &mut self.gauge);
+        if self.spinner.spin(|| gauge.core_free(), || !responses.is_empty().unwrap_or(true)) {
             return Ok(());
         }
         match self.responses.prepare_sleep() {

@@ -61,9 +61,13 @@ impl Spinner {
     /// Spins for at most the next budget until `ready` returns true, and
     /// records the outcome. Returns whether `ready` became true; `false`
     /// means the caller should sleep.
-    pub fn spin(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+    ///
+    /// `core_free` is asked only when a spin is due: when it says another
+    /// thread waits for a core, the wait does not spin (and nothing is
+    /// recorded), since spinning would delay the very peer it waits for.
+    pub fn spin(&mut self, core_free: impl FnOnce() -> bool, mut ready: impl FnMut() -> bool) -> bool {
         let budget = self.budget();
-        if budget.is_zero() {
+        if budget.is_zero() || !core_free() {
             return false;
         }
         let start = Instant::now();
@@ -92,7 +96,7 @@ mod tests {
     #[test]
     fn zero_limit_never_spins() {
         let mut s = Spinner::new(Duration::ZERO);
-        assert!(!s.spin(|| panic!("a zero limit must not look")));
+        assert!(!s.spin(|| panic!("a zero limit must not ask"), || panic!("a zero limit must not look")));
     }
 
     #[test]
@@ -113,12 +117,17 @@ mod tests {
     fn spin_returns_as_soon_as_ready_and_gives_up_after_the_budget() {
         let mut s = Spinner::new(Duration::from_millis(2));
         let mut calls = 0;
-        assert!(s.spin(|| {
-            calls += 1;
-            calls == 3
-        }));
+        assert!(s.spin(
+            || true,
+            || {
+                calls += 1;
+                calls == 3
+            }
+        ));
         let start = Instant::now();
-        assert!(!s.spin(|| false));
+        assert!(!s.spin(|| true, || false));
         assert!(start.elapsed() >= Duration::from_millis(2));
+        // No free core: no spin.
+        assert!(!s.spin(|| false, || panic!("must not look without a free core")));
     }
 }

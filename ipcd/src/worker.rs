@@ -10,7 +10,9 @@
 //!
 //! Before sleeping, the worker may spin: shared-memory sessions whose ring
 //! ran empty are left idle (the client is not told to ring), and the worker
-//! watches their rings for a bounded, adaptive time ([`ipc_core::Spinner`]).
+//! watches their rings for a bounded, adaptive time ([`ipc_core::Spinner`]),
+//! and only while no runnable thread waits for a core
+//! ([`ipc_platform::CoreGauge`]).
 //! A request that lands meanwhile costs neither side a system call. When
 //! the spin ends empty, every idle session is parked (its client told to
 //! ring) before the worker sleeps, so no request is left unseen.
@@ -87,6 +89,7 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
             ready: VecDeque::new(),
             idle: Vec::new(),
             spinner,
+            gauge: ipc_platform::CoreGauge::new(),
             scratch: Scratch::default(),
         };
         worker.run();
@@ -127,6 +130,7 @@ struct Worker {
     /// told to ring: watched by spinning, parked before the worker sleeps.
     idle: Vec<usize>,
     spinner: Spinner,
+    gauge: ipc_platform::CoreGauge,
     scratch: Scratch,
 }
 
@@ -320,13 +324,16 @@ impl Worker {
     /// Watches the idle sessions' rings for a while; if nothing comes, parks
     /// them all so the worker can sleep.
     fn spin_then_park(&mut self) {
-        let Worker { sessions, idle, spinner, .. } = self;
-        let found = spinner.spin(|| {
-            idle.iter().any(|&k| match sessions.get_mut(k) {
-                Some(Conn::Shm(s)) => s.has_requests(),
-                _ => false,
-            })
-        });
+        let Worker { sessions, idle, spinner, gauge, .. } = self;
+        let found = spinner.spin(
+            || gauge.core_free(),
+            || {
+                idle.iter().any(|&k| match sessions.get_mut(k) {
+                    Some(Conn::Shm(s)) => s.has_requests(),
+                    _ => false,
+                })
+            },
+        );
         if found {
             self.wake_idle();
             return;

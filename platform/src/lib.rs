@@ -15,6 +15,7 @@
 //! ```
 
 mod bell;
+mod cpu;
 mod eventfd;
 mod fdpass;
 pub mod futex;
@@ -25,6 +26,7 @@ mod socket;
 pub mod stream;
 
 pub use bell::{Drained, SocketBell};
+pub use cpu::{runnable_threads, CoreGauge};
 pub use eventfd::EventFd;
 pub use fdpass::{recv_with_fds, send_with_fds, MAX_FDS};
 pub use mapping::Mapping;
