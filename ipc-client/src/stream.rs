@@ -74,7 +74,8 @@ impl StreamLink {
             input: vec![0; frame + READ_AHEAD],
             start: 0,
             end: 0,
-            output: Vec::new(),
+            // Sized for a maximum frame up front, so calls allocate nothing.
+            output: Vec::with_capacity(frame),
             sent: 0,
             output_limit: frame.max(READ_AHEAD),
             recv_timeout: None,

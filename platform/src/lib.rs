@@ -14,6 +14,7 @@
 //! assert_eq!(region.len(), 8192);
 //! ```
 
+mod alloc_count;
 mod bell;
 mod cpu;
 mod eventfd;
@@ -25,6 +26,7 @@ mod path;
 mod socket;
 pub mod stream;
 
+pub use alloc_count::{thread_allocations, CountingAllocator};
 pub use bell::{Drained, SocketBell};
 pub use cpu::{runnable_threads, CoreGauge};
 pub use eventfd::EventFd;

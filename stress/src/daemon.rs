@@ -18,15 +18,31 @@ use nix::unistd::Pid;
 pub struct PrivateDaemon {
     child: Child,
     socket: PathBuf,
+    uds: PathBuf,
+    tcp: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl PrivateDaemon {
-    /// Starts `binary` on a fresh socket and waits until it accepts.
-    pub fn start(binary: &Path, max_clients: usize) -> anyhow::Result<PrivateDaemon> {
+    /// Starts `binary` on a fresh control socket, a Unix stream socket and
+    /// a loopback TCP port, and waits until it accepts on all three.
+    pub fn start(binary: &Path, max_clients: usize, spin: Option<Duration>) -> anyhow::Result<PrivateDaemon> {
         let dir = tempfile::Builder::new().prefix("ipcd-stress-").tempdir()?;
         let socket = dir.path().join("ipcd.sock");
-        let child = Command::new(binary)
+        let uds = dir.path().join("ipcd-stream.sock");
+        // A port the kernel just handed out and took back: free unless
+        // another process grabs it in between (the start then fails
+        // clearly).
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut command = Command::new(binary);
+        if let Some(spin) = spin {
+            command.arg("--spin-us").arg(spin.as_micros().to_string());
+        }
+        let child = command
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--tcp")
+            .arg(tcp.to_string())
             .arg("--socket")
             .arg(&socket)
             .arg("--max-clients")
@@ -37,10 +53,13 @@ impl PrivateDaemon {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut daemon = PrivateDaemon { child, socket, _dir: dir };
+        let mut daemon = PrivateDaemon { child, socket, uds, tcp, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
+            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok()
+                && std::os::unix::net::UnixStream::connect(&daemon.uds).is_ok()
+                && std::net::TcpStream::connect(daemon.tcp).is_ok()
+            {
                 return Ok(daemon);
             }
             if let Some(status) = daemon.child.try_wait()? {
@@ -53,9 +72,19 @@ impl PrivateDaemon {
         }
     }
 
-    /// The socket it listens on.
+    /// Its control socket (shared-memory clients).
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Its Unix stream socket.
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    /// Its TCP address.
+    pub fn tcp(&self) -> std::net::SocketAddr {
+        self.tcp
     }
 
     /// Stops it with SIGTERM and checks that it exits 0.

@@ -1,7 +1,8 @@
-//! stress: replays ipcd's million-message test (100 clients x 10,000
-//! synchronous echo calls) against a daemon it starts itself, checks every
-//! reply, and reports throughput, latency percentiles and the daemon's
-//! memory.
+//! stress: replays ipcd's million-message test and its companions
+//! (latency, pipelined, bandwidth) over shared memory, a Unix socket and
+//! TCP in one run, against a daemon it starts itself; checks every reply
+//! and reports throughput, latency percentiles, allocations per call and
+//! the daemon's memory, with a side-by-side comparison.
 
 #![forbid(unsafe_code)]
 
@@ -9,48 +10,91 @@ mod daemon;
 mod report;
 mod workload;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use ipc_client::Transport;
 
 use crate::daemon::{PeakSampler, PrivateDaemon};
-use crate::report::{Report, Run};
+use crate::report::{Report, Run, Spec};
 use crate::workload::{Workload, MIN_PAYLOAD};
 
-/// Replays the million-message test against ipcd and reports what it
-/// measured.
+/// Counts the client threads' allocations, for `allocations_per_call`.
+#[global_allocator]
+static ALLOCATOR: ipc_platform::CountingAllocator = ipc_platform::CountingAllocator;
+
+/// Replays the million-message test and its companions against ipcd and
+/// reports what it measured.
 ///
-/// With no arguments: starts a private ipcd (the binary beside this one) on a
-/// temporary socket, runs 100 clients x 10,000 synchronous echo calls of 64
-/// bytes, each client with its own connection in its own thread, checks
-/// every reply byte for byte, and prints throughput, round-trip latency
-/// percentiles and the daemon's memory. Exits 1 if any call failed or a
-/// reply did not match.
+/// With no arguments: starts a private ipcd (the binary beside this one)
+/// serving shared memory, a Unix socket and TCP on loopback, then runs every
+/// scenario over every transport, one after another:
+///
+///   throughput  100 clients x 10,000 synchronous echo calls, 64 B
+///
+///   latency     1 client x 100,000 synchronous calls, 64 B (and 200
+///               connects in a row, for the connect time)
+///
+///   pipelined   100 clients x 20,000 calls, 32 in flight each, 64 B
+///
+///   bandwidth   4 clients, synchronous calls of 64 B, 4 KiB, 64 KiB, 1 MiB
+///
+/// Every reply is checked byte for byte. Ends with a comparison table.
+/// Exits 1 if any call failed or a reply did not match.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Concurrent clients, each with its own connection.
-    #[arg(long, default_value_t = 100)]
-    clients: usize,
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
 
-    /// Calls per client.
-    #[arg(long, default_value_t = 10_000)]
-    messages: u64,
+    /// Which transport to run it over.
+    #[arg(long, value_enum, default_value_t = TransportArg::All)]
+    transport: TransportArg,
 
-    /// Payload bytes per call (at least 12: client id and sequence number).
-    #[arg(long, default_value_t = 64)]
-    payload: usize,
+    /// Concurrent clients, each with its own connection [default: per
+    /// scenario]
+    #[arg(long)]
+    clients: Option<usize>,
+
+    /// Calls per client [default: per scenario]
+    #[arg(long)]
+    messages: Option<u64>,
+
+    /// Payload bytes per call, at least 12 [default: per scenario]
+    #[arg(long)]
+    payload: Option<usize>,
+
+    /// Requests in flight per client in the pipelined scenario (and in any
+    /// scenario when given).
+    #[arg(long)]
+    window: Option<u32>,
+
+    /// Longest a client (and a private daemon's worker) spins before
+    /// sleeping, in microseconds; 0 never spins [default: the library's]
+    #[arg(long, value_name = "US")]
+    spin_us: Option<u64>,
 
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
 
-    /// Use the daemon already running on this socket instead of starting one.
+    /// Use the daemon already running on this control socket instead of
+    /// starting one.
     #[arg(long, conflicts_with = "daemon")]
     socket: Option<PathBuf>,
+
+    /// With --socket: the running daemon's --uds path.
+    #[arg(long, value_name = "PATH")]
+    uds: Option<PathBuf>,
+
+    /// With --socket: the running daemon's --tcp address.
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<SocketAddr>,
 
     /// The ipcd binary to start [default: ipcd beside this binary]
     #[arg(long)]
@@ -69,6 +113,51 @@ struct Args {
     child_client: Option<u32>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Throughput,
+    Latency,
+    Pipelined,
+    Bandwidth,
+    All,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::Latency => "latency",
+            Scenario::Pipelined => "pipelined",
+            Scenario::Bandwidth => "bandwidth",
+            Scenario::All => "all",
+        }
+    }
+
+    /// (clients, messages, payloads, window) when not overridden.
+    fn defaults(self) -> (usize, u64, Vec<usize>, u32) {
+        match self {
+            Scenario::Throughput | Scenario::All => (100, 10_000, vec![64], 1),
+            Scenario::Latency => (1, 100_000, vec![64], 1),
+            Scenario::Pipelined => (100, 20_000, vec![64], 32),
+            Scenario::Bandwidth => (4, 0, vec![64, 4 << 10, 64 << 10, 1 << 20], 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Shm,
+    Uds,
+    Tcp,
+    All,
+}
+
+/// Calls per client in a bandwidth run: about 256 MiB of payload each
+/// way per client, within bounds.
+fn bandwidth_messages(payload: usize) -> u64 {
+    ((256u64 << 20) / payload as u64).clamp(200, 50_000)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = validate(&args) {
@@ -76,7 +165,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(id) = args.child_client {
-        return match workload::child_main(&workload(&args, args.socket.clone().unwrap_or_default()), id) {
+        return match child(&args, id) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: client process {id}: {e:#}");
@@ -95,25 +184,37 @@ fn main() -> ExitCode {
 }
 
 fn validate(args: &Args) -> Result<(), String> {
-    if args.clients == 0 || args.messages == 0 {
-        return Err("--clients and --messages must be at least 1".into());
+    if args.clients == Some(0) || args.messages == Some(0) || args.window == Some(0) {
+        return Err("--clients, --messages and --window must be at least 1".into());
     }
-    if args.payload < MIN_PAYLOAD {
+    if args.payload.is_some_and(|p| p < MIN_PAYLOAD) {
         return Err(format!("--payload must be at least {MIN_PAYLOAD} bytes (client id and sequence number)"));
     }
-    if args.child_client.is_some() && args.socket.is_none() {
-        return Err("--child-client needs --socket".into());
+    if args.child_client.is_some() && args.socket.is_none() && args.uds.is_none() && args.tcp.is_none() {
+        return Err("--child-client needs --socket, --uds or --tcp".into());
+    }
+    if (args.uds.is_some() || args.tcp.is_some()) && args.socket.is_none() && args.child_client.is_none() {
+        return Err("--uds and --tcp name a running daemon's listeners: give its --socket too".into());
     }
     Ok(())
 }
 
-fn workload(args: &Args, socket: PathBuf) -> Workload {
-    Workload {
-        socket,
-        messages: args.messages,
-        payload: args.payload,
+/// The body of a `--procs` client process.
+fn child(args: &Args, id: u32) -> anyhow::Result<()> {
+    let transport = match args.transport {
+        TransportArg::Uds => Transport::Uds(args.uds.clone().context("--uds missing")?),
+        TransportArg::Tcp => Transport::Tcp(args.tcp.context("--tcp missing")?),
+        _ => Transport::Shm(args.socket.clone().context("--socket missing")?),
+    };
+    let w = Workload {
+        transport,
+        messages: args.messages.unwrap_or(10_000),
+        payload: args.payload.unwrap_or(64),
+        window: args.window.unwrap_or(1),
         call_timeout: Duration::from_millis(args.call_timeout_ms),
-    }
+        spin: args.spin_us.map(Duration::from_micros),
+    };
+    workload::child_main(&w, id)
 }
 
 /// The daemon's usage after the calls; zeros (with a warning) if it can no
@@ -126,9 +227,46 @@ fn daemon_usage(pid: i32) -> daemon::ProcessUsage {
     })
 }
 
-/// Runs the test; returns whether it passed.
+/// Every run to make, in order: per scenario and payload, each transport
+/// back to back.
+fn plan(args: &Args) -> Vec<Spec> {
+    let scenarios = match args.scenario {
+        Scenario::All => vec![Scenario::Throughput, Scenario::Latency, Scenario::Pipelined, Scenario::Bandwidth],
+        s => vec![s],
+    };
+    let transports: Vec<&'static str> = match args.transport {
+        TransportArg::All => vec!["shm", "uds", "tcp"],
+        TransportArg::Shm => vec!["shm"],
+        TransportArg::Uds => vec!["uds"],
+        TransportArg::Tcp => vec!["tcp"],
+    };
+    let mut specs = Vec::new();
+    for scenario in scenarios {
+        let (clients, messages, payloads, window) = scenario.defaults();
+        let payloads = args.payload.map_or(payloads, |p| vec![p]);
+        for payload in payloads {
+            for &transport in &transports {
+                let default_messages = if messages == 0 { bandwidth_messages(payload) } else { messages };
+                specs.push(Spec {
+                    scenario: scenario.name(),
+                    transport,
+                    clients: args.clients.unwrap_or(clients),
+                    messages: args.messages.unwrap_or(default_messages),
+                    payload,
+                    window: args.window.filter(|_| window > 1 || args.scenario != Scenario::All).unwrap_or(window),
+                });
+            }
+        }
+    }
+    specs
+}
+
+/// Runs the plan; returns whether every run passed.
 fn run(args: Args) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("cannot find this binary")?;
+    let specs = plan(&args);
+    let max_clients = specs.iter().map(|s| s.clients).max().unwrap_or(1);
+    let spin = args.spin_us.map(Duration::from_micros);
     let private = match &args.socket {
         Some(_) => None,
         None => {
@@ -136,37 +274,84 @@ fn run(args: Args) -> anyhow::Result<bool> {
             if !binary.exists() {
                 bail!("{} not found; build it (cargo build --release) or pass --daemon PATH", binary.display());
             }
-            Some(PrivateDaemon::start(&binary, args.clients)?)
+            Some(PrivateDaemon::start(&binary, max_clients, spin)?)
         }
     };
-    let socket = match (&args.socket, &private) {
-        (Some(s), _) => s.clone(),
-        (None, Some(d)) => d.socket().to_path_buf(),
+    let (socket, uds, tcp) = match (&args.socket, &private) {
+        (Some(s), _) => (s.clone(), args.uds.clone(), args.tcp),
+        (None, Some(d)) => (d.socket().to_path_buf(), Some(d.uds().to_path_buf()), Some(d.tcp())),
         (None, None) => unreachable!("a private daemon is started when no socket is given"),
     };
     let pid = daemon::daemon_pid(&socket)?;
-    let w = workload(&args, socket);
-    let sampler = PeakSampler::start(pid, Duration::from_millis(20));
-    let (outcomes, elapsed, usage) = if args.procs {
-        let (outcomes, elapsed, guard) = workload::run_procs(&w, args.clients, &exe)?;
-        let usage = daemon_usage(pid);
-        drop(guard);
-        (outcomes, elapsed, usage)
-    } else {
-        let (outcomes, elapsed, clients) = workload::run_threads(&w, args.clients);
-        let usage = daemon_usage(pid);
-        drop(clients);
-        (outcomes, elapsed, usage)
-    };
-    let peak = sampler.finish();
-    let run = Run::from_outcomes(&outcomes, args.messages, args.payload, elapsed, usage, peak.max(usage.rss_anon_kb));
-    print!("{}", run.summary(if args.procs { "processes" } else { "threads" }));
+    let mode = if args.procs { "processes" } else { "threads" };
+    let mut runs = Vec::new();
+    for spec in specs {
+        let transport = match spec.transport {
+            "shm" => Transport::Shm(socket.clone()),
+            "uds" => match &uds {
+                Some(p) => Transport::Uds(p.clone()),
+                None => {
+                    eprintln!("note: skipping {} over uds: give the running daemon's --uds", spec.scenario);
+                    continue;
+                }
+            },
+            _ => match tcp {
+                Some(a) => Transport::Tcp(a),
+                None => {
+                    eprintln!("note: skipping {} over tcp: give the running daemon's --tcp", spec.scenario);
+                    continue;
+                }
+            },
+        };
+        let w = Workload {
+            transport,
+            messages: spec.messages,
+            payload: spec.payload,
+            window: spec.window,
+            call_timeout: Duration::from_millis(args.call_timeout_ms),
+            spin,
+        };
+        let run = run_one(&spec, &w, pid, args.procs, &exe)?;
+        print!("{}", run.summary(mode));
+        runs.push(run);
+    }
+    if runs.len() > 1 {
+        print!("{}", report::comparison(&runs));
+    }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&Report { runs: std::slice::from_ref(&run) })?;
+        let text = serde_json::to_string_pretty(&Report { runs: &runs })?;
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(d) = private {
         d.stop()?;
     }
-    Ok(run.passed())
+    Ok(!runs.is_empty() && runs.iter().all(Run::passed))
+}
+
+/// Connects this many times in a row for a latency run's connect figure.
+const SEQUENTIAL_CONNECTS: usize = 200;
+
+fn run_one(spec: &Spec, w: &Workload, pid: i32, procs: bool, exe: &std::path::Path) -> anyhow::Result<Run> {
+    let connects = if spec.scenario == "latency" && !procs {
+        // A failure here shows again, counted, when the run's client connects.
+        workload::sequential_connects(w, SEQUENTIAL_CONNECTS)
+            .inspect_err(|e| eprintln!("warning: connects in a row failed: {e}"))
+            .ok()
+    } else {
+        None
+    };
+    let sampler = PeakSampler::start(pid, Duration::from_millis(20));
+    let (outcomes, elapsed, usage) = if procs {
+        let (outcomes, elapsed, guard) = workload::run_procs(w, spec.clients, exe)?;
+        let usage = daemon_usage(pid);
+        drop(guard);
+        (outcomes, elapsed, usage)
+    } else {
+        let (outcomes, elapsed, clients) = workload::run_threads(w, spec.clients);
+        let usage = daemon_usage(pid);
+        drop(clients);
+        (outcomes, elapsed, usage)
+    };
+    let peak = sampler.finish();
+    Ok(Run::from_outcomes(spec, &outcomes, connects.as_deref(), elapsed, usage, peak.max(usage.rss_anon_kb)))
 }

@@ -43,6 +43,13 @@ pub struct Run {
     pub throughput_msgs_per_s: f64,
     pub latency_us: Latency,
     pub connect_us: Connect,
+    /// Payload bytes carried per second, requests and replies together
+    /// (bandwidth runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<f64>,
+    /// Heap allocations per call on the client side, over the calling phase
+    /// of every client thread (counted by stress's global allocator).
+    pub allocations_per_call: f64,
     pub daemon: ProcessUsage,
     pub peak_rss_anon_kb: u64,
     #[serde(skip)]
@@ -56,37 +63,46 @@ fn us(ns: u64) -> f64 {
 impl Run {
     /// Gathers the outcomes of every client into one run.
     pub fn from_outcomes(
+        spec: &Spec,
         outcomes: &[ClientOutcome],
-        messages: u64,
-        payload: usize,
+        connects: Option<&[u64]>,
         duration: Duration,
         daemon: ProcessUsage,
         peak_rss_anon_kb: u64,
     ) -> Run {
+        let (messages, payload) = (spec.messages, spec.payload);
         let mut latency: Histogram<u64> = new_histogram();
         let mut connect: Histogram<u64> = new_histogram();
-        let (mut succeeded, mut failed, mut mismatched) = (0, 0, 0);
+        let (mut succeeded, mut failed, mut mismatched, mut allocations) = (0, 0, 0, 0);
         let mut first_error = None;
         for o in outcomes {
             latency.add(&o.latency_ns).expect("histograms share bounds");
-            connect.saturating_record(o.connect_ns.max(1));
             succeeded += o.succeeded;
             failed += o.failed;
             mismatched += o.mismatched;
+            allocations += o.allocations;
             if first_error.is_none() {
                 first_error.clone_from(&o.first_error);
             }
         }
+        // Connect times: the clients' own, or (latency runs) connects made
+        // one after another.
+        let connect_ns: Vec<u64> =
+            connects.map_or_else(|| outcomes.iter().map(|o| o.connect_ns).collect(), <[u64]>::to_vec);
+        for ns in connect_ns {
+            connect.saturating_record(ns.max(1));
+        }
         let secs = duration.as_secs_f64();
         let q = |h: &Histogram<u64>, q: f64| us(h.value_at_quantile(q));
+        let sent = succeeded + failed + mismatched;
         Run {
-            scenario: "throughput",
-            transport: "shm",
+            scenario: spec.scenario,
+            transport: spec.transport,
             clients: outcomes.len(),
             messages_per_client: messages,
             payload_bytes: payload,
-            window: 1,
-            sent: succeeded + failed + mismatched,
+            window: spec.window,
+            sent,
             succeeded,
             failed,
             mismatched,
@@ -101,6 +117,9 @@ impl Run {
                 mean: latency.mean() / 1000.0,
             },
             connect_us: Connect { p50: q(&connect, 0.50), max: us(connect.max()) },
+            bytes_per_s: (spec.scenario == "bandwidth" && secs > 0.0)
+                .then(|| 2.0 * payload as f64 * succeeded as f64 / secs),
+            allocations_per_call: if sent > 0 { allocations as f64 / sent as f64 } else { 0.0 },
             daemon,
             peak_rss_anon_kb,
             first_error,
@@ -116,19 +135,26 @@ impl Run {
     pub fn summary(&self, mode: &str) -> String {
         let l = &self.latency_us;
         let mut s = format!(
-            "ipcd stress: {} clients x {} calls, {}-byte payloads, {} transport, clients as {mode}\n",
-            self.clients, self.messages_per_client, self.payload_bytes, self.transport
+            "{} over {}: {} clients x {} calls, {} B payloads, window {}, clients as {mode}\n",
+            self.scenario, self.transport, self.clients, self.messages_per_client, self.payload_bytes, self.window
         );
         s += &format!(
             "  calls       sent {}  succeeded {}  failed {}  mismatched {}\n",
             self.sent, self.succeeded, self.failed, self.mismatched
         );
-        s += &format!("  throughput  {:.0} msg/s over {:.3} s\n", self.throughput_msgs_per_s, self.duration_s);
+        s += &format!("  throughput  {:.0} msg/s over {:.3} s", self.throughput_msgs_per_s, self.duration_s);
+        if let Some(b) = self.bytes_per_s {
+            s += &format!("  ({:.2} GB/s of payload, both directions)", b / 1e9);
+        }
+        s += "\n";
         s += &format!(
-            "  latency us  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}  (round trip, every call)\n",
+            "  latency us  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}\n",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         );
-        s += &format!("  connect us  p50 {:.1}  max {:.1}\n", self.connect_us.p50, self.connect_us.max);
+        s += &format!(
+            "  connect us  p50 {:.1}  max {:.1}   allocations/call {:.3}\n",
+            self.connect_us.p50, self.connect_us.max, self.allocations_per_call
+        );
         s += &format!(
             "  daemon      rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
             self.daemon.rss_anon_kb, self.peak_rss_anon_kb, self.daemon.rss_shmem_kb, self.daemon.fds
@@ -139,6 +165,75 @@ impl Run {
         s += if self.passed() { "  result      PASS\n" } else { "  result      FAIL\n" };
         s
     }
+}
+
+/// What a run is, before it runs.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub scenario: &'static str,
+    pub transport: &'static str,
+    pub clients: usize,
+    pub messages: u64,
+    pub payload: usize,
+    pub window: u32,
+}
+
+fn size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// The comparison table: one row per scenario and payload, each
+/// transport's headline figure, and how shm compares with uds and tcp
+/// (higher is better for shm in both directions: a throughput ratio, or how
+/// many times lower its latency is).
+pub fn comparison(runs: &[Run]) -> String {
+    let mut rows: Vec<(&str, usize)> = Vec::new();
+    for r in runs {
+        if !rows.contains(&(r.scenario, r.payload_bytes)) {
+            rows.push((r.scenario, r.payload_bytes));
+        }
+    }
+    let mut s = format!(
+        "\n{:<11} {:>8}  {:<12} {:>13} {:>13} {:>13} {:>9} {:>9}\n",
+        "scenario", "payload", "figure", "shm", "uds", "tcp", "shm:uds", "shm:tcp"
+    );
+    for (scenario, payload) in rows {
+        let find =
+            |t: &str| runs.iter().find(|r| r.scenario == scenario && r.payload_bytes == payload && r.transport == t);
+        let (label, higher_better, figure): (&str, bool, fn(&Run) -> f64) = match scenario {
+            "latency" => ("p50 us", false, |r| r.latency_us.p50),
+            "bandwidth" => ("GB/s", true, |r| r.bytes_per_s.unwrap_or(0.0) / 1e9),
+            _ => ("msg/s", true, |r| r.throughput_msgs_per_s),
+        };
+        let cell = |t: &str| match find(t) {
+            Some(r) if label == "msg/s" => format!("{:.0}", figure(r)),
+            Some(r) => format!("{:.2}", figure(r)),
+            None => "-".into(),
+        };
+        let ratio = |t: &str| match (find("shm"), find(t)) {
+            (Some(a), Some(b)) if figure(a) > 0.0 && figure(b) > 0.0 => {
+                let x = if higher_better { figure(a) / figure(b) } else { figure(b) / figure(a) };
+                format!("{x:.2}x")
+            }
+            _ => "-".into(),
+        };
+        s += &format!(
+            "{:<11} {:>8}  {:<12} {:>13} {:>13} {:>13} {:>9} {:>9}\n",
+            scenario,
+            size(payload),
+            label,
+            cell("shm"),
+            cell("uds"),
+            cell("tcp"),
+            ratio("uds"),
+            ratio("tcp")
+        );
+    }
+    s
 }
 
 /// The JSON document: `{"runs": [RUN, ...]}`.

@@ -1,9 +1,10 @@
-//! The throughput workload: each client makes synchronous echo calls whose
-//! payload names the client and the sequence number, and checks every reply
-//! byte for byte.
+//! The workload of one run: each client makes echo calls whose payload
+//! names the client and the sequence number, one at a time or with a window
+//! of requests in flight, and checks every reply byte for byte.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -11,19 +12,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use ipc_client::{CallError, Client, ClientOptions, Service};
+use ipc_client::{CallError, Client, ClientOptions, Service, Ticket, Transport};
 
 /// What every client of a run does.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    /// The daemon's socket.
-    pub socket: PathBuf,
+    /// How clients reach the daemon.
+    pub transport: Transport,
     /// Calls per client.
     pub messages: u64,
     /// Payload bytes per call (at least [`MIN_PAYLOAD`]).
     pub payload: usize,
+    /// Requests in flight per client (1: synchronous calls).
+    pub window: u32,
     /// Timeout of each call.
     pub call_timeout: Duration,
+    /// The clients' spin limit (`None`: the library's default).
+    pub spin: Option<Duration>,
 }
 
 /// The smallest payload: a u32 client id and a u64 sequence number.
@@ -56,6 +61,8 @@ pub struct ClientOutcome {
     pub mismatched: u64,
     /// The first error seen, for the report.
     pub first_error: Option<String>,
+    /// Heap allocations this client's thread made while calling.
+    pub allocations: u64,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -72,6 +79,7 @@ impl ClientOutcome {
             failed: messages,
             mismatched: 0,
             first_error: Some(error),
+            allocations: 0,
         }
     }
 }
@@ -79,8 +87,11 @@ impl ClientOutcome {
 /// Connects one client and resolves `echo`. Returns the time it took.
 pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     let start = Instant::now();
-    let options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
-    let result = Client::connect_with(&w.socket, options).map_err(|e| e.to_string()).and_then(|client| {
+    let mut options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
+    if let Some(spin) = w.spin {
+        options = options.spin(spin);
+    }
+    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| e.to_string()).and_then(|client| {
         if w.payload > client.max_payload() {
             return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
         }
@@ -90,7 +101,8 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     (result, start.elapsed().as_nanos() as u64)
 }
 
-/// Runs the calls of client `id`.
+/// Runs the calls of client `id`: synchronous with a window of 1, else
+/// pipelined.
 pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, connect_ns: u64) -> ClientOutcome {
     let mut out = ClientOutcome {
         latency_ns: new_histogram(),
@@ -99,16 +111,38 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
         failed: 0,
         mismatched: 0,
         first_error: None,
+        allocations: 0,
     };
     let mut request = vec![0u8; w.payload];
     let mut reply = Vec::with_capacity(w.payload);
+    let mut expected = vec![0u8; w.payload];
+    let mut in_flight: VecDeque<(Ticket, u64, Instant)> = VecDeque::with_capacity(w.window as usize);
+    let before = ipc_platform::thread_allocations();
+    if w.window <= 1 {
+        sync_calls(client, echo, w, id, &mut out, &mut request, &mut reply);
+    } else {
+        pipelined_calls(client, echo, w, id, &mut out, (&mut request, &mut expected, &mut reply), &mut in_flight);
+    }
+    out.allocations = ipc_platform::thread_allocations() - before;
+    out
+}
+
+fn sync_calls(
+    client: &mut Client,
+    echo: &Service,
+    w: &Workload,
+    id: u32,
+    out: &mut ClientOutcome,
+    request: &mut [u8],
+    reply: &mut Vec<u8>,
+) {
     for seq in 0..w.messages {
-        fill_payload(id, seq, &mut request);
+        fill_payload(id, seq, request);
         let start = Instant::now();
-        match client.call_into(echo, &request, &mut reply) {
+        match client.call_into(echo, request, reply) {
             Ok(()) => {
                 let rtt = start.elapsed().as_nanos() as u64;
-                if reply == request {
+                if reply[..] == request[..] {
                     out.succeeded += 1;
                     out.latency_ns.saturating_record(rtt.max(1));
                 } else {
@@ -129,7 +163,75 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
             }
         }
     }
-    out
+}
+
+/// Keeps `window` requests in flight: sends until the window is full, then
+/// takes one reply (in arrival order, matched by ticket) and sends again.
+/// Latency is from a request's send to its reply's receipt.
+fn pipelined_calls(
+    client: &mut Client,
+    echo: &Service,
+    w: &Workload,
+    id: u32,
+    out: &mut ClientOutcome,
+    (request, expected, reply): (&mut [u8], &mut [u8], &mut Vec<u8>),
+    in_flight: &mut VecDeque<(Ticket, u64, Instant)>,
+) {
+    let mut next = 0u64;
+    let mut done = 0u64;
+    while done < w.messages {
+        while in_flight.len() < w.window as usize && next < w.messages {
+            fill_payload(id, next, request);
+            match client.send(echo, request) {
+                Ok(ticket) => in_flight.push_back((ticket, next, Instant::now())),
+                Err(e) => {
+                    out.first_error.get_or_insert_with(|| format!("client {id} send {next}: {e}"));
+                    out.failed += w.messages - done;
+                    return;
+                }
+            }
+            next += 1;
+        }
+        let (ticket, outcome) = match client.recv_into(reply) {
+            Ok(got) => got,
+            Err(e) => {
+                out.first_error.get_or_insert_with(|| format!("client {id} receive: {e}"));
+                out.failed += w.messages - done;
+                return;
+            }
+        };
+        done += 1;
+        let Some(i) = in_flight.iter().position(|(t, _, _)| *t == ticket) else {
+            out.mismatched += 1;
+            out.first_error.get_or_insert_with(|| format!("client {id}: reply to unknown ticket {}", ticket.id()));
+            continue;
+        };
+        let (_, seq, sent) = in_flight.remove(i).expect("index from the search");
+        match outcome {
+            Ok(()) => {
+                let rtt = sent.elapsed().as_nanos() as u64;
+                fill_payload(id, seq, expected);
+                if reply[..] == expected[..] {
+                    out.succeeded += 1;
+                    out.latency_ns.saturating_record(rtt.max(1));
+                } else {
+                    out.mismatched += 1;
+                    out.first_error
+                        .get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
+                }
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+            }
+        }
+    }
+}
+
+/// Connects and disconnects one client `n` times in a row; returns the
+/// connect times in nanoseconds, or the first error.
+pub fn sequential_connects(w: &Workload, n: usize) -> Result<Vec<u64>, String> {
+    (0..n).map(|_| connect(w)).map(|(r, ns)| r.map(|_| ns)).collect()
 }
 
 /// Runs `clients` clients as threads of this process. All connect first;
@@ -188,11 +290,19 @@ pub fn run_procs(
 ) -> anyhow::Result<(Vec<ClientOutcome>, Duration, ProcsGuard)> {
     let mut children = Vec::with_capacity(clients);
     for id in 0..clients {
-        let mut child = Command::new(exe)
-            .arg("--child-client")
-            .arg(id.to_string())
-            .arg("--socket")
-            .arg(&w.socket)
+        let mut command = Command::new(exe);
+        command.arg("--child-client").arg(id.to_string());
+        match &w.transport {
+            Transport::Shm(path) => command.arg("--transport").arg("shm").arg("--socket").arg(path),
+            Transport::Uds(path) => command.arg("--transport").arg("uds").arg("--uds").arg(path),
+            Transport::Tcp(addr) => command.arg("--transport").arg("tcp").arg("--tcp").arg(addr.to_string()),
+        };
+        if let Some(spin) = w.spin {
+            command.arg("--spin-us").arg(spin.as_micros().to_string());
+        }
+        let mut child = command
+            .arg("--window")
+            .arg(w.window.to_string())
             .arg("--messages")
             .arg(w.messages.to_string())
             .arg("--payload")
@@ -251,7 +361,7 @@ fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow:
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let [tag, succeeded, failed, mismatched, hist_len] = fields[..] else {
+    let [tag, succeeded, failed, mismatched, allocations, hist_len] = fields[..] else {
         bail!("client process said {line:?} instead of its results");
     };
     if tag != "done" {
@@ -270,6 +380,7 @@ fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow:
         failed: failed.parse()?,
         mismatched: mismatched.parse()?,
         first_error: (!error.is_empty()).then_some(error),
+        allocations: allocations.parse()?,
     })
 }
 
@@ -289,7 +400,15 @@ pub fn child_main(w: &Workload, id: u32) -> anyhow::Result<()> {
     };
     let mut hist = Vec::new();
     V2Serializer::new().serialize(&outcome.latency_ns, &mut hist)?;
-    writeln!(stdout, "done {} {} {} {}", outcome.succeeded, outcome.failed, outcome.mismatched, hist.len())?;
+    writeln!(
+        stdout,
+        "done {} {} {} {} {}",
+        outcome.succeeded,
+        outcome.failed,
+        outcome.mismatched,
+        outcome.allocations,
+        hist.len()
+    )?;
     stdout.write_all(&hist)?;
     writeln!(stdout, "error {}", outcome.first_error.unwrap_or_default().replace('\n', " "))?;
     stdout.flush()?;

@@ -1,7 +1,7 @@
-//! A CI-sized replay of the stress test through the real binaries: the
+//! CI-sized replays of the stress test through the real binaries: the
 //! stress binary starts its own ipcd (built beside it by `cargo test`), runs
-//! 8 clients x 2,000 verified echo calls, and must report all of them
-//! succeeded in its JSON.
+//! 8 clients x 2,000 verified echo calls (and every scenario over every
+//! transport, smaller), and must report all of them succeeded in its JSON.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,11 +18,19 @@ fn binaries() -> (PathBuf, PathBuf) {
 }
 
 fn run(extra: &[&str]) -> serde_json::Value {
+    let report =
+        run_all(&["--scenario", "throughput", "--transport", "shm", "--clients", "8", "--messages", "2000"], extra);
+    report["runs"][0].clone()
+}
+
+/// Runs stress with `args` and `extra`; returns its JSON report.
+fn run_all(args: &[&str], extra: &[&str]) -> serde_json::Value {
     let (stress, ipcd) = binaries();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
     let output = Command::new(&stress)
-        .args(["--clients", "8", "--messages", "2000", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .arg("--daemon")
         .arg(&ipcd)
@@ -32,8 +40,7 @@ fn run(extra: &[&str]) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "stress failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("PASS"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    report["runs"][0].clone()
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 
 fn check(run: &serde_json::Value) {
@@ -55,6 +62,8 @@ fn check(run: &serde_json::Value) {
         assert!(lat[key].as_f64().unwrap() > 0.0, "latency {key} missing: {lat}");
     }
     assert!(run["connect_us"]["p50"].as_f64().unwrap() > 0.0);
+    // call_into after connecting allocates nothing on the client side.
+    assert_eq!(run["allocations_per_call"], 0.0, "{run}");
     // The daemon was read from /proc with 8 sessions attached: each holds at
     // least its control socket and doorbell, and its segment is resident.
     assert!(run["daemon"]["fds"].as_u64().unwrap() >= 16, "{}", run["daemon"]);
@@ -71,6 +80,41 @@ fn threads_replay_passes_and_reports_every_figure() {
 #[test]
 fn process_replay_passes() {
     check(&run(&["--procs"]));
+}
+
+#[test]
+fn every_scenario_runs_over_every_transport_and_is_compared() {
+    let (stress, ipcd) = binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("all.json");
+    let output = Command::new(&stress)
+        .args(["--clients", "4", "--messages", "200", "--payload", "256", "--json"])
+        .arg(&json)
+        .arg("--daemon")
+        .arg(&ipcd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "stress failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("shm:uds") && stdout.contains("shm:tcp"), "no comparison table: {stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 12, "4 scenarios x 3 transports");
+    for scenario in ["throughput", "latency", "pipelined", "bandwidth"] {
+        for transport in ["shm", "uds", "tcp"] {
+            let r = runs
+                .iter()
+                .find(|r| r["scenario"] == scenario && r["transport"] == transport)
+                .unwrap_or_else(|| panic!("no {scenario} run over {transport}"));
+            assert_eq!(r["succeeded"], r["sent"], "{r}");
+            assert_eq!(r["sent"].as_u64().unwrap(), 4 * 200, "{r}");
+            assert_eq!(r["failed"], 0);
+            assert_eq!(r["mismatched"], 0);
+            assert_eq!(r["allocations_per_call"], 0.0, "{scenario} over {transport} allocated: {r}");
+            assert_eq!(r["window"], if scenario == "pipelined" { 32 } else { 1 });
+            assert_eq!(r["bytes_per_s"].is_f64(), scenario == "bandwidth", "{r}");
+        }
+    }
 }
 
 #[test]
@@ -103,7 +147,7 @@ fn failed_calls_are_counted_and_exit_1() {
     }
     // Far more calls than can finish before the daemon is killed.
     let mut run = Command::new(&stress)
-        .args(["--clients", "2", "--messages", "100000000", "--json"])
+        .args(["--scenario", "throughput", "--transport", "shm", "--clients", "2", "--messages", "100000000", "--json"])
         .arg(&json)
         .arg("--socket")
         .arg(&socket)

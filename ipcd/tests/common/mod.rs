@@ -671,3 +671,93 @@ impl RawSession {
         }
     }
 }
+
+/// Where a daemon started by [`start_with_streams`] listens: its control
+/// socket (shared memory), its `--uds` socket and its `--tcp` address.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    /// The control socket, for shared-memory clients.
+    pub shm: PathBuf,
+    /// The Unix stream socket.
+    pub uds: PathBuf,
+    /// The TCP address on loopback.
+    pub tcp: std::net::SocketAddr,
+}
+
+impl Endpoints {
+    /// The three transports, shared memory first.
+    pub fn all(&self) -> [ipc_client::Transport; 3] {
+        [
+            ipc_client::Transport::Shm(self.shm.clone()),
+            ipc_client::Transport::Uds(self.uds.clone()),
+            ipc_client::Transport::Tcp(self.tcp),
+        ]
+    }
+
+    /// The transport called `name` (`shm`, `uds` or `tcp`).
+    ///
+    /// # Panics
+    ///
+    /// Panics on any other name.
+    pub fn transport(&self, name: &str) -> ipc_client::Transport {
+        self.all().into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("no transport {name:?}"))
+    }
+}
+
+/// A loopback address whose port was free a moment ago. The daemon does not
+/// print the port it picks for `--tcp 127.0.0.1:0`, so tests choose one.
+pub fn free_loopback_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
+    listener.local_addr().expect("a bound listener has an address")
+}
+
+/// Starts a daemon that also serves `--uds` (in its directory) and `--tcp`
+/// (on a free loopback port), with `args` besides, and waits until all three
+/// listeners accept connections.
+///
+/// # Panics
+///
+/// Panics, with the daemon's stderr, if it does not come up (including the
+/// unlikely case of another process taking the port between its choice and
+/// the daemon's bind).
+pub fn start_with_streams(args: &[&str]) -> (Daemon, Endpoints) {
+    let dir = tempfile::Builder::new().prefix("ipcd-test-").tempdir().expect("cannot create a temporary directory");
+    let uds = dir.path().join("ipcd-stream.sock");
+    let tcp = free_loopback_addr();
+    let mut daemon = Daemon::builder()
+        .dir(dir)
+        .arg("--uds")
+        .arg(&uds)
+        .arg("--tcp")
+        .arg(tcp.to_string())
+        .args(args.iter().copied())
+        .start();
+    // The control socket is bound before the stream listeners, so its being
+    // up says nothing about them: a bare connect proves each.
+    let up = poll_until(STARTUP_LIMIT, || {
+        !daemon.is_running() || (UnixStream::connect(&uds).is_ok() && std::net::TcpStream::connect(tcp).is_ok())
+    });
+    assert!(
+        up && daemon.is_running(),
+        "ipcd does not listen on {} and {tcp}; stderr:\n{}",
+        uds.display(),
+        daemon.stderr()
+    );
+    let shm = daemon.socket().to_path_buf();
+    (daemon, Endpoints { shm, uds, tcp })
+}
+
+/// Connects through `transport` with `options`.
+///
+/// # Panics
+///
+/// Panics, naming the transport, if the connection fails.
+pub fn connect(transport: &ipc_client::Transport, options: ipc_client::ClientOptions) -> Client {
+    match Client::connect_with(transport.clone(), options) {
+        Ok(c) => {
+            assert_eq!(c.transport(), transport.name(), "the client reports another transport");
+            c
+        }
+        Err(e) => panic!("cannot connect to ipcd over {}: {e}", transport.name()),
+    }
+}
