@@ -519,7 +519,9 @@ impl Client {
         self.start(service, len, fill, true, deadline, timeout).map(|(t, _)| t)
     }
 
-    /// Hands every queued request to the daemon.
+    /// Hands the queued requests to the daemon: all of them over shared
+    /// memory; over a stream, what the socket takes without blocking (the
+    /// rest goes out during the next wait, receive or call).
     pub fn flush(&mut self) -> Result<(), CallError> {
         self.check_usable()?;
         let flushed = self.link.flush();

@@ -119,8 +119,14 @@ pub(crate) struct StreamSession {
     output: Vec<u8>,
     sent: usize,
     last_request_id: u64,
-    /// The client closed its sending side: serve what is buffered, then end.
+    /// The client closed its sending side: serve what is buffered, send the
+    /// replies, then end.
     read_closed: bool,
+    /// The poll reported the hang-up: read until end of input even after a
+    /// short read (with an edge-triggered poll no second event comes).
+    pub(crate) hangup_seen: bool,
+    /// The client can no longer receive (EPIPE, ECONNRESET): end now.
+    peer_gone: bool,
     pub(crate) queued: bool,
 }
 
@@ -138,6 +144,8 @@ impl StreamSession {
             sent: 0,
             last_request_id: 0,
             read_closed: false,
+            hangup_seen: false,
+            peer_gone: false,
             queued: false,
         }
     }
@@ -159,6 +167,13 @@ impl StreamSession {
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+                    // A hang-up, not a violation: its replies have nowhere to go.
+                    self.peer_gone = true;
+                    self.output.clear();
+                    self.sent = 0;
+                    return Ok(());
+                }
                 Err(e) => return Err(format!("send failed: {e}")),
             }
         }
@@ -200,7 +215,7 @@ impl StreamSession {
                 }
                 Ok(n) => {
                     self.end += n;
-                    return Ok(self.end == self.input.len());
+                    return Ok(self.end == self.input.len() || self.hangup_seen);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -240,6 +255,9 @@ impl StreamSession {
         shutting_down: bool,
     ) -> Result<Progress, String> {
         self.send()?;
+        if self.peer_gone {
+            return Ok(Progress::Closed);
+        }
         let (mut served, mut errors) = (0u64, 0u64);
         let mut more_to_read = true;
         let result = loop {
@@ -258,7 +276,9 @@ impl StreamSession {
                     }
                     Err(e) => break Err(e),
                 },
-                Ok(None) if self.read_closed => break Ok(Progress::Closed),
+                // Closed once every reply is out; until then, wait to write.
+                Ok(None) if self.read_closed && self.pending_output() == 0 => break Ok(Progress::Closed),
+                Ok(None) if self.read_closed => break Ok(Progress::Stalled),
                 Ok(None) => break Ok(Progress::Parked),
                 Err(e) => break Err(e),
             };
@@ -279,10 +299,15 @@ impl StreamSession {
         // Replies to what was served go out even when the batch ended in a
         // violation.
         let sent = self.send();
+        if self.peer_gone {
+            return Ok(Progress::Closed);
+        }
         let progress = result?;
         sent?;
-        if progress == Progress::Stalled && self.pending_output() <= self.output_limit() {
-            // The last send drained it: no writable edge will come, so go on.
+        if progress == Progress::Stalled && self.pending_output() == 0 {
+            // The last send drained it all: no writable edge will come (one
+            // comes whenever bytes stay unsent, since the send stopped at
+            // WouldBlock), so go on.
             return Ok(Progress::Busy);
         }
         Ok(progress)

@@ -164,7 +164,14 @@ impl Worker {
                     // A doorbell (its eventfd is never read: the client
                     // shares its open file and could make a read block), or
                     // a stream socket that can be read or written.
-                    Token(t) if t % 2 == 0 => self.schedule(t / 2),
+                    Token(t) if t % 2 == 0 => {
+                        if event.is_read_closed() {
+                            if let Some(Conn::Stream(s)) = self.sessions.get_mut(t / 2) {
+                                s.hangup_seen = true;
+                            }
+                        }
+                        self.schedule(t / 2)
+                    }
                     Token(t) => self.control_event(t / 2, event.is_read_closed() || event.is_error()),
                 }
             }

@@ -1,8 +1,9 @@
 //! Pipelined calls through the client library against the real daemon, on
 //! every transport: a window of requests in flight comes back once each,
 //! in any order the caller asks for; a full link is reported or waited out
-//! without deadlock; replies read in place release their space; and a
-//! ticket given up on stays given up.
+//! without deadlock; replies read in place release their space; a ticket
+//! given up on stays given up; a flush alone delivers what was queued; and
+//! a daemon that dies mid-window ends every ticket.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{connect, pattern, start_with_streams, watchdog, TEST_LIMIT};
+use common::{
+    connect, json_u64, pattern, poll_until, start_with_streams, stats_json, watchdog, CLEANUP_LIMIT, TEST_LIMIT,
+};
 use ipc_client::{CallError, Client, ClientOptions, Ticket};
 
 /// Generates, for each test function below that takes a transport name,
@@ -37,6 +40,8 @@ on_every_transport!(
     call_with_writes_and_reads_in_place,
     call_with_releases_each_reply_when_the_guard_drops,
     timed_out_wait_abandons_its_ticket,
+    flush_hands_queued_requests_to_the_daemon,
+    daemon_gone_mid_window_ends_every_ticket,
 );
 
 /// Starts a daemon with `args` and runs `body` under the watchdog with a
@@ -227,7 +232,8 @@ fn call_with_writes_and_reads_in_place(name: &'static str) {
         // An empty reply.
         let ping = client.service("ping").unwrap();
         let reply = client.call_with(&ping, 3, |buf| buf.write_at(0, b"abc")).unwrap();
-        assert!(reply.is_empty() && reply.len() == 0, "{name}");
+        assert!(reply.is_empty(), "{name}");
+        assert_eq!(reply.len(), 0, "{name}");
         drop(reply);
 
         // An error reply is the call's error, and leaves nothing held.
@@ -319,4 +325,58 @@ fn recv_patiently(client: &mut Client) -> (Ticket, Result<Vec<u8>, CallError>) {
             Err(e) => panic!("{}: recv failed: {e}", client.transport()),
         }
     }
+}
+
+fn flush_hands_queued_requests_to_the_daemon(name: &'static str) {
+    const REQUESTS: u64 = 32;
+    let (_daemon, ends) = start_with_streams(&["--debug-services"]);
+    let transport = ends.transport(name);
+    watchdog(TEST_LIMIT, move || {
+        let mut client = connect(&transport, ClientOptions::default());
+        let mut observer = connect(&ends.transport("shm"), ClientOptions::default());
+        // Each debug.fail request bumps the error count, which the
+        // observer's own stats calls never do.
+        let errors = |observer: &mut Client| json_u64(&stats_json(observer), "errors");
+        assert_eq!(errors(&mut observer), 0);
+        let fail = client.service("debug.fail").unwrap();
+        let tickets: Vec<Ticket> = (0..REQUESTS).map(|i| client.send(&fail, &pattern(i, 100)).unwrap()).collect();
+        client.flush().unwrap();
+        // Nothing is waited for or received: the flush alone must deliver.
+        let delivered = poll_until(CLEANUP_LIMIT, || errors(&mut observer) == REQUESTS);
+        assert!(delivered, "{name}: after the flush: {}", stats_json(&mut observer));
+        for ticket in tickets {
+            let err = client.wait(ticket).unwrap_err();
+            assert!(matches!(&err, CallError::Remote { message } if message.contains("100 bytes")), "{name}: {err:?}");
+        }
+        assert_eq!(client.in_flight(), 0, "{name}");
+    });
+}
+
+fn daemon_gone_mid_window_ends_every_ticket(name: &'static str) {
+    let (mut daemon, ends) = start_with_streams(&["--workers", "1", "--debug-services"]);
+    let transport = ends.transport(name);
+    let mut client = connect(&transport, ClientOptions::default());
+    let sleep = client.service("debug.sleep").unwrap();
+    let echo = client.service("echo").unwrap();
+    // The sleep holds the only worker, so nothing after it is answered.
+    let mut tickets = vec![client.send(&sleep, &5000u32.to_le_bytes()).unwrap()];
+    tickets.extend((0..8u64).map(|i| client.send(&echo, &pattern(i, 50)).unwrap()));
+    client.flush().unwrap();
+    if !common::wait_worker_in_handler(daemon.pid(), Duration::from_secs(10)) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    daemon.kill();
+    watchdog(TEST_LIMIT, move || {
+        let err = client.recv().unwrap_err();
+        assert!(matches!(err, CallError::Disconnected { .. }), "{name}: recv gave {err:?}");
+        // A broken client says so at once, for every ticket and every call.
+        for ticket in tickets {
+            let result = client.wait(ticket);
+            assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: wait gave {result:?}");
+        }
+        let result = client.call(&echo, b"after");
+        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: call gave {result:?}");
+        let result = client.try_send(&echo, b"after");
+        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: try_send gave {result:?}");
+    });
 }

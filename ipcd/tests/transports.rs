@@ -250,12 +250,26 @@ fn typed_calls_and_errors_are_the_same_on_every_transport() {
 }
 
 #[test]
-fn unknown_service_id_gets_an_error_reply_on_stream_transports() {
+fn unknown_service_id_is_an_error_for_that_call_on_every_transport() {
+    // The library only calls services a welcome listed. A service resolved
+    // on a daemon with the debug services is unknown to one without them.
+    let (_with_debug, debug_ends) = start_with_streams(&["--debug-services"]);
     let (_daemon, ends) = start_with_streams(&[]);
     watchdog(TEST_LIMIT, move || {
+        let foreign = connect(&debug_ends.all()[0], ClientOptions::default()).service("debug.fail").unwrap();
+        for transport in ends.all() {
+            let name = transport.name();
+            let mut client = connect(&transport, ClientOptions::default());
+            assert!(client.service_names().all(|s| s != "debug.fail"), "{name}");
+            let expected = CallError::UnknownService { name: format!("#{}", foreign.id()) };
+            assert_eq!(client.call(&foreign, b"anything"), Err(expected), "{name}");
+            let echo = client.service("echo").unwrap();
+            assert_eq!(client.call(&echo, b"still here").unwrap(), b"still here", "{name}");
+        }
+
+        // What travels on the wire: an error frame for that request alone.
         for transport in streams(&ends) {
             let name = transport.name();
-            // The client library only sends ids the welcome listed.
             let mut raw = RawStream::connect(&transport, 65536);
             let unused = raw.welcome.services.iter().map(|s| s.id).max().unwrap() + 1;
             raw.send_raw(&frame(unused, 0, 1, b"anything"));
@@ -583,39 +597,85 @@ fn sigterm_ends_blocked_stream_calls_and_removes_the_uds_socket() {
     }
 }
 
+/// Closes the sending side of `raw`'s connection: no more requests, but
+/// replies may still come.
+fn shut_down_writing(socket: &RawSocket) {
+    match socket {
+        RawSocket::Unix(s) => s.shutdown(std::net::Shutdown::Write).unwrap(),
+        RawSocket::Tcp(s) => s.shutdown(std::net::Shutdown::Write).unwrap(),
+    }
+}
+
 #[test]
 fn stream_client_that_half_closes_gets_every_reply() {
-    const REQUESTS: u64 = 250;
+    // More replies than a Unix socket buffers (about 200 KiB), fewer than
+    // that plus the daemon's output limit (about 96 KiB here), so the
+    // daemon serves every request without stalling and still has replies
+    // queued for the socket when the end of the requests comes.
+    const REQUESTS: u64 = 260;
     let (_daemon, ends) = start_with_streams(&[]);
+    watchdog(TEST_LIMIT, move || {
+        let mut raw = RawStream::connect(&Transport::Uds(ends.uds.clone()), 65536);
+        let echo = raw.service("echo");
+        let wire: Vec<u8> = (1..=REQUESTS).flat_map(|id| frame(echo, 0, id, &pattern(id, 1000))).collect();
+        raw.send_raw(&wire);
+        // The end of the requests comes on its own, once the daemon has
+        // served them all; replies are read only after it has seen it.
+        thread::sleep(Duration::from_millis(300));
+        shut_down_writing(&raw.socket);
+        thread::sleep(Duration::from_millis(300));
+        let mut ids = Vec::new();
+        while (ids.len() as u64) < REQUESTS {
+            let Some((header, body)) = raw.read_frame() else { break };
+            assert!(body == pattern(header.request_id, 1000), "reply {} differs", header.request_id);
+            ids.push(header.request_id);
+        }
+        assert_eq!(ids.len() as u64, REQUESTS, "replies before the hang-up, the last {:?}", ids.last());
+        assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn stream_client_that_half_closes_is_hung_up_on_after_its_last_reply() {
+    let (daemon, ends) = start_with_streams(&["--workers", "1", "--debug-services"]);
+    let pid = daemon.pid();
     watchdog(TEST_LIMIT, move || {
         for transport in streams(&ends) {
             let name = transport.name();
             let mut raw = RawStream::connect(&transport, 65536);
             let echo = raw.service("echo");
-            let wire: Vec<u8> = (1..=REQUESTS).flat_map(|id| frame(echo, 0, id, &pattern(id, 1000))).collect();
-            let mut writer = match &raw.socket {
-                RawSocket::Unix(s) => RawSocket::Unix(s.try_clone().unwrap()),
-                RawSocket::Tcp(s) => RawSocket::Tcp(s.try_clone().unwrap()),
-            };
-            let writing = thread::spawn(move || {
-                writer.write_all(&wire).expect("cannot send the requests");
-                match &writer {
-                    RawSocket::Unix(s) => s.shutdown(std::net::Shutdown::Write).unwrap(),
-                    RawSocket::Tcp(s) => s.shutdown(std::net::Shutdown::Write).unwrap(),
-                }
-            });
-            // Replies are read only once the daemon has had time to see the
-            // end of the requests, so some are still queued in it then.
-            poll_until(Duration::from_millis(500), || writing.is_finished());
-            thread::sleep(Duration::from_millis(200));
-            let frames = raw.frames_until_hang_up();
-            join_within(writing, HANG_UP_LIMIT, "the writer");
-            let ids: Vec<u64> = frames.iter().map(|(h, _)| h.request_id).collect();
-            assert_eq!(ids.len() as u64, REQUESTS, "{name}: replies after a half-close, the last {:?}", ids.last());
-            assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>(), "{name}: the replies after a half-close");
-            for (h, body) in &frames {
-                assert!(*body == pattern(h.request_id, 1000), "{name}: reply {} differs", h.request_id);
+            // A first round trip: the session is adopted and idle.
+            raw.send_raw(&frame(echo, 0, 1, b"first"));
+            assert_eq!(raw.read_frame().map(|(h, _)| h.request_id), Some(1), "{name}");
+            // Hold the only worker, so that the last request and the end of
+            // the stream are both waiting when the session is next read.
+            let mut sleeper = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
+            let sleep = sleeper.service("debug.sleep").unwrap();
+            let sleeping = thread::spawn(move || sleeper.call(&sleep, &300u32.to_le_bytes()));
+            if !wait_worker_in_handler(pid, Duration::from_secs(10)) {
+                thread::sleep(Duration::from_millis(100));
             }
+            raw.send_raw(&frame(echo, 0, 2, b"last"));
+            shut_down_writing(&raw.socket);
+            let last = raw.read_frame().map(|(h, body)| (h.request_id, body));
+            assert_eq!(last, Some((2, b"last".to_vec())), "{name}: the last reply");
+            // Then the hang-up (read_frame panics if it does not come).
+            assert!(raw.read_frame().is_none(), "{name}: a frame after the last reply");
+            join_within(sleeping, Duration::from_secs(10), "the sleeper").unwrap();
         }
+    });
+}
+
+#[test]
+fn stream_client_hanging_up_with_replies_unread_counts_as_a_hang_up() {
+    let (_daemon, ends) = start_with_streams(&["--workers", "1"]);
+    watchdog(TEST_LIMIT, move || {
+        let mut observer = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
+        for transport in streams(&ends) {
+            drop(flood_without_reading(&transport));
+        }
+        let (hang_ups, json) = stat_eventually(&mut observer, "client_hangup", |n| n >= 2);
+        assert_eq!(hang_ups, 2, "{json}");
+        assert_eq!(json_u64(&json, "protocol_violation"), 0, "{json}");
     });
 }
