@@ -420,9 +420,9 @@ impl Client {
         reply: &mut Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CallError> {
-        let (deadline, timeout) = deadline(timeout);
-        let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, deadline, timeout)?.0;
-        match self.await_reply(ticket, deadline, timeout)? {
+        let mut dl = Deadline::new(timeout);
+        let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl)?.0;
+        match self.await_reply(ticket, &mut dl)? {
             Found::Stashed(body) => {
                 *reply = body;
                 Ok(())
@@ -457,9 +457,9 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>),
     ) -> Result<ReplyGuard<'_>, CallError> {
-        let (deadline, timeout) = deadline(self.call_timeout);
-        let ticket = self.start(service, len, fill, true, deadline, timeout)?.0;
-        match self.await_reply(ticket, deadline, timeout)? {
+        let mut dl = Deadline::new(self.call_timeout);
+        let ticket = self.start(service, len, fill, true, &mut dl)?.0;
+        match self.await_reply(ticket, &mut dl)? {
             Found::Link(reply) => Ok(ReplyGuard { client: self, reply, pos: 0 }),
             // Only replies to other requests are stashed while a request
             // waits for room, and this one was written before anything was
@@ -493,8 +493,8 @@ impl Client {
     /// has no room for it now. Queued requests reach the daemon at the next
     /// wait, receive, call or [`Client::flush`].
     pub fn try_send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
-        let (deadline, timeout) = deadline(Duration::ZERO);
-        self.start(service, request.len(), |buf| buf.write_at(0, request), false, deadline, timeout).map(|(t, _)| t)
+        let mut dl = Deadline::new(Duration::ZERO);
+        self.start(service, request.len(), |buf| buf.write_at(0, request), false, &mut dl).map(|(t, _)| t)
     }
 
     /// Queues a request, waiting up to the call timeout for room in the
@@ -503,8 +503,8 @@ impl Client {
     /// While it waits, replies that arrive are kept for [`Client::wait`] and
     /// [`Client::recv`], so the daemon is never stuck behind them.
     pub fn send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
-        let (deadline, timeout) = deadline(self.call_timeout);
-        self.start(service, request.len(), |buf| buf.write_at(0, request), true, deadline, timeout).map(|(t, _)| t)
+        let mut dl = Deadline::new(self.call_timeout);
+        self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl).map(|(t, _)| t)
     }
 
     /// As [`Client::send`], with a request of `len` bytes that `fill`
@@ -515,8 +515,8 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>),
     ) -> Result<Ticket, CallError> {
-        let (deadline, timeout) = deadline(self.call_timeout);
-        self.start(service, len, fill, true, deadline, timeout).map(|(t, _)| t)
+        let mut dl = Deadline::new(self.call_timeout);
+        self.start(service, len, fill, true, &mut dl).map(|(t, _)| t)
     }
 
     /// Hands the queued requests to the daemon: all of them over shared
@@ -538,8 +538,8 @@ impl Client {
 
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
-        let (deadline, timeout) = deadline(self.call_timeout);
-        match self.await_reply(ticket, deadline, timeout)? {
+        let mut dl = Deadline::new(self.call_timeout);
+        match self.await_reply(ticket, &mut dl)? {
             Found::Stashed(body) => {
                 *reply = body;
                 Ok(())
@@ -577,11 +577,11 @@ impl Client {
         if self.in_flight.iter().all(|p| p.abandoned) {
             return Err(CallError::NothingInFlight);
         }
-        let (deadline, timeout) = deadline(self.call_timeout);
+        let mut dl = Deadline::new(self.call_timeout);
         self.check_usable()?;
         let flushed = self.link.flush();
         self.note(flushed)?;
-        let next = self.next_reply(deadline, timeout);
+        let next = self.next_reply(&mut dl);
         let (_, r) = self.note(next)?;
         self.link.read_all(&r, reply);
         let consumed = self.link.consume(&r);
@@ -614,8 +614,7 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
         wait: bool,
-        deadline: Instant,
-        timeout: Duration,
+        dl: &mut Deadline,
     ) -> Result<(Ticket, R), CallError> {
         self.check_usable()?;
         if len > self.max_payload {
@@ -636,7 +635,7 @@ impl Client {
                     // The daemon may be stuck on a full reply path: take
                     // what replies there are aside, then wait for room.
                     self.stash_replies()?;
-                    let waited = self.link.wait_writable(len, deadline, timeout);
+                    let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
                     self.note(waited)?;
                     self.stash_replies()?;
                 }
@@ -686,7 +685,7 @@ impl Client {
 
     /// The next reply on the link that someone still waits for, not yet
     /// consumed, with its claimed entry.
-    fn next_reply(&mut self, deadline: Instant, timeout: Duration) -> Result<(InFlight, ReplyRef), CallError> {
+    fn next_reply(&mut self, dl: &mut Deadline) -> Result<(InFlight, ReplyRef), CallError> {
         loop {
             match self.link.peek()? {
                 Some(r) => {
@@ -697,10 +696,11 @@ impl Client {
                     self.link.consume(&r)?;
                 }
                 None => {
+                    let deadline = dl.at();
                     if Instant::now() >= deadline {
-                        return Err(CallError::Timeout { after: timeout });
+                        return Err(CallError::Timeout { after: dl.timeout });
                     }
-                    self.link.wait_readable(deadline, timeout)?;
+                    self.link.wait_readable(deadline, dl.timeout)?;
                 }
             }
         }
@@ -709,7 +709,7 @@ impl Client {
     /// Waits for `ticket`'s reply and leaves it unconsumed on the link for
     /// the caller (or hands over the stashed one); an error reply is
     /// consumed and returned as the error.
-    fn await_reply(&mut self, ticket: Ticket, deadline: Instant, timeout: Duration) -> Result<Found, CallError> {
+    fn await_reply(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
         if let Some(i) = self.stash.iter().position(|s| s.header.request_id == ticket.id) {
             let stashed = self.stash.remove(i).expect("index from the search");
             let mut body = stashed.body;
@@ -726,7 +726,7 @@ impl Client {
         let flushed = self.link.flush();
         self.note(flushed)?;
         loop {
-            let next = self.next_reply(deadline, timeout);
+            let next = self.next_reply(dl);
             let (entry, r) = match self.note(next) {
                 Ok(found) => found,
                 Err(e) => {
@@ -856,11 +856,22 @@ impl Drop for ReplyGuard<'_> {
     }
 }
 
-/// The deadline of an operation that starts now, with its timeout capped
-/// at a year so the deadline never overflows.
-fn deadline(timeout: Duration) -> (Instant, Duration) {
-    let timeout = timeout.min(MAX_TIMEOUT);
-    (Instant::now() + timeout, timeout)
+/// The deadline of an operation, fixed the first time it is needed: an
+/// operation that finds its reply (or room) at once never reads the clock.
+/// Timeouts are capped at a year so the deadline never overflows.
+struct Deadline {
+    timeout: Duration,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    fn new(timeout: Duration) -> Deadline {
+        Deadline { timeout: timeout.min(MAX_TIMEOUT), at: None }
+    }
+
+    fn at(&mut self) -> Instant {
+        *self.at.get_or_insert_with(|| Instant::now() + self.timeout)
+    }
 }
 
 fn shm_link(
