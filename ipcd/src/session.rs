@@ -6,8 +6,6 @@
 //! private buffer before a handler sees them. A protocol violation ends this
 //! session only.
 
-use std::sync::atomic::Ordering;
-
 use ipc_core::{Consumer, FrameHeader, Producer, PushError};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
@@ -129,9 +127,7 @@ impl Session {
             Err(e) => Err(e),
         };
         // Counted once per batch rather than per request.
-        counters.requests.fetch_add(served, Ordering::Relaxed);
-        counters.replies.fetch_add(served, Ordering::Relaxed);
-        counters.errors.fetch_add(errors, Ordering::Relaxed);
+        counters.add_batch(served, errors);
         // Publish whatever was answered and hand back what was read, even
         // when the batch ended in a violation (the error is reported after).
         if self.responses.publish() {
@@ -234,6 +230,7 @@ mod tests {
     use super::*;
     use crate::stats::WorkerCounters;
     use ipc_core::{Direction, HeapMemory, Region, SegmentLayout};
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     /// A session over heap memory, with the client's ring ends beside it.

@@ -54,6 +54,16 @@ pub(crate) struct WorkerCounters {
     pub(crate) sessions: AtomicUsize,
 }
 
+impl WorkerCounters {
+    /// Counts a served batch: `served` requests answered, `errors` of them
+    /// with an error reply. Once per batch, not per request.
+    pub(crate) fn add_batch(&self, served: u64, errors: u64) {
+        self.requests.fetch_add(served, Ordering::Relaxed);
+        self.replies.fetch_add(served, Ordering::Relaxed);
+        self.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct Stats {
     started: Instant,
     pub(crate) connected: AtomicUsize,

@@ -11,7 +11,6 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 
 use ipc_core::{FrameHeader, HEADER_LEN};
 use ipc_platform::PeerCredentials;
@@ -293,9 +292,7 @@ impl StreamSession {
             served += 1;
             errors += u64::from(flags != 0);
         };
-        counters.requests.fetch_add(served, Ordering::Relaxed);
-        counters.replies.fetch_add(served, Ordering::Relaxed);
-        counters.errors.fetch_add(errors, Ordering::Relaxed);
+        counters.add_batch(served, errors);
         // Replies to what was served go out even when the batch ended in a
         // violation.
         let sent = self.send();

@@ -7,7 +7,7 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{json_u64, pattern, stats_json, watchdog, Daemon, RawSession, TEST_LIMIT};
+use common::{join_all, json_u64, pattern, stats_json, watchdog, Daemon, RawSession, TEST_LIMIT};
 use ipc_client::{CallError, Client, ClientOptions, DoorbellKind};
 use ipc_core::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -201,11 +201,7 @@ fn eight_clients_in_parallel_get_their_own_replies() {
                 })
             })
             .collect();
-        for t in threads {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p);
-            }
-        }
+        join_all(threads);
         let mut client = Client::connect_to(&socket).unwrap();
         let json = stats_json(&mut client);
         assert!(json_u64(&json, "replies") >= u64::from(CLIENTS * CALLS), "{json}");

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    connect, fd_count, join_within, json_u64, pattern, poll_until, start_with_streams, stat_eventually, stats_json,
-    wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
+    connect, fd_count, join_all, join_within, json_u64, pattern, poll_until, start_with_streams, stat_eventually,
+    stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Transport};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
@@ -337,11 +337,7 @@ fn many_clients_in_parallel_on_uds_and_tcp_get_their_own_replies() {
                 })
             })
             .collect();
-        for t in threads {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p);
-            }
-        }
+        join_all(threads);
         let mut observer = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
         let json = stats_json(&mut observer);
         assert!(json_u64(&json, "replies") >= u64::from(2 * CLIENTS * CALLS), "{json}");

@@ -71,6 +71,24 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 impl ClientOutcome {
+    /// Records a call's reply: a success with its round trip if it is the
+    /// expected bytes, else a mismatch.
+    fn reply(&mut self, id: u32, seq: u64, rtt_ns: u64, matches: bool) {
+        if matches {
+            self.succeeded += 1;
+            self.latency_ns.saturating_record(rtt_ns.max(1));
+        } else {
+            self.mismatched += 1;
+            self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
+        }
+    }
+
+    /// Records a call that ended in an error.
+    fn error(&mut self, id: u32, seq: u64, e: &CallError) {
+        self.failed += 1;
+        self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+    }
+
     fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
         ClientOutcome {
             latency_ns: new_histogram(),
@@ -140,20 +158,9 @@ fn sync_calls(
         fill_payload(id, seq, request);
         let start = Instant::now();
         match client.call_into(echo, request, reply) {
-            Ok(()) => {
-                let rtt = start.elapsed().as_nanos() as u64;
-                if reply[..] == request[..] {
-                    out.succeeded += 1;
-                    out.latency_ns.saturating_record(rtt.max(1));
-                } else {
-                    out.mismatched += 1;
-                    out.first_error
-                        .get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
-                }
-            }
+            Ok(()) => out.reply(id, seq, start.elapsed().as_nanos() as u64, reply[..] == request[..]),
             Err(e) => {
-                out.failed += 1;
-                out.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+                out.error(id, seq, &e);
                 if matches!(e, CallError::Disconnected { .. }) {
                     // Every later call of this client would fail the same
                     // way at once: count them without making them.
@@ -211,19 +218,9 @@ fn pipelined_calls(
             Ok(()) => {
                 let rtt = sent.elapsed().as_nanos() as u64;
                 fill_payload(id, seq, expected);
-                if reply[..] == expected[..] {
-                    out.succeeded += 1;
-                    out.latency_ns.saturating_record(rtt.max(1));
-                } else {
-                    out.mismatched += 1;
-                    out.first_error
-                        .get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
-                }
+                out.reply(id, seq, rtt, reply[..] == expected[..]);
             }
-            Err(e) => {
-                out.failed += 1;
-                out.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
-            }
+            Err(e) => out.error(id, seq, &e),
         }
     }
 }

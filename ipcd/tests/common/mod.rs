@@ -409,6 +409,17 @@ pub fn join_within<T>(handle: JoinHandle<T>, limit: Duration, what: &str) -> T {
     }
 }
 
+/// Joins every thread, passing on the first panic (with its message).
+pub fn join_all<T>(threads: impl IntoIterator<Item = JoinHandle<T>>) -> Vec<T> {
+    threads
+        .into_iter()
+        .map(|t| match t.join() {
+            Ok(v) => v,
+            Err(payload) => std::panic::resume_unwind(payload),
+        })
+        .collect()
+}
+
 /// Polls `cond` every few milliseconds until it holds or `limit` passes;
 /// returns whether it held. For state that changes asynchronously, instead
 /// of a fixed sleep.
