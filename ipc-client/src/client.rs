@@ -108,6 +108,49 @@ pub struct ClientOptions {
     /// keep failing. Default [`DEFAULT_SPIN`] when more than one core is
     /// available, else zero (never spin).
     pub spin: Duration,
+    /// Whether and how to re-establish a lost connection. Default `None`:
+    /// once lost, every later request fails with
+    /// [`CallError::NotConnected`] (or [`CallError::Shutdown`]).
+    pub reconnect: Option<Reconnect>,
+}
+
+/// How a client re-establishes a lost connection.
+///
+/// With a policy set, a request started after the connection was lost
+/// first connects again (same transport, same options), retrying with a
+/// delay that starts at `first_delay` and doubles up to `max_delay`, for at
+/// most the request's own timeout. If no attempt succeeds in time, or the
+/// daemon refuses for good (another protocol version, not permitted), the
+/// request fails with [`CallError::NotConnected`] and was not sent.
+///
+/// Requests in flight when the connection was lost are never sent again:
+/// each ends with [`CallError::Disconnected`] (the outcome is unknown) or
+/// [`CallError::Shutdown`] (the daemon closed on purpose and never took
+/// it). The daemon reached again must offer the same services under the
+/// same ids, since resolved [`Service`]s keep their ids; if not,
+/// reconnecting fails and a new client must resolve them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconnect {
+    /// The wait after the first failed attempt. Default 1 ms.
+    pub first_delay: Duration,
+    /// The longest wait between attempts. Default 20 ms: a restarted daemon
+    /// is found within that of being ready.
+    pub max_delay: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Reconnect {
+        Reconnect { first_delay: Duration::from_millis(1), max_delay: Duration::from_millis(20) }
+    }
+}
+
+impl Reconnect {
+    /// A policy with these delays (`max_delay` is raised to `first_delay`
+    /// if lower).
+    pub fn new(first_delay: Duration, max_delay: Duration) -> Reconnect {
+        Reconnect { first_delay, max_delay: max_delay.max(first_delay) }
+    }
 }
 
 impl Default for ClientOptions {
@@ -119,6 +162,7 @@ impl Default for ClientOptions {
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             spin: if cores > 1 { DEFAULT_SPIN } else { Duration::ZERO },
+            reconnect: None,
         }
     }
 }
@@ -158,6 +202,12 @@ impl ClientOptions {
     /// Sets [`ClientOptions::spin`] (zero: never spin).
     pub fn spin(mut self, limit: Duration) -> Self {
         self.spin = limit;
+        self
+    }
+
+    /// Sets [`ClientOptions::reconnect`].
+    pub fn reconnect(mut self, policy: Reconnect) -> Self {
+        self.reconnect = Some(policy);
         self
     }
 }
@@ -218,11 +268,21 @@ struct Stashed {
     body: Vec<u8>,
 }
 
+/// How the connection was lost.
+struct Broken {
+    reason: String,
+    /// The last request the daemon took, if it closed on purpose.
+    closed_after: Option<u64>,
+}
+
 /// A connection to ipcd. Calls take `&mut self`; use one client per thread
 /// (a client is `Send`). Requests may be pipelined: [`Client::send`] several,
 /// then [`Client::wait`] or [`Client::recv`] their replies.
 pub struct Client {
     link: Link,
+    /// Where and how it connected, to connect again.
+    target: Transport,
+    options: ClientOptions,
     transport: &'static str,
     services: HashMap<String, u16>,
     max_payload: usize,
@@ -233,7 +293,11 @@ pub struct Client {
     in_flight: VecDeque<InFlight>,
     /// Replies read while waiting for another, in arrival order.
     stash: VecDeque<Stashed>,
-    broken: Option<String>,
+    /// Outcomes of requests lost with a connection, in id order, not yet
+    /// handed out.
+    orphans: VecDeque<(u64, CallError)>,
+    broken: Option<Broken>,
+    reconnects: u64,
     /// Scratch for error replies read in place.
     scratch: Vec<u8>,
 }
@@ -245,7 +309,7 @@ impl std::fmt::Debug for Client {
             .field("session_id", &self.session_id)
             .field("max_payload", &self.max_payload)
             .field("in_flight", &self.in_flight())
-            .field("broken", &self.broken)
+            .field("broken", &self.broken.as_ref().map(|b| &b.reason))
             .finish_non_exhaustive()
     }
 }
@@ -266,89 +330,23 @@ impl Client {
     /// `options`. The API above the transport is the same for all three.
     pub fn connect_with(transport: impl Into<Transport>, options: ClientOptions) -> Result<Client, ConnectError> {
         let transport = transport.into();
-        let not_running = |target: String, source: io::Error| match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ConnectError::NotRunning { path: PathBuf::from(target), source }
-            }
-            _ => ConnectError::Io(source),
-        };
-        let socket = match &transport {
-            Transport::Shm(path) | Transport::Uds(path) => {
-                Socket::Unix(UnixStream::connect(path).map_err(|e| not_running(path.display().to_string(), e))?)
-            }
-            Transport::Tcp(addr) => {
-                let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
-                    .map_err(|e| not_running(addr.to_string(), e))?;
-                tcp.set_nodelay(true)?;
-                Socket::Tcp(tcp)
-            }
-        };
-        let welcome_timeout = |e: io::Error| timeout_or(e, options.connect_timeout);
-        match &socket {
-            Socket::Unix(s) => {
-                s.set_read_timeout(Some(options.connect_timeout))?;
-                s.set_write_timeout(Some(options.connect_timeout))?;
-            }
-            Socket::Tcp(s) => {
-                s.set_read_timeout(Some(options.connect_timeout))?;
-                s.set_write_timeout(Some(options.connect_timeout))?;
-            }
-        }
-        let hello = handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
-            .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        match &socket {
-            Socket::Unix(s) => (&*s).write_all(&hello),
-            Socket::Tcp(s) => (&*s).write_all(&hello),
-        }
-        .map_err(welcome_timeout)?;
-        let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
-        let welcome = match message {
-            ServerMessage::Welcome(w) => w,
-            ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
-                return Err(ConnectError::VersionMismatch { daemon, client })
-            }
-            ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
-        };
-        let protocol = |m: String| ConnectError::Protocol(m);
-        if welcome.version != PROTOCOL_VERSION {
-            return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
-        }
-        let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
-        if welcome.max_payload != layout.max_payload() {
-            return Err(protocol(format!(
-                "maximum payload {} does not match ring capacity {}",
-                welcome.max_payload, welcome.ring_capacity
-            )));
-        }
-        let link = match socket {
-            Socket::Unix(control) if matches!(transport, Transport::Shm(_)) => {
-                control.set_read_timeout(None)?;
-                control.set_write_timeout(None)?;
-                Link::Shm(shm_link(control, &welcome, &layout, fds, &options)?)
-            }
-            socket => {
-                if !fds.is_empty() {
-                    return Err(protocol(format!("a stream welcome carries {} fds", fds.len())));
-                }
-                match &socket {
-                    Socket::Unix(s) => s.set_write_timeout(None)?,
-                    Socket::Tcp(s) => s.set_write_timeout(None)?,
-                }
-                Link::Stream(StreamLink::new(socket, welcome.max_payload as usize))
-            }
-        };
+        let (link, welcome) = open(&transport, &options)?;
         Ok(Client {
             link,
             transport: transport.name(),
+            target: transport,
             services: welcome.services.into_iter().map(|s| (s.name, s.id)).collect(),
             max_payload: welcome.max_payload as usize,
             session_id: welcome.session_id,
             next_id: 1,
             call_timeout: options.call_timeout,
+            options,
             // Room for a deep pipeline up front, so calls allocate nothing.
             in_flight: VecDeque::with_capacity(IN_FLIGHT_RESERVE),
             stash: VecDeque::new(),
+            orphans: VecDeque::new(),
             broken: None,
+            reconnects: 0,
             scratch: Vec::new(),
         })
     }
@@ -390,7 +388,30 @@ impl Client {
 
     /// Requests sent whose outcome has not been handed out yet.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.iter().filter(|p| !p.abandoned).count() + self.stash.len()
+        self.in_flight.iter().filter(|p| !p.abandoned).count() + self.stash.len() + self.orphans.len()
+    }
+
+    /// Whether the connection is up (as far as the client knows: a daemon
+    /// that just died is noticed by the next call).
+    pub fn is_connected(&self) -> bool {
+        self.broken.is_none()
+    }
+
+    /// How many times the client has connected again (see [`Reconnect`]).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Connects again now if the connection was lost, retrying with the
+    /// [`ClientOptions::reconnect`] policy (or the default one) for at most
+    /// the call timeout. Does nothing while connected.
+    pub fn reconnect(&mut self) -> Result<(), CallError> {
+        if self.broken.is_none() {
+            return Ok(());
+        }
+        let policy = self.options.reconnect.unwrap_or_default();
+        let mut dl = Deadline::new(self.call_timeout);
+        self.connect_again(policy, &mut dl)
     }
 
     /// Calls `service` with `request` and returns the reply, waiting at most
@@ -523,7 +544,9 @@ impl Client {
     /// memory; over a stream, what the socket takes without blocking (the
     /// rest goes out during the next wait, receive or call).
     pub fn flush(&mut self) -> Result<(), CallError> {
-        self.check_usable()?;
+        if self.broken.is_some() {
+            return Err(self.not_sent());
+        }
         let flushed = self.link.flush();
         self.note(flushed)
     }
@@ -574,25 +597,36 @@ impl Client {
             *reply = stashed.body;
             return Ok((Ticket { id }, self.outcome(stashed.header, reply)));
         }
+        if let Some((id, outcome)) = self.orphans.pop_front() {
+            return Ok((Ticket { id }, Err(outcome)));
+        }
         if self.in_flight.iter().all(|p| p.abandoned) {
             return Err(CallError::NothingInFlight);
         }
         let mut dl = Deadline::new(self.call_timeout);
-        self.check_usable()?;
         let flushed = self.link.flush();
-        self.note(flushed)?;
-        let next = self.next_reply(&mut dl);
-        let (_, r) = self.note(next)?;
+        let next = self.note(flushed).and_then(|()| self.next_reply(&mut dl));
+        let (_, r) = match self.note(next) {
+            Ok(found) => found,
+            // The connection is lost: hand out the outcome of the first
+            // request lost with it.
+            Err(e) => match self.orphans.pop_front() {
+                Some((id, outcome)) => return Ok((Ticket { id }, Err(outcome))),
+                None => return Err(e),
+            },
+        };
         self.link.read_all(&r, reply);
         let consumed = self.link.consume(&r);
         self.note(consumed)?;
         Ok((Ticket { id: r.header().request_id }, self.outcome(r.header(), reply)))
     }
 
-    fn check_usable(&self) -> Result<(), CallError> {
+    /// The error of a request that cannot be sent: the connection is lost.
+    fn not_sent(&self) -> CallError {
         match &self.broken {
-            Some(reason) => Err(CallError::Disconnected { reason: reason.clone() }),
-            None => Ok(()),
+            Some(Broken { closed_after: Some(_), .. }) => CallError::Shutdown,
+            Some(Broken { reason, .. }) => CallError::NotConnected { reason: reason.clone() },
+            None => CallError::NotConnected { reason: "the connection is up".into() },
         }
     }
 
@@ -600,10 +634,99 @@ impl Client {
     fn note<T>(&mut self, result: Result<T, CallError>) -> Result<T, CallError> {
         if let Err(CallError::Disconnected { reason }) = &result {
             if self.broken.is_none() {
-                self.broken = Some(reason.clone());
+                let reason = reason.clone();
+                self.break_off(reason);
             }
         }
         result
+    }
+
+    /// Records the loss of the connection and gives every request in
+    /// flight its outcome: [`CallError::Shutdown`] for those the daemon
+    /// said it never took, else [`CallError::Disconnected`].
+    fn break_off(&mut self, reason: String) {
+        let closed_after = self.link.closed_after();
+        for entry in self.in_flight.drain(..) {
+            if entry.abandoned {
+                continue;
+            }
+            let outcome = match closed_after {
+                Some(last) if entry.id > last => CallError::Shutdown,
+                _ => CallError::Disconnected { reason: reason.clone() },
+            };
+            self.orphans.push_back((entry.id, outcome));
+        }
+        self.broken = Some(Broken { reason, closed_after });
+    }
+
+    /// Takes the outcome of a request lost with the connection.
+    fn take_orphan(&mut self, id: u64) -> Option<CallError> {
+        let i = self.orphans.iter().position(|(o, _)| *o == id)?;
+        self.orphans.remove(i).map(|(_, outcome)| outcome)
+    }
+
+    /// Restores a lost connection before a request is sent: reconnects with
+    /// the policy until the deadline, or fails the request as not sent.
+    fn ensure_connected(&mut self, dl: &mut Deadline) -> Result<(), CallError> {
+        if self.broken.is_none() {
+            return Ok(());
+        }
+        match self.options.reconnect {
+            Some(policy) => self.connect_again(policy, dl),
+            None => Err(self.not_sent()),
+        }
+    }
+
+    /// Connects again, retrying with `policy`'s backoff until the deadline.
+    fn connect_again(&mut self, policy: Reconnect, dl: &mut Deadline) -> Result<(), CallError> {
+        let mut delay = policy.first_delay;
+        loop {
+            let now = Instant::now();
+            let left = dl.at().saturating_duration_since(now);
+            let mut options = self.options.clone();
+            // An attempt never outlasts the request's deadline by much.
+            options.connect_timeout = options.connect_timeout.min(left.max(Duration::from_millis(1)));
+            let error = match open(&self.target, &options) {
+                Ok((link, welcome)) => return self.adopt(link, welcome),
+                Err(e) => e,
+            };
+            let lasting = matches!(
+                error,
+                ConnectError::VersionMismatch { .. }
+                    | ConnectError::Protocol(_)
+                    | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
+            );
+            let left = dl.at().saturating_duration_since(Instant::now());
+            if lasting || left.is_zero() {
+                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {error}") });
+            }
+            std::thread::sleep(delay.min(left));
+            delay = (delay * 2).min(policy.max_delay);
+        }
+    }
+
+    /// Takes a new link in place of the lost one.
+    fn adopt(&mut self, link: Link, welcome: Welcome) -> Result<(), CallError> {
+        let same = welcome.services.len() == self.services.len()
+            && welcome.services.iter().all(|s| self.services.get(&s.name) == Some(&s.id));
+        if !same {
+            return Err(CallError::NotConnected {
+                reason: "the daemon reached again offers other services; connect a new client".into(),
+            });
+        }
+        if welcome.max_payload as usize != self.max_payload {
+            return Err(CallError::NotConnected {
+                reason: format!(
+                    "the daemon reached again offers payloads of {} bytes, not {}; connect a new client",
+                    welcome.max_payload, self.max_payload
+                ),
+            });
+        }
+        self.link = link;
+        self.session_id = welcome.session_id;
+        self.broken = None;
+        self.reconnects += 1;
+        Ok(())
     }
 
     /// Writes a request, waiting for room (with `wait`) until the deadline.
@@ -616,7 +739,7 @@ impl Client {
         wait: bool,
         dl: &mut Deadline,
     ) -> Result<(Ticket, R), CallError> {
-        self.check_usable()?;
+        self.ensure_connected(dl)?;
         if len > self.max_payload {
             return Err(CallError::TooLarge { len, max: self.max_payload });
         }
@@ -716,24 +839,30 @@ impl Client {
             self.outcome(stashed.header, &mut body)?;
             return Ok(Found::Stashed(body));
         }
+        if !self.orphans.is_empty() {
+            if let Some(outcome) = self.take_orphan(ticket.id) {
+                return Err(outcome);
+            }
+        }
         let Ok(i) = self.in_flight.binary_search_by_key(&ticket.id, |p| p.id) else {
             return Err(CallError::UnknownTicket { id: ticket.id });
         };
         if self.in_flight[i].abandoned {
             return Err(CallError::UnknownTicket { id: ticket.id });
         }
-        self.check_usable()?;
         let flushed = self.link.flush();
-        self.note(flushed)?;
+        let mut flushed = self.note(flushed);
         loop {
-            let next = self.next_reply(dl);
+            let next = flushed.and_then(|()| self.next_reply(dl));
+            flushed = Ok(());
             let (entry, r) = match self.note(next) {
                 Ok(found) => found,
                 Err(e) => {
                     if matches!(e, CallError::Timeout { .. }) {
                         self.abandon(ticket.id);
                     }
-                    return Err(e);
+                    // Lost with the connection: its own outcome.
+                    return Err(self.take_orphan(ticket.id).unwrap_or(e));
                 }
             };
             if entry.id == ticket.id {
@@ -874,6 +1003,82 @@ impl Deadline {
     }
 }
 
+/// Connects and handshakes: the link and the daemon's welcome.
+fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome), ConnectError> {
+    let not_running = |target: String, source: io::Error| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ConnectError::NotRunning { path: PathBuf::from(target), source }
+        }
+        _ => ConnectError::Io(source),
+    };
+    let socket = match transport {
+        Transport::Shm(path) | Transport::Uds(path) => {
+            Socket::Unix(UnixStream::connect(path).map_err(|e| not_running(path.display().to_string(), e))?)
+        }
+        Transport::Tcp(addr) => {
+            let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
+                .map_err(|e| not_running(addr.to_string(), e))?;
+            tcp.set_nodelay(true)?;
+            Socket::Tcp(tcp)
+        }
+    };
+    let welcome_timeout = |e: io::Error| timeout_or(e, options.connect_timeout);
+    match &socket {
+        Socket::Unix(s) => {
+            s.set_read_timeout(Some(options.connect_timeout))?;
+            s.set_write_timeout(Some(options.connect_timeout))?;
+        }
+        Socket::Tcp(s) => {
+            s.set_read_timeout(Some(options.connect_timeout))?;
+            s.set_write_timeout(Some(options.connect_timeout))?;
+        }
+    }
+    let hello = handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
+        .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    match &socket {
+        Socket::Unix(s) => (&*s).write_all(&hello),
+        Socket::Tcp(s) => (&*s).write_all(&hello),
+    }
+    .map_err(welcome_timeout)?;
+    let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
+    let welcome = match message {
+        ServerMessage::Welcome(w) => w,
+        ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
+            return Err(ConnectError::VersionMismatch { daemon, client })
+        }
+        ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
+    };
+    let protocol = |m: String| ConnectError::Protocol(m);
+    if welcome.version != PROTOCOL_VERSION {
+        return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
+    }
+    let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
+    if welcome.max_payload != layout.max_payload() {
+        return Err(protocol(format!(
+            "maximum payload {} does not match ring capacity {}",
+            welcome.max_payload, welcome.ring_capacity
+        )));
+    }
+    let link = match socket {
+        Socket::Unix(control) if matches!(transport, Transport::Shm(_)) => {
+            control.set_read_timeout(None)?;
+            control.set_write_timeout(None)?;
+            Link::Shm(shm_link(control, &welcome, &layout, fds, options)?)
+        }
+        socket => {
+            if !fds.is_empty() {
+                return Err(protocol(format!("a stream welcome carries {} fds", fds.len())));
+            }
+            match &socket {
+                Socket::Unix(s) => s.set_write_timeout(None)?,
+                Socket::Tcp(s) => s.set_write_timeout(None)?,
+            }
+            Link::Stream(StreamLink::new(socket, welcome.max_payload as usize))
+        }
+    };
+    Ok((link, welcome))
+}
+
 fn shm_link(
     control: UnixStream,
     welcome: &Welcome,
@@ -906,6 +1111,7 @@ fn shm_link(
         bell,
         spinner: Spinner::new(options.spin),
         gauge: ipc_platform::CoreGauge::new(),
+        region,
         gone: None,
     })
 }

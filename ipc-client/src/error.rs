@@ -85,6 +85,12 @@ pub enum CallError {
         /// What happened.
         reason: String,
     },
+    /// The client has no connection: it was lost earlier and not
+    /// re-established (see [`crate::Reconnect`]). The request was not sent.
+    NotConnected {
+        /// Why: the loss, or the last reconnection attempt's failure.
+        reason: String,
+    },
     /// The daemon offers no such service.
     UnknownService {
         /// The name (or id) asked for.
@@ -128,6 +134,7 @@ impl fmt::Display for CallError {
         match self {
             CallError::Timeout { after } => write!(f, "no reply within {after:?}"),
             CallError::Disconnected { reason } => write!(f, "disconnected from ipcd: {reason}"),
+            CallError::NotConnected { reason } => write!(f, "not connected to ipcd (request not sent): {reason}"),
             CallError::UnknownService { name } => write!(f, "unknown service {name:?}"),
             CallError::TooLarge { len, max } => {
                 write!(f, "request of {len} bytes exceeds the negotiated maximum {max}")

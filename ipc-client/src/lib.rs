@@ -29,7 +29,7 @@ mod link;
 mod shm;
 mod stream;
 
-pub use client::{Client, ClientOptions, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
+pub use client::{Client, ClientOptions, Reconnect, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
 pub use error::{CallError, ConnectError};
 pub use ipc_core::{DoorbellKind, Reject};
 pub use link::RequestBuf;

@@ -116,6 +116,15 @@ impl Link {
         }
     }
 
+    /// The last request the daemon took, if it closed the link on purpose
+    /// (shared memory only: a stream carries no such word).
+    pub(crate) fn closed_after(&self) -> Option<u64> {
+        match self {
+            Link::Shm(l) => l.closed_after(),
+            Link::Stream(_) => None,
+        }
+    }
+
     pub(crate) fn doorbell_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Link::Shm(l) => l.doorbell_fd(),

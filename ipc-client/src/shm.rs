@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ipc_core::{Consumer, Frame, Producer, PushError, Spinner};
+use ipc_core::{Consumer, Frame, Producer, PushError, Region, SegmentLayout, Spinner};
 use ipc_platform::futex::{self, Wake};
 use ipc_platform::{CoreGauge, Drained, EventFd, SocketBell};
 
@@ -39,6 +39,8 @@ pub(crate) struct ShmLink {
     pub(crate) bell: Bell,
     pub(crate) spinner: Spinner,
     pub(crate) gauge: CoreGauge,
+    /// The whole segment, for its header's `closed` word.
+    pub(crate) region: Region,
     /// Set once the daemon is found gone; replies it left are still read.
     pub(crate) gone: Option<String>,
 }
@@ -49,6 +51,12 @@ impl ShmLink {
             Bell::Pollable(b) => Some(b.as_fd()),
             Bell::Futex => None,
         }
+    }
+
+    /// The last request the daemon took, once it closed the session on
+    /// purpose (it is shutting down); see `ipc_core::layout`.
+    pub(crate) fn closed_after(&self) -> Option<u64> {
+        SegmentLayout::closed_after(&self.region)
     }
 
     fn ring_daemon(&self) -> Result<(), CallError> {
@@ -138,6 +146,11 @@ impl ShmLink {
     /// found gone. The caller has announced the sleep in the ring.
     fn sleep(&mut self, what: Await, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
         loop {
+            // A daemon that closes the session on purpose says so in the
+            // segment and rings: no need to wait for the hang-up.
+            if self.closed_after().is_some() {
+                return Err(disconnected("the daemon closed the session: it is shutting down".into()));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(CallError::Timeout { after: timeout });

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! offset          size        contents
-//! 0               128         SegmentHeader (written once by the daemon)
+//! 0               128         SegmentHeader (written by the daemon: once
+//!                             at creation, and its `closed` word at a
+//!                             graceful close)
 //! 128             384         request ring control  (client -> daemon)
 //! 512             384         response ring control (daemon -> client)
 //! 4096            capacity    request ring data
@@ -22,6 +24,14 @@
 //! +260  space_waiter  u32  producer announces it sleeps until space frees
 //! ```
 //!
+//! The header's `closed` word (offset 32, u64) is 0 while the session is
+//! open. When the daemon ends a session on purpose (it is shutting down), it
+//! stores [`CLOSED_BIT`] ORed with the id of the last request it took from
+//! the request ring before it hangs up: a request with a higher id was never
+//! taken, so never executed. A daemon that dies leaves the word at 0, and
+//! the fate of unanswered requests is unknown. Only the client reads it,
+//! about its own session, so a client writing it fools no one but itself.
+//!
 //! All integers are little-endian (the only byte order this transport runs
 //! on: both processes share one machine).
 
@@ -32,7 +42,7 @@ use crate::sync::Ordering;
 /// `b"IPCDSEG\0"` read as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"IPCDSEG\0");
 /// Bumped whenever any offset or meaning in this module changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// The line size both processes agree on. 128 rather than 64 keeps the
 /// adjacent-line prefetcher of x86 from coupling the two indices.
 pub const CACHE_LINE: usize = 128;
@@ -60,10 +70,15 @@ const H_VERSION: usize = 8;
 const H_CAPACITY: usize = 12;
 const H_MAX_PAYLOAD: usize = 16;
 const H_SEGMENT_SIZE: usize = 24;
+const H_CLOSED: usize = 32;
+
+/// Set in the header's `closed` word once the daemon closed the session on
+/// purpose; the low 63 bits hold the id of the last request it took.
+pub const CLOSED_BIT: u64 = 1 << 63;
 
 const _: () = assert!(HEADER_SIZE + 2 * RING_CONTROL_SIZE <= DATA_START);
 const _: () = assert!(SPACE_WAITER + 4 <= RING_CONTROL_SIZE);
-const _: () = assert!(H_SEGMENT_SIZE + 8 <= HEADER_SIZE);
+const _: () = assert!(H_CLOSED + 8 <= HEADER_SIZE);
 
 /// Where everything sits in a segment whose rings hold `capacity` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +164,22 @@ impl SegmentLayout {
         region.atomic_u32(H_CAPACITY).store(self.capacity, Ordering::Relaxed);
         region.atomic_u32(H_MAX_PAYLOAD).store(self.max_payload(), Ordering::Relaxed);
         region.atomic_u64(H_SEGMENT_SIZE).store(self.segment_size() as u64, Ordering::Relaxed);
+        region.atomic_u64(H_CLOSED).store(0, Ordering::Relaxed);
+    }
+
+    /// Records in the header that the daemon closes the session on purpose
+    /// and took no request after `last_taken` (0: none at all). Done by the
+    /// daemon just before it hangs up.
+    pub fn mark_closed(region: &Region, last_taken: u64) {
+        region.atomic_u64(H_CLOSED).store(CLOSED_BIT | (last_taken & !CLOSED_BIT), Ordering::Release);
+    }
+
+    /// The id of the last request the daemon took, if it closed the session
+    /// on purpose (see [`SegmentLayout::mark_closed`]); `None` while open or
+    /// after a crash.
+    pub fn closed_after(region: &Region) -> Option<u64> {
+        let word = region.atomic_u64(H_CLOSED).load(Ordering::Acquire);
+        (word & CLOSED_BIT != 0).then_some(word & !CLOSED_BIT)
     }
 
     /// Reads and checks the header of a received segment against what the
@@ -246,6 +277,19 @@ mod tests {
         assert!(matches!(SegmentLayout::read_header(&region, 8192), Err(LayoutError::BadVersion { found: 99, .. })));
         region.atomic_u64(H_MAGIC).store(7, Ordering::Relaxed);
         assert!(matches!(SegmentLayout::read_header(&region, 8192), Err(LayoutError::BadMagic { found: 7 })));
+    }
+
+    #[test]
+    fn closed_word_starts_open_and_keeps_the_last_request() {
+        let layout = SegmentLayout::new(4096).unwrap();
+        let region = Region::new(HeapMemory::new(layout.segment_size()));
+        region.atomic_u64(H_CLOSED).store(u64::MAX, Ordering::Relaxed);
+        layout.write_header(&region);
+        assert_eq!(SegmentLayout::closed_after(&region), None);
+        SegmentLayout::mark_closed(&region, 0);
+        assert_eq!(SegmentLayout::closed_after(&region), Some(0));
+        SegmentLayout::mark_closed(&region, 41);
+        assert_eq!(SegmentLayout::closed_after(&region), Some(41));
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
-    Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Reject, SegmentLayout, ServerMessage, Welcome,
-    PROTOCOL_VERSION,
+    Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Region, Reject, SegmentLayout, ServerMessage,
+    Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::net::{TcpListener, UnixListener};
@@ -42,7 +42,7 @@ const MAX_HELLO: usize = 1024;
 /// How long to stop accepting after running out of fds.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-type SessionParts = (EventFd, ClientWake, Consumer, Producer);
+type SessionParts = (EventFd, ClientWake, Consumer, Producer, Region);
 
 /// Which listener a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,7 +371,7 @@ impl Acceptor {
     }
 
     fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello) -> Option<Conn> {
-        let (bell, wake, requests, responses) = match self.create_session(id, &pending, hello) {
+        let (bell, wake, requests, responses, region) = match self.create_session(id, &pending, hello) {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::error!("cannot create a session: {e}");
@@ -384,7 +384,7 @@ impl Acceptor {
             unreachable!("the control socket is a Unix socket");
         };
         tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
-        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses)))
+        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, region)))
     }
 
     /// Answers a stream client's hello: a welcome without fds, after which
@@ -455,6 +455,7 @@ impl Acceptor {
             wake,
             Consumer::new(&region, &layout, Direction::Request),
             Producer::new(&region, &layout, Direction::Response),
+            region,
         ))
     }
 

@@ -6,7 +6,7 @@
 //! private buffer before a handler sees them. A protocol violation ends this
 //! session only.
 
-use ipc_core::{Consumer, FrameHeader, Producer, PushError};
+use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
 use crate::service::{check_request, dispatch, ServiceTable};
@@ -63,6 +63,8 @@ pub(crate) struct Session {
     wake: ClientWake,
     requests: Consumer,
     responses: Producer,
+    /// The whole segment, for its header's `closed` word.
+    region: Region,
     last_request_id: u64,
     pending: Option<PendingReply>,
     /// Whether the session sits in its worker's ready queue.
@@ -81,6 +83,7 @@ impl Session {
         wake: ClientWake,
         requests: Consumer,
         responses: Producer,
+        region: Region,
     ) -> Session {
         Session {
             id,
@@ -90,6 +93,7 @@ impl Session {
             wake,
             requests,
             responses,
+            region,
             last_request_id: 0,
             pending: None,
             queued: false,
@@ -150,6 +154,16 @@ impl Session {
             Progress::Parked => self.park(),
             other => Ok(other),
         }
+    }
+
+    /// Records in the segment that the daemon closes this session on
+    /// purpose and executes nothing after the last request it took, then
+    /// wakes the client so it reads that at once. Called once nothing more
+    /// will be taken, just before the session is dropped.
+    pub(crate) fn mark_closed(&self) {
+        SegmentLayout::mark_closed(&self.region, self.last_request_id);
+        self.wake_client(self.responses.peer_waiter());
+        self.wake_client(self.requests.peer_waiter());
     }
 
     /// Tells the client to ring for its next request: [`Progress::Parked`],
@@ -229,7 +243,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::stats::WorkerCounters;
-    use ipc_core::{Direction, HeapMemory, Region, SegmentLayout};
+    use ipc_core::{Direction, HeapMemory};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
@@ -246,6 +260,7 @@ mod tests {
             ClientWake::Pollable(SocketBell::pair().unwrap().0),
             Consumer::new(&region, &layout, Direction::Request),
             Producer::new(&region, &layout, Direction::Response),
+            region.clone(),
         );
         let tx = Producer::new(&region, &layout, Direction::Request);
         let rx = Consumer::new(&region, &layout, Direction::Response);

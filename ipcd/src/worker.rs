@@ -411,6 +411,12 @@ impl Worker {
             if let Err(reason) = result {
                 tracing::debug!(session = conn.id(), "while shutting down: {reason}");
             }
+            // Nothing more is taken from this session: tell its client which
+            // requests were never taken, so it can fail them as `Shutdown`
+            // (not executed) rather than with an unknown outcome.
+            if let Conn::Shm(s) = conn {
+                s.mark_closed();
+            }
         }
         self.close_all(DisconnectReason::Shutdown);
     }

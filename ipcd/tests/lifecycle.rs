@@ -1,6 +1,7 @@
 //! The daemon's and its clients' lives: a client process killed mid-session,
-//! SIGTERM and SIGINT with calls in flight, the daemon killed under a
-//! client, and who owns the socket path.
+//! SIGTERM and SIGINT with calls in flight (every call gets exactly one
+//! outcome), the daemon killed under a client and restarted, and who owns
+//! the socket path.
 
 mod common;
 
@@ -15,7 +16,7 @@ use common::{
     die_with_parent, fd_count, ipcd_command, join_within, json_u64, mapping_count, pattern, poll_until,
     stat_eventually, stats_json, wait_worker_in_handler, watchdog, Daemon, CLEANUP_LIMIT, EXIT_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ConnectError};
+use ipc_client::{CallError, Client, ClientOptions, ConnectError, Reconnect, Ticket};
 use nix::sys::signal::Signal;
 
 /// Set in the environment of the helper process to the socket it uses.
@@ -170,14 +171,15 @@ fn sigterm_fails_blocked_calls_and_removes_the_socket() {
 
     let status = daemon.terminate();
     assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", daemon.stderr());
+    // B's request was never executed, and the daemon said so: whether it
+    // sat in the ring at shutdown or came after the session was marked
+    // closed, it ends as `Shutdown`, not with an unknown outcome.
     let b_result = join_within(b_call, Duration::from_secs(10), "the blocked call");
-    assert!(
-        matches!(b_result, Err(CallError::Shutdown) | Err(CallError::Disconnected { .. })),
-        "the call queued at shutdown returned {b_result:?}"
-    );
-    // A's handler ran to its end before the worker stopped; either outcome
-    // is fine as long as the call returns.
-    let _ = join_within(a_call, Duration::from_secs(10), "the sleeping call");
+    assert!(matches!(b_result, Err(CallError::Shutdown)), "the call queued at shutdown returned {b_result:?}");
+    // A's handler ran to its end before the worker stopped, and its reply
+    // went out before the session closed.
+    let a_result = join_within(a_call, Duration::from_secs(10), "the sleeping call");
+    assert!(a_result.is_ok(), "the call running at shutdown returned {a_result:?}");
     assert!(!socket.exists(), "the socket file is left behind");
     assert!(matches!(Client::connect_to(&socket), Err(ConnectError::NotRunning { .. })));
 }
@@ -193,8 +195,10 @@ fn sigint_stops_an_idle_daemon_and_idle_clients_see_it() {
     let status = daemon.wait_exit(EXIT_LIMIT);
     assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", daemon.stderr());
     assert!(!socket.exists(), "the socket file is left behind");
+    // The daemon marked the session closed after the last request it took,
+    // so a request written afterwards is known not to have run.
     let result = watchdog(Duration::from_secs(10), move || client.call(&echo, b"down"));
-    assert!(matches!(result, Err(CallError::Disconnected { .. })), "{result:?}");
+    assert!(matches!(result, Err(CallError::Shutdown)), "{result:?}");
 }
 
 #[test]
@@ -204,7 +208,8 @@ fn daemon_killed_mid_call_is_a_disconnect_not_a_hang() {
     let sleep = client.service("debug.sleep").unwrap();
     let call = thread::spawn(move || {
         let result = client.call(&sleep, &3000u32.to_le_bytes());
-        // Later calls fail at once rather than waiting for their timeout.
+        // Later calls are not sent, and fail at once rather than waiting
+        // for their timeout.
         let ping = client.service("ping").unwrap();
         (result, client.call(&ping, b""))
     });
@@ -212,7 +217,7 @@ fn daemon_killed_mid_call_is_a_disconnect_not_a_hang() {
     daemon.kill();
     let (result, after) = join_within(call, Duration::from_secs(10), "the call to a dead daemon");
     assert!(matches!(result, Err(CallError::Disconnected { .. })), "{result:?}");
-    assert!(matches!(after, Err(CallError::Disconnected { .. })), "{after:?}");
+    assert!(matches!(after, Err(CallError::NotConnected { .. })), "{after:?}");
 }
 
 /// Runs a second ipcd on `socket` and returns its exit code and stderr.
@@ -325,4 +330,138 @@ fn zero_workers_or_clients_are_usage_errors() {
         assert!(stderr.contains(args[0]), "{args:?}: the message names the flag:\n{stderr}");
         assert!(!socket_exists, "{args:?}");
     }
+}
+
+/// What one pipelining client saw of a graceful stop.
+#[derive(Default, Debug)]
+struct Outcomes {
+    replied: u64,
+    shutdown: u64,
+    other: Vec<String>,
+    duplicated: u64,
+    sent: u64,
+}
+
+#[test]
+fn sigterm_under_load_gives_every_call_exactly_one_outcome() {
+    let mut daemon = Daemon::start(&["--workers", "2"]);
+    let clients: Vec<Client> = (0..6).map(|_| daemon.client()).collect();
+    let started = std::sync::Arc::new(std::sync::Barrier::new(clients.len() + 1));
+    let threads: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut client)| {
+            let started = std::sync::Arc::clone(&started);
+            thread::spawn(move || {
+                let echo = client.service("echo").unwrap();
+                let mut out = Outcomes::default();
+                let mut open = std::collections::HashMap::<Ticket, Vec<u8>>::new();
+                let mut seq = 0u64;
+                let mut first = true;
+                loop {
+                    // Keep 16 requests in flight until the connection is lost.
+                    while client.is_connected() && open.len() < 16 {
+                        let payload = pattern(n as u64 * 1_000_000 + seq, 48);
+                        seq += 1;
+                        match client.send(&echo, &payload) {
+                            Ok(t) => {
+                                out.sent += 1;
+                                open.insert(t, payload);
+                            }
+                            // Refused before it was sent: not a request.
+                            Err(CallError::Shutdown | CallError::NotConnected { .. }) => break,
+                            Err(e) => out.other.push(format!("send: {e}")),
+                        }
+                    }
+                    if first {
+                        first = false;
+                        started.wait();
+                    }
+                    let (ticket, outcome) = match client.recv() {
+                        Ok(got) => got,
+                        Err(CallError::NothingInFlight) if !client.is_connected() => break,
+                        Err(e) => {
+                            out.other.push(format!("recv: {e}"));
+                            break;
+                        }
+                    };
+                    let Some(sent) = open.remove(&ticket) else {
+                        out.duplicated += 1;
+                        continue;
+                    };
+                    match outcome {
+                        Ok(reply) if reply == sent => out.replied += 1,
+                        Ok(_) => out.other.push(format!("ticket {}: wrong reply", ticket.id())),
+                        Err(CallError::Shutdown) => out.shutdown += 1,
+                        Err(e) => out.other.push(format!("ticket {}: {e}", ticket.id())),
+                    }
+                }
+                assert!(open.is_empty(), "{} tickets never got an outcome", open.len());
+                out
+            })
+        })
+        .collect();
+    started.wait();
+    thread::sleep(Duration::from_millis(300));
+    let status = daemon.terminate();
+    assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", daemon.stderr());
+    let results: Vec<Outcomes> = common::join_all(threads);
+    let (mut replied, mut shutdown) = (0, 0);
+    for out in &results {
+        assert!(out.other.is_empty(), "outcomes other than a reply or shutdown: {:?}", out.other);
+        assert_eq!(out.duplicated, 0, "{out:?}");
+        assert_eq!(out.replied + out.shutdown, out.sent, "{out:?}");
+        replied += out.replied;
+        shutdown += out.shutdown;
+    }
+    assert!(replied > 0, "no call was answered before the stop");
+    // Every client had 16 requests in flight when the stop came.
+    assert!(shutdown > 0, "no call was answered with shutdown: {results:?}");
+}
+
+#[test]
+fn reconnecting_client_gets_through_a_daemon_restart() {
+    let first = Daemon::start(&[]);
+    let path = first.socket().to_path_buf();
+    let options = ClientOptions::default().reconnect(Reconnect::default()).call_timeout(Duration::from_millis(500));
+    let mut client = Client::connect_with(&path, options).unwrap();
+    let echo = client.service("echo").unwrap();
+    assert_eq!(client.call(&echo, b"before").unwrap(), b"before");
+
+    // Killed: the socket file stays, and nothing listens.
+    let dir = first.into_dir();
+    let lost = client.call(&echo, b"lost");
+    assert!(matches!(lost, Err(CallError::Disconnected { .. })), "{lost:?}");
+    // Down for the whole timeout: the request is not sent, and says so.
+    let down = client.call(&echo, b"down");
+    assert!(matches!(down, Err(CallError::NotConnected { .. })), "{down:?}");
+    assert!(!client.is_connected());
+
+    let second = Daemon::builder().dir(dir).start();
+    assert_eq!(client.call(&echo, b"after").unwrap(), b"after", "stderr:\n{}", second.stderr());
+    assert_eq!(client.reconnects(), 1);
+    assert!(client.is_connected());
+}
+
+#[test]
+fn reconnect_gives_up_on_a_daemon_that_refuses_for_good() {
+    let daemon = Daemon::start(&[]);
+    let path = daemon.socket().to_path_buf();
+    let options = ClientOptions::default().reconnect(Reconnect::default()).call_timeout(Duration::from_secs(5));
+    let mut client = Client::connect_with(&path, options).unwrap();
+    let echo = client.service("echo").unwrap();
+    let dir = daemon.into_dir();
+    assert!(client.call(&echo, b"lost").is_err());
+    // Another daemon with other services takes the path: the resolved
+    // service ids may mean something else there, so the client does not
+    // reconnect to it.
+    let other = Daemon::builder().dir(dir).arg("--debug-services").start();
+    let started = std::time::Instant::now();
+    let result = client.call(&echo, b"elsewhere");
+    assert!(
+        matches!(&result, Err(CallError::NotConnected { reason }) if reason.contains("other services")),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4), "it should give up at once, not retry until the timeout");
+    drop(other);
 }

@@ -367,16 +367,26 @@ fn daemon_gone_mid_window_ends_every_ticket(name: &'static str) {
     }
     daemon.kill();
     watchdog(TEST_LIMIT, move || {
-        let err = client.recv().unwrap_err();
-        assert!(matches!(err, CallError::Disconnected { .. }), "{name}: recv gave {err:?}");
-        // A broken client says so at once, for every ticket and every call.
+        // Every ticket gets exactly one outcome, in order: disconnected,
+        // since the daemon died without saying what it ran.
+        for &ticket in &tickets {
+            let (got, outcome) = client.recv().unwrap_or_else(|e| panic!("{name}: recv gave {e:?}"));
+            assert_eq!(got, ticket, "{name}");
+            assert!(matches!(outcome, Err(CallError::Disconnected { .. })), "{name}: recv gave {outcome:?}");
+        }
+        assert!(matches!(client.recv(), Err(CallError::NothingInFlight)), "{name}");
+        assert_eq!(client.in_flight(), 0, "{name}");
+        // A second wait has no outcome left to give.
         for ticket in tickets {
             let result = client.wait(ticket);
-            assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: wait gave {result:?}");
+            assert!(matches!(result, Err(CallError::UnknownTicket { .. })), "{name}: wait gave {result:?}");
         }
+        // A broken client without a reconnect policy sends nothing more,
+        // and says so at once.
+        assert!(!client.is_connected(), "{name}");
         let result = client.call(&echo, b"after");
-        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: call gave {result:?}");
+        assert!(matches!(result, Err(CallError::NotConnected { .. })), "{name}: call gave {result:?}");
         let result = client.try_send(&echo, b"after");
-        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{name}: try_send gave {result:?}");
+        assert!(matches!(result, Err(CallError::NotConnected { .. })), "{name}: try_send gave {result:?}");
     });
 }
