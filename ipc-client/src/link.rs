@@ -116,12 +116,12 @@ impl Link {
         }
     }
 
-    /// The last request the daemon took, if it closed the link on purpose
-    /// (shared memory only: a stream carries no such word).
+    /// The last request the daemon took, if it closed the link on purpose:
+    /// from the segment header, or from a stream's closing frame.
     pub(crate) fn closed_after(&self) -> Option<u64> {
         match self {
             Link::Shm(l) => l.closed_after(),
-            Link::Stream(_) => None,
+            Link::Stream(l) => l.closed_after,
         }
     }
 

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ipc_core::{FrameHeader, FLAG_ERROR, HEADER_LEN};
+use ipc_core::{FrameHeader, FLAG_CLOSED, FLAG_ERROR, HEADER_LEN};
 use ipc_platform::stream;
 
 use crate::error::CallError;
@@ -63,6 +63,10 @@ pub(crate) struct StreamLink {
     /// The receive timeout in effect on the socket.
     recv_timeout: Option<Duration>,
     gone: Option<String>,
+    /// The last request the daemon took, from its closing frame.
+    pub(crate) closed_after: Option<u64>,
+    /// A send failed: nothing more is sent, and what is left is read.
+    send_failed: bool,
 }
 
 impl StreamLink {
@@ -80,6 +84,8 @@ impl StreamLink {
             output_limit: frame.max(READ_AHEAD),
             recv_timeout: None,
             gone: None,
+            closed_after: None,
+            send_failed: false,
         }
     }
 
@@ -88,8 +94,33 @@ impl StreamLink {
     }
 
     fn broken(&mut self, reason: String) -> CallError {
+        if self.gone.is_none() {
+            self.find_closing_frame();
+        }
         self.gone = Some(reason.clone());
         disconnected(reason)
+    }
+
+    /// A send can fail on a daemon that closed on purpose before the
+    /// client read its closing frame: looks for that frame in what is
+    /// buffered and what can be read without waiting (replies before it
+    /// stay buffered for the caller).
+    fn find_closing_frame(&mut self) {
+        if self.end < self.input.len() {
+            if let Ok(n) = stream::recv(self.socket.as_fd(), &mut self.input[self.end..], false) {
+                self.end += n;
+            }
+        }
+        let mut at = self.start;
+        while at + HEADER_LEN <= self.end {
+            let raw: [u8; HEADER_LEN] = self.input[at..at + HEADER_LEN].try_into().expect("header length");
+            let header = FrameHeader::decode(&raw);
+            if header.flags == FLAG_CLOSED && header.len == 0 {
+                self.closed_after = Some(header.request_id);
+                return;
+            }
+            at += HEADER_LEN + header.len as usize;
+        }
     }
 
     pub(crate) fn try_write<R>(
@@ -124,13 +155,21 @@ impl StreamLink {
     }
 
     /// Sends what it can of the pending frames without blocking.
+    ///
+    /// A failed send does not end the link at once: replies (and the
+    /// daemon's closing frame) may still wait to be read, so the failure
+    /// shows when reading runs dry. Unsent requests are dropped; their
+    /// outcome comes with the disconnection.
     fn send_pending(&mut self) -> Result<(), CallError> {
-        while self.sent < self.output.len() {
+        while self.sent < self.output.len() && !self.send_failed {
             match stream::send(self.socket.as_fd(), &self.output[self.sent..], false) {
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(self.broken(format!("send failed: {e}"))),
+                Err(_) => self.send_failed = true,
             }
+        }
+        if self.send_failed {
+            self.sent = self.output.len();
         }
         if self.sent == self.output.len() {
             self.output.clear();
@@ -166,6 +205,10 @@ impl StreamLink {
         }
         let raw: [u8; HEADER_LEN] = self.input[self.start..self.start + HEADER_LEN].try_into().expect("header length");
         let header = FrameHeader::decode(&raw);
+        if header.flags == FLAG_CLOSED && header.len == 0 && self.closed_after.is_none() {
+            self.closed_after = Some(header.request_id);
+            return Err(self.broken("the daemon closed the session: it is shutting down".into()));
+        }
         if header.flags & !FLAG_ERROR != 0 {
             return Err(self.broken(format!("the daemon sent a reply with flags {:#x}", header.flags)));
         }

@@ -21,6 +21,12 @@ pub const FLAG_PAD: u16 = 1 << 0;
 /// A response that carries an error (see [`crate::ErrorCode`]) instead of a
 /// reply.
 pub const FLAG_ERROR: u16 = 1 << 1;
+/// Stream transports only: the daemon's last frame when it closes a session
+/// on purpose (it is shutting down). It has no payload and no service;
+/// `request_id` is the last request the daemon took, so any later one was
+/// never executed. Rings never carry it (the segment header says the same
+/// there), so it is not among the flags a ring accepts.
+pub const FLAG_CLOSED: u16 = 1 << 2;
 const KNOWN_FLAGS: u16 = FLAG_PAD | FLAG_ERROR;
 
 /// The decoded fields of a frame header.

@@ -310,8 +310,14 @@ impl StreamSession {
         Ok(progress)
     }
 
-    /// Sends what is pending, for a session being closed (best effort).
-    pub(crate) fn flush_before_close(&mut self) {
+    /// Ends the output with the closing frame, which tells the client the
+    /// last request taken, and sends what is pending, for a session the
+    /// daemon closes on purpose (best effort: a client that does not read
+    /// sees only the hang-up).
+    pub(crate) fn close_on_purpose(&mut self) {
+        let goodbye =
+            FrameHeader { len: 0, service: 0, flags: ipc_core::FLAG_CLOSED, request_id: self.last_request_id };
+        self.output.extend_from_slice(&goodbye.encode());
         let _ = self.send();
     }
 }

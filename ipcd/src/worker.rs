@@ -404,7 +404,7 @@ impl Worker {
                 Conn::Shm(s) => s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true),
                 Conn::Stream(s) => {
                     let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true);
-                    s.flush_before_close();
+                    s.close_on_purpose();
                     r
                 }
             };

@@ -17,6 +17,9 @@ use nix::unistd::Pid;
 /// An ipcd started by stress on a temporary socket, stopped on drop.
 pub struct PrivateDaemon {
     child: Child,
+    /// How it was started, to start it again after a crash.
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
     socket: PathBuf,
     uds: PathBuf,
     tcp: std::net::SocketAddr,
@@ -34,42 +37,86 @@ impl PrivateDaemon {
         // another process grabs it in between (the start then fails
         // clearly).
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let mut command = Command::new(binary);
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
         if let Some(spin) = spin {
-            command.arg("--spin-us").arg(spin.as_micros().to_string());
+            args.extend(["--spin-us".into(), spin.as_micros().to_string().into()]);
         }
-        let child = command
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--tcp")
-            .arg(tcp.to_string())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--max-clients")
-            .arg((max_clients + 16).to_string())
-            .arg("--log-level")
-            .arg("warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut daemon = PrivateDaemon { child, socket, uds, tcp, _dir: dir };
+        args.extend([
+            "--uds".into(),
+            uds.clone().into(),
+            "--tcp".into(),
+            tcp.to_string().into(),
+            "--socket".into(),
+            socket.clone().into(),
+            "--max-clients".into(),
+            (max_clients + 16).to_string().into(),
+            "--log-level".into(),
+            "warn".into(),
+        ]);
+        let child = spawn(binary, &args)?;
+        let mut daemon = PrivateDaemon { child, binary: binary.to_path_buf(), args, socket, uds, tcp, _dir: dir };
+        daemon.wait_ready(Duration::from_millis(10))?;
+        Ok(daemon)
+    }
+
+    /// Waits until it accepts on all three listeners, checking every
+    /// `every`.
+    fn wait_ready(&mut self, every: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok()
-                && std::os::unix::net::UnixStream::connect(&daemon.uds).is_ok()
-                && std::net::TcpStream::connect(daemon.tcp).is_ok()
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && std::os::unix::net::UnixStream::connect(&self.uds).is_ok()
+                && std::net::TcpStream::connect(self.tcp).is_ok()
             {
-                return Ok(daemon);
+                return Ok(());
             }
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("{} exited with {status} before accepting connections", binary.display());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited with {status} before accepting connections", self.binary.display());
             }
             if Instant::now() > deadline {
-                bail!("{} did not accept connections within 10 s", binary.display());
+                bail!("{} did not accept connections within 10 s", self.binary.display());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(every);
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit (at most 10 s), then
+    /// starts it again. Returns when SIGTERM was sent, when it exited, and
+    /// its exit code.
+    pub fn stop_and_restart(&mut self) -> anyhow::Result<(Instant, Instant, Option<i32>)> {
+        kill(Pid::from_raw(self.pid()), Signal::SIGTERM)?;
+        let sent = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if sent.elapsed() > Duration::from_secs(10) {
+                bail!("ipcd did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let exited = Instant::now();
+        self.child = spawn(&self.binary, &self.args)?;
+        self.wait_ready(Duration::from_millis(1))?;
+        Ok((sent, exited, status.code()))
+    }
+
+    /// Kills it with SIGKILL (reaping it), then starts it again on the same
+    /// socket paths and port. Returns when it was killed, when the new one
+    /// was started, and when it accepted on all three listeners.
+    pub fn crash_and_restart(&mut self) -> anyhow::Result<(Instant, Instant, Instant)> {
+        kill(Pid::from_raw(self.pid()), Signal::SIGKILL)?;
+        let killed = Instant::now();
+        self.child.wait()?;
+        let started = Instant::now();
+        self.child = spawn(&self.binary, &self.args)?;
+        self.wait_ready(Duration::from_millis(1))?;
+        Ok((killed, started, Instant::now()))
     }
 
     /// Its control socket (shared-memory clients).
@@ -104,6 +151,15 @@ impl PrivateDaemon {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+fn spawn(binary: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child> {
+    Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
 }
 
 impl Drop for PrivateDaemon {

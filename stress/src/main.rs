@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod chaos;
 mod daemon;
 mod report;
 mod workload;
@@ -13,15 +14,18 @@ mod workload;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use ipc_client::Transport;
 
+use crate::chaos::{Chaos, KillPlan};
 use crate::daemon::{PeakSampler, PrivateDaemon};
 use crate::report::{Report, Run, Spec};
-use crate::workload::{Workload, MIN_PAYLOAD};
+use crate::workload::{Probe, Workload, MIN_PAYLOAD};
 
 /// Counts the client threads' allocations, for `allocations_per_call`.
 #[global_allocator]
@@ -107,6 +111,30 @@ struct Args {
     /// Timeout of each call, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     call_timeout_ms: u64,
+
+    /// Inject faults into the throughput workload: `kill-clients:N` kills N
+    /// client processes with SIGKILL at random moments (needs --procs);
+    /// `restart-daemon:N` kills the private daemon with SIGKILL N times
+    /// and starts it again, with clients that reconnect.
+    #[arg(long, value_name = "KIND:N")]
+    chaos: Option<Chaos>,
+
+    /// With --chaos: kills fall at random moments within the first MS of
+    /// the calls (kill-clients); a restart comes MS after the previous
+    /// one's recovery (restart-daemon).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    chaos_ms: u64,
+
+    /// Seed for the choice of victims and moments [default: from the clock;
+    /// printed]
+    #[arg(long)]
+    seed: Option<u64>,
+
+    /// Soak: run the throughput workload for this many seconds (instead of
+    /// a number of calls), sampling the daemon's memory and fds every
+    /// second.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
 
     /// Internal: run as client process number ID of a --procs run.
     #[arg(long, hide = true)]
@@ -196,6 +224,33 @@ fn validate(args: &Args) -> Result<(), String> {
     if (args.uds.is_some() || args.tcp.is_some()) && args.socket.is_none() && args.child_client.is_none() {
         return Err("--uds and --tcp name a running daemon's listeners: give its --socket too".into());
     }
+    let faulty = args.chaos.is_some() || args.duration.is_some();
+    if faulty && !matches!(args.scenario, Scenario::Throughput | Scenario::All) {
+        return Err("--chaos and --duration run the throughput scenario".into());
+    }
+    if args.chaos.is_some() && args.duration.is_some() {
+        return Err("--chaos and --duration do not go together".into());
+    }
+    match args.chaos {
+        Some(Chaos::KillClients(n)) => {
+            if !args.procs {
+                return Err("--chaos kill-clients needs --procs: the clients killed are processes".into());
+            }
+            if n >= args.clients.unwrap_or(100) {
+                return Err("--chaos kill-clients:N needs more than N --clients, so some survive".into());
+            }
+        }
+        Some(Chaos::RestartDaemon(_) | Chaos::Sigterm) if args.procs || args.socket.is_some() => {
+            return Err("--chaos restart-daemon and sigterm act on a private daemon, with clients as threads".into());
+        }
+        _ => {}
+    }
+    if args.duration == Some(0) {
+        return Err("--duration must be at least 1 second".into());
+    }
+    if args.duration.is_some() && args.procs {
+        return Err("--duration runs clients as threads".into());
+    }
     Ok(())
 }
 
@@ -213,6 +268,9 @@ fn child(args: &Args, id: u32) -> anyhow::Result<()> {
         window: args.window.unwrap_or(1),
         call_timeout: Duration::from_millis(args.call_timeout_ms),
         spin: args.spin_us.map(Duration::from_micros),
+        reconnect: false,
+        until: None,
+        probe: None,
     };
     workload::child_main(&w, id)
 }
@@ -230,7 +288,9 @@ fn daemon_usage(pid: i32) -> daemon::ProcessUsage {
 /// Every run to make, in order: per scenario and payload, each transport
 /// back to back.
 fn plan(args: &Args) -> Vec<Spec> {
+    let faulty = args.chaos.is_some() || args.duration.is_some();
     let scenarios = match args.scenario {
+        Scenario::All if faulty => vec![Scenario::Throughput],
         Scenario::All => vec![Scenario::Throughput, Scenario::Latency, Scenario::Pipelined, Scenario::Bandwidth],
         s => vec![s],
     };
@@ -282,8 +342,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
         (None, Some(d)) => (d.socket().to_path_buf(), Some(d.uds().to_path_buf()), Some(d.tcp())),
         (None, None) => unreachable!("a private daemon is started when no socket is given"),
     };
-    let pid = daemon::daemon_pid(&socket)?;
+    let mut private = private;
+    let mut pid = daemon::daemon_pid(&socket)?;
     let mode = if args.procs { "processes" } else { "threads" };
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    if let Some(chaos) = args.chaos {
+        println!("chaos {chaos:?}, seed {seed} (repeat with --seed {seed})");
+    }
     let mut runs = Vec::new();
     for spec in specs {
         let transport = match spec.transport {
@@ -310,8 +377,21 @@ fn run(args: Args) -> anyhow::Result<bool> {
             window: spec.window,
             call_timeout: Duration::from_millis(args.call_timeout_ms),
             spin,
+            reconnect: false,
+            until: None,
+            probe: None,
         };
-        let run = run_one(&spec, &w, pid, args.procs, &exe)?;
+        let faults = Faults {
+            chaos: args.chaos,
+            seed,
+            chaos_period: Duration::from_millis(args.chaos_ms),
+            duration: args.duration.map(Duration::from_secs),
+        };
+        let run = run_one(&spec, w, pid, args.procs, &exe, &faults, private.as_mut())?;
+        // A restarted private daemon has another pid.
+        if let Some(d) = &private {
+            pid = d.pid();
+        }
         print!("{}", run.summary(mode));
         runs.push(run);
     }
@@ -331,7 +411,39 @@ fn run(args: Args) -> anyhow::Result<bool> {
 /// Connects this many times in a row for a latency run's connect figure.
 const SEQUENTIAL_CONNECTS: usize = 200;
 
-fn run_one(spec: &Spec, w: &Workload, pid: i32, procs: bool, exe: &std::path::Path) -> anyhow::Result<Run> {
+/// The faults and the length of a run, from the command line.
+struct Faults {
+    chaos: Option<Chaos>,
+    seed: u64,
+    chaos_period: Duration,
+    duration: Option<Duration>,
+}
+
+fn run_one(
+    spec: &Spec,
+    w: Workload,
+    pid: i32,
+    procs: bool,
+    exe: &std::path::Path,
+    faults: &Faults,
+    daemon: Option<&mut PrivateDaemon>,
+) -> anyhow::Result<Run> {
+    match faults.chaos {
+        Some(Chaos::KillClients(n)) => return kill_clients_run(spec, &w, pid, exe, faults, n),
+        Some(Chaos::RestartDaemon(n)) => {
+            let daemon = daemon.context("--chaos restart-daemon needs the private daemon")?;
+            return restart_daemon_run(spec, w, daemon, faults, n);
+        }
+        Some(Chaos::Sigterm) => {
+            let daemon = daemon.context("--chaos sigterm needs the private daemon")?;
+            return sigterm_run(spec, w, daemon, faults);
+        }
+        None => {}
+    }
+    if let Some(duration) = faults.duration {
+        return soak_run(spec, w, pid, duration);
+    }
+    let w = &w;
     let connects = if spec.scenario == "latency" && !procs {
         // A failure here shows again, counted, when the run's client connects.
         workload::sequential_connects(w, SEQUENTIAL_CONNECTS)
@@ -342,7 +454,7 @@ fn run_one(spec: &Spec, w: &Workload, pid: i32, procs: bool, exe: &std::path::Pa
     };
     let sampler = PeakSampler::start(pid, Duration::from_millis(20));
     let (outcomes, elapsed, usage) = if procs {
-        let (outcomes, elapsed, guard) = workload::run_procs(w, spec.clients, exe)?;
+        let (outcomes, elapsed, guard, _) = workload::run_procs(w, spec.clients, exe, None)?;
         let usage = daemon_usage(pid);
         drop(guard);
         (outcomes, elapsed, usage)
@@ -354,4 +466,114 @@ fn run_one(spec: &Spec, w: &Workload, pid: i32, procs: bool, exe: &std::path::Pa
     };
     let peak = sampler.finish();
     Ok(Run::from_outcomes(spec, &outcomes, connects.as_deref(), elapsed, usage, peak.max(usage.rss_anon_kb)))
+}
+
+/// `--chaos kill-clients:N`: client processes killed at random moments;
+/// the survivors' calls are the run's.
+fn kill_clients_run(
+    spec: &Spec,
+    w: &Workload,
+    pid: i32,
+    exe: &std::path::Path,
+    faults: &Faults,
+    victims: usize,
+) -> anyhow::Result<Run> {
+    let plan = KillPlan { victims, seed: faults.seed, within: faults.chaos_period, daemon_pid: pid };
+    let (outcomes, elapsed, guard, report) = workload::run_procs(w, spec.clients, exe, Some(plan))?;
+    let usage = daemon_usage(pid);
+    drop(guard);
+    let mut report = report.context("the kill report")?;
+    // Once the survivors have left too, the daemon should be back where it
+    // started.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        report.daemon_after = daemon_usage(pid);
+        if report.daemon_after.fds <= report.daemon_before.fds || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut run = Run::from_outcomes(spec, &outcomes, None, elapsed, usage, usage.rss_anon_kb);
+    run.kill_clients = Some(report);
+    Ok(run)
+}
+
+/// `--chaos restart-daemon:N`: the daemon killed and restarted under
+/// clients that reconnect.
+fn restart_daemon_run(
+    spec: &Spec,
+    mut w: Workload,
+    daemon: &mut PrivateDaemon,
+    faults: &Faults,
+    times: usize,
+) -> anyhow::Result<Run> {
+    let probe = Arc::new(Probe::default());
+    w.reconnect = true;
+    w.probe = Some(Arc::clone(&probe));
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    let (report, (outcomes, elapsed, clients)) = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            let result = workload::run_threads(&w, spec.clients);
+            done.store(true, Ordering::Relaxed);
+            result
+        });
+        let report = chaos::restart_daemon(daemon, times, faults.chaos_period, &probe, start, &done);
+        (report, clients.join().expect("client threads panicked"))
+    });
+    let usage = daemon_usage(daemon.pid());
+    drop(clients);
+    let mut run = Run::from_outcomes(spec, &outcomes, None, elapsed, usage, usage.rss_anon_kb);
+    run.restart_daemon = Some(report?);
+    Ok(run)
+}
+
+/// `--duration`: the throughput workload for a while, the daemon sampled
+/// every second.
+fn soak_run(spec: &Spec, mut w: Workload, pid: i32, duration: Duration) -> anyhow::Result<Run> {
+    let probe = Arc::new(Probe::default());
+    w.messages = u64::MAX;
+    w.probe = Some(Arc::clone(&probe));
+    let start = Instant::now();
+    w.until = Some(start + duration);
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = chaos::sample_daemon(pid, start, Arc::clone(&done));
+    let (outcomes, elapsed, clients) = workload::run_threads(&w, spec.clients);
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.join().expect("sampler thread panicked");
+    let usage = daemon_usage(pid);
+    drop(clients);
+    let peak = samples.iter().map(|s| s.rss_anon_kb).max().unwrap_or(0).max(usage.rss_anon_kb);
+    let mut run = Run::from_outcomes(spec, &outcomes, None, elapsed, usage, peak);
+    run.messages_per_client = run.sent / spec.clients.max(1) as u64;
+    run.soak = Some(chaos::soak(&samples, duration, &probe));
+    run.samples = Some(samples);
+    Ok(run)
+}
+
+/// `--chaos sigterm`: the daemon stopped with SIGTERM while every client
+/// has calls in flight; each client stops calling once it lost its
+/// connection. The
+/// daemon is started again for the next run.
+fn sigterm_run(spec: &Spec, mut w: Workload, daemon: &mut PrivateDaemon, faults: &Faults) -> anyhow::Result<Run> {
+    w.messages = u64::MAX;
+    let start = Instant::now();
+    let (stopped, (outcomes, elapsed, clients)) = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| workload::run_threads(&w, spec.clients));
+        std::thread::sleep(faults.chaos_period);
+        let stopped = daemon.stop_and_restart();
+        (stopped, clients.join().expect("client threads panicked"))
+    });
+    let (sent, exited, code) = stopped?;
+    drop(clients);
+    let usage = daemon_usage(daemon.pid());
+    let mut run = Run::from_outcomes(spec, &outcomes, None, elapsed, usage, usage.rss_anon_kb);
+    run.messages_per_client = run.sent / spec.clients.max(1) as u64;
+    run.sigterm = Some(chaos::StopReport {
+        sigterm_at_ms: (sent - start).as_secs_f64() * 1000.0,
+        exit_ms: (exited - sent).as_secs_f64() * 1000.0,
+        exit_code: code,
+        clients_told: outcomes.iter().filter(|o| o.outcomes.shutdown > 0).count(),
+    });
+    Ok(run)
 }

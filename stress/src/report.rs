@@ -5,8 +5,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::chaos::{KillReport, RestartReport, Sample, Soak, StopReport};
 use crate::daemon::ProcessUsage;
-use crate::workload::{new_histogram, ClientOutcome};
+use crate::workload::{new_histogram, ClientOutcome, Outcomes};
 
 /// Latency percentiles in microseconds.
 #[derive(Serialize, Debug, Default)]
@@ -35,10 +36,17 @@ pub struct Run {
     pub messages_per_client: u64,
     pub payload_bytes: usize,
     pub window: u32,
+    /// Calls made, each with exactly one outcome below (or lost).
     pub sent: u64,
     pub succeeded: u64,
     pub failed: u64,
     pub mismatched: u64,
+    pub outcomes: Outcomes,
+    /// Calls made that got no outcome.
+    pub lost: u64,
+    /// Outcomes beyond one per call, or replies carrying another
+    /// request's payload.
+    pub duplicated: u64,
     pub duration_s: f64,
     pub throughput_msgs_per_s: f64,
     pub latency_us: Latency,
@@ -52,6 +60,20 @@ pub struct Run {
     pub allocations_per_call: f64,
     pub daemon: ProcessUsage,
     pub peak_rss_anon_kb: u64,
+    /// `--chaos kill-clients:N`: the kills and the daemon's clean-up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kill_clients: Option<KillReport>,
+    /// `--chaos restart-daemon:N`: the restarts and the clients' recovery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_daemon: Option<RestartReport>,
+    /// `--chaos sigterm`: the graceful stop under load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigterm: Option<StopReport>,
+    /// `--duration`: the daemon sampled every second, and the trend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Vec<Sample>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<Soak>,
     #[serde(skip)]
     pub first_error: Option<String>,
 }
@@ -73,13 +95,18 @@ impl Run {
         let (messages, payload) = (spec.messages, spec.payload);
         let mut latency: Histogram<u64> = new_histogram();
         let mut connect: Histogram<u64> = new_histogram();
-        let (mut succeeded, mut failed, mut mismatched, mut allocations) = (0, 0, 0, 0);
+        let (mut made, mut succeeded, mut failed, mut mismatched, mut allocations) = (0, 0, 0, 0, 0);
+        let (mut lost, mut duplicated, mut kinds) = (0, 0, Outcomes::default());
         let mut first_error = None;
         for o in outcomes {
             latency.add(&o.latency_ns).expect("histograms share bounds");
+            made += o.made;
             succeeded += o.succeeded;
-            failed += o.failed;
+            failed += o.failed();
             mismatched += o.mismatched;
+            lost += o.lost;
+            duplicated += o.duplicated;
+            kinds.add(&o.outcomes);
             allocations += o.allocations;
             if first_error.is_none() {
                 first_error.clone_from(&o.first_error);
@@ -94,7 +121,7 @@ impl Run {
         }
         let secs = duration.as_secs_f64();
         let q = |h: &Histogram<u64>, q: f64| us(h.value_at_quantile(q));
-        let sent = succeeded + failed + mismatched;
+        let sent = made;
         Run {
             scenario: spec.scenario,
             transport: spec.transport,
@@ -106,6 +133,9 @@ impl Run {
             succeeded,
             failed,
             mismatched,
+            outcomes: kinds,
+            lost,
+            duplicated,
             duration_s: secs,
             throughput_msgs_per_s: if secs > 0.0 { succeeded as f64 / secs } else { 0.0 },
             latency_us: Latency {
@@ -122,13 +152,29 @@ impl Run {
             allocations_per_call: if sent > 0 { allocations as f64 / sent as f64 } else { 0.0 },
             daemon,
             peak_rss_anon_kb,
+            kill_clients: None,
+            restart_daemon: None,
+            sigterm: None,
+            samples: None,
+            soak: None,
             first_error,
         }
     }
 
-    /// Whether every call succeeded with the right reply.
+    /// Whether the run passed: no call lost, duplicated or answered wrong,
+    /// and every call succeeded, except (when the daemon was restarted)
+    /// those in flight at a crash, which must end as `disconnected`.
     pub fn passed(&self) -> bool {
-        self.failed == 0 && self.mismatched == 0 && self.succeeded > 0
+        let exact = self.lost == 0 && self.duplicated == 0 && self.mismatched == 0 && self.succeeded > 0;
+        let o = &self.outcomes;
+        let failures_ok = match (&self.restart_daemon, &self.sigterm) {
+            (Some(r), _) => r.passed() && o.timeout == 0 && o.rejected == 0 && o.shutdown == 0,
+            // Every call not answered must have been answered `shutdown`.
+            (_, Some(t)) => t.passed() && o.timeout + o.disconnected + o.rejected == 0 && o.shutdown > 0,
+            // Every planned call made (clients stop once disconnected).
+            _ => self.failed == 0 && self.sent == self.clients as u64 * self.messages_per_client,
+        };
+        exact && failures_ok && self.kill_clients.as_ref().map_or(true, KillReport::passed)
     }
 
     /// The human summary.
@@ -138,9 +184,14 @@ impl Run {
             "{} over {}: {} clients x {} calls, {} B payloads, window {}, clients as {mode}\n",
             self.scenario, self.transport, self.clients, self.messages_per_client, self.payload_bytes, self.window
         );
+        let o = &self.outcomes;
         s += &format!(
-            "  calls       sent {}  succeeded {}  failed {}  mismatched {}\n",
-            self.sent, self.succeeded, self.failed, self.mismatched
+            "  calls       sent {}  succeeded {}  failed {}  mismatched {}  lost {}  duplicated {}\n",
+            self.sent, self.succeeded, self.failed, self.mismatched, self.lost, self.duplicated
+        );
+        s += &format!(
+            "  outcomes    replied {}  timeout {}  disconnected {}  rejected {}  shutdown {}\n",
+            o.replied, o.timeout, o.disconnected, o.rejected, o.shutdown
         );
         s += &format!("  throughput  {:.0} msg/s over {:.3} s", self.throughput_msgs_per_s, self.duration_s);
         if let Some(b) = self.bytes_per_s {
@@ -159,6 +210,45 @@ impl Run {
             "  daemon      rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
             self.daemon.rss_anon_kb, self.peak_rss_anon_kb, self.daemon.rss_shmem_kb, self.daemon.fds
         );
+        if let Some(k) = &self.kill_clients {
+            let cleanup = k.cleanup_ms.map_or_else(|| "not within 5 s".into(), |t| format!("{t:.1} ms"));
+            s += &format!("  chaos       killed {} client processes (seed {}); survivors above\n", k.killed, k.seed);
+            s += &format!(
+                "              daemon fds {} before, {} connected, {} expected after the kills, reached {} after the last kill\n",
+                k.daemon_before.fds, k.daemon_connected.fds, k.fds_expected_after_kills, cleanup
+            );
+            s += &format!(
+                "              daemon rss_anon {} kB connected, {} kB after clean-up; after all left: fds {}, rss_anon {} kB\n",
+                k.daemon_connected.rss_anon_kb, k.rss_anon_kb_after_cleanup, k.daemon_after.fds, k.daemon_after.rss_anon_kb
+            );
+        }
+        if let Some(r) = &self.restart_daemon {
+            for (i, x) in r.restarts.iter().enumerate() {
+                let rec = x.recovery_ms.map_or_else(|| "none".into(), |t| format!("{t:.1} ms"));
+                s += &format!(
+                    "  restart {}   at {:.0} ms: down {:.1} ms, ready {:.1} ms after start, first success {} after start\n",
+                    i + 1, x.killed_at_ms, x.down_ms, x.ready_ms, rec
+                );
+            }
+            s += &format!(
+                "  disconnect  {} calls; after the kill: worst {:.1} ms, median {:.1} ms\n",
+                r.disconnected_calls, r.disconnect_delay_ms_max, r.disconnect_delay_ms_p50
+            );
+        }
+        if let Some(t) = &self.sigterm {
+            s += &format!(
+                "  sigterm     at {:.0} ms; the daemon exited {:?} after {:.1} ms; {} of {} clients were answered shutdown\n",
+                t.sigterm_at_ms, t.exit_code, t.exit_ms, t.clients_told, self.clients
+            );
+        }
+        if let Some(k) = &self.soak {
+            s += &format!(
+                "  soak        after {:.0} s warm-up: rss_anon {:+.2} kB/min ({} -> {} kB), fds {:+.3}/min\n",
+                k.warmup_s, k.rss_anon_kb_per_min, k.rss_anon_kb_after_warmup, k.rss_anon_kb_end, k.fds_per_min
+            );
+            let p99: Vec<String> = k.p99_us_per_minute.iter().map(|p| format!("{p:.0}")).collect();
+            s += &format!("              p99 us per minute: {}\n", p99.join(" "));
+        }
         if let Some(e) = &self.first_error {
             s += &format!("  first error {e}\n");
         }

@@ -6,13 +6,17 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use ipc_client::{CallError, Client, ClientOptions, Service, Ticket, Transport};
+use ipc_client::{CallError, Client, ClientOptions, Reconnect, Service, Ticket, Transport};
+use serde::Serialize;
+
+use crate::chaos::{self, KillPlan, KillReport};
 
 /// What every client of a run does.
 #[derive(Clone, Debug)]
@@ -29,6 +33,91 @@ pub struct Workload {
     pub call_timeout: Duration,
     /// The clients' spin limit (`None`: the library's default).
     pub spin: Option<Duration>,
+    /// Whether clients reconnect (with the library's default policy) after
+    /// losing their connection.
+    pub reconnect: bool,
+    /// Stop making calls at this moment even if `messages` are not all
+    /// made (soak runs).
+    pub until: Option<Instant>,
+    /// Where clients report events a chaos or soak run measures.
+    pub probe: Option<Arc<Probe>>,
+}
+
+/// How calls ended, one count per kind: every call made has exactly one.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// A reply came (right or wrong: see `mismatched`, `duplicated`).
+    pub replied: u64,
+    /// No reply within the call timeout.
+    pub timeout: u64,
+    /// The connection was lost with the request in flight; whether it ran
+    /// is unknown.
+    pub disconnected: u64,
+    /// Refused before it was sent (no connection, too large, no room).
+    pub rejected: u64,
+    /// The daemon was stopping and did not run it.
+    pub shutdown: u64,
+}
+
+impl Outcomes {
+    /// Counts an error outcome.
+    pub fn error(&mut self, e: &CallError) {
+        match e {
+            CallError::Timeout { .. } => self.timeout += 1,
+            CallError::Disconnected { .. } => self.disconnected += 1,
+            CallError::Shutdown => self.shutdown += 1,
+            // An error reply is still a reply.
+            CallError::Remote { .. } | CallError::Decode(_) => self.replied += 1,
+            _ => self.rejected += 1,
+        }
+    }
+
+    /// Calls with an outcome.
+    pub fn total(&self) -> u64 {
+        self.replied + self.timeout + self.disconnected + self.rejected + self.shutdown
+    }
+
+    pub fn add(&mut self, o: &Outcomes) {
+        self.replied += o.replied;
+        self.timeout += o.timeout;
+        self.disconnected += o.disconnected;
+        self.rejected += o.rejected;
+        self.shutdown += o.shutdown;
+    }
+}
+
+/// Events the clients of a chaos or soak run report as they happen.
+#[derive(Default, Debug)]
+pub struct Probe {
+    /// When a call ended as `disconnected`.
+    pub disconnects: Mutex<Vec<Instant>>,
+    /// Set by the run when a new daemon starts (at `restarted_at`); the
+    /// first call started after that which succeeds clears it and records
+    /// when it ended.
+    pub awaiting_success: AtomicBool,
+    pub restarted_at: Mutex<Option<Instant>>,
+    pub first_successes: Mutex<Vec<Instant>>,
+    /// Per-minute latency histograms of every call (soak runs), merged.
+    pub minutes: Mutex<Vec<Histogram<u64>>>,
+}
+
+impl Probe {
+    fn success(&self, call_started: Instant) {
+        if !self.awaiting_success.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        // Only a call started after the new daemon can have been served by
+        // it: the old one was dead by then.
+        let after = self.restarted_at.lock().expect("probe lock").is_some_and(|t| call_started >= t);
+        if after && self.awaiting_success.swap(false, Ordering::AcqRel) {
+            self.first_successes.lock().expect("probe lock").push(now);
+        }
+    }
+
+    fn disconnect(&self) {
+        self.disconnects.lock().expect("probe lock").push(Instant::now());
+    }
 }
 
 /// The smallest payload: a u32 client id and a u64 sequence number.
@@ -52,13 +141,20 @@ pub struct ClientOutcome {
     pub latency_ns: Histogram<u64>,
     /// Time to connect (handshake included), in nanoseconds.
     pub connect_ns: u64,
+    /// Calls made (including those refused before they were sent).
+    pub made: u64,
+    /// How the calls ended.
+    pub outcomes: Outcomes,
     /// Calls whose reply matched.
     pub succeeded: u64,
-    /// Calls that returned an error, or never ran because the client could
-    /// not connect or was disconnected.
-    pub failed: u64,
-    /// Calls whose reply differed from the request.
+    /// Replies that differed from their request but were not another
+    /// request's (corrupt).
     pub mismatched: u64,
+    /// Outcomes beyond one per call: a second outcome for a ticket, or a
+    /// reply carrying another request's payload.
+    pub duplicated: u64,
+    /// Calls made that never got an outcome.
+    pub lost: u64,
     /// The first error seen, for the report.
     pub first_error: Option<String>,
     /// Heap allocations this client's thread made while calling.
@@ -71,12 +167,40 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 impl ClientOutcome {
+    fn new(connect_ns: u64) -> ClientOutcome {
+        ClientOutcome {
+            latency_ns: new_histogram(),
+            connect_ns,
+            made: 0,
+            outcomes: Outcomes::default(),
+            succeeded: 0,
+            mismatched: 0,
+            duplicated: 0,
+            lost: 0,
+            first_error: None,
+            allocations: 0,
+        }
+    }
+
+    /// Calls that did not end with their own right reply.
+    pub fn failed(&self) -> u64 {
+        self.made - self.succeeded
+    }
+
     /// Records a call's reply: a success with its round trip if it is the
-    /// expected bytes, else a mismatch.
-    fn reply(&mut self, id: u32, seq: u64, rtt_ns: u64, matches: bool) {
-        if matches {
+    /// expected bytes; a duplicate if it is another request's; else a
+    /// mismatch.
+    fn reply(&mut self, id: u32, seq: u64, started: Instant, reply: &[u8], expected: &[u8], probe: Option<&Probe>) {
+        self.outcomes.replied += 1;
+        if reply == expected {
             self.succeeded += 1;
-            self.latency_ns.saturating_record(rtt_ns.max(1));
+            self.latency_ns.saturating_record((started.elapsed().as_nanos() as u64).max(1));
+            if let Some(p) = probe {
+                p.success(started);
+            }
+        } else if is_payload(reply) {
+            self.duplicated += 1;
+            self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: got another request's reply"));
         } else {
             self.mismatched += 1;
             self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: reply differs from request"));
@@ -84,22 +208,35 @@ impl ClientOutcome {
     }
 
     /// Records a call that ended in an error.
-    fn error(&mut self, id: u32, seq: u64, e: &CallError) {
-        self.failed += 1;
+    fn error(&mut self, id: u32, seq: u64, e: &CallError, probe: Option<&Probe>) {
+        self.outcomes.error(e);
+        if let (Some(p), CallError::Disconnected { .. }) = (probe, e) {
+            p.disconnect();
+        }
         self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
     }
 
+    /// A client that could not connect: its calls are made and refused.
     fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
-        ClientOutcome {
-            latency_ns: new_histogram(),
-            connect_ns,
-            succeeded: 0,
-            failed: messages,
-            mismatched: 0,
-            first_error: Some(error),
-            allocations: 0,
-        }
+        let mut out = ClientOutcome::new(connect_ns);
+        out.made = messages;
+        out.outcomes.rejected = messages;
+        out.first_error = Some(error);
+        out
     }
+}
+
+/// Whether `bytes` is a payload [`fill_payload`] could have written, for
+/// any client and sequence number.
+fn is_payload(bytes: &[u8]) -> bool {
+    if bytes.len() < MIN_PAYLOAD {
+        return false;
+    }
+    let client = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let seq = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes"));
+    let mut expected = vec![0u8; bytes.len()];
+    fill_payload(client, seq, &mut expected);
+    expected == bytes
 }
 
 /// Connects one client and resolves `echo`. Returns the time it took.
@@ -108,6 +245,9 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     let mut options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
     if let Some(spin) = w.spin {
         options = options.spin(spin);
+    }
+    if w.reconnect {
+        options = options.reconnect(Reconnect::default());
     }
     let result = Client::connect_with(w.transport.clone(), options).map_err(|e| e.to_string()).and_then(|client| {
         if w.payload > client.max_payload() {
@@ -122,15 +262,7 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
 /// Runs the calls of client `id`: synchronous with a window of 1, else
 /// pipelined.
 pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, connect_ns: u64) -> ClientOutcome {
-    let mut out = ClientOutcome {
-        latency_ns: new_histogram(),
-        connect_ns,
-        succeeded: 0,
-        failed: 0,
-        mismatched: 0,
-        first_error: None,
-        allocations: 0,
-    };
+    let mut out = ClientOutcome::new(connect_ns);
     let mut request = vec![0u8; w.payload];
     let mut reply = Vec::with_capacity(w.payload);
     let mut expected = vec![0u8; w.payload];
@@ -142,7 +274,20 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
         pipelined_calls(client, echo, w, id, &mut out, (&mut request, &mut expected, &mut reply), &mut in_flight);
     }
     out.allocations = ipc_platform::thread_allocations() - before;
+    out.lost = out.made.saturating_sub(out.outcomes.total());
     out
+}
+
+/// Whether a client stops calling: it lost its connection and has no
+/// reconnect policy, so every later call would be refused at once. The run
+/// then reports fewer calls made than planned.
+fn gave_up(client: &Client, w: &Workload) -> bool {
+    !w.reconnect && !client.is_connected()
+}
+
+/// Whether a client should stop before its next call.
+fn time_is_up(w: &Workload) -> bool {
+    w.until.is_some_and(|t| Instant::now() >= t)
 }
 
 fn sync_calls(
@@ -154,21 +299,48 @@ fn sync_calls(
     request: &mut [u8],
     reply: &mut Vec<u8>,
 ) {
+    let probe = w.probe.as_deref();
+    let soak = probe.filter(|_| w.until.is_some());
+    let begin = Instant::now();
+    let mut minutes: Vec<Histogram<u64>> = Vec::new();
     for seq in 0..w.messages {
+        if (w.until.is_some() && time_is_up(w)) || gave_up(client, w) {
+            break;
+        }
         fill_payload(id, seq, request);
+        out.made += 1;
         let start = Instant::now();
         match client.call_into(echo, request, reply) {
-            Ok(()) => out.reply(id, seq, start.elapsed().as_nanos() as u64, reply[..] == request[..]),
-            Err(e) => {
-                out.error(id, seq, &e);
-                if matches!(e, CallError::Disconnected { .. }) {
-                    // Every later call of this client would fail the same
-                    // way at once: count them without making them.
-                    out.failed += w.messages - seq - 1;
-                    break;
+            Ok(()) => {
+                out.reply(id, seq, start, reply, request, probe);
+                if soak.is_some() {
+                    record_minute(&mut minutes, begin, start.elapsed().as_nanos() as u64);
                 }
             }
+            Err(e) => out.error(id, seq, &e, probe),
         }
+    }
+    if let Some(p) = soak {
+        merge_minutes(p, &minutes);
+    }
+}
+
+/// Records a round trip in the histogram of the minute it ended in.
+fn record_minute(minutes: &mut Vec<Histogram<u64>>, begin: Instant, rtt_ns: u64) {
+    let minute = (begin.elapsed().as_secs() / 60) as usize;
+    while minutes.len() <= minute {
+        minutes.push(new_histogram());
+    }
+    minutes[minute].saturating_record(rtt_ns.max(1));
+}
+
+fn merge_minutes(probe: &Probe, minutes: &[Histogram<u64>]) {
+    let mut all = probe.minutes.lock().expect("probe lock");
+    for (i, h) in minutes.iter().enumerate() {
+        while all.len() <= i {
+            all.push(new_histogram());
+        }
+        all[i].add(h).expect("histograms share bounds");
     }
 }
 
@@ -184,43 +356,51 @@ fn pipelined_calls(
     (request, expected, reply): (&mut [u8], &mut [u8], &mut Vec<u8>),
     in_flight: &mut VecDeque<(Ticket, u64, Instant)>,
 ) {
+    let probe = w.probe.as_deref();
     let mut next = 0u64;
-    let mut done = 0u64;
-    while done < w.messages {
-        while in_flight.len() < w.window as usize && next < w.messages {
+    loop {
+        while in_flight.len() < w.window as usize && next < w.messages && !time_is_up(w) && !gave_up(client, w) {
             fill_payload(id, next, request);
+            out.made += 1;
             match client.send(echo, request) {
                 Ok(ticket) => in_flight.push_back((ticket, next, Instant::now())),
-                Err(e) => {
-                    out.first_error.get_or_insert_with(|| format!("client {id} send {next}: {e}"));
-                    out.failed += w.messages - done;
-                    return;
-                }
+                // Refused before it was sent: that is its outcome.
+                Err(e) => out.error(id, next, &e, probe),
             }
             next += 1;
         }
+        if in_flight.is_empty() {
+            break;
+        }
         let (ticket, outcome) = match client.recv_into(reply) {
             Ok(got) => got,
+            Err(e @ CallError::Timeout { .. }) => {
+                // Nothing came within the timeout: every request in flight
+                // has timed out, and this client stops.
+                for (_, seq, _) in in_flight.drain(..) {
+                    out.error(id, seq, &e, probe);
+                }
+                break;
+            }
             Err(e) => {
+                // Any other error means the library has no outcome for the
+                // requests still in flight: they stay uncounted (lost).
                 out.first_error.get_or_insert_with(|| format!("client {id} receive: {e}"));
-                out.failed += w.messages - done;
-                return;
+                break;
             }
         };
-        done += 1;
         let Some(i) = in_flight.iter().position(|(t, _, _)| *t == ticket) else {
-            out.mismatched += 1;
-            out.first_error.get_or_insert_with(|| format!("client {id}: reply to unknown ticket {}", ticket.id()));
+            out.duplicated += 1;
+            out.first_error.get_or_insert_with(|| format!("client {id}: second outcome for ticket {}", ticket.id()));
             continue;
         };
         let (_, seq, sent) = in_flight.remove(i).expect("index from the search");
         match outcome {
             Ok(()) => {
-                let rtt = sent.elapsed().as_nanos() as u64;
                 fill_payload(id, seq, expected);
-                out.reply(id, seq, rtt, reply[..] == expected[..]);
+                out.reply(id, seq, sent, reply, expected, probe);
             }
-            Err(e) => out.error(id, seq, &e),
+            Err(e) => out.error(id, seq, &e, probe),
         }
     }
 }
@@ -280,13 +460,24 @@ struct ChildClient {
 /// Runs `clients` clients, each in its own process (this binary started
 /// again with `--child-client ID`). Returns as [`run_threads`]; the
 /// returned guard keeps the children connected until dropped.
+///
+/// With a kill plan, the chosen clients call a hundred times longer and
+/// are killed with SIGKILL at the planned moments; only the survivors'
+/// outcomes are returned, with the report of the kills.
 pub fn run_procs(
     w: &Workload,
     clients: usize,
     exe: &Path,
-) -> anyhow::Result<(Vec<ClientOutcome>, Duration, ProcsGuard)> {
+    kill: Option<KillPlan>,
+) -> anyhow::Result<(Vec<ClientOutcome>, Duration, ProcsGuard, Option<KillReport>)> {
+    let victims = kill.map(|k| k.choose(clients)).unwrap_or_default();
+    let before = match kill {
+        Some(k) => crate::daemon::usage(k.daemon_pid)?,
+        None => Default::default(),
+    };
     let mut children = Vec::with_capacity(clients);
     for id in 0..clients {
+        let messages = if victims.iter().any(|v| v.0 == id) { w.messages.saturating_mul(100) } else { w.messages };
         let mut command = Command::new(exe);
         command.arg("--child-client").arg(id.to_string());
         match &w.transport {
@@ -301,7 +492,7 @@ pub fn run_procs(
             .arg("--window")
             .arg(w.window.to_string())
             .arg("--messages")
-            .arg(w.messages.to_string())
+            .arg(messages.to_string())
             .arg("--payload")
             .arg(w.payload.to_string())
             .arg("--call-timeout-ms")
@@ -324,17 +515,28 @@ pub fn run_procs(
             _ => bail!("client process said {line:?} instead of ready"),
         }
     }
+    let connected = match kill {
+        Some(k) => crate::daemon::usage(k.daemon_pid)?,
+        None => Default::default(),
+    };
     let start = Instant::now();
     for c in &mut children {
         c.stdin.write_all(b"go\n")?;
         c.stdin.flush()?;
     }
+    let killer = kill.map(|plan| {
+        let targets: Vec<(u32, Duration)> = victims.iter().map(|&(id, at)| (children[id].child.id(), at)).collect();
+        std::thread::spawn(move || chaos::kill_clients(plan, targets, start, clients, before, connected))
+    });
     let mut outcomes = Vec::with_capacity(clients);
-    for (c, connect_ns) in children.iter_mut().zip(connects) {
-        outcomes.push(read_outcome(&mut c.stdout, connect_ns)?);
+    for (id, (c, connect_ns)) in children.iter_mut().zip(connects).enumerate() {
+        if !victims.iter().any(|v| v.0 == id) {
+            outcomes.push(read_outcome(&mut c.stdout, connect_ns)?);
+        }
     }
     let elapsed = start.elapsed();
-    Ok((outcomes, elapsed, ProcsGuard { children }))
+    let report = killer.map(|k| k.join().expect("killer thread panicked"));
+    Ok((outcomes, elapsed, ProcsGuard { children }, report))
 }
 
 /// Keeps client processes connected; dropping it tells them to exit.
@@ -358,12 +560,15 @@ fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow:
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let [tag, succeeded, failed, mismatched, allocations, hist_len] = fields[..] else {
+    let ["done", ref counts @ .., hist_len] = fields[..] else {
         bail!("client process said {line:?} instead of its results");
     };
-    if tag != "done" {
+    let counts: Vec<u64> = counts.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
+    let [made, replied, timeout, disconnected, rejected, shutdown, succeeded, mismatched, duplicated, lost, allocations] =
+        counts[..]
+    else {
         bail!("client process said {line:?} instead of its results");
-    }
+    };
     let mut hist = vec![0u8; hist_len.parse()?];
     stdout.read_exact(&mut hist)?;
     let latency_ns: Histogram<u64> = Deserializer::new().deserialize(&mut &hist[..])?;
@@ -373,11 +578,14 @@ fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow:
     Ok(ClientOutcome {
         latency_ns,
         connect_ns,
-        succeeded: succeeded.parse()?,
-        failed: failed.parse()?,
-        mismatched: mismatched.parse()?,
+        made,
+        outcomes: Outcomes { replied, timeout, disconnected, rejected, shutdown },
+        succeeded,
+        mismatched,
+        duplicated,
+        lost,
         first_error: (!error.is_empty()).then_some(error),
-        allocations: allocations.parse()?,
+        allocations,
     })
 }
 
@@ -397,12 +605,20 @@ pub fn child_main(w: &Workload, id: u32) -> anyhow::Result<()> {
     };
     let mut hist = Vec::new();
     V2Serializer::new().serialize(&outcome.latency_ns, &mut hist)?;
+    let o = &outcome.outcomes;
     writeln!(
         stdout,
-        "done {} {} {} {} {}",
+        "done {} {} {} {} {} {} {} {} {} {} {} {}",
+        outcome.made,
+        o.replied,
+        o.timeout,
+        o.disconnected,
+        o.rejected,
+        o.shutdown,
         outcome.succeeded,
-        outcome.failed,
         outcome.mismatched,
+        outcome.duplicated,
+        outcome.lost,
         outcome.allocations,
         hist.len()
     )?;

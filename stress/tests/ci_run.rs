@@ -158,8 +158,8 @@ fn failed_calls_are_counted_and_exit_1() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     daemon.kill().unwrap();
     daemon.wait().unwrap();
-    // Every call after the crash fails at once (the clients are marked
-    // disconnected), so the run ends quickly; the watchdog is a backstop.
+    // The clients stop calling once disconnected (they have no reconnect
+    // policy), so the run ends quickly; the watchdog is a backstop.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let status = loop {
         if let Some(status) = run.try_wait().unwrap() {
@@ -176,7 +176,96 @@ fn failed_calls_are_counted_and_exit_1() {
     let run = &report["runs"][0];
     let (sent, ok, failed) =
         (run["sent"].as_u64().unwrap(), run["succeeded"].as_u64().unwrap(), run["failed"].as_u64().unwrap());
-    assert!(failed > 0, "{run}");
-    assert_eq!(sent, 200_000_000);
-    assert_eq!(ok + failed + run["mismatched"].as_u64().unwrap(), sent, "{run}");
+    // Each client's call in flight at the crash ends as disconnected; no
+    // call is lost or counted twice, and the rest are never made.
+    let o = &run["outcomes"];
+    assert_eq!(o["disconnected"], 2, "{run}");
+    assert_eq!(failed, 2, "{run}");
+    assert!(sent < 200_000_000, "{run}");
+    assert_eq!(ok + failed, sent, "{run}");
+    assert_eq!(o["replied"].as_u64().unwrap() + 2, sent, "{run}");
+    assert_eq!(run["lost"], 0, "{run}");
+    assert_eq!(run["duplicated"], 0, "{run}");
+}
+
+/// Runs a fault-injection or soak run small, over every transport; returns
+/// its RUNs after checking the outcome accounting of each.
+fn chaos_runs(extra: &[&str]) -> Vec<serde_json::Value> {
+    let report = run_all(&["--scenario", "throughput", "--transport", "all"], extra);
+    let runs = report["runs"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 3);
+    for run in &runs {
+        let o = &run["outcomes"];
+        let total: u64 =
+            ["replied", "timeout", "disconnected", "rejected", "shutdown"].iter().map(|k| o[k].as_u64().unwrap()).sum();
+        assert_eq!(total, run["sent"].as_u64().unwrap(), "every call made has one outcome: {run}");
+        assert_eq!(run["lost"], 0, "{run}");
+        assert_eq!(run["duplicated"], 0, "{run}");
+        assert_eq!(run["mismatched"], 0, "{run}");
+    }
+    runs
+}
+
+#[test]
+fn killed_client_processes_leave_survivors_unharmed() {
+    let runs = chaos_runs(&[
+        "--procs",
+        "--clients",
+        "6",
+        "--messages",
+        "3000",
+        "--chaos",
+        "kill-clients:2",
+        "--chaos-ms",
+        "100",
+    ]);
+    for run in runs {
+        // Only the survivors' calls are the run's, and all succeeded.
+        assert_eq!(run["clients"], 4, "{run}");
+        assert_eq!(run["failed"], 0, "{run}");
+        let k = &run["kill_clients"];
+        assert_eq!(k["killed"], 2, "{run}");
+        assert!(k["cleanup_ms"].as_f64().unwrap() <= 1000.0, "{run}");
+        assert!(k["daemon_after"]["fds"].as_u64().unwrap() <= k["daemon_before"]["fds"].as_u64().unwrap(), "{run}");
+    }
+}
+
+#[test]
+fn restarted_daemon_is_reconnected_to() {
+    let runs =
+        chaos_runs(&["--clients", "4", "--messages", "20000", "--chaos", "restart-daemon:2", "--chaos-ms", "100"]);
+    for run in runs {
+        let r = &run["restart_daemon"];
+        assert_eq!(r["restarts"].as_array().unwrap().len(), 2, "{run}");
+        for restart in r["restarts"].as_array().unwrap() {
+            assert!(restart["recovery_ms"].as_f64().is_some(), "{run}");
+        }
+        // Only calls in flight at a crash fail, and they say so.
+        let o = &run["outcomes"];
+        assert_eq!(run["failed"], o["disconnected"], "{run}");
+        assert_eq!(o["timeout"].as_u64().unwrap() + o["rejected"].as_u64().unwrap(), 0, "{run}");
+    }
+}
+
+#[test]
+fn sigterm_under_load_answers_shutdown_and_loses_nothing() {
+    let runs = chaos_runs(&["--clients", "4", "--window", "8", "--chaos", "sigterm", "--chaos-ms", "150"]);
+    for run in runs {
+        let o = &run["outcomes"];
+        assert!(o["shutdown"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(o["disconnected"], 0, "{run}");
+        assert_eq!(run["sigterm"]["exit_code"], 0, "{run}");
+    }
+}
+
+#[test]
+fn soak_samples_the_daemon_every_second() {
+    let report = run_all(&["--scenario", "throughput", "--transport", "shm", "--clients", "4", "--duration", "3"], &[]);
+    let run = &report["runs"][0];
+    let samples = run["samples"].as_array().unwrap();
+    assert!((3..=5).contains(&samples.len()), "{run}");
+    assert!(samples.iter().all(|s| s["rss_anon_kb"].as_u64().unwrap() > 0 && s["fds"].as_u64().unwrap() > 0));
+    assert_eq!(run["soak"]["p99_us_per_minute"].as_array().unwrap().len(), 1, "{run}");
+    assert_eq!(run["failed"], 0);
+    assert!(run["duration_s"].as_f64().unwrap() >= 2.9, "{run}");
 }
