@@ -7,6 +7,10 @@
 //! connection that sends garbage is rejected, one that stays silent past the
 //! deadline is closed, and neither affects anyone else.
 //!
+//! On the Unix listeners the peer's credentials are read at accept and
+//! checked against the allow lists (see [`crate::access`]); a peer that is
+//! not allowed is answered, at its first bytes, with `NotPermitted`.
+//!
 //! The same handshake runs on the stream listeners (`--uds`, `--tcp`); there
 //! the welcome carries no fds and the connection itself then carries the
 //! frames.
@@ -57,6 +61,9 @@ struct Pending {
     stream: Stream,
     kind: Kind,
     peer: Peer,
+    /// Why the peer's credentials are refused, if they are: sent as the
+    /// answer to its first bytes.
+    refusal: Option<String>,
     buf: Vec<u8>,
     deadline: Instant,
 }
@@ -227,6 +234,12 @@ impl Acceptor {
                 }
             },
         };
+        // TCP is never served with an allow list (the configuration is
+        // refused), so only Unix peers have credentials to check.
+        let refusal = match &peer {
+            Peer::Unix(cred) => self.shared.config.allow.check(cred).err(),
+            Peer::Tcp(_) => None,
+        };
         let entry = self.pending.vacant_entry();
         let token = Token(entry.key() + FIRST_PENDING);
         if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
@@ -237,6 +250,7 @@ impl Acceptor {
             stream,
             kind,
             peer,
+            refusal,
             buf: Vec::with_capacity(64),
             deadline: Instant::now() + self.shared.config.handshake_timeout,
         });
@@ -267,6 +281,14 @@ impl Acceptor {
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
+            }
+        }
+        if !pending.buf.is_empty() {
+            if let Some(reason) = pending.refusal.take() {
+                // Answered once the peer has spoken, so that a client
+                // writing its hello is not cut off before it can read why.
+                self.reject(key, Reject::NotPermitted { reason }, RejectReason::NotPermitted);
+                return;
             }
         }
         if pending.buf.len() < LENGTH_PREFIX {
@@ -329,7 +351,11 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
+        if reason == RejectReason::NotPermitted {
+            tracing::warn!(peer = %pending.peer, "handshake rejected: {reject}");
+        } else {
+            tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
+        }
         // Count before answering, so a client that sees the reject also
         // sees the count.
         self.shared.stats.rejected(reason);

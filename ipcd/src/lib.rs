@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod acceptor;
+mod access;
 mod server;
 mod service;
 mod session;

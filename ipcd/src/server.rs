@@ -11,6 +11,7 @@ use std::time::Duration;
 use mio::{Poll, Token, Waker};
 
 use crate::acceptor::Acceptor;
+use crate::access::AllowList;
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::stats::Stats;
 
@@ -44,6 +45,8 @@ pub(crate) struct Config {
     /// How long a worker spins on idle rings before sleeping.
     pub(crate) spin: Duration,
     pub(crate) uds: Option<PathBuf>,
+    /// Who may connect to the Unix listeners.
+    pub(crate) allow: AllowList,
 }
 
 /// Why a server could not be built or run.
@@ -100,6 +103,7 @@ pub struct ServerBuilder {
     spin: Duration,
     uds: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    allow: AllowList,
     services: Vec<(String, Handler)>,
 }
 
@@ -116,6 +120,7 @@ impl Default for ServerBuilder {
             spin: DEFAULT_SPIN,
             uds: None,
             tcp: None,
+            allow: AllowList::default(),
             services: Vec::new(),
         }
     }
@@ -177,9 +182,31 @@ impl ServerBuilder {
 
     /// Also serve over TCP at `addr` (port 0 picks a free port; see
     /// [`Server::tcp_addr`]). There is no access control on TCP: bind it to
-    /// loopback.
+    /// loopback. Cannot be combined with [`allow_uid`](Self::allow_uid) or
+    /// [`allow_gid`](Self::allow_gid).
     pub fn tcp(mut self, addr: SocketAddr) -> Self {
         self.tcp = Some(addr);
+        self
+    }
+
+    /// Admits clients running as `uid`; call once per uid. With no
+    /// `allow_uid` and no `allow_gid`, anyone who can open the socket is
+    /// admitted; with either, a client of the control socket or the
+    /// [`uds`](Self::uds) socket is admitted if its uid is allowed or its
+    /// primary gid is, as the kernel reports them for the connection
+    /// (`SO_PEERCRED`). Anyone else gets an explicit "not permitted" reject.
+    /// The socket's mode ([`socket_mode`](Self::socket_mode)) still decides
+    /// who can connect at all.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allow.uids.push(uid);
+        self
+    }
+
+    /// Admits clients whose primary gid is `gid`; call once per gid.
+    /// Supplementary groups are not consulted. See
+    /// [`allow_uid`](Self::allow_uid).
+    pub fn allow_gid(mut self, gid: u32) -> Self {
+        self.allow.gids.push(gid);
         self
     }
 
@@ -225,6 +252,11 @@ impl ServerBuilder {
         };
         if self.max_clients == 0 {
             return Err(ServerError::Config("max clients must be at least 1".into()));
+        }
+        if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
+            return Err(ServerError::Config(format!(
+                "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
+            )));
         }
         let socket = match self.socket {
             Some(p) => p,
@@ -289,6 +321,7 @@ impl ServerBuilder {
             max_ring_capacity: self.max_ring_capacity,
             spin,
             uds: self.uds,
+            allow: self.allow,
         };
         let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
@@ -354,6 +387,8 @@ impl Server {
             max_clients = self.shared.config.max_clients,
             uds = ?self.shared.config.uds,
             tcp = ?self.tcp_addr(),
+            allow_uids = ?self.shared.config.allow.uids,
+            allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.config.spin.as_micros() as u64,
             "ipcd listening"
         );
@@ -448,6 +483,17 @@ mod tests {
             .service("echo", |req: &[u8]| Ok(req.to_vec()))
             .build();
         assert!(matches!(result, Err(ServerError::Service(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn tcp_with_an_allow_list_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for builder in [Server::builder().allow_uid(0), Server::builder().allow_gid(0)] {
+            let result = builder.socket(dir.path().join("t.sock")).tcp(loopback).build();
+            assert!(matches!(&result, Err(ServerError::Config(m)) if m.contains("no peer credentials")));
+            assert!(!dir.path().join("t.sock").exists(), "nothing is bound when the configuration is refused");
+        }
     }
 
     #[test]

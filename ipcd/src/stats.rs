@@ -18,10 +18,20 @@ pub(crate) enum RejectReason {
     HungUp,
     Resources,
     ShuttingDown,
+    /// The peer's uid and gid are in neither allow list.
+    NotPermitted,
 }
 
-const REJECT_NAMES: [&str; 7] =
-    ["version_mismatch", "too_many_clients", "bad_hello", "handshake_timeout", "hung_up", "resources", "shutting_down"];
+const REJECT_NAMES: [&str; 8] = [
+    "version_mismatch",
+    "too_many_clients",
+    "bad_hello",
+    "handshake_timeout",
+    "hung_up",
+    "resources",
+    "shutting_down",
+    "not_permitted",
+];
 
 /// Why a session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +78,7 @@ pub(crate) struct Stats {
     started: Instant,
     pub(crate) connected: AtomicUsize,
     accepted: AtomicU64,
-    rejected: [AtomicU64; 7],
+    rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; 4],
     pub(crate) workers: Vec<WorkerCounters>,
 }
