@@ -357,6 +357,24 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("cannot list /proc/<pid>/fd").count()
 }
 
+/// Polls until the fd count of process `pid` stops changing for a moment,
+/// and returns it: a daemon closes a session's fds just after the effects
+/// a test can see.
+///
+/// # Panics
+///
+/// Panics if the count keeps changing for [`CLEANUP_LIMIT`].
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    let settled = poll_until(CLEANUP_LIMIT, || {
+        thread::sleep(Duration::from_millis(50));
+        let now = fd_count(pid);
+        std::mem::replace(&mut last, now) == now
+    });
+    assert!(settled, "the daemon's fd count does not settle");
+    last
+}
+
 /// Lines of `/proc/<pid>/maps` that mention `needle`.
 pub fn mapping_count(pid: u32, needle: &str) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
