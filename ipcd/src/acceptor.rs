@@ -5,7 +5,10 @@
 //! are read without blocking into a bounded buffer; a complete hello is
 //! answered with a welcome (and the session's fds) or an explicit reject. A
 //! connection that sends garbage is rejected, one that stays silent past the
-//! deadline is closed, and neither affects anyone else.
+//! deadline is closed, and neither affects anyone else. A hello never
+//! carries fds: any a peer attaches are discarded by the kernel without
+//! entering the daemon (the read has no room for them), and the hello is
+//! rejected.
 //!
 //! On the Unix listeners the peer's credentials are read at accept and
 //! checked against the allow lists (see [`crate::access`]); a peer that is
@@ -15,7 +18,7 @@
 //! the welcome carries no fds and the connection itself then carries the
 //! frames.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -262,13 +265,18 @@ impl Acceptor {
         };
         let mut chunk = [0u8; 512];
         loop {
-            match pending.stream.read(&mut chunk) {
-                Ok(0) => {
+            match ipc_platform::recv_refusing_fds(pending.stream.as_fd(), &mut chunk) {
+                Ok((_, true)) => {
+                    let reason = "the hello carries file descriptors; none are accepted".to_string();
+                    self.reject(key, Reject::BadHello { reason }, RejectReason::BadHello);
+                    return;
+                }
+                Ok((0, false)) => {
                     tracing::debug!(peer = %pending.peer, "connection closed before its hello");
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
-                Ok(n) => {
+                Ok((n, false)) => {
                     pending.buf.extend_from_slice(&chunk[..n]);
                     if pending.buf.len() > LENGTH_PREFIX + MAX_HELLO {
                         break;
