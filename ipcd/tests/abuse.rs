@@ -16,8 +16,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    exchange, json_u64, poll_until, raw_connect, read_answer, settled_fd_count, stat_eventually, stats_json, watchdog,
-    Answer, Daemon, CLEANUP_LIMIT, STARTUP_LIMIT, TEST_LIMIT,
+    exchange, json_u64, poll_until, raw_connect, read_answer, settled_fd_count, start_with_uds, stat_eventually,
+    stats_json, watchdog, Answer, Daemon, CLEANUP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{Client, ClientOptions, Reject, Transport};
 use ipc_core::handshake;
@@ -54,13 +54,9 @@ fn smuggled_in(pid: u32) -> usize {
 }
 
 /// Starts a daemon with `args` that also serves `--uds`; returns it and
-/// both Unix listeners' paths.
-fn start_with_uds(args: &[&str]) -> (Daemon, [std::path::PathBuf; 2]) {
-    let dir = tempfile::Builder::new().prefix("ipcd-test-").tempdir().expect("cannot create a temporary directory");
-    let uds = dir.path().join("ipcd-stream.sock");
-    let mut daemon = Daemon::builder().dir(dir).arg("--uds").arg(&uds).args(args.iter().copied()).start();
-    let up = poll_until(STARTUP_LIMIT, || !daemon.is_running() || UnixStream::connect(&uds).is_ok());
-    assert!(up && daemon.is_running(), "ipcd does not listen on {}; stderr:\n{}", uds.display(), daemon.stderr());
+/// both Unix listeners' paths, the control socket first.
+fn start_with_both(args: &[&str]) -> (Daemon, [std::path::PathBuf; 2]) {
+    let (daemon, uds) = start_with_uds(args);
     let shm = daemon.socket().to_path_buf();
     (daemon, [shm, uds])
 }
@@ -80,7 +76,7 @@ fn assert_fds_refused(what: &str, answer: Answer, may_close: bool) {
 
 #[test]
 fn hellos_carrying_fds_are_refused_and_the_fds_never_enter_the_daemon() {
-    let (mut daemon, sockets) = start_with_uds(&[]);
+    let (mut daemon, sockets) = start_with_both(&[]);
     let pid = daemon.pid();
     watchdog(TEST_LIMIT, move || {
         let mut neighbour = Client::connect_to(&sockets[0]).unwrap();
@@ -209,7 +205,7 @@ fn hundreds_of_unfinished_handshakes_do_not_keep_normal_clients_out() {
     const TIMEOUT: Duration = Duration::from_secs(3);
     // Ours: the stalled connections, the normal clients, and the test's own.
     ipc_platform::raise_nofile_limit().expect("cannot raise the open-files limit");
-    let (daemon, sockets) = start_with_uds(&["--handshake-timeout", "3s"]);
+    let (daemon, sockets) = start_with_both(&["--handshake-timeout", "3s"]);
     let pid = daemon.pid();
     watchdog(TEST_LIMIT, move || {
         let mut observer = Client::connect_to(&sockets[0]).unwrap();

@@ -12,12 +12,11 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use common::{
-    die_with_parent, ipcd_command, poll_until, stat_eventually, watchdog, Daemon, CLEANUP_LIMIT, STARTUP_LIMIT,
+    die_with_parent, ipcd_command, poll_until, start_with_uds_in, stat_eventually, watchdog, Daemon, CLEANUP_LIMIT,
     TEST_LIMIT,
 };
 use ipc_client::{Client, ClientOptions, ConnectError, Reject, Transport};
@@ -150,16 +149,8 @@ fn start(args: &[&str]) -> (Daemon, [Transport; 2]) {
     let dir = tempfile::Builder::new().prefix("ipcd-access-").tempdir().expect("cannot create a temporary directory");
     // Others may pass through, not list: the socket names are known.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let uds = dir.path().join("ipcd-stream.sock");
-    let mut daemon = Daemon::builder()
-        .dir(dir)
-        .args(["--socket-mode", "666"])
-        .arg("--uds")
-        .arg(&uds)
-        .args(args.iter().copied())
-        .start();
-    let up = poll_until(STARTUP_LIMIT, || !daemon.is_running() || UnixStream::connect(&uds).is_ok());
-    assert!(up && daemon.is_running(), "ipcd does not listen on {}; stderr:\n{}", uds.display(), daemon.stderr());
+    let args: Vec<&str> = ["--socket-mode", "666"].into_iter().chain(args.iter().copied()).collect();
+    let (daemon, uds) = start_with_uds_in(dir, &args);
     let transports = [Transport::Shm(daemon.socket().to_path_buf()), Transport::Uds(uds)];
     (daemon, transports)
 }

@@ -776,6 +776,29 @@ pub fn start_with_streams(args: &[&str]) -> (Daemon, Endpoints) {
     (daemon, Endpoints { shm, uds, tcp })
 }
 
+/// Starts a daemon in `dir` that also serves `--uds` at
+/// `dir/ipcd-stream.sock`, with `args` besides, and waits until both Unix
+/// listeners accept connections. Returns the daemon and the `--uds` path.
+///
+/// # Panics
+///
+/// Panics, with the daemon's stderr, if it does not come up.
+pub fn start_with_uds_in(dir: tempfile::TempDir, args: &[&str]) -> (Daemon, PathBuf) {
+    let uds = dir.path().join("ipcd-stream.sock");
+    let mut daemon = Daemon::builder().dir(dir).arg("--uds").arg(&uds).args(args.iter().copied()).start();
+    // The control socket is bound first, so its being up says nothing
+    // about the other.
+    let up = poll_until(STARTUP_LIMIT, || !daemon.is_running() || UnixStream::connect(&uds).is_ok());
+    assert!(up && daemon.is_running(), "ipcd does not listen on {}; stderr:\n{}", uds.display(), daemon.stderr());
+    (daemon, uds)
+}
+
+/// [`start_with_uds_in`] a fresh temporary directory.
+pub fn start_with_uds(args: &[&str]) -> (Daemon, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("ipcd-test-").tempdir().expect("cannot create a temporary directory");
+    start_with_uds_in(dir, args)
+}
+
 /// Connects through `transport` with `options`.
 ///
 /// # Panics
