@@ -37,5 +37,5 @@ mod stats;
 mod stream_session;
 mod worker;
 
-pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN};
+pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
 pub use service::{Handler, ServiceError};

@@ -42,6 +42,13 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// How long a client may leave its replies unread (e.g. 10s, 300ms).
+    /// While its replies wait, its further requests wait too, and no other
+    /// client is held up; after this long its session is closed, logged
+    /// and counted as stalled.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    stall_timeout: Duration,
+
     /// Largest ring a client may ask for, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_ring_size: u32,
@@ -163,6 +170,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .socket_mode(args.socket_mode)
         .max_clients(args.max_clients)
         .handshake_timeout(args.handshake_timeout)
+        .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
         .debug_services(args.debug_services);
     if let Some(socket) = args.socket {

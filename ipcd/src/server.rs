@@ -21,6 +21,13 @@ pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
 /// clients on a 2-core machine (see the README).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
+/// How long a client may leave its replies unread, by default, before its
+/// session is closed: long enough for a client that is busy (or swapped
+/// out, or stopped in a debugger for a moment) to come back, short enough
+/// that a client that has stopped for good does not hold its buffers and
+/// its slot for long.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -47,6 +54,9 @@ pub(crate) struct Config {
     pub(crate) uds: Option<PathBuf>,
     /// Who may connect to the Unix listeners.
     pub(crate) allow: AllowList,
+    /// How long a session may stay stalled on replies its client does not
+    /// read before it is closed.
+    pub(crate) stall_timeout: Duration,
 }
 
 /// Why a server could not be built or run.
@@ -98,6 +108,7 @@ pub struct ServerBuilder {
     workers: Option<usize>,
     max_clients: usize,
     handshake_timeout: Duration,
+    stall_timeout: Duration,
     max_ring_capacity: u32,
     debug_services: bool,
     spin: Duration,
@@ -115,6 +126,7 @@ impl Default for ServerBuilder {
             workers: None,
             max_clients: 4096,
             handshake_timeout: Duration::from_secs(2),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
             debug_services: false,
             spin: DEFAULT_SPIN,
@@ -155,6 +167,18 @@ impl ServerBuilder {
     /// How long a connection may take to send its hello (default 2 s).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
+        self
+    }
+
+    /// How long a client may leave its replies unread before its session is
+    /// closed (default [`DEFAULT_STALL_TIMEOUT`]). A session stalls when its
+    /// response ring is full (shared memory) or its unsent replies pass
+    /// their bound (streams); its further requests wait, and no other
+    /// session is held up. The stall ends when the client reads and the
+    /// waiting reply goes out; one that lasts longer than `t` ends the
+    /// session, logged and counted as `stalled`.
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
         self
     }
 
@@ -253,6 +277,9 @@ impl ServerBuilder {
         if self.max_clients == 0 {
             return Err(ServerError::Config("max clients must be at least 1".into()));
         }
+        if self.stall_timeout.is_zero() {
+            return Err(ServerError::Config("the stall timeout must be positive".into()));
+        }
         if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
@@ -322,6 +349,7 @@ impl ServerBuilder {
             spin,
             uds: self.uds,
             allow: self.allow,
+            stall_timeout: self.stall_timeout,
         };
         let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
@@ -390,6 +418,7 @@ impl Server {
             allow_uids = ?self.shared.config.allow.uids,
             allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.config.spin.as_micros() as u64,
+            stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
             "ipcd listening"
         );
         Acceptor::new(self)?.run()
@@ -497,9 +526,11 @@ mod tests {
     }
 
     #[test]
-    fn zero_workers_is_a_configuration_error() {
+    fn zero_workers_or_stall_timeout_is_a_configuration_error() {
         let dir = tempfile::tempdir().unwrap();
         let result = Server::builder().socket(dir.path().join("w.sock")).workers(0).build();
         assert!(matches!(result, Err(ServerError::Config(_))));
+        let result = Server::builder().socket(dir.path().join("w.sock")).stall_timeout(Duration::ZERO).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("stall timeout")));
     }
 }

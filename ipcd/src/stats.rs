@@ -44,9 +44,12 @@ pub(crate) enum DisconnectReason {
     Shutdown,
     /// A system call on the session failed.
     IoError,
+    /// The client left its replies unread for longer than the stall
+    /// timeout.
+    Stalled,
 }
 
-const DISCONNECT_NAMES: [&str; 4] = ["client_hangup", "protocol_violation", "shutdown", "io_error"];
+const DISCONNECT_NAMES: [&str; 5] = ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
 
 impl DisconnectReason {
     pub(crate) fn name(self) -> &'static str {
@@ -79,7 +82,7 @@ pub(crate) struct Stats {
     pub(crate) connected: AtomicUsize,
     accepted: AtomicU64,
     rejected: [AtomicU64; REJECT_NAMES.len()],
-    disconnects: [AtomicU64; 4],
+    disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
 }
 
