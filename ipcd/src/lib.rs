@@ -10,6 +10,11 @@
 //! Key types: [`Server`] (built by [`ServerBuilder`]), [`ShutdownHandle`],
 //! [`ServiceError`].
 //!
+//! The builder also sets who may connect ([`ServerBuilder::allow_uid`],
+//! [`ServerBuilder::allow_gid`]: checked against the credentials the kernel
+//! reports for each connection) and how long a client may leave its replies
+//! unread before its session is closed ([`ServerBuilder::stall_timeout`]).
+//!
 //! ```no_run
 //! use ipcd::{Server, ServiceError};
 //!
