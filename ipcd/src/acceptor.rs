@@ -5,13 +5,20 @@
 //! are read without blocking into a bounded buffer; a complete hello is
 //! answered with a welcome (and the session's fds) or an explicit reject. A
 //! connection that sends garbage is rejected, one that stays silent past the
-//! deadline is closed, and neither affects anyone else.
+//! deadline is closed, and neither affects anyone else. A hello never
+//! carries fds: any a peer attaches are discarded by the kernel without
+//! entering the daemon (the read has no room for them), and the hello is
+//! rejected.
+//!
+//! On the Unix listeners the peer's credentials are read at accept and
+//! checked against the allow lists (see [`crate::access`]); a peer that is
+//! not allowed is answered, at its first bytes, with `NotPermitted`.
 //!
 //! The same handshake runs on the stream listeners (`--uds`, `--tcp`); there
 //! the welcome carries no fds and the connection itself then carries the
 //! frames.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -57,6 +64,9 @@ struct Pending {
     stream: Stream,
     kind: Kind,
     peer: Peer,
+    /// Why the peer's credentials are refused, if they are: sent as the
+    /// answer to its first bytes.
+    refusal: Option<String>,
     buf: Vec<u8>,
     deadline: Instant,
 }
@@ -227,6 +237,12 @@ impl Acceptor {
                 }
             },
         };
+        // TCP is never served with an allow list (the configuration is
+        // refused), so only Unix peers have credentials to check.
+        let refusal = match &peer {
+            Peer::Unix(cred) => self.shared.config.allow.check(cred).err(),
+            Peer::Tcp(_) => None,
+        };
         let entry = self.pending.vacant_entry();
         let token = Token(entry.key() + FIRST_PENDING);
         if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
@@ -237,6 +253,7 @@ impl Acceptor {
             stream,
             kind,
             peer,
+            refusal,
             buf: Vec::with_capacity(64),
             deadline: Instant::now() + self.shared.config.handshake_timeout,
         });
@@ -248,13 +265,18 @@ impl Acceptor {
         };
         let mut chunk = [0u8; 512];
         loop {
-            match pending.stream.read(&mut chunk) {
-                Ok(0) => {
+            match ipc_platform::recv_refusing_fds(pending.stream.as_fd(), &mut chunk) {
+                Ok((_, true)) => {
+                    let reason = "the hello carries file descriptors; none are accepted".to_string();
+                    self.reject(key, Reject::BadHello { reason }, RejectReason::BadHello);
+                    return;
+                }
+                Ok((0, false)) => {
                     tracing::debug!(peer = %pending.peer, "connection closed before its hello");
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
-                Ok(n) => {
+                Ok((n, false)) => {
                     pending.buf.extend_from_slice(&chunk[..n]);
                     if pending.buf.len() > LENGTH_PREFIX + MAX_HELLO {
                         break;
@@ -267,6 +289,14 @@ impl Acceptor {
                     self.drop_pending(key, RejectReason::HungUp);
                     return;
                 }
+            }
+        }
+        if !pending.buf.is_empty() {
+            if let Some(reason) = pending.refusal.take() {
+                // Answered once the peer has spoken, so that a client
+                // writing its hello is not cut off before it can read why.
+                self.reject(key, Reject::NotPermitted { reason }, RejectReason::NotPermitted);
+                return;
             }
         }
         if pending.buf.len() < LENGTH_PREFIX {
@@ -329,7 +359,11 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
+        if reason == RejectReason::NotPermitted {
+            tracing::warn!(peer = %pending.peer, "handshake rejected: {reject}");
+        } else {
+            tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
+        }
         // Count before answering, so a client that sees the reject also
         // sees the count.
         self.shared.stats.rejected(reason);

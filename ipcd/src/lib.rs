@@ -10,6 +10,11 @@
 //! Key types: [`Server`] (built by [`ServerBuilder`]), [`ShutdownHandle`],
 //! [`ServiceError`].
 //!
+//! The builder also sets who may connect ([`ServerBuilder::allow_uid`],
+//! [`ServerBuilder::allow_gid`]: checked against the credentials the kernel
+//! reports for each connection) and how long a client may leave its replies
+//! unread before its session is closed ([`ServerBuilder::stall_timeout`]).
+//!
 //! ```no_run
 //! use ipcd::{Server, ServiceError};
 //!
@@ -29,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 mod acceptor;
+mod access;
 mod server;
 mod service;
 mod session;
@@ -36,5 +42,5 @@ mod stats;
 mod stream_session;
 mod worker;
 
-pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN};
+pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
 pub use service::{Handler, ServiceError};

@@ -7,15 +7,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 /// ipcd: request/response IPC over sealed shared-memory rings.
 ///
 /// Listens on a Unix control socket; clients (ipc-client) handshake there and
 /// then call services through shared memory. With --uds and --tcp it also
-/// serves the same services over plain stream sockets. SIGINT or SIGTERM stops it:
-/// calls in flight get a shutdown error, the socket file is removed, and it
-/// exits 0.
+/// serves the same services over plain stream sockets. Who may connect: the
+/// socket's mode, then (with --allow-uid or --allow-gid) the client's uid
+/// or primary gid as the kernel reports it for the connection. SIGINT or
+/// SIGTERM stops it: calls in flight get a shutdown error, the socket file
+/// is removed, and it exits 0. Exit status 2 means a usage error.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -40,6 +42,13 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// How long a client may leave its replies unread (e.g. 10s, 300ms).
+    /// While its replies wait, its further requests wait too, and no other
+    /// client is held up; after this long its session is closed, logged
+    /// and counted as stalled.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    stall_timeout: Duration,
+
     /// Largest ring a client may ask for, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_ring_size: u32,
@@ -58,9 +67,24 @@ struct Args {
     uds: Option<PathBuf>,
 
     /// Also serve over TCP at ADDR, e.g. 127.0.0.1:7070. No access control:
-    /// bind it to loopback.
+    /// bind it to loopback. Not with --allow-uid or --allow-gid (TCP carries
+    /// no credentials to check).
     #[arg(long, value_name = "ADDR")]
     tcp: Option<std::net::SocketAddr>,
+
+    /// Admit only clients running as user UID, or (with --allow-gid) in a
+    /// listed group; repeatable. Applies to the control socket and --uds.
+    /// Others are refused with an explicit "not permitted" answer, logged
+    /// and counted. Without either flag, anyone who can open the socket is
+    /// admitted.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
+
+    /// Admit clients whose primary group (as the kernel reports it for the
+    /// connection; supplementary groups do not count) is GID; repeatable.
+    /// See --allow-uid.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gid: Vec<u32>,
 
     /// Longest a worker spins on idle rings before sleeping, in
     /// microseconds (0: never) [default: 50 with more than one core]
@@ -97,14 +121,37 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(secs.is_finite() && secs > 0.0) {
         return Err(format!("{s:?} must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} is out of range: {e}"))
+}
+
+impl Args {
+    /// Checks what clap cannot express: combinations that make no sense.
+    fn validate(&self) -> Result<(), String> {
+        if self.tcp.is_some() && !(self.allow_uid.is_empty() && self.allow_gid.is_empty()) {
+            return Err("--tcp cannot be combined with --allow-uid or --allow-gid: TCP carries no peer \
+                        credentials to check, so it would admit anyone"
+                .into());
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(message) = args.validate() {
+        // Exits 2, like every other usage error.
+        Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    // Colours only on a terminal: a journal or a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -123,6 +170,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .socket_mode(args.socket_mode)
         .max_clients(args.max_clients)
         .handshake_timeout(args.handshake_timeout)
+        .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
         .debug_services(args.debug_services);
     if let Some(socket) = args.socket {
@@ -139,6 +187,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(us) = args.spin_us {
         builder = builder.spin(Duration::from_micros(us));
+    }
+    for uid in args.allow_uid {
+        builder = builder.allow_uid(uid);
+    }
+    for gid in args.allow_gid {
+        builder = builder.allow_gid(gid);
     }
     let server = builder.build().context("cannot start ipcd")?;
     let handle = server.shutdown_handle();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use mio::{Poll, Token, Waker};
 
 use crate::acceptor::Acceptor;
+use crate::access::AllowList;
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::stats::Stats;
 
@@ -19,6 +20,13 @@ pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
 /// The default spin limit of a worker, chosen by measuring one and 100
 /// clients on a 2-core machine (see the README).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// How long a client may leave its replies unread, by default, before its
+/// session is closed: long enough for a client that is busy (or swapped
+/// out, or stopped in a debugger for a moment) to come back, short enough
+/// that a client that has stopped for good does not hold its buffers and
+/// its slot for long.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -44,6 +52,11 @@ pub(crate) struct Config {
     /// How long a worker spins on idle rings before sleeping.
     pub(crate) spin: Duration,
     pub(crate) uds: Option<PathBuf>,
+    /// Who may connect to the Unix listeners.
+    pub(crate) allow: AllowList,
+    /// How long a session may stay stalled on replies its client does not
+    /// read before it is closed.
+    pub(crate) stall_timeout: Duration,
 }
 
 /// Why a server could not be built or run.
@@ -95,11 +108,13 @@ pub struct ServerBuilder {
     workers: Option<usize>,
     max_clients: usize,
     handshake_timeout: Duration,
+    stall_timeout: Duration,
     max_ring_capacity: u32,
     debug_services: bool,
     spin: Duration,
     uds: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    allow: AllowList,
     services: Vec<(String, Handler)>,
 }
 
@@ -111,11 +126,13 @@ impl Default for ServerBuilder {
             workers: None,
             max_clients: 4096,
             handshake_timeout: Duration::from_secs(2),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
             debug_services: false,
             spin: DEFAULT_SPIN,
             uds: None,
             tcp: None,
+            allow: AllowList::default(),
             services: Vec::new(),
         }
     }
@@ -153,6 +170,18 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a client may leave its replies unread before its session is
+    /// closed (default [`DEFAULT_STALL_TIMEOUT`]). A session stalls when its
+    /// response ring is full (shared memory) or its unsent replies pass
+    /// their bound (streams); its further requests wait, and no other
+    /// session is held up. The stall ends when the client reads and the
+    /// waiting reply goes out; one that lasts longer than `t` ends the
+    /// session, logged and counted as `stalled`.
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
+        self
+    }
+
     /// The largest ring a client may ask for, in bytes (default 16 MiB).
     pub fn max_ring_capacity(mut self, bytes: u32) -> Self {
         self.max_ring_capacity = bytes;
@@ -177,9 +206,31 @@ impl ServerBuilder {
 
     /// Also serve over TCP at `addr` (port 0 picks a free port; see
     /// [`Server::tcp_addr`]). There is no access control on TCP: bind it to
-    /// loopback.
+    /// loopback. Cannot be combined with [`allow_uid`](Self::allow_uid) or
+    /// [`allow_gid`](Self::allow_gid).
     pub fn tcp(mut self, addr: SocketAddr) -> Self {
         self.tcp = Some(addr);
+        self
+    }
+
+    /// Admits clients running as `uid`; call once per uid. With no
+    /// `allow_uid` and no `allow_gid`, anyone who can open the socket is
+    /// admitted; with either, a client of the control socket or the
+    /// [`uds`](Self::uds) socket is admitted if its uid is allowed or its
+    /// primary gid is, as the kernel reports them for the connection
+    /// (`SO_PEERCRED`). Anyone else gets an explicit "not permitted" reject.
+    /// The socket's mode ([`socket_mode`](Self::socket_mode)) still decides
+    /// who can connect at all.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allow.uids.push(uid);
+        self
+    }
+
+    /// Admits clients whose primary gid is `gid`; call once per gid.
+    /// Supplementary groups are not consulted. See
+    /// [`allow_uid`](Self::allow_uid).
+    pub fn allow_gid(mut self, gid: u32) -> Self {
+        self.allow.gids.push(gid);
         self
     }
 
@@ -225,6 +276,14 @@ impl ServerBuilder {
         };
         if self.max_clients == 0 {
             return Err(ServerError::Config("max clients must be at least 1".into()));
+        }
+        if self.stall_timeout.is_zero() {
+            return Err(ServerError::Config("the stall timeout must be positive".into()));
+        }
+        if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
+            return Err(ServerError::Config(format!(
+                "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
+            )));
         }
         let socket = match self.socket {
             Some(p) => p,
@@ -289,6 +348,8 @@ impl ServerBuilder {
             max_ring_capacity: self.max_ring_capacity,
             spin,
             uds: self.uds,
+            allow: self.allow,
+            stall_timeout: self.stall_timeout,
         };
         let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
@@ -354,7 +415,10 @@ impl Server {
             max_clients = self.shared.config.max_clients,
             uds = ?self.shared.config.uds,
             tcp = ?self.tcp_addr(),
+            allow_uids = ?self.shared.config.allow.uids,
+            allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.config.spin.as_micros() as u64,
+            stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
             "ipcd listening"
         );
         Acceptor::new(self)?.run()
@@ -451,9 +515,22 @@ mod tests {
     }
 
     #[test]
-    fn zero_workers_is_a_configuration_error() {
+    fn tcp_with_an_allow_list_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for builder in [Server::builder().allow_uid(0), Server::builder().allow_gid(0)] {
+            let result = builder.socket(dir.path().join("t.sock")).tcp(loopback).build();
+            assert!(matches!(&result, Err(ServerError::Config(m)) if m.contains("no peer credentials")));
+            assert!(!dir.path().join("t.sock").exists(), "nothing is bound when the configuration is refused");
+        }
+    }
+
+    #[test]
+    fn zero_workers_or_stall_timeout_is_a_configuration_error() {
         let dir = tempfile::tempdir().unwrap();
         let result = Server::builder().socket(dir.path().join("w.sock")).workers(0).build();
         assert!(matches!(result, Err(ServerError::Config(_))));
+        let result = Server::builder().socket(dir.path().join("w.sock")).stall_timeout(Duration::ZERO).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("stall timeout")));
     }
 }

@@ -5,6 +5,13 @@
 //! which validate every index and header; request payloads are copied into a
 //! private buffer before a handler sees them. A protocol violation ends this
 //! session only.
+//!
+//! A reply that does not fit the response ring waits in the session, and
+//! the session stalls (serves no further request) until the client makes
+//! room; the time the reply began waiting is the start of the stall, which
+//! the worker holds against the stall timeout.
+
+use std::time::Instant;
 
 use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
@@ -24,6 +31,8 @@ pub(crate) enum ClientWake {
 struct PendingReply {
     header: FrameHeader,
     body: Vec<u8>,
+    /// When it was found not to fit: the client has read nothing since.
+    since: Instant,
 }
 
 /// What [`Session::serve`] left behind.
@@ -176,6 +185,12 @@ impl Session {
         }
     }
 
+    /// Since when a reply has been waiting for the client to make room in
+    /// the response ring, if one is.
+    pub(crate) fn stalled_since(&self) -> Option<Instant> {
+        self.pending.as_ref().map(|p| p.since)
+    }
+
     /// Whether a request is waiting (a corrupt ring counts: serving reports
     /// it).
     pub(crate) fn has_requests(&mut self) -> bool {
@@ -229,6 +244,7 @@ impl Session {
                     self.pending = Some(PendingReply {
                         header: FrameHeader { flags, ..header },
                         body: std::mem::take(&mut scratch.reply),
+                        since: Instant::now(),
                     });
                     return Ok(Progress::Stalled);
                 }
@@ -296,8 +312,11 @@ mod tests {
         let mut stalls = 0;
         while next <= N {
             match session.serve(&services, &counters, &mut scratch, usize::MAX, false, true).unwrap() {
-                Progress::Stalled => stalls += 1,
-                Progress::Parked => {}
+                Progress::Stalled => {
+                    assert!(session.stalled_since().is_some(), "a stalled session says since when");
+                    stalls += 1
+                }
+                Progress::Parked => assert_eq!(session.stalled_since(), None),
                 Progress::Busy => continue,
                 other => panic!("a parking serve returned {other:?}"),
             }

@@ -18,10 +18,20 @@ pub(crate) enum RejectReason {
     HungUp,
     Resources,
     ShuttingDown,
+    /// The peer's uid and gid are in neither allow list.
+    NotPermitted,
 }
 
-const REJECT_NAMES: [&str; 7] =
-    ["version_mismatch", "too_many_clients", "bad_hello", "handshake_timeout", "hung_up", "resources", "shutting_down"];
+const REJECT_NAMES: [&str; 8] = [
+    "version_mismatch",
+    "too_many_clients",
+    "bad_hello",
+    "handshake_timeout",
+    "hung_up",
+    "resources",
+    "shutting_down",
+    "not_permitted",
+];
 
 /// Why a session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +44,12 @@ pub(crate) enum DisconnectReason {
     Shutdown,
     /// A system call on the session failed.
     IoError,
+    /// The client left its replies unread for longer than the stall
+    /// timeout.
+    Stalled,
 }
 
-const DISCONNECT_NAMES: [&str; 4] = ["client_hangup", "protocol_violation", "shutdown", "io_error"];
+const DISCONNECT_NAMES: [&str; 5] = ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
 
 impl DisconnectReason {
     pub(crate) fn name(self) -> &'static str {
@@ -68,8 +81,8 @@ pub(crate) struct Stats {
     started: Instant,
     pub(crate) connected: AtomicUsize,
     accepted: AtomicU64,
-    rejected: [AtomicU64; 7],
-    disconnects: [AtomicU64; 4],
+    rejected: [AtomicU64; REJECT_NAMES.len()],
+    disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
 }
 

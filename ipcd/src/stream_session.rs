@@ -6,11 +6,14 @@
 //! frame plus read-ahead; replies collect in an output buffer that is sent
 //! once per batch. When the client stops reading and the output passes its
 //! bound, the session stops reading requests until the socket drains, so a
-//! slow client holds only its own buffers.
+//! slow client holds only its own buffers. That is a stall: it begins when a
+//! serve ends stalled and ends whenever the client takes some of the
+//! replies, and the worker holds its length against the stall timeout.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use ipc_core::{FrameHeader, HEADER_LEN};
 use ipc_platform::PeerCredentials;
@@ -126,6 +129,9 @@ pub(crate) struct StreamSession {
     pub(crate) hangup_seen: bool,
     /// The client can no longer receive (EPIPE, ECONNRESET): end now.
     peer_gone: bool,
+    /// Since when the session has waited, stalled, for the client to take
+    /// replies; reset by every send that moves bytes.
+    stalled_since: Option<Instant>,
     pub(crate) queued: bool,
 }
 
@@ -145,6 +151,7 @@ impl StreamSession {
             read_closed: false,
             hangup_seen: false,
             peer_gone: false,
+            stalled_since: None,
             queued: false,
         }
     }
@@ -158,12 +165,22 @@ impl StreamSession {
         self.output.len() - self.sent
     }
 
+    /// Since when the session has been stalled on replies the client does
+    /// not take, if it is.
+    pub(crate) fn stalled_since(&self) -> Option<Instant> {
+        self.stalled_since
+    }
+
     /// Sends what the socket takes without blocking.
     fn send(&mut self) -> Result<(), String> {
         while self.sent < self.output.len() {
             match self.stream.write(&self.output[self.sent..]) {
                 Ok(0) => return Err("the connection accepts no more bytes".into()),
-                Ok(n) => self.sent += n,
+                Ok(n) => {
+                    self.sent += n;
+                    // The client took some: whatever stall this was is over.
+                    self.stalled_since = None;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
@@ -307,6 +324,11 @@ impl StreamSession {
             // WouldBlock), so go on.
             return Ok(Progress::Busy);
         }
+        if progress == Progress::Stalled {
+            self.stalled_since.get_or_insert_with(Instant::now);
+        } else {
+            self.stalled_since = None;
+        }
         Ok(progress)
     }
 
@@ -405,5 +427,16 @@ mod tests {
         }
         assert!(stalled, "a session whose client does not read must stall");
         assert!(session.pending_output() <= session.output_limit() + HEADER_LEN + 1024);
+        let since = session.stalled_since().expect("a stalled session says since when");
+        // Serving again without the client reading keeps the stall's start.
+        let _ = session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+        assert_eq!(session.stalled_since(), Some(since));
+        // The client taking some replies ends that stall.
+        use std::io::Read;
+        let mut sink = vec![0u8; 64 * 1024];
+        let n = client.read(&mut sink).unwrap();
+        assert!(n > 0);
+        let _ = session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+        assert_ne!(session.stalled_since(), Some(since), "the client read, so the stall began anew or ended");
     }
 }

@@ -16,6 +16,13 @@
 //! A request that lands meanwhile costs neither side a system call. When
 //! the spin ends empty, every idle session is parked (its client told to
 //! ring) before the worker sleeps, so no request is left unseen.
+//!
+//! A session whose client leaves its replies unread stalls: it waits for
+//! the client to make room, and the worker goes on with the others. Each
+//! session knows since when it has been stalled (the client taking any
+//! reply ends a stall); the worker keeps a list of its stalled sessions,
+//! sleeps no longer than until the earliest stall timeout, and closes a
+//! session whose stall outlasts it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -33,7 +40,7 @@ use ipc_core::Spinner;
 
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::DisconnectReason;
-use crate::stream_session::StreamSession;
+use crate::stream_session::{Peer, StreamSession};
 
 const WAKER: Token = Token(usize::MAX);
 /// Requests served from one session before the worker turns to the next.
@@ -88,6 +95,7 @@ pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandl
             sessions: Slab::new(),
             ready: VecDeque::new(),
             idle: Vec::new(),
+            stalls: Vec::new(),
             spinner,
             gauge: ipc_platform::CoreGauge::new(),
             scratch: Scratch::default(),
@@ -117,6 +125,20 @@ impl Conn {
             Conn::Stream(s) => &mut s.queued,
         }
     }
+
+    fn stalled_since(&self) -> Option<Instant> {
+        match self {
+            Conn::Shm(s) => s.stalled_since(),
+            Conn::Stream(s) => s.stalled_since(),
+        }
+    }
+
+    fn peer(&self) -> Peer {
+        match self {
+            Conn::Shm(s) => Peer::Unix(s.peer),
+            Conn::Stream(s) => s.peer,
+        }
+    }
 }
 
 struct Worker {
@@ -129,6 +151,9 @@ struct Worker {
     /// Shared-memory sessions whose ring ran empty and whose client was not
     /// told to ring: watched by spinning, parked before the worker sleeps.
     idle: Vec<usize>,
+    /// Sessions stalled on replies their client does not read (those whose
+    /// `stalled_since` is set).
+    stalls: Vec<usize>,
     spinner: Spinner,
     gauge: ipc_platform::CoreGauge,
     scratch: Scratch,
@@ -149,7 +174,7 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let sleep = self.ready.is_empty() && self.idle.is_empty();
-            let timeout = if sleep { None } else { Some(Duration::ZERO) };
+            let timeout = if sleep { self.until_first_stall_expires() } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -181,6 +206,9 @@ impl Worker {
             }
             self.wake_idle();
             self.serve_ready();
+            if !self.stalls.is_empty() {
+                self.expire_stalls();
+            }
             if self.ready.is_empty() && !self.idle.is_empty() {
                 self.spin_then_park();
             }
@@ -271,10 +299,17 @@ impl Worker {
             *conn.queued() = false;
             let counters = &self.shared.stats.workers[self.index];
             let services = &self.shared.services;
+            let was_stalled = conn.stalled_since().is_some();
             let progress = match conn {
                 Conn::Shm(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false, !spin),
                 Conn::Stream(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false),
             };
+            // Only a serve begins or ends a stall.
+            match (was_stalled, conn.stalled_since().is_some()) {
+                (false, true) => self.stalls.push(key),
+                (true, false) => self.stalls.retain(|&k| k != key),
+                _ => {}
+            }
             match progress {
                 Ok(Progress::Busy) => self.schedule(key),
                 Ok(Progress::Idle) => {
@@ -361,10 +396,46 @@ impl Worker {
         }
     }
 
+    /// How long the worker may sleep: until the earliest stall timeout, or
+    /// for good when nothing is stalled.
+    fn until_first_stall_expires(&self) -> Option<Duration> {
+        let first = self.stalls.iter().filter_map(|&k| self.sessions.get(k)?.stalled_since()).min()?;
+        // A timeout too far to represent never expires.
+        let deadline = first.checked_add(self.shared.config.stall_timeout)?;
+        Some(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Closes the sessions stalled for longer than the stall timeout.
+    fn expire_stalls(&mut self) {
+        let limit = self.shared.config.stall_timeout;
+        let now = Instant::now();
+        let stalled_for = |conn: &Conn| conn.stalled_since().map(|since| now.duration_since(since));
+        let expired: Vec<(usize, Duration)> = self
+            .stalls
+            .iter()
+            .filter_map(|&k| Some((k, self.sessions.get(k).and_then(stalled_for)?)))
+            .filter(|&(_, stalled)| stalled >= limit)
+            .collect();
+        for (key, stalled) in expired {
+            if let Some(conn) = self.sessions.get(key) {
+                tracing::warn!(
+                    session = conn.id(),
+                    peer = %conn.peer(),
+                    stalled_ms = stalled.as_millis() as u64,
+                    "the client has left its replies unread for {stalled:.1?} (stall timeout {limit:?}); disconnecting"
+                );
+            }
+            self.close(key, DisconnectReason::Stalled);
+        }
+    }
+
     fn close(&mut self, key: usize, reason: DisconnectReason) {
         let Some(mut conn) = self.sessions.try_remove(key) else {
             return;
         };
+        // Its key may not outlive it in the list: the slab hands keys out
+        // again.
+        self.stalls.retain(|&k| k != key);
         let registry = self.poll.registry();
         match &mut conn {
             Conn::Shm(s) => {

@@ -1,7 +1,8 @@
 //! Clients that break the ring protocol on purpose, by writing into the
-//! shared segment what the client library never would. Each must be
-//! disconnected alone: the daemon keeps running and a client connected
-//! before it keeps getting correct replies.
+//! shared segment what the client library never would, or by resizing or
+//! zeroing it through its memfd (ftruncate, fallocate). Each must be
+//! refused or disconnected alone: the daemon keeps running (it never takes
+//! SIGBUS) and a client connected before it keeps getting correct replies.
 
 mod common;
 
@@ -138,35 +139,97 @@ fn bytes_on_the_control_socket_after_the_handshake_disconnect_the_client() {
     });
 }
 
+/// Every way a client can try to change its segment's size through the
+/// memfd it holds fails, for every kind of session the daemon hands out.
+/// Punching holes is not stopped by these seals (only a write seal would,
+/// and the daemon must write): it zeroes pages but cannot change the size,
+/// so nothing the daemon touches can lie past the end and no SIGBUS is
+/// possible. The daemon reads the zeros like any other bytes.
 #[test]
 fn received_memfd_is_sealed_against_resizing() {
-    let daemon = Daemon::start(&[]);
+    use rustix::fs::FallocateFlags;
+    let mut daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
-        let mut raw = RawSession::connect(&socket, 65536, DoorbellKind::Futex);
-        let size = raw.layout.segment_size() as u64;
-        ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
+        let mut bystander = Client::connect_to(&socket).unwrap();
+        let echo_id = bystander.service("echo").unwrap();
+        for (capacity, doorbell) in
+            [(4096, DoorbellKind::Futex), (65536, DoorbellKind::Pollable), (1 << 20, DoorbellKind::Futex)]
+        {
+            let mut raw = RawSession::connect(&socket, capacity, doorbell);
+            let size = raw.layout.segment_size() as u64;
+            let what = format!("{size}-byte segment");
+            ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
+            let seals = rustix::fs::fcntl_get_seals(&raw.memfd).expect("F_GET_SEALS");
+            assert_eq!(seals, ipc_platform::SEALS);
 
-        let seals = rustix::fs::fcntl_get_seals(&raw.memfd).expect("F_GET_SEALS");
-        assert_eq!(seals, ipc_platform::SEALS);
+            for new_size in [size / 2, 0, size + 4096, size * 2] {
+                let err = ipc_platform::try_resize(&raw.memfd, new_size).expect_err("ftruncate of a sealed segment");
+                assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{what}: ftruncate to {new_size}: {err}");
+            }
+            // fallocate past the end: growing, and with KEEP_SIZE (which
+            // would allocate beyond the size without changing it).
+            for (flags, offset, len) in [
+                (FallocateFlags::empty(), size - 4096, 8192),
+                (FallocateFlags::empty(), size, 4096),
+                (FallocateFlags::KEEP_SIZE, size, 1 << 20),
+                (FallocateFlags::KEEP_SIZE, 0, size + 1),
+            ] {
+                let result = rustix::fs::fallocate(&raw.memfd, flags, offset, len);
+                assert_eq!(result, Err(rustix::io::Errno::PERM), "{what}: fallocate {flags:?} at {offset}+{len}");
+            }
+            // Within the size, fallocate changes nothing: the pages are
+            // allocated already.
+            rustix::fs::fallocate(&raw.memfd, FallocateFlags::empty(), 0, size).expect("fallocate within the size");
+            // F_SEAL_SEAL forbids adding seals as well, so a client cannot
+            // freeze the daemon's writes either.
+            let added = rustix::fs::fcntl_add_seals(&raw.memfd, rustix::fs::SealFlags::WRITE);
+            assert_eq!(added, Err(rustix::io::Errno::PERM), "{what}");
 
-        for new_size in [size / 2, 0, size + 4096, size * 2] {
-            let err = ipc_platform::try_resize(&raw.memfd, new_size).expect_err("resizing a sealed segment must fail");
-            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "resize to {new_size}: {err}");
+            // Nothing changed: same size, same header, and the session serves.
+            ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size after");
+            SegmentLayout::read_header(&raw.region, raw.welcome.ring_capacity).unwrap();
+            let echo = raw.service("echo");
+            let (header, body) = raw.call(echo, 1, b"sealed");
+            assert!(!header.is_error(), "{what}");
+            assert_eq!(body, b"sealed", "{what}");
+
+            // Zero the whole segment, header and ring indices included.
+            let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            rustix::fs::fallocate(&raw.memfd, punch, 0, size).expect("punching holes is not sealed");
+            ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size after the punch");
+            // The daemon reads the zeroed indices when served: it either
+            // carries on or finds a broken ring and cuts this session off.
+            // Either is fine; taking the daemon down is not.
+            punched_session_answers_or_hangs_up(&mut raw, echo);
         }
-        // F_SEAL_SEAL forbids adding seals as well, so a client cannot
-        // freeze the daemon's writes either.
-        let added = rustix::fs::fcntl_add_seals(&raw.memfd, rustix::fs::SealFlags::WRITE);
-        assert_eq!(added, Err(rustix::io::Errno::PERM));
-
-        // Nothing changed: same size, same header, and the session serves.
-        ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size after");
-        SegmentLayout::read_header(&raw.region, raw.welcome.ring_capacity).unwrap();
-        let echo = raw.service("echo");
-        let (header, body) = raw.call(echo, 1, b"sealed");
-        assert!(!header.is_error());
-        assert_eq!(body, b"sealed");
+        let mut reply = Vec::new();
+        for i in 0..200u64 {
+            let request = pattern(i, 100);
+            bystander.call_into(&echo_id, &request, &mut reply).unwrap();
+            assert!(reply == request, "bystander call {i}: reply differs");
+        }
     });
+    assert!(daemon.is_running(), "ipcd exited; stderr:\n{}", daemon.stderr());
+}
+
+/// After the client zeroed its segment: sends one more request and waits
+/// for its reply (which must then be right) or for the daemon to hang up.
+fn punched_session_answers_or_hangs_up(raw: &mut RawSession, echo: u16) {
+    if raw.requests.try_push(echo, 0, 2, b"after the punch").is_ok() {
+        raw.requests.publish();
+    }
+    raw.ring();
+    let mut body = Vec::new();
+    let answered = poll_until(HANG_UP_LIMIT, || match raw.responses.try_pop(&mut body) {
+        Ok(Some(header)) => {
+            assert_eq!((header.request_id, body.as_slice()), (2, &b"after the punch"[..]), "a wrong reply");
+            true
+        }
+        // Our own view of the zeroed response ring may be broken too.
+        Ok(None) | Err(_) => raw.is_hung_up(),
+    });
+    assert!(answered, "neither a reply nor a hang-up after the segment was zeroed");
 }
 
 /// An fd passed by SCM_RIGHTS shares its open file, and so its O_NONBLOCK

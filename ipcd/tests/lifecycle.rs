@@ -108,14 +108,7 @@ fn killed_client_process_is_cleaned_up() {
         assert!(poll_until(CLEANUP_LIMIT, || connected(&mut observer) == 1), "warm-up client not cleaned up");
         // The count drops just before the session's fds are closed, so wait
         // for the fd count to settle too.
-        let mut last = fd_count(pid);
-        let settled = poll_until(CLEANUP_LIMIT, || {
-            thread::sleep(Duration::from_millis(50));
-            let now = fd_count(pid);
-            std::mem::replace(&mut last, now) == now
-        });
-        assert!(settled, "the daemon's fd count does not settle");
-        let baseline_fds = fd_count(pid);
+        let baseline_fds = common::settled_fd_count(pid);
         let baseline_maps = mapping_count(pid, SEGMENT_NAME);
         assert_eq!(baseline_maps, 1, "only the observer's segment is mapped");
 

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    connect, fd_count, join_all, join_within, json_u64, pattern, poll_until, start_with_streams, stat_eventually,
-    stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
+    connect, fd_count, join_all, join_within, json_u64, pattern, poll_until, settled_fd_count, start_with_streams,
+    stat_eventually, stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Transport};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
@@ -469,19 +469,6 @@ fn flood_without_reading(transport: &Transport) -> (RawStream, u64) {
         }
     }
     unreachable!("the loop ends by returning")
-}
-
-/// Polls until the daemon's fd count stops changing for a moment, and
-/// returns it.
-fn settled_fd_count(pid: u32) -> usize {
-    let mut last = fd_count(pid);
-    let settled = poll_until(CLEANUP_LIMIT, || {
-        thread::sleep(Duration::from_millis(50));
-        let now = fd_count(pid);
-        std::mem::replace(&mut last, now) == now
-    });
-    assert!(settled, "the daemon's fd count does not settle");
-    last
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //! Received fds are close-on-exec (`MSG_CMSG_CLOEXEC`). A truncated control
 //! message (`MSG_CTRUNC`: the kernel dropped fds, because the buffer was
 //! too small or the fd limit was hit) is an error, never silently fewer fds;
-//! the fds that did arrive are closed.
+//! the fds that did arrive are closed. Where no fds are expected,
+//! [`recv_refusing_fds`] gives the kernel no room for any, so a peer's fds
+//! are dropped before they reach this process, and says whether there were
+//! some.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -48,6 +51,16 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
     Ok((ret.bytes, fds))
 }
 
+/// Receives into `buf` where no fds are expected: any the peer attached
+/// are discarded by the kernel (the message has no room for them, so
+/// `MSG_CTRUNC` is set) and never enter this process. Returns `(bytes,
+/// whether fds were discarded)`; 0 bytes and `false` means the peer hung up.
+pub fn recv_refusing_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut control = RecvAncillaryBuffer::default();
+    let ret = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::empty())?;
+    Ok((ret.bytes, ret.flags.contains(ReturnFlags::CTRUNC)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +99,32 @@ mod tests {
         let mut buf = [0u8; 8];
         let err = recv_with_fds(b.as_fd(), &mut buf).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn refused_fds_are_reported_and_never_received() {
+        const NAME: &str = "fdpass-refused-probe";
+        // Other tests open and close fds meanwhile, so look for this one
+        // memfd by name rather than counting.
+        let open_copies = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains(NAME)))
+                .count()
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        let memfd = crate::create_sealed(NAME, 4096).unwrap();
+        send_with_fds(a.as_fd(), b"with", &[memfd.as_fd(), memfd.as_fd()]).unwrap();
+        send_with_fds(a.as_fd(), b"bare", &[]).unwrap();
+        drop(memfd);
+        let mut buf = [0u8; 16];
+        // A message with fds is read up to its end alone.
+        assert_eq!(recv_refusing_fds(b.as_fd(), &mut buf).unwrap(), (4, true));
+        assert_eq!(&buf[..4], b"with");
+        assert_eq!(recv_refusing_fds(b.as_fd(), &mut buf).unwrap(), (4, false));
+        assert_eq!(&buf[..4], b"bare");
+        assert_eq!(open_copies(), 0, "a refused fd entered the process");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use alloc_count::{thread_allocations, CountingAllocator};
 pub use bell::{Drained, SocketBell};
 pub use cpu::{runnable_threads, CoreGauge};
 pub use eventfd::EventFd;
-pub use fdpass::{recv_with_fds, send_with_fds, MAX_FDS};
+pub use fdpass::{recv_refusing_fds, recv_with_fds, send_with_fds, MAX_FDS};
 pub use mapping::Mapping;
 pub use memfd::{check_sealed, create_sealed, try_resize, SealError, SEALS};
 pub use path::{

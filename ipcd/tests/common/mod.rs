@@ -357,6 +357,24 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("cannot list /proc/<pid>/fd").count()
 }
 
+/// Polls until the fd count of process `pid` stops changing for a moment,
+/// and returns it: a daemon closes a session's fds just after the effects
+/// a test can see.
+///
+/// # Panics
+///
+/// Panics if the count keeps changing for [`CLEANUP_LIMIT`].
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    let settled = poll_until(CLEANUP_LIMIT, || {
+        thread::sleep(Duration::from_millis(50));
+        let now = fd_count(pid);
+        std::mem::replace(&mut last, now) == now
+    });
+    assert!(settled, "the daemon's fd count does not settle");
+    last
+}
+
 /// Lines of `/proc/<pid>/maps` that mention `needle`.
 pub fn mapping_count(pid: u32, needle: &str) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -756,6 +774,29 @@ pub fn start_with_streams(args: &[&str]) -> (Daemon, Endpoints) {
     );
     let shm = daemon.socket().to_path_buf();
     (daemon, Endpoints { shm, uds, tcp })
+}
+
+/// Starts a daemon in `dir` that also serves `--uds` at
+/// `dir/ipcd-stream.sock`, with `args` besides, and waits until both Unix
+/// listeners accept connections. Returns the daemon and the `--uds` path.
+///
+/// # Panics
+///
+/// Panics, with the daemon's stderr, if it does not come up.
+pub fn start_with_uds_in(dir: tempfile::TempDir, args: &[&str]) -> (Daemon, PathBuf) {
+    let uds = dir.path().join("ipcd-stream.sock");
+    let mut daemon = Daemon::builder().dir(dir).arg("--uds").arg(&uds).args(args.iter().copied()).start();
+    // The control socket is bound first, so its being up says nothing
+    // about the other.
+    let up = poll_until(STARTUP_LIMIT, || !daemon.is_running() || UnixStream::connect(&uds).is_ok());
+    assert!(up && daemon.is_running(), "ipcd does not listen on {}; stderr:\n{}", uds.display(), daemon.stderr());
+    (daemon, uds)
+}
+
+/// [`start_with_uds_in`] a fresh temporary directory.
+pub fn start_with_uds(args: &[&str]) -> (Daemon, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("ipcd-test-").tempdir().expect("cannot create a temporary directory");
+    start_with_uds_in(dir, args)
 }
 
 /// Connects through `transport` with `options`.
