@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    json_u64, pattern, poll_until, stat_eventually, stats_json, watchdog, Daemon, RawSession, CLEANUP_LIMIT,
-    HANG_UP_LIMIT, TEST_LIMIT,
+    json_u64, pattern, poll_until, raw_session, stat_eventually, stats_json, watchdog, Daemon, RawSession,
+    RawSessionExt, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::Client;
 use ipc_core::{DoorbellKind, FrameHeader, PushError, SegmentLayout};
@@ -30,9 +30,9 @@ where
         let echo = bystander.service("echo").unwrap();
         assert_eq!(bystander.call(&echo, b"before").unwrap(), b"before");
 
-        let mut hostile = RawSession::connect(&socket, capacity, DoorbellKind::Futex);
+        let mut hostile = raw_session(&socket, capacity, DoorbellKind::Futex);
         scribble(&mut hostile);
-        hostile.ring();
+        hostile.ring().unwrap();
         hostile.expect_hang_up(HANG_UP_LIMIT);
 
         let mut reply = Vec::new();
@@ -120,7 +120,7 @@ fn bad_response_ring_consumer_index_disconnects_only_that_client() {
                     // The daemon frees request space as it serves; wait
                     // for it (or for the disconnect this test expects).
                     raw.requests.publish();
-                    raw.ring();
+                    raw.ring().unwrap();
                     assert!(Instant::now() < deadline, "the request ring never drained");
                     thread::sleep(Duration::from_millis(1));
                 }
@@ -143,7 +143,7 @@ fn received_memfd_is_sealed_against_resizing() {
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
-        let mut raw = RawSession::connect(&socket, 65536, DoorbellKind::Futex);
+        let mut raw = raw_session(&socket, 65536, DoorbellKind::Futex);
         let size = raw.layout.segment_size() as u64;
         ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
 
@@ -181,7 +181,7 @@ fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
     watchdog(TEST_LIMIT, move || {
         let mut bystander = Client::connect_to(&socket).unwrap();
         let echo_id = bystander.service("echo").unwrap();
-        let mut hostile = RawSession::connect(&socket, 65536, DoorbellKind::Pollable);
+        let mut hostile = raw_session(&socket, 65536, DoorbellKind::Pollable);
         let echo = hostile.service("echo");
         rustix::fs::fcntl_setfl(&hostile.bell, rustix::fs::OFlags::empty()).unwrap();
         let bell = hostile.client_bell.take().expect("a pollable doorbell was granted");
