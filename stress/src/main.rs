@@ -265,7 +265,10 @@ fn plan(args: &Args) -> Vec<Spec> {
 fn run(args: Args) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("cannot find this binary")?;
     let specs = plan(&args);
-    let max_clients = specs.iter().map(|s| s.clients).max().unwrap_or(1);
+    // A hung-up session is closed by its worker a moment later, so connects
+    // in a row (latency runs) can outpace the clean-up on a loaded machine:
+    // leave room for all of them.
+    let max_clients = specs.iter().map(|s| s.clients).max().unwrap_or(1) + SEQUENTIAL_CONNECTS;
     let spin = args.spin_us.map(Duration::from_micros);
     let private = match &args.socket {
         Some(_) => None,
