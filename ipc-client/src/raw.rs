@@ -32,6 +32,12 @@ use ipc_platform::{EventFd, SocketBell};
 use crate::client::{accept_welcome, connect_failed, hello_bytes, read_answer, receive_segment, timeout_or};
 use crate::{ClientOptions, ConnectError};
 
+/// The framed hello (length prefix and body) a client sends for `options`:
+/// for programs that send it in pieces, or only part of it.
+pub fn hello(options: &ClientOptions) -> Result<Vec<u8>, ConnectError> {
+    hello_bytes(options)
+}
+
 /// A shared-memory session opened by hand: the caller holds the same shared
 /// memory and doorbells a client would, and can write anything into them.
 ///

@@ -89,7 +89,9 @@ impl ClientOutcome {
         self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
     }
 
-    fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
+    /// The outcome of a client that could not connect: all its calls
+    /// failed without being made.
+    pub fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
         ClientOutcome {
             latency_ns: new_histogram(),
             connect_ns,
