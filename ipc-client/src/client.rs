@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX, MAX_CONTROL_MESSAGE};
 use ipc_core::{
-    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, FrameHeader, Hello, Producer, Reject, SegmentLayout,
-    ServerMessage, Spinner, Welcome, PROTOCOL_VERSION,
+    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, FrameHeader, Hello, Producer, Region, Reject,
+    SegmentLayout, ServerMessage, Spinner, Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
@@ -1005,19 +1005,13 @@ impl Deadline {
 
 /// Connects and handshakes: the link and the daemon's welcome.
 fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome), ConnectError> {
-    let not_running = |target: String, source: io::Error| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            ConnectError::NotRunning { path: PathBuf::from(target), source }
-        }
-        _ => ConnectError::Io(source),
-    };
     let socket = match transport {
         Transport::Shm(path) | Transport::Uds(path) => {
-            Socket::Unix(UnixStream::connect(path).map_err(|e| not_running(path.display().to_string(), e))?)
+            Socket::Unix(UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?)
         }
         Transport::Tcp(addr) => {
             let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
-                .map_err(|e| not_running(addr.to_string(), e))?;
+                .map_err(|e| connect_failed(addr.to_string(), e))?;
             tcp.set_nodelay(true)?;
             Socket::Tcp(tcp)
         }
@@ -1033,32 +1027,15 @@ fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome
             s.set_write_timeout(Some(options.connect_timeout))?;
         }
     }
-    let hello = handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
-        .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    let hello = hello_bytes(options)?;
     match &socket {
         Socket::Unix(s) => (&*s).write_all(&hello),
         Socket::Tcp(s) => (&*s).write_all(&hello),
     }
     .map_err(welcome_timeout)?;
     let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
-    let welcome = match message {
-        ServerMessage::Welcome(w) => w,
-        ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
-            return Err(ConnectError::VersionMismatch { daemon, client })
-        }
-        ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
-    };
+    let (welcome, layout) = accept_welcome(message)?;
     let protocol = |m: String| ConnectError::Protocol(m);
-    if welcome.version != PROTOCOL_VERSION {
-        return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
-    }
-    let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
-    if welcome.max_payload != layout.max_payload() {
-        return Err(protocol(format!(
-            "maximum payload {} does not match ring capacity {}",
-            welcome.max_payload, welcome.ring_capacity
-        )));
-    }
     let link = match socket {
         Socket::Unix(control) if matches!(transport, Transport::Shm(_)) => {
             control.set_read_timeout(None)?;
@@ -1086,10 +1063,91 @@ fn shm_link(
     fds: Vec<OwnedFd>,
     options: &ClientOptions,
 ) -> Result<ShmLink, ConnectError> {
-    let protocol = |m: String| ConnectError::Protocol(m);
     if welcome.doorbell != options.doorbell {
-        return Err(protocol(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, welcome.doorbell)));
+        return Err(ConnectError::Protocol(format!(
+            "asked for a {:?} doorbell, got {:?}",
+            options.doorbell, welcome.doorbell
+        )));
     }
+    let segment = receive_segment(welcome, layout, fds)?;
+    // The mapping keeps the segment alive; no fd is needed for it.
+    drop(segment.memfd);
+    Ok(ShmLink {
+        control,
+        requests: Producer::new(&segment.region, layout, Direction::Request),
+        responses: Consumer::new(&segment.region, layout, Direction::Response),
+        daemon_bell: segment.daemon_bell,
+        bell: segment.client_bell.map_or(Bell::Futex, Bell::Pollable),
+        spinner: Spinner::new(options.spin),
+        gauge: ipc_platform::CoreGauge::new(),
+        region: segment.region,
+        gone: None,
+    })
+}
+
+/// How a failed connect to `target` reads: nothing listens there, or
+/// another I/O error.
+pub(crate) fn connect_failed(target: String, source: io::Error) -> ConnectError {
+    match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ConnectError::NotRunning { path: PathBuf::from(target), source }
+        }
+        _ => ConnectError::Io(source),
+    }
+}
+
+/// The hello asking for `options`' ring capacity and doorbell, framed.
+pub(crate) fn hello_bytes(options: &ClientOptions) -> Result<Vec<u8>, ConnectError> {
+    handshake::encode(&Hello::new(options.ring_capacity, options.doorbell))
+        .map_err(|e| ConnectError::Protocol(e.to_string()))
+}
+
+/// Checks the daemon's answer to the hello: a welcome of this protocol
+/// version whose largest payload matches its ring capacity. Returns it with
+/// the layout it announces.
+pub(crate) fn accept_welcome(message: ServerMessage) -> Result<(Welcome, SegmentLayout), ConnectError> {
+    let welcome = match message {
+        ServerMessage::Welcome(w) => w,
+        ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
+            return Err(ConnectError::VersionMismatch { daemon, client })
+        }
+        ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
+    };
+    let protocol = |m: String| ConnectError::Protocol(m);
+    if welcome.version != PROTOCOL_VERSION {
+        return Err(ConnectError::VersionMismatch { daemon: welcome.version, client: PROTOCOL_VERSION });
+    }
+    let layout = SegmentLayout::new(welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
+    if welcome.max_payload != layout.max_payload() {
+        return Err(protocol(format!(
+            "maximum payload {} does not match ring capacity {}",
+            welcome.max_payload, welcome.ring_capacity
+        )));
+    }
+    Ok((welcome, layout))
+}
+
+/// What a shared-memory welcome hands over, checked and mapped.
+pub(crate) struct Segment {
+    /// The segment's memfd (the mapping does not need it).
+    pub(crate) memfd: OwnedFd,
+    /// The mapped segment.
+    pub(crate) region: Region,
+    /// The client-to-daemon doorbell.
+    pub(crate) daemon_bell: EventFd,
+    /// The client's end of the daemon-to-client doorbell, with a pollable
+    /// doorbell.
+    pub(crate) client_bell: Option<SocketBell>,
+}
+
+/// Takes the welcome's fds, checks the segment's seals, size and header,
+/// and maps it.
+pub(crate) fn receive_segment(
+    welcome: &Welcome,
+    layout: &SegmentLayout,
+    fds: Vec<OwnedFd>,
+) -> Result<Segment, ConnectError> {
+    let protocol = |m: String| ConnectError::Protocol(m);
     if fds.len() != welcome.fd_count() {
         return Err(protocol(format!("welcome carries {} fds, expected {}", fds.len(), welcome.fd_count())));
     }
@@ -1097,26 +1155,16 @@ fn shm_link(
     let (memfd, daemon_bell) = (fds.next().expect("counted"), fds.next().expect("counted"));
     // Refused unless sealed against resizing and of the announced size.
     let region = Mapping::map(memfd.as_fd(), layout.segment_size()).map_err(|e| protocol(e.to_string()))?;
-    drop(memfd);
     SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
-    let bell = match fds.next() {
-        Some(fd) => Bell::Pollable(SocketBell::from_fd(fd)),
-        None => Bell::Futex,
-    };
-    Ok(ShmLink {
-        control,
-        requests: Producer::new(&region, layout, Direction::Request),
-        responses: Consumer::new(&region, layout, Direction::Response),
-        daemon_bell: EventFd::from_fd(daemon_bell)?,
-        bell,
-        spinner: Spinner::new(options.spin),
-        gauge: ipc_platform::CoreGauge::new(),
+    Ok(Segment {
+        memfd,
         region,
-        gone: None,
+        daemon_bell: EventFd::from_fd(daemon_bell)?,
+        client_bell: fds.next().map(SocketBell::from_fd),
     })
 }
 
-fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
+pub(crate) fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnectError::Timeout { after },
         _ => ConnectError::Io(e),
@@ -1124,7 +1172,10 @@ fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
 }
 
 /// Reads the daemon's answer to the hello, with the fds that come with it.
-fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+pub(crate) fn read_answer(
+    control: BorrowedFd<'_>,
+    timeout: Duration,
+) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];

@@ -5,7 +5,8 @@
 //! through another, with a doorbell only when the other side sleeps.
 //!
 //! Key types: [`Client`], [`Service`], [`ClientOptions`], and the typed errors
-//! [`ConnectError`] and [`CallError`].
+//! [`ConnectError`] and [`CallError`]. With the `raw` feature, `raw` opens
+//! sessions by hand for programs that play a hostile client (tests, stress).
 //!
 //! ```no_run
 //! use ipc_client::Client;
@@ -26,6 +27,8 @@
 mod client;
 mod error;
 mod link;
+#[cfg(feature = "raw")]
+pub mod raw;
 mod shm;
 mod stream;
 

@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    json_u64, pattern, poll_until, stat_eventually, stats_json, watchdog, Daemon, RawSession, CLEANUP_LIMIT,
-    HANG_UP_LIMIT, TEST_LIMIT,
+    json_u64, pattern, poll_until, raw_session, stat_eventually, stats_json, watchdog, Daemon, RawSession,
+    RawSessionExt, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::Client;
 use ipc_core::{DoorbellKind, FrameHeader, PushError, SegmentLayout};
@@ -31,9 +31,9 @@ where
         let echo = bystander.service("echo").unwrap();
         assert_eq!(bystander.call(&echo, b"before").unwrap(), b"before");
 
-        let mut hostile = RawSession::connect(&socket, capacity, DoorbellKind::Futex);
+        let mut hostile = raw_session(&socket, capacity, DoorbellKind::Futex);
         scribble(&mut hostile);
-        hostile.ring();
+        hostile.ring().unwrap();
         hostile.expect_hang_up(HANG_UP_LIMIT);
 
         let mut reply = Vec::new();
@@ -121,7 +121,7 @@ fn bad_response_ring_consumer_index_disconnects_only_that_client() {
                     // The daemon frees request space as it serves; wait
                     // for it (or for the disconnect this test expects).
                     raw.requests.publish();
-                    raw.ring();
+                    raw.ring().unwrap();
                     assert!(Instant::now() < deadline, "the request ring never drained");
                     thread::sleep(Duration::from_millis(1));
                 }
@@ -156,7 +156,7 @@ fn received_memfd_is_sealed_against_resizing() {
         for (capacity, doorbell) in
             [(4096, DoorbellKind::Futex), (65536, DoorbellKind::Pollable), (1 << 20, DoorbellKind::Futex)]
         {
-            let mut raw = RawSession::connect(&socket, capacity, doorbell);
+            let mut raw = raw_session(&socket, capacity, doorbell);
             let size = raw.layout.segment_size() as u64;
             let what = format!("{size}-byte segment");
             ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
@@ -219,7 +219,7 @@ fn punched_session_answers_or_hangs_up(raw: &mut RawSession, echo: u16) {
     if raw.requests.try_push(echo, 0, 2, b"after the punch").is_ok() {
         raw.requests.publish();
     }
-    raw.ring();
+    raw.ring().expect("cannot ring the daemon");
     let mut body = Vec::new();
     let answered = poll_until(HANG_UP_LIMIT, || match raw.responses.try_pop(&mut body) {
         Ok(Some(header)) => {
@@ -244,7 +244,7 @@ fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
     watchdog(TEST_LIMIT, move || {
         let mut bystander = Client::connect_to(&socket).unwrap();
         let echo_id = bystander.service("echo").unwrap();
-        let mut hostile = RawSession::connect(&socket, 65536, DoorbellKind::Pollable);
+        let mut hostile = raw_session(&socket, 65536, DoorbellKind::Pollable);
         let echo = hostile.service("echo");
         rustix::fs::fcntl_setfl(&hostile.bell, rustix::fs::OFlags::empty()).unwrap();
         let bell = hostile.client_bell.take().expect("a pollable doorbell was granted");

@@ -7,7 +7,7 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{join_all, json_u64, pattern, stats_json, watchdog, Daemon, RawSession, TEST_LIMIT};
+use common::{join_all, json_u64, pattern, raw_session, stats_json, watchdog, Daemon, RawSessionExt, TEST_LIMIT};
 use ipc_client::{CallError, Client, ClientOptions, DoorbellKind};
 use ipc_core::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ fn unknown_service_id_gets_an_error_reply() {
     watchdog(TEST_LIMIT, move || {
         // The client library only calls ids the welcome listed, so an
         // unlisted id needs a hand-made request.
-        let mut raw = RawSession::connect(&socket, 65536, DoorbellKind::Futex);
+        let mut raw = raw_session(&socket, 65536, DoorbellKind::Futex);
         let unused = raw.welcome.services.iter().map(|s| s.id).max().unwrap() + 1;
         let (header, body) = raw.call(unused, 7, b"anything");
         assert_eq!(header.request_id, 7);

@@ -17,8 +17,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    join_within, json_u64, pattern, poll_until, raw_connect, read_answer, settled_fd_count, start_with_uds,
-    stat_eventually, stats_json, watchdog, RawSession, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
+    join_within, json_u64, pattern, poll_until, raw_connect, raw_session, read_answer, settled_fd_count,
+    start_with_uds, stat_eventually, stats_json, watchdog, RawSession, RawSessionExt, CLEANUP_LIMIT, HANG_UP_LIMIT,
+    TEST_LIMIT,
 };
 use ipc_client::{Client, ClientOptions, Transport};
 use ipc_core::handshake;
@@ -62,7 +63,7 @@ fn fill_until_stalled(raw: &mut RawSession, mut next_id: u64) -> u64 {
             }
             Err(PushError::Full) => {
                 raw.requests.publish();
-                raw.ring();
+                raw.ring().expect("cannot ring the daemon");
                 if last_progress.elapsed() >= NO_PROGRESS {
                     return next_id;
                 }
@@ -107,11 +108,11 @@ fn shm_client_that_stops_reading_is_disconnected_after_the_stall_timeout() {
         let mut neighbour = common::connect(&shm, ClientOptions::default());
         // A raw session opened and closed first, so that whatever the
         // daemon opens lazily for one is in the baseline.
-        drop(RawSession::connect(socket, 4096, DoorbellKind::Futex));
+        drop(raw_session(socket, 4096, DoorbellKind::Futex));
         let baseline = fds_with_one_client(&mut neighbour, pid);
 
         let started = Instant::now();
-        let mut staller = RawSession::connect(socket, 4096, DoorbellKind::Futex);
+        let mut staller = raw_session(socket, 4096, DoorbellKind::Futex);
         let sent = fill_until_stalled(&mut staller, 1) - 1;
         // More requests than the response ring holds replies.
         assert!(sent as usize * (HEADER_LEN + PAYLOAD) > 4096, "only {sent} requests went out");
@@ -255,7 +256,7 @@ fn shm_client_that_reads_slowly_is_not_disconnected() {
     let (_daemon, shm, _) = start();
     watchdog(TEST_LIMIT, move || {
         let Transport::Shm(socket) = &shm else { unreachable!() };
-        let mut raw = RawSession::connect(socket, 4096, DoorbellKind::Futex);
+        let mut raw = raw_session(socket, 4096, DoorbellKind::Futex);
         let mut next_id = 1;
         let mut expected = 1;
         let mut body = Vec::new();
@@ -277,14 +278,14 @@ fn shm_client_that_reads_slowly_is_not_disconnected() {
                     }
                     None => {
                         if raw.responses.release() {
-                            raw.ring();
+                            raw.ring().expect("cannot ring the daemon");
                         }
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
             }
             if raw.responses.release() {
-                raw.ring();
+                raw.ring().expect("cannot ring the daemon");
             }
             rounds += 1;
         }

@@ -143,6 +143,22 @@ pub fn kill_clients(
     report
 }
 
+/// The daemon's usage once its fd count has held still for 50 ms (at most
+/// 2 s): a session that just hung up is closed by its worker a moment
+/// later.
+pub fn settled_usage(pid: i32) -> anyhow::Result<ProcessUsage> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut last = daemon::usage(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = daemon::usage(pid)?;
+        if now.fds == last.fds || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 /// One crash and restart of the daemon.
 #[derive(Serialize, Debug)]
 pub struct Restart {

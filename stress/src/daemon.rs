@@ -30,6 +30,18 @@ impl PrivateDaemon {
     /// Starts `binary` on a fresh control socket, a Unix stream socket and
     /// a loopback TCP port, and waits until it accepts on all three.
     pub fn start(binary: &Path, max_clients: usize, spin: Option<Duration>) -> anyhow::Result<PrivateDaemon> {
+        PrivateDaemon::start_with(binary, max_clients, spin, &[])
+    }
+
+    /// As [`PrivateDaemon::start`], passing `extra` arguments after the
+    /// others. ipcd takes each flag once: `extra` may give `--log-level`
+    /// (default `warn`), but no flag set here.
+    pub fn start_with(
+        binary: &Path,
+        max_clients: usize,
+        spin: Option<Duration>,
+        extra: &[String],
+    ) -> anyhow::Result<PrivateDaemon> {
         let dir = tempfile::Builder::new().prefix("ipcd-stress-").tempdir()?;
         let socket = dir.path().join("ipcd.sock");
         let uds = dir.path().join("ipcd-stream.sock");
@@ -50,9 +62,11 @@ impl PrivateDaemon {
             socket.clone().into(),
             "--max-clients".into(),
             (max_clients + 16).to_string().into(),
-            "--log-level".into(),
-            "warn".into(),
         ]);
+        if !extra.iter().any(|a| a == "--log-level") {
+            args.extend(["--log-level".into(), "warn".into()]);
+        }
+        args.extend(extra.iter().map(Into::into));
         let child = spawn(binary, &args)?;
         let mut daemon = PrivateDaemon { child, binary: binary.to_path_buf(), args, socket, uds, tcp, _dir: dir };
         daemon.wait_ready(Duration::from_millis(10))?;
@@ -78,11 +92,6 @@ impl PrivateDaemon {
             }
             std::thread::sleep(every);
         }
-    }
-
-    /// Its process id.
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
     }
 
     /// Stops it with SIGTERM and waits for it to exit (at most 10 s), then
@@ -132,6 +141,16 @@ impl PrivateDaemon {
     /// Its TCP address.
     pub fn tcp(&self) -> std::net::SocketAddr {
         self.tcp
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// How it exited, if it no longer runs (reaping it).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Stops it with SIGTERM and checks that it exits 0.
@@ -202,6 +221,18 @@ pub fn usage(pid: i32) -> anyhow::Result<ProcessUsage> {
     };
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
     Ok(ProcessUsage { rss_anon_kb: field("RssAnon:"), rss_shmem_kb: field("RssShmem:"), fds })
+}
+
+/// CPU time (user and system) used so far by `/proc/<task>`: a pid, or
+/// `thread-self` for the calling thread. `None` if it cannot be read.
+pub fn cpu_seconds(task: &str) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{task}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted
+    // from the last ')'. utime and stime are fields 14 and 15, in clock
+    // ticks of 1/100 s (USER_HZ, fixed for /proc).
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// Samples a process's anonymous RSS while a run lasts and keeps the peak.

@@ -6,8 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+mod attacker;
 mod chaos;
 mod daemon;
+mod flood;
+mod hostile;
 mod report;
 mod workload;
 
@@ -49,6 +52,14 @@ static ALLOCATOR: ipc_platform::CountingAllocator = ipc_platform::CountingAlloca
 ///
 /// Every reply is checked byte for byte. Ends with a comparison table.
 /// Exits 1 if any call failed or a reply did not match.
+///
+/// --scenario hostile (not part of all) starts its own daemon with a short
+/// handshake timeout and runs 10 clients x 20,000 synchronous calls over
+/// shared memory alone, then again while --hostile clients scribble over
+/// their segments and flood their doorbells; then 200 connects in a row
+/// without and with --flood connections stalled in the handshake. Exits 1
+/// if a normal call failed or mismatched, the daemon died, or a stalled
+/// connection was not closed at the handshake timeout.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -77,6 +88,36 @@ struct Args {
     /// scenario when given).
     #[arg(long)]
     window: Option<u32>,
+
+    /// Hostile clients attacking during the hostile scenario; 0 skips the
+    /// attack.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    hostile: usize,
+
+    /// How long each hostile client sleeps after each burst, in
+    /// microseconds (0: attacks without pause).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    hostile_pause_us: u64,
+
+    /// Seed of the random choices of the hostile scenario and of --chaos
+    /// [default: from the clock; printed, so a run can be repeated]
+    #[arg(long)]
+    seed: Option<u64>,
+
+    /// Connections stalled in the handshake during the hostile scenario's
+    /// flood; 0 skips the flood.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    flood: usize,
+
+    /// Clients connected one after another (one verified call each) without
+    /// and with the flood.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    flood_connects: usize,
+
+    /// The handshake timeout of the hostile scenario's private daemon, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    handshake_timeout_ms: u64,
 
     /// Longest a client (and a private daemon's worker) spins before
     /// sleeping, in microseconds; 0 never spins [default: the library's]
@@ -125,11 +166,6 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 500)]
     chaos_ms: u64,
 
-    /// Seed for the choice of victims and moments [default: from the clock;
-    /// printed]
-    #[arg(long)]
-    seed: Option<u64>,
-
     /// Soak: run the throughput workload for this many seconds (instead of
     /// a number of calls), sampling the daemon's memory and fds every
     /// second.
@@ -147,6 +183,7 @@ enum Scenario {
     Latency,
     Pipelined,
     Bandwidth,
+    Hostile,
     All,
 }
 
@@ -157,6 +194,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Pipelined => "pipelined",
             Scenario::Bandwidth => "bandwidth",
+            Scenario::Hostile => "hostile",
             Scenario::All => "all",
         }
     }
@@ -168,6 +206,7 @@ impl Scenario {
             Scenario::Latency => (1, 100_000, vec![64], 1),
             Scenario::Pipelined => (100, 20_000, vec![64], 32),
             Scenario::Bandwidth => (4, 0, vec![64, 4 << 10, 64 << 10, 1 << 20], 1),
+            Scenario::Hostile => (10, 20_000, vec![64], 1),
         }
     }
 }
@@ -223,6 +262,17 @@ fn validate(args: &Args) -> Result<(), String> {
     }
     if (args.uds.is_some() || args.tcp.is_some()) && args.socket.is_none() && args.child_client.is_none() {
         return Err("--uds and --tcp name a running daemon's listeners: give its --socket too".into());
+    }
+    if args.scenario == Scenario::Hostile {
+        if args.socket.is_some() || args.procs {
+            return Err("--scenario hostile starts its own daemon and client threads: drop --socket and --procs".into());
+        }
+        if matches!(args.transport, TransportArg::Uds | TransportArg::Tcp) || args.window.is_some_and(|w| w > 1) {
+            return Err("--scenario hostile runs synchronous calls over shared memory only".into());
+        }
+        if args.flood > 0 && args.flood_connects == 0 || args.handshake_timeout_ms == 0 {
+            return Err("--flood-connects and --handshake-timeout-ms must be at least 1".into());
+        }
     }
     let faulty = args.chaos.is_some() || args.duration.is_some();
     if faulty && !matches!(args.scenario, Scenario::Throughput | Scenario::All) {
@@ -324,8 +374,14 @@ fn plan(args: &Args) -> Vec<Spec> {
 /// Runs the plan; returns whether every run passed.
 fn run(args: Args) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("cannot find this binary")?;
+    if args.scenario == Scenario::Hostile {
+        return hostile::run(&hostile_config(&args, exe)?);
+    }
     let specs = plan(&args);
-    let max_clients = specs.iter().map(|s| s.clients).max().unwrap_or(1);
+    // A hung-up session is closed by its worker a moment later, so connects
+    // in a row (latency runs) can outpace the clean-up on a loaded machine:
+    // leave room for all of them.
+    let max_clients = specs.iter().map(|s| s.clients).max().unwrap_or(1) + SEQUENTIAL_CONNECTS;
     let spin = args.spin_us.map(Duration::from_micros);
     let private = match &args.socket {
         Some(_) => None,
@@ -408,6 +464,35 @@ fn run(args: Args) -> anyhow::Result<bool> {
     Ok(!runs.is_empty() && runs.iter().all(Run::passed))
 }
 
+/// The hostile scenario's configuration from the command line.
+fn hostile_config(args: &Args, exe: PathBuf) -> anyhow::Result<hostile::Config> {
+    let daemon = args.daemon.clone().unwrap_or_else(|| exe.with_file_name("ipcd"));
+    if !daemon.exists() {
+        bail!("{} not found; build it (cargo build --release) or pass --daemon PATH", daemon.display());
+    }
+    let (clients, messages, payloads, _) = Scenario::Hostile.defaults();
+    let seed = args.seed.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        attacker::Rng::new(now.as_nanos() as u64 ^ u64::from(std::process::id())).next_u64()
+    });
+    Ok(hostile::Config {
+        daemon,
+        exe,
+        clients: args.clients.unwrap_or(clients),
+        messages: args.messages.unwrap_or(messages),
+        payload: args.payload.unwrap_or(payloads[0]),
+        hostile: args.hostile,
+        pause: Duration::from_micros(args.hostile_pause_us),
+        seed,
+        flood: args.flood,
+        flood_connects: args.flood_connects,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        call_timeout: Duration::from_millis(args.call_timeout_ms),
+        spin: args.spin_us.map(Duration::from_micros),
+        json: args.json.clone(),
+    })
+}
+
 /// Connects this many times in a row for a latency run's connect figure.
 const SEQUENTIAL_CONNECTS: usize = 200;
 
@@ -417,6 +502,11 @@ struct Faults {
     seed: u64,
     chaos_period: Duration,
     duration: Option<Duration>,
+}
+
+impl Faults {
+    /// A plain run: no fault, a number of calls.
+    const NONE: Faults = Faults { chaos: None, seed: 0, chaos_period: Duration::ZERO, duration: None };
 }
 
 fn run_one(

@@ -171,8 +171,11 @@ impl Run {
             (Some(r), _) => r.passed() && o.timeout == 0 && o.rejected == 0 && o.shutdown == 0,
             // Every call not answered must have been answered `shutdown`.
             (_, Some(t)) => t.passed() && o.timeout + o.disconnected + o.rejected == 0 && o.shutdown > 0,
-            // Every planned call made (clients stop once disconnected).
-            _ => self.failed == 0 && self.sent == self.clients as u64 * self.messages_per_client,
+            // Every planned call made (clients stop once disconnected); a
+            // soak run plans a time, not a count.
+            _ => {
+                self.failed == 0 && (self.soak.is_some() || self.sent == self.clients as u64 * self.messages_per_client)
+            }
         };
         exact && failures_ok && self.kill_clients.as_ref().map_or(true, KillReport::passed)
     }

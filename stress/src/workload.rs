@@ -217,7 +217,7 @@ impl ClientOutcome {
     }
 
     /// A client that could not connect: its calls are made and refused.
-    fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
+    pub fn failed_to_connect(messages: u64, connect_ns: u64, error: String) -> ClientOutcome {
         let mut out = ClientOutcome::new(connect_ns);
         out.made = messages;
         out.outcomes.rejected = messages;
@@ -472,7 +472,12 @@ pub fn run_procs(
 ) -> anyhow::Result<(Vec<ClientOutcome>, Duration, ProcsGuard, Option<KillReport>)> {
     let victims = kill.map(|k| k.choose(clients)).unwrap_or_default();
     let before = match kill {
-        Some(k) => crate::daemon::usage(k.daemon_pid)?,
+        Some(k) => {
+            // The daemon opens some fds with its first session and keeps
+            // them: one client in and out first puts them in the baseline.
+            drop(connect(w).0);
+            chaos::settled_usage(k.daemon_pid)?
+        }
         None => Default::default(),
     };
     let mut children = Vec::with_capacity(clients);

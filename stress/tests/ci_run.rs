@@ -269,3 +269,80 @@ fn soak_samples_the_daemon_every_second() {
     assert_eq!(run["failed"], 0);
     assert!(run["duration_s"].as_f64().unwrap() >= 2.9, "{run}");
 }
+
+/// The hostile scenario, small: 4 clients make 2,000 verified calls alone,
+/// then again while 4 hostile clients scribble over their segments and
+/// flood their doorbells; then 50 clients connect in a row without and with
+/// 100 connections stalled in the handshake.
+#[test]
+fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
+    let args = [
+        "--scenario",
+        "hostile",
+        "--hostile",
+        "4",
+        "--clients",
+        "4",
+        "--messages",
+        "2000",
+        "--flood",
+        "100",
+        "--flood-connects",
+        "50",
+        "--handshake-timeout-ms",
+        "500",
+        "--seed",
+        "1",
+    ];
+    let report = run_all(&args, &[]);
+    let runs = report["runs"].as_array().unwrap();
+    let phases: Vec<(&str, &str)> = runs
+        .iter()
+        .map(|r| {
+            let phase = r["hostile"]["phase"].as_str().or(r["handshake_flood"]["phase"].as_str());
+            (r["scenario"].as_str().unwrap(), phase.unwrap_or("none"))
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [("hostile", "baseline"), ("hostile", "attack"), ("handshake-flood", "without"), ("handshake-flood", "with")]
+    );
+    for r in runs {
+        assert_eq!(r["failed"], 0, "{r}");
+        assert_eq!(r["mismatched"], 0, "{r}");
+        assert_eq!(r["succeeded"], r["sent"], "{r}");
+    }
+    assert_eq!(runs[0]["sent"], 8000);
+    assert_eq!(runs[2]["sent"], 50);
+
+    let attack = &runs[1]["hostile"];
+    assert_eq!(attack["hostile_clients"], 4);
+    assert_eq!(attack["seed"], 1);
+    assert!(attack["sessions_opened"].as_u64().unwrap() >= 4, "{attack}");
+    assert!(attack["sessions_disconnected"].as_u64().unwrap() > 0, "{attack}");
+    assert!(attack["daemon_disconnects"]["protocol_violation"].as_u64().unwrap() > 0, "{attack}");
+    assert!(attack["throughput_ratio"].as_f64().unwrap() > 0.0, "{attack}");
+
+    let flood = &runs[3]["handshake_flood"];
+    assert_eq!(flood["stalled"], 100);
+    assert_eq!(flood["stalled_closed"], 100, "{flood}");
+    assert_eq!(flood["stalled_answered"], 0, "{flood}");
+    assert_eq!(flood["daemon_handshake_timeouts"], 100, "{flood}");
+    assert_eq!(flood["handshake_timeout_ms"], 500);
+    // Closed at the timeout, not before (the daemon's deadline starts at
+    // accept, after our connect).
+    assert!(flood["stalled_closed_after_ms"]["min"].as_f64().unwrap() >= 490.0, "{flood}");
+    for phase in [&runs[2]["handshake_flood"], flood] {
+        let c = &phase["connect_us"];
+        assert!(0.0 < c["p50"].as_f64().unwrap() && c["p50"].as_f64() <= c["p99"].as_f64(), "{c}");
+    }
+}
+
+#[test]
+fn hostile_scenario_refuses_options_it_cannot_honour() {
+    let (stress, _) = binaries();
+    for extra in [&["--socket", "/nonexistent.sock"][..], &["--procs"], &["--transport", "tcp"]] {
+        let out = Command::new(&stress).args(["--scenario", "hostile"]).args(extra).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+    }
+}

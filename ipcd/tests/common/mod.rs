@@ -14,18 +14,15 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ipc_client::Client;
+pub use ipc_client::raw::RawSession;
+use ipc_client::{Client, ClientOptions};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
-use ipc_core::{
-    Consumer, Direction, DoorbellKind, FrameHeader, Hello, Producer, Region, SegmentLayout, ServerMessage, Welcome,
-};
-use ipc_platform::{EventFd, Mapping, SocketBell};
+use ipc_core::{DoorbellKind, FrameHeader, ServerMessage};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
@@ -574,96 +571,49 @@ pub fn exchange(socket: &Path, bytes: &[u8]) -> Answer {
     read_answer(&stream)
 }
 
-/// A session opened by hand: the test holds the same shared memory and
-/// doorbells a client would, and can write anything into them.
-pub struct RawSession {
-    /// The control connection; its hang-up ends the session.
-    pub stream: UnixStream,
-    /// The daemon's welcome.
-    pub welcome: Welcome,
-    /// The segment's memfd, kept open to inspect it.
-    pub memfd: OwnedFd,
-    /// The client-to-daemon doorbell.
-    pub bell: EventFd,
-    /// The client's end of the daemon-to-client doorbell, with
-    /// [`DoorbellKind::Pollable`].
-    pub client_bell: Option<SocketBell>,
-    /// The layout the welcome announced.
-    pub layout: SegmentLayout,
-    /// The mapped segment.
-    pub region: Region,
-    /// Our end of the request ring.
-    pub requests: Producer,
-    /// Our end of the response ring.
-    pub responses: Consumer,
+/// Opens a session by hand (see [`RawSession`]) with a hello for `capacity`
+/// and `doorbell`, whose control connection gives up after
+/// [`HANG_UP_LIMIT`].
+///
+/// # Panics
+///
+/// Panics if the handshake or the segment checks fail.
+pub fn raw_session(socket: &Path, capacity: u32, doorbell: DoorbellKind) -> RawSession {
+    let options = ClientOptions::default().ring_capacity(capacity).doorbell(doorbell).connect_timeout(HANG_UP_LIMIT);
+    RawSession::connect(socket, &options).unwrap_or_else(|e| panic!("cannot open a raw session: {e}"))
 }
 
-impl RawSession {
-    /// Handshakes by hand with a hello for `capacity` and `doorbell`, and
-    /// maps the segment after checking its seals and header, as the client
-    /// library does.
-    pub fn connect(socket: &Path, capacity: u32, doorbell: DoorbellKind) -> RawSession {
-        let mut stream = raw_connect(socket);
-        let hello = handshake::encode(&Hello::new(capacity, doorbell)).unwrap();
-        stream.write_all(&hello).expect("cannot send the hello");
-        let (msg, fds) = read_answer(&stream).message();
-        let welcome = match msg {
-            ServerMessage::Welcome(w) => w,
-            ServerMessage::Reject(r) => panic!("hello rejected: {r}"),
-        };
-        assert_eq!(fds.len(), welcome.fd_count(), "fds with the welcome");
-        let mut fds = fds.into_iter();
-        let memfd = fds.next().unwrap();
-        let bell = EventFd::from_fd(fds.next().unwrap()).unwrap();
-        let client_bell = fds.next().map(SocketBell::from_fd);
-        let layout = SegmentLayout::new(welcome.ring_capacity).expect("granted capacity");
-        ipc_platform::check_sealed(memfd.as_fd(), layout.segment_size() as u64).expect("segment seals and size");
-        let region = Mapping::map(memfd.as_fd(), layout.segment_size()).expect("map the segment");
-        SegmentLayout::read_header(&region, welcome.ring_capacity).expect("segment header");
-        let requests = Producer::new(&region, &layout, Direction::Request);
-        let responses = Consumer::new(&region, &layout, Direction::Response);
-        RawSession { stream, welcome, memfd, bell, client_bell, layout, region, requests, responses }
-    }
-
+/// What tests do with a [`RawSession`] beyond the library's methods.
+pub trait RawSessionExt {
     /// The id of the service called `name`.
-    pub fn service(&self, name: &str) -> u16 {
-        self.welcome
-            .services
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no service {name:?} in the welcome"))
-            .id
-    }
-
-    /// Rings the daemon's doorbell.
-    pub fn ring(&self) {
-        self.bell.notify().expect("cannot ring the daemon's doorbell");
-    }
-
-    /// Stores `value` into the request ring's producer index, as a client
-    /// that scribbles its own control block would.
-    pub fn store_request_head(&self, value: u64) {
-        self.region.atomic_u64(self.layout.request_control()).store(value, Ordering::Release);
-    }
-
-    /// Stores `value` into the response ring's consumer index.
-    pub fn store_response_tail(&self, value: u64) {
-        self.region
-            .atomic_u64(self.layout.response_control() + ipc_core::layout::CACHE_LINE)
-            .store(value, Ordering::Release);
-    }
-
-    /// Writes raw bytes at `offset` into the request ring's data.
-    pub fn write_request_data(&self, offset: usize, bytes: &[u8]) {
-        self.region.write(self.layout.request_data() + offset, bytes);
-    }
+    ///
+    /// # Panics
+    ///
+    /// Panics if the welcome does not offer it.
+    fn service(&self, name: &str) -> u16;
 
     /// Sends one well-formed request and polls for its response (the raw
     /// session never announces sleep, so the daemon never has to wake it).
-    pub fn call(&mut self, service: u16, request_id: u64, payload: &[u8]) -> (FrameHeader, Vec<u8>) {
+    fn call(&mut self, service: u16, request_id: u64, payload: &[u8]) -> (FrameHeader, Vec<u8>);
+
+    /// Waits until the daemon closes the control connection.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the connection is still open after `limit`, or if the
+    /// daemon sends anything on it.
+    fn expect_hang_up(&mut self, limit: Duration);
+}
+
+impl RawSessionExt for RawSession {
+    fn service(&self, name: &str) -> u16 {
+        self.service_id(name).unwrap_or_else(|| panic!("no service {name:?} in the welcome"))
+    }
+
+    fn call(&mut self, service: u16, request_id: u64, payload: &[u8]) -> (FrameHeader, Vec<u8>) {
         self.requests.try_push(service, 0, request_id, payload).expect("request fits");
         self.requests.publish();
-        self.ring();
+        self.ring().expect("cannot ring the daemon's doorbell");
         let deadline = Instant::now() + HANG_UP_LIMIT;
         let mut body = Vec::new();
         loop {
@@ -676,27 +626,11 @@ impl RawSession {
         }
     }
 
-    /// Whether the daemon has closed the control connection, without
-    /// waiting.
-    pub fn is_hung_up(&self) -> bool {
-        ipc_platform::peer_closed(self.stream.as_fd()).unwrap_or(true)
-    }
-
-    /// Waits until the daemon closes the control connection.
-    ///
-    /// # Panics
-    ///
-    /// Panics if the connection is still open after `limit`, or if the
-    /// daemon sends anything on it.
-    pub fn expect_hang_up(&mut self, limit: Duration) {
-        self.stream.set_read_timeout(Some(limit)).unwrap();
-        let mut byte = [0u8; 1];
-        match self.stream.read(&mut byte) {
-            Ok(0) => {}
-            Ok(_) => panic!("the daemon sent data on the control connection"),
-            // The daemon's end was closed with our bytes unread in it.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("the daemon did not close the session within {limit:?}: {e}"),
+    fn expect_hang_up(&mut self, limit: Duration) {
+        match self.wait_hang_up(limit) {
+            Ok(true) => {}
+            Ok(false) => panic!("the daemon did not close the session within {limit:?}"),
+            Err(e) => panic!("waiting for the daemon to close the session: {e}"),
         }
     }
 }

@@ -1,0 +1,170 @@
+//! Sessions opened by hand, for programs that play a hostile client: the
+//! daemon's integration tests and stress's `hostile` scenario. Only with the
+//! `raw` feature; not part of the stable API.
+//!
+//! [`RawSession::connect`] runs the same handshake as [`Client`]: a hello
+//! on the control socket, the welcome with the segment's memfd and the
+//! doorbells by `SCM_RIGHTS`, the seal, size and header checks, and the
+//! mapping. Then, instead of wrapping them in a client, it hands every piece
+//! to the caller: the control connection, the fds, the mapped [`Region`]
+//! and both ring ends. The caller may write into the segment what the
+//! library never would and ring the doorbells at will.
+//!
+//! Even here no Rust reference is formed over the shared bytes: writes go
+//! through [`Region::write`] and the atomics [`Region::atomic_u64`] and
+//! [`Region::atomic_u32`] project from raw pointers, so scribbling is safe
+//! code.
+//!
+//! [`Client`]: crate::Client
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub use ipc_core::layout::CACHE_LINE;
+use ipc_core::Direction;
+pub use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout, Welcome};
+use ipc_platform::{EventFd, SocketBell};
+
+use crate::client::{accept_welcome, connect_failed, hello_bytes, read_answer, receive_segment, timeout_or};
+use crate::{ClientOptions, ConnectError};
+
+/// The framed hello (length prefix and body) a client sends for `options`:
+/// for programs that send it in pieces, or only part of it.
+pub fn hello(options: &ClientOptions) -> Result<Vec<u8>, ConnectError> {
+    hello_bytes(options)
+}
+
+/// A shared-memory session opened by hand: the caller holds the same shared
+/// memory and doorbells a client would, and can write anything into them.
+///
+/// Dropping it closes the control connection, which ends the session.
+pub struct RawSession {
+    /// The control connection; its hang-up ends the session. Reads and
+    /// writes on it time out after the options' connect timeout.
+    pub stream: UnixStream,
+    /// The daemon's welcome.
+    pub welcome: Welcome,
+    /// The segment's memfd, kept open to inspect it.
+    pub memfd: OwnedFd,
+    /// The client-to-daemon doorbell.
+    pub bell: EventFd,
+    /// The client's end of the daemon-to-client doorbell, with
+    /// [`DoorbellKind::Pollable`](crate::DoorbellKind::Pollable).
+    pub client_bell: Option<SocketBell>,
+    /// The layout the welcome announced.
+    pub layout: SegmentLayout,
+    /// The mapped segment.
+    pub region: Region,
+    /// Our end of the request ring.
+    pub requests: Producer,
+    /// Our end of the response ring.
+    pub responses: Consumer,
+}
+
+impl RawSession {
+    /// Handshakes with the daemon whose control socket is `socket`, asking
+    /// for `options`' ring capacity and doorbell, and maps the segment after
+    /// checking its seals, size and header, as [`Client`](crate::Client)
+    /// does. The doorbell granted is taken as it comes.
+    pub fn connect(socket: impl AsRef<Path>, options: &ClientOptions) -> Result<RawSession, ConnectError> {
+        let path = socket.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?;
+        stream.set_read_timeout(Some(options.connect_timeout))?;
+        stream.set_write_timeout(Some(options.connect_timeout))?;
+        (&stream).write_all(&hello_bytes(options)?).map_err(|e| timeout_or(e, options.connect_timeout))?;
+        let (message, fds) = read_answer(stream.as_fd(), options.connect_timeout)?;
+        let (welcome, layout) = accept_welcome(message)?;
+        let segment = receive_segment(&welcome, &layout, fds)?;
+        let requests = Producer::new(&segment.region, &layout, Direction::Request);
+        let responses = Consumer::new(&segment.region, &layout, Direction::Response);
+        Ok(RawSession {
+            stream,
+            welcome,
+            memfd: segment.memfd,
+            bell: segment.daemon_bell,
+            client_bell: segment.client_bell,
+            layout,
+            region: segment.region,
+            requests,
+            responses,
+        })
+    }
+
+    /// The id of the service called `name`, if the daemon offers it.
+    pub fn service_id(&self, name: &str) -> Option<u16> {
+        self.welcome.services.iter().find(|s| s.name == name).map(|s| s.id)
+    }
+
+    /// Rings the daemon's doorbell once.
+    pub fn ring(&self) -> io::Result<()> {
+        self.bell.notify()
+    }
+
+    /// Offsets in the segment of the four 64-bit ring indices: the request
+    /// ring's head (ours) and tail (the daemon's), then the response ring's
+    /// head (the daemon's) and tail (ours).
+    pub fn index_words(&self) -> [usize; 4] {
+        let (req, resp) = (self.layout.request_control(), self.layout.response_control());
+        [req, req + CACHE_LINE, resp, resp + CACHE_LINE]
+    }
+
+    /// Offsets in the segment of the four 32-bit waiter words (the futex
+    /// words): the request ring's data and space waiters, then the response
+    /// ring's.
+    pub fn waiter_words(&self) -> [usize; 4] {
+        let (req, resp) = (self.layout.request_control(), self.layout.response_control());
+        [req + 2 * CACHE_LINE, req + 2 * CACHE_LINE + 4, resp + 2 * CACHE_LINE, resp + 2 * CACHE_LINE + 4]
+    }
+
+    /// Stores `value` into the request ring's producer index, as a client
+    /// that scribbles its own control block would.
+    pub fn store_request_head(&self, value: u64) {
+        self.region.atomic_u64(self.index_words()[0]).store(value, Ordering::Release);
+    }
+
+    /// Stores `value` into the response ring's consumer index.
+    pub fn store_response_tail(&self, value: u64) {
+        self.region.atomic_u64(self.index_words()[3]).store(value, Ordering::Release);
+    }
+
+    /// Writes raw bytes at `offset` into the request ring's data.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the bytes would end past the ring's data.
+    pub fn write_request_data(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset.checked_add(bytes.len()).is_some_and(|end| end <= self.layout.capacity() as usize),
+            "{} bytes at offset {offset} overrun a request ring of {} bytes",
+            bytes.len(),
+            self.layout.capacity()
+        );
+        self.region.write(self.layout.request_data() + offset, bytes);
+    }
+
+    /// Whether the daemon has closed the control connection, without
+    /// waiting.
+    pub fn is_hung_up(&self) -> bool {
+        ipc_platform::peer_closed(self.stream.as_fd()).unwrap_or(true)
+    }
+
+    /// Waits up to `limit` for the daemon to close the control connection.
+    /// Returns whether it did; an error if the daemon sent data instead
+    /// (it never does after the handshake) or the read failed.
+    pub fn wait_hang_up(&mut self, limit: Duration) -> io::Result<bool> {
+        self.stream.set_read_timeout(Some(limit))?;
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => Ok(true),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "the daemon sent data on the control connection")),
+            // The daemon's end was closed with our bytes unread in it.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(true),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! A hostile client: it handshakes as a real client would, then writes
+//! random bytes over its own segment (ring indices, frame headers and
+//! lengths, the futex words, payloads), pushes frames with bad fields, and
+//! rings its doorbells in floods. When the daemon disconnects it, it counts
+//! that and connects again, until told to stop.
+//!
+//! Every choice comes from a seeded generator, so a run can be repeated.
+//! Writes into the segment go through `Region`'s copies and atomics: no
+//! Rust reference is ever formed over the shared bytes.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ipc_client::raw::{FrameHeader, RawSession};
+use ipc_client::{ClientOptions, DoorbellKind};
+use serde::Serialize;
+
+/// SplitMix64: small, fast, and the same sequence for the same seed on
+/// every machine.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator whose sequence depends only on `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` at least 1).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// One of `items`.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let word = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+/// What one hostile client did, and what the daemon did to it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tally {
+    /// Handshakes that gave it a session.
+    pub sessions_opened: u64,
+    /// Sessions that ended because the daemon hung up the control
+    /// connection (the rest ended when the run stopped).
+    pub sessions_disconnected: u64,
+    /// Handshakes that failed (rejected, timed out, daemon gone).
+    pub connect_failures: u64,
+    /// Attacks made: scribbles, forged frames, floods.
+    pub bursts: u64,
+    /// Random words and byte runs written into the segment.
+    pub scribbles: u64,
+    /// Frames pushed through the ring with random fields.
+    pub frames_pushed: u64,
+    /// Writes to the daemon's eventfd.
+    pub eventfd_rings: u64,
+    /// Futex wakes on the segment's waiter words.
+    pub futex_wakes: u64,
+    /// Bytes sent back on a pollable doorbell socket.
+    pub bell_rings: u64,
+    /// Bytes written on the control connection after the handshake.
+    pub control_writes: u64,
+    /// CPU time the client's thread used, in seconds.
+    pub cpu_s: f64,
+    /// The first handshake error, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_connect_error: Option<String>,
+}
+
+impl Tally {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Tally) {
+        self.sessions_opened += other.sessions_opened;
+        self.sessions_disconnected += other.sessions_disconnected;
+        self.connect_failures += other.connect_failures;
+        self.bursts += other.bursts;
+        self.scribbles += other.scribbles;
+        self.frames_pushed += other.frames_pushed;
+        self.eventfd_rings += other.eventfd_rings;
+        self.futex_wakes += other.futex_wakes;
+        self.bell_rings += other.bell_rings;
+        self.control_writes += other.control_writes;
+        self.cpu_s += other.cpu_s;
+        if self.first_connect_error.is_none() {
+            self.first_connect_error.clone_from(&other.first_connect_error);
+        }
+    }
+}
+
+/// Ring capacities a hostile client asks for: the smallest, a middling one,
+/// and the client library's default.
+const CAPACITIES: [u32; 3] = [4096, 16 << 10, 64 << 10];
+/// How long to wait before connecting again after a failed handshake.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(2);
+
+/// Attacks the daemon at `socket` until `stop` is set: one session after
+/// another, each abused until the daemon hangs up. Sleeps `pause` after each
+/// burst (zero: never). Adds one to `started` once the first session is
+/// open.
+pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, started: &AtomicUsize) -> Tally {
+    let mut rng = Rng::new(seed);
+    let mut tally = Tally::default();
+    // Relaxed: the flag carries no data, and a burst more or less after it
+    // is set does not matter.
+    while !stop.load(Ordering::Relaxed) {
+        let options = ClientOptions::default()
+            .ring_capacity(rng.pick(&CAPACITIES))
+            .doorbell(rng.pick(&[DoorbellKind::Futex, DoorbellKind::Pollable]))
+            .connect_timeout(Duration::from_secs(5));
+        let mut session = match RawSession::connect(socket, &options) {
+            Ok(s) => s,
+            Err(e) => {
+                tally.connect_failures += 1;
+                tally.first_connect_error.get_or_insert_with(|| e.to_string());
+                std::thread::sleep(RECONNECT_BACKOFF);
+                continue;
+            }
+        };
+        tally.sessions_opened += 1;
+        if tally.sessions_opened == 1 {
+            // Relaxed: a progress count, read by polling.
+            started.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut next_id = 1u64;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if session.is_hung_up() {
+                tally.sessions_disconnected += 1;
+                break;
+            }
+            burst(&mut session, &mut rng, &mut next_id, &mut tally);
+            tally.bursts += 1;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+    tally.cpu_s = crate::daemon::cpu_seconds("thread-self").unwrap_or(0.0);
+    tally
+}
+
+/// One attack on `s`, chosen at random.
+fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
+    let capacity = u64::from(s.layout.capacity());
+    match rng.below(100) {
+        // A ring index: random, aligned but out of range, or near where it
+        // should be.
+        0..=19 => {
+            let word = rng.pick(&s.index_words());
+            let current = s.region.atomic_u64(word).load(Ordering::Relaxed);
+            let value = match rng.below(4) {
+                0 => rng.next_u64(),
+                1 => rng.below(4 * capacity) & !7,
+                2 => current.wrapping_add(rng.below(2 * capacity)).wrapping_sub(capacity),
+                _ => current.wrapping_add(rng.below(64)),
+            };
+            // Relaxed and Release alike: the daemon must cope with any
+            // ordering, and this is a lie either way.
+            s.region.atomic_u64(word).store(value, Ordering::Release);
+            tally.scribbles += 1;
+        }
+        // A futex word: the daemon reads them to decide whom to wake.
+        20..=29 => {
+            let word = rng.pick(&s.waiter_words());
+            let value = match rng.below(3) {
+                0 => 0,
+                1 => 1,
+                _ => rng.next_u64() as u32,
+            };
+            s.region.atomic_u32(word).store(value, Ordering::Release);
+            tally.scribbles += 1;
+        }
+        // A forged frame header where the daemon reads next, published.
+        30..=44 => forge_frame(s, rng, capacity, tally),
+        // Frames through the ring with random fields: unknown services,
+        // response flags, repeated ids, and plain echo requests.
+        45..=64 => push_frames(s, rng, next_id, tally),
+        // Random bytes anywhere in the segment: header, control blocks, data.
+        65..=79 => {
+            let len = 1 + rng.below(256) as usize;
+            let offset = rng.below((s.layout.segment_size() - len) as u64 + 1) as usize;
+            let mut bytes = vec![0u8; len];
+            rng.fill(&mut bytes);
+            s.region.write(offset, &bytes);
+            tally.scribbles += 1;
+        }
+        // A doorbell flood, both kinds.
+        80..=94 => flood_doorbells(s, rng, tally),
+        // Read the replies, as a client would, so the response ring is not
+        // always full.
+        95..=98 => {
+            let mut body = Vec::new();
+            while let Ok(Some(_)) = s.responses.try_pop(&mut body) {}
+            s.responses.release();
+        }
+        // Bytes on the control connection after the handshake.
+        _ => {
+            use std::io::Write;
+            if (&s.stream).write(b"surprise").is_ok() {
+                tally.control_writes += 1;
+            }
+        }
+    }
+}
+
+/// Writes a frame header with random fields at the request ring's current
+/// read position and publishes a head that covers some of it.
+fn forge_frame(s: &mut RawSession, rng: &mut Rng, capacity: u64, tally: &mut Tally) {
+    let [head_word, tail_word, ..] = s.index_words();
+    // The daemon's tail, read once: we attack from where it reads.
+    let tail = s.region.atomic_u64(tail_word).load(Ordering::Acquire);
+    let at = (tail % capacity) & !7;
+    if at + 16 > capacity {
+        return;
+    }
+    let service = match rng.below(3) {
+        0 => rng.next_u64() as u16,
+        _ => s.welcome.services.get(rng.below(s.welcome.services.len().max(1) as u64) as usize).map_or(0, |e| e.id),
+    };
+    let header = FrameHeader {
+        len: match rng.below(3) {
+            0 => rng.next_u64() as u32,
+            1 => rng.below(capacity) as u32,
+            _ => rng.below(64) as u32,
+        },
+        service,
+        flags: if rng.below(2) == 0 { 0 } else { rng.next_u64() as u16 },
+        request_id: rng.next_u64(),
+    };
+    s.write_request_data(at as usize, &header.encode());
+    let head = tail.wrapping_add(16 + (rng.below(64) & !7));
+    s.region.atomic_u64(head_word).store(head, Ordering::Release);
+    let _ = s.ring();
+    tally.scribbles += 1;
+    tally.eventfd_rings += 1;
+}
+
+/// Pushes up to 32 frames through the library's own producer, with random
+/// fields, publishes them and rings.
+fn push_frames(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
+    let mut payload = [0u8; 256];
+    for _ in 0..1 + rng.below(32) {
+        let service = match rng.below(8) {
+            0 => rng.next_u64() as u16,
+            _ => s.service_id("echo").unwrap_or(0),
+        };
+        let flags = if rng.below(16) == 0 { rng.next_u64() as u16 } else { 0 };
+        let id = match rng.below(16) {
+            // A repeated or going-back id.
+            0 => next_id.saturating_sub(rng.below(3)),
+            _ => {
+                *next_id += 1;
+                *next_id
+            }
+        };
+        let len = rng.below(payload.len() as u64 + 1) as usize;
+        rng.fill(&mut payload[..len]);
+        match s.requests.try_push(service, flags, id, &payload[..len]) {
+            Ok(()) => tally.frames_pushed += 1,
+            // Full, or a ring we scribbled: stop pushing for this burst.
+            Err(_) => break,
+        }
+    }
+    s.requests.publish();
+    let _ = s.ring();
+    tally.eventfd_rings += 1;
+}
+
+/// Rings the daemon's eventfd, wakes the futex words, and (with a pollable
+/// doorbell) sends bytes back on the doorbell socket, up to 512 times each.
+fn flood_doorbells(s: &mut RawSession, rng: &mut Rng, tally: &mut Tally) {
+    let n = 1 + rng.below(512);
+    for _ in 0..n {
+        if s.ring().is_ok() {
+            tally.eventfd_rings += 1;
+        }
+    }
+    for _ in 0..n / 8 + 1 {
+        let word = rng.pick(&s.waiter_words());
+        if ipc_platform::futex::wake_one(s.region.atomic_u32(word)).is_ok() {
+            tally.futex_wakes += 1;
+        }
+    }
+    if let Some(bell) = &s.client_bell {
+        for _ in 0..n {
+            if bell.ring().is_ok() {
+                tally.bell_rings += 1;
+            }
+        }
+        let _ = bell.drain();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_sequence() {
+        let (mut a, mut b, mut c) = (Rng::new(7), Rng::new(7), Rng::new(8));
+        let xs: Vec<u64> = (0..16).map(|_| a.next_u64()).collect();
+        let ys: Vec<u64> = (0..16).map(|_| b.next_u64()).collect();
+        let zs: Vec<u64> = (0..16).map(|_| c.next_u64()).collect();
+        assert_eq!(xs, ys);
+        assert_ne!(xs, zs);
+    }
+
+    #[test]
+    fn fill_covers_odd_lengths_and_below_stays_below() {
+        let mut rng = Rng::new(1);
+        let mut buf = [0u8; 13];
+        rng.fill(&mut buf);
+        assert!(buf.iter().any(|&b| b != 0));
+        assert!((0..1000).all(|_| rng.below(3) < 3));
+    }
+}
