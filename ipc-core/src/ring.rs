@@ -10,7 +10,7 @@
 //! - `tail`: bytes ever released by the consumer. Written only by the
 //!   consumer, with Release, after it has copied the frames it covers out.
 //! - `data_waiter`: 1 while the consumer is (about to be) asleep waiting for
-//!   data; the producer swaps it back to 0 when it wakes the consumer.
+//!   data; the producer clears it back to 0 when it wakes the consumer.
 //! - `space_waiter`: the same, for a producer waiting for free space.
 //!
 //! Both indices only grow (u64 byte counts: they never wrap in practice).
@@ -39,7 +39,7 @@
 //! consumer (prepare_sleep)            producer (publish)
 //!   data_waiter = 1                     head = h            (Release)
 //!   fence(SeqCst)                       fence(SeqCst)
-//!   read head: data? -> cancel sleep    read data_waiter: 1? -> swap 0, wake
+//!   read head: data? -> cancel sleep    read data_waiter: 1? -> clear, wake
 //!   else sleep while data_waiter == 1
 //! ```
 //!
@@ -49,9 +49,9 @@
 //! sees the new frame and it does not sleep. Either way the frame is not
 //! left unseen by a sleeping consumer. The consumer sleeps only while the
 //! word still holds 1 (a futex wait on that value, or an eventfd whose
-//! counter the producer bumps after the swap), so a wake that lands between
-//! its check and its sleep is not lost either. The same handshake, with
-//! `space_waiter` and `tail`, lets a producer sleep until space frees.
+//! counter the producer bumps after clearing it), so a wake that lands
+//! between its check and its sleep is not lost either. The same handshake,
+//! with `space_waiter` and `tail`, lets a producer sleep until space frees.
 //!
 //! # Wrap-around
 //!
@@ -128,6 +128,26 @@ impl RingRef {
         }
         Ok(theirs)
     }
+}
+
+/// Takes the peer's sleep announcement from `waiter`, if one stands: so one
+/// announcement gets one wake, however many publishes or releases follow.
+/// Returns whether the caller must wake the peer.
+///
+/// The caller has just issued its `SYNC(sleep-handshake)` fence, which is
+/// what orders these accesses after its index store: both are Relaxed.
+fn take_announcement(waiter: &AtomicU32) -> bool {
+    // A plain load first: while the peer is awake the word reads 0, and the
+    // common case costs no locked instruction.
+    let seen = waiter.load(Ordering::Relaxed);
+    // Clear exactly the value seen, which is what a swap to 0 does whenever
+    // the announcement still stands. A compare-exchange rather than a swap
+    // because a swap that finds the announcement withdrawn meanwhile still
+    // writes its 0, and loom 0.7 may order that write after the peer's next
+    // announcement (tokio-rs/loom#254: it does not keep a later store out of
+    // the middle of a read-modify-write), reporting a lost wake-up that
+    // cannot happen; a compare-exchange that fails writes nothing.
+    seen != 0 && waiter.compare_exchange(seen, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok()
 }
 
 /// Names the index a [`RingError`] is about.
@@ -397,10 +417,7 @@ impl Producer {
         // SYNC(sleep-handshake): pairs with the fence in
         // `Consumer::prepare_sleep`.
         fence(Ordering::SeqCst);
-        let waiter = self.ring.word(DATA_WAITER);
-        // Relaxed: ordered by the fence above; the swap makes sure one
-        // announcement gets one wake, however many frames follow.
-        waiter.load(Ordering::Relaxed) != 0 && waiter.swap(0, Ordering::Relaxed) != 0
+        take_announcement(self.ring.word(DATA_WAITER))
     }
 
     /// Announces that the producer will sleep until a frame of `len` payload
@@ -683,9 +700,7 @@ impl Consumer {
         // SYNC(sleep-handshake): pairs with the fence in
         // `Producer::prepare_wait_space`.
         fence(Ordering::SeqCst);
-        let waiter = self.ring.word(SPACE_WAITER);
-        // Relaxed: ordered by the fence above.
-        waiter.load(Ordering::Relaxed) != 0 && waiter.swap(0, Ordering::Relaxed) != 0
+        take_announcement(self.ring.word(SPACE_WAITER))
     }
 
     /// Announces that the consumer will sleep until data arrives. Returns
