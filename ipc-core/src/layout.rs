@@ -113,6 +113,19 @@ impl SegmentLayout {
         need.clamp(MIN_RING_CAPACITY as usize, MAX_RING_CAPACITY as usize).next_power_of_two() as u32
     }
 
+    /// A layout with rings far smaller than [`MIN_RING_CAPACITY`], so that
+    /// the loom model (`ring/loom_model.rs`) fills a ring with a few frames
+    /// and wraps it within a handful of steps. Nothing else uses it: both
+    /// real processes only accept what [`SegmentLayout::new`] accepts.
+    #[cfg(loom)]
+    pub(crate) fn for_model(capacity: u32) -> SegmentLayout {
+        assert!(
+            capacity.is_power_of_two() && capacity >= 4 * crate::frame::HEADER_LEN as u32,
+            "model capacity {capacity}"
+        );
+        SegmentLayout { capacity }
+    }
+
     /// Bytes of ring data per direction.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -226,7 +239,7 @@ impl SegmentLayout {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::region::HeapMemory;

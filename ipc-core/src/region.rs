@@ -23,11 +23,20 @@
 //! - The memory stays mapped for as long as any `Region` clone exists: a
 //!   region holds an `Arc` of the [`SharedMemory`] that owns the mapping.
 
-use std::fmt;
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 use std::sync::Arc;
+#[cfg(not(loom))]
+use std::{fmt, ptr};
 
+#[cfg(not(loom))]
 use crate::sync::{AtomicU32, AtomicU64};
+
+// Under loom, `Region` keeps the ring's words as loom atomics and its data
+// as loom-tracked cells instead of raw memory.
+#[cfg(loom)]
+mod loom_model;
+#[cfg(loom)]
+pub use loom_model::Region;
 
 /// Memory that can back a [`Region`]: an `mmap`ed segment, or a heap buffer
 /// in tests.
@@ -56,6 +65,7 @@ pub const REGION_ALIGN: usize = 4096;
 /// A bounds-checked window over shared memory.
 ///
 /// Cloning is cheap (an `Arc`); every clone keeps the memory alive.
+#[cfg(not(loom))]
 #[derive(Clone)]
 pub struct Region {
     base: NonNull<u8>,
@@ -66,16 +76,20 @@ pub struct Region {
 // SAFETY: `Region` only hands out atomics and copies bytes through raw
 // pointers; the memory it points to is shared by design and its owner is
 // `Send + Sync`.
+#[cfg(not(loom))]
 unsafe impl Send for Region {}
 // SAFETY: as above; no method gives out a non-atomic reference.
+#[cfg(not(loom))]
 unsafe impl Sync for Region {}
 
+#[cfg(not(loom))]
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Region").field("base", &self.base).field("len", &self.len).finish()
     }
 }
 
+#[cfg(not(loom))]
 impl Region {
     /// Wraps `memory` in a region.
     ///
@@ -101,12 +115,7 @@ impl Region {
     }
 
     fn check(&self, offset: usize, len: usize, align: usize) {
-        let end = offset.checked_add(len);
-        assert!(
-            end.is_some_and(|end| end <= self.len) && offset % align == 0,
-            "region access at offset {offset} of {len} bytes (align {align}) is outside a region of {} bytes",
-            self.len
-        );
+        check_access(self.len, offset, len, align);
     }
 
     /// The 64-bit word at `offset`, as an atomic.
@@ -185,6 +194,16 @@ impl Region {
     }
 }
 
+/// Panics unless `len` bytes at `offset` lie inside a region of
+/// `region_len` bytes and `offset` is a multiple of `align`.
+fn check_access(region_len: usize, offset: usize, len: usize, align: usize) {
+    let end = offset.checked_add(len);
+    assert!(
+        end.is_some_and(|end| end <= region_len) && offset % align == 0,
+        "region access at offset {offset} of {len} bytes (align {align}) is outside a region of {region_len} bytes"
+    );
+}
+
 /// A zeroed, page-aligned heap buffer that can back a [`Region`], for tests
 /// and for running the ring inside one process.
 pub struct HeapMemory {
@@ -232,7 +251,7 @@ unsafe impl SharedMemory for HeapMemory {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

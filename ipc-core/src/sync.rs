@@ -1,7 +1,13 @@
 //! The one place the ring takes its atomics from.
 //!
-//! Keeping every atomic import behind this module means a model checker
-//! (loom) can later be switched in for the ring logic without touching the
-//! ring itself.
+//! Normally these are `std`'s. Under `RUSTFLAGS="--cfg loom"` they are
+//! loom's, so the model in `ring/loom_model.rs` runs the ring's own code
+//! while loom explores every interleaving and every value a weak load may
+//! return. `Region` switches with them (see `region/loom_model.rs`): loom's
+//! atomics cannot be projected from raw pointers into a mapping.
 
+#[cfg(not(loom))]
 pub use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+#[cfg(loom)]
+pub use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
