@@ -328,74 +328,216 @@ fn threads_pass_every_frame_in_order() {
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Push a frame of this many payload bytes, with `try_push`.
     Push(usize),
+    /// The same with `try_push_with`, written in two pieces in place.
+    PushInPlace(usize),
     Publish,
+    /// Take a frame with `try_pop`.
     Pop,
+    /// Take a frame with `try_peek`, `read_at` in two pieces, `consume`.
+    PeekRead,
     Release,
+    /// The consumer announces a sleep (and withdraws it at once if data is
+    /// there), as before waiting.
+    PrepareSleep,
+    FinishSleep,
+    /// The producer announces a wait for room for this many payload bytes.
+    PrepareWaitSpace(usize),
+    FinishWaitSpace,
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn len(max: usize) -> impl Strategy<Value = usize> {
+    // Mostly small frames, which wrap at any offset; some up to the maximum
+    // and just past it.
+    prop_oneof![6 => 0usize..300, 3 => 0..=max, 1 => max - 8..max + 24]
+}
+
+fn op(max: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0usize..1100).prop_map(Op::Push),
+        4 => len(max).prop_map(Op::Push),
+        2 => len(max).prop_map(Op::PushInPlace),
         2 => Just(Op::Publish),
         3 => Just(Op::Pop),
+        2 => Just(Op::PeekRead),
         2 => Just(Op::Release),
+        1 => Just(Op::PrepareSleep),
+        1 => Just(Op::FinishSleep),
+        1 => (0..=max).prop_map(Op::PrepareWaitSpace),
+        1 => Just(Op::FinishWaitSpace),
     ]
+}
+
+/// The ring as a byte count and a `VecDeque` of frames: where each frame
+/// goes (padding included), which are published, consumed and released,
+/// and which side announced a sleep.
+struct Model {
+    capacity: u64,
+    max: usize,
+    /// Frames pushed and not yet taken: id, service, flags, payload, and the
+    /// bytes they take in the ring with any pad or remnant before them.
+    queue: VecDeque<(u64, u16, u16, Vec<u8>, u64)>,
+    /// How many of `queue` are published.
+    published: usize,
+    /// Bytes written, published, taken and released.
+    head: u64,
+    published_head: u64,
+    taken: u64,
+    released: u64,
+    data_waiter: bool,
+    space_waiter: bool,
+}
+
+impl Model {
+    fn new(capacity: u32) -> Model {
+        Model {
+            capacity: u64::from(capacity),
+            max: capacity as usize / 2 - HEADER_LEN,
+            queue: VecDeque::new(),
+            published: 0,
+            head: 0,
+            published_head: 0,
+            taken: 0,
+            released: 0,
+            data_waiter: false,
+            space_waiter: false,
+        }
+    }
+
+    /// Bytes a frame of `len` payload bytes takes at the current head: its
+    /// size, plus the rest of the lap when it does not fit before the end.
+    fn needed(&self, len: usize) -> u64 {
+        let size = frame_size(len) as u64;
+        let to_end = self.capacity - self.head % self.capacity;
+        if size > to_end {
+            to_end + size
+        } else {
+            size
+        }
+    }
+
+    /// Whether a push must succeed: only what the consumer released is free.
+    fn fits(&self, len: usize) -> bool {
+        self.head + self.needed(len) - self.released <= self.capacity
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    /// The ring behaves like a queue: what is pushed and published comes out
-    /// in order, byte for byte; a push fails only when the bytes held
-    /// (consumed but unreleased included) leave no room.
+    /// The ring behaves exactly like the model, whatever the sequence of
+    /// operations and frame sizes: frames come out published, in order,
+    /// byte for byte, with their headers; a push fails if and only if the
+    /// released space cannot hold it (pads included), so the ring neither
+    /// overwrites unreleased bytes nor refuses free ones; the consumer's
+    /// index moves by exactly the frames, pads and remnants it passed; and
+    /// a publish or release asks for a wake-up exactly once per announced
+    /// sleep, and only when it hands the sleeper something.
     #[test]
-    fn ring_matches_a_vecdeque_model(ops in proptest::collection::vec(op(), 1..400)) {
-        let (_r, mut p, mut c) = ring(4096);
-        let mut pushed: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
-        let mut published = 0usize; // how many of `pushed` are published
-        let mut next_id = 0u64;
-        let mut consumed_unreleased = 0usize;
+    fn ring_matches_a_vecdeque_model(
+        (capacity, ops) in prop_oneof![Just(4096u32), Just(8192u32)].prop_flat_map(|capacity| {
+            let max = capacity as usize / 2 - HEADER_LEN;
+            (Just(capacity), proptest::collection::vec(op(max), 1..400))
+        }),
+        seed in any::<u32>(),
+    ) {
+        let (r, mut p, mut c) = ring(capacity);
+        let mut m = Model::new(capacity);
+        let tail_word = r.atomic_u64(control(&r) + TAIL);
+        let mut next_id = u64::from(seed);
         let mut out = Vec::new();
         for op in ops {
             match op {
-                Op::Push(len) => {
-                    let body = payload(next_id, len);
-                    match p.try_push(0, 0, next_id, &body) {
-                        Ok(()) => { pushed.push_back((next_id, body)); next_id += 1; }
-                        Err(PushError::Full) => {
-                            // An empty ring (nothing held, nothing awaiting
-                            // release) always takes a frame up to the maximum.
-                            prop_assert!(!pushed.is_empty() || consumed_unreleased > 0);
-                        }
-                        Err(e) => prop_assert!(false, "unexpected {}", e),
+                Op::Push(len) | Op::PushInPlace(len) => {
+                    let (id, service, flags) = (next_id, next_id as u16, if next_id % 3 == 0 { FLAG_ERROR } else { 0 });
+                    let body = payload(id, len);
+                    let result = if let Op::Push(_) = op {
+                        p.try_push(service, flags, id, &body)
+                    } else {
+                        p.try_push_with(service, flags, id, len, |w| {
+                            w.write_at(len / 2, &body[len / 2..]);
+                            w.write_at(0, &body[..len / 2]);
+                        })
+                    };
+                    if len > m.max {
+                        prop_assert_eq!(result, Err(PushError::TooLarge { len, max: m.max as u32 }));
+                    } else if m.fits(len) {
+                        prop_assert_eq!(result, Ok(()), "push of {} bytes at {} with {} released", len, m.head, m.released);
+                        let needed = m.needed(len);
+                        m.head += needed;
+                        m.queue.push_back((id, service, flags, body, needed));
+                        next_id = next_id.wrapping_add(1);
+                    } else {
+                        prop_assert_eq!(result, Err(PushError::Full));
                     }
                 }
-                Op::Publish => { p.publish(); published = pushed.len(); }
-                Op::Pop => {
-                    match c.try_pop(&mut out).unwrap() {
+                Op::Publish => {
+                    let fresh = m.head != m.published_head;
+                    prop_assert_eq!(p.publish(), fresh && m.data_waiter);
+                    if fresh {
+                        m.data_waiter = false;
+                    }
+                    m.published = m.queue.len();
+                    m.published_head = m.head;
+                }
+                Op::Pop | Op::PeekRead => {
+                    let header = if let Op::Pop = op {
+                        c.try_pop(&mut out).unwrap()
+                    } else {
+                        c.try_peek().unwrap().map(|frame| {
+                            out.resize(frame.len(), 0);
+                            let half = frame.len() / 2;
+                            c.read_at(&frame, half, &mut out[half..]);
+                            c.read_at(&frame, 0, &mut out[..half]);
+                            c.consume(&frame);
+                            frame.header
+                        })
+                    };
+                    match header {
                         Some(h) => {
-                            prop_assert!(published > 0);
-                            let (id, body) = pushed.pop_front().unwrap();
-                            published -= 1;
-                            consumed_unreleased += 1;
-                            prop_assert_eq!(h.request_id, id);
+                            prop_assert!(m.published > 0, "an unpublished frame came out");
+                            let (id, service, flags, body, needed) = m.queue.pop_front().unwrap();
+                            m.published -= 1;
+                            m.taken += needed;
+                            prop_assert_eq!((h.request_id, h.service, h.flags, h.len as usize), (id, service, flags, body.len()));
                             prop_assert_eq!(&out, &body);
                         }
-                        None => prop_assert_eq!(published, 0),
+                        None => prop_assert_eq!(m.published, 0, "a published frame did not come out"),
                     }
                 }
-                Op::Release => { c.release(); consumed_unreleased = 0; }
+                Op::Release => {
+                    let fresh = m.taken != m.released;
+                    prop_assert_eq!(c.release(), fresh && m.space_waiter);
+                    if fresh {
+                        m.space_waiter = false;
+                    }
+                    m.released = m.taken;
+                    prop_assert_eq!(tail_word.load(Ordering::Relaxed), m.released);
+                }
+                Op::PrepareSleep => {
+                    let sleeps = c.prepare_sleep().unwrap();
+                    prop_assert_eq!(sleeps, m.published == 0);
+                    m.data_waiter = sleeps;
+                }
+                Op::FinishSleep => { c.finish_sleep(); m.data_waiter = false; }
+                Op::PrepareWaitSpace(len) => {
+                    let waits = p.prepare_wait_space(len).unwrap();
+                    prop_assert_eq!(waits, !m.fits(len));
+                    m.space_waiter = waits;
+                }
+                Op::FinishWaitSpace => { p.finish_wait_space(); m.space_waiter = false; }
             }
+            prop_assert_eq!(c.data_waiter().load(Ordering::Relaxed), u32::from(m.data_waiter));
+            prop_assert_eq!(p.space_waiter().load(Ordering::Relaxed), u32::from(m.space_waiter));
         }
-        // Everything published still comes out, in order.
+        // Everything pushed still comes out, in order.
         p.publish();
         while let Some(h) = c.try_pop(&mut out).unwrap() {
-            let (id, body) = pushed.pop_front().unwrap();
+            let (id, _, _, body, _) = m.queue.pop_front().unwrap();
             prop_assert_eq!(h.request_id, id);
             prop_assert_eq!(&out, &body);
         }
-        prop_assert!(pushed.is_empty());
+        prop_assert!(m.queue.is_empty());
     }
 }
 
