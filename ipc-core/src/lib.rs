@@ -29,6 +29,9 @@
 
 mod error;
 pub mod frame;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod layout;
 mod region;

@@ -536,6 +536,11 @@ impl Frame {
     pub fn is_empty(&self) -> bool {
         self.header.len == 0
     }
+
+    /// Where the payload lies in the region, for the fuzzing checks.
+    pub(crate) fn payload_span(&self) -> std::ops::Range<usize> {
+        self.payload..self.payload + self.len()
+    }
 }
 
 /// The reading end of a ring.

@@ -1,0 +1,205 @@
+//! Fuzz targets: everything `ipc-core` decodes from a peer, as plain
+//! functions of arbitrary bytes.
+//!
+//! The `fuzz/` crate at the repository root hands libFuzzer's inputs to
+//! these functions, and `tests/fuzz_corpus.rs` replays the checked-in corpus
+//! through the same functions on stable. Each one panics only when a check
+//! fails: a decoder that panics, accepts what it should refuse, reads
+//! outside its ring, or does not stop.
+
+use crate::frame::{frame_size, FrameHeader, FLAG_ERROR, FLAG_PAD, FRAME_ALIGN, HEADER_LEN};
+use crate::handshake::{self, HELLO_MAGIC, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::layout::{SegmentLayout, HEAD};
+use crate::region::{HeapMemory, Region};
+use crate::reply::{decode_error, encode_error};
+use crate::ring::{Consumer, Direction};
+use crate::sync::Ordering;
+
+/// Decodes `data` as a byte stream of frames, the way both stream
+/// transports read one: the first two bytes are the negotiated maximum
+/// payload, then headers and payloads follow back to back. Error bodies are
+/// decoded too.
+///
+/// # Panics
+///
+/// Panics if a check fails: a header does not round-trip, its flags or size
+/// are misjudged, or an error body does not decode to what re-encodes.
+pub fn frame_decoder(data: &[u8]) {
+    let Some((max, mut rest)) = data.split_first_chunk::<2>() else { return };
+    let max_payload = usize::from(u16::from_le_bytes(*max));
+    while let Some((raw, after)) = rest.split_first_chunk::<HEADER_LEN>() {
+        let header = FrameHeader::decode(raw);
+        // Every bit pattern decodes, and losslessly.
+        assert_eq!(&header.encode(), raw, "header does not round-trip");
+        assert_eq!(header.unknown_flags(), header.flags & !(FLAG_PAD | FLAG_ERROR));
+        assert_eq!(header.is_pad(), header.flags & FLAG_PAD != 0);
+        assert_eq!(header.is_error(), header.flags & FLAG_ERROR != 0);
+        let len = header.len as usize;
+        let size = frame_size(len);
+        assert!(size >= HEADER_LEN + len && size < HEADER_LEN + len + FRAME_ALIGN && size % FRAME_ALIGN == 0);
+        if header.unknown_flags() != 0 || len > max_payload || after.len() < len {
+            // A reader refuses the stream here (or waits for more).
+            return;
+        }
+        let (payload, after) = after.split_at(len);
+        if header.is_error() {
+            check_error_body(payload);
+        }
+        rest = after;
+    }
+}
+
+/// An error body decodes to a code and message that encode and decode back
+/// to themselves (the message cut at a character boundary).
+fn check_error_body(body: &[u8]) {
+    let (code, message) = decode_error(body);
+    let mut again = Vec::new();
+    encode_error(code, &message, &mut again);
+    let (code2, message2) = decode_error(&again);
+    if body.len() >= 4 {
+        assert_eq!(code2, code, "error code does not round-trip");
+    }
+    assert!(message.starts_with(&message2), "error message does not round-trip");
+}
+
+/// Decodes `data` as a control message, the way the daemon reads a hello
+/// and a client reads the daemon's answer: a 4-byte length prefix, then the
+/// body (all the rest, when the prefix does not fit the bytes).
+///
+/// # Panics
+///
+/// Panics if a check fails: an accepted hello has the wrong magic or
+/// version, or an accepted message does not encode back to exactly the bytes
+/// it was decoded from.
+pub fn handshake_decoder(data: &[u8]) {
+    let Some((prefix, rest)) = data.split_first_chunk::<LENGTH_PREFIX>() else { return };
+    let body = match handshake::body_len(*prefix) {
+        Ok(len) if len <= rest.len() => &rest[..len],
+        _ => rest,
+    };
+    if let Ok(hello) = handshake::decode_hello(body) {
+        assert_eq!((hello.magic, hello.version), (HELLO_MAGIC, PROTOCOL_VERSION));
+        assert_canonical(&hello, body);
+    }
+    if let Ok(message) = handshake::decode_server_message(body) {
+        assert_canonical(&message, body);
+    }
+}
+
+/// Only the one encoding of a message decodes to it: no trailing bytes, no
+/// alternative spelling.
+fn assert_canonical<T: serde::Serialize>(message: &T, body: &[u8]) {
+    let framed = handshake::encode(message).expect("a decoded message encodes");
+    assert_eq!(&framed[LENGTH_PREFIX..], body, "decoded message does not encode to its bytes");
+}
+
+/// Bytes of the segment header `ring_consumer`'s input supplies.
+const SEGMENT_HEADER: usize = 32;
+/// The most rounds of "the producer writes and publishes, the consumer
+/// drains" one input runs.
+const MAX_ROUNDS: usize = 16;
+
+/// Runs a consumer over a segment whose every peer-written byte comes from
+/// `data`: the segment header, the ring's bytes and the producer's index,
+/// over several rounds.
+///
+/// Layout of `data` (missing bytes read as zero, a short last round is cut):
+///
+/// ```text
+/// choices   u8        bit 0: the response ring, not the request ring
+///                     bit 1: 8 KiB rings, not 4 KiB
+///                     bit 2: read in place (try_peek, read_at, consume)
+/// header    32 bytes  the segment header
+/// rounds, each:
+///   head    u64 le    the producer index to publish
+///   n       u16 le    bytes that follow
+///   bytes   n bytes   written into the ring where the previous round's
+///                     bytes ended (from offset 0 at first), wrapping
+/// ```
+///
+/// After each round's publish the consumer takes frames until it finds the
+/// ring empty or reports an error, releases them, and announces a sleep.
+///
+/// # Panics
+///
+/// Panics if a check fails: the consumer panics, returns a frame that lies
+/// outside its ring or breaks the negotiated bounds, or takes more steps
+/// than one lap of frames to report empty or an error.
+pub fn ring_consumer(data: &[u8]) {
+    let (&choices, rest) = data.split_first().unwrap_or((&0, &[]));
+    let direction = if choices & 1 == 0 { Direction::Request } else { Direction::Response };
+    let capacity = if choices & 2 == 0 { 4096 } else { 8192 };
+    let in_place = choices & 4 != 0;
+    let layout = SegmentLayout::new(capacity).expect("a valid capacity");
+    let region = Region::new(HeapMemory::new(layout.segment_size()));
+
+    // The header as a client checks it: accepted only as exactly ours.
+    let (header, mut rest) = rest.split_at(rest.len().min(SEGMENT_HEADER));
+    region.write(0, header);
+    if let Ok(read) = SegmentLayout::read_header(&region, capacity) {
+        assert_eq!(read, layout, "a header accepted for another layout");
+    }
+
+    let (control, start) = match direction {
+        Direction::Request => (layout.request_control(), layout.request_data()),
+        Direction::Response => (layout.response_control(), layout.response_data()),
+    };
+    let capacity = capacity as usize;
+    let ring = start..start + capacity;
+    let mut rx = Consumer::new(&region, &layout, direction);
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    for _ in 0..MAX_ROUNDS {
+        let Some((head, after)) = rest.split_first_chunk::<8>() else { return };
+        let Some((n, after)) = after.split_first_chunk::<2>() else { return };
+        let (bytes, after) = after.split_at(after.len().min(usize::from(u16::from_le_bytes(*n))));
+        rest = after;
+        // The producer's writes, wrapping at the end of the ring.
+        for chunk in bytes.chunks(capacity) {
+            let first = chunk.len().min(capacity - cursor);
+            region.write(start + cursor, &chunk[..first]);
+            region.write(start, &chunk[first..]);
+            cursor = (cursor + chunk.len()) % capacity;
+        }
+        region.atomic_u64(control + HEAD).store(u64::from_le_bytes(*head), Ordering::Relaxed);
+
+        // Each frame moves the consumer at least one header on, and it may
+        // read at most one ring ahead of what it released: one lap of the
+        // smallest frames, plus the step that finds the ring empty.
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            assert!(steps <= capacity / HEADER_LEN + 1, "the consumer does not stop");
+            let frame = match rx.try_peek() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => return,
+            };
+            let len = frame.len();
+            assert!(len <= rx.max_payload() as usize, "payload of {len} bytes over the maximum");
+            assert!(frame.header.unknown_flags() == 0 && !frame.header.is_pad(), "a pad or unknown flags let through");
+            let span = frame.payload_span();
+            assert!(
+                ring.start + HEADER_LEN <= span.start && span.end <= ring.end,
+                "frame at {span:?} outside {ring:?}"
+            );
+            if in_place {
+                let mut last = [0u8; 1];
+                if len > 0 {
+                    rx.read_at(&frame, len - 1, &mut last);
+                }
+            } else {
+                rx.read_payload(&frame, &mut out);
+                assert_eq!(out.len(), len);
+            }
+            rx.consume(&frame);
+        }
+        rx.release();
+        // The sleep announcement re-reads the index: it too must survive it.
+        match rx.prepare_sleep() {
+            Ok(true) => rx.finish_sleep(),
+            Ok(false) => {}
+            Err(_) => return,
+        }
+    }
+}
