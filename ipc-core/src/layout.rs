@@ -117,7 +117,7 @@ impl SegmentLayout {
     /// the loom model (`ring/loom_model.rs`) fills a ring with a few frames
     /// and wraps it within a handful of steps. Nothing else uses it: both
     /// real processes only accept what [`SegmentLayout::new`] accepts.
-    #[cfg(loom)]
+    #[cfg(all(test, loom))]
     pub(crate) fn for_model(capacity: u32) -> SegmentLayout {
         assert!(
             capacity.is_power_of_two() && capacity >= 4 * crate::frame::HEADER_LEN as u32,

@@ -25,17 +25,17 @@
 
 use std::ptr::NonNull;
 use std::sync::Arc;
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 use std::{fmt, ptr};
 
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 use crate::sync::{AtomicU32, AtomicU64};
 
 // Under loom, `Region` keeps the ring's words as loom atomics and its data
 // as loom-tracked cells instead of raw memory.
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 mod loom_model;
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 pub use loom_model::Region;
 
 /// Memory that can back a [`Region`]: an `mmap`ed segment, or a heap buffer
@@ -65,7 +65,7 @@ pub const REGION_ALIGN: usize = 4096;
 /// A bounds-checked window over shared memory.
 ///
 /// Cloning is cheap (an `Arc`); every clone keeps the memory alive.
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 #[derive(Clone)]
 pub struct Region {
     base: NonNull<u8>,
@@ -76,20 +76,20 @@ pub struct Region {
 // SAFETY: `Region` only hands out atomics and copies bytes through raw
 // pointers; the memory it points to is shared by design and its owner is
 // `Send + Sync`.
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 unsafe impl Send for Region {}
 // SAFETY: as above; no method gives out a non-atomic reference.
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 unsafe impl Sync for Region {}
 
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Region").field("base", &self.base).field("len", &self.len).finish()
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(all(test, loom)))]
 impl Region {
     /// Wraps `memory` in a region.
     ///
