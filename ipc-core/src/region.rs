@@ -3,7 +3,9 @@
 //!
 //! # Safety
 //!
-//! This is one of the two modules of `ipc-core` that contain `unsafe`.
+//! This is one of the two modules of `ipc-core` that contain `unsafe`
+//! (its stand-in for the loom model, `region/loom_model.rs`, built only for
+//! unit tests under `--cfg loom`, has its own `# Safety` section).
 //! The rules it enforces for the rest of the crate:
 //!
 //! - No `&[u8]`, `&mut [u8]` or `&T` of a plain type is ever formed over the
