@@ -122,8 +122,9 @@ pub fn kill_clients(
         if let Some(wait) = (start + at).checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
+        let at = Instant::now();
         if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-            last = Instant::now();
+            last = at;
             report.killed += 1;
             report.kill_at_ms.push(ms(last - start));
         }
@@ -180,6 +181,8 @@ pub struct RestartReport {
     /// Calls that ended as `disconnected`, and how long after the kill
     /// before them each one ended: the worst and the median, in ms.
     pub disconnected_calls: usize,
+    /// Of those, the ones that ended before the first kill (none should).
+    pub disconnected_before_any_kill: usize,
     pub disconnect_delay_ms_max: f64,
     pub disconnect_delay_ms_p50: f64,
     /// The worst recovery, in ms.
@@ -239,20 +242,22 @@ pub fn restart_daemon(
     if report.restarts.is_empty() {
         bail!("the clients finished before the first restart; give them more --messages");
     }
+    // Clients still notice the last crash after its first recovery: read
+    // their events once they are all done.
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let successes = probe.first_successes.lock().expect("probe lock").clone();
     for (r, started) in report.restarts.iter_mut().zip(&starts) {
         r.recovery_ms = successes.iter().filter(|&&t| t >= *started).map(|&t| ms(t - *started)).reduce(f64::min);
     }
     report.recovery_ms_max = report.restarts.iter().filter_map(|r| r.recovery_ms).reduce(f64::max);
-    let mut delays: Vec<f64> = probe
-        .disconnects
-        .lock()
-        .expect("probe lock")
-        .iter()
-        .filter_map(|&t| kills.iter().rev().find(|&&k| k <= t).map(|&k| ms(t - k)))
-        .collect();
+    let events = probe.disconnects.lock().expect("probe lock").clone();
+    let mut delays: Vec<f64> =
+        events.iter().filter_map(|&t| kills.iter().rev().find(|&&k| k <= t).map(|&k| ms(t - k))).collect();
     delays.sort_by(f64::total_cmp);
-    report.disconnected_calls = delays.len();
+    report.disconnected_calls = events.len();
+    report.disconnected_before_any_kill = events.len() - delays.len();
     report.disconnect_delay_ms_max = delays.last().copied().unwrap_or(0.0);
     report.disconnect_delay_ms_p50 = delays.get(delays.len() / 2).copied().unwrap_or(0.0);
     Ok(report)

@@ -98,8 +98,8 @@ impl PrivateDaemon {
     /// starts it again. Returns when SIGTERM was sent, when it exited, and
     /// its exit code.
     pub fn stop_and_restart(&mut self) -> anyhow::Result<(Instant, Instant, Option<i32>)> {
-        kill(Pid::from_raw(self.pid()), Signal::SIGTERM)?;
         let sent = Instant::now();
+        kill(Pid::from_raw(self.pid()), Signal::SIGTERM)?;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
                 break status;
@@ -119,8 +119,10 @@ impl PrivateDaemon {
     /// socket paths and port. Returns when it was killed, when the new one
     /// was started, and when it accepted on all three listeners.
     pub fn crash_and_restart(&mut self) -> anyhow::Result<(Instant, Instant, Instant)> {
-        kill(Pid::from_raw(self.pid()), Signal::SIGKILL)?;
+        // The moment is taken before the signal: the daemon may be gone
+        // (and its clients told) before kill() returns here.
         let killed = Instant::now();
+        kill(Pid::from_raw(self.pid()), Signal::SIGKILL)?;
         self.child.wait()?;
         let started = Instant::now();
         self.child = spawn(&self.binary, &self.args)?;

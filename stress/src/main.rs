@@ -605,7 +605,7 @@ fn restart_daemon_run(
     let (report, (outcomes, elapsed, clients)) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| {
             let result = workload::run_threads(&w, spec.clients);
-            done.store(true, Ordering::Relaxed);
+            done.store(true, Ordering::Release);
             result
         });
         let report = chaos::restart_daemon(daemon, times, faults.chaos_period, &probe, start, &done);

@@ -234,8 +234,11 @@ impl Run {
                 );
             }
             s += &format!(
-                "  disconnect  {} calls; after the kill: worst {:.1} ms, median {:.1} ms\n",
-                r.disconnected_calls, r.disconnect_delay_ms_max, r.disconnect_delay_ms_p50
+                "  disconnect  {} calls; after the kill: worst {:.1} ms, median {:.1} ms; before any kill: {}\n",
+                r.disconnected_calls,
+                r.disconnect_delay_ms_max,
+                r.disconnect_delay_ms_p50,
+                r.disconnected_before_any_kill
             );
         }
         if let Some(t) = &self.sigterm {
