@@ -68,7 +68,11 @@ struct Pending {
     /// answer to its first bytes.
     refusal: Option<String>,
     buf: Vec<u8>,
+    /// When the deadline passes: the handshake timed out, or, with a held
+    /// hello, the peer's cool-down is over and the hello is admitted.
     deadline: Instant,
+    /// A complete hello held back by the peer's cool-down.
+    held: Option<Hello>,
 }
 
 pub(crate) struct Acceptor {
@@ -256,6 +260,7 @@ impl Acceptor {
             refusal,
             buf: Vec::with_capacity(64),
             deadline: Instant::now() + self.shared.config.handshake_timeout,
+            held: None,
         });
     }
 
@@ -375,6 +380,21 @@ impl Acceptor {
     fn admit(&mut self, key: usize, hello: Hello) {
         if self.shared.shutting_down.load(Ordering::Acquire) {
             return self.reject(key, Reject::ShuttingDown, RejectReason::ShuttingDown);
+        }
+        if let Some(pending) = self.pending.get_mut(key) {
+            if let Peer::Unix(cred) = pending.peer {
+                if let Some(until) = self.shared.cooldown.wait_until(cred.pid, Instant::now()) {
+                    // Held until the peer's cool-down is over (see
+                    // `cooldown`); `expire` admits it then.
+                    if pending.held.is_none() {
+                        tracing::debug!(peer = %pending.peer, "hello held: the peer broke the protocol lately");
+                        self.shared.stats.held();
+                    }
+                    pending.held = Some(hello);
+                    pending.deadline = until;
+                    return;
+                }
+            }
         }
         let max = self.shared.config.max_clients;
         if self.shared.stats.connected.load(Ordering::Relaxed) >= max {
@@ -496,6 +516,10 @@ impl Acceptor {
     fn expire(&mut self, now: Instant) {
         let expired: Vec<usize> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k).collect();
         for key in expired {
+            if let Some(hello) = self.pending.get_mut(key).and_then(|p| p.held.take()) {
+                self.admit(key, hello);
+                continue;
+            }
             if let Some(p) = self.pending.get(key) {
                 tracing::info!(peer = %p.peer, "handshake timed out; closing the connection");
             }

@@ -35,6 +35,7 @@
 
 mod acceptor;
 mod access;
+mod cooldown;
 mod server;
 mod service;
 mod session;

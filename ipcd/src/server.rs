@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) services: ServiceTable,
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutting_down: AtomicBool,
+    /// Strikes against peers that broke the protocol.
+    pub(crate) cooldown: crate::cooldown::Cooldown,
 }
 
 /// A validated server configuration.
@@ -351,7 +353,13 @@ impl ServerBuilder {
             allow: self.allow,
             stall_timeout: self.stall_timeout,
         };
-        let shared = Arc::new(Shared { config, services, stats, shutting_down: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            config,
+            services,
+            stats,
+            shutting_down: AtomicBool::new(false),
+            cooldown: Default::default(),
+        });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
     }
 }

@@ -81,6 +81,9 @@ pub(crate) struct Stats {
     started: Instant,
     pub(crate) connected: AtomicUsize,
     accepted: AtomicU64,
+    /// Handshakes held back by the cool-down of a peer that broke the
+    /// protocol.
+    held: AtomicU64,
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
@@ -92,6 +95,7 @@ impl Stats {
             started: Instant::now(),
             connected: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
@@ -100,6 +104,10 @@ impl Stats {
 
     pub(crate) fn accepted(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn held(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn rejected(&self, reason: RejectReason) {
@@ -122,6 +130,7 @@ impl Stats {
             "connected_clients": self.connected.load(Ordering::Relaxed),
             "handshakes": {
                 "accepted": self.accepted.load(Ordering::Relaxed),
+                "held": self.held.load(Ordering::Relaxed),
                 "rejected": named(&REJECT_NAMES, &self.rejected),
             },
             "requests": sum(|w| &w.requests),

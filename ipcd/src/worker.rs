@@ -436,6 +436,11 @@ impl Worker {
         // Its key may not outlive it in the list: the slab hands keys out
         // again.
         self.stalls.retain(|&k| k != key);
+        if reason == DisconnectReason::ProtocolViolation {
+            if let Peer::Unix(cred) = conn.peer() {
+                self.shared.cooldown.strike(cred.pid, Instant::now());
+            }
+        }
         let registry = self.poll.registry();
         match &mut conn {
             Conn::Shm(s) => {

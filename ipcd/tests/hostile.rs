@@ -278,3 +278,43 @@ fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
     let status = daemon.terminate();
     assert!(status.success(), "ipcd did not stop cleanly: {status}; stderr:\n{}", daemon.stderr());
 }
+
+/// A process that keeps breaking the protocol waits longer and longer for
+/// its next session (its handshakes are held, not refused), while a client
+/// connected before keeps being served; one that only comes and goes
+/// politely is never held.
+#[test]
+fn repeat_offenders_wait_longer_for_their_next_session() {
+    let mut daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let mut bystander = Client::connect_to(&socket).unwrap();
+        let echo = bystander.service("echo").unwrap();
+        // Polite clients come and go: nothing is held.
+        for _ in 0..3 {
+            drop(raw_session(&socket, 4096, DoorbellKind::Futex));
+        }
+        assert_eq!(json_u64(&stats_json(&mut bystander), "held"), 0);
+
+        // Six violations in a row from this process.
+        for round in 0..6 {
+            let mut raw = raw_session(&socket, 4096, DoorbellKind::Futex);
+            raw.store_request_head(12345);
+            raw.ring().expect("cannot ring the daemon");
+            raw.expect_hang_up(HANG_UP_LIMIT);
+            assert_eq!(bystander.call(&echo, b"still served").unwrap(), b"still served", "round {round}");
+        }
+        // Every handshake after the first violation was held, and the next
+        // one waits 2^5 ms after the last strike.
+        let (held, _) = stat_eventually(&mut bystander, "held", |n| n >= 5);
+        assert!(held >= 5, "held {held}");
+        let started = Instant::now();
+        let raw = raw_session(&socket, 4096, DoorbellKind::Futex);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(16), "the sixth offence was answered after only {waited:?}");
+        // Held, not refused: the session works.
+        drop(raw);
+        assert_eq!(bystander.call(&echo, b"after").unwrap(), b"after");
+    });
+    assert!(daemon.is_running(), "ipcd exited; stderr:\n{}", daemon.stderr());
+}

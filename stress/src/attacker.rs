@@ -8,13 +8,16 @@
 //! Writes into the segment go through `Region`'s copies and atomics: no
 //! Rust reference is ever formed over the shared bytes.
 
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use ipc_client::raw::{FrameHeader, RawSession};
 use ipc_client::{ClientOptions, DoorbellKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// SplitMix64: small, fast, and the same sequence for the same seed on
 /// every machine.
@@ -56,7 +59,7 @@ impl Rng {
 }
 
 /// What one hostile client did, and what the daemon did to it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Tally {
     /// Handshakes that gave it a session.
     pub sessions_opened: u64,
@@ -104,6 +107,50 @@ impl Tally {
             self.first_connect_error.clone_from(&other.first_connect_error);
         }
     }
+}
+
+/// The seed of hostile client `i` of a run seeded with `seed`: each
+/// client its own stream.
+pub fn client_seed(seed: u64, i: usize) -> u64 {
+    Rng::new(seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F)).next_u64()
+}
+
+/// The body of a hostile process (`--child-attackers N`): N hostile
+/// clients as threads. Prints `started` once each holds a session (or after
+/// 5 s), attacks until a line arrives on stdin, then prints `done` and the
+/// summed tally as JSON. A process of its own, as a hostile peer would be:
+/// the daemon holds back handshakes per process, and the normal clients
+/// must not share the attackers' pid.
+pub fn child_main(socket: &Path, hostile: usize, seed: u64, pause: Duration) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..hostile)
+        .map(|i| {
+            let (socket, stop, started) = (socket.to_path_buf(), Arc::clone(&stop), Arc::clone(&started));
+            let seed = client_seed(seed, i);
+            std::thread::Builder::new()
+                .name(format!("hostile-{i}"))
+                .spawn(move || attack(&socket, seed, pause, &stop, &started))
+                .context("cannot start a hostile client")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while started.load(Ordering::Relaxed) < hostile && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "started {}", started.load(Ordering::Relaxed))?;
+    stdout.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    stop.store(true, Ordering::Relaxed);
+    let mut tally = Tally::default();
+    for t in threads {
+        tally.add(&t.join().map_err(|_| anyhow::anyhow!("a hostile client panicked"))?);
+    }
+    writeln!(stdout, "done {}", serde_json::to_string(&tally)?)?;
+    stdout.flush()?;
+    Ok(())
 }
 
 /// Ring capacities a hostile client asks for: the smallest, a middling one,

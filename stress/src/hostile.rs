@@ -22,8 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -31,7 +29,7 @@ use ipc_client::{Client, ClientOptions, Service, Transport};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::attacker::{self, Rng, Tally};
+use crate::attacker::{Rng, Tally};
 use crate::daemon::{self, PrivateDaemon};
 use crate::flood::{self, FloodFigures};
 use crate::report::{Run, Spec};
@@ -259,38 +257,16 @@ fn normal_phase(
     };
     let before = stats.settled();
     let cpu_before = daemon::cpu_seconds(&pid.to_string()).unwrap_or(0.0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Arc::new(AtomicUsize::new(0));
-    let attackers: Vec<_> = attack_socket
-        .map(|socket| {
-            (0..c.hostile)
-                .map(|i| {
-                    let (socket, stop, started) = (socket.to_path_buf(), Arc::clone(&stop), Arc::clone(&started));
-                    // Each client's own stream, from the run's seed.
-                    let seed = Rng::new(c.seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F)).next_u64();
-                    let pause = c.pause;
-                    std::thread::Builder::new()
-                        .name(format!("hostile-{i}"))
-                        .spawn(move || attacker::attack(&socket, seed, pause, &stop, &started))
-                        .expect("spawn a hostile client")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    // The attack is under way once every hostile client holds a session (or
-    // has tried for a while: a daemon that refuses them is a finding too).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while started.load(Ordering::Relaxed) < attackers.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // The attackers run in a process of their own, as a hostile peer
+    // would. The attack is under way once every hostile client holds a
+    // session (or has tried for a while: a daemon that refuses them is a
+    // finding too).
+    let attackers = attack_socket.map(|socket| Attackers::start(c, socket)).transpose()?;
     let run = crate::run_one(&spec, w.clone(), pid, false, &c.exe, &crate::Faults::NONE, None)?;
-    // Relaxed: the hostile threads only poll the flag; joining them below
-    // is what orders their tallies before our reads.
-    stop.store(true, Ordering::Relaxed);
-    let mut tally = Tally::default();
-    for t in attackers {
-        tally.add(&t.join().expect("a hostile client panicked"));
-    }
+    let tally = match attackers {
+        Some(a) => a.stop()?,
+        None => Tally::default(),
+    };
     let cpu = daemon::cpu_seconds(&pid.to_string()).unwrap_or(0.0) - cpu_before;
     let after = stats.settled();
     Ok(ScenarioRun {
@@ -308,6 +284,55 @@ fn normal_phase(
         }),
         handshake_flood: None,
     })
+}
+
+/// A hostile process started by [`Attackers::start`].
+struct Attackers {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Attackers {
+    /// Starts this binary again with `--child-attackers` and waits until its
+    /// clients are attacking.
+    fn start(c: &Config, socket: &Path) -> anyhow::Result<Attackers> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(&c.exe)
+            .arg("--child-attackers")
+            .arg(c.hostile.to_string())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--seed")
+            .arg(c.seed.to_string())
+            .arg("--hostile-pause-us")
+            .arg(c.pause.as_micros().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the hostile process")?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if !line.starts_with("started") {
+            bail!("the hostile process said {line:?} instead of started");
+        }
+        Ok(Attackers { child, stdin, stdout })
+    }
+
+    /// Stops the attack and returns what the hostile clients did.
+    fn stop(mut self) -> anyhow::Result<Tally> {
+        use std::io::{BufRead, Write};
+        self.stdin.write_all(b"stop\n")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        self.child.wait()?;
+        let json = line.strip_prefix("done ").with_context(|| format!("the hostile process said {line:?}"))?;
+        Ok(serde_json::from_str(json)?)
+    }
 }
 
 /// The connects without and then with the flood, and the stalled

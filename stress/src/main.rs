@@ -175,6 +175,10 @@ struct Args {
     /// Internal: run as client process number ID of a --procs run.
     #[arg(long, hide = true)]
     child_client: Option<u32>,
+
+    /// Internal: run as the hostile scenario's process of N attackers.
+    #[arg(long, hide = true, value_name = "N")]
+    child_attackers: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -230,6 +234,20 @@ fn main() -> ExitCode {
     if let Err(e) = validate(&args) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(n) = args.child_attackers {
+        let Some(socket) = &args.socket else {
+            eprintln!("error: --child-attackers needs --socket");
+            return ExitCode::from(2);
+        };
+        let pause = Duration::from_micros(args.hostile_pause_us);
+        return match attacker::child_main(socket, n, args.seed.unwrap_or(0), pause) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: hostile process: {e:#}");
+                ExitCode::from(1)
+            }
+        };
     }
     if let Some(id) = args.child_client {
         return match child(&args, id) {
