@@ -283,12 +283,10 @@ pub struct Client {
     /// Where and how it connected, to connect again.
     target: Transport,
     options: ClientOptions,
-    transport: &'static str,
     services: HashMap<String, u16>,
     max_payload: usize,
     session_id: u64,
     next_id: u64,
-    call_timeout: Duration,
     /// Sent requests whose replies have not been read, in id order.
     in_flight: VecDeque<InFlight>,
     /// Replies read while waiting for another, in arrival order.
@@ -305,7 +303,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("transport", &self.transport)
+            .field("transport", &self.target.name())
             .field("session_id", &self.session_id)
             .field("max_payload", &self.max_payload)
             .field("in_flight", &self.in_flight())
@@ -333,13 +331,11 @@ impl Client {
         let (link, welcome) = open(&transport, &options)?;
         Ok(Client {
             link,
-            transport: transport.name(),
             target: transport,
             services: welcome.services.into_iter().map(|s| (s.name, s.id)).collect(),
             max_payload: welcome.max_payload as usize,
             session_id: welcome.session_id,
             next_id: 1,
-            call_timeout: options.call_timeout,
             options,
             // Room for a deep pipeline up front, so calls allocate nothing.
             in_flight: VecDeque::with_capacity(IN_FLIGHT_RESERVE),
@@ -353,7 +349,7 @@ impl Client {
 
     /// The transport's short name: `shm`, `uds` or `tcp`.
     pub fn transport(&self) -> &'static str {
-        self.transport
+        self.target.name()
     }
 
     /// Resolves a service by name.
@@ -410,14 +406,14 @@ impl Client {
             return Ok(());
         }
         let policy = self.options.reconnect.unwrap_or_default();
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         self.connect_again(policy, &mut dl)
     }
 
     /// Calls `service` with `request` and returns the reply, waiting at most
     /// the client's call timeout.
     pub fn call(&mut self, service: &Service, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        self.call_timeout(service, request, self.call_timeout)
+        self.call_timeout(service, request, self.options.call_timeout)
     }
 
     /// As [`Client::call`], with its own timeout.
@@ -430,7 +426,7 @@ impl Client {
     /// As [`Client::call`], writing the reply into `reply` (replacing its
     /// contents). Allocates nothing once `reply` has grown large enough.
     pub fn call_into(&mut self, service: &Service, request: &[u8], reply: &mut Vec<u8>) -> Result<(), CallError> {
-        self.call_into_timeout(service, request, reply, self.call_timeout)
+        self.call_into_timeout(service, request, reply, self.options.call_timeout)
     }
 
     /// As [`Client::call_into`], with its own timeout.
@@ -478,7 +474,7 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>),
     ) -> Result<ReplyGuard<'_>, CallError> {
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         let ticket = self.start(service, len, fill, true, &mut dl)?.0;
         match self.await_reply(ticket, &mut dl)? {
             Found::Link(reply) => Ok(ReplyGuard { client: self, reply, pos: 0 }),
@@ -524,7 +520,7 @@ impl Client {
     /// While it waits, replies that arrive are kept for [`Client::wait`] and
     /// [`Client::recv`], so the daemon is never stuck behind them.
     pub fn send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl).map(|(t, _)| t)
     }
 
@@ -536,7 +532,7 @@ impl Client {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>),
     ) -> Result<Ticket, CallError> {
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         self.start(service, len, fill, true, &mut dl).map(|(t, _)| t)
     }
 
@@ -561,7 +557,7 @@ impl Client {
 
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         match self.await_reply(ticket, &mut dl)? {
             Found::Stashed(body) => {
                 *reply = body;
@@ -603,7 +599,7 @@ impl Client {
         if self.in_flight.iter().all(|p| p.abandoned) {
             return Err(CallError::NothingInFlight);
         }
-        let mut dl = Deadline::new(self.call_timeout);
+        let mut dl = Deadline::new(self.options.call_timeout);
         let flushed = self.link.flush();
         let next = self.note(flushed).and_then(|()| self.next_reply(&mut dl));
         let (_, r) = match self.note(next) {
@@ -839,10 +835,8 @@ impl Client {
             self.outcome(stashed.header, &mut body)?;
             return Ok(Found::Stashed(body));
         }
-        if !self.orphans.is_empty() {
-            if let Some(outcome) = self.take_orphan(ticket.id) {
-                return Err(outcome);
-            }
+        if let Some(outcome) = self.take_orphan(ticket.id) {
+            return Err(outcome);
         }
         let Ok(i) = self.in_flight.binary_search_by_key(&ticket.id, |p| p.id) else {
             return Err(CallError::UnknownTicket { id: ticket.id });
@@ -1005,36 +999,7 @@ impl Deadline {
 
 /// Connects and handshakes: the link and the daemon's welcome.
 fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome), ConnectError> {
-    let socket = match transport {
-        Transport::Shm(path) | Transport::Uds(path) => {
-            Socket::Unix(UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?)
-        }
-        Transport::Tcp(addr) => {
-            let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
-                .map_err(|e| connect_failed(addr.to_string(), e))?;
-            tcp.set_nodelay(true)?;
-            Socket::Tcp(tcp)
-        }
-    };
-    let welcome_timeout = |e: io::Error| timeout_or(e, options.connect_timeout);
-    match &socket {
-        Socket::Unix(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-        Socket::Tcp(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-    }
-    let hello = hello_bytes(options)?;
-    match &socket {
-        Socket::Unix(s) => (&*s).write_all(&hello),
-        Socket::Tcp(s) => (&*s).write_all(&hello),
-    }
-    .map_err(welcome_timeout)?;
-    let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
-    let (welcome, layout) = accept_welcome(message)?;
+    let (socket, welcome, layout, fds) = greet(transport, options)?;
     let protocol = |m: String| ConnectError::Protocol(m);
     let link = match socket {
         Socket::Unix(control) if matches!(transport, Transport::Shm(_)) => {
@@ -1054,6 +1019,45 @@ fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome
         }
     };
     Ok((link, welcome))
+}
+
+/// Connects, sends the hello and checks the answer: the connection (its
+/// timeouts still set to the connect timeout), the welcome, the layout it
+/// announces, and the fds that came with it.
+pub(crate) fn greet(
+    transport: &Transport,
+    options: &ClientOptions,
+) -> Result<(Socket, Welcome, SegmentLayout, Vec<OwnedFd>), ConnectError> {
+    let socket = match transport {
+        Transport::Shm(path) | Transport::Uds(path) => {
+            Socket::Unix(UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?)
+        }
+        Transport::Tcp(addr) => {
+            let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
+                .map_err(|e| connect_failed(addr.to_string(), e))?;
+            tcp.set_nodelay(true)?;
+            Socket::Tcp(tcp)
+        }
+    };
+    match &socket {
+        Socket::Unix(s) => {
+            s.set_read_timeout(Some(options.connect_timeout))?;
+            s.set_write_timeout(Some(options.connect_timeout))?;
+        }
+        Socket::Tcp(s) => {
+            s.set_read_timeout(Some(options.connect_timeout))?;
+            s.set_write_timeout(Some(options.connect_timeout))?;
+        }
+    }
+    let hello = hello_bytes(options)?;
+    match &socket {
+        Socket::Unix(s) => (&*s).write_all(&hello),
+        Socket::Tcp(s) => (&*s).write_all(&hello),
+    }
+    .map_err(|e| timeout_or(e, options.connect_timeout))?;
+    let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
+    let (welcome, layout) = accept_welcome(message)?;
+    Ok((socket, welcome, layout, fds))
 }
 
 fn shm_link(
@@ -1087,7 +1091,7 @@ fn shm_link(
 
 /// How a failed connect to `target` reads: nothing listens there, or
 /// another I/O error.
-pub(crate) fn connect_failed(target: String, source: io::Error) -> ConnectError {
+fn connect_failed(target: String, source: io::Error) -> ConnectError {
     match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ConnectError::NotRunning { path: PathBuf::from(target), source }
@@ -1105,7 +1109,7 @@ pub(crate) fn hello_bytes(options: &ClientOptions) -> Result<Vec<u8>, ConnectErr
 /// Checks the daemon's answer to the hello: a welcome of this protocol
 /// version whose largest payload matches its ring capacity. Returns it with
 /// the layout it announces.
-pub(crate) fn accept_welcome(message: ServerMessage) -> Result<(Welcome, SegmentLayout), ConnectError> {
+fn accept_welcome(message: ServerMessage) -> Result<(Welcome, SegmentLayout), ConnectError> {
     let welcome = match message {
         ServerMessage::Welcome(w) => w,
         ServerMessage::Reject(Reject::VersionMismatch { daemon, client }) => {
@@ -1164,7 +1168,7 @@ pub(crate) fn receive_segment(
     })
 }
 
-pub(crate) fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
+fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnectError::Timeout { after },
         _ => ConnectError::Io(e),
@@ -1172,10 +1176,7 @@ pub(crate) fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
 }
 
 /// Reads the daemon's answer to the hello, with the fds that come with it.
-pub(crate) fn read_answer(
-    control: BorrowedFd<'_>,
-    timeout: Duration,
-) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];

@@ -17,7 +17,7 @@
 //!
 //! [`Client`]: crate::Client
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -29,8 +29,9 @@ use ipc_core::Direction;
 pub use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout, Welcome};
 use ipc_platform::{EventFd, SocketBell};
 
-use crate::client::{accept_welcome, connect_failed, hello_bytes, read_answer, receive_segment, timeout_or};
-use crate::{ClientOptions, ConnectError};
+use crate::client::{greet, hello_bytes, receive_segment};
+use crate::stream::Socket;
+use crate::{ClientOptions, ConnectError, Transport};
 
 /// The framed hello (length prefix and body) a client sends for `options`:
 /// for programs that send it in pieces, or only part of it.
@@ -71,13 +72,10 @@ impl RawSession {
     /// checking its seals, size and header, as [`Client`](crate::Client)
     /// does. The doorbell granted is taken as it comes.
     pub fn connect(socket: impl AsRef<Path>, options: &ClientOptions) -> Result<RawSession, ConnectError> {
-        let path = socket.as_ref();
-        let stream = UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?;
-        stream.set_read_timeout(Some(options.connect_timeout))?;
-        stream.set_write_timeout(Some(options.connect_timeout))?;
-        (&stream).write_all(&hello_bytes(options)?).map_err(|e| timeout_or(e, options.connect_timeout))?;
-        let (message, fds) = read_answer(stream.as_fd(), options.connect_timeout)?;
-        let (welcome, layout) = accept_welcome(message)?;
+        let transport = Transport::Shm(socket.as_ref().to_path_buf());
+        let (Socket::Unix(stream), welcome, layout, fds) = greet(&transport, options)? else {
+            unreachable!("a control socket is a Unix socket");
+        };
         let segment = receive_segment(&welcome, &layout, fds)?;
         let requests = Producer::new(&segment.region, &layout, Direction::Request);
         let responses = Consumer::new(&segment.region, &layout, Direction::Response);

@@ -94,33 +94,8 @@ impl StreamLink {
     }
 
     fn broken(&mut self, reason: String) -> CallError {
-        if self.gone.is_none() {
-            self.find_closing_frame();
-        }
         self.gone = Some(reason.clone());
         disconnected(reason)
-    }
-
-    /// A send can fail on a daemon that closed on purpose before the
-    /// client read its closing frame: looks for that frame in what is
-    /// buffered and what can be read without waiting (replies before it
-    /// stay buffered for the caller).
-    fn find_closing_frame(&mut self) {
-        if self.end < self.input.len() {
-            if let Ok(n) = stream::recv(self.socket.as_fd(), &mut self.input[self.end..], false) {
-                self.end += n;
-            }
-        }
-        let mut at = self.start;
-        while at + HEADER_LEN <= self.end {
-            let raw: [u8; HEADER_LEN] = self.input[at..at + HEADER_LEN].try_into().expect("header length");
-            let header = FrameHeader::decode(&raw);
-            if header.flags == FLAG_CLOSED && header.len == 0 {
-                self.closed_after = Some(header.request_id);
-                return;
-            }
-            at += HEADER_LEN + header.len as usize;
-        }
     }
 
     pub(crate) fn try_write<R>(

@@ -476,8 +476,17 @@ impl Worker {
             // a pass read more than one ring's worth before releasing, a
             // full response ring stalls it, and a stream session reads at
             // most its buffer's worth.
+            //
+            // After that pass nothing more is taken from the session: each
+            // kind tells its client the last request taken (segment word or
+            // closing frame), so it fails the rest as `Shutdown` (not
+            // executed) rather than with an unknown outcome.
             let result = match conn {
-                Conn::Shm(s) => s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true),
+                Conn::Shm(s) => {
+                    let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true);
+                    s.mark_closed();
+                    r
+                }
                 Conn::Stream(s) => {
                     let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true);
                     s.close_on_purpose();
@@ -486,12 +495,6 @@ impl Worker {
             };
             if let Err(reason) = result {
                 tracing::debug!(session = conn.id(), "while shutting down: {reason}");
-            }
-            // Nothing more is taken from this session: tell its client which
-            // requests were never taken, so it can fail them as `Shutdown`
-            // (not executed) rather than with an unknown outcome.
-            if let Conn::Shm(s) = conn {
-                s.mark_closed();
             }
         }
         self.close_all(DisconnectReason::Shutdown);

@@ -99,20 +99,32 @@ impl PrivateDaemon {
     /// its exit code.
     pub fn stop_and_restart(&mut self) -> anyhow::Result<(Instant, Instant, Option<i32>)> {
         let sent = Instant::now();
+        let status = self.terminate()?;
+        let exited = Instant::now();
+        self.start_again()?;
+        Ok((sent, exited, status.code()))
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s) for the exit.
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         kill(Pid::from_raw(self.pid()), Signal::SIGTERM)?;
-        let status = loop {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
             if let Some(status) = self.child.try_wait()? {
-                break status;
+                return Ok(status);
             }
-            if sent.elapsed() > Duration::from_secs(10) {
+            if Instant::now() > deadline {
                 bail!("ipcd did not exit within 10 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(1));
-        };
-        let exited = Instant::now();
+        }
+    }
+
+    /// Starts the daemon again with the same arguments, after it exited,
+    /// and waits until it accepts.
+    fn start_again(&mut self) -> anyhow::Result<()> {
         self.child = spawn(&self.binary, &self.args)?;
-        self.wait_ready(Duration::from_millis(1))?;
-        Ok((sent, exited, status.code()))
+        self.wait_ready(Duration::from_millis(1))
     }
 
     /// Kills it with SIGKILL (reaping it), then starts it again on the same
@@ -125,8 +137,7 @@ impl PrivateDaemon {
         kill(Pid::from_raw(self.pid()), Signal::SIGKILL)?;
         self.child.wait()?;
         let started = Instant::now();
-        self.child = spawn(&self.binary, &self.args)?;
-        self.wait_ready(Duration::from_millis(1))?;
+        self.start_again()?;
         Ok((killed, started, Instant::now()))
     }
 
@@ -157,20 +168,11 @@ impl PrivateDaemon {
 
     /// Stops it with SIGTERM and checks that it exits 0.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("ipcd exited with {status} after SIGTERM");
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("ipcd did not exit within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let status = self.terminate()?;
+        if !status.success() {
+            bail!("ipcd exited with {status} after SIGTERM");
         }
+        Ok(())
     }
 }
 
