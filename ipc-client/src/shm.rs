@@ -162,7 +162,7 @@ impl ShmLink {
                         Await::Reply => self.responses.data_waiter(),
                         Await::Space => self.requests.space_waiter(),
                     };
-                    // The daemon swaps the word to 0 before it wakes us.
+                    // The daemon clears the word before it wakes us.
                     if word.load(Ordering::Acquire) != 1 {
                         return Ok(());
                     }

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ipc_core::{FrameHeader, FLAG_CLOSED, FLAG_ERROR, HEADER_LEN};
+use ipc_core::{stream_frame, FrameHeader, FLAG_ERROR, HEADER_LEN};
 use ipc_platform::stream;
 
 use crate::error::CallError;
@@ -175,12 +175,10 @@ impl StreamLink {
 
     /// The next complete reply in the input buffer, validated.
     pub(crate) fn peek(&mut self) -> Result<Option<Buffered>, CallError> {
-        if self.end - self.start < HEADER_LEN {
+        let Some((header, complete)) = stream_frame(&self.input[self.start..self.end]) else {
             return Ok(None);
-        }
-        let raw: [u8; HEADER_LEN] = self.input[self.start..self.start + HEADER_LEN].try_into().expect("header length");
-        let header = FrameHeader::decode(&raw);
-        if header.flags == FLAG_CLOSED && header.len == 0 && self.closed_after.is_none() {
+        };
+        if header.is_closing() && self.closed_after.is_none() {
             self.closed_after = Some(header.request_id);
             return Err(self.broken("the daemon closed the session: it is shutting down".into()));
         }
@@ -193,7 +191,7 @@ impl StreamLink {
                 header.len, self.max_payload
             )));
         }
-        if self.end - self.start < HEADER_LEN + header.len as usize {
+        if !complete {
             return Ok(None);
         }
         Ok(Some(Buffered { header, payload: self.start + HEADER_LEN }))

@@ -28,6 +28,7 @@ pub const FLAG_ERROR: u16 = 1 << 1;
 /// there), so it is not among the flags a ring accepts.
 pub const FLAG_CLOSED: u16 = 1 << 2;
 const KNOWN_FLAGS: u16 = FLAG_PAD | FLAG_ERROR;
+const _: () = assert!(FLAG_CLOSED & KNOWN_FLAGS == 0, "a ring never accepts a closing frame");
 
 /// The decoded fields of a frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -80,6 +81,27 @@ impl FrameHeader {
     pub fn is_error(&self) -> bool {
         self.flags & FLAG_ERROR != 0
     }
+
+    /// A stream's closing frame (see [`FLAG_CLOSED`]): no payload, the last
+    /// request taken in `request_id`.
+    pub fn closing(last_taken: u64) -> FrameHeader {
+        FrameHeader { len: 0, service: 0, flags: FLAG_CLOSED, request_id: last_taken }
+    }
+
+    /// Whether this is a stream's closing frame.
+    pub fn is_closing(&self) -> bool {
+        self.flags == FLAG_CLOSED && self.len == 0
+    }
+}
+
+/// The frame at the start of a byte stream's buffered bytes, as both stream
+/// transports split one (frames follow each other unpadded, `HEADER_LEN +
+/// len` bytes each): its header once all of it has arrived, and whether its
+/// payload has arrived too. The caller judges the header (flags, length).
+pub fn stream_frame(buf: &[u8]) -> Option<(FrameHeader, bool)> {
+    let (raw, payload) = buf.split_first_chunk::<HEADER_LEN>()?;
+    let header = FrameHeader::decode(raw);
+    Some((header, payload.len() >= header.len as usize))
 }
 
 /// Bytes a frame with a payload of `len` bytes occupies in the ring.

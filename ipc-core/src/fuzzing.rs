@@ -7,7 +7,7 @@
 //! fails: a decoder that panics, accepts what it should refuse, reads
 //! outside its ring, or does not stop.
 
-use crate::frame::{frame_size, FrameHeader, FLAG_ERROR, FLAG_PAD, FRAME_ALIGN, HEADER_LEN};
+use crate::frame::{stream_frame, HEADER_LEN};
 use crate::handshake::{self, HELLO_MAGIC, LENGTH_PREFIX, PROTOCOL_VERSION};
 use crate::layout::{SegmentLayout, HEAD};
 use crate::region::{HeapMemory, Region};
@@ -15,33 +15,29 @@ use crate::reply::{decode_error, encode_error};
 use crate::ring::{Consumer, Direction};
 use crate::sync::Ordering;
 
-/// Decodes `data` as a byte stream of frames, the way both stream
-/// transports read one: the first two bytes are the negotiated maximum
-/// payload, then headers and payloads follow back to back. Error bodies are
-/// decoded too.
+/// Splits `data` into frames with [`stream_frame`], as both stream
+/// transports do: the first two bytes are the negotiated maximum payload,
+/// then headers and payloads follow back to back. Error bodies are decoded
+/// too. (The transports' own checks of flags and ids sit above this, in
+/// ipcd and ipc-client.)
 ///
 /// # Panics
 ///
-/// Panics if a check fails: a header does not round-trip, its flags or size
-/// are misjudged, or an error body does not decode to what re-encodes.
+/// Panics if a check fails: a header does not round-trip, a frame is split
+/// wrongly, or an error body does not decode to what re-encodes.
 pub fn frame_decoder(data: &[u8]) {
     let Some((max, mut rest)) = data.split_first_chunk::<2>() else { return };
     let max_payload = usize::from(u16::from_le_bytes(*max));
-    while let Some((raw, after)) = rest.split_first_chunk::<HEADER_LEN>() {
-        let header = FrameHeader::decode(raw);
+    while let Some((header, complete)) = stream_frame(rest) {
         // Every bit pattern decodes, and losslessly.
-        assert_eq!(&header.encode(), raw, "header does not round-trip");
-        assert_eq!(header.unknown_flags(), header.flags & !(FLAG_PAD | FLAG_ERROR));
-        assert_eq!(header.is_pad(), header.flags & FLAG_PAD != 0);
-        assert_eq!(header.is_error(), header.flags & FLAG_ERROR != 0);
+        assert_eq!(header.encode(), rest[..HEADER_LEN], "header does not round-trip");
         let len = header.len as usize;
-        let size = frame_size(len);
-        assert!(size >= HEADER_LEN + len && size < HEADER_LEN + len + FRAME_ALIGN && size % FRAME_ALIGN == 0);
-        if header.unknown_flags() != 0 || len > max_payload || after.len() < len {
+        assert_eq!(complete, rest.len() >= HEADER_LEN + len, "frame completeness misjudged");
+        if header.unknown_flags() != 0 || len > max_payload || !complete {
             // A reader refuses the stream here (or waits for more).
             return;
         }
-        let (payload, after) = after.split_at(len);
+        let (payload, after) = rest[HEADER_LEN..].split_at(len);
         if header.is_error() {
             check_error_body(payload);
         }
@@ -56,9 +52,7 @@ fn check_error_body(body: &[u8]) {
     let mut again = Vec::new();
     encode_error(code, &message, &mut again);
     let (code2, message2) = decode_error(&again);
-    if body.len() >= 4 {
-        assert_eq!(code2, code, "error code does not round-trip");
-    }
+    assert_eq!(code2, code, "error code does not round-trip");
     assert!(message.starts_with(&message2), "error message does not round-trip");
 }
 
@@ -94,7 +88,29 @@ fn assert_canonical<T: serde::Serialize>(message: &T, body: &[u8]) {
 }
 
 /// Bytes of the segment header `ring_consumer`'s input supplies.
-const SEGMENT_HEADER: usize = 32;
+pub const SEGMENT_HEADER: usize = 32;
+
+/// What the first byte of `ring_consumer`'s input chooses.
+#[derive(Clone, Copy, Debug)]
+pub struct RingChoices {
+    /// Bit 0: the response ring, not the request ring.
+    pub direction: Direction,
+    /// Bit 1: 8 KiB rings, not 4 KiB.
+    pub capacity: u32,
+    /// Bit 2: read in place (`try_peek`, `read_at`, `consume`).
+    pub in_place: bool,
+}
+
+impl RingChoices {
+    /// Decodes the choices byte.
+    pub fn from_byte(choices: u8) -> RingChoices {
+        RingChoices {
+            direction: if choices & 1 == 0 { Direction::Request } else { Direction::Response },
+            capacity: if choices & 2 == 0 { 4096 } else { 8192 },
+            in_place: choices & 4 != 0,
+        }
+    }
+}
 /// The most rounds of "the producer writes and publishes, the consumer
 /// drains" one input runs.
 const MAX_ROUNDS: usize = 16;
@@ -127,23 +143,17 @@ const MAX_ROUNDS: usize = 16;
 /// than one lap of frames to report empty or an error.
 pub fn ring_consumer(data: &[u8]) {
     let (&choices, rest) = data.split_first().unwrap_or((&0, &[]));
-    let direction = if choices & 1 == 0 { Direction::Request } else { Direction::Response };
-    let capacity = if choices & 2 == 0 { 4096 } else { 8192 };
-    let in_place = choices & 4 != 0;
+    let RingChoices { direction, capacity, in_place } = RingChoices::from_byte(choices);
     let layout = SegmentLayout::new(capacity).expect("a valid capacity");
     let region = Region::new(HeapMemory::new(layout.segment_size()));
 
-    // The header as a client checks it: accepted only as exactly ours.
+    // The header as a client checks it: whatever it holds, the check
+    // answers without panicking.
     let (header, mut rest) = rest.split_at(rest.len().min(SEGMENT_HEADER));
     region.write(0, header);
-    if let Ok(read) = SegmentLayout::read_header(&region, capacity) {
-        assert_eq!(read, layout, "a header accepted for another layout");
-    }
+    let _ = SegmentLayout::read_header(&region, capacity);
 
-    let (control, start) = match direction {
-        Direction::Request => (layout.request_control(), layout.request_data()),
-        Direction::Response => (layout.response_control(), layout.response_data()),
-    };
+    let (control, start) = layout.ring(direction);
     let capacity = capacity as usize;
     let ring = start..start + capacity;
     let mut rx = Consumer::new(&region, &layout, direction);

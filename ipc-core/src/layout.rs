@@ -37,6 +37,7 @@
 
 use crate::error::LayoutError;
 use crate::region::Region;
+use crate::ring::Direction;
 use crate::sync::Ordering;
 
 /// `b"IPCDSEG\0"` read as a little-endian u64.
@@ -142,6 +143,15 @@ impl SegmentLayout {
     /// Total bytes of the segment.
     pub fn segment_size(&self) -> usize {
         DATA_START + 2 * self.capacity as usize
+    }
+
+    /// Offsets of the control block and the data of the ring that carries
+    /// `direction`.
+    pub fn ring(&self, direction: Direction) -> (usize, usize) {
+        match direction {
+            Direction::Request => (self.request_control(), self.request_data()),
+            Direction::Response => (self.response_control(), self.response_data()),
+        }
     }
 
     /// Offset of the request ring's control block.

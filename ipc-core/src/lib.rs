@@ -41,7 +41,7 @@ mod spin;
 pub mod sync;
 
 pub use error::{HandshakeError, LayoutError};
-pub use frame::{FrameHeader, FLAG_CLOSED, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
+pub use frame::{stream_frame, FrameHeader, FLAG_CLOSED, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
 pub use handshake::{DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, Welcome, PROTOCOL_VERSION};
 pub use layout::SegmentLayout;
 pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN};

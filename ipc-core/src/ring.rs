@@ -97,10 +97,7 @@ struct RingRef {
 impl RingRef {
     fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> RingRef {
         assert!(region.len() >= layout.segment_size(), "region smaller than the segment layout");
-        let (control, data) = match direction {
-            Direction::Request => (layout.request_control(), layout.request_data()),
-            Direction::Response => (layout.response_control(), layout.response_data()),
-        };
+        let (control, data) = layout.ring(direction);
         RingRef {
             region: region.clone(),
             control,

@@ -65,8 +65,8 @@ mod seeds {
     use ipc_core::handshake::{encode, HELLO_MAGIC};
     use ipc_core::sync::Ordering;
     use ipc_core::{
-        encode_error, Consumer, Direction, DoorbellKind, ErrorCode, FrameHeader, HeapMemory, Hello, Producer, Region,
-        Reject, SegmentLayout, ServerMessage, ServiceEntry, Welcome, FLAG_ERROR, PROTOCOL_VERSION,
+        encode_error, Consumer, DoorbellKind, ErrorCode, FrameHeader, HeapMemory, Hello, Producer, Region, Reject,
+        SegmentLayout, ServerMessage, ServiceEntry, Welcome, FLAG_ERROR, PROTOCOL_VERSION,
     };
 
     type Seeds = Vec<(&'static str, Vec<u8>)>;
@@ -154,20 +154,17 @@ mod seeds {
     /// `per_round`; each round carries the published index and the ring
     /// bytes written since the last round, and the consumer drains it.
     fn ring(choices: u8, lens: &[usize], per_round: usize) -> Vec<u8> {
-        let capacity = if choices & 2 == 0 { 4096 } else { 8192 };
-        let direction = if choices & 1 == 0 { Direction::Request } else { Direction::Response };
+        let ipc_core::fuzzing::RingChoices { direction, capacity, .. } =
+            ipc_core::fuzzing::RingChoices::from_byte(choices);
         let layout = SegmentLayout::new(capacity).unwrap();
         let region = Region::new(HeapMemory::new(layout.segment_size()));
         layout.write_header(&region);
-        let (control, start) = match direction {
-            Direction::Request => (layout.request_control(), layout.request_data()),
-            Direction::Response => (layout.response_control(), layout.response_data()),
-        };
+        let (control, start) = layout.ring(direction);
         let mut tx = Producer::new(&region, &layout, direction);
         let mut rx = Consumer::new(&region, &layout, direction);
 
         let mut input = vec![choices];
-        let mut header = [0u8; 32];
+        let mut header = [0u8; ipc_core::fuzzing::SEGMENT_HEADER];
         region.read(0, &mut header);
         input.extend_from_slice(&header);
         let (mut from, mut ids, mut out) = (0u64, 0u64, Vec::new());

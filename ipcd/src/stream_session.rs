@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use ipc_core::{FrameHeader, HEADER_LEN};
+use ipc_core::{stream_frame, FrameHeader, HEADER_LEN};
 use ipc_platform::PeerCredentials;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
@@ -246,15 +246,13 @@ impl StreamSession {
 
     /// The next complete request in the input, checked.
     fn next_request(&mut self) -> Result<Option<FrameHeader>, String> {
-        if self.end - self.start < HEADER_LEN {
+        let Some((header, complete)) = stream_frame(&self.input[self.start..self.end]) else {
             return Ok(None);
-        }
-        let raw: [u8; HEADER_LEN] = self.input[self.start..self.start + HEADER_LEN].try_into().expect("header length");
-        let header = FrameHeader::decode(&raw);
+        };
         if header.len as usize > self.max_payload {
             return Err(format!("request of {} bytes exceeds the negotiated maximum {}", header.len, self.max_payload));
         }
-        if self.end - self.start < HEADER_LEN + header.len as usize {
+        if !complete {
             return Ok(None);
         }
         self.last_request_id = check_request(&header, self.last_request_id)?;
@@ -337,9 +335,7 @@ impl StreamSession {
     /// daemon closes on purpose (best effort: a client that does not read
     /// sees only the hang-up).
     pub(crate) fn close_on_purpose(&mut self) {
-        let goodbye =
-            FrameHeader { len: 0, service: 0, flags: ipc_core::FLAG_CLOSED, request_id: self.last_request_id };
-        self.output.extend_from_slice(&goodbye.encode());
+        self.output.extend_from_slice(&FrameHeader::closing(self.last_request_id).encode());
         let _ = self.send();
     }
 }

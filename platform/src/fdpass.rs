@@ -52,9 +52,11 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
 }
 
 /// Receives into `buf` where no fds are expected: any the peer attached
-/// are discarded by the kernel (the message has no room for them, so
-/// `MSG_CTRUNC` is set) and never enter this process. Returns `(bytes,
-/// whether fds were discarded)`; 0 bytes and `false` means the peer hung up.
+/// are discarded by the kernel (the message has no room for control data,
+/// so `MSG_CTRUNC` is set) and never enter this process. Returns `(bytes,
+/// whether control data, such as fds, was discarded)`; 0 bytes and `false`
+/// means the peer hung up. (Nothing here enables `SO_PASSCRED`, so the only
+/// control data a peer can attach is fds.)
 pub fn recv_refusing_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     let mut control = RecvAncillaryBuffer::default();
     let ret = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::empty())?;
