@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub use ipc_core::layout::CACHE_LINE;
+use ipc_core::layout::CACHE_LINE;
 use ipc_core::Direction;
 pub use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout, Welcome};
 use ipc_platform::{EventFd, SocketBell};

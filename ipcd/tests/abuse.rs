@@ -16,23 +16,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    exchange, json_u64, poll_until, raw_connect, read_answer, settled_fd_count, start_with_uds, stat_eventually,
-    stats_json, watchdog, Answer, Daemon, CLEANUP_LIMIT, TEST_LIMIT,
+    exchange, fds_back_to, good_hello, json_u64, raw_connect, read_answer, settled_fd_count, start_with_uds,
+    stat_eventually, stats_json, watchdog, Answer, Daemon, TEST_LIMIT,
 };
 use ipc_client::{Client, ClientOptions, Reject, Transport};
 use ipc_core::handshake;
-use ipc_core::{DoorbellKind, Hello, ServerMessage};
+use ipc_core::ServerMessage;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 /// The name of the memfd the tests try to smuggle into the daemon.
 const SMUGGLED: &str = "ipcd-test-smuggled";
 /// Fds attached to one message: near the kernel's limit of 253.
 const FDS_PER_MESSAGE: usize = 250;
-
-/// A hello of this build, framed.
-fn good_hello() -> Vec<u8> {
-    handshake::encode(&Hello::new(65536, DoorbellKind::Futex)).unwrap()
-}
 
 /// Sends `bytes` with `fds` attached, all in one message.
 fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
@@ -137,7 +132,7 @@ fn hellos_carrying_fds_are_refused_and_the_fds_never_enter_the_daemon() {
             neighbour.call_into(&echo, &request, &mut reply).unwrap();
             assert!(reply == request, "neighbour call {i}: reply differs");
         }
-        let back = poll_until(CLEANUP_LIMIT, || settled_fd_count(pid) == baseline);
+        let back = fds_back_to(pid, baseline);
         assert!(back, "the daemon holds {} fds, {baseline} before the probes", settled_fd_count(pid));
         assert_eq!(smuggled_in(pid), 0);
         let (bad, json) = stat_eventually(&mut neighbour, "bad_hello", |n| n >= refused);
@@ -194,7 +189,7 @@ fn truncated_hellos_then_silence_are_closed_at_the_handshake_timeout() {
         let echo = neighbour.service("echo").unwrap();
         assert_eq!(neighbour.call(&echo, b"after").unwrap(), b"after");
         drop(stalled);
-        assert!(poll_until(CLEANUP_LIMIT, || settled_fd_count(pid) == baseline), "fds left behind");
+        assert!(fds_back_to(pid, baseline), "fds left behind");
     });
 }
 
@@ -214,7 +209,6 @@ fn hundreds_of_unfinished_handshakes_do_not_keep_normal_clients_out() {
         let started = Instant::now();
         let stalled: Vec<UnixStream> =
             (0..STALLED).map(|i| stall_handshake(&sockets[i % 2], &stalled_prefix(i))).collect();
-        let last_stalled = Instant::now();
         // Normal clients on both listeners, one after another, each with a
         // call, while the stalled handshakes hold their places.
         for i in 0..NORMAL {
@@ -227,10 +221,10 @@ fn hundreds_of_unfinished_handshakes_do_not_keep_normal_clients_out() {
             assert_eq!(client.call(&echo, &request).unwrap(), request, "normal client {i}");
         }
         let json = stats_json(&mut observer);
-        if last_stalled.elapsed() < TIMEOUT {
-            // No stalled handshake had reached its deadline yet, so none
-            // may have been closed: the normal clients really came while
-            // all of them waited.
+        if started.elapsed() < TIMEOUT {
+            // Not even the first stalled handshake has reached its deadline
+            // yet, so none may have been closed: the normal clients really
+            // came while all of them waited.
             assert_eq!(json_u64(&json, "handshake_timeout"), 0, "{json}");
         }
         assert_eq!(json_u64(&json, "accepted"), NORMAL as u64 + 1, "{json}");
@@ -242,11 +236,7 @@ fn hundreds_of_unfinished_handshakes_do_not_keep_normal_clients_out() {
         let (timed_out, json) = stat_eventually(&mut observer, "handshake_timeout", |n| n >= STALLED as u64);
         assert!(timed_out >= STALLED as u64, "{json}");
         drop(stalled);
-        assert!(
-            poll_until(CLEANUP_LIMIT, || settled_fd_count(pid) == baseline),
-            "the daemon holds {} fds, {baseline} before",
-            settled_fd_count(pid)
-        );
+        assert!(fds_back_to(pid, baseline), "the daemon holds {} fds, {baseline} before", settled_fd_count(pid));
         // A hello still gets its welcome after all that.
         match exchange(&sockets[0], &good_hello()) {
             Answer::Message(ServerMessage::Welcome(w), fds) => assert_eq!(fds.len(), w.fd_count()),

@@ -10,8 +10,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    exchange, json_u64, poll_until, raw_connect, read_answer, stat_eventually, watchdog, Answer, Daemon, CLEANUP_LIMIT,
-    HANG_UP_LIMIT, TEST_LIMIT,
+    exchange, good_hello, json_u64, poll_until, raw_connect, read_answer, stat_eventually, watchdog, Answer, Daemon,
+    CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{Client, ConnectError, Reject};
 use ipc_core::handshake::{self, HELLO_MAGIC};
@@ -126,11 +126,6 @@ fn silent_connection_is_closed_after_the_handshake_timeout() {
         assert!(timed_out >= 1, "{json}");
         assert_eq!(json_u64(&json, "connected_clients"), 1, "{json}");
     });
-}
-
-/// A hello of this build, framed.
-fn good_hello() -> Vec<u8> {
-    handshake::encode(&Hello::new(65536, DoorbellKind::Futex)).unwrap()
 }
 
 /// Asserts that `answer` is a bad-hello reject, or (when `may_close`) that

@@ -159,9 +159,8 @@ fn received_memfd_is_sealed_against_resizing() {
             let mut raw = raw_session(&socket, capacity, doorbell);
             let size = raw.layout.segment_size() as u64;
             let what = format!("{size}-byte segment");
-            ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size");
-            let seals = rustix::fs::fcntl_get_seals(&raw.memfd).expect("F_GET_SEALS");
-            assert_eq!(seals, ipc_platform::SEALS);
+            // The session was opened only because its memfd came sealed
+            // exactly `SEALS` at this size (checked as the client does).
 
             for new_size in [size / 2, 0, size + 4096, size * 2] {
                 let err = ipc_platform::try_resize(&raw.memfd, new_size).expect_err("ftruncate of a sealed segment");
@@ -249,7 +248,8 @@ fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
         rustix::fs::fcntl_setfl(&hostile.bell, rustix::fs::OFlags::empty()).unwrap();
         let bell = hostile.client_bell.take().expect("a pollable doorbell was granted");
         rustix::fs::fcntl_setfl(&bell, rustix::fs::OFlags::empty()).unwrap();
-        let data_waiter = hostile.layout.response_control() + 2 * ipc_core::layout::CACHE_LINE;
+        // The response ring's data waiter.
+        let data_waiter = hostile.waiter_words()[2];
         let mut body = Vec::new();
         for id in 1..=300u64 {
             // Ask to be woken (the daemon then rings a doorbell we never
@@ -304,14 +304,15 @@ fn repeat_offenders_wait_longer_for_their_next_session() {
             raw.expect_hang_up(HANG_UP_LIMIT);
             assert_eq!(bystander.call(&echo, b"still served").unwrap(), b"still served", "round {round}");
         }
-        // Every handshake after the first violation was held, and the next
-        // one waits 2^5 ms after the last strike.
+        // Every handshake after the first violation was held, and after six
+        // strikes the next one is held until 2^5 = 32 ms after the last:
+        // at least half of that must show, whatever the scheduling.
         let (held, _) = stat_eventually(&mut bystander, "held", |n| n >= 5);
         assert!(held >= 5, "held {held}");
         let started = Instant::now();
         let raw = raw_session(&socket, 4096, DoorbellKind::Futex);
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_millis(16), "the sixth offence was answered after only {waited:?}");
+        assert!(waited >= Duration::from_millis(16), "after six strikes a hello was answered in only {waited:?}");
         // Held, not refused: the session works.
         drop(raw);
         assert_eq!(bystander.call(&echo, b"after").unwrap(), b"after");

@@ -15,8 +15,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    connect, fd_count, join_all, join_within, json_u64, pattern, poll_until, settled_fd_count, start_with_streams,
-    stat_eventually, stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
+    connect, fd_count, frame, join_all, join_within, json_u64, pattern, poll_until, settled_fd_count,
+    start_with_streams, stat_eventually, stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT,
+    HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Transport};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
@@ -95,7 +96,7 @@ impl RawStream {
 
     /// The id of the service called `name`.
     fn service(&self, name: &str) -> u16 {
-        self.welcome.services.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no service {name:?}")).id
+        common::service_id(&self.welcome, name)
     }
 
     fn max_payload(&self) -> usize {
@@ -152,14 +153,6 @@ impl RawStream {
         }
         frames
     }
-}
-
-/// One request frame on the wire.
-fn frame(service: u16, flags: u16, request_id: u64, payload: &[u8]) -> Vec<u8> {
-    let header = FrameHeader { len: payload.len() as u32, service, flags, request_id };
-    let mut bytes = header.encode().to_vec();
-    bytes.extend_from_slice(payload);
-    bytes
 }
 
 /// The stream transports of `ends`.

@@ -15,48 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fastrand::Rng;
 use ipc_client::raw::{FrameHeader, RawSession};
 use ipc_client::{ClientOptions, DoorbellKind};
 use serde::{Deserialize, Serialize};
-
-/// SplitMix64: small, fast, and the same sequence for the same seed on
-/// every machine.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator whose sequence depends only on `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n` at least 1).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// One of `items`.
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    /// Fills `buf` with random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let word = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-}
 
 /// What one hostile client did, and what the daemon did to it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -112,7 +74,7 @@ impl Tally {
 /// The seed of hostile client `i` of a run seeded with `seed`: each
 /// client its own stream.
 pub fn client_seed(seed: u64, i: usize) -> u64 {
-    Rng::new(seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F)).next_u64()
+    Rng::with_seed(seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F)).u64(..)
 }
 
 /// The body of a hostile process (`--child-attackers N`): N hostile
@@ -164,14 +126,14 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(2);
 /// burst (zero: never). Adds one to `started` once the first session is
 /// open.
 pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, started: &AtomicUsize) -> Tally {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut tally = Tally::default();
     // Relaxed: the flag carries no data, and a burst more or less after it
     // is set does not matter.
     while !stop.load(Ordering::Relaxed) {
         let options = ClientOptions::default()
-            .ring_capacity(rng.pick(&CAPACITIES))
-            .doorbell(rng.pick(&[DoorbellKind::Futex, DoorbellKind::Pollable]))
+            .ring_capacity(rng.choice(CAPACITIES).expect("a choice"))
+            .doorbell(rng.choice([DoorbellKind::Futex, DoorbellKind::Pollable]).expect("a choice"))
             .connect_timeout(Duration::from_secs(5));
         let mut session = match RawSession::connect(socket, &options) {
             Ok(s) => s,
@@ -210,17 +172,17 @@ pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, star
 /// One attack on `s`, chosen at random.
 fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
     let capacity = u64::from(s.layout.capacity());
-    match rng.below(100) {
+    match rng.u64(..100) {
         // A ring index: random, aligned but out of range, or near where it
         // should be.
         0..=19 => {
-            let word = rng.pick(&s.index_words());
+            let word = rng.choice(s.index_words()).expect("a choice");
             let current = s.region.atomic_u64(word).load(Ordering::Relaxed);
-            let value = match rng.below(4) {
-                0 => rng.next_u64(),
-                1 => rng.below(4 * capacity) & !7,
-                2 => current.wrapping_add(rng.below(2 * capacity)).wrapping_sub(capacity),
-                _ => current.wrapping_add(rng.below(64)),
+            let value = match rng.u64(..4) {
+                0 => rng.u64(..),
+                1 => rng.u64(..4 * capacity) & !7,
+                2 => current.wrapping_add(rng.u64(..2 * capacity)).wrapping_sub(capacity),
+                _ => current.wrapping_add(rng.u64(..64)),
             };
             // Relaxed and Release alike: the daemon must cope with any
             // ordering, and this is a lie either way.
@@ -229,11 +191,11 @@ fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally
         }
         // A futex word: the daemon reads them to decide whom to wake.
         20..=29 => {
-            let word = rng.pick(&s.waiter_words());
-            let value = match rng.below(3) {
+            let word = rng.choice(s.waiter_words()).expect("a choice");
+            let value = match rng.u64(..3) {
                 0 => 0,
                 1 => 1,
-                _ => rng.next_u64() as u32,
+                _ => rng.u64(..) as u32,
             };
             s.region.atomic_u32(word).store(value, Ordering::Release);
             tally.scribbles += 1;
@@ -245,11 +207,11 @@ fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally
         45..=64 => push_frames(s, rng, next_id, tally),
         // Random bytes anywhere in the segment: header, control blocks, data.
         65..=79 => {
-            let len = 1 + rng.below(256) as usize;
-            let offset = rng.below((s.layout.segment_size() - len) as u64 + 1) as usize;
-            let mut bytes = vec![0u8; len];
-            rng.fill(&mut bytes);
-            s.region.write(offset, &bytes);
+            let len = 1 + rng.u64(..256) as usize;
+            let offset = rng.u64(..(s.layout.segment_size() - len) as u64 + 1) as usize;
+            let mut bytes = [0u8; 256];
+            rng.fill(&mut bytes[..len]);
+            s.region.write(offset, &bytes[..len]);
             tally.scribbles += 1;
         }
         // A doorbell flood, both kinds.
@@ -281,47 +243,48 @@ fn forge_frame(s: &mut RawSession, rng: &mut Rng, capacity: u64, tally: &mut Tal
     if at + 16 > capacity {
         return;
     }
-    let service = match rng.below(3) {
-        0 => rng.next_u64() as u16,
-        _ => s.welcome.services.get(rng.below(s.welcome.services.len().max(1) as u64) as usize).map_or(0, |e| e.id),
+    let service = match rng.u64(..3) {
+        0 => rng.u64(..) as u16,
+        _ => s.welcome.services.get(rng.u64(..s.welcome.services.len().max(1) as u64) as usize).map_or(0, |e| e.id),
     };
     let header = FrameHeader {
-        len: match rng.below(3) {
-            0 => rng.next_u64() as u32,
-            1 => rng.below(capacity) as u32,
-            _ => rng.below(64) as u32,
+        len: match rng.u64(..3) {
+            0 => rng.u64(..) as u32,
+            1 => rng.u64(..capacity) as u32,
+            _ => rng.u64(..64) as u32,
         },
         service,
-        flags: if rng.below(2) == 0 { 0 } else { rng.next_u64() as u16 },
-        request_id: rng.next_u64(),
+        flags: if rng.u64(..2) == 0 { 0 } else { rng.u64(..) as u16 },
+        request_id: rng.u64(..),
     };
     s.write_request_data(at as usize, &header.encode());
-    let head = tail.wrapping_add(16 + (rng.below(64) & !7));
+    let head = tail.wrapping_add(16 + (rng.u64(..64) & !7));
     s.region.atomic_u64(head_word).store(head, Ordering::Release);
-    let _ = s.ring();
     tally.scribbles += 1;
-    tally.eventfd_rings += 1;
+    if s.ring().is_ok() {
+        tally.eventfd_rings += 1;
+    }
 }
 
 /// Pushes up to 32 frames through the library's own producer, with random
 /// fields, publishes them and rings.
 fn push_frames(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
     let mut payload = [0u8; 256];
-    for _ in 0..1 + rng.below(32) {
-        let service = match rng.below(8) {
-            0 => rng.next_u64() as u16,
+    for _ in 0..1 + rng.u64(..32) {
+        let service = match rng.u64(..8) {
+            0 => rng.u64(..) as u16,
             _ => s.service_id("echo").unwrap_or(0),
         };
-        let flags = if rng.below(16) == 0 { rng.next_u64() as u16 } else { 0 };
-        let id = match rng.below(16) {
+        let flags = if rng.u64(..16) == 0 { rng.u64(..) as u16 } else { 0 };
+        let id = match rng.u64(..16) {
             // A repeated or going-back id.
-            0 => next_id.saturating_sub(rng.below(3)),
+            0 => next_id.saturating_sub(rng.u64(..3)),
             _ => {
                 *next_id += 1;
                 *next_id
             }
         };
-        let len = rng.below(payload.len() as u64 + 1) as usize;
+        let len = rng.u64(..payload.len() as u64 + 1) as usize;
         rng.fill(&mut payload[..len]);
         match s.requests.try_push(service, flags, id, &payload[..len]) {
             Ok(()) => tally.frames_pushed += 1,
@@ -330,21 +293,22 @@ fn push_frames(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut
         }
     }
     s.requests.publish();
-    let _ = s.ring();
-    tally.eventfd_rings += 1;
+    if s.ring().is_ok() {
+        tally.eventfd_rings += 1;
+    }
 }
 
 /// Rings the daemon's eventfd, wakes the futex words, and (with a pollable
 /// doorbell) sends bytes back on the doorbell socket, up to 512 times each.
 fn flood_doorbells(s: &mut RawSession, rng: &mut Rng, tally: &mut Tally) {
-    let n = 1 + rng.below(512);
+    let n = 1 + rng.u64(..512);
     for _ in 0..n {
         if s.ring().is_ok() {
             tally.eventfd_rings += 1;
         }
     }
     for _ in 0..n / 8 + 1 {
-        let word = rng.pick(&s.waiter_words());
+        let word = rng.choice(s.waiter_words()).expect("a choice");
         if ipc_platform::futex::wake_one(s.region.atomic_u32(word)).is_ok() {
             tally.futex_wakes += 1;
         }
@@ -356,29 +320,5 @@ fn flood_doorbells(s: &mut RawSession, rng: &mut Rng, tally: &mut Tally) {
             }
         }
         let _ = bell.drain();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_seed_same_sequence() {
-        let (mut a, mut b, mut c) = (Rng::new(7), Rng::new(7), Rng::new(8));
-        let xs: Vec<u64> = (0..16).map(|_| a.next_u64()).collect();
-        let ys: Vec<u64> = (0..16).map(|_| b.next_u64()).collect();
-        let zs: Vec<u64> = (0..16).map(|_| c.next_u64()).collect();
-        assert_eq!(xs, ys);
-        assert_ne!(xs, zs);
-    }
-
-    #[test]
-    fn fill_covers_odd_lengths_and_below_stays_below() {
-        let mut rng = Rng::new(1);
-        let mut buf = [0u8; 13];
-        rng.fill(&mut buf);
-        assert!(buf.iter().any(|&b| b != 0));
-        assert!((0..1000).all(|_| rng.below(3) < 3));
     }
 }

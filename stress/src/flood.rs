@@ -11,11 +11,11 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
+use fastrand::Rng;
 use serde::Serialize;
 
-use crate::attacker::Rng;
-use crate::workload::{self, new_histogram, ClientOutcome, Workload};
+use crate::report::{Connect, Run};
+use crate::workload::{self, ClientOutcome, Workload};
 
 /// How a stalled connection stalls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub fn open_stalled(socket: &Path, n: usize, hello: &[u8], rng: &mut Rng) -> io:
         let sent = match kind {
             Stall::Partial => {
                 // At least one byte, never the whole hello.
-                let len = 1 + rng.below(hello.len() as u64 - 1) as usize;
+                let len = 1 + rng.u64(..hello.len() as u64 - 1) as usize;
                 stream.write_all(&hello[..len])?;
                 len
             }
@@ -60,10 +60,7 @@ pub fn open_stalled(socket: &Path, n: usize, hello: &[u8], rng: &mut Rng) -> io:
     }
     // Interleave the kinds so none is favoured by its place in the
     // acceptor's queue.
-    for i in (1..stalled.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        stalled.swap(i, j);
-    }
+    rng.shuffle(&mut stalled);
     Ok(stalled)
 }
 
@@ -91,6 +88,9 @@ pub fn watch(
     std::thread::Builder::new()
         .name("flood-watch".into())
         .spawn(move || {
+            // Every dribbling connection sends its next byte on the same
+            // ticks, counted from here, so one pass serves them all.
+            let epoch = Instant::now();
             loop {
                 let now = Instant::now();
                 let mut next_dribble = give_up;
@@ -98,7 +98,7 @@ pub fn watch(
                     if s.sent + 1 >= hello.len() {
                         continue;
                     }
-                    let due = s.opened + interval * (s.sent as u32 + 1);
+                    let due = epoch + interval * (s.sent as u32 + 1);
                     if due <= now {
                         // The daemon may have closed it just now: that shows
                         // on the next poll.
@@ -106,7 +106,7 @@ pub fn watch(
                             s.sent += 1;
                         }
                     }
-                    next_dribble = next_dribble.min(s.opened + interval * (s.sent as u32 + 1));
+                    next_dribble = next_dribble.min(epoch + interval * (s.sent as u32 + 1));
                 }
                 let open: Vec<usize> = (0..stalled.len()).filter(|&i| stalled[i].closed_at.is_none()).collect();
                 if open.is_empty() || now >= give_up {
@@ -153,25 +153,10 @@ pub fn connect_series(w: &Workload, n: usize) -> (Vec<ClientOutcome>, Duration, 
     (outcomes, end - start, end)
 }
 
-/// Connect-time percentiles in microseconds.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct ConnectPercentiles {
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl ConnectPercentiles {
-    /// The percentiles of the outcomes' connect times.
-    pub fn of(outcomes: &[ClientOutcome]) -> ConnectPercentiles {
-        let mut h: Histogram<u64> = new_histogram();
-        for o in outcomes {
-            h.saturating_record(o.connect_ns.max(1));
-        }
-        let us = |ns: u64| ns as f64 / 1000.0;
-        ConnectPercentiles { p50: us(h.value_at_quantile(0.50)), p99: us(h.value_at_quantile(0.99)), max: us(h.max()) }
-    }
-}
+/// How much earlier than its handshake timeout a stalled connection may be
+/// seen closed, in milliseconds: clock granularity and the gap between our
+/// connect and the daemon's accept.
+pub const EARLY_SLACK_MS: f64 = 10.0;
 
 /// Shortest and longest time, in milliseconds.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -193,7 +178,8 @@ pub struct FloodFigures {
     pub dribbling: usize,
     /// Clients connected one after another, each with one verified call.
     pub connects: usize,
-    pub connect_us: ConnectPercentiles,
+    /// The RUN's own `connect_us`, repeated here beside the ratios.
+    pub connect_us: Connect,
     /// With the flood: its connect p50 and p99 over those without it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_p50_ratio: Option<f64>,
@@ -216,15 +202,15 @@ pub struct FloodFigures {
 
 impl FloodFigures {
     /// The figures of the connects made without a flood.
-    pub fn without(outcomes: &[ClientOutcome], timeout: Duration) -> FloodFigures {
+    pub fn without(run: &Run, timeout: Duration) -> FloodFigures {
         FloodFigures {
             phase: "without",
             stalled: 0,
             silent: 0,
             partial: 0,
             dribbling: 0,
-            connects: outcomes.len(),
-            connect_us: ConnectPercentiles::of(outcomes),
+            connects: run.clients,
+            connect_us: run.connect_us,
             connect_p50_ratio: None,
             connect_p99_ratio: None,
             handshake_timeout_ms: timeout.as_millis() as u64,
@@ -239,7 +225,7 @@ impl FloodFigures {
     /// The figures of the connects made during the flood, compared with
     /// `without`, and what became of the stalled connections.
     pub fn with(
-        outcomes: &[ClientOutcome],
+        run: &Run,
         without: &FloodFigures,
         closings: &Closings,
         connects_end: Instant,
@@ -247,7 +233,7 @@ impl FloodFigures {
     ) -> FloodFigures {
         let count = |k: Stall| closings.conns.iter().filter(|c| c.0 == k).count();
         let closed: Vec<f64> = closings.conns.iter().filter_map(|c| c.1).map(|d| d.as_secs_f64() * 1e3).collect();
-        let connect_us = ConnectPercentiles::of(outcomes);
+        let connect_us = run.connect_us;
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
         FloodFigures {
             phase: "with",
@@ -255,7 +241,7 @@ impl FloodFigures {
             silent: count(Stall::Silent),
             partial: count(Stall::Partial),
             dribbling: count(Stall::Dribble),
-            connects: outcomes.len(),
+            connects: run.clients,
             connect_us,
             connect_p50_ratio: ratio(connect_us.p50, without.connect_us.p50),
             connect_p99_ratio: ratio(connect_us.p99, without.connect_us.p99),
@@ -272,13 +258,16 @@ impl FloodFigures {
     }
 
     /// Whether the daemon closed every stalled connection, none before its
-    /// handshake timeout (less `slack` for clock granularity) and none later
-    /// than `slack` after it, without answering any.
+    /// handshake timeout (less [`EARLY_SLACK_MS`]: its deadline starts at
+    /// accept, ours just before connect) and none later than `slack` after
+    /// it, without answering any.
     pub fn stalled_closed_on_time(&self, slack: Duration) -> bool {
         let timeout = self.handshake_timeout_ms as f64;
         let slack = slack.as_secs_f64() * 1e3;
         self.stalled_closed == self.stalled
             && self.stalled_answered == 0
-            && self.stalled_closed_after_ms.map_or(true, |s| s.min >= timeout - 10.0 && s.max <= timeout + slack)
+            && self
+                .stalled_closed_after_ms
+                .map_or(true, |s| s.min >= timeout - EARLY_SLACK_MS && s.max <= timeout + slack)
     }
 }

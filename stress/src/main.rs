@@ -27,7 +27,7 @@ use ipc_client::Transport;
 
 use crate::chaos::{Chaos, KillPlan};
 use crate::daemon::{PeakSampler, PrivateDaemon};
-use crate::report::{Report, Run, Spec};
+use crate::report::{Run, Spec};
 use crate::workload::{Probe, Workload, MIN_PAYLOAD};
 
 /// Counts the client threads' allocations, for `allocations_per_call`.
@@ -419,9 +419,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let mut private = private;
     let mut pid = daemon::daemon_pid(&socket)?;
     let mode = if args.procs { "processes" } else { "threads" };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    // Printed with the run, so it can be repeated.
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     if let Some(chaos) = args.chaos {
         println!("chaos {chaos:?}, seed {seed} (repeat with --seed {seed})");
     }
@@ -473,8 +472,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         print!("{}", report::comparison(&runs));
     }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&Report { runs: &runs })?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        report::write_json(path, &runs)?;
     }
     if let Some(d) = private {
         d.stop()?;
@@ -489,10 +487,7 @@ fn hostile_config(args: &Args, exe: PathBuf) -> anyhow::Result<hostile::Config> 
         bail!("{} not found; build it (cargo build --release) or pass --daemon PATH", daemon.display());
     }
     let (clients, messages, payloads, _) = Scenario::Hostile.defaults();
-    let seed = args.seed.unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        attacker::Rng::new(now.as_nanos() as u64 ^ u64::from(std::process::id())).next_u64()
-    });
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     Ok(hostile::Config {
         daemon,
         exe,

@@ -21,9 +21,10 @@ pub struct Latency {
 }
 
 /// Connect-time figures in microseconds.
-#[derive(Serialize, Debug, Default)]
+#[derive(Serialize, Debug, Default, Clone, Copy)]
 pub struct Connect {
     pub p50: f64,
+    pub p99: f64,
     pub max: f64,
 }
 
@@ -146,7 +147,7 @@ impl Run {
                 max: us(latency.max()),
                 mean: latency.mean() / 1000.0,
             },
-            connect_us: Connect { p50: q(&connect, 0.50), max: us(connect.max()) },
+            connect_us: Connect { p50: q(&connect, 0.50), p99: q(&connect, 0.99), max: us(connect.max()) },
             bytes_per_s: (spec.scenario == "bandwidth" && secs > 0.0)
                 .then(|| 2.0 * payload as f64 * succeeded as f64 / secs),
             allocations_per_call: if sent > 0 { allocations as f64 / sent as f64 } else { 0.0 },
@@ -334,6 +335,13 @@ pub fn comparison(runs: &[Run]) -> String {
 
 /// The JSON document: `{"runs": [RUN, ...]}`.
 #[derive(Serialize)]
-pub struct Report<'a> {
-    pub runs: &'a [Run],
+struct Report<'a, R> {
+    runs: &'a [R],
+}
+
+/// Writes `runs` to `path` as the JSON document `{"runs": [RUN, ...]}`.
+pub fn write_json<R: Serialize>(path: &std::path::Path, runs: &[R]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(&Report { runs })?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }

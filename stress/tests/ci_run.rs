@@ -294,6 +294,9 @@ fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
         "--seed",
         "1",
     ];
+    // run_all requires the scenario's PASS: every normal call succeeded and
+    // was made, the daemon lived, and every stalled connection was closed
+    // at the handshake timeout (not before) without an answer.
     let report = run_all(&args, &[]);
     let runs = report["runs"].as_array().unwrap();
     let phases: Vec<(&str, &str)> = runs
@@ -307,35 +310,15 @@ fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
         phases,
         [("hostile", "baseline"), ("hostile", "attack"), ("handshake-flood", "without"), ("handshake-flood", "with")]
     );
-    for r in runs {
-        assert_eq!(r["failed"], 0, "{r}");
-        assert_eq!(r["mismatched"], 0, "{r}");
-        assert_eq!(r["succeeded"], r["sent"], "{r}");
-    }
-    assert_eq!(runs[0]["sent"], 8000);
-    assert_eq!(runs[2]["sent"], 50);
 
     let attack = &runs[1]["hostile"];
-    assert_eq!(attack["hostile_clients"], 4);
-    assert_eq!(attack["seed"], 1);
     assert!(attack["sessions_opened"].as_u64().unwrap() >= 4, "{attack}");
     assert!(attack["sessions_disconnected"].as_u64().unwrap() > 0, "{attack}");
     assert!(attack["daemon_disconnects"]["protocol_violation"].as_u64().unwrap() > 0, "{attack}");
-    assert!(attack["throughput_ratio"].as_f64().unwrap() > 0.0, "{attack}");
 
+    // The daemon, not just our watch, saw each stalled handshake time out.
     let flood = &runs[3]["handshake_flood"];
-    assert_eq!(flood["stalled"], 100);
-    assert_eq!(flood["stalled_closed"], 100, "{flood}");
-    assert_eq!(flood["stalled_answered"], 0, "{flood}");
     assert_eq!(flood["daemon_handshake_timeouts"], 100, "{flood}");
-    assert_eq!(flood["handshake_timeout_ms"], 500);
-    // Closed at the timeout, not before (the daemon's deadline starts at
-    // accept, after our connect).
-    assert!(flood["stalled_closed_after_ms"]["min"].as_f64().unwrap() >= 490.0, "{flood}");
-    for phase in [&runs[2]["handshake_flood"], flood] {
-        let c = &phase["connect_us"];
-        assert!(0.0 < c["p50"].as_f64().unwrap() && c["p50"].as_f64() <= c["p99"].as_f64(), "{c}");
-    }
 }
 
 #[test]
@@ -344,5 +327,8 @@ fn hostile_scenario_refuses_options_it_cannot_honour() {
     for extra in [&["--socket", "/nonexistent.sock"][..], &["--procs"], &["--transport", "tcp"]] {
         let out = Command::new(&stress).args(["--scenario", "hostile"]).args(extra).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        // Refused by the scenario's own check, not by the argument parser.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--scenario hostile"), "{extra:?}: {stderr}");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 pub use ipc_client::raw::RawSession;
 use ipc_client::{Client, ClientOptions};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
-use ipc_core::{DoorbellKind, FrameHeader, ServerMessage};
+use ipc_core::{DoorbellKind, FrameHeader, Hello, ServerMessage, Welcome};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
@@ -370,6 +370,35 @@ pub fn settled_fd_count(pid: u32) -> usize {
     });
     assert!(settled, "the daemon's fd count does not settle");
     last
+}
+
+/// Whether the daemon's fd count comes back to `baseline` within
+/// [`CLEANUP_LIMIT`].
+pub fn fds_back_to(pid: u32, baseline: usize) -> bool {
+    poll_until(CLEANUP_LIMIT, || settled_fd_count(pid) == baseline)
+}
+
+/// A hello of this build, framed, as the client library sends it by
+/// default (64 KiB rings, futex doorbell).
+pub fn good_hello() -> Vec<u8> {
+    handshake::encode(&Hello::new(65536, DoorbellKind::Futex)).unwrap()
+}
+
+/// One frame on the wire of a stream transport.
+pub fn frame(service: u16, flags: u16, request_id: u64, payload: &[u8]) -> Vec<u8> {
+    let header = FrameHeader { len: payload.len() as u32, service, flags, request_id };
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// The id of the service called `name` in `welcome`.
+///
+/// # Panics
+///
+/// Panics if the welcome does not offer it.
+pub fn service_id(welcome: &Welcome, name: &str) -> u16 {
+    welcome.services.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no service {name:?}")).id
 }
 
 /// Lines of `/proc/<pid>/maps` that mention `needle`.
