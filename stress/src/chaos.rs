@@ -89,9 +89,16 @@ pub struct KillReport {
     /// The fd count the daemon should reach once the killed clients'
     /// sessions are gone: connected minus their share.
     pub fds_expected_after_kills: u64,
-    /// From the last kill until the daemon's fd count came down to that,
-    /// in ms; `None` if it did not within 5 s.
+    /// From the last kill until every killed process had finished exiting
+    /// (a zombie: its fds closed), in ms. The kernel closes a process's
+    /// fds only after it has torn down its memory, which a loaded machine
+    /// can take seconds over; `None` if not within 30 s.
+    pub victims_exited_ms: Option<f64>,
+    /// From then until the daemon's fd count came down to the expected
+    /// count, in ms; `None` if it did not within 5 s.
     pub cleanup_ms: Option<f64>,
+    /// The same, counted from the last kill.
+    pub cleanup_after_kill_ms: Option<f64>,
     /// The daemon's anonymous memory once it had cleaned up.
     pub rss_anon_kb_after_cleanup: u64,
     /// The daemon after the surviving clients disconnected too.
@@ -99,7 +106,8 @@ pub struct KillReport {
 }
 
 impl KillReport {
-    /// Whether the daemon cleaned up within a second.
+    /// Whether the daemon cleaned up within a second of the killed
+    /// clients' exit.
     pub fn passed(&self) -> bool {
         self.killed > 0 && self.cleanup_ms.is_some_and(|t| t <= 1000.0)
     }
@@ -118,6 +126,7 @@ pub fn kill_clients(
     let mut report =
         KillReport { seed: plan.seed, daemon_before: before, daemon_connected: connected, ..Default::default() };
     let mut last = start;
+    let mut killed = Vec::new();
     for (pid, at) in victims {
         if let Some(wait) = (start + at).checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
@@ -125,16 +134,28 @@ pub fn kill_clients(
         let at = Instant::now();
         if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
             last = at;
+            killed.push(pid);
             report.killed += 1;
             report.kill_at_ms.push(ms(last - start));
         }
     }
     let per_client = connected.fds.saturating_sub(before.fds) / clients.max(1) as u64;
     report.fds_expected_after_kills = connected.fds - per_client * report.killed as u64;
-    while last.elapsed() < Duration::from_secs(5) {
+    let exited = loop {
+        if killed.iter().all(|&pid| has_exited(pid)) {
+            break Instant::now();
+        }
+        if last.elapsed() > Duration::from_secs(30) {
+            return report;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    report.victims_exited_ms = Some(ms(exited - last));
+    while exited.elapsed() < Duration::from_secs(5) {
         if let Ok(u) = daemon::usage(plan.daemon_pid) {
             if u.fds <= report.fds_expected_after_kills {
-                report.cleanup_ms = Some(ms(last.elapsed()));
+                report.cleanup_ms = Some(ms(exited.elapsed()));
+                report.cleanup_after_kill_ms = Some(ms(last.elapsed()));
                 report.rss_anon_kb_after_cleanup = u.rss_anon_kb;
                 break;
             }
@@ -142,6 +163,16 @@ pub fn kill_clients(
         std::thread::sleep(Duration::from_millis(2));
     }
     report
+}
+
+/// Whether process `pid` has finished exiting: a zombie waiting to be
+/// reaped, or gone.
+fn has_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
+    // The state follows the command name, which is in parentheses and may
+    // hold anything.
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X") | None)
 }
 
 /// The daemon's usage once its fd count has held still for 50 ms (at most

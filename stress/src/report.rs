@@ -215,11 +215,19 @@ impl Run {
             self.daemon.rss_anon_kb, self.peak_rss_anon_kb, self.daemon.rss_shmem_kb, self.daemon.fds
         );
         if let Some(k) = &self.kill_clients {
-            let cleanup = k.cleanup_ms.map_or_else(|| "not within 5 s".into(), |t| format!("{t:.1} ms"));
+            let ms = |t: Option<f64>, none: &str| t.map_or_else(|| none.to_string(), |t| format!("{t:.1} ms"));
             s += &format!("  chaos       killed {} client processes (seed {}); survivors above\n", k.killed, k.seed);
             s += &format!(
-                "              daemon fds {} before, {} connected, {} expected after the kills, reached {} after the last kill\n",
-                k.daemon_before.fds, k.daemon_connected.fds, k.fds_expected_after_kills, cleanup
+                "              killed processes exited {} after the last kill\n",
+                ms(k.victims_exited_ms, "not within 30 s")
+            );
+            s += &format!(
+                "              daemon fds {} before, {} connected, {} expected after the kills, reached {} after their exit ({} after the last kill)\n",
+                k.daemon_before.fds,
+                k.daemon_connected.fds,
+                k.fds_expected_after_kills,
+                ms(k.cleanup_ms, "not within 5 s"),
+                ms(k.cleanup_after_kill_ms, "-")
             );
             s += &format!(
                 "              daemon rss_anon {} kB connected, {} kB after clean-up; after all left: fds {}, rss_anon {} kB\n",
