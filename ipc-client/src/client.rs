@@ -1157,7 +1157,8 @@ pub(crate) fn receive_segment(
     }
     let mut fds = fds.into_iter();
     let (memfd, daemon_bell) = (fds.next().expect("counted"), fds.next().expect("counted"));
-    // Refused unless sealed against resizing and of the announced size.
+    // Refused unless sealed against resizing, not against writing, and of
+    // the announced size.
     let region = Mapping::map(memfd.as_fd(), layout.segment_size()).map_err(|e| protocol(e.to_string()))?;
     SegmentLayout::read_header(&region, welcome.ring_capacity).map_err(|e| protocol(e.to_string()))?;
     Ok(Segment {

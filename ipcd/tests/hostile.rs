@@ -159,8 +159,9 @@ fn received_memfd_is_sealed_against_resizing() {
             let mut raw = raw_session(&socket, capacity, doorbell);
             let size = raw.layout.segment_size() as u64;
             let what = format!("{size}-byte segment");
-            // The session was opened only because its memfd came sealed
-            // exactly `SEALS` at this size (checked as the client does).
+            // The session was opened only because its memfd came with every
+            // seal of `SEALS`, none against writing, at this size (checked
+            // as the client does).
 
             for new_size in [size / 2, 0, size + 4096, size * 2] {
                 let err = ipc_platform::try_resize(&raw.memfd, new_size).expect_err("ftruncate of a sealed segment");

@@ -4,8 +4,9 @@
 //! access past the new end raise SIGBUS. The daemon therefore creates every
 //! segment itself, sizes it, allocates its pages (so tmpfs running out of
 //! space shows up here as an error rather than as SIGBUS on first touch), and
-//! seals it with exactly [`SEALS`] before the fd leaves the process. A
-//! receiver maps nothing whose seals or size are not what it expects.
+//! seals it with [`SEALS`] before the fd leaves the process. A receiver maps
+//! nothing that lacks one of those seals, carries a seal that forbids
+//! writing, or is not of the size it expects.
 
 use std::fmt;
 use std::io;
@@ -13,9 +14,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 
-/// The seals every segment carries: it can be neither shrunk nor grown, and
-/// no further seal can be added or removed.
+/// The seals every segment carries, and a receiver requires: it can be
+/// neither shrunk nor grown, and no further seal can be added or removed.
 pub const SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW).union(SealFlags::SEAL);
+
+/// The seals a receiver refuses: each forbids writing through a new shared
+/// mapping, and both rings are written by both sides.
+const WRITE_SEALS: SealFlags = SealFlags::WRITE.union(SealFlags::FUTURE_WRITE);
 
 /// Creates a close-on-exec memfd of `size` bytes with its pages allocated,
 /// sealed with [`SEALS`].
@@ -31,12 +36,19 @@ pub fn create_sealed(name: &str, size: u64) -> io::Result<OwnedFd> {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SealError {
-    /// The seals are not exactly [`SEALS`].
-    Seals {
+    /// One or more of [`SEALS`] is missing: the file could be resized, or
+    /// its seals changed after the check.
+    MissingSeals {
         /// The seals found, as raw bits.
         found: u32,
-        /// The seals required, as raw bits.
-        expected: u32,
+        /// The seals of [`SEALS`] not found, as raw bits.
+        missing: u32,
+    },
+    /// A seal that forbids writing (`F_SEAL_WRITE` or `F_SEAL_FUTURE_WRITE`)
+    /// is present, so the segment cannot be mapped read-write and shared.
+    WriteSealed {
+        /// The seals found, as raw bits.
+        found: u32,
     },
     /// The size is not the one announced.
     Size {
@@ -53,8 +65,17 @@ pub enum SealError {
 impl fmt::Display for SealError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SealError::Seals { found, expected } => {
-                write!(f, "memfd seals {found:#x} are not the required {expected:#x}")
+            SealError::MissingSeals { found, missing } => {
+                write!(f, "memfd seals {} lack the required {}", SealNames(*found), SealNames(*missing))
+            }
+            SealError::WriteSealed { found } => {
+                let forbidding = found & WRITE_SEALS.bits();
+                write!(
+                    f,
+                    "memfd seals {} include {}, which forbids the read-write shared mapping a segment needs",
+                    SealNames(*found),
+                    SealNames(forbidding)
+                )
             }
             SealError::Size { found, expected } => {
                 write!(f, "memfd size {found} is not the announced {expected}")
@@ -73,12 +94,57 @@ impl std::error::Error for SealError {
     }
 }
 
-/// Checks that `fd` is sealed with exactly [`SEALS`] and is `size` bytes
-/// long, so that mapping it cannot lead to SIGBUS.
+/// Seal bits shown as hex and by name, `0x27 (SHRINK|GROW|SEAL|EXEC)`; bits
+/// this code has no name for are shown as hex after the names.
+struct SealNames(u32);
+
+impl fmt::Display for SealNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const NAMES: [(SealFlags, &str); 6] = [
+            (SealFlags::SHRINK, "SHRINK"),
+            (SealFlags::GROW, "GROW"),
+            (SealFlags::SEAL, "SEAL"),
+            (SealFlags::WRITE, "WRITE"),
+            (SealFlags::FUTURE_WRITE, "FUTURE_WRITE"),
+            (SealFlags::EXEC, "EXEC"),
+        ];
+        write!(f, "{:#x} (", self.0)?;
+        let mut rest = self.0;
+        let mut separator = "";
+        for (flag, name) in NAMES {
+            if rest & flag.bits() != 0 {
+                write!(f, "{separator}{name}")?;
+                rest &= !flag.bits();
+                separator = "|";
+            }
+        }
+        if rest != 0 {
+            write!(f, "{separator}{rest:#x}")?;
+        } else if separator.is_empty() {
+            f.write_str("none")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Checks that `fd` carries every seal of [`SEALS`] and none that forbids
+/// writing, and is `size` bytes long, so that it can be mapped read-write
+/// and no access to the mapping can raise SIGBUS.
+///
+/// Other seals are accepted. A seal only ever forbids something, and with
+/// `F_SEAL_SEAL` present the set cannot change after this check. The one
+/// other seal the kernel has besides the write seals, `F_SEAL_EXEC`, forbids
+/// making the file executable, which a segment never is (the kernel adds it
+/// to every memfd under `vm.memfd_noexec=1` or `2`). A seal newer than this
+/// code can at worst forbid something the receiver then does, which fails
+/// as an error of that call, not as a fault later.
 pub fn check_sealed(fd: BorrowedFd<'_>, size: u64) -> Result<(), SealError> {
     let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| SealError::Io(e.into()))?;
-    if seals != SEALS {
-        return Err(SealError::Seals { found: seals.bits(), expected: SEALS.bits() });
+    if !seals.contains(SEALS) {
+        return Err(SealError::MissingSeals { found: seals.bits(), missing: SEALS.difference(seals).bits() });
+    }
+    if seals.intersects(WRITE_SEALS) {
+        return Err(SealError::WriteSealed { found: seals.bits() });
     }
     let stat = rustix::fs::fstat(fd).map_err(|e| SealError::Io(e.into()))?;
     let found = stat.st_size as u64;
@@ -96,6 +162,15 @@ pub fn try_resize(fd: impl AsFd, size: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Mapping;
+
+    /// A memfd of `size` bytes that allows sealing and carries no seal of
+    /// its own (but `F_SEAL_EXEC` where `vm.memfd_noexec` adds it).
+    fn unsealed(size: u64) -> OwnedFd {
+        let fd = rustix::fs::memfd_create("unsealed", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, size).unwrap();
+        fd
+    }
 
     #[test]
     fn sealed_memfd_cannot_be_resized_and_passes_the_check() {
@@ -108,10 +183,60 @@ mod tests {
 
     #[test]
     fn unsealed_memfd_is_refused() {
-        let fd = rustix::fs::memfd_create("unsealed", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
-        rustix::fs::ftruncate(&fd, 4096).unwrap();
-        assert!(matches!(check_sealed(fd.as_fd(), 4096), Err(SealError::Seals { found: 0, .. })));
+        let fd = unsealed(4096);
+        let err = check_sealed(fd.as_fd(), 4096).unwrap_err();
+        assert!(matches!(err, SealError::MissingSeals { missing: 0x7, .. }), "{err}");
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).unwrap();
-        assert!(matches!(check_sealed(fd.as_fd(), 4096), Err(SealError::Seals { .. })));
+        let err = check_sealed(fd.as_fd(), 4096).unwrap_err();
+        assert!(matches!(err, SealError::MissingSeals { missing: 0x5, .. }), "{err}");
+    }
+
+    #[test]
+    fn extra_exec_seal_is_accepted() {
+        let fd = unsealed(8192);
+        // Sealing an executable memfd against exec seals it against writes
+        // as well (the kernel takes it for a program being frozen), so the
+        // execute bits go first, as MFD_NOEXEC_SEAL does.
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        match rustix::fs::fcntl_add_seals(&fd, SEALS | SealFlags::EXEC) {
+            Err(rustix::io::Errno::INVAL) => {
+                eprintln!("skipped: this kernel has no F_SEAL_EXEC (added in Linux 6.3)");
+                return;
+            }
+            added => added.unwrap(),
+        }
+        check_sealed(fd.as_fd(), 8192).unwrap();
+        let region = Mapping::map(fd.as_fd(), 8192).unwrap();
+        assert_eq!(region.len(), 8192);
+    }
+
+    #[test]
+    fn write_seals_are_refused_before_mapping() {
+        for (seal, name) in [(SealFlags::WRITE, "WRITE"), (SealFlags::FUTURE_WRITE, "FUTURE_WRITE")] {
+            let fd = unsealed(8192);
+            rustix::fs::fcntl_add_seals(&fd, SEALS | seal).unwrap();
+            let found = rustix::fs::fcntl_get_seals(&fd).unwrap();
+            let exec = if found.contains(SealFlags::EXEC) { "|EXEC" } else { "" };
+            let expected = format!(
+                "memfd seals {:#x} (SHRINK|GROW|SEAL|{name}{exec}) include {:#x} ({name}), \
+                 which forbids the read-write shared mapping a segment needs",
+                found.bits(),
+                seal.bits()
+            );
+            assert_eq!(check_sealed(fd.as_fd(), 8192).unwrap_err().to_string(), expected);
+            // Refused by the check, not by mmap failing after it.
+            let Err(err) = Mapping::map(fd.as_fd(), 8192) else { panic!("a segment sealed {name} was mapped") };
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn seals_are_named_in_messages() {
+        assert_eq!(SealNames(0).to_string(), "0x0 (none)");
+        assert_eq!(SealNames(0x27).to_string(), "0x27 (SHRINK|GROW|SEAL|EXEC)");
+        assert_eq!(SealNames(0x47).to_string(), "0x47 (SHRINK|GROW|SEAL|0x40)");
+        assert_eq!(SealNames(0x40).to_string(), "0x40 (0x40)");
+        let err = SealError::MissingSeals { found: 0x22, missing: 0x5 };
+        assert_eq!(err.to_string(), "memfd seals 0x22 (SHRINK|EXEC) lack the required 0x5 (GROW|SEAL)");
     }
 }
