@@ -1,7 +1,7 @@
 //! The only crate of ipcd that talks to the kernel: sealed memfds, shared
 //! mappings, eventfds, futexes on shared words, `SCM_RIGHTS` fd passing and
-//! peer credentials, and
-//! the byte-stream calls of the Unix-socket and TCP transports.
+//! peer credentials, the byte-stream calls of the Unix-socket and TCP
+//! transports, and child processes that cannot outlive their parent.
 //!
 //! ```
 //! use std::os::fd::AsFd;
@@ -23,6 +23,7 @@ pub mod futex;
 mod mapping;
 mod memfd;
 mod path;
+mod process;
 mod socket;
 pub mod stream;
 
@@ -37,4 +38,5 @@ pub use path::{
     bind_control_socket, default_socket_path, ensure_private_dir, fallback_dir, remove_control_socket, BoundSocket,
     SOCKET_ENV,
 };
+pub use process::{die_with_parent, ProcessHandle};
 pub use socket::{peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};

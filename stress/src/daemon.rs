@@ -14,16 +14,21 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// An ipcd started by stress on a temporary socket, stopped on drop.
+use crate::started::{self, PrivateDir, Registration, Stop};
+
+/// An ipcd started by stress on a temporary socket, stopped on drop (and
+/// by [`crate::started`] if stress is stopped by a signal).
 pub struct PrivateDaemon {
     child: Child,
+    /// Keeps `child` on the list of what a signal stops.
+    _registration: Registration,
     /// How it was started, to start it again after a crash.
     binary: PathBuf,
     args: Vec<std::ffi::OsString>,
     socket: PathBuf,
     uds: PathBuf,
     tcp: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: PrivateDir,
 }
 
 impl PrivateDaemon {
@@ -42,7 +47,7 @@ impl PrivateDaemon {
         spin: Option<Duration>,
         extra: &[String],
     ) -> anyhow::Result<PrivateDaemon> {
-        let dir = tempfile::Builder::new().prefix("ipcd-stress-").tempdir()?;
+        let dir = PrivateDir::new("ipcd-stress-")?;
         let socket = dir.path().join("ipcd.sock");
         let uds = dir.path().join("ipcd-stream.sock");
         // A port the kernel just handed out and took back: free unless
@@ -67,9 +72,19 @@ impl PrivateDaemon {
             args.extend(["--log-level".into(), "warn".into()]);
         }
         args.extend(extra.iter().map(Into::into));
-        let child = spawn(binary, &args)?;
-        let mut daemon = PrivateDaemon { child, binary: binary.to_path_buf(), args, socket, uds, tcp, _dir: dir };
+        let (child, registration) = spawn(binary, &args)?;
+        let mut daemon = PrivateDaemon {
+            child,
+            _registration: registration,
+            binary: binary.to_path_buf(),
+            args,
+            socket,
+            uds,
+            tcp,
+            dir,
+        };
         daemon.wait_ready(Duration::from_millis(10))?;
+        daemon.announce("started");
         Ok(daemon)
     }
 
@@ -123,8 +138,16 @@ impl PrivateDaemon {
     /// Starts the daemon again with the same arguments, after it exited,
     /// and waits until it accepts.
     fn start_again(&mut self) -> anyhow::Result<()> {
-        self.child = spawn(&self.binary, &self.args)?;
-        self.wait_ready(Duration::from_millis(1))
+        (self.child, self._registration) = spawn(&self.binary, &self.args)?;
+        self.wait_ready(Duration::from_millis(1))?;
+        self.announce("restarted");
+        Ok(())
+    }
+
+    /// Says which process and directory the daemon is, on stderr: for
+    /// whoever watches or has to clean up after a run.
+    fn announce(&self, what: &str) {
+        eprintln!("stress: private ipcd {what}, pid {}, sockets in {}", self.pid(), self.dir.path().display());
     }
 
     /// Kills it with SIGKILL (reaping it), then starts it again on the same
@@ -176,13 +199,10 @@ impl PrivateDaemon {
     }
 }
 
-fn spawn(binary: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child> {
-    Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))
+fn spawn(binary: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<(Child, Registration)> {
+    let mut command = Command::new(binary);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+    started::spawn(&mut command, Stop::Terminate).with_context(|| format!("cannot start {}", binary.display()))
 }
 
 impl Drop for PrivateDaemon {

@@ -284,6 +284,7 @@ struct Attackers {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
+    _registration: crate::started::Registration,
 }
 
 impl Attackers {
@@ -292,7 +293,8 @@ impl Attackers {
     fn start(c: &Config, socket: &Path) -> anyhow::Result<Attackers> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
-        let mut child = Command::new(&c.exe)
+        let mut command = Command::new(&c.exe);
+        command
             .arg("--child-attackers")
             .arg(c.hostile.to_string())
             .arg("--socket")
@@ -302,8 +304,8 @@ impl Attackers {
             .arg("--hostile-pause-us")
             .arg(c.pause.as_micros().to_string())
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
+            .stdout(Stdio::piped());
+        let (mut child, registration) = crate::started::spawn(&mut command, crate::started::Stop::Kill)
             .context("cannot start the hostile process")?;
         let stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
@@ -312,7 +314,7 @@ impl Attackers {
         if !line.starts_with("started") {
             bail!("the hostile process said {line:?} instead of started");
         }
-        Ok(Attackers { child, stdin, stdout })
+        Ok(Attackers { child, stdin, stdout, _registration: registration })
     }
 
     /// Stops the attack and returns what the hostile clients did.

@@ -12,6 +12,7 @@ mod daemon;
 mod flood;
 mod hostile;
 mod report;
+mod started;
 mod workload;
 
 use std::net::SocketAddr;
@@ -60,6 +61,10 @@ static ALLOCATOR: ipc_platform::CountingAllocator = ipc_platform::CountingAlloca
 /// without and with --flood connections stalled in the handshake. Exits 1
 /// if a normal call failed or mismatched, the daemon died, or a stalled
 /// connection was not closed at the handshake timeout.
+///
+/// SIGTERM or SIGINT stops everything stress started (its daemon with
+/// SIGTERM), removes the daemon's directory and exits 128 + the signal's
+/// number. What stress starts dies with it even on SIGKILL.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -258,7 +263,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(args) {
+    let result = run(args);
+    started::defer_to_stop();
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -391,6 +398,7 @@ fn plan(args: &Args) -> Vec<Spec> {
 
 /// Runs the plan; returns whether every run passed.
 fn run(args: Args) -> anyhow::Result<bool> {
+    started::stop_on_signals()?;
     let exe = std::env::current_exe().context("cannot find this binary")?;
     if args.scenario == Scenario::Hostile {
         return hostile::run(&hostile_config(&args, exe)?);

@@ -17,6 +17,7 @@ use ipc_client::{CallError, Client, ClientOptions, Reconnect, Service, Ticket, T
 use serde::Serialize;
 
 use crate::chaos::{self, KillPlan, KillReport};
+use crate::started::{self, Registration, Stop};
 
 /// What every client of a run does.
 #[derive(Clone, Debug)]
@@ -455,6 +456,7 @@ struct ChildClient {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    _registration: Registration,
 }
 
 /// Runs `clients` clients, each in its own process (this binary started
@@ -493,7 +495,7 @@ pub fn run_procs(
         if let Some(spin) = w.spin {
             command.arg("--spin-us").arg(spin.as_micros().to_string());
         }
-        let mut child = command
+        command
             .arg("--window")
             .arg(w.window.to_string())
             .arg("--messages")
@@ -503,12 +505,12 @@ pub fn run_procs(
             .arg("--call-timeout-ms")
             .arg(w.call_timeout.as_millis().to_string())
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start client process {id}"))?;
+            .stdout(Stdio::piped());
+        let (mut child, registration) =
+            started::spawn(&mut command, Stop::Kill).with_context(|| format!("cannot start client process {id}"))?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        children.push(ChildClient { child, stdin, stdout });
+        children.push(ChildClient { child, stdin, stdout, _registration: registration });
     }
     let mut connects = Vec::with_capacity(clients);
     for c in &mut children {

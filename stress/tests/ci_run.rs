@@ -3,19 +3,11 @@
 //! 8 clients x 2,000 verified echo calls (and every scenario over every
 //! transport, smaller), and must report all of them succeeded in its JSON.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-fn binaries() -> (PathBuf, PathBuf) {
-    let stress = PathBuf::from(env!("CARGO_BIN_EXE_stress"));
-    let ipcd = stress.with_file_name("ipcd");
-    assert!(
-        ipcd.exists(),
-        "{} is missing: run the workspace's tests (cargo test --workspace), which build it",
-        ipcd.display()
-    );
-    (stress, ipcd)
-}
+use common::binaries;
 
 fn run(extra: &[&str]) -> serde_json::Value {
     let report =

@@ -11,7 +11,6 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -56,19 +55,7 @@ pub fn ipcd_command() -> Command {
 }
 
 /// Makes the kernel SIGKILL the child when the thread that spawned it exits.
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs between fork and exec, where only
-    // async-signal-safe functions may be called; prctl is a plain system
-    // call that touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use ipc_platform::die_with_parent;
 
 /// Configures a [`Daemon`] before it starts.
 pub struct DaemonBuilder {
