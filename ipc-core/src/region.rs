@@ -86,6 +86,27 @@ pub const WORD: usize = 8;
 
 /// A bounds-checked window over shared memory; see the module docs for
 /// what makes it sound.
+///
+/// Safe code gets no second handle and no untyped access:
+///
+/// ```compile_fail,E0599
+/// # use ipc_core::{HeapMemory, Region};
+/// let region = Region::new(HeapMemory::new(8192));
+/// let again = region.clone(); // not Clone: one set of ring ends per region
+/// ```
+///
+/// ```compile_fail,E0624
+/// # use ipc_core::{HeapMemory, Region};
+/// let region = Region::new(HeapMemory::new(8192));
+/// region.copy_in(4096, b"bytes"); // crate-private: reach data through a Segment
+/// ```
+///
+/// ```compile_fail,E0624
+/// # use ipc_core::{Direction, HeapMemory, Producer, Region, SegmentLayout};
+/// let layout = SegmentLayout::new(4096).unwrap();
+/// let region = Region::new(HeapMemory::new(layout.segment_size()));
+/// let tx = Producer::new(region, &layout, Direction::Request); // only Segment::new makes ends
+/// ```
 #[cfg(not(all(test, loom)))]
 pub struct Region {
     base: NonNull<u8>,
