@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX, MAX_CONTROL_MESSAGE};
 use ipc_core::{
-    decode_error, Consumer, Direction, DoorbellKind, ErrorCode, FrameHeader, Hello, Producer, Region, Reject,
-    SegmentLayout, ServerMessage, Spinner, Welcome, PROTOCOL_VERSION,
+    decode_error, DoorbellKind, ErrorCode, FrameHeader, Hello, Region, Reject, Segment as Rings, SegmentLayout,
+    ServerMessage, Spinner, Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
@@ -1076,15 +1076,17 @@ fn shm_link(
     let segment = receive_segment(welcome, layout, fds)?;
     // The mapping keeps the segment alive; no fd is needed for it.
     drop(segment.memfd);
+    // The client's ends: it writes requests and reads replies.
+    let Rings { request_producer, response_consumer, words, .. } = Rings::new(segment.region, layout);
     Ok(ShmLink {
         control,
-        requests: Producer::new(&segment.region, layout, Direction::Request),
-        responses: Consumer::new(&segment.region, layout, Direction::Response),
+        requests: request_producer,
+        responses: response_consumer,
         daemon_bell: segment.daemon_bell,
         bell: segment.client_bell.map_or(Bell::Futex, Bell::Pollable),
         spinner: Spinner::new(options.spin),
         gauge: ipc_platform::CoreGauge::new(),
-        region: segment.region,
+        words,
         gone: None,
     })
 }

@@ -6,14 +6,16 @@
 //! on the control socket, the welcome with the segment's memfd and the
 //! doorbells by `SCM_RIGHTS`, the seal, size and header checks, and the
 //! mapping. Then, instead of wrapping them in a client, it hands every piece
-//! to the caller: the control connection, the fds, the mapped [`Region`]
-//! and both ring ends. The caller may write into the segment what the
-//! library never would and ring the doorbells at will.
+//! to the caller: the control connection, the fds, the segment's
+//! [`SharedWords`] and the client's two ring ends. The caller may write
+//! into the segment what the library never would and ring the doorbells at
+//! will.
 //!
-//! Even here no Rust reference is formed over the shared bytes: writes go
-//! through [`Region::write`] and the atomics [`Region::atomic_u64`] and
-//! [`Region::atomic_u32`] project from raw pointers, so scribbling is safe
-//! code.
+//! Even here no Rust reference is formed over the shared bytes, and every
+//! access is atomic at the width the layout gives it: indices and waiter
+//! words through [`SharedWords::index`] and [`SharedWords::waiter`], ring
+//! data through [`SharedWords::write_data`]. So scribbling is safe code,
+//! and sound.
 //!
 //! [`Client`]: crate::Client
 
@@ -21,12 +23,12 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ipc_core::layout::CACHE_LINE;
-use ipc_core::Direction;
-pub use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout, Welcome};
+pub use ipc_core::{
+    Consumer, Direction, FrameHeader, Index, Producer, PushError, Segment, SegmentLayout, SharedWords, Waiter, Welcome,
+};
 use ipc_platform::{EventFd, SocketBell};
 
 use crate::client::{greet, hello_bytes, receive_segment};
@@ -58,8 +60,8 @@ pub struct RawSession {
     pub client_bell: Option<SocketBell>,
     /// The layout the welcome announced.
     pub layout: SegmentLayout,
-    /// The mapped segment.
-    pub region: Region,
+    /// The segment's shared words: header, indices, waiter words, data.
+    pub words: SharedWords,
     /// Our end of the request ring.
     pub requests: Producer,
     /// Our end of the response ring.
@@ -77,8 +79,8 @@ impl RawSession {
             unreachable!("a control socket is a Unix socket");
         };
         let segment = receive_segment(&welcome, &layout, fds)?;
-        let requests = Producer::new(&segment.region, &layout, Direction::Request);
-        let responses = Consumer::new(&segment.region, &layout, Direction::Response);
+        let Segment { request_producer: requests, response_consumer: responses, words, .. } =
+            Segment::new(segment.region, &layout);
         Ok(RawSession {
             stream,
             welcome,
@@ -86,7 +88,7 @@ impl RawSession {
             bell: segment.daemon_bell,
             client_bell: segment.client_bell,
             layout,
-            region: segment.region,
+            words,
             requests,
             responses,
         })
@@ -102,31 +104,40 @@ impl RawSession {
         self.bell.notify()
     }
 
-    /// Offsets in the segment of the four 64-bit ring indices: the request
-    /// ring's head (ours) and tail (the daemon's), then the response ring's
-    /// head (the daemon's) and tail (ours).
-    pub fn index_words(&self) -> [usize; 4] {
-        let (req, resp) = (self.layout.request_control(), self.layout.response_control());
-        [req, req + CACHE_LINE, resp, resp + CACHE_LINE]
+    /// The four 64-bit ring indices: the request ring's head (ours) and
+    /// tail (the daemon's), then the response ring's head (the daemon's) and
+    /// tail (ours).
+    pub fn indices(&self) -> [&AtomicU64; 4] {
+        let w = &self.words;
+        [
+            w.index(Direction::Request, Index::Head),
+            w.index(Direction::Request, Index::Tail),
+            w.index(Direction::Response, Index::Head),
+            w.index(Direction::Response, Index::Tail),
+        ]
     }
 
-    /// Offsets in the segment of the four 32-bit waiter words (the futex
-    /// words): the request ring's data and space waiters, then the response
-    /// ring's.
-    pub fn waiter_words(&self) -> [usize; 4] {
-        let (req, resp) = (self.layout.request_control(), self.layout.response_control());
-        [req + 2 * CACHE_LINE, req + 2 * CACHE_LINE + 4, resp + 2 * CACHE_LINE, resp + 2 * CACHE_LINE + 4]
+    /// The four 32-bit waiter words (the futex words): the request ring's
+    /// data and space waiters, then the response ring's.
+    pub fn waiters(&self) -> [&AtomicU32; 4] {
+        let w = &self.words;
+        [
+            w.waiter(Direction::Request, Waiter::Data),
+            w.waiter(Direction::Request, Waiter::Space),
+            w.waiter(Direction::Response, Waiter::Data),
+            w.waiter(Direction::Response, Waiter::Space),
+        ]
     }
 
     /// Stores `value` into the request ring's producer index, as a client
     /// that scribbles its own control block would.
     pub fn store_request_head(&self, value: u64) {
-        self.region.atomic_u64(self.index_words()[0]).store(value, Ordering::Release);
+        self.words.index(Direction::Request, Index::Head).store(value, Ordering::Release);
     }
 
     /// Stores `value` into the response ring's consumer index.
     pub fn store_response_tail(&self, value: u64) {
-        self.region.atomic_u64(self.index_words()[3]).store(value, Ordering::Release);
+        self.words.index(Direction::Response, Index::Tail).store(value, Ordering::Release);
     }
 
     /// Writes raw bytes at `offset` into the request ring's data.
@@ -135,13 +146,7 @@ impl RawSession {
     ///
     /// Panics if the bytes would end past the ring's data.
     pub fn write_request_data(&self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset.checked_add(bytes.len()).is_some_and(|end| end <= self.layout.capacity() as usize),
-            "{} bytes at offset {offset} overrun a request ring of {} bytes",
-            bytes.len(),
-            self.layout.capacity()
-        );
-        self.region.write(self.layout.request_data() + offset, bytes);
+        self.words.write_data(Direction::Request, offset, bytes);
     }
 
     /// Whether the daemon has closed the control connection, without

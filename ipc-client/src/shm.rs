@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ipc_core::{Consumer, Frame, Producer, PushError, Region, SegmentLayout, Spinner};
+use ipc_core::{Consumer, Frame, Producer, PushError, SharedWords, Spinner};
 use ipc_platform::futex::{self, Wake};
 use ipc_platform::{CoreGauge, Drained, EventFd, SocketBell};
 
@@ -39,8 +39,8 @@ pub(crate) struct ShmLink {
     pub(crate) bell: Bell,
     pub(crate) spinner: Spinner,
     pub(crate) gauge: CoreGauge,
-    /// The whole segment, for its header's `closed` word.
-    pub(crate) region: Region,
+    /// The segment's shared words, for its header's `closed` word.
+    pub(crate) words: SharedWords,
     /// Set once the daemon is found gone; replies it left are still read.
     pub(crate) gone: Option<String>,
 }
@@ -56,7 +56,7 @@ impl ShmLink {
     /// The last request the daemon took, once it closed the session on
     /// purpose (it is shutting down); see `ipc_core::layout`.
     pub(crate) fn closed_after(&self) -> Option<u64> {
-        SegmentLayout::closed_after(&self.region)
+        self.words.closed_after()
     }
 
     fn ring_daemon(&self) -> Result<(), CallError> {

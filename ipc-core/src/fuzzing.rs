@@ -9,10 +9,11 @@
 
 use crate::frame::{stream_frame, HEADER_LEN};
 use crate::handshake::{self, HELLO_MAGIC, LENGTH_PREFIX, PROTOCOL_VERSION};
-use crate::layout::{SegmentLayout, HEAD};
+use crate::layout::SegmentLayout;
 use crate::region::{HeapMemory, Region};
 use crate::reply::{decode_error, encode_error};
-use crate::ring::{Consumer, Direction};
+use crate::ring::{Direction, Index};
+use crate::segment::Segment;
 use crate::sync::Ordering;
 
 /// Splits `data` into frames with [`stream_frame`], as both stream
@@ -148,15 +149,21 @@ pub fn ring_consumer(data: &[u8]) {
     let region = Region::new(HeapMemory::new(layout.segment_size()));
 
     // The header as a client checks it: whatever it holds, the check
-    // answers without panicking.
+    // answers without panicking. (Written as bytes here, read back as the
+    // header's words by the same thread: sequential, so never a race.)
     let (header, mut rest) = rest.split_at(rest.len().min(SEGMENT_HEADER));
-    region.write(0, header);
+    region.copy_in(0, header);
     let _ = SegmentLayout::read_header(&region, capacity);
 
-    let (control, start) = layout.ring(direction);
+    let (_, start) = layout.ring(direction);
     let capacity = capacity as usize;
     let ring = start..start + capacity;
-    let mut rx = Consumer::new(&region, &layout, direction);
+    let segment = Segment::new(region, &layout);
+    let words = segment.words;
+    let mut rx = match direction {
+        Direction::Request => segment.request_consumer,
+        Direction::Response => segment.response_consumer,
+    };
     let mut out = Vec::new();
     let mut cursor = 0;
     for _ in 0..MAX_ROUNDS {
@@ -167,11 +174,11 @@ pub fn ring_consumer(data: &[u8]) {
         // The producer's writes, wrapping at the end of the ring.
         for chunk in bytes.chunks(capacity) {
             let first = chunk.len().min(capacity - cursor);
-            region.write(start + cursor, &chunk[..first]);
-            region.write(start, &chunk[first..]);
+            words.write_data(direction, cursor, &chunk[..first]);
+            words.write_data(direction, 0, &chunk[first..]);
             cursor = (cursor + chunk.len()) % capacity;
         }
-        region.atomic_u64(control + HEAD).store(u64::from_le_bytes(*head), Ordering::Relaxed);
+        words.index(direction, Index::Head).store(u64::from_le_bytes(*head), Ordering::Relaxed);
 
         // Each frame moves the consumer at least one header on, and it may
         // read at most one ring ahead of what it released: one lap of the
@@ -212,4 +219,14 @@ pub fn ring_consumer(data: &[u8]) {
             Err(_) => return,
         }
     }
+}
+
+/// The first [`SEGMENT_HEADER`] bytes of a segment whose header `layout`
+/// wrote, as the `ring_consumer` input carries them (for building seeds).
+pub fn segment_header(layout: &SegmentLayout) -> [u8; SEGMENT_HEADER] {
+    let region = Region::new(HeapMemory::new(layout.segment_size()));
+    layout.write_header(&region);
+    let mut header = [0u8; SEGMENT_HEADER];
+    region.copy_out(0, &mut header);
+    header
 }

@@ -71,7 +71,7 @@ const H_VERSION: usize = 8;
 const H_CAPACITY: usize = 12;
 const H_MAX_PAYLOAD: usize = 16;
 const H_SEGMENT_SIZE: usize = 24;
-const H_CLOSED: usize = 32;
+pub(crate) const H_CLOSED: usize = 32;
 
 /// Set in the header's `closed` word once the daemon closed the session on
 /// purpose; the low 63 bits hold the id of the last request it took.
@@ -190,21 +190,6 @@ impl SegmentLayout {
         region.atomic_u64(H_CLOSED).store(0, Ordering::Relaxed);
     }
 
-    /// Records in the header that the daemon closes the session on purpose
-    /// and took no request after `last_taken` (0: none at all). Done by the
-    /// daemon just before it hangs up.
-    pub fn mark_closed(region: &Region, last_taken: u64) {
-        region.atomic_u64(H_CLOSED).store(CLOSED_BIT | (last_taken & !CLOSED_BIT), Ordering::Release);
-    }
-
-    /// The id of the last request the daemon took, if it closed the session
-    /// on purpose (see [`SegmentLayout::mark_closed`]); `None` while open or
-    /// after a crash.
-    pub fn closed_after(region: &Region) -> Option<u64> {
-        let word = region.atomic_u64(H_CLOSED).load(Ordering::Acquire);
-        (word & CLOSED_BIT != 0).then_some(word & !CLOSED_BIT)
-    }
-
     /// Reads and checks the header of a received segment against what the
     /// handshake announced. Relaxed loads suffice: the header was written
     /// before the fd was sent, and the `sendmsg`/`recvmsg` pair orders it.
@@ -308,11 +293,12 @@ mod tests {
         let region = Region::new(HeapMemory::new(layout.segment_size()));
         region.atomic_u64(H_CLOSED).store(u64::MAX, Ordering::Relaxed);
         layout.write_header(&region);
-        assert_eq!(SegmentLayout::closed_after(&region), None);
-        SegmentLayout::mark_closed(&region, 0);
-        assert_eq!(SegmentLayout::closed_after(&region), Some(0));
-        SegmentLayout::mark_closed(&region, 41);
-        assert_eq!(SegmentLayout::closed_after(&region), Some(41));
+        let words = crate::Segment::new(region, &layout).words;
+        assert_eq!(words.closed_after(), None);
+        words.mark_closed(0);
+        assert_eq!(words.closed_after(), Some(0));
+        words.mark_closed(41);
+        assert_eq!(words.closed_after(), Some(41));
     }
 
     #[test]

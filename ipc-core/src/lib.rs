@@ -10,12 +10,13 @@
 //! local, validated, and never trusted past a [`RingError`].
 //!
 //! ```
-//! use ipc_core::{Consumer, Direction, HeapMemory, Producer, Region, SegmentLayout};
+//! use ipc_core::{HeapMemory, Region, Segment, SegmentLayout};
 //!
 //! let layout = SegmentLayout::new(4096).unwrap();
 //! let region = Region::new(HeapMemory::new(layout.segment_size()));
-//! let mut tx = Producer::new(&region, &layout, Direction::Request);
-//! let mut rx = Consumer::new(&region, &layout, Direction::Request);
+//! // Each ring end exists once: the client keeps the request producer and
+//! // the response consumer, the daemon the other two.
+//! let Segment { request_producer: mut tx, request_consumer: mut rx, .. } = Segment::new(region, &layout);
 //!
 //! tx.try_push(1, 0, 42, b"ping").unwrap();
 //! let must_wake = tx.publish(); // true only if the consumer announced sleep
@@ -37,6 +38,7 @@ pub mod layout;
 mod region;
 mod reply;
 mod ring;
+mod segment;
 mod spin;
 pub mod sync;
 
@@ -44,7 +46,11 @@ pub use error::{HandshakeError, LayoutError};
 pub use frame::{stream_frame, FrameHeader, FLAG_CLOSED, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
 pub use handshake::{DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, Welcome, PROTOCOL_VERSION};
 pub use layout::SegmentLayout;
-pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN};
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub use region::bench;
+pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN, WORD};
 pub use reply::{decode_error, encode_error, ErrorCode, MAX_ERROR_MESSAGE};
 pub use ring::{Consumer, Direction, Frame, Index, PayloadWriter, Producer, PushError, RingError};
+pub use segment::{Segment, SharedWords, Waiter};
 pub use spin::Spinner;

@@ -84,8 +84,8 @@ pub enum Direction {
     Response,
 }
 
-/// A ring's place in a segment, shared by its producer and consumer ends.
-#[derive(Clone, Debug)]
+/// A ring's place in a segment, as one of its ends sees it.
+#[derive(Debug)]
 struct RingRef {
     region: Region,
     control: usize,
@@ -95,16 +95,10 @@ struct RingRef {
 }
 
 impl RingRef {
-    fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> RingRef {
+    fn new(region: Region, layout: &SegmentLayout, direction: Direction) -> RingRef {
         assert!(region.len() >= layout.segment_size(), "region smaller than the segment layout");
         let (control, data) = layout.ring(direction);
-        RingRef {
-            region: region.clone(),
-            control,
-            data,
-            capacity: u64::from(layout.capacity()),
-            max_payload: layout.max_payload(),
-        }
+        RingRef { region, control, data, capacity: u64::from(layout.capacity()), max_payload: layout.max_payload() }
     }
 
     fn word(&self, offset: usize) -> &AtomicU32 {
@@ -298,12 +292,8 @@ pub struct Producer {
 
 impl Producer {
     /// The producer end of `direction`'s ring in a fresh segment (both
-    /// indices zero).
-    ///
-    /// # Panics
-    ///
-    /// Panics if `region` is smaller than the layout says.
-    pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Producer {
+    /// indices zero). Only [`crate::Segment::new`] makes ends, once each.
+    pub(crate) fn new(region: Region, layout: &SegmentLayout, direction: Direction) -> Producer {
         Producer { ring: RingRef::new(region, layout, direction), head: 0, published: 0, cached_tail: 0 }
     }
 
@@ -381,13 +371,13 @@ impl Producer {
                     flags: FLAG_PAD,
                     request_id: 0,
                 };
-                self.ring.region.write(self.ring.data_offset(self.head), &pad.encode());
+                self.ring.region.copy_in(self.ring.data_offset(self.head), &pad.encode());
             }
             self.head += to_end;
         }
         let header = FrameHeader { len: len as u32, service, flags, request_id };
         let at = self.ring.data_offset(self.head);
-        self.ring.region.write(at, &header.encode());
+        self.ring.region.copy_in(at, &header.encode());
         let mut writer = PayloadWriter { region: &self.ring.region, at: at + HEADER_LEN, len, pos: 0 };
         let result = fill(&mut writer);
         self.head += size;
@@ -494,7 +484,7 @@ impl PayloadWriter<'_> {
             src.len(),
             self.len
         );
-        self.region.write(self.at + offset, src);
+        self.region.copy_in(self.at + offset, src);
     }
 }
 
@@ -554,12 +544,9 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// The consumer end of `direction`'s ring in a fresh segment.
-    ///
-    /// # Panics
-    ///
-    /// Panics if `region` is smaller than the layout says.
-    pub fn new(region: &Region, layout: &SegmentLayout, direction: Direction) -> Consumer {
+    /// The consumer end of `direction`'s ring in a fresh segment. Only
+    /// [`crate::Segment::new`] makes ends, once each.
+    pub(crate) fn new(region: Region, layout: &SegmentLayout, direction: Direction) -> Consumer {
         Consumer { ring: RingRef::new(region, layout, direction), tail: 0, released: 0, cached_head: 0 }
     }
 
@@ -615,7 +602,7 @@ impl Consumer {
                 return Err(RingError::FrameOverrun { size: HEADER_LEN as u64, available });
             }
             let mut raw = [0u8; HEADER_LEN];
-            self.ring.region.read(self.ring.data_offset(self.tail), &mut raw);
+            self.ring.region.copy_out(self.ring.data_offset(self.tail), &mut raw);
             let header = FrameHeader::decode(&raw);
             if header.unknown_flags() != 0 {
                 return Err(RingError::UnknownFlags { flags: header.flags });
@@ -651,7 +638,7 @@ impl Consumer {
     /// Copies `frame`'s payload into `out`, replacing its contents.
     pub fn read_payload(&self, frame: &Frame, out: &mut Vec<u8>) {
         out.clear();
-        self.ring.region.read_append(frame.payload, frame.len(), out);
+        self.ring.region.copy_out_append(frame.payload, frame.len(), out);
     }
 
     /// Copies `dst.len()` bytes of `frame`'s payload, from `offset`, into
@@ -668,7 +655,7 @@ impl Consumer {
             dst.len(),
             frame.len()
         );
-        self.ring.region.read(frame.payload + offset, dst);
+        self.ring.region.copy_out(frame.payload + offset, dst);
     }
 
     /// Consumes `frame`, the one the last `try_peek` returned. Its space is

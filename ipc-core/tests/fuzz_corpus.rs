@@ -65,8 +65,8 @@ mod seeds {
     use ipc_core::handshake::{encode, HELLO_MAGIC};
     use ipc_core::sync::Ordering;
     use ipc_core::{
-        encode_error, Consumer, DoorbellKind, ErrorCode, FrameHeader, HeapMemory, Hello, Producer, Region, Reject,
-        SegmentLayout, ServerMessage, ServiceEntry, Welcome, FLAG_ERROR, PROTOCOL_VERSION,
+        encode_error, Direction, DoorbellKind, ErrorCode, FrameHeader, HeapMemory, Hello, Index, Region, Reject,
+        Segment, SegmentLayout, ServerMessage, ServiceEntry, Welcome, FLAG_ERROR, PROTOCOL_VERSION,
     };
 
     type Seeds = Vec<(&'static str, Vec<u8>)>;
@@ -158,15 +158,15 @@ mod seeds {
             ipc_core::fuzzing::RingChoices::from_byte(choices);
         let layout = SegmentLayout::new(capacity).unwrap();
         let region = Region::new(HeapMemory::new(layout.segment_size()));
-        layout.write_header(&region);
-        let (control, start) = layout.ring(direction);
-        let mut tx = Producer::new(&region, &layout, direction);
-        let mut rx = Consumer::new(&region, &layout, direction);
+        let segment = Segment::new(region, &layout);
+        let words = segment.words;
+        let (mut tx, mut rx) = match direction {
+            Direction::Request => (segment.request_producer, segment.request_consumer),
+            Direction::Response => (segment.response_producer, segment.response_consumer),
+        };
 
         let mut input = vec![choices];
-        let mut header = [0u8; ipc_core::fuzzing::SEGMENT_HEADER];
-        region.read(0, &mut header);
-        input.extend_from_slice(&header);
+        input.extend_from_slice(&ipc_core::fuzzing::segment_header(&layout));
         let (mut from, mut ids, mut out) = (0u64, 0u64, Vec::new());
         for round in lens.chunks(per_round) {
             for &len in round {
@@ -174,11 +174,11 @@ mod seeds {
                 tx.try_push(1, 0, ids, &vec![ids as u8; len]).expect("the seed fits");
             }
             tx.publish();
-            let head = region.atomic_u64(control).load(Ordering::Relaxed);
+            let head = words.index(direction, Index::Head).load(Ordering::Relaxed);
             let bytes: Vec<u8> = (from..head)
                 .map(|i| {
                     let mut byte = [0u8];
-                    region.read(start + (i % u64::from(capacity)) as usize, &mut byte);
+                    words.read_data(direction, (i % u64::from(capacity)) as usize, &mut byte);
                     byte[0]
                 })
                 .collect();

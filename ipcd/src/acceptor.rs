@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
-    Consumer, Direction, DoorbellKind, HandshakeError, Hello, Producer, Region, Reject, SegmentLayout, ServerMessage,
-    Welcome, PROTOCOL_VERSION,
+    Consumer, DoorbellKind, HandshakeError, Hello, Producer, Reject, Segment, SegmentLayout, ServerMessage,
+    SharedWords, Welcome, PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::net::{TcpListener, UnixListener};
@@ -49,7 +49,7 @@ const MAX_HELLO: usize = 1024;
 /// How long to stop accepting after running out of fds.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-type SessionParts = (EventFd, ClientWake, Consumer, Producer, Region);
+type SessionParts = (EventFd, ClientWake, Consumer, Producer, SharedWords);
 
 /// Which listener a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,7 +425,7 @@ impl Acceptor {
     }
 
     fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello) -> Option<Conn> {
-        let (bell, wake, requests, responses, region) = match self.create_session(id, &pending, hello) {
+        let (bell, wake, requests, responses, words) = match self.create_session(id, &pending, hello) {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::error!("cannot create a session: {e}");
@@ -438,7 +438,7 @@ impl Acceptor {
             unreachable!("the control socket is a Unix socket");
         };
         tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
-        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, region)))
+        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, words)))
     }
 
     /// Answers a stream client's hello: a welcome without fds, after which
@@ -504,13 +504,9 @@ impl Acceptor {
         // The mapping keeps the segment alive; the daemon needs no fd for it.
         drop(memfd);
         let wake = client_bell.map_or(ClientWake::Futex, |(ours, _theirs)| ClientWake::Pollable(ours));
-        Ok((
-            bell,
-            wake,
-            Consumer::new(&region, &layout, Direction::Request),
-            Producer::new(&region, &layout, Direction::Response),
-            region,
-        ))
+        // The daemon's ends: it reads requests and writes replies.
+        let Segment { request_consumer, response_producer, words, .. } = Segment::new(region, &layout);
+        Ok((bell, wake, request_consumer, response_producer, words))
     }
 
     fn expire(&mut self, now: Instant) {

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout};
+use ipc_core::{Consumer, FrameHeader, Producer, PushError, SharedWords};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
 use crate::service::{check_request, dispatch, ServiceTable};
@@ -72,8 +72,8 @@ pub(crate) struct Session {
     wake: ClientWake,
     requests: Consumer,
     responses: Producer,
-    /// The whole segment, for its header's `closed` word.
-    region: Region,
+    /// The segment's shared words, for its header's `closed` word.
+    words: SharedWords,
     last_request_id: u64,
     pending: Option<PendingReply>,
     /// Whether the session sits in its worker's ready queue.
@@ -92,7 +92,7 @@ impl Session {
         wake: ClientWake,
         requests: Consumer,
         responses: Producer,
-        region: Region,
+        words: SharedWords,
     ) -> Session {
         Session {
             id,
@@ -102,7 +102,7 @@ impl Session {
             wake,
             requests,
             responses,
-            region,
+            words,
             last_request_id: 0,
             pending: None,
             queued: false,
@@ -170,7 +170,7 @@ impl Session {
     /// wakes the client so it reads that at once. Called once nothing more
     /// will be taken, just before the session is dropped.
     pub(crate) fn mark_closed(&self) {
-        SegmentLayout::mark_closed(&self.region, self.last_request_id);
+        self.words.mark_closed(self.last_request_id);
         self.wake_client(self.responses.peer_waiter());
         self.wake_client(self.requests.peer_waiter());
     }
@@ -259,7 +259,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::stats::WorkerCounters;
-    use ipc_core::{Direction, HeapMemory};
+    use ipc_core::{HeapMemory, Region, Segment, SegmentLayout};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
@@ -268,19 +268,18 @@ mod tests {
         let layout = SegmentLayout::new(4096).unwrap();
         let region = Region::new(HeapMemory::new(layout.segment_size()));
         let (control, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let segment = Segment::new(region, &layout);
         let session = Session::new(
             1,
             PeerCredentials { pid: 1, uid: 0, gid: 0 },
             mio::net::UnixStream::from_std(control),
             EventFd::new().unwrap(),
             ClientWake::Pollable(SocketBell::pair().unwrap().0),
-            Consumer::new(&region, &layout, Direction::Request),
-            Producer::new(&region, &layout, Direction::Response),
-            region.clone(),
+            segment.request_consumer,
+            segment.response_producer,
+            segment.words,
         );
-        let tx = Producer::new(&region, &layout, Direction::Request);
-        let rx = Consumer::new(&region, &layout, Direction::Response);
-        (session, tx, rx)
+        (session, segment.request_producer, segment.response_consumer)
     }
 
     #[test]

@@ -16,7 +16,7 @@ use common::{
     RawSessionExt, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::Client;
-use ipc_core::{DoorbellKind, FrameHeader, PushError, SegmentLayout};
+use ipc_core::{DoorbellKind, FrameHeader, PushError};
 
 /// Opens a bystander client, then a raw session that `scribble` abuses,
 /// rings the daemon, and checks that only the raw session was cut off.
@@ -188,7 +188,7 @@ fn received_memfd_is_sealed_against_resizing() {
 
             // Nothing changed: same size, same header, and the session serves.
             ipc_platform::check_sealed(raw.memfd.as_fd(), size).expect("seals and size after");
-            SegmentLayout::read_header(&raw.region, raw.welcome.ring_capacity).unwrap();
+            raw.words.read_header(raw.welcome.ring_capacity).unwrap();
             let echo = raw.service("echo");
             let (header, body) = raw.call(echo, 1, b"sealed");
             assert!(!header.is_error(), "{what}");
@@ -249,13 +249,12 @@ fn doorbells_made_blocking_and_saturated_cannot_stall_a_worker() {
         rustix::fs::fcntl_setfl(&hostile.bell, rustix::fs::OFlags::empty()).unwrap();
         let bell = hostile.client_bell.take().expect("a pollable doorbell was granted");
         rustix::fs::fcntl_setfl(&bell, rustix::fs::OFlags::empty()).unwrap();
-        // The response ring's data waiter.
-        let data_waiter = hostile.waiter_words()[2];
         let mut body = Vec::new();
         for id in 1..=300u64 {
-            // Ask to be woken (the daemon then rings a doorbell we never
-            // read), send a request, ring, and steal the ring back at once.
-            hostile.region.atomic_u32(data_waiter).store(1, std::sync::atomic::Ordering::SeqCst);
+            // Ask to be woken (set the response ring's data waiter: the
+            // daemon then rings a doorbell we never read), send a request,
+            // ring, and steal the ring back at once.
+            hostile.waiters()[2].store(1, std::sync::atomic::Ordering::SeqCst);
             hostile.requests.try_push(echo, 0, id, b"x").unwrap_or_else(|e| panic!("request {id}: {e}"));
             hostile.requests.publish();
             rustix::io::write(&hostile.bell, &1u64.to_ne_bytes()).unwrap();

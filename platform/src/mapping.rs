@@ -5,10 +5,10 @@
 //! This module implements [`SharedMemory`] for a `memmap2::MmapRaw`, which
 //! hands out raw pointers only: nothing here forms a reference into the
 //! mapping. The mapping is `MAP_SHARED` and lives as long as the [`Mapping`]
-//! (and so as long as every `Region` holding it).
+//! (and so as long as the `Region` holding it and the ring ends made from
+//! it).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
 
 use ipc_core::{Region, SharedMemory};
 use memmap2::{MmapOptions, MmapRaw};
@@ -30,7 +30,7 @@ impl Mapping {
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Region, SealError> {
         check_sealed(fd, len as u64)?;
         let map = MmapOptions::new().len(len).populate().map_raw(fd.as_raw_fd()).map_err(SealError::Io)?;
-        Ok(Region::new(Arc::new(Mapping { map })))
+        Ok(Region::new(Mapping { map }))
     }
 }
 

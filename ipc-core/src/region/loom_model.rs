@@ -37,7 +37,6 @@ use crate::layout::{DATA_START, DATA_WAITER, HEAD, HEADER_SIZE, RING_CONTROL_SIZ
 use crate::sync::{AtomicU32, AtomicU64};
 
 /// A bounds-checked window over a modelled segment; see the module docs.
-#[derive(Clone)]
 pub struct Region {
     len: usize,
     model: Arc<Model>,
@@ -48,7 +47,7 @@ struct Model {
     words32: Vec<(usize, AtomicU32)>,
     /// Bytes from `DATA_START` to the end, `FRAME_ALIGN` to a cell.
     data: Vec<UnsafeCell<[u8; FRAME_ALIGN]>>,
-    _owner: Arc<dyn SharedMemory>,
+    _owner: Box<dyn SharedMemory>,
 }
 
 // SAFETY: the cells are only reached through `with`/`with_mut`, which loom
@@ -67,7 +66,7 @@ impl fmt::Debug for Region {
 impl Region {
     /// Models `memory`'s length as a segment: zeroed control words and data.
     /// Call it inside `loom::model`.
-    pub fn new(memory: Arc<dyn SharedMemory>) -> Region {
+    pub fn new(memory: impl SharedMemory) -> Region {
         let len = memory.len();
         assert!(len > DATA_START && (len - DATA_START) % FRAME_ALIGN == 0, "a modelled region of {len} bytes");
         let controls = [HEADER_SIZE, HEADER_SIZE + RING_CONTROL_SIZE];
@@ -78,7 +77,12 @@ impl Region {
             .map(|at| (at, AtomicU32::new(0)))
             .collect();
         let data = (0..(len - DATA_START) / FRAME_ALIGN).map(|_| UnsafeCell::new([0; FRAME_ALIGN])).collect();
-        Region { len, model: Arc::new(Model { words64, words32, data, _owner: memory }) }
+        Region { len, model: Arc::new(Model { words64, words32, data, _owner: Box::new(memory) }) }
+    }
+
+    /// Another handle to the same model, for the other ends of a segment.
+    pub(crate) fn share(&self) -> Region {
+        Region { len: self.len, model: Arc::clone(&self.model) }
     }
 
     /// The region's length in bytes.
@@ -96,7 +100,7 @@ impl Region {
     /// # Panics
     ///
     /// Panics if `offset` is not a ring index word.
-    pub fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+    pub(crate) fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
         check_access(self.len, offset, 8, 8);
         let word = self.model.words64.iter().find(|(at, _)| *at == offset);
         &word.unwrap_or_else(|| panic!("the loom region models no 64-bit word at {offset}")).1
@@ -107,7 +111,7 @@ impl Region {
     /// # Panics
     ///
     /// Panics if `offset` is not a ring waiter word.
-    pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+    pub(crate) fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
         check_access(self.len, offset, 4, 4);
         let word = self.model.words32.iter().find(|(at, _)| *at == offset);
         &word.unwrap_or_else(|| panic!("the loom region models no 32-bit word at {offset}")).1
@@ -130,7 +134,7 @@ impl Region {
 
     /// Copies `src` into the region at `offset`, as one tracked write per
     /// cell.
-    pub fn write(&self, offset: usize, src: &[u8]) {
+    pub(crate) fn copy_in(&self, offset: usize, src: &[u8]) {
         self.cells(offset, src.len(), |cell, within, from, n| {
             let src = &src[from..from + n];
             // SAFETY: loom checks this write against every other access to
@@ -142,7 +146,7 @@ impl Region {
 
     /// Copies `dst.len()` bytes out of the region at `offset`, as one
     /// tracked read per cell.
-    pub fn read(&self, offset: usize, dst: &mut [u8]) {
+    pub(crate) fn copy_out(&self, offset: usize, dst: &mut [u8]) {
         self.cells(offset, dst.len(), |cell, within, to, n| {
             let dst = &mut dst[to..to + n];
             // SAFETY: as in `write`, for a read into a private buffer.
@@ -152,9 +156,9 @@ impl Region {
 
     /// Copies `len` bytes out of the region at `offset`, appending them to
     /// `dst`.
-    pub fn read_append(&self, offset: usize, len: usize, dst: &mut Vec<u8>) {
+    pub(crate) fn copy_out_append(&self, offset: usize, len: usize, dst: &mut Vec<u8>) {
         let start = dst.len();
         dst.resize(start + len, 0);
-        self.read(offset, &mut dst[start..]);
+        self.copy_out(offset, &mut dst[start..]);
     }
 }

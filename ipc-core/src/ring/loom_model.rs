@@ -119,8 +119,7 @@ fn run(plan: Plan) {
     EXECUTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let layout = SegmentLayout::for_model(CAPACITY);
     let region = Region::new(HeapMemory::new(layout.segment_size()));
-    let tx = Producer::new(&region, &layout, Direction::Request);
-    let mut rx = Consumer::new(&region, &layout, Direction::Request);
+    let crate::Segment { request_producer: tx, request_consumer: mut rx, .. } = crate::Segment::new(region, &layout);
     let bells = Arc::new(Bells { data: Futex::new(), space: Futex::new() });
 
     let producer = {

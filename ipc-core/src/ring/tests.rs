@@ -7,12 +7,12 @@ use crate::frame::FLAG_ERROR;
 use crate::layout::SegmentLayout;
 use crate::region::HeapMemory;
 
+/// The request ring's two ends, and a handle to scribble by offset.
 fn ring(capacity: u32) -> (Region, Producer, Consumer) {
     let layout = SegmentLayout::new(capacity).unwrap();
     let region = Region::new(HeapMemory::new(layout.segment_size()));
-    let p = Producer::new(&region, &layout, Direction::Request);
-    let c = Consumer::new(&region, &layout, Direction::Request);
-    (region, p, c)
+    let segment = crate::Segment::new(region, &layout);
+    (segment.words.region().share(), segment.request_producer, segment.request_consumer)
 }
 
 /// Where the request ring's control block sits: the same offset whatever
@@ -212,7 +212,7 @@ fn length_beyond_the_maximum_is_an_error() {
     p.publish();
     // Rewrite the header's length field in place.
     let data = SegmentLayout::new(4096).unwrap().request_data();
-    r.write(data, &70_000u32.to_le_bytes());
+    r.copy_in(data, &70_000u32.to_le_bytes());
     assert_eq!(c.try_peek(), Err(RingError::PayloadTooLarge { len: 70_000, max: 2032 }));
 }
 
@@ -222,7 +222,7 @@ fn length_beyond_the_published_index_is_an_error() {
     p.try_push(0, 0, 0, &[0; 64]).unwrap();
     p.publish();
     let data = SegmentLayout::new(4096).unwrap().request_data();
-    r.write(data, &1000u32.to_le_bytes());
+    r.copy_in(data, &1000u32.to_le_bytes());
     assert!(matches!(c.try_peek(), Err(RingError::FrameOverrun { .. })));
 }
 
@@ -237,7 +237,7 @@ fn unknown_flags_and_bad_pads_are_errors() {
     p2.try_push(0, 0, 0, &[0; 8]).unwrap();
     p2.publish();
     let data = SegmentLayout::new(4096).unwrap().request_data();
-    r2.write(data + 6, &FLAG_PAD.to_le_bytes());
+    r2.copy_in(data + 6, &FLAG_PAD.to_le_bytes());
     assert!(matches!(c2.try_peek(), Err(RingError::BadPad { .. })));
     drop(r);
 }
@@ -285,8 +285,7 @@ fn error_flag_round_trips() {
 fn threads_pass_every_frame_in_order() {
     let layout = SegmentLayout::new(4096).unwrap();
     let region = Region::new(HeapMemory::new(layout.segment_size()));
-    let mut p = Producer::new(&region, &layout, Direction::Request);
-    let mut c = Consumer::new(&region, &layout, Direction::Request);
+    let crate::Segment { request_producer: mut p, request_consumer: mut c, .. } = crate::Segment::new(region, &layout);
     const N: u64 = 50_000;
     let producer = std::thread::spawn(move || {
         for id in 0..N {
@@ -557,7 +556,7 @@ proptest! {
     ) {
         let (r, _p, mut c) = ring(4096);
         let layout = SegmentLayout::new(4096).unwrap();
-        r.write(layout.request_data(), &data);
+        r.copy_in(layout.request_data(), &data);
         let mut out = Vec::new();
         for head in heads.iter().chain(&small_heads) {
             let head = if aligned { head & !7 } else { *head };
