@@ -19,7 +19,7 @@ use ipc_platform::{EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{CallError, ConnectError};
+use crate::error::{with_causes, CallError, ConnectError};
 use crate::link::{Link, ReplyRef, RequestBuf};
 use crate::shm::{Bell, ShmLink};
 use crate::stream::{Socket, StreamLink};
@@ -694,7 +694,7 @@ impl Client {
             );
             let left = dl.at().saturating_duration_since(Instant::now());
             if lasting || left.is_zero() {
-                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {error}") });
+                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {}", with_causes(&error)) });
             }
             std::thread::sleep(delay.min(left));
             delay = (delay * 2).min(policy.max_delay);

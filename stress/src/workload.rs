@@ -249,7 +249,9 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     if w.reconnect {
         options = options.reconnect(Reconnect::default());
     }
-    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| e.to_string()).and_then(|client| {
+    // With its causes: the library's errors keep them as sources.
+    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
+    let result = result.and_then(|client| {
         if w.payload > client.max_payload() {
             return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
         }
