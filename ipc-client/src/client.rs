@@ -100,7 +100,9 @@ pub struct ClientOptions {
     /// Timeout of [`Client::call`], [`Client::send`], [`Client::wait`] and
     /// friends. Default 30 s.
     pub call_timeout: Duration,
-    /// How long to wait for the daemon's answer to the hello. Default 5 s.
+    /// How long connecting may take in all: the connect itself (a daemon
+    /// that has stopped accepting leaves it waiting), sending the hello and
+    /// the daemon's answer. Past it, [`ConnectError::Timeout`]. Default 5 s.
     pub connect_timeout: Duration,
     /// The longest a wait for a reply spins on the ring before sleeping
     /// (shared memory only). Spinning adapts: a wait spins only while no
@@ -1011,53 +1013,65 @@ fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome
             if !fds.is_empty() {
                 return Err(protocol(format!("a stream welcome carries {} fds", fds.len())));
             }
-            match &socket {
-                Socket::Unix(s) => s.set_write_timeout(None)?,
-                Socket::Tcp(s) => s.set_write_timeout(None)?,
-            }
+            socket.set_write_timeout(None)?;
             Link::Stream(StreamLink::new(socket, welcome.max_payload as usize))
         }
     };
     Ok((link, welcome))
 }
 
-/// Connects, sends the hello and checks the answer: the connection (its
-/// timeouts still set to the connect timeout), the welcome, the layout it
-/// announces, and the fds that came with it.
+/// Connects, sends the hello and checks the answer, all within the connect
+/// timeout: the connection (its read and write timeouts still set to
+/// what was left of it), the welcome, the layout it announces, and the fds
+/// that came with it.
 pub(crate) fn greet(
     transport: &Transport,
     options: &ClientOptions,
 ) -> Result<(Socket, Welcome, SegmentLayout, Vec<OwnedFd>), ConnectError> {
+    let budget = Budget::start(options.connect_timeout);
     let socket = match transport {
-        Transport::Shm(path) | Transport::Uds(path) => {
-            Socket::Unix(UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?)
-        }
+        Transport::Shm(path) | Transport::Uds(path) => Socket::Unix(
+            ipc_platform::connect_unix(path, budget.limit)
+                .map_err(|e| connect_failed(path.display().to_string(), e, budget.limit))?,
+        ),
         Transport::Tcp(addr) => {
-            let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
-                .map_err(|e| connect_failed(addr.to_string(), e))?;
+            let tcp = TcpStream::connect_timeout(addr, budget.left()?)
+                .map_err(|e| connect_failed(addr.to_string(), e, budget.limit))?;
             tcp.set_nodelay(true)?;
             Socket::Tcp(tcp)
         }
     };
-    match &socket {
-        Socket::Unix(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-        Socket::Tcp(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-    }
+    socket.set_write_timeout(Some(budget.left()?))?;
     let hello = hello_bytes(options)?;
     match &socket {
         Socket::Unix(s) => (&*s).write_all(&hello),
         Socket::Tcp(s) => (&*s).write_all(&hello),
     }
-    .map_err(|e| timeout_or(e, options.connect_timeout))?;
-    let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
+    .map_err(|e| timeout_or(e, budget.limit))?;
+    let (message, fds) = read_answer(&socket, &budget)?;
     let (welcome, layout) = accept_welcome(message)?;
     Ok((socket, welcome, layout, fds))
+}
+
+/// The connect timeout, spent across the steps of connecting.
+struct Budget {
+    limit: Duration,
+    started: Instant,
+}
+
+impl Budget {
+    fn start(limit: Duration) -> Budget {
+        Budget { limit: limit.min(MAX_TIMEOUT), started: Instant::now() }
+    }
+
+    /// What is left of it, or the timeout error once nothing is.
+    fn left(&self) -> Result<Duration, ConnectError> {
+        let left = self.limit.saturating_sub(self.started.elapsed());
+        if left.is_zero() {
+            return Err(ConnectError::Timeout { after: self.limit });
+        }
+        Ok(left)
+    }
 }
 
 fn shm_link(
@@ -1089,13 +1103,14 @@ fn shm_link(
     })
 }
 
-/// How a failed connect to `target` reads: nothing listens there, or
-/// another I/O error.
-fn connect_failed(target: String, source: io::Error) -> ConnectError {
+/// How a failed connect to `target` reads: nothing listens there, nothing
+/// accepted within `limit`, or another I/O error.
+fn connect_failed(target: String, source: io::Error, limit: Duration) -> ConnectError {
     match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ConnectError::NotRunning { path: PathBuf::from(target), source }
         }
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ConnectError::Timeout { after: limit },
         _ => ConnectError::Io(source),
     }
 }
@@ -1175,8 +1190,9 @@ fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
     }
 }
 
-/// Reads the daemon's answer to the hello, with the fds that come with it.
-fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+/// Reads the daemon's answer to the hello, with the fds that come with it,
+/// within what is left of the connect timeout.
+fn read_answer(control: &Socket, budget: &Budget) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -1193,7 +1209,10 @@ fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMess
                 return Ok((message, fds));
             }
         }
-        let (n, got) = ipc_platform::recv_with_fds(control, &mut chunk).map_err(|e| timeout_or(e, timeout))?;
+        // An answer dribbled out a byte at a time still ends at the limit.
+        control.set_read_timeout(Some(budget.left()?))?;
+        let (n, got) =
+            ipc_platform::recv_with_fds(control.as_fd(), &mut chunk).map_err(|e| timeout_or(e, budget.limit))?;
         fds.extend(got);
         if n == 0 {
             return Err(ConnectError::Protocol("the daemon closed the connection during the handshake".into()));
@@ -1206,19 +1225,4 @@ fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMess
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_is_send() {
-        fn assert_send<T: Send>() {}
-        assert_send::<Client>();
-    }
-
-    #[test]
-    fn missing_socket_is_not_running() {
-        let err = Client::connect_to("/nonexistent/ipcd.sock").unwrap_err();
-        assert!(matches!(err, ConnectError::NotRunning { .. }), "{err}");
-        assert!(err.to_string().contains("/nonexistent/ipcd.sock"));
-    }
-}
+mod tests;

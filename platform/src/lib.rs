@@ -37,4 +37,4 @@ pub use path::{
     bind_control_socket, default_socket_path, ensure_private_dir, fallback_dir, remove_control_socket, BoundSocket,
     SOCKET_ENV,
 };
-pub use socket::{peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};
+pub use socket::{connect_unix, peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};
