@@ -23,6 +23,7 @@ use crate::error::{with_causes, CallError, ConnectError};
 use crate::link::{Link, ReplyRef, RequestBuf};
 use crate::shm::{Bell, ShmLink};
 use crate::stream::{Socket, StreamLink};
+use crate::trust;
 
 /// In-flight entries reserved at connect time.
 const IN_FLIGHT_RESERVE: usize = 256;
@@ -692,6 +693,7 @@ impl Client {
                 error,
                 ConnectError::VersionMismatch { .. }
                     | ConnectError::Protocol(_)
+                    | ConnectError::Untrusted { .. }
                     | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
             );
             let left = dl.at().saturating_duration_since(Instant::now());
@@ -1020,8 +1022,9 @@ fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome
     Ok((link, welcome))
 }
 
-/// Connects, sends the hello and checks the answer, all within the connect
-/// timeout: the connection (its read and write timeouts still set to
+/// Connects, checks that the daemon may be trusted (see `trust`), sends
+/// the hello and checks the answer, all within the connect timeout: the
+/// connection (its read and write timeouts still set to
 /// what was left of it), the welcome, the layout it announces, and the fds
 /// that came with it.
 pub(crate) fn greet(
@@ -1030,10 +1033,14 @@ pub(crate) fn greet(
 ) -> Result<(Socket, Welcome, SegmentLayout, Vec<OwnedFd>), ConnectError> {
     let budget = Budget::start(options.connect_timeout);
     let socket = match transport {
-        Transport::Shm(path) | Transport::Uds(path) => Socket::Unix(
-            ipc_platform::connect_unix(path, budget.limit)
-                .map_err(|e| connect_failed(path.display().to_string(), e, budget.limit))?,
-        ),
+        Transport::Shm(path) | Transport::Uds(path) => {
+            trust::check_directory(path)?;
+            let unix = ipc_platform::connect_unix(path, budget.limit)
+                .map_err(|e| connect_failed(path.display().to_string(), e, budget.limit))?;
+            // Before the hello: nothing goes to a daemon not trusted.
+            trust::check_daemon(&unix, path)?;
+            Socket::Unix(unix)
+        }
         Transport::Tcp(addr) => {
             let tcp = TcpStream::connect_timeout(addr, budget.left()?)
                 .map_err(|e| connect_failed(addr.to_string(), e, budget.limit))?;

@@ -43,6 +43,17 @@ pub enum ConnectError {
         /// How long the client waited.
         after: Duration,
     },
+    /// The client does not trust what listens at the path: the socket is in
+    /// the fallback directory `/tmp/ipcd-<uid>` and that directory is not
+    /// the user's own or is writable by others, or the daemon runs as
+    /// another user than the client's and not as root. Nothing was sent.
+    #[error("refusing to trust {}: {reason}", path.display())]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// What was found.
+        reason: String,
+    },
     /// The daemon's answer broke the protocol (bad welcome, wrong fds,
     /// unsealed or mis-sized segment).
     #[error("handshake protocol error: {0}")]
