@@ -518,7 +518,7 @@ impl Client {
     }
 
     /// Queues a request, waiting up to the call timeout for room in the
-    /// link. Queued requests reach the daemon at the next wait, receive,
+    /// link ([`CallError::SendTimeout`] if none came: not sent). Queued requests reach the daemon at the next wait, receive,
     /// call or [`Client::flush`] (and whenever `send` must wait for room).
     /// While it waits, replies that arrive are kept for [`Client::wait`] and
     /// [`Client::recv`], so the daemon is never stuck behind them.
@@ -759,7 +759,13 @@ impl Client {
                     // what replies there are aside, then wait for room.
                     self.stash_replies()?;
                     let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
-                    self.note(waited)?;
+                    match self.note(waited) {
+                        // Nothing was written: the request did not run.
+                        Err(CallError::Timeout { after }) => {
+                            return Err(CallError::SendTimeout { after, in_flight: self.in_flight() })
+                        }
+                        other => other?,
+                    }
                     self.stash_replies()?;
                 }
             }

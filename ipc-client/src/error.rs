@@ -118,6 +118,17 @@ pub enum CallError {
         /// Requests in flight at the time.
         in_flight: usize,
     },
+    /// A call or [`crate::Client::send`] found no room for the request
+    /// within its timeout: the daemon took none of the requests ahead of
+    /// it. The request was not sent and will not run (unlike
+    /// [`CallError::Timeout`], after which it may).
+    #[error("no room for the request within {after:?} ({in_flight} in flight); it was not sent")]
+    SendTimeout {
+        /// The timeout that passed.
+        after: Duration,
+        /// Requests in flight at the time.
+        in_flight: usize,
+    },
     /// [`crate::Client::recv`] was called with no request in flight.
     #[error("no request is in flight")]
     NothingInFlight,
