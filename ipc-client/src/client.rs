@@ -442,17 +442,9 @@ impl Client {
     ) -> Result<(), CallError> {
         let mut dl = Deadline::new(timeout);
         let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl)?.0;
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Stashed(body) => {
-                *reply = body;
-                Ok(())
-            }
-            Found::Link(r) => {
-                self.link.read_all(&r, reply);
-                let consumed = self.link.consume(&r);
-                self.note(consumed)
-            }
-        }
+        let found = self.await_reply(ticket, &mut dl)?;
+        self.take_found(found, reply);
+        Ok(())
     }
 
     /// Calls `service` with a request of `len` bytes that `fill` writes in
@@ -561,17 +553,9 @@ impl Client {
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Stashed(body) => {
-                *reply = body;
-                Ok(())
-            }
-            Found::Link(r) => {
-                self.link.read_all(&r, reply);
-                let consumed = self.link.consume(&r);
-                self.note(consumed)
-            }
-        }
+        let found = self.await_reply(ticket, &mut dl)?;
+        self.take_found(found, reply);
+        Ok(())
     }
 
     /// Waits up to the call timeout for the next reply to any request in
@@ -591,13 +575,8 @@ impl Client {
     /// once `reply` has grown large enough (unless replies had to be kept
     /// aside while [`Client::send`] or [`Client::wait`] waited for another).
     pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<(Ticket, Result<(), CallError>), CallError> {
-        if let Some(stashed) = self.stash.pop_front() {
-            let id = stashed.header.request_id;
-            *reply = stashed.body;
-            return Ok((Ticket { id }, self.outcome(stashed.header, reply)));
-        }
-        if let Some((id, outcome)) = self.orphans.pop_front() {
-            return Ok((Ticket { id }, Err(outcome)));
+        if let Some(settled) = self.next_settled(reply) {
+            return Ok(settled);
         }
         if self.in_flight.iter().all(|p| p.abandoned) {
             return Err(CallError::NothingInFlight);
@@ -605,19 +584,61 @@ impl Client {
         let mut dl = Deadline::new(self.options.call_timeout);
         let flushed = self.link.flush();
         let next = self.note(flushed).and_then(|()| self.next_reply(&mut dl));
-        let (_, r) = match self.note(next) {
-            Ok(found) => found,
-            // The connection is lost: hand out the outcome of the first
-            // request lost with it.
-            Err(e) => match self.orphans.pop_front() {
-                Some((id, outcome)) => return Ok((Ticket { id }, Err(outcome))),
-                None => return Err(e),
-            },
+        let r = match self.note(next) {
+            Ok((_, r)) => r,
+            // The connection is lost: hand out the first outcome that
+            // settled.
+            Err(e) => return self.next_settled(reply).ok_or(e),
         };
         self.link.read_all(&r, reply);
-        let consumed = self.link.consume(&r);
-        self.note(consumed)?;
+        // Read, the reply is its request's outcome whatever `release` says.
+        let _ = self.release(&r);
         Ok((Ticket { id: r.header().request_id }, self.outcome(r.header(), reply)))
+    }
+
+    /// The next outcome already settled, in the order [`Client::recv`]
+    /// hands them out: replies kept aside (in arrival order), then the
+    /// outcomes of requests lost with a connection (in id order).
+    fn next_settled(&mut self, reply: &mut Vec<u8>) -> Option<(Ticket, Result<(), CallError>)> {
+        if let Some(stashed) = self.stash.pop_front() {
+            *reply = stashed.body;
+            return Some((Ticket { id: stashed.header.request_id }, self.outcome(stashed.header, reply)));
+        }
+        self.orphans.pop_front().map(|(id, outcome)| (Ticket { id }, Err(outcome)))
+    }
+
+    /// Takes request `id`'s outcome if it is already settled: its reply kept
+    /// aside, or the error it got when the connection was lost.
+    fn settled(&mut self, id: u64) -> Option<Result<Found, CallError>> {
+        if let Some(i) = self.stash.iter().position(|s| s.header.request_id == id) {
+            let stashed = self.stash.remove(i).expect("index from the search");
+            let mut body = stashed.body;
+            return Some(self.outcome(stashed.header, &mut body).map(|()| Found::Stashed(body)));
+        }
+        self.take_orphan(id).map(Err)
+    }
+
+    /// Copies a found reply into `reply` and hands its space back.
+    fn take_found(&mut self, found: Found, reply: &mut Vec<u8>) {
+        match found {
+            Found::Stashed(body) => *reply = body,
+            Found::Link(r) => {
+                self.link.read_all(&r, reply);
+                // Read, the reply is its request's outcome whatever
+                // `release` says.
+                let _ = self.release(&r);
+            }
+        }
+    }
+
+    /// Consumes a reply on the link once it is read (or dropped), handing
+    /// its space back to the daemon. A failure (the daemon cannot be rung)
+    /// breaks the connection, which the next operation reports; it changes
+    /// nothing for this reply: once claimed and read, it is its request's
+    /// outcome.
+    fn release(&mut self, r: &ReplyRef) -> Result<(), CallError> {
+        let consumed = self.link.consume(r);
+        self.note(consumed)
     }
 
     /// The error of a request that cannot be sent: the connection is lost.
@@ -784,8 +805,8 @@ impl Client {
                 self.link.read_all(&r, &mut body);
                 self.stash.push_back(Stashed { header: r.header(), body });
             }
-            let consumed = self.link.consume(&r);
-            self.note(consumed)?;
+            // Kept aside first: a failure here leaves the reply its outcome.
+            self.release(&r)?;
         }
     }
 
@@ -839,14 +860,8 @@ impl Client {
     /// the caller (or hands over the stashed one); an error reply is
     /// consumed and returned as the error.
     fn await_reply(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
-        if let Some(i) = self.stash.iter().position(|s| s.header.request_id == ticket.id) {
-            let stashed = self.stash.remove(i).expect("index from the search");
-            let mut body = stashed.body;
-            self.outcome(stashed.header, &mut body)?;
-            return Ok(Found::Stashed(body));
-        }
-        if let Some(outcome) = self.take_orphan(ticket.id) {
-            return Err(outcome);
+        if let Some(found) = self.settled(ticket.id) {
+            return found;
         }
         let Ok(i) = self.in_flight.binary_search_by_key(&ticket.id, |p| p.id) else {
             return Err(CallError::UnknownTicket { id: ticket.id });
@@ -854,29 +869,38 @@ impl Client {
         if self.in_flight[i].abandoned {
             return Err(CallError::UnknownTicket { id: ticket.id });
         }
-        let flushed = self.link.flush();
-        let mut flushed = self.note(flushed);
-        loop {
-            let next = flushed.and_then(|()| self.next_reply(dl));
-            flushed = Ok(());
-            let (entry, r) = match self.note(next) {
-                Ok(found) => found,
-                Err(e) => {
-                    if matches!(e, CallError::Timeout { .. }) {
-                        self.abandon(ticket.id);
-                    }
-                    // Lost with the connection: its own outcome.
-                    return Err(self.take_orphan(ticket.id).unwrap_or(e));
+        match self.await_on_link(ticket, dl) {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                if matches!(e, CallError::Timeout { .. }) {
+                    self.abandon(ticket.id);
                 }
-            };
+                // A loss on the way settled this ticket along with the
+                // others: that is its outcome, handed out here only.
+                self.settled(ticket.id).unwrap_or(Err(e))
+            }
+        }
+    }
+
+    /// [`Client::await_reply`] on the link: reads replies, keeping those of
+    /// other requests aside, until `ticket`'s comes. An error returned
+    /// without `ticket` settled is its outcome (its error reply, or a
+    /// timeout).
+    fn await_on_link(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
+        let flushed = self.link.flush();
+        self.note(flushed)?;
+        loop {
+            let next = self.next_reply(dl);
+            let (entry, r) = self.note(next)?;
             if entry.id == ticket.id {
                 if r.header().is_error() {
                     let mut body = std::mem::take(&mut self.scratch);
                     self.link.read_all(&r, &mut body);
-                    let consumed = self.link.consume(&r);
                     let outcome = self.outcome(r.header(), &mut body);
                     self.scratch = body;
-                    self.note(consumed)?;
+                    // Read, the error is its request's outcome whatever
+                    // `release` says.
+                    let _ = self.release(&r);
                     outcome?;
                     unreachable!("an error reply gives an error outcome");
                 }
@@ -885,8 +909,8 @@ impl Client {
             let mut body = Vec::new();
             self.link.read_all(&r, &mut body);
             self.stash.push_back(Stashed { header: r.header(), body });
-            let consumed = self.link.consume(&r);
-            self.note(consumed)?;
+            // Kept aside first: a failure here leaves the reply its outcome.
+            self.release(&r)?;
         }
     }
 
@@ -982,10 +1006,9 @@ impl std::fmt::Debug for ReplyGuard<'_> {
 
 impl Drop for ReplyGuard<'_> {
     fn drop(&mut self) {
-        let consumed = self.client.link.consume(&self.reply);
-        // A failure to ring the daemon breaks the client; the next call
-        // reports it.
-        let _ = self.client.note(consumed);
+        // The reply was handed out with the guard; a failure to ring the
+        // daemon breaks the client, and the next call reports it.
+        let _ = self.client.release(&self.reply);
     }
 }
 

@@ -1,8 +1,16 @@
-//! The client's own tests: connecting to listeners that misbehave, no
-//! daemon needed.
+//! The client's own tests, with no daemon: connecting to listeners that
+//! misbehave, and a daemon played by the test itself (a scripted peer that
+//! makes the segment and doorbells, then writes into the rings exactly
+//! what a case needs, at exactly the moment it needs it), to pin down
+//! which outcome each request gets when the connection fails around it.
 
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::thread;
+use std::thread::{self, JoinHandle};
+
+use ipc_core::{encode_error, ServiceEntry, FLAG_ERROR};
 
 use super::*;
 
@@ -61,4 +69,254 @@ fn connect_to_a_full_backlog_times_out() {
         }
     }
     drop((listener, queued));
+}
+
+/// The service ids the scripted daemon offers.
+const ECHO: u16 = 1;
+
+/// The reply the scripted daemon gives request `id`.
+fn reply_to(id: u64) -> Vec<u8> {
+    format!("reply to request {id}").into_bytes()
+}
+
+/// What the scripted daemon hands over as the client-to-daemon doorbell.
+#[derive(Clone, Copy)]
+enum DaemonBell {
+    /// An eventfd, as the daemon does.
+    EventFd,
+    /// `/dev/null` opened read-only: every ring of it fails (`EBADF`).
+    Broken,
+}
+
+/// The scripted daemon's side of one session.
+struct DaemonSide {
+    control: UnixStream,
+    region: Region,
+    requests: Consumer,
+    responses: Producer,
+}
+
+impl DaemonSide {
+    /// Takes the next request, waiting for the client to publish it.
+    fn take_request(&mut self) -> (FrameHeader, Vec<u8>) {
+        let mut body = Vec::new();
+        let header = poll(|| self.requests.try_pop(&mut body).expect("request ring"));
+        self.requests.release();
+        (header, body)
+    }
+
+    /// Publishes a reply, waking the client if it sleeps.
+    fn reply(&mut self, id: u64, flags: u16, body: &[u8]) {
+        self.responses.try_push(ECHO, flags, id, body).expect("room for the reply");
+        if self.responses.publish() {
+            ipc_platform::futex::wake_one(self.responses.peer_waiter()).unwrap();
+        }
+    }
+
+    /// Says the daemon waits for room in the response ring, so the client
+    /// rings it as soon as it consumes a reply.
+    fn await_space(&self) {
+        self.responses.space_waiter().store(1, Ordering::SeqCst);
+    }
+}
+
+/// Polls `f` until it gives a value, failing the test after [`HANG_LIMIT`].
+fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the scripted daemon waited {HANG_LIMIT:?} in vain");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A daemon played by the test: it accepts one client, answers its hello
+/// with 4 KiB rings in a segment of its own making and `bell` as the
+/// doorbell, then runs `script` on its side of the session.
+struct Scripted {
+    path: PathBuf,
+    script: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Scripted {
+    const CAPACITY: u32 = 4096;
+
+    fn start(bell: DaemonBell, script: impl FnOnce(DaemonSide) + Send + 'static) -> Scripted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scripted.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let script = thread::spawn(move || {
+            let (mut control, _) = listener.accept().unwrap();
+            let mut prefix = [0u8; LENGTH_PREFIX];
+            control.read_exact(&mut prefix).unwrap();
+            let mut hello = vec![0u8; handshake::body_len(prefix).unwrap()];
+            control.read_exact(&mut hello).unwrap();
+            handshake::decode_hello(&hello).unwrap();
+
+            let layout = SegmentLayout::new(Scripted::CAPACITY).unwrap();
+            let memfd = ipc_platform::create_sealed("scripted", layout.segment_size() as u64).unwrap();
+            let region = Mapping::map(memfd.as_fd(), layout.segment_size()).unwrap();
+            layout.write_header(&region);
+            let bell: OwnedFd = match bell {
+                DaemonBell::EventFd => EventFd::new().unwrap().as_fd().try_clone_to_owned().unwrap(),
+                DaemonBell::Broken => std::fs::File::open("/dev/null").unwrap().into(),
+            };
+            let welcome = Welcome {
+                version: PROTOCOL_VERSION,
+                session_id: 1,
+                ring_capacity: Scripted::CAPACITY,
+                max_payload: layout.max_payload(),
+                doorbell: DoorbellKind::Futex,
+                services: vec![ServiceEntry { name: "echo".into(), id: ECHO }],
+            };
+            let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).unwrap();
+            let sent = ipc_platform::send_with_fds(control.as_fd(), &bytes, &[memfd.as_fd(), bell.as_fd()]).unwrap();
+            assert_eq!(sent, bytes.len());
+            let requests = Consumer::new(&region, &layout, Direction::Request);
+            let responses = Producer::new(&region, &layout, Direction::Response);
+            script(DaemonSide { control, region, requests, responses });
+        });
+        Scripted { path, script: Some(script), _dir: dir }
+    }
+
+    /// A client of it that never spins: every wait sleeps.
+    fn client(&self) -> Client {
+        let options = ClientOptions::default().ring_capacity(Scripted::CAPACITY).spin(Duration::ZERO);
+        Client::connect_with(&self.path, options).unwrap()
+    }
+
+    /// Waits for the script to end, passing on its panic.
+    fn finish(mut self) {
+        if let Err(panic) = self.script.take().expect("not finished yet").join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Every outcome `recv` hands out until nothing is in flight.
+fn recv_all(client: &mut Client) -> Vec<(u64, Result<Vec<u8>, CallError>)> {
+    let mut got = Vec::new();
+    loop {
+        match client.recv() {
+            Ok((ticket, outcome)) => got.push((ticket.id(), outcome)),
+            Err(CallError::NothingInFlight) => return got,
+            Err(e) => panic!("recv failed after {got:?}: {e}"),
+        }
+    }
+}
+
+/// The scripted daemon itself: it serves a call, then closes on purpose
+/// right after answering a second one; that reply is still read, and a
+/// call after the close is known not to have run.
+#[test]
+fn the_scripted_daemon_serves_calls_and_closes() {
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
+        for id in 1..=2 {
+            let (header, _) = d.take_request();
+            assert_eq!(header.request_id, id);
+            d.reply(id, 0, &reply_to(id));
+        }
+        SegmentLayout::mark_closed(&d.region, 2);
+        drop(d.control);
+    });
+    let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
+    let outcomes = within_limit("calls", move || [1, 2, 3].map(|_| client.call(&echo, b"call")));
+    assert_eq!(outcomes, [Ok(reply_to(1)), Ok(reply_to(2)), Err(CallError::Shutdown)]);
+    daemon.finish();
+}
+
+/// A daemon whose doorbell cannot be rung, waiting for room in the
+/// response ring: consuming any reply tries to ring it and fails, which
+/// breaks the connection right after a reply was claimed.
+fn ring_fails_after(replies: &'static [(u64, bool)]) -> Scripted {
+    Scripted::start(DaemonBell::Broken, move |mut d| {
+        for &(id, failed) in replies {
+            let (header, body) = d.take_request();
+            assert_eq!(header.request_id, id);
+            if failed {
+                let mut error = Vec::new();
+                encode_error(ErrorCode::Handler, "it failed", &mut error);
+                d.reply(id, FLAG_ERROR, &error);
+            } else {
+                d.await_space();
+                d.reply(id, 0, &body);
+            }
+        }
+        // Wait for the hang-up, so the client outlives nothing it needs.
+        let _ = d.control.read(&mut [0u8; 1]);
+    })
+}
+
+/// `recv` claims the reply, then fails to hand its space back: the reply
+/// was read, and it is its ticket's outcome.
+#[test]
+fn a_reply_received_before_a_failed_consume_is_its_outcome() {
+    let daemon = ring_fails_after(&[(1, false)]);
+    let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
+    let ticket = client.send(&echo, b"one").unwrap();
+    let got = within_limit("recv", move || (client.recv(), client.recv(), client));
+    let (first, second, client) = got;
+    assert_eq!((first, second), (Ok((ticket, Ok(b"one".to_vec()))), Err(CallError::NothingInFlight)));
+    assert!(!client.is_connected(), "the failed ring breaks the connection");
+    assert_eq!(client.in_flight(), 0);
+    drop(client);
+    daemon.finish();
+}
+
+/// The same through `wait`, a call, and an error reply: each gets the
+/// outcome it read, once.
+#[test]
+fn a_reply_waited_for_before_a_failed_consume_is_its_outcome() {
+    let daemon = ring_fails_after(&[(1, false)]);
+    let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
+    let ticket = client.send(&echo, b"one").unwrap();
+    let (outcome, client) = within_limit("wait", move || (client.wait(ticket), client));
+    assert_eq!(outcome, Ok(b"one".to_vec()));
+    assert_eq!(client.in_flight(), 0);
+    drop(client);
+    daemon.finish();
+
+    let daemon = ring_fails_after(&[(1, false)]);
+    let mut client = daemon.client();
+    let (outcome, client) = within_limit("call", move || (client.call(&echo, b"called"), client));
+    assert_eq!(outcome, Ok(b"called".to_vec()));
+    drop(client);
+    daemon.finish();
+
+    let daemon = ring_fails_after(&[(1, true)]);
+    let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
+    let ticket = client.send(&echo, b"fails").unwrap();
+    let (outcome, mut client) = within_limit("wait", move || (client.wait(ticket), client));
+    assert_eq!(outcome, Err(CallError::Remote { message: "it failed".into() }));
+    assert_eq!(client.recv(), Err(CallError::NothingInFlight));
+    drop(client);
+    daemon.finish();
+}
+
+/// Waiting for the second reply, the client keeps the first aside and
+/// fails to hand its space back. Each ticket still gets one outcome: the
+/// first its reply, the second whatever it gets, never two.
+#[test]
+fn a_reply_kept_aside_before_a_failed_consume_gives_each_ticket_one_outcome() {
+    let daemon = ring_fails_after(&[(1, false), (2, false)]);
+    let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
+    let first = client.send(&echo, b"first").unwrap();
+    let second = client.send(&echo, b"second").unwrap();
+    let (outcome, mut client) = within_limit("wait", move || (client.wait(second), client));
+    assert!(
+        matches!(&outcome, Ok(r) if r == b"second") || matches!(outcome, Err(CallError::Disconnected { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(client.wait(second), Err(CallError::UnknownTicket { id: second.id() }));
+    assert_eq!(recv_all(&mut client), [(first.id(), Ok(b"first".to_vec()))]);
+    drop(client);
+    daemon.finish();
 }
