@@ -471,13 +471,13 @@ impl Client {
     ) -> Result<ReplyGuard<'_>, CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
         let ticket = self.start(service, len, fill, true, &mut dl)?.0;
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Link(reply) => Ok(ReplyGuard { client: self, reply, pos: 0 }),
-            // Only replies to other requests are stashed while a request
-            // waits for room, and this one was written before anything was
-            // awaited.
-            Found::Stashed(_) => unreachable!("a call's own reply is never stashed"),
-        }
+        let reply = match self.await_reply(ticket, &mut dl)? {
+            Found::Link(r) => Held::Link(r),
+            // The connection was lost with the reply on the link, and the
+            // loss read it out.
+            Found::Stashed(body) => Held::Read(body),
+        };
+        Ok(ReplyGuard { client: self, reply, pos: 0 })
     }
 
     /// Calls `service` with a serde-encoded request and decodes the reply.
@@ -561,10 +561,11 @@ impl Client {
     /// Waits up to the call timeout for the next reply to any request in
     /// flight, in arrival order, and returns its ticket with its outcome.
     ///
-    /// The outer error means no reply came: [`CallError::Timeout`] (the
-    /// requests stay in flight), [`CallError::Disconnected`] (every request
-    /// in flight is lost with the connection), or
-    /// [`CallError::NothingInFlight`].
+    /// The outer error means no outcome came: [`CallError::Timeout`] (the
+    /// requests stay in flight) or [`CallError::NothingInFlight`]. A lost
+    /// connection is not an outer error: each request that was in flight
+    /// comes back in turn with its own outcome (its reply if it had
+    /// arrived, else [`CallError::Disconnected`] or [`CallError::Shutdown`]).
     pub fn recv(&mut self) -> Result<(Ticket, Result<Vec<u8>, CallError>), CallError> {
         let mut reply = Vec::new();
         let (ticket, outcome) = self.recv_into(&mut reply)?;
@@ -662,10 +663,17 @@ impl Client {
     }
 
     /// Records the loss of the connection and gives every request in
-    /// flight its outcome: [`CallError::Shutdown`] for those the daemon
-    /// said it never took, else [`CallError::Disconnected`].
+    /// flight its outcome: its reply if one is on the link still, else
+    /// [`CallError::Shutdown`] for those the daemon said it never took, else
+    /// [`CallError::Disconnected`].
     fn break_off(&mut self, reason: String) {
-        let closed_after = self.link.closed_after();
+        // The daemon's word on the last request it took is read before its
+        // replies: on shared memory it is written after every reply to
+        // those was published, so all of them are read below. A stream's
+        // closing frame comes after its replies; reading them reaches it.
+        let said = self.link.closed_after();
+        self.read_remaining();
+        let closed_after = said.or_else(|| self.link.closed_after());
         for entry in self.in_flight.drain(..) {
             if entry.abandoned {
                 continue;
@@ -677,6 +685,25 @@ impl Client {
             self.orphans.push_back((entry.id, outcome));
         }
         self.broken = Some(Broken { reason, closed_after });
+    }
+
+    /// Keeps aside every reply left on the link of a lost connection, as
+    /// replies to requests in flight are kept aside while another is
+    /// awaited: each is its request's outcome. Stops at the first thing
+    /// that is not such a reply (the link's end, a stream's closing frame,
+    /// or what broke the protocol).
+    fn read_remaining(&mut self) {
+        while let Ok(Some(r)) = self.link.peek() {
+            let Ok(entry) = self.claim_entry(r.header()) else { break };
+            if !entry.abandoned {
+                let mut body = Vec::new();
+                self.link.read_all(&r, &mut body);
+                self.stash.push_back(Stashed { header: r.header(), body });
+            }
+            // Whether a daemon that is gone can be told of the space
+            // changes nothing.
+            let _ = self.link.consume(&r);
+        }
     }
 
     /// Takes the outcome of a request lost with the connection.
@@ -768,28 +795,38 @@ impl Client {
         let mut fill = Some(fill);
         loop {
             let written = self.link.try_write(service.id, id, len, |buf| (fill.take().expect("filled once"))(buf));
-            match self.note(written)? {
+            match self.note(written).map_err(|e| self.unsent(e))? {
                 Some(r) => {
                     self.next_id += 1;
                     self.in_flight.push_back(InFlight { id, service: service.id, abandoned: false });
                     return Ok((Ticket { id }, r));
                 }
                 None if !wait => return Err(CallError::Full { in_flight: self.in_flight() }),
-                None => {
-                    // The daemon may be stuck on a full reply path: take
-                    // what replies there are aside, then wait for room.
-                    self.stash_replies()?;
-                    let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
-                    match self.note(waited) {
-                        // Nothing was written: the request did not run.
-                        Err(CallError::Timeout { after }) => {
-                            return Err(CallError::SendTimeout { after, in_flight: self.in_flight() })
-                        }
-                        other => other?,
-                    }
-                    self.stash_replies()?;
-                }
+                None => self.wait_for_room(len, dl).map_err(|e| self.unsent(e))?,
             }
+        }
+    }
+
+    /// Waits for room for a request of `len` bytes. The daemon may be stuck
+    /// on a full reply path: the replies already there are taken aside
+    /// first, and again after the wait.
+    fn wait_for_room(&mut self, len: usize, dl: &mut Deadline) -> Result<(), CallError> {
+        self.stash_replies()?;
+        let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
+        match self.note(waited) {
+            // Nothing was written: the request did not run.
+            Err(CallError::Timeout { after }) => Err(CallError::SendTimeout { after, in_flight: self.in_flight() }),
+            other => other,
+        }?;
+        self.stash_replies()
+    }
+
+    /// The outcome of a request whose writing failed with `e`: a lost
+    /// connection (already noted) means it was never sent.
+    fn unsent(&self, e: CallError) -> CallError {
+        match e {
+            CallError::Disconnected { .. } => self.not_sent(),
+            other => other,
         }
     }
 
@@ -813,23 +850,23 @@ impl Client {
     /// Takes the in-flight entry a reply answers; a reply to nothing we sent
     /// breaks the connection.
     fn claim(&mut self, r: &ReplyRef) -> Result<InFlight, CallError> {
-        let id = r.header().request_id;
+        let claimed = self.claim_entry(r.header());
+        self.note(claimed.map_err(|reason| CallError::Disconnected { reason }))
+    }
+
+    /// Takes the in-flight entry a reply with `header` answers, or says why
+    /// none does.
+    fn claim_entry(&mut self, header: FrameHeader) -> Result<InFlight, String> {
+        let id = header.request_id;
         match self.in_flight.binary_search_by_key(&id, |p| p.id) {
-            Ok(i) if self.in_flight[i].service == r.header().service => {
+            Ok(i) if self.in_flight[i].service == header.service => {
                 Ok(self.in_flight.remove(i).expect("index from the search"))
             }
-            Ok(i) => {
-                let reason = format!(
-                    "the daemon answered request {id} of service {} as service {}",
-                    self.in_flight[i].service,
-                    r.header().service
-                );
-                self.note(Err(CallError::Disconnected { reason }))
-            }
-            Err(_) => {
-                let reason = format!("the daemon sent a reply to request {id}, which is not in flight");
-                self.note(Err(CallError::Disconnected { reason }))
-            }
+            Ok(i) => Err(format!(
+                "the daemon answered request {id} of service {} as service {}",
+                self.in_flight[i].service, header.service
+            )),
+            Err(_) => Err(format!("the daemon sent a reply to request {id}, which is not in flight")),
         }
     }
 
@@ -951,19 +988,31 @@ impl Client {
 /// [`ReplyGuard::to_vec`].
 pub struct ReplyGuard<'c> {
     client: &'c mut Client,
-    reply: ReplyRef,
+    reply: Held,
     pos: usize,
+}
+
+/// Where a guarded reply is.
+enum Held {
+    /// On the link; its space is handed back when the guard drops.
+    Link(ReplyRef),
+    /// Read out already: the connection was lost while the call waited,
+    /// and the loss read every reply left on the link.
+    Read(Vec<u8>),
 }
 
 impl ReplyGuard<'_> {
     /// The reply's length in bytes.
     pub fn len(&self) -> usize {
-        self.reply.len()
+        match &self.reply {
+            Held::Link(r) => r.len(),
+            Held::Read(body) => body.len(),
+        }
     }
 
     /// Whether the reply is empty.
     pub fn is_empty(&self) -> bool {
-        self.reply.len() == 0
+        self.len() == 0
     }
 
     /// Copies `dst.len()` bytes from `offset` into `dst`.
@@ -972,12 +1021,25 @@ impl ReplyGuard<'_> {
     ///
     /// Panics if the range is past the reply's end.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
-        self.client.link.read_at(&self.reply, offset, dst);
+        match &self.reply {
+            Held::Link(r) => self.client.link.read_at(r, offset, dst),
+            Held::Read(body) => {
+                let end = offset.checked_add(dst.len()).filter(|&end| end <= body.len());
+                let end = end.unwrap_or_else(|| panic!("read of {} bytes at {offset} past the reply", dst.len()));
+                dst.copy_from_slice(&body[offset..end]);
+            }
+        }
     }
 
     /// Copies the whole reply into `out`, replacing its contents.
     pub fn copy_into(&self, out: &mut Vec<u8>) {
-        self.client.link.read_all(&self.reply, out);
+        match &self.reply {
+            Held::Link(r) => self.client.link.read_all(r, out),
+            Held::Read(body) => {
+                out.clear();
+                out.extend_from_slice(body);
+            }
+        }
     }
 
     /// The whole reply, copied out.
@@ -991,8 +1053,8 @@ impl ReplyGuard<'_> {
 /// Sequential reads from the start of the reply.
 impl io::Read for ReplyGuard<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.reply.len() - self.pos);
-        self.client.link.read_at(&self.reply, self.pos, &mut buf[..n]);
+        let n = buf.len().min(self.len() - self.pos);
+        self.read_at(self.pos, &mut buf[..n]);
         self.pos += n;
         Ok(n)
     }
@@ -1006,9 +1068,11 @@ impl std::fmt::Debug for ReplyGuard<'_> {
 
 impl Drop for ReplyGuard<'_> {
     fn drop(&mut self) {
-        // The reply was handed out with the guard; a failure to ring the
-        // daemon breaks the client, and the next call reports it.
-        let _ = self.client.release(&self.reply);
+        if let Held::Link(r) = &self.reply {
+            // The reply was handed out with the guard; a failure to ring
+            // the daemon breaks the client, and the next call reports it.
+            let _ = self.client.release(r);
+        }
     }
 }
 

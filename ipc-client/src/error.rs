@@ -82,8 +82,9 @@ pub enum CallError {
         /// What happened.
         reason: String,
     },
-    /// The client has no connection: it was lost earlier and not
-    /// re-established (see [`crate::Reconnect`]). The request was not sent.
+    /// The client has no connection: it was lost earlier, or while the
+    /// request waited for room, and not re-established (see
+    /// [`crate::Reconnect`]). The request was not sent.
     #[error("not connected to ipcd (request not sent): {reason}")]
     NotConnected {
         /// Why: the loss, or the last reconnection attempt's failure.
@@ -109,7 +110,8 @@ pub enum CallError {
         /// Its message.
         message: String,
     },
-    /// The daemon is shutting down; the request was not executed.
+    /// The daemon is shutting down; the request was not executed (it said
+    /// so, or the request was never sent to it).
     #[error("ipcd is shutting down; the request was not executed")]
     Shutdown,
     /// [`crate::Client::try_send`] found no room for the request now.

@@ -1,31 +1,46 @@
 //! The outcome the client library gives each request when things go
 //! wrong around it, against the real daemon on every transport: a request
-//! that never found room is not sent, and says so.
+//! that never found room is not sent, and says so; and a client blocked
+//! for room when the daemon stops on purpose reads every reply the daemon
+//! left before it decides the rest, so each request ends with its reply or
+//! `Shutdown`, once.
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect, pattern, start_with_streams, wait_worker_in_handler, watchdog, TEST_LIMIT};
+use common::{
+    connect, join_within, json_u64, pattern, poll_until, start_with_streams, stats_json, wait_worker_in_handler,
+    watchdog, EXIT_LIMIT, TEST_LIMIT,
+};
 use ipc_client::{CallError, Client, ClientOptions, Ticket};
 
 /// Generates, for each test function below that takes a transport name,
-/// one test per transport: `shm::name`, `uds::name`, `tcp::name`.
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
+/// one test per transport listed: `shm::name`, `uds::name`, `tcp::name`.
+macro_rules! on_transports {
+    ($($transport:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+        $(mod $transport {
+            $(#[test] fn $test() { super::$test(stringify!($transport)) })*
+        })*
     };
 }
 
-on_every_transport!(a_request_that_never_finds_room_is_not_sent);
+on_transports!(
+    shm: [
+        a_request_that_never_finds_room_is_not_sent,
+        sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown,
+    ],
+    uds: [
+        a_request_that_never_finds_room_is_not_sent,
+        sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown,
+    ],
+    // Not the SIGTERM test: see its doc.
+    tcp: [a_request_that_never_finds_room_is_not_sent],
+);
 
 /// How long a test waits for a reply it knows is coming.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -86,7 +101,7 @@ fn a_request_that_never_finds_room_is_not_sent(name: &'static str) {
 
         // Once the worker is free, each request sent gets its reply, once.
         assert_eq!(holder.wait(held), Ok(Vec::new()));
-        let mut waiting: std::collections::HashSet<Ticket> = sent.into_iter().collect();
+        let mut waiting: HashSet<Ticket> = sent.into_iter().collect();
         while !waiting.is_empty() {
             let (ticket, outcome) = recv_patiently(&mut client);
             assert!(waiting.remove(&ticket), "{name}: {ticket:?} came back twice or was never sent");
@@ -94,4 +109,127 @@ fn a_request_that_never_finds_room_is_not_sent(name: &'static str) {
         }
         assert_eq!(client.recv(), Err(CallError::NothingInFlight), "{name}");
     });
+}
+
+/// What the pipelining thread of the SIGTERM test saw.
+struct Sent {
+    /// Each ticket with its request's payload.
+    tickets: Vec<(Ticket, Vec<u8>)>,
+    /// The send that was refused, if one was.
+    refused: Option<CallError>,
+    /// Every outcome `recv` handed out afterwards, in order.
+    outcomes: Vec<(Ticket, Result<Vec<u8>, CallError>)>,
+}
+
+/// One worker, which a holder client keeps busy with synchronous
+/// `debug.sleep` calls; a second client pipelines echo requests into a
+/// 4 KiB ring (four fill it) and so spends its time blocked for room (on a
+/// stream: for the socket buffers), its requests served between the
+/// holder's. The daemon gets SIGTERM: it finishes the handler it runs,
+/// answers what is waiting with a shutdown error, says which request it
+/// took last, and hangs up.
+///
+/// Every request sent ends with its own reply or `Shutdown`, exactly once:
+/// none `Disconnected` (the daemon said what it ran), none lost. The send
+/// blocked at the loss was not sent: `Shutdown` too. The holder's calls
+/// end the same way.
+///
+/// Two limits of the daemon's shutdown shape the test. The requests are
+/// larger than its shutdown answers, so the answers to a ring of them
+/// always fit the response ring: a request whose answer does not fit is
+/// counted as taken and its answer dropped. And the test runs on shared
+/// memory and Unix sockets, not TCP: a stream's last answers and closing
+/// frame go out in one non-blocking send before the daemon closes, and
+/// what the socket does not take is lost, which over TCP's smaller send
+/// buffer happens to a client that keeps its link full.
+fn sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown(name: &'static str) {
+    const HOLD_MS: u32 = 20;
+    const PAYLOAD: usize = 1000;
+    // Requests the daemon has answered before the SIGTERM: over shared
+    // memory a hundred rings' worth, the client having waited for room as
+    // often; over a stream, more than the socket buffers hold.
+    const SERVED_BEFORE_SIGTERM: u64 = 400;
+    let (mut daemon, ends) = start_with_streams(&["--workers", "1", "--debug-services"]);
+    let transport = ends.transport(name);
+    let mut client = connect(&transport, ClientOptions::default().ring_capacity(4096));
+    let mut holder = connect(&ends.transport("shm"), ClientOptions::default());
+    let mut observer = connect(&ends.transport("shm"), ClientOptions::default());
+    // Over a stream, sends after the daemon has gone are queued and then
+    // dropped with the connection, never refused: the client stops when
+    // told.
+    let stop = Arc::new(AtomicBool::new(false));
+    let holding = thread::spawn(move || {
+        let sleep = holder.service("debug.sleep").unwrap();
+        let mut replied = 0;
+        loop {
+            match holder.call(&sleep, &HOLD_MS.to_le_bytes()) {
+                Ok(_) => replied += 1,
+                Err(e) => return (replied, e),
+            }
+        }
+    });
+    let pipelining = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let echo = client.service("echo").unwrap();
+            let mut tickets = Vec::new();
+            let mut refused = None;
+            while !stop.load(Ordering::Relaxed) {
+                let request = pattern(tickets.len() as u64, PAYLOAD);
+                match client.send(&echo, &request) {
+                    Ok(ticket) => tickets.push((ticket, request)),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            let mut outcomes = Vec::new();
+            loop {
+                match client.recv() {
+                    Ok(got) => outcomes.push(got),
+                    Err(CallError::NothingInFlight) => break,
+                    Err(e) => panic!("recv failed after {} outcomes: {e}", outcomes.len()),
+                }
+            }
+            assert_eq!(client.in_flight(), 0);
+            Sent { tickets, refused, outcomes }
+        })
+    };
+    let mut served = || json_u64(&stats_json(&mut observer), "requests");
+    let busy = poll_until(TEST_LIMIT, || served() >= SERVED_BEFORE_SIGTERM || pipelining.is_finished());
+    assert!(busy && !pipelining.is_finished(), "{name}: the client stopped sending early");
+    let status = daemon.terminate();
+    assert!(status.success(), "{name}: ipcd exited with {status}");
+    if name != "shm" {
+        stop.store(true, Ordering::Relaxed);
+    }
+    let limit = TEST_LIMIT - EXIT_LIMIT;
+    let Sent { tickets, refused, outcomes } = join_within(pipelining, limit, "the pipelining client");
+    let (held, holder_end) = join_within(holding, limit, "the holder");
+    assert!(held > 0, "{name}: the holder's calls never ran");
+    assert_eq!(holder_end, CallError::Shutdown, "{name}: the holder's last call");
+
+    // A ring nobody takes from fills: over shared memory the client was
+    // always refused in the end, and refused as not run.
+    if name == "shm" {
+        assert_eq!(refused, Some(CallError::Shutdown), "{name}: the send blocked at the loss");
+    } else if let Some(e) = refused {
+        assert_eq!(e, CallError::Shutdown, "{name}: the send blocked at the loss");
+    }
+    let mut waiting: HashMap<Ticket, Vec<u8>> = tickets.into_iter().collect();
+    let (mut replied, mut shutdown) = (0, 0);
+    for (ticket, outcome) in &outcomes {
+        let request = waiting
+            .remove(ticket)
+            .unwrap_or_else(|| panic!("{name}: {ticket:?} has a second outcome (or was never sent)"));
+        match outcome {
+            Ok(reply) if *reply == request => replied += 1,
+            Err(CallError::Shutdown) => shutdown += 1,
+            Ok(_) => panic!("{name}: {ticket:?} got another request's reply"),
+            Err(e) => panic!("{name}: {ticket:?} ended {e:?}; replied {replied}, shutdown {shutdown} before it"),
+        }
+    }
+    assert!(waiting.is_empty(), "{name}: {} tickets got no outcome", waiting.len());
+    assert!(replied > 0, "{name}: replied {replied}, shutdown {shutdown}");
 }

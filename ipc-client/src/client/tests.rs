@@ -113,10 +113,22 @@ impl DaemonSide {
         }
     }
 
+    /// Publishes a reply without waking anyone.
+    fn reply_quietly(&mut self, id: u64) {
+        self.responses.try_push(ECHO, 0, id, &reply_to(id)).expect("room for the reply");
+        // Only the client's announcement of a sleep is taken back; no wake.
+        let _ = self.responses.publish();
+    }
+
     /// Says the daemon waits for room in the response ring, so the client
     /// rings it as soon as it consumes a reply.
     fn await_space(&self) {
         self.responses.space_waiter().store(1, Ordering::SeqCst);
+    }
+
+    /// Waits until the client sleeps for room in the request ring.
+    fn await_client_blocked(&self) {
+        poll(|| (self.requests.peer_waiter().load(Ordering::SeqCst) == 1).then_some(()));
     }
 }
 
@@ -196,6 +208,28 @@ impl Scripted {
     }
 }
 
+/// Sends requests of 1000 bytes (four fill a 4 KiB ring) until one does
+/// not return `Ok`: the tickets sent, and how that one ended.
+fn send_until_refused(client: &mut Client) -> (Vec<Ticket>, CallError) {
+    let echo = client.service("echo").unwrap();
+    let mut tickets = Vec::new();
+    loop {
+        assert!(tickets.len() < 5, "a 4 KiB ring took {} requests of 1000 bytes", tickets.len());
+        match client.send(&echo, &[7u8; 1000]) {
+            Ok(t) => tickets.push(t),
+            Err(e) => return (tickets, e),
+        }
+    }
+}
+
+/// [`send_until_refused`] under the hang limit, handing the client back.
+fn blocked_sends(mut client: Client) -> (Vec<Ticket>, CallError, Client) {
+    within_limit("a send blocked for room", move || {
+        let (tickets, refused) = send_until_refused(&mut client);
+        (tickets, refused, client)
+    })
+}
+
 /// Every outcome `recv` hands out until nothing is in flight.
 fn recv_all(client: &mut Client) -> Vec<(u64, Result<Vec<u8>, CallError>)> {
     let mut got = Vec::new();
@@ -206,6 +240,53 @@ fn recv_all(client: &mut Client) -> Vec<(u64, Result<Vec<u8>, CallError>)> {
             Err(e) => panic!("recv failed after {got:?}: {e}"),
         }
     }
+}
+
+/// The daemon answers the first two requests and stops on purpose, saying
+/// it took no more, while the client is blocked for room in a full request
+/// ring; it wakes nobody and hangs up. The two replies in the ring are
+/// their requests' outcomes; the other two were not run (`Shutdown`), nor
+/// was the blocked one.
+#[test]
+fn replies_in_the_ring_outlive_a_shutdown_seen_while_waiting_for_room() {
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
+        d.await_client_blocked();
+        d.reply_quietly(1);
+        d.reply_quietly(2);
+        SegmentLayout::mark_closed(&d.region, 2);
+        drop(d.control);
+    });
+    let (tickets, refused, mut client) = blocked_sends(daemon.client());
+    assert_eq!(tickets.iter().map(Ticket::id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    let got = recv_all(&mut client);
+    let shutdown = || Err(CallError::Shutdown);
+    assert_eq!(
+        (refused, got),
+        (CallError::Shutdown, vec![(1, Ok(reply_to(1))), (2, Ok(reply_to(2))), (3, shutdown()), (4, shutdown())]),
+        "(the blocked send, then every ticket's outcome)"
+    );
+    assert_eq!(client.in_flight(), 0);
+    daemon.finish();
+}
+
+/// As above, but the daemon dies instead (no word on what it took): the
+/// replies in the ring are still outcomes; the rest are unknown.
+#[test]
+fn replies_in_the_ring_outlive_a_crash_seen_while_waiting_for_room() {
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
+        d.await_client_blocked();
+        d.reply_quietly(1);
+        d.reply_quietly(2);
+        drop(d.control);
+    });
+    let (tickets, refused, mut client) = blocked_sends(daemon.client());
+    assert_eq!(tickets.len(), 4);
+    let got = recv_all(&mut client);
+    let lost = |outcome: &Result<Vec<u8>, CallError>| matches!(outcome, Err(CallError::Disconnected { .. }));
+    assert!(matches!(refused, CallError::NotConnected { .. }), "the blocked send: {refused:?}; then {got:?}");
+    assert_eq!(got[..2], [(1, Ok(reply_to(1))), (2, Ok(reply_to(2)))], "{got:?}");
+    assert!(got.len() == 4 && got[2].0 == 3 && lost(&got[2].1) && got[3].0 == 4 && lost(&got[3].1), "{got:?}");
+    daemon.finish();
 }
 
 /// The scripted daemon itself: it serves a call, then closes on purpose
@@ -301,8 +382,8 @@ fn a_reply_waited_for_before_a_failed_consume_is_its_outcome() {
 }
 
 /// Waiting for the second reply, the client keeps the first aside and
-/// fails to hand its space back. Each ticket still gets one outcome: the
-/// first its reply, the second whatever it gets, never two.
+/// fails to hand its space back. Each ticket gets one outcome, its reply:
+/// the loss reads the second off the ring too.
 #[test]
 fn a_reply_kept_aside_before_a_failed_consume_gives_each_ticket_one_outcome() {
     let daemon = ring_fails_after(&[(1, false), (2, false)]);
@@ -311,10 +392,7 @@ fn a_reply_kept_aside_before_a_failed_consume_gives_each_ticket_one_outcome() {
     let first = client.send(&echo, b"first").unwrap();
     let second = client.send(&echo, b"second").unwrap();
     let (outcome, mut client) = within_limit("wait", move || (client.wait(second), client));
-    assert!(
-        matches!(&outcome, Ok(r) if r == b"second") || matches!(outcome, Err(CallError::Disconnected { .. })),
-        "{outcome:?}"
-    );
+    assert_eq!(outcome, Ok(b"second".to_vec()));
     assert_eq!(client.wait(second), Err(CallError::UnknownTicket { id: second.id() }));
     assert_eq!(recv_all(&mut client), [(first.id(), Ok(b"first".to_vec()))]);
     drop(client);
