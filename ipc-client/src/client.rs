@@ -19,10 +19,11 @@ use ipc_platform::{EventFd, Mapping, SocketBell};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{CallError, ConnectError};
+use crate::error::{with_causes, CallError, ConnectError};
 use crate::link::{Link, ReplyRef, RequestBuf};
 use crate::shm::{Bell, ShmLink};
 use crate::stream::{Socket, StreamLink};
+use crate::trust;
 
 /// In-flight entries reserved at connect time.
 const IN_FLIGHT_RESERVE: usize = 256;
@@ -100,7 +101,9 @@ pub struct ClientOptions {
     /// Timeout of [`Client::call`], [`Client::send`], [`Client::wait`] and
     /// friends. Default 30 s.
     pub call_timeout: Duration,
-    /// How long to wait for the daemon's answer to the hello. Default 5 s.
+    /// How long connecting may take in all: the connect itself (a daemon
+    /// that has stopped accepting leaves it waiting), sending the hello and
+    /// the daemon's answer. Past it, [`ConnectError::Timeout`]. Default 5 s.
     pub connect_timeout: Duration,
     /// The longest a wait for a reply spins on the ring before sleeping
     /// (shared memory only). Spinning adapts: a wait spins only while no
@@ -439,17 +442,9 @@ impl Client {
     ) -> Result<(), CallError> {
         let mut dl = Deadline::new(timeout);
         let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl)?.0;
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Stashed(body) => {
-                *reply = body;
-                Ok(())
-            }
-            Found::Link(r) => {
-                self.link.read_all(&r, reply);
-                let consumed = self.link.consume(&r);
-                self.note(consumed)
-            }
-        }
+        let found = self.await_reply(ticket, &mut dl)?;
+        self.take_found(found, reply);
+        Ok(())
     }
 
     /// Calls `service` with a request of `len` bytes that `fill` writes in
@@ -476,13 +471,13 @@ impl Client {
     ) -> Result<ReplyGuard<'_>, CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
         let ticket = self.start(service, len, fill, true, &mut dl)?.0;
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Link(reply) => Ok(ReplyGuard { client: self, reply, pos: 0 }),
-            // Only replies to other requests are stashed while a request
-            // waits for room, and this one was written before anything was
-            // awaited.
-            Found::Stashed(_) => unreachable!("a call's own reply is never stashed"),
-        }
+        let reply = match self.await_reply(ticket, &mut dl)? {
+            Found::Link(r) => Held::Link(r),
+            // The connection was lost with the reply on the link, and the
+            // loss read it out.
+            Found::Stashed(body) => Held::Read(body),
+        };
+        Ok(ReplyGuard { client: self, reply, pos: 0 })
     }
 
     /// Calls `service` with a serde-encoded request and decodes the reply.
@@ -515,7 +510,7 @@ impl Client {
     }
 
     /// Queues a request, waiting up to the call timeout for room in the
-    /// link. Queued requests reach the daemon at the next wait, receive,
+    /// link ([`CallError::SendTimeout`] if none came: not sent). Queued requests reach the daemon at the next wait, receive,
     /// call or [`Client::flush`] (and whenever `send` must wait for room).
     /// While it waits, replies that arrive are kept for [`Client::wait`] and
     /// [`Client::recv`], so the daemon is never stuck behind them.
@@ -558,26 +553,19 @@ impl Client {
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
-        match self.await_reply(ticket, &mut dl)? {
-            Found::Stashed(body) => {
-                *reply = body;
-                Ok(())
-            }
-            Found::Link(r) => {
-                self.link.read_all(&r, reply);
-                let consumed = self.link.consume(&r);
-                self.note(consumed)
-            }
-        }
+        let found = self.await_reply(ticket, &mut dl)?;
+        self.take_found(found, reply);
+        Ok(())
     }
 
     /// Waits up to the call timeout for the next reply to any request in
     /// flight, in arrival order, and returns its ticket with its outcome.
     ///
-    /// The outer error means no reply came: [`CallError::Timeout`] (the
-    /// requests stay in flight), [`CallError::Disconnected`] (every request
-    /// in flight is lost with the connection), or
-    /// [`CallError::NothingInFlight`].
+    /// The outer error means no outcome came: [`CallError::Timeout`] (the
+    /// requests stay in flight) or [`CallError::NothingInFlight`]. A lost
+    /// connection is not an outer error: each request that was in flight
+    /// comes back in turn with its own outcome (its reply if it had
+    /// arrived, else [`CallError::Disconnected`] or [`CallError::Shutdown`]).
     pub fn recv(&mut self) -> Result<(Ticket, Result<Vec<u8>, CallError>), CallError> {
         let mut reply = Vec::new();
         let (ticket, outcome) = self.recv_into(&mut reply)?;
@@ -588,13 +576,8 @@ impl Client {
     /// once `reply` has grown large enough (unless replies had to be kept
     /// aside while [`Client::send`] or [`Client::wait`] waited for another).
     pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<(Ticket, Result<(), CallError>), CallError> {
-        if let Some(stashed) = self.stash.pop_front() {
-            let id = stashed.header.request_id;
-            *reply = stashed.body;
-            return Ok((Ticket { id }, self.outcome(stashed.header, reply)));
-        }
-        if let Some((id, outcome)) = self.orphans.pop_front() {
-            return Ok((Ticket { id }, Err(outcome)));
+        if let Some(settled) = self.next_settled(reply) {
+            return Ok(settled);
         }
         if self.in_flight.iter().all(|p| p.abandoned) {
             return Err(CallError::NothingInFlight);
@@ -602,19 +585,61 @@ impl Client {
         let mut dl = Deadline::new(self.options.call_timeout);
         let flushed = self.link.flush();
         let next = self.note(flushed).and_then(|()| self.next_reply(&mut dl));
-        let (_, r) = match self.note(next) {
-            Ok(found) => found,
-            // The connection is lost: hand out the outcome of the first
-            // request lost with it.
-            Err(e) => match self.orphans.pop_front() {
-                Some((id, outcome)) => return Ok((Ticket { id }, Err(outcome))),
-                None => return Err(e),
-            },
+        let r = match self.note(next) {
+            Ok((_, r)) => r,
+            // The connection is lost: hand out the first outcome that
+            // settled.
+            Err(e) => return self.next_settled(reply).ok_or(e),
         };
         self.link.read_all(&r, reply);
-        let consumed = self.link.consume(&r);
-        self.note(consumed)?;
+        // Read, the reply is its request's outcome whatever `release` says.
+        let _ = self.release(&r);
         Ok((Ticket { id: r.header().request_id }, self.outcome(r.header(), reply)))
+    }
+
+    /// The next outcome already settled, in the order [`Client::recv`]
+    /// hands them out: replies kept aside (in arrival order), then the
+    /// outcomes of requests lost with a connection (in id order).
+    fn next_settled(&mut self, reply: &mut Vec<u8>) -> Option<(Ticket, Result<(), CallError>)> {
+        if let Some(stashed) = self.stash.pop_front() {
+            *reply = stashed.body;
+            return Some((Ticket { id: stashed.header.request_id }, self.outcome(stashed.header, reply)));
+        }
+        self.orphans.pop_front().map(|(id, outcome)| (Ticket { id }, Err(outcome)))
+    }
+
+    /// Takes request `id`'s outcome if it is already settled: its reply kept
+    /// aside, or the error it got when the connection was lost.
+    fn settled(&mut self, id: u64) -> Option<Result<Found, CallError>> {
+        if let Some(i) = self.stash.iter().position(|s| s.header.request_id == id) {
+            let stashed = self.stash.remove(i).expect("index from the search");
+            let mut body = stashed.body;
+            return Some(self.outcome(stashed.header, &mut body).map(|()| Found::Stashed(body)));
+        }
+        self.take_orphan(id).map(Err)
+    }
+
+    /// Copies a found reply into `reply` and hands its space back.
+    fn take_found(&mut self, found: Found, reply: &mut Vec<u8>) {
+        match found {
+            Found::Stashed(body) => *reply = body,
+            Found::Link(r) => {
+                self.link.read_all(&r, reply);
+                // Read, the reply is its request's outcome whatever
+                // `release` says.
+                let _ = self.release(&r);
+            }
+        }
+    }
+
+    /// Consumes a reply on the link once it is read (or dropped), handing
+    /// its space back to the daemon. A failure (the daemon cannot be rung)
+    /// breaks the connection, which the next operation reports; it changes
+    /// nothing for this reply: once claimed and read, it is its request's
+    /// outcome.
+    fn release(&mut self, r: &ReplyRef) -> Result<(), CallError> {
+        let consumed = self.link.consume(r);
+        self.note(consumed)
     }
 
     /// The error of a request that cannot be sent: the connection is lost.
@@ -638,10 +663,17 @@ impl Client {
     }
 
     /// Records the loss of the connection and gives every request in
-    /// flight its outcome: [`CallError::Shutdown`] for those the daemon
-    /// said it never took, else [`CallError::Disconnected`].
+    /// flight its outcome: its reply if one is on the link still, else
+    /// [`CallError::Shutdown`] for those the daemon said it never took, else
+    /// [`CallError::Disconnected`].
     fn break_off(&mut self, reason: String) {
-        let closed_after = self.link.closed_after();
+        // The daemon's word on the last request it took is read before its
+        // replies: on shared memory it is written after every reply to
+        // those was published, so all of them are read below. A stream's
+        // closing frame comes after its replies; reading them reaches it.
+        let said = self.link.closed_after();
+        self.read_remaining();
+        let closed_after = said.or_else(|| self.link.closed_after());
         for entry in self.in_flight.drain(..) {
             if entry.abandoned {
                 continue;
@@ -653,6 +685,25 @@ impl Client {
             self.orphans.push_back((entry.id, outcome));
         }
         self.broken = Some(Broken { reason, closed_after });
+    }
+
+    /// Keeps aside every reply left on the link of a lost connection, as
+    /// replies to requests in flight are kept aside while another is
+    /// awaited: each is its request's outcome. Stops at the first thing
+    /// that is not such a reply (the link's end, a stream's closing frame,
+    /// or what broke the protocol).
+    fn read_remaining(&mut self) {
+        while let Ok(Some(r)) = self.link.peek() {
+            let Ok(entry) = self.claim_entry(r.header()) else { break };
+            if !entry.abandoned {
+                let mut body = Vec::new();
+                self.link.read_all(&r, &mut body);
+                self.stash.push_back(Stashed { header: r.header(), body });
+            }
+            // Whether a daemon that is gone can be told of the space
+            // changes nothing.
+            let _ = self.link.consume(&r);
+        }
     }
 
     /// Takes the outcome of a request lost with the connection.
@@ -690,11 +741,12 @@ impl Client {
                 error,
                 ConnectError::VersionMismatch { .. }
                     | ConnectError::Protocol(_)
+                    | ConnectError::Untrusted { .. }
                     | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
             );
             let left = dl.at().saturating_duration_since(Instant::now());
             if lasting || left.is_zero() {
-                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {error}") });
+                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {}", with_causes(&error)) });
             }
             std::thread::sleep(delay.min(left));
             delay = (delay * 2).min(policy.max_delay);
@@ -743,22 +795,38 @@ impl Client {
         let mut fill = Some(fill);
         loop {
             let written = self.link.try_write(service.id, id, len, |buf| (fill.take().expect("filled once"))(buf));
-            match self.note(written)? {
+            match self.note(written).map_err(|e| self.unsent(e))? {
                 Some(r) => {
                     self.next_id += 1;
                     self.in_flight.push_back(InFlight { id, service: service.id, abandoned: false });
                     return Ok((Ticket { id }, r));
                 }
                 None if !wait => return Err(CallError::Full { in_flight: self.in_flight() }),
-                None => {
-                    // The daemon may be stuck on a full reply path: take
-                    // what replies there are aside, then wait for room.
-                    self.stash_replies()?;
-                    let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
-                    self.note(waited)?;
-                    self.stash_replies()?;
-                }
+                None => self.wait_for_room(len, dl).map_err(|e| self.unsent(e))?,
             }
+        }
+    }
+
+    /// Waits for room for a request of `len` bytes. The daemon may be stuck
+    /// on a full reply path: the replies already there are taken aside
+    /// first, and again after the wait.
+    fn wait_for_room(&mut self, len: usize, dl: &mut Deadline) -> Result<(), CallError> {
+        self.stash_replies()?;
+        let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
+        match self.note(waited) {
+            // Nothing was written: the request did not run.
+            Err(CallError::Timeout { after }) => Err(CallError::SendTimeout { after, in_flight: self.in_flight() }),
+            other => other,
+        }?;
+        self.stash_replies()
+    }
+
+    /// The outcome of a request whose writing failed with `e`: a lost
+    /// connection (already noted) means it was never sent.
+    fn unsent(&self, e: CallError) -> CallError {
+        match e {
+            CallError::Disconnected { .. } => self.not_sent(),
+            other => other,
         }
     }
 
@@ -774,31 +842,31 @@ impl Client {
                 self.link.read_all(&r, &mut body);
                 self.stash.push_back(Stashed { header: r.header(), body });
             }
-            let consumed = self.link.consume(&r);
-            self.note(consumed)?;
+            // Kept aside first: a failure here leaves the reply its outcome.
+            self.release(&r)?;
         }
     }
 
     /// Takes the in-flight entry a reply answers; a reply to nothing we sent
     /// breaks the connection.
     fn claim(&mut self, r: &ReplyRef) -> Result<InFlight, CallError> {
-        let id = r.header().request_id;
+        let claimed = self.claim_entry(r.header());
+        self.note(claimed.map_err(|reason| CallError::Disconnected { reason }))
+    }
+
+    /// Takes the in-flight entry a reply with `header` answers, or says why
+    /// none does.
+    fn claim_entry(&mut self, header: FrameHeader) -> Result<InFlight, String> {
+        let id = header.request_id;
         match self.in_flight.binary_search_by_key(&id, |p| p.id) {
-            Ok(i) if self.in_flight[i].service == r.header().service => {
+            Ok(i) if self.in_flight[i].service == header.service => {
                 Ok(self.in_flight.remove(i).expect("index from the search"))
             }
-            Ok(i) => {
-                let reason = format!(
-                    "the daemon answered request {id} of service {} as service {}",
-                    self.in_flight[i].service,
-                    r.header().service
-                );
-                self.note(Err(CallError::Disconnected { reason }))
-            }
-            Err(_) => {
-                let reason = format!("the daemon sent a reply to request {id}, which is not in flight");
-                self.note(Err(CallError::Disconnected { reason }))
-            }
+            Ok(i) => Err(format!(
+                "the daemon answered request {id} of service {} as service {}",
+                self.in_flight[i].service, header.service
+            )),
+            Err(_) => Err(format!("the daemon sent a reply to request {id}, which is not in flight")),
         }
     }
 
@@ -829,14 +897,8 @@ impl Client {
     /// the caller (or hands over the stashed one); an error reply is
     /// consumed and returned as the error.
     fn await_reply(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
-        if let Some(i) = self.stash.iter().position(|s| s.header.request_id == ticket.id) {
-            let stashed = self.stash.remove(i).expect("index from the search");
-            let mut body = stashed.body;
-            self.outcome(stashed.header, &mut body)?;
-            return Ok(Found::Stashed(body));
-        }
-        if let Some(outcome) = self.take_orphan(ticket.id) {
-            return Err(outcome);
+        if let Some(found) = self.settled(ticket.id) {
+            return found;
         }
         let Ok(i) = self.in_flight.binary_search_by_key(&ticket.id, |p| p.id) else {
             return Err(CallError::UnknownTicket { id: ticket.id });
@@ -844,29 +906,38 @@ impl Client {
         if self.in_flight[i].abandoned {
             return Err(CallError::UnknownTicket { id: ticket.id });
         }
-        let flushed = self.link.flush();
-        let mut flushed = self.note(flushed);
-        loop {
-            let next = flushed.and_then(|()| self.next_reply(dl));
-            flushed = Ok(());
-            let (entry, r) = match self.note(next) {
-                Ok(found) => found,
-                Err(e) => {
-                    if matches!(e, CallError::Timeout { .. }) {
-                        self.abandon(ticket.id);
-                    }
-                    // Lost with the connection: its own outcome.
-                    return Err(self.take_orphan(ticket.id).unwrap_or(e));
+        match self.await_on_link(ticket, dl) {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                if matches!(e, CallError::Timeout { .. }) {
+                    self.abandon(ticket.id);
                 }
-            };
+                // A loss on the way settled this ticket along with the
+                // others: that is its outcome, handed out here only.
+                self.settled(ticket.id).unwrap_or(Err(e))
+            }
+        }
+    }
+
+    /// [`Client::await_reply`] on the link: reads replies, keeping those of
+    /// other requests aside, until `ticket`'s comes. An error returned
+    /// without `ticket` settled is its outcome (its error reply, or a
+    /// timeout).
+    fn await_on_link(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
+        let flushed = self.link.flush();
+        self.note(flushed)?;
+        loop {
+            let next = self.next_reply(dl);
+            let (entry, r) = self.note(next)?;
             if entry.id == ticket.id {
                 if r.header().is_error() {
                     let mut body = std::mem::take(&mut self.scratch);
                     self.link.read_all(&r, &mut body);
-                    let consumed = self.link.consume(&r);
                     let outcome = self.outcome(r.header(), &mut body);
                     self.scratch = body;
-                    self.note(consumed)?;
+                    // Read, the error is its request's outcome whatever
+                    // `release` says.
+                    let _ = self.release(&r);
                     outcome?;
                     unreachable!("an error reply gives an error outcome");
                 }
@@ -875,8 +946,8 @@ impl Client {
             let mut body = Vec::new();
             self.link.read_all(&r, &mut body);
             self.stash.push_back(Stashed { header: r.header(), body });
-            let consumed = self.link.consume(&r);
-            self.note(consumed)?;
+            // Kept aside first: a failure here leaves the reply its outcome.
+            self.release(&r)?;
         }
     }
 
@@ -917,19 +988,31 @@ impl Client {
 /// [`ReplyGuard::to_vec`].
 pub struct ReplyGuard<'c> {
     client: &'c mut Client,
-    reply: ReplyRef,
+    reply: Held,
     pos: usize,
+}
+
+/// Where a guarded reply is.
+enum Held {
+    /// On the link; its space is handed back when the guard drops.
+    Link(ReplyRef),
+    /// Read out already: the connection was lost while the call waited,
+    /// and the loss read every reply left on the link.
+    Read(Vec<u8>),
 }
 
 impl ReplyGuard<'_> {
     /// The reply's length in bytes.
     pub fn len(&self) -> usize {
-        self.reply.len()
+        match &self.reply {
+            Held::Link(r) => r.len(),
+            Held::Read(body) => body.len(),
+        }
     }
 
     /// Whether the reply is empty.
     pub fn is_empty(&self) -> bool {
-        self.reply.len() == 0
+        self.len() == 0
     }
 
     /// Copies `dst.len()` bytes from `offset` into `dst`.
@@ -938,12 +1021,25 @@ impl ReplyGuard<'_> {
     ///
     /// Panics if the range is past the reply's end.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
-        self.client.link.read_at(&self.reply, offset, dst);
+        match &self.reply {
+            Held::Link(r) => self.client.link.read_at(r, offset, dst),
+            Held::Read(body) => {
+                let end = offset.checked_add(dst.len()).filter(|&end| end <= body.len());
+                let end = end.unwrap_or_else(|| panic!("read of {} bytes at {offset} past the reply", dst.len()));
+                dst.copy_from_slice(&body[offset..end]);
+            }
+        }
     }
 
     /// Copies the whole reply into `out`, replacing its contents.
     pub fn copy_into(&self, out: &mut Vec<u8>) {
-        self.client.link.read_all(&self.reply, out);
+        match &self.reply {
+            Held::Link(r) => self.client.link.read_all(r, out),
+            Held::Read(body) => {
+                out.clear();
+                out.extend_from_slice(body);
+            }
+        }
     }
 
     /// The whole reply, copied out.
@@ -957,8 +1053,8 @@ impl ReplyGuard<'_> {
 /// Sequential reads from the start of the reply.
 impl io::Read for ReplyGuard<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.reply.len() - self.pos);
-        self.client.link.read_at(&self.reply, self.pos, &mut buf[..n]);
+        let n = buf.len().min(self.len() - self.pos);
+        self.read_at(self.pos, &mut buf[..n]);
         self.pos += n;
         Ok(n)
     }
@@ -972,10 +1068,11 @@ impl std::fmt::Debug for ReplyGuard<'_> {
 
 impl Drop for ReplyGuard<'_> {
     fn drop(&mut self) {
-        let consumed = self.client.link.consume(&self.reply);
-        // A failure to ring the daemon breaks the client; the next call
-        // reports it.
-        let _ = self.client.note(consumed);
+        if let Held::Link(r) = &self.reply {
+            // The reply was handed out with the guard; a failure to ring
+            // the daemon breaks the client, and the next call reports it.
+            let _ = self.client.release(r);
+        }
     }
 }
 
@@ -1011,53 +1108,70 @@ fn open(transport: &Transport, options: &ClientOptions) -> Result<(Link, Welcome
             if !fds.is_empty() {
                 return Err(protocol(format!("a stream welcome carries {} fds", fds.len())));
             }
-            match &socket {
-                Socket::Unix(s) => s.set_write_timeout(None)?,
-                Socket::Tcp(s) => s.set_write_timeout(None)?,
-            }
+            socket.set_write_timeout(None)?;
             Link::Stream(StreamLink::new(socket, welcome.max_payload as usize))
         }
     };
     Ok((link, welcome))
 }
 
-/// Connects, sends the hello and checks the answer: the connection (its
-/// timeouts still set to the connect timeout), the welcome, the layout it
-/// announces, and the fds that came with it.
+/// Connects, checks that the daemon may be trusted (see `trust`), sends
+/// the hello and checks the answer, all within the connect timeout: the
+/// connection (its read and write timeouts still set to
+/// what was left of it), the welcome, the layout it announces, and the fds
+/// that came with it.
 pub(crate) fn greet(
     transport: &Transport,
     options: &ClientOptions,
 ) -> Result<(Socket, Welcome, SegmentLayout, Vec<OwnedFd>), ConnectError> {
+    let budget = Budget::start(options.connect_timeout);
     let socket = match transport {
         Transport::Shm(path) | Transport::Uds(path) => {
-            Socket::Unix(UnixStream::connect(path).map_err(|e| connect_failed(path.display().to_string(), e))?)
+            trust::check_directory(path)?;
+            let unix = ipc_platform::connect_unix(path, budget.limit)
+                .map_err(|e| connect_failed(path.display().to_string(), e, budget.limit))?;
+            // Before the hello: nothing goes to a daemon not trusted.
+            trust::check_daemon(&unix, path)?;
+            Socket::Unix(unix)
         }
         Transport::Tcp(addr) => {
-            let tcp = TcpStream::connect_timeout(addr, options.connect_timeout)
-                .map_err(|e| connect_failed(addr.to_string(), e))?;
+            let tcp = TcpStream::connect_timeout(addr, budget.left()?)
+                .map_err(|e| connect_failed(addr.to_string(), e, budget.limit))?;
             tcp.set_nodelay(true)?;
             Socket::Tcp(tcp)
         }
     };
-    match &socket {
-        Socket::Unix(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-        Socket::Tcp(s) => {
-            s.set_read_timeout(Some(options.connect_timeout))?;
-            s.set_write_timeout(Some(options.connect_timeout))?;
-        }
-    }
+    socket.set_write_timeout(Some(budget.left()?))?;
     let hello = hello_bytes(options)?;
     match &socket {
         Socket::Unix(s) => (&*s).write_all(&hello),
         Socket::Tcp(s) => (&*s).write_all(&hello),
     }
-    .map_err(|e| timeout_or(e, options.connect_timeout))?;
-    let (message, fds) = read_answer(socket.as_fd(), options.connect_timeout)?;
+    .map_err(|e| timeout_or(e, budget.limit))?;
+    let (message, fds) = read_answer(&socket, &budget)?;
     let (welcome, layout) = accept_welcome(message)?;
     Ok((socket, welcome, layout, fds))
+}
+
+/// The connect timeout, spent across the steps of connecting.
+struct Budget {
+    limit: Duration,
+    started: Instant,
+}
+
+impl Budget {
+    fn start(limit: Duration) -> Budget {
+        Budget { limit: limit.min(MAX_TIMEOUT), started: Instant::now() }
+    }
+
+    /// What is left of it, or the timeout error once nothing is.
+    fn left(&self) -> Result<Duration, ConnectError> {
+        let left = self.limit.saturating_sub(self.started.elapsed());
+        if left.is_zero() {
+            return Err(ConnectError::Timeout { after: self.limit });
+        }
+        Ok(left)
+    }
 }
 
 fn shm_link(
@@ -1091,13 +1205,14 @@ fn shm_link(
     })
 }
 
-/// How a failed connect to `target` reads: nothing listens there, or
-/// another I/O error.
-fn connect_failed(target: String, source: io::Error) -> ConnectError {
+/// How a failed connect to `target` reads: nothing listens there, nothing
+/// accepted within `limit`, or another I/O error.
+fn connect_failed(target: String, source: io::Error, limit: Duration) -> ConnectError {
     match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ConnectError::NotRunning { path: PathBuf::from(target), source }
         }
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ConnectError::Timeout { after: limit },
         _ => ConnectError::Io(source),
     }
 }
@@ -1178,8 +1293,9 @@ fn timeout_or(e: io::Error, after: Duration) -> ConnectError {
     }
 }
 
-/// Reads the daemon's answer to the hello, with the fds that come with it.
-fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
+/// Reads the daemon's answer to the hello, with the fds that come with it,
+/// within what is left of the connect timeout.
+fn read_answer(control: &Socket, budget: &Budget) -> Result<(ServerMessage, Vec<OwnedFd>), ConnectError> {
     let mut buf = Vec::with_capacity(256);
     let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -1196,7 +1312,10 @@ fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMess
                 return Ok((message, fds));
             }
         }
-        let (n, got) = ipc_platform::recv_with_fds(control, &mut chunk).map_err(|e| timeout_or(e, timeout))?;
+        // An answer dribbled out a byte at a time still ends at the limit.
+        control.set_read_timeout(Some(budget.left()?))?;
+        let (n, got) =
+            ipc_platform::recv_with_fds(control.as_fd(), &mut chunk).map_err(|e| timeout_or(e, budget.limit))?;
         fds.extend(got);
         if n == 0 {
             return Err(ConnectError::Protocol("the daemon closed the connection during the handshake".into()));
@@ -1209,19 +1328,4 @@ fn read_answer(control: BorrowedFd<'_>, timeout: Duration) -> Result<(ServerMess
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_is_send() {
-        fn assert_send<T: Send>() {}
-        assert_send::<Client>();
-    }
-
-    #[test]
-    fn missing_socket_is_not_running() {
-        let err = Client::connect_to("/nonexistent/ipcd.sock").unwrap_err();
-        assert!(matches!(err, ConnectError::NotRunning { .. }), "{err}");
-        assert!(err.to_string().contains("/nonexistent/ipcd.sock"));
-    }
-}
+mod tests;

@@ -1,6 +1,10 @@
 //! Typed errors for connecting and calling.
+//!
+//! Each message says what failed and names the values involved; a cause
+//! that is an error of its own (an `io::Error`) is not repeated in the
+//! message but returned by [`std::error::Error::source`], so that a chain
+//! printer (`anyhow`'s `{:#}`, for one) shows it once.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,17 +12,20 @@ use std::time::Duration;
 use ipc_core::Reject;
 
 /// Why [`crate::Client::connect`] failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
     /// Nothing listens at the path (no socket file, or a stale one).
+    #[error("ipcd is not running at {}", path.display())]
     NotRunning {
         /// The socket path tried.
         path: PathBuf,
         /// The connect error.
+        #[source]
         source: io::Error,
     },
     /// The daemon speaks another protocol version.
+    #[error("protocol version mismatch: daemon speaks {daemon}, client speaks {client}")]
     VersionMismatch {
         /// The daemon's version.
         daemon: u32,
@@ -26,77 +33,71 @@ pub enum ConnectError {
         client: u32,
     },
     /// The daemon refused the client.
+    #[error("rejected by the daemon: {0}")]
     Rejected(Reject),
-    /// The daemon did not answer the hello in time.
+    /// Connecting took longer than the connect timeout: the listener
+    /// accepted no connection in time (a stopped daemon with a full
+    /// backlog), or the daemon did not answer the hello in time.
+    #[error("no answer from the daemon within {after:?}")]
     Timeout {
         /// How long the client waited.
         after: Duration,
     },
+    /// The client does not trust what listens at the path: the socket is in
+    /// the fallback directory `/tmp/ipcd-<uid>` and that directory is not
+    /// the user's own or is writable by others, or the daemon runs as
+    /// another user than the client's and not as root. Nothing was sent.
+    #[error("refusing to trust {}: {reason}", path.display())]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// What was found.
+        reason: String,
+    },
     /// The daemon's answer broke the protocol (bad welcome, wrong fds,
     /// unsealed or mis-sized segment).
+    #[error("handshake protocol error: {0}")]
     Protocol(String),
     /// A system call failed.
-    Io(io::Error),
-}
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnectError::NotRunning { path, source } => {
-                write!(f, "ipcd is not running at {} ({source})", path.display())
-            }
-            ConnectError::VersionMismatch { daemon, client } => {
-                write!(f, "protocol version mismatch: daemon speaks {daemon}, client speaks {client}")
-            }
-            ConnectError::Rejected(r) => write!(f, "rejected by the daemon: {r}"),
-            ConnectError::Timeout { after } => {
-                write!(f, "no answer from the daemon within {after:?}")
-            }
-            ConnectError::Protocol(m) => write!(f, "handshake protocol error: {m}"),
-            ConnectError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// The messages already include their cause, so `source()` is `None`:
-/// printing the chain would repeat it.
-impl std::error::Error for ConnectError {}
-
-impl From<io::Error> for ConnectError {
-    fn from(e: io::Error) -> ConnectError {
-        ConnectError::Io(e)
-    }
+    #[error("a system call failed while connecting")]
+    Io(#[from] io::Error),
 }
 
 /// Why a call failed. Every call ends in exactly one outcome: its reply or
 /// one of these.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     /// No reply within the timeout. The request may still run; its late
     /// reply is discarded.
+    #[error("no reply within {after:?}")]
     Timeout {
         /// The timeout that passed.
         after: Duration,
     },
     /// The daemon is gone or broke the protocol; the client cannot be used
     /// any more. Whether the request ran is unknown.
+    #[error("disconnected from ipcd: {reason}")]
     Disconnected {
         /// What happened.
         reason: String,
     },
-    /// The client has no connection: it was lost earlier and not
-    /// re-established (see [`crate::Reconnect`]). The request was not sent.
+    /// The client has no connection: it was lost earlier, or while the
+    /// request waited for room, and not re-established (see
+    /// [`crate::Reconnect`]). The request was not sent.
+    #[error("not connected to ipcd (request not sent): {reason}")]
     NotConnected {
         /// Why: the loss, or the last reconnection attempt's failure.
         reason: String,
     },
     /// The daemon offers no such service.
+    #[error("unknown service {name:?}")]
     UnknownService {
         /// The name (or id) asked for.
         name: String,
     },
     /// The request is larger than the negotiated maximum payload.
+    #[error("request of {len} bytes exceeds the negotiated maximum {max}")]
     TooLarge {
         /// The request's length.
         len: usize,
@@ -104,54 +105,99 @@ pub enum CallError {
         max: usize,
     },
     /// The service returned an error.
+    #[error("service error: {message}")]
     Remote {
         /// Its message.
         message: String,
     },
-    /// The daemon is shutting down; the request was not executed.
+    /// The daemon is shutting down; the request was not executed (it said
+    /// so, or the request was never sent to it).
+    #[error("ipcd is shutting down; the request was not executed")]
     Shutdown,
     /// [`crate::Client::try_send`] found no room for the request now.
+    #[error("no room for another request now ({in_flight} in flight)")]
     Full {
         /// Requests in flight at the time.
         in_flight: usize,
     },
+    /// A call or [`crate::Client::send`] found no room for the request
+    /// within its timeout: the daemon took none of the requests ahead of
+    /// it. The request was not sent and will not run (unlike
+    /// [`CallError::Timeout`], after which it may).
+    #[error("no room for the request within {after:?} ({in_flight} in flight); it was not sent")]
+    SendTimeout {
+        /// The timeout that passed.
+        after: Duration,
+        /// Requests in flight at the time.
+        in_flight: usize,
+    },
     /// [`crate::Client::recv`] was called with no request in flight.
+    #[error("no request is in flight")]
     NothingInFlight,
     /// The ticket has no request in flight: its outcome was already handed
     /// out (or it timed out).
+    #[error("request {id} is not in flight (its outcome was already handed out)")]
     UnknownTicket {
         /// The ticket's request id.
         id: u64,
     },
     /// A typed request could not be encoded.
+    #[error("cannot encode the request: {0}")]
     Encode(String),
     /// A typed reply could not be decoded.
+    #[error("cannot decode the reply: {0}")]
     Decode(String),
 }
 
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Timeout { after } => write!(f, "no reply within {after:?}"),
-            CallError::Disconnected { reason } => write!(f, "disconnected from ipcd: {reason}"),
-            CallError::NotConnected { reason } => write!(f, "not connected to ipcd (request not sent): {reason}"),
-            CallError::UnknownService { name } => write!(f, "unknown service {name:?}"),
-            CallError::TooLarge { len, max } => {
-                write!(f, "request of {len} bytes exceeds the negotiated maximum {max}")
-            }
-            CallError::Remote { message } => write!(f, "service error: {message}"),
-            CallError::Shutdown => f.write_str("ipcd is shutting down; the request was not executed"),
-            CallError::Full { in_flight } => {
-                write!(f, "no room for another request now ({in_flight} in flight)")
-            }
-            CallError::NothingInFlight => f.write_str("no request is in flight"),
-            CallError::UnknownTicket { id } => {
-                write!(f, "request {id} is not in flight (its outcome was already handed out)")
-            }
-            CallError::Encode(m) => write!(f, "cannot encode the request: {m}"),
-            CallError::Decode(m) => write!(f, "cannot decode the reply: {m}"),
-        }
+/// `e` and its causes, joined as `anyhow`'s `{:#}` joins them: for
+/// messages that carry an error as text.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
     }
+    text
 }
 
-impl std::error::Error for CallError {}
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// Every message of a chain, outermost first, as a chain printer
+    /// (`anyhow`'s `{:#}`) walks it.
+    fn chain(e: &(dyn Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |&e| e.source()).map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn io_causes_are_sources_and_told_once() {
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let cause = refused().to_string();
+
+        let err = ConnectError::NotRunning { path: "/run/x/ipcd.sock".into(), source: refused() };
+        let messages = chain(&err);
+        assert_eq!(messages, ["ipcd is not running at /run/x/ipcd.sock".to_string(), cause.clone()]);
+
+        let err = ConnectError::from(refused());
+        let messages = chain(&err);
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert_eq!(messages[1], cause);
+        assert!(!messages[0].contains(&cause), "the cause is repeated: {messages:?}");
+        assert_eq!(with_causes(&err), format!("a system call failed while connecting: {cause}"));
+    }
+
+    #[test]
+    fn errors_without_a_cause_end_the_chain() {
+        assert!(ConnectError::Timeout { after: Duration::from_secs(1) }.source().is_none());
+        assert!(CallError::Shutdown.source().is_none());
+        assert_eq!(
+            CallError::TooLarge { len: 70000, max: 65536 }.to_string(),
+            "request of 70000 bytes exceeds the negotiated maximum 65536"
+        );
+    }
+}

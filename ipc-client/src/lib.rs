@@ -31,6 +31,7 @@ mod link;
 pub mod raw;
 mod shm;
 mod stream;
+mod trust;
 
 pub use client::{Client, ClientOptions, Reconnect, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
 pub use error::{CallError, ConnectError};

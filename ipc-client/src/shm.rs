@@ -70,6 +70,9 @@ impl ShmLink {
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
     ) -> Result<Option<R>, CallError> {
+        if let Some(reason) = &self.gone {
+            return Err(disconnected(reason.clone()));
+        }
         match self.requests.try_push_with(service, 0, id, len, |w| fill(&mut RequestBuf::new(w, len))) {
             Ok(r) => Ok(Some(r)),
             Err(PushError::Full) => Ok(None),
@@ -88,6 +91,9 @@ impl ShmLink {
 
     /// Sleeps until a request of `len` bytes may fit, or the deadline.
     pub(crate) fn wait_writable(&mut self, len: usize, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
+        if let Some(reason) = &self.gone {
+            return Err(disconnected(reason.clone()));
+        }
         self.flush()?;
         match self.requests.prepare_wait_space(len) {
             Ok(true) => {}
@@ -96,7 +102,7 @@ impl ShmLink {
         }
         let waited = self.sleep(Await::Space, deadline, timeout);
         self.requests.finish_wait_space();
-        waited
+        self.replies_first(waited)
     }
 
     pub(crate) fn peek(&mut self) -> Result<Option<Frame>, CallError> {
@@ -131,9 +137,14 @@ impl ShmLink {
         }
         let waited = self.sleep(Await::Reply, deadline, timeout);
         self.responses.finish_sleep();
+        self.replies_first(waited)
+    }
+
+    /// What a wait reports once it is over. A daemon found gone is
+    /// reported by the next write or wait instead: the caller looks at the
+    /// ring once more, for the replies the daemon left before it went.
+    fn replies_first(&mut self, waited: Result<(), CallError>) -> Result<(), CallError> {
         match waited {
-            // The daemon is gone, but the caller looks at the ring once
-            // more for replies it left before it went.
             Err(CallError::Disconnected { reason }) => {
                 self.gone = Some(reason);
                 Ok(())

@@ -35,6 +35,22 @@ impl AsFd for Socket {
     }
 }
 
+impl Socket {
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_read_timeout(timeout),
+            Socket::Tcp(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_write_timeout(timeout),
+            Socket::Tcp(s) => s.set_write_timeout(timeout),
+        }
+    }
+}
+
 /// Where a reply sits in the input buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Buffered {

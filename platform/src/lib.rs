@@ -35,8 +35,8 @@ pub use fdpass::{recv_refusing_fds, recv_with_fds, send_with_fds, MAX_FDS};
 pub use mapping::Mapping;
 pub use memfd::{check_sealed, create_sealed, try_resize, SealError, SEALS};
 pub use path::{
-    bind_control_socket, default_socket_path, ensure_private_dir, fallback_dir, remove_control_socket, BoundSocket,
-    SOCKET_ENV,
+    bind_control_socket, check_private_dir, current_uid, default_socket_path, ensure_private_dir, fallback_dir,
+    remove_control_socket, BoundSocket, SOCKET_ENV,
 };
 pub use process::{die_with_parent, ProcessHandle};
-pub use socket::{peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};
+pub use socket::{connect_unix, peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};

@@ -25,7 +25,34 @@ pub fn default_socket_path() -> PathBuf {
 
 /// `/tmp/ipcd-<uid>`.
 pub fn fallback_dir() -> PathBuf {
-    PathBuf::from(format!("/tmp/ipcd-{}", rustix::process::getuid().as_raw()))
+    PathBuf::from(format!("/tmp/ipcd-{}", current_uid()))
+}
+
+/// This process's (real) user id.
+pub fn current_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// Checks that `dir` is a directory (not a symbolic link) owned by this
+/// process's user and writable by nobody else, so that only that user (or
+/// root) can have put a socket in it: for a client about to trust whatever
+/// listens there, such as in [`fallback_dir`], which anyone could have
+/// created in /tmp first. A `PermissionDenied` error says what was found.
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    let (uid, mode) = (current_uid(), meta.permissions().mode() & 0o7777);
+    let found = if meta.file_type().is_symlink() {
+        "a symbolic link".to_string()
+    } else if !meta.is_dir() {
+        "not a directory".to_string()
+    } else if meta.uid() != uid {
+        format!("owned by uid {}, not {uid}", meta.uid())
+    } else if mode & 0o022 != 0 {
+        format!("mode {mode:o}, writable by its group or others")
+    } else {
+        return Ok(());
+    };
+    Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is {found}", dir.display())))
 }
 
 /// Creates `dir` with mode 0700 if it is missing; if it exists it must be a
@@ -131,6 +158,41 @@ pub fn remove_control_socket(path: &Path, bound: &BoundSocket) -> io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_dir_is_ours_and_writable_by_nobody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let set_mode = |mode| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        for mode in [0o700, 0o755, 0o750, 0o711] {
+            set_mode(mode);
+            check_private_dir(dir.path()).unwrap_or_else(|e| panic!("mode {mode:o}: {e}"));
+        }
+        for (mode, shown) in [(0o777, "777"), (0o770, "770"), (0o702, "702"), (0o1777, "1777")] {
+            set_mode(mode);
+            let err = check_private_dir(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+            assert!(err.to_string().contains(&format!("mode {shown},")), "{err}");
+        }
+        set_mode(0o700);
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(check_private_dir(&link).unwrap_err().to_string().contains("symbolic link"));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(check_private_dir(&file).unwrap_err().to_string().contains("not a directory"));
+        let missing = check_private_dir(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+
+        // Another user's directory, made here where this runs as root.
+        if current_uid() == 0 {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65533), None).unwrap();
+            let err = check_private_dir(&theirs).unwrap_err();
+            assert!(err.to_string().contains("owned by uid 65533, not 0"), "{err}");
+        }
+    }
 
     #[test]
     fn live_daemon_is_not_replaced_and_stale_socket_is() {

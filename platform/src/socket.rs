@@ -1,12 +1,54 @@
-//! Control-socket helpers: peer credentials, liveness, readiness.
+//! Control-socket helpers: connecting with a timeout, peer credentials,
+//! liveness, readiness.
 
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
-use rustix::net::RecvFlags;
+use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
+
+/// Connects a Unix stream socket (close-on-exec) to the listener at `path`,
+/// waiting at most `timeout` for it: a `TimedOut` error once that passes.
+///
+/// A listener whose backlog is full (a stopped daemon's, say) makes a
+/// plain `connect` sleep until it accepts, which may be never. A Unix
+/// connect is never left in progress, so the usual remedy, a non-blocking
+/// connect and a poll for writability, does not apply: non-blocking, it
+/// fails at once with `EAGAIN`, and nothing becomes ready later. The kernel
+/// bounds that sleep by the socket's send timeout instead, so the connect
+/// blocks with `SO_SNDTIMEO` set to what is left of `timeout`, and wakes as
+/// soon as the listener makes room. The send timeout stays set on the
+/// stream returned.
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let started = Instant::now();
+    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    let addr = SocketAddrUnix::new(path)?;
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        // Zero would mean no timeout at all.
+        sockopt::set_socket_timeout(&fd, Timeout::Send, Some(left.max(Duration::from_micros(1))))?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => return Ok(UnixStream::from(fd)),
+            // The backlog stayed full for the whole send timeout.
+            Err(Errno::AGAIN) => break,
+            // A signal cut the wait short; the socket is still unconnected.
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{} accepted no connection within {timeout:?}", path.display()),
+    ))
+}
 
 /// The credentials of the process at the other end of a Unix socket, as the
 /// kernel recorded them at `connect()`.
@@ -78,6 +120,32 @@ mod tests {
         let cred = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(cred.pid as u32, std::process::id());
         assert_eq!(cred.uid, rustix::process::getuid().as_raw());
+    }
+
+    #[test]
+    fn connect_to_a_full_backlog_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        // Backlog 0: one connection waits to be accepted, the next finds
+        // the queue full. Nobody ever accepts.
+        let listener = crate::bind_control_socket(&path, 0o600, 0).unwrap();
+        let short = Duration::from_millis(50);
+        let mut queued = Vec::new();
+        let err = loop {
+            assert!(queued.len() < 64, "a backlog of 0 took {} connections", queued.len());
+            match connect_unix(&path, short) {
+                Ok(stream) => queued.push(stream),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("full.sock"), "{err}");
+        assert!(!queued.is_empty(), "not even the first connection was queued");
+        // Nothing listens any more: refused at once, not a timeout.
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+        let err = connect_unix(&path, short).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub struct Outcomes {
     /// The connection was lost with the request in flight; whether it ran
     /// is unknown.
     pub disconnected: u64,
-    /// Refused before it was sent (no connection, too large, no room).
+    /// Refused before it was sent (no connection, too large, no room now
+    /// or within the timeout).
     pub rejected: u64,
     /// The daemon was stopping and did not run it.
     pub shutdown: u64,
@@ -65,6 +66,8 @@ impl Outcomes {
     pub fn error(&mut self, e: &CallError) {
         match e {
             CallError::Timeout { .. } => self.timeout += 1,
+            // No room within the timeout: refused before it was sent.
+            CallError::SendTimeout { .. } => self.rejected += 1,
             CallError::Disconnected { .. } => self.disconnected += 1,
             CallError::Shutdown => self.shutdown += 1,
             // An error reply is still a reply.
@@ -250,7 +253,9 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     if w.reconnect {
         options = options.reconnect(Reconnect::default());
     }
-    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| e.to_string()).and_then(|client| {
+    // With its causes: the library's errors keep them as sources.
+    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
+    let result = result.and_then(|client| {
         if w.payload > client.max_payload() {
             return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
         }
@@ -653,5 +658,24 @@ mod tests {
         assert_ne!(a, b);
         fill_payload(1, 2, &mut b);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn each_error_counts_as_its_kind_of_outcome() {
+        let after = Duration::from_millis(5);
+        let cases = [
+            (CallError::Timeout { after }, Outcomes { timeout: 1, ..Outcomes::default() }),
+            (CallError::SendTimeout { after, in_flight: 4 }, Outcomes { rejected: 1, ..Outcomes::default() }),
+            (CallError::Full { in_flight: 4 }, Outcomes { rejected: 1, ..Outcomes::default() }),
+            (CallError::NotConnected { reason: "gone".into() }, Outcomes { rejected: 1, ..Outcomes::default() }),
+            (CallError::Disconnected { reason: "gone".into() }, Outcomes { disconnected: 1, ..Outcomes::default() }),
+            (CallError::Shutdown, Outcomes { shutdown: 1, ..Outcomes::default() }),
+            (CallError::Remote { message: "no".into() }, Outcomes { replied: 1, ..Outcomes::default() }),
+        ];
+        for (e, want) in cases {
+            let mut got = Outcomes::default();
+            got.error(&e);
+            assert_eq!(got, want, "{e:?}");
+        }
     }
 }
