@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 
-use ipc_core::{encode_error, ServiceEntry, FLAG_ERROR};
+use ipc_core::{encode_error, Consumer, Producer, ServiceEntry, SharedWords, FLAG_ERROR};
 
 use super::*;
 
@@ -91,7 +91,7 @@ enum DaemonBell {
 /// The scripted daemon's side of one session.
 struct DaemonSide {
     control: UnixStream,
-    region: Region,
+    words: SharedWords,
     requests: Consumer,
     responses: Producer,
 }
@@ -187,9 +187,10 @@ impl Scripted {
             let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).unwrap();
             let sent = ipc_platform::send_with_fds(control.as_fd(), &bytes, &[memfd.as_fd(), bell.as_fd()]).unwrap();
             assert_eq!(sent, bytes.len());
-            let requests = Consumer::new(&region, &layout, Direction::Request);
-            let responses = Producer::new(&region, &layout, Direction::Response);
-            script(DaemonSide { control, region, requests, responses });
+            // The daemon's ends: it reads requests and writes replies.
+            let Rings { request_consumer: requests, response_producer: responses, words, .. } =
+                Rings::new(region, &layout);
+            script(DaemonSide { control, words, requests, responses });
         });
         Scripted { path, script: Some(script), _dir: dir }
     }
@@ -253,7 +254,7 @@ fn replies_in_the_ring_outlive_a_shutdown_seen_while_waiting_for_room() {
         d.await_client_blocked();
         d.reply_quietly(1);
         d.reply_quietly(2);
-        SegmentLayout::mark_closed(&d.region, 2);
+        d.words.mark_closed(2);
         drop(d.control);
     });
     let (tickets, refused, mut client) = blocked_sends(daemon.client());
@@ -300,7 +301,7 @@ fn the_scripted_daemon_serves_calls_and_closes() {
             assert_eq!(header.request_id, id);
             d.reply(id, 0, &reply_to(id));
         }
-        SegmentLayout::mark_closed(&d.region, 2);
+        d.words.mark_closed(2);
         drop(d.control);
     });
     let mut client = daemon.client();
