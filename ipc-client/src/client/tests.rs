@@ -113,6 +113,18 @@ impl DaemonSide {
         }
     }
 
+    /// Writes a reply, unpublished until [`DaemonSide::publish`].
+    fn push_reply(&mut self, id: u64, flags: u16, body: &[u8]) {
+        self.responses.try_push(ECHO, flags, id, body).expect("room for the reply");
+    }
+
+    /// Publishes the replies written, waking the client if it sleeps.
+    fn publish(&mut self) {
+        if self.responses.publish() {
+            ipc_platform::futex::wake_one(self.responses.peer_waiter()).unwrap();
+        }
+    }
+
     /// Publishes a reply without waking anyone.
     fn reply_quietly(&mut self, id: u64) {
         self.responses.try_push(ECHO, 0, id, &reply_to(id)).expect("room for the reply");
@@ -316,18 +328,26 @@ fn the_scripted_daemon_serves_calls_and_closes() {
 /// breaks the connection right after a reply was claimed.
 fn ring_fails_after(replies: &'static [(u64, bool)]) -> Scripted {
     Scripted::start(DaemonBell::Broken, move |mut d| {
-        for &(id, failed) in replies {
+        // Every request first, then every reply in one publish: the client
+        // finds them all at once, whichever it consumes first (the consume
+        // whose ring fails must not race with a later reply).
+        let mut bodies = Vec::new();
+        for &(id, _) in replies {
             let (header, body) = d.take_request();
             assert_eq!(header.request_id, id);
+            bodies.push(body);
+        }
+        d.await_space();
+        for (&(id, failed), body) in replies.iter().zip(bodies) {
             if failed {
                 let mut error = Vec::new();
                 encode_error(ErrorCode::Handler, "it failed", &mut error);
-                d.reply(id, FLAG_ERROR, &error);
+                d.push_reply(id, FLAG_ERROR, &error);
             } else {
-                d.await_space();
-                d.reply(id, 0, &body);
+                d.push_reply(id, 0, &body);
             }
         }
+        d.publish();
         // Wait for the hang-up, so the client outlives nothing it needs.
         let _ = d.control.read(&mut [0u8; 1]);
     })
