@@ -812,7 +812,9 @@ impl Client {
     /// first, and again after the wait.
     fn wait_for_room(&mut self, len: usize, dl: &mut Deadline) -> Result<(), CallError> {
         self.stash_replies()?;
-        let waited = self.link.wait_writable(len, dl.at(), dl.timeout);
+        // Requests in flight, abandoned or not, all have replies coming.
+        let awaiting_replies = !self.in_flight.is_empty();
+        let waited = self.link.wait_writable(len, awaiting_replies, dl.at(), dl.timeout);
         match self.note(waited) {
             // Nothing was written: the request did not run.
             Err(CallError::Timeout { after }) => Err(CallError::SendTimeout { after, in_flight: self.in_flight() }),

@@ -64,9 +64,21 @@ impl Link {
         }
     }
 
-    /// Waits until a request of `len` bytes may fit.
-    pub(crate) fn wait_writable(&mut self, len: usize, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
+    /// Waits until a request of `len` bytes may fit. With replies still
+    /// to come (`awaiting_replies`), a shared-memory link waits for the next
+    /// of them instead: the daemon hands a request's space back before it
+    /// publishes the reply, so room comes with replies, and a client that
+    /// slept on the request ring alone could sleep through the replies the
+    /// daemon is waiting for it to read.
+    pub(crate) fn wait_writable(
+        &mut self,
+        len: usize,
+        awaiting_replies: bool,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
         match self {
+            Link::Shm(l) if awaiting_replies => l.wait_readable(deadline, timeout),
             Link::Shm(l) => l.wait_writable(len, deadline, timeout),
             Link::Stream(l) => l.wait_writable(deadline, timeout),
         }

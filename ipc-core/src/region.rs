@@ -45,6 +45,7 @@
 #[cfg(not(all(test, loom)))]
 use std::fmt;
 use std::ptr::NonNull;
+#[cfg(not(all(test, loom)))]
 use std::sync::Arc;
 
 #[cfg(not(all(test, loom)))]

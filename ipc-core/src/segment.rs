@@ -152,7 +152,7 @@ impl SharedWords {
     }
 
     /// The region, for this crate's tests that scribble by offset.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn region(&self) -> &Region {
         &self.region
     }

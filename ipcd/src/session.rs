@@ -141,13 +141,18 @@ impl Session {
         };
         // Counted once per batch rather than per request.
         counters.add_batch(served, errors);
-        // Publish whatever was answered and hand back what was read, even
+        // Hand back what was read, then publish whatever was answered, even
         // when the batch ended in a violation (the error is reported after).
-        if self.responses.publish() {
-            self.wake_client(self.responses.peer_waiter());
-        }
+        // In that order: a client that sees a reply then sees its request's
+        // space released as well (the release's index store precedes the
+        // publish's Release store), so a client short of room can wait for
+        // its next reply rather than for room, and never finds the ring
+        // full with nothing in flight.
         if self.requests.release() {
             self.wake_client(self.requests.peer_waiter());
+        }
+        if self.responses.publish() {
+            self.wake_client(self.responses.peer_waiter());
         }
         match result? {
             Progress::Busy => Ok(Progress::Busy),

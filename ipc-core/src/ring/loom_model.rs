@@ -223,3 +223,132 @@ fn loom_ring_wraps_and_wakes_one_by_one() {
 fn loom_ring_wraps_and_wakes_in_batches_in_place() {
     check(Plan { lens: &[0, 16, 8, 16, 0], publish_every: 2, release_every: 2, in_place: true });
 }
+
+/// Requests and replies in the session model, each of this payload: two
+/// frames fill a 64-byte ring.
+const SESSION_LEN: usize = 16;
+
+/// Both rings of a session at once, driven as the client and the daemon
+/// drive them: the client pushes requests until its ring is full, then
+/// waits for a reply (not for room: the daemon hands a request's space back
+/// before it publishes its reply, so room comes with replies); the daemon
+/// takes requests, answers them, keeps an answer that does not fit and
+/// waits for room in the response ring. Neither may end up asleep while
+/// the other waits for it: the deadlock that sleeping on the request ring
+/// alone allowed, with replies published after the client last looked.
+fn run_session(requests: usize) {
+    EXECUTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let layout = SegmentLayout::for_model(CAPACITY);
+    let region = Region::new(HeapMemory::new(layout.segment_size()));
+    let crate::Segment { request_producer, request_consumer, response_producer, response_consumer, .. } =
+        crate::Segment::new(region, &layout);
+    // Index 0: the request ring's bells; 1: the response ring's.
+    let bells = Arc::new([
+        Bells { data: Futex::new(), space: Futex::new() },
+        Bells { data: Futex::new(), space: Futex::new() },
+    ]);
+    let daemon = {
+        let bells = bells.clone();
+        loom::thread::spawn(move || serve(request_consumer, response_producer, &bells, requests))
+    };
+    call(request_producer, response_consumer, &bells, requests);
+    daemon.join().unwrap();
+}
+
+/// The client: send every request, waiting for a reply whenever the
+/// request ring is full, then take the remaining replies.
+fn call(mut tx: Producer, mut rx: Consumer, bells: &[Bells; 2], requests: usize) {
+    let mut replies = 0;
+    let mut out = Vec::new();
+    // Takes the replies there are; with `sleep` and none there, sleeps for
+    // one first.
+    let mut take = |rx: &mut Consumer, replies: &mut usize, sleep: bool| {
+        let mut got = false;
+        while let Some(h) = rx.try_pop(&mut out).unwrap() {
+            assert_eq!(h.request_id, *replies as u64, "reply lost, repeated or reordered");
+            assert_eq!(out, payload(*replies + 100, SESSION_LEN), "reply {} corrupted", *replies);
+            *replies += 1;
+            got = true;
+        }
+        if rx.release() {
+            bells[1].space.wake();
+        }
+        if !got && sleep && rx.prepare_sleep().unwrap() {
+            bells[1].data.wait(rx.data_waiter());
+            rx.finish_sleep();
+        }
+    };
+    for id in 0..requests {
+        while tx.try_push(7, 0, id as u64, &payload(id, SESSION_LEN)) == Err(PushError::Full) {
+            // Requests are in flight: wait for a reply, which brings room.
+            take(&mut rx, &mut replies, true);
+        }
+        if tx.publish() {
+            bells[0].data.wake();
+        }
+    }
+    while replies < requests {
+        take(&mut rx, &mut replies, true);
+    }
+}
+
+/// The daemon: answer each request; park on the request ring when it is
+/// empty, and keep an answer that does not fit until the client makes room.
+fn serve(mut rx: Consumer, mut tx: Producer, bells: &[Bells; 2], requests: usize) {
+    let mut served = 0;
+    let mut pending: Option<u64> = None;
+    let mut body = Vec::new();
+    // Release, then publish: the order the client's wait relies on.
+    let hand_over = |rx: &mut Consumer, tx: &mut Producer| {
+        if rx.release() {
+            bells[0].space.wake();
+        }
+        if tx.publish() {
+            bells[1].data.wake();
+        }
+    };
+    while served < requests || pending.is_some() {
+        if let Some(id) = pending {
+            if tx.try_push(7, 0, id, &payload(id as usize + 100, SESSION_LEN)) == Err(PushError::Full) {
+                hand_over(&mut rx, &mut tx);
+                if tx.prepare_wait_space(SESSION_LEN).unwrap() {
+                    bells[1].space.wait(tx.space_waiter());
+                    tx.finish_wait_space();
+                }
+                continue;
+            }
+            pending = None;
+            continue;
+        }
+        match rx.try_pop(&mut body).unwrap() {
+            Some(h) => {
+                assert_eq!(body, payload(h.request_id as usize, SESSION_LEN), "request corrupted");
+                served += 1;
+                pending = Some(h.request_id);
+            }
+            None => {
+                hand_over(&mut rx, &mut tx);
+                if rx.prepare_sleep().unwrap() {
+                    bells[0].data.wait(rx.data_waiter());
+                    rx.finish_sleep();
+                }
+            }
+        }
+    }
+    hand_over(&mut rx, &mut tx);
+}
+
+/// Three requests through 64-byte rings that hold two: the client runs
+/// out of room with replies outstanding, and the daemon runs out of room
+/// for a reply the client has not read.
+#[test]
+fn loom_session_full_rings_do_not_deadlock() {
+    EXECUTIONS.store(0, std::sync::atomic::Ordering::Relaxed);
+    let mut builder = loom::model::Builder::new();
+    // Two rings double the interleavings: one preemption fewer than the
+    // single-ring models keeps the run within minutes.
+    builder.preemption_bound = builder.preemption_bound.or(Some(PREEMPTIONS - 1));
+    builder.check(|| run_session(3));
+    let executions = EXECUTIONS.load(std::sync::atomic::Ordering::Relaxed);
+    println!("session, 3 requests: {executions} executions");
+}
