@@ -1,11 +1,15 @@
-//! Peers that broke the protocol wait before their next session.
+//! Peers that broke the protocol, or stalled until cut off, wait before
+//! their next session.
 //!
 //! Cutting a misbehaving client off costs it nothing if it can reconnect at
 //! once, and every new session costs the daemon a sealed, allocated and
 //! mapped segment: a client that scribbles over its rings and reconnects in
-//! a loop would keep the acceptor and its worker busy. So each protocol
-//! violation is a strike against the peer's process id, and a handshake
-//! from a process with strikes is answered only after a delay that doubles
+//! a loop would keep the acceptor and its worker busy. A stall that
+//! outlasted the stall timeout counts the same, so that a process whose
+//! sessions keep stalling (many at a time, or under a short stall timeout)
+//! is slowed like one that scribbles. So each protocol violation, and each
+//! stall that ran out, is a strike against the peer's process id, and a
+//! handshake from a process with strikes is answered only after a delay that doubles
 //! with each strike: 1 ms after the first, up to [`MAX_WAIT`]. Strikes are
 //! forgotten [`FORGIVE_AFTER`] after the last one. The handshake is held,
 //! not refused, so a client whose bug was a one-off barely notices, and a
@@ -33,7 +37,7 @@ struct Strikes {
 }
 
 /// Strikes by process id. Touched only when a session is closed for a
-/// violation and when a Unix peer's hello is admitted.
+/// violation or a stall and when a Unix peer's hello is admitted.
 #[derive(Debug, Default)]
 pub(crate) struct Cooldown {
     peers: Mutex<HashMap<i32, Strikes>>,
@@ -46,7 +50,8 @@ fn wait_for(count: u32) -> Duration {
 }
 
 impl Cooldown {
-    /// Records a protocol violation by process `pid` at `now`.
+    /// Records a protocol violation (or a stall that ran out) by process
+    /// `pid` at `now`.
     pub(crate) fn strike(&self, pid: i32, now: Instant) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if peers.len() >= SWEEP_AT {

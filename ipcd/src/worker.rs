@@ -436,7 +436,10 @@ impl Worker {
         // Its key may not outlive it in the list: the slab hands keys out
         // again.
         self.stalls.retain(|&k| k != key);
-        if reason == DisconnectReason::ProtocolViolation {
+        // A stall that ran out is a strike like a violation: otherwise a
+        // client could stall its session, reconnect and stall the next one,
+        // each time holding a segment for the whole stall timeout.
+        if matches!(reason, DisconnectReason::ProtocolViolation | DisconnectReason::Stalled) {
             if let Peer::Unix(cred) = conn.peer() {
                 self.shared.cooldown.strike(cred.pid, Instant::now());
             }
