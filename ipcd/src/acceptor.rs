@@ -383,7 +383,7 @@ impl Acceptor {
         }
         if let Some(pending) = self.pending.get_mut(key) {
             if let Peer::Unix(cred) = pending.peer {
-                if let Some(until) = self.shared.cooldown.wait_until(cred.pid, Instant::now()) {
+                if let Some(until) = self.shared.cooldown.wait_until(&cred, Instant::now()) {
                     // Held until the peer's cool-down is over (see
                     // `cooldown`); `expire` admits it then.
                     if pending.held.is_none() {

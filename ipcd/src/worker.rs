@@ -441,7 +441,7 @@ impl Worker {
         // each time holding a segment for the whole stall timeout.
         if matches!(reason, DisconnectReason::ProtocolViolation | DisconnectReason::Stalled) {
             if let Peer::Unix(cred) = conn.peer() {
-                self.shared.cooldown.strike(cred.pid, Instant::now());
+                self.shared.cooldown.strike(&cred, Instant::now());
             }
         }
         let registry = self.poll.registry();
