@@ -177,8 +177,9 @@ impl ServerBuilder {
     /// response ring is full (shared memory) or its unsent replies pass
     /// their bound (streams); its further requests wait, and no other
     /// session is held up. The stall ends when the client reads and the
-    /// waiting reply goes out; one that lasts longer than `t` ends the
-    /// session, logged and counted as `stalled`.
+    /// waiting reply goes out, and starts over whenever the client frees
+    /// some room, not yet enough (it is reading, slowly); one that lasts
+    /// longer than `t` ends the session, logged and counted as `stalled`.
     pub fn stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
         self

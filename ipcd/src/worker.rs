@@ -20,9 +20,10 @@
 //! A session whose client leaves its replies unread stalls: it waits for
 //! the client to make room, and the worker goes on with the others. Each
 //! session knows since when it has been stalled (the client taking any
-//! reply ends a stall); the worker keeps a list of its stalled sessions,
-//! sleeps no longer than until the earliest stall timeout, and closes a
-//! session whose stall outlasts it.
+//! reply, or freeing any room in its ring, ends the stall or starts it
+//! over); the worker keeps a list of its stalled sessions, sleeps no
+//! longer than until the earliest stall timeout, and closes a session
+//! whose stall outlasts it.
 
 use std::collections::VecDeque;
 use std::io;
