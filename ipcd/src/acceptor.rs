@@ -14,6 +14,11 @@
 //! checked against the allow lists (see [`crate::access`]); a peer that is
 //! not allowed is answered, at its first bytes, with `NotPermitted`.
 //!
+//! A hello that is admitted first takes a lease on the limits (see
+//! [`crate::limits`]): a slot of its uid and its worst-case memory. Only
+//! then are its segment or buffers created; a client past a limit is
+//! answered with a reject naming it.
+//!
 //! The same handshake runs on the stream listeners (`--uds`, `--tcp`); there
 //! the welcome carries no fds and the connection itself then carries the
 //! frames.
@@ -34,6 +39,7 @@ use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::limits::{self, Refusal};
 use crate::server::{Server, ServerError, Shared, ACCEPTOR_WAKER};
 use crate::session::{ClientWake, Session};
 use crate::stats::RejectReason;
@@ -364,7 +370,8 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        if reason == RejectReason::NotPermitted {
+        if matches!(reason, RejectReason::NotPermitted | RejectReason::OverMemoryBudget | RejectReason::UidSessionLimit)
+        {
             tracing::warn!(peer = %pending.peer, "handshake rejected: {reject}");
         } else {
             tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
@@ -400,6 +407,25 @@ impl Acceptor {
         if self.shared.stats.connected.load(Ordering::Relaxed) >= max {
             return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
         }
+        let Some(pending) = self.pending.get(key) else {
+            return;
+        };
+        // Charged before anything is created for it, so a client over a
+        // limit costs no segment.
+        let uid = match pending.peer {
+            Peer::Unix(cred) => Some(cred.uid),
+            Peer::Tcp(_) => None,
+        };
+        let lease = match self.shared.limits.lease(uid, self.charge(pending.kind, &hello)) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::Uid { .. } => RejectReason::UidSessionLimit,
+                    Refusal::Memory { .. } => RejectReason::OverMemoryBudget,
+                };
+                return self.reject(key, refusal.to_reject(), reason);
+            }
+        };
         let Some(pending) = self.take_pending(key) else {
             return;
         };
@@ -408,7 +434,9 @@ impl Acceptor {
             Kind::Shm => self.open_shm(id, pending, &hello),
             Kind::Stream => self.open_stream(id, pending, &hello),
         };
-        let Some(conn) = conn else { return };
+        // A session that could not be opened gives its lease back here.
+        let Some(mut conn) = conn else { return };
+        conn.hold(lease);
         self.next_session += 1;
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.accepted();
@@ -439,6 +467,20 @@ impl Acceptor {
         };
         tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
         Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, region)))
+    }
+
+    /// What the session `hello` asks for is charged against the limits
+    /// (see [`crate::limits`]).
+    fn charge(&self, kind: Kind, hello: &Hello) -> u64 {
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+        let layout = SegmentLayout::new(capacity);
+        match (kind, layout) {
+            (Kind::Shm, Ok(layout)) => limits::shm_charge(&layout),
+            (Kind::Stream, Ok(layout)) => limits::stream_charge(layout.max_payload()),
+            // No session can be made of it: opening it fails and says why.
+            (Kind::Shm, Err(_)) => 0,
+            (Kind::Stream, Err(_)) => limits::stream_charge(0),
+        }
     }
 
     /// Answers a stream client's hello: a welcome without fds, after which

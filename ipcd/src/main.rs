@@ -53,6 +53,20 @@ struct Args {
     #[arg(long, default_value_t = 16 << 20)]
     max_ring_size: u32,
 
+    /// Memory all sessions together may be charged, in bytes (suffixes K,
+    /// M, G, T: powers of 1024). A shared-memory session is charged its
+    /// segment plus one maximum payload, a stream session its buffers'
+    /// bound, from creation to close; a client whose session would pass the
+    /// budget is rejected, naming it [default: a quarter of MemTotal]
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    max_shm: Option<u64>,
+
+    /// Live sessions one uid may have over the control socket and --uds;
+    /// the next is rejected, naming the uid and the limit. TCP sessions
+    /// carry no uid and count only against --max-clients.
+    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_SESSIONS_PER_UID, value_parser = parse_positive)]
+    max_sessions_per_uid: usize,
+
     /// Log level: error, warn, info, debug or trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -98,6 +112,23 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{s:?} is not a number: {e}")),
     }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (number, shift) = match s.strip_suffix(['K', 'k', 'M', 'm', 'G', 'g', 'T', 't']) {
+        Some(number) => {
+            let shift = match s.as_bytes()[s.len() - 1].to_ascii_uppercase() {
+                b'K' => 10,
+                b'M' => 20,
+                b'G' => 30,
+                _ => 40,
+            };
+            (number, shift)
+        }
+        None => (s, 0),
+    };
+    let n: u64 = number.parse().map_err(|e| format!("{s:?} is not a number of bytes: {e}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -172,7 +203,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .handshake_timeout(args.handshake_timeout)
         .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
+        .max_sessions_per_uid(args.max_sessions_per_uid)
         .debug_services(args.debug_services);
+    if let Some(bytes) = args.max_shm {
+        builder = builder.max_shm(bytes);
+    }
     if let Some(socket) = args.socket {
         builder = builder.socket(socket);
     }
@@ -206,4 +241,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     })?;
     server.run().context("ipcd failed")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("3m"), Ok(3 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1T"), Ok(1 << 40));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999T").unwrap_err().contains("too large"));
+    }
 }

@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipc_core::SegmentLayout;
 use mio::{Poll, Token, Waker};
 
 use crate::acceptor::Acceptor;
 use crate::access::AllowList;
+use crate::limits::Limits;
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::stats::Stats;
 
@@ -28,6 +30,22 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// its slot for long.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most live sessions one uid may have, by default: a quarter of the
+/// default maximum of clients, so that no one user can take the daemon's
+/// every slot, and far more than any one program of a user needs.
+pub const DEFAULT_MAX_SESSIONS_PER_UID: usize = 1024;
+
+/// The memory budget for sessions when the machine's memory cannot be read
+/// (otherwise the default is a quarter of it; see
+/// [`ServerBuilder::max_shm`]).
+pub const FALLBACK_MAX_SHM: u64 = 1 << 30;
+
+/// The default memory budget for sessions: a quarter of the machine's RAM
+/// (`MemTotal`), or [`FALLBACK_MAX_SHM`] where it cannot be read.
+fn default_max_shm() -> u64 {
+    ipc_platform::total_memory().map_or(FALLBACK_MAX_SHM, |total| total / 4)
+}
+
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -40,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Strikes against peers that broke the protocol.
     pub(crate) cooldown: crate::cooldown::Cooldown,
+    /// The memory budget and the sessions per uid.
+    pub(crate) limits: Arc<Limits>,
 }
 
 /// A validated server configuration.
@@ -112,6 +132,8 @@ pub struct ServerBuilder {
     handshake_timeout: Duration,
     stall_timeout: Duration,
     max_ring_capacity: u32,
+    max_shm: Option<u64>,
+    max_sessions_per_uid: usize,
     debug_services: bool,
     spin: Duration,
     uds: Option<PathBuf>,
@@ -130,6 +152,8 @@ impl Default for ServerBuilder {
             handshake_timeout: Duration::from_secs(2),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
+            max_shm: None,
+            max_sessions_per_uid: DEFAULT_MAX_SESSIONS_PER_UID,
             debug_services: false,
             spin: DEFAULT_SPIN,
             uds: None,
@@ -188,6 +212,35 @@ impl ServerBuilder {
     /// The largest ring a client may ask for, in bytes (default 16 MiB).
     pub fn max_ring_capacity(mut self, bytes: u32) -> Self {
         self.max_ring_capacity = bytes;
+        self
+    }
+
+    /// The memory all sessions together may be charged, in bytes (default:
+    /// a quarter of the machine's RAM, from `MemTotal` in `/proc/meminfo`,
+    /// or [`FALLBACK_MAX_SHM`] where that cannot be read). A client whose
+    /// session would pass it gets an explicit reject naming the budget, the
+    /// bytes in use and what its session needs; sessions already open are
+    /// not affected. A session is charged its worst case from creation to
+    /// close: on shared memory its segment (allocated in full at creation)
+    /// plus one maximum payload (a reply waiting while its ring is full),
+    /// on a stream its buffers' bound. A quarter leaves the rest of the
+    /// machine to everything else: without a budget, the defaults let
+    /// anyone who can open the socket make the daemon allocate 4,096
+    /// segments of 32 MiB.
+    pub fn max_shm(mut self, bytes: u64) -> Self {
+        self.max_shm = Some(bytes);
+        self
+    }
+
+    /// The most live sessions one uid may have over the Unix listeners (the
+    /// control socket and [`uds`](Self::uds)), by the credentials the
+    /// kernel reports for each connection (default
+    /// [`DEFAULT_MAX_SESSIONS_PER_UID`]); the next gets an explicit reject
+    /// naming its uid and the limit. TCP carries no uid, so TCP sessions
+    /// count only against [`max_clients`](Self::max_clients) and the
+    /// memory budget.
+    pub fn max_sessions_per_uid(mut self, n: usize) -> Self {
+        self.max_sessions_per_uid = n;
         self
     }
 
@@ -283,6 +336,19 @@ impl ServerBuilder {
         if self.stall_timeout.is_zero() {
             return Err(ServerError::Config("the stall timeout must be positive".into()));
         }
+        if self.max_sessions_per_uid == 0 {
+            return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
+        }
+        let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
+        let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let smallest = crate::limits::shm_charge(&smallest);
+        if max_shm < smallest {
+            return Err(ServerError::Config(format!(
+                "the memory budget of {max_shm} bytes is below the {smallest} bytes of the smallest session"
+            )));
+        }
+        let limits = Arc::new(Limits::new(max_shm, self.max_sessions_per_uid));
         if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
@@ -306,8 +372,9 @@ impl ServerBuilder {
             ("ping".to_string(), service::ping()),
             ("stats".to_string(), {
                 let stats = Arc::clone(&stats);
+                let limits = Arc::clone(&limits);
                 let h: Handler = Arc::new(move |_: &[u8], reply: &mut Vec<u8>| {
-                    *reply = stats.to_json();
+                    *reply = stats.to_json(&limits);
                     Ok(())
                 });
                 h
@@ -360,6 +427,7 @@ impl ServerBuilder {
             stats,
             shutting_down: AtomicBool::new(false),
             cooldown: Default::default(),
+            limits,
         });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
     }
@@ -428,6 +496,8 @@ impl Server {
             allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.config.spin.as_micros() as u64,
             stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
+            max_shm = self.shared.limits.budget(),
+            max_sessions_per_uid = self.shared.limits.max_per_uid(),
             "ipcd listening"
         );
         Acceptor::new(self)?.run()
@@ -532,6 +602,21 @@ mod tests {
             assert!(matches!(&result, Err(ServerError::Config(m)) if m.contains("no peer credentials")));
             assert!(!dir.path().join("t.sock").exists(), "nothing is bound when the configuration is refused");
         }
+    }
+
+    #[test]
+    fn a_budget_below_the_smallest_session_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = Server::builder().socket(dir.path().join("b.sock")).max_shm(4096).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("smallest session")));
+        let result = Server::builder().socket(dir.path().join("b.sock")).max_sessions_per_uid(0).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("per uid")));
+    }
+
+    #[test]
+    fn the_default_budget_is_a_quarter_of_the_machine() {
+        let total = ipc_platform::total_memory().expect("/proc/meminfo is readable on Linux");
+        assert_eq!(default_max_shm(), total / 4);
     }
 
     #[test]

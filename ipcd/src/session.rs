@@ -20,6 +20,7 @@ use std::time::Instant;
 use ipc_core::{Consumer, FrameHeader, Producer, PushError, Region, SegmentLayout};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
+use crate::limits::Lease;
 use crate::service::{check_request, dispatch, ServiceTable};
 use crate::stats::WorkerCounters;
 
@@ -88,6 +89,9 @@ pub(crate) struct Session {
     pub(crate) queued: bool,
     /// Whether the session sits in its worker's idle list.
     pub(crate) idle: bool,
+    /// What the session is charged (memory, its uid's slot), given back
+    /// when it drops; last, so that the segment is unmapped first.
+    pub(crate) lease: Option<Lease>,
 }
 
 impl Session {
@@ -115,6 +119,7 @@ impl Session {
             pending: None,
             queued: false,
             idle: false,
+            lease: None,
         }
     }
 

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crate::limits::Limits;
+
 /// Why a handshake was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RejectReason {
@@ -20,9 +22,13 @@ pub(crate) enum RejectReason {
     ShuttingDown,
     /// The peer's uid and gid are in neither allow list.
     NotPermitted,
+    /// The session would take the memory in use past the budget.
+    OverMemoryBudget,
+    /// The peer's uid already has the most sessions one uid may have.
+    UidSessionLimit,
 }
 
-const REJECT_NAMES: [&str; 8] = [
+const REJECT_NAMES: [&str; 10] = [
     "version_mismatch",
     "too_many_clients",
     "bad_hello",
@@ -31,6 +37,8 @@ const REJECT_NAMES: [&str; 8] = [
     "resources",
     "shutting_down",
     "not_permitted",
+    "over_memory_budget",
+    "uid_session_limit",
 ];
 
 /// Why a session ended.
@@ -118,8 +126,8 @@ impl Stats {
         self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The JSON the `stats` service replies with.
-    pub(crate) fn to_json(&self) -> Vec<u8> {
+    /// The JSON the `stats` service replies with, `limits` among it.
+    pub(crate) fn to_json(&self, limits: &Limits) -> Vec<u8> {
         fn named(names: &[&str], counters: &[AtomicU64]) -> serde_json::Map<String, serde_json::Value> {
             names.iter().zip(counters).map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into())).collect()
         }
@@ -137,6 +145,11 @@ impl Stats {
             "replies": sum(|w| &w.replies),
             "errors": sum(|w| &w.errors),
             "disconnects": named(&DISCONNECT_NAMES, &self.disconnects),
+            "limits": {
+                "memory_budget": limits.budget(),
+                "memory_in_use": limits.in_use(),
+                "max_sessions_per_uid": limits.max_per_uid(),
+            },
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "workers": self.workers.len(),
         });

@@ -10,13 +10,14 @@
 //! serve ends stalled and ends whenever the client takes some of the
 //! replies, and the worker holds its length against the stall timeout.
 //!
-//! Both buffers are bounded in capacity, not only in what they hold: input
-//! up to one maximum frame plus read-ahead; output up to the replies held
-//! back (the read-ahead, one maximum frame over it, and one more frame
-//! appended before the check), as much again of bytes sent but not yet
-//! compacted away (the output is compacted once the sent part is as large
-//! as the unsent one, so each byte is copied at most once), and the
-//! closing frame.
+//! Both buffers are bounded in capacity, not only in what they hold, and
+//! [`buffer_bound`] is what a session is charged against the daemon's
+//! memory budget: input up to one maximum frame plus read-ahead; output up
+//! to the replies held back (the read-ahead, one maximum frame over it, and
+//! one more frame appended before the check), as much again of bytes sent
+//! but not yet compacted away (the output is compacted once the sent part
+//! is as large as the unsent one, so each byte is copied at most once), and
+//! the closing frame.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -28,6 +29,7 @@ use ipc_platform::PeerCredentials;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
+use crate::limits::Lease;
 use crate::service::{check_request, dispatch, ServiceTable};
 use crate::session::{Progress, Scratch};
 use crate::stats::WorkerCounters;
@@ -37,6 +39,13 @@ const READ_AHEAD: usize = 64 * 1024;
 /// Bytes read per `recv` at the least (the buffer grows to a frame as
 /// needed).
 const MIN_READ: usize = 16 * 1024;
+
+/// The most a stream session whose frames carry at most `max_payload`
+/// bytes holds in its input and output buffers (their capacity), in bytes:
+/// what the session is charged against the daemon's memory budget.
+pub(crate) fn buffer_bound(max_payload: usize) -> usize {
+    input_bound(max_payload) + output_bound(max_payload)
+}
 
 fn frame_bound(max_payload: usize) -> usize {
     HEADER_LEN + max_payload
@@ -171,6 +180,9 @@ pub(crate) struct StreamSession {
     /// replies; reset by every send that moves bytes.
     stalled_since: Option<Instant>,
     pub(crate) queued: bool,
+    /// What the session is charged (memory, its uid's slot), given back
+    /// when it drops.
+    pub(crate) lease: Option<Lease>,
 }
 
 impl StreamSession {
@@ -191,6 +203,7 @@ impl StreamSession {
             peer_gone: false,
             stalled_since: None,
             queued: false,
+            lease: None,
         }
     }
 
@@ -494,6 +507,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
+        assert_eq!(buffer_bound(1024), bound.0 + bound.1);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use slab::Slab;
 use crate::server::Shared;
 use ipc_core::Spinner;
 
+use crate::limits::Lease;
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::DisconnectReason;
 use crate::stream_session::{Peer, StreamSession};
@@ -138,6 +139,14 @@ impl Conn {
         match self {
             Conn::Shm(s) => Peer::Unix(s.peer),
             Conn::Stream(s) => s.peer,
+        }
+    }
+
+    /// Makes the session hold what it is charged, until it drops.
+    pub(crate) fn hold(&mut self, lease: Lease) {
+        match self {
+            Conn::Shm(s) => s.lease = Some(lease),
+            Conn::Stream(s) => s.lease = Some(lease),
         }
     }
 }
