@@ -5,7 +5,18 @@
 //! are read without blocking into a bounded buffer; a complete hello is
 //! answered with a welcome (and the session's fds) or an explicit reject. A
 //! connection that sends garbage is rejected, one that stays silent past the
-//! deadline is closed, and neither affects anyone else. A hello never
+//! deadline is closed, and neither affects anyone else. The deadlines sit
+//! in a timer (see [`crate::pending`]), so a loop costs O(log n) per
+//! deadline it handles, not a scan of every pending handshake.
+//!
+//! At most `--max-pending-handshakes` are pending at once, shared fairly
+//! between owners (a uid; TCP peers as one): a connection that comes while
+//! the cap is reached takes the place of the oldest pending handshake of the
+//! owner with the most, if that owner has at least two more than the
+//! newcomer's; otherwise the newcomer is closed at once (after a
+//! best-effort `TooManyPendingHandshakes` reject). So a flood by one user
+//! fills only what no one else asks for, and cannot keep other users'
+//! connections out. A hello never
 //! carries fds: any a peer attaches are discarded by the kernel without
 //! entering the daemon (the read has no room for them), and the hello is
 //! rejected.
@@ -37,9 +48,9 @@ use ipc_core::{
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 
 use crate::limits::{self, Refusal};
+use crate::pending::{Owner, PendingSet};
 use crate::server::{Server, ServerError, Shared, ACCEPTOR_WAKER};
 use crate::session::{ClientWake, Session};
 use crate::stats::RejectReason;
@@ -74,10 +85,9 @@ struct Pending {
     /// answer to its first bytes.
     refusal: Option<String>,
     buf: Vec<u8>,
-    /// When the deadline passes: the handshake timed out, or, with a held
-    /// hello, the peer's cool-down is over and the hello is admitted.
-    deadline: Instant,
-    /// A complete hello held back by the peer's cool-down.
+    /// A complete hello held back by the peer's cool-down. When the
+    /// handshake's deadline passes, the hello is admitted if there is one;
+    /// otherwise the handshake timed out.
     held: Option<Hello>,
 }
 
@@ -91,7 +101,7 @@ pub(crate) struct Acceptor {
     poll: Poll,
     _waker: Arc<Waker>,
     workers: Vec<WorkerHandle>,
-    pending: Slab<Pending>,
+    pending: PendingSet<Pending>,
     next_session: u64,
     accept_paused_until: Option<Instant>,
 }
@@ -144,7 +154,7 @@ impl Acceptor {
             poll,
             _waker: waker,
             workers,
-            pending: Slab::new(),
+            pending: PendingSet::default(),
             next_session: 1,
             accept_paused_until: None,
         })
@@ -180,7 +190,7 @@ impl Acceptor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pending.iter().map(|(_, p)| p.deadline).chain(self.accept_paused_until).min()
+        self.pending.next_deadline().into_iter().chain(self.accept_paused_until).min()
     }
 
     /// Accepts what waits on every listener.
@@ -253,21 +263,51 @@ impl Acceptor {
             Peer::Unix(cred) => self.shared.config.allow.check(cred).err(),
             Peer::Tcp(_) => None,
         };
-        let entry = self.pending.vacant_entry();
-        let token = Token(entry.key() + FIRST_PENDING);
+        let owner = match &peer {
+            Peer::Unix(cred) => Owner::Uid(cred.uid),
+            Peer::Tcp(_) => Owner::Tcp,
+        };
+        if self.pending.len() >= self.shared.config.max_pending_handshakes && !self.make_room(owner) {
+            let max = self.shared.config.max_pending_handshakes;
+            tracing::debug!(peer = %peer, "too many unfinished handshakes ({max}); closing the connection");
+            self.shared.stats.rejected(RejectReason::PendingHandshakeLimit);
+            // Best effort: a client whose hello is already on its way reads
+            // why; one that writes after the close sees a hang-up.
+            let reject = Reject::TooManyPendingHandshakes { max: max.try_into().unwrap_or(u32::MAX) };
+            if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
+                let _ = stream.write(&bytes);
+            }
+            return;
+        }
+        let token = Token(self.pending.vacant_key() + FIRST_PENDING);
         if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             tracing::error!("cannot register a connection: {e}");
             return;
         }
-        entry.insert(Pending {
-            stream,
-            kind,
-            peer,
-            refusal,
-            buf: Vec::with_capacity(64),
-            deadline: Instant::now() + self.shared.config.handshake_timeout,
-            held: None,
-        });
+        let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None };
+        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        self.pending.insert(pending, owner, deadline);
+        self.shared.stats.set_pending(self.pending.len());
+    }
+
+    /// At the cap, closes the oldest pending handshake of the owner with
+    /// the most, if it has at least two more than `owner` (so that, after,
+    /// it still has at least as many). Returns whether it did.
+    fn make_room(&mut self, owner: Owner) -> bool {
+        let Some((heaviest, count)) = self.pending.heaviest() else {
+            return false;
+        };
+        if count < self.pending.count(owner) + 2 {
+            return false;
+        }
+        let Some(victim) = self.pending.oldest(heaviest) else {
+            return false;
+        };
+        if let Some(p) = self.pending.get(victim) {
+            tracing::debug!(peer = %p.peer, "unfinished handshake closed to make room for another user's");
+        }
+        self.drop_pending(victim, RejectReason::PendingHandshakeEvicted);
+        true
     }
 
     fn read_hello(&mut self, key: usize) {
@@ -347,7 +387,8 @@ impl Acceptor {
     }
 
     fn take_pending(&mut self, key: usize) -> Option<Pending> {
-        let mut pending = self.pending.try_remove(key)?;
+        let mut pending = self.pending.remove(key)?;
+        self.shared.stats.set_pending(self.pending.len());
         let _ = self.poll.registry().deregister(&mut pending.stream);
         Some(pending)
     }
@@ -398,7 +439,7 @@ impl Acceptor {
                         self.shared.stats.held();
                     }
                     pending.held = Some(hello);
-                    pending.deadline = until;
+                    self.pending.set_deadline(key, until);
                     return;
                 }
             }
@@ -555,9 +596,11 @@ impl Acceptor {
         ))
     }
 
+    /// Handles every handshake whose deadline has passed: admits a held
+    /// hello (which may hold it again, with a new deadline), closes the
+    /// rest.
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<usize> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k).collect();
-        for key in expired {
+        while let Some(key) = self.pending.pop_expired(now) {
             if let Some(hello) = self.pending.get_mut(key).and_then(|p| p.held.take()) {
                 self.admit(key, hello);
                 continue;
@@ -590,8 +633,7 @@ impl Acceptor {
         if let Some(mut l) = self.tcp_listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
-        for key in keys {
+        for key in self.pending.keys() {
             self.reject(key, Reject::ShuttingDown, RejectReason::ShuttingDown);
         }
         for w in &self.workers {

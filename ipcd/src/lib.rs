@@ -40,6 +40,7 @@ mod acceptor;
 mod access;
 mod cooldown;
 mod limits;
+mod pending;
 mod server;
 mod service;
 mod session;
@@ -48,7 +49,7 @@ mod stream_session;
 mod worker;
 
 pub use server::{
-    Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_SESSIONS_PER_UID, DEFAULT_SPIN,
-    DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
+    Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_UID,
+    DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
 pub use service::{Handler, ServiceError};

@@ -42,6 +42,14 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// Connections whose hello is unfinished at once, shared between users
+    /// (uids; TCP peers count as one): at the cap, a new connection takes
+    /// the place of the oldest unfinished one of the user with the most, if
+    /// that user has at least two more than the newcomer's, or is closed at
+    /// once.
+    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_positive)]
+    max_pending_handshakes: usize,
+
     /// How long a client may leave its replies unread (e.g. 10s, 300ms).
     /// While its replies wait, its further requests wait too, and no other
     /// client is held up; after this long its session is closed, logged
@@ -201,6 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .socket_mode(args.socket_mode)
         .max_clients(args.max_clients)
         .handshake_timeout(args.handshake_timeout)
+        .max_pending_handshakes(args.max_pending_handshakes)
         .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
         .max_sessions_per_uid(args.max_sessions_per_uid)

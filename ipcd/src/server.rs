@@ -35,6 +35,12 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// every slot, and far more than any one program of a user needs.
 pub const DEFAULT_MAX_SESSIONS_PER_UID: usize = 1024;
 
+/// The most handshakes pending at once, by default: the length of the
+/// listen queue, so that a burst that fills the kernel's queue fits the
+/// acceptor's too, while 1,024 idle connections cost the daemon 1,024 fds
+/// and a few hundred KiB.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+
 /// The memory budget for sessions when the machine's memory cannot be read
 /// (otherwise the default is a quarter of it; see
 /// [`ServerBuilder::max_shm`]).
@@ -70,6 +76,8 @@ pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) max_clients: usize,
     pub(crate) handshake_timeout: Duration,
+    /// The most handshakes pending at once.
+    pub(crate) max_pending_handshakes: usize,
     pub(crate) max_ring_capacity: u32,
     /// How long a worker spins on idle rings before sleeping.
     pub(crate) spin: Duration,
@@ -130,6 +138,7 @@ pub struct ServerBuilder {
     workers: Option<usize>,
     max_clients: usize,
     handshake_timeout: Duration,
+    max_pending_handshakes: usize,
     stall_timeout: Duration,
     max_ring_capacity: u32,
     max_shm: Option<u64>,
@@ -150,6 +159,7 @@ impl Default for ServerBuilder {
             workers: None,
             max_clients: 4096,
             handshake_timeout: Duration::from_secs(2),
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
             max_shm: None,
@@ -193,6 +203,19 @@ impl ServerBuilder {
     /// How long a connection may take to send its hello (default 2 s).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
+        self
+    }
+
+    /// The most connections whose handshake is unfinished at once (default
+    /// [`DEFAULT_MAX_PENDING_HANDSHAKES`]), shared between owners (a uid;
+    /// TCP peers as one). A connection that comes at the cap takes the
+    /// place of the oldest unfinished handshake of the owner with the most,
+    /// if that owner has at least two more than the newcomer's; otherwise
+    /// it is closed at once (after a best-effort reject). Both are counted.
+    /// So one user flooding the socket with connections that never finish
+    /// their hello fills only the room no one else asks for.
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.max_pending_handshakes = n;
         self
     }
 
@@ -336,6 +359,9 @@ impl ServerBuilder {
         if self.stall_timeout.is_zero() {
             return Err(ServerError::Config("the stall timeout must be positive".into()));
         }
+        if self.max_pending_handshakes == 0 {
+            return Err(ServerError::Config("max pending handshakes must be at least 1".into()));
+        }
         if self.max_sessions_per_uid == 0 {
             return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
         }
@@ -365,7 +391,7 @@ impl ServerBuilder {
                 p
             }
         };
-        let stats = Arc::new(Stats::new(workers));
+        let stats = Arc::new(Stats::new(workers, self.max_pending_handshakes));
         let mut services = ServiceTable::default();
         let mut all = vec![
             ("echo".to_string(), service::echo()),
@@ -415,6 +441,7 @@ impl ServerBuilder {
             workers,
             max_clients: self.max_clients,
             handshake_timeout: self.handshake_timeout,
+            max_pending_handshakes: self.max_pending_handshakes,
             max_ring_capacity: self.max_ring_capacity,
             spin,
             uds: self.uds,
@@ -498,6 +525,7 @@ impl Server {
             stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
             max_shm = self.shared.limits.budget(),
             max_sessions_per_uid = self.shared.limits.max_per_uid(),
+            max_pending_handshakes = self.shared.config.max_pending_handshakes,
             "ipcd listening"
         );
         Acceptor::new(self)?.run()

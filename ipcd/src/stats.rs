@@ -26,9 +26,15 @@ pub(crate) enum RejectReason {
     OverMemoryBudget,
     /// The peer's uid already has the most sessions one uid may have.
     UidSessionLimit,
+    /// The connection came while the most handshakes were pending, and no
+    /// owner had enough more than the newcomer's to make room.
+    PendingHandshakeLimit,
+    /// The handshake was closed unfinished to make room for another
+    /// owner's, at the cap on pending handshakes.
+    PendingHandshakeEvicted,
 }
 
-const REJECT_NAMES: [&str; 10] = [
+const REJECT_NAMES: [&str; 12] = [
     "version_mismatch",
     "too_many_clients",
     "bad_hello",
@@ -39,6 +45,8 @@ const REJECT_NAMES: [&str; 10] = [
     "not_permitted",
     "over_memory_budget",
     "uid_session_limit",
+    "pending_handshake_limit",
+    "pending_handshake_evicted",
 ];
 
 /// Why a session ended.
@@ -92,18 +100,23 @@ pub(crate) struct Stats {
     /// Handshakes held back by the cool-down of a peer that broke the
     /// protocol.
     held: AtomicU64,
+    /// Handshakes pending now, and the most that may be.
+    pending: AtomicUsize,
+    max_pending: usize,
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
 }
 
 impl Stats {
-    pub(crate) fn new(workers: usize) -> Stats {
+    pub(crate) fn new(workers: usize, max_pending: usize) -> Stats {
         Stats {
             started: Instant::now(),
             connected: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            max_pending,
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
@@ -116,6 +129,11 @@ impl Stats {
 
     pub(crate) fn held(&self) {
         self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how many handshakes are pending.
+    pub(crate) fn set_pending(&self, n: usize) {
+        self.pending.store(n, Ordering::Relaxed);
     }
 
     pub(crate) fn rejected(&self, reason: RejectReason) {
@@ -149,6 +167,8 @@ impl Stats {
                 "memory_budget": limits.budget(),
                 "memory_in_use": limits.in_use(),
                 "max_sessions_per_uid": limits.max_per_uid(),
+                "pending_handshakes": self.pending.load(Ordering::Relaxed),
+                "max_pending_handshakes": self.max_pending,
             },
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "workers": self.workers.len(),

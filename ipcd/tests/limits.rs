@@ -3,7 +3,10 @@
 //! charged (`--max-shm`). One uid opens sessions, over the control socket
 //! and `--uds` in turn, until it is refused with an explicit reject naming
 //! the limit and the numbers, while another uid's client keeps working and
-//! getting its replies.
+//! getting its replies. And unfinished handshakes
+//! (`--max-pending-handshakes`): past the cap one uid's next connection is
+//! closed with a reject, while another uid's takes the place of the first
+//! uid's oldest.
 //!
 //! The user that opens sessions is a helper process: this test binary run
 //! again under another uid, which takes root; without root the tests say
@@ -13,22 +16,25 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use common::{
-    die_with_parent, json_u64, poll_until, start_with_uds_in, stat_eventually, stats_json, watchdog, Daemon,
-    CLEANUP_LIMIT, TEST_LIMIT,
+    die_with_parent, json_u64, poll_until, raw_connect, read_answer, start_with_uds_in, stat_eventually, stats_json,
+    watchdog, Daemon, CLEANUP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{Client, ClientOptions, ConnectError, Reject, Transport};
-use ipc_core::SegmentLayout;
+use ipc_core::{SegmentLayout, ServerMessage};
 
 /// Set in the helper's environment: the control socket and the `--uds`
 /// socket, separated by a newline.
 const HELPER_SOCKETS_ENV: &str = "IPCD_TEST_LIMITS_SOCKETS";
 /// Set in the helper's environment: the ring capacity it asks for.
 const HELPER_RING_ENV: &str = "IPCD_TEST_LIMITS_RING";
+/// Set in the helper's environment: the most sessions it opens.
+const HELPER_MOST_ENV: &str = "IPCD_TEST_LIMITS_MOST";
 /// The helper "test" that the test binary re-runs as another user.
 const HELPER_NAME: &str = "helper_opens_sessions_until_refused";
 /// Starts each line the helper reports on.
@@ -50,8 +56,8 @@ fn open(transport: &Transport, ring: u32) -> Result<Client, ConnectError> {
 /// Not a test: the process of another user in the tests below, run with
 /// only this function selected. It opens sessions, alternating between the
 /// control socket and the `--uds` socket in its environment, until one is
-/// refused; reports how many it opened and the refusal; then holds them
-/// until its stdin closes.
+/// refused or it has opened as many as it was told; reports how many it
+/// opened and the refusal; then holds them until its stdin closes.
 #[test]
 #[ignore = "helper process for the limits tests; does nothing when run directly"]
 fn helper_opens_sessions_until_refused() {
@@ -62,10 +68,11 @@ fn helper_opens_sessions_until_refused() {
     let (shm, uds) = sockets.split_once('\n').expect("two sockets");
     let transports = [Transport::Shm(shm.into()), Transport::Uds(uds.into())];
     let ring: u32 = std::env::var(HELPER_RING_ENV).expect("ring size").parse().expect("ring size");
+    let most: usize = std::env::var(HELPER_MOST_ENV).expect("most sessions").parse().expect("most sessions");
     let mut held = Vec::new();
     let outcome = loop {
-        if held.len() == MOST_ATTEMPTS {
-            break format!("never-refused {}", held.len());
+        if held.len() == most {
+            break format!("opened {}", held.len());
         }
         match open(&transports[held.len() % 2], ring) {
             Ok(client) => held.push(client),
@@ -99,14 +106,15 @@ struct Helper {
 
 impl Helper {
     /// Runs the helper as `uid` against the daemon's two Unix sockets, with
-    /// rings of `ring` bytes; `None` (with the reason printed) where it
-    /// cannot run.
-    fn start(uid: u32, sockets: (&Path, &Path), ring: u32) -> Option<Helper> {
+    /// rings of `ring` bytes, to open at most `most` sessions; `None` (with
+    /// the reason printed) where it cannot run.
+    fn start(uid: u32, sockets: (&Path, &Path), ring: u32, most: usize) -> Option<Helper> {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new(&exe);
         cmd.args([HELPER_NAME, "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(HELPER_SOCKETS_ENV, format!("{}\n{}", sockets.0.display(), sockets.1.display()))
             .env(HELPER_RING_ENV, ring.to_string())
+            .env(HELPER_MOST_ENV, most.to_string())
             .uid(uid)
             .gid(uid)
             .stdin(Stdio::piped())
@@ -129,6 +137,14 @@ impl Helper {
     /// The helper's report: how many sessions it opened, and the reject
     /// (its `Debug` form) that stopped it.
     fn outcome(&mut self) -> (usize, String) {
+        let (kind, count, reject) = self.report();
+        assert_eq!(kind, "refused", "the helper was not refused: {kind} {count} {reject}");
+        (count, reject)
+    }
+
+    /// The helper's report: `refused` or `opened` (all it was told to),
+    /// how many sessions it opened, and the reject if one stopped it.
+    fn report(&mut self) -> (String, usize, String) {
         let mut line = String::new();
         loop {
             line.clear();
@@ -137,8 +153,8 @@ impl Helper {
             if let Some(report) = line.trim_end().strip_prefix(MARKER) {
                 let mut words = report.splitn(3, ' ');
                 let (kind, count, rest) = (words.next().unwrap(), words.next().unwrap(), words.next().unwrap_or(""));
-                assert_eq!(kind, "refused", "the helper was not refused: {report}");
-                return (count.parse().unwrap(), rest.to_string());
+                let count = count.parse().unwrap_or_else(|_| panic!("the helper failed: {report}"));
+                return (kind.to_string(), count, rest.to_string());
             }
         }
     }
@@ -197,7 +213,7 @@ fn a_uid_is_refused_past_its_sessions_while_another_uid_goes_on() {
             still_works(&mut more[0], "a session within the limit");
             return;
         }
-        let Some(mut helper) = Helper::start(NOBODY, (&shm, &uds), 4096) else { return };
+        let Some(mut helper) = Helper::start(NOBODY, (&shm, &uds), 4096, MOST_ATTEMPTS) else { return };
         let (opened, reject) = helper.outcome();
         assert_eq!(opened, MAX, "the helper opened {opened} sessions before its reject {reject}");
         assert_eq!(reject, format!("TooManySessionsForUid {{ uid: {NOBODY}, max: {MAX} }}"));
@@ -246,7 +262,7 @@ fn sessions_past_the_memory_budget_are_refused_while_sessions_within_it_go_on() 
             still_works(&mut ours, "a session within the budget");
             return;
         }
-        let Some(mut helper) = Helper::start(NOBODY, (&shm, &uds), 65536) else { return };
+        let Some(mut helper) = Helper::start(NOBODY, (&shm, &uds), 65536, MOST_ATTEMPTS) else { return };
         let (opened, reject) = helper.outcome();
         assert_eq!(opened, 3, "the helper opened {opened} sessions before its reject {reject}");
         // OverMemoryBudget { needed: N, in_use: N, budget: N }
@@ -279,5 +295,61 @@ fn sessions_past_the_memory_budget_are_refused_while_sessions_within_it_go_on() 
         drop(small);
         let back = poll_until(CLEANUP_LIMIT, || json_u64(&stats_json(&mut ours), "memory_in_use") == shm_charge(4096));
         assert!(back, "the charges are not given back: {}", stats_json(&mut ours));
+    });
+}
+
+/// Whether the daemon has closed `stream` (without reading from it).
+fn closed_by_daemon(stream: &UnixStream) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => panic!("poll: {e}"),
+    }
+    fds[0].revents().intersects(PollFlags::RDHUP | PollFlags::HUP)
+}
+
+#[test]
+fn past_the_pending_handshake_cap_a_user_is_refused_and_another_user_gets_in() {
+    const MAX: usize = 8;
+    // Long enough that no stalled handshake times out during the test.
+    let (_daemon, shm, uds) = start(&["--max-pending-handshakes", &MAX.to_string(), "--handshake-timeout", "120s"]);
+    watchdog(TEST_LIMIT, move || {
+        let mut observer = Client::connect_to(&shm).unwrap();
+        // This uid fills the cap with connections that never say hello.
+        let stalled: Vec<UnixStream> = (0..MAX).map(|_| raw_connect(&shm)).collect();
+        let (pending, json) = stat_eventually(&mut observer, "pending_handshakes", |n| n == MAX as u64);
+        assert_eq!(pending, MAX as u64, "{json}");
+
+        // Its next connection is closed at once, with a reject saying why.
+        let refused = raw_connect(&shm);
+        match read_answer(&refused).message() {
+            (ServerMessage::Reject(reject), _) => {
+                assert_eq!(reject, Reject::TooManyPendingHandshakes { max: MAX as u32 });
+                assert!(reject.to_string().contains(&format!("maximum {MAX}")), "{reject}");
+            }
+            (other, _) => panic!("expected a reject, got {other:?}"),
+        }
+        assert!(Client::connect_to(&shm).is_err(), "this uid is past the cap");
+        let (limited, json) = stat_eventually(&mut observer, "pending_handshake_limit", |n| n >= 2);
+        assert!(limited >= 2, "{json}");
+        assert_eq!(json_u64(&json, "pending_handshakes"), MAX as u64, "{json}");
+        still_works(&mut observer, "a session opened before the flood");
+
+        if !is_root() {
+            eprintln!("skipped: another uid needs root");
+            return;
+        }
+        // Another uid connects: it takes the place of this uid's oldest
+        // unfinished handshake, and its session works.
+        let Some(mut helper) = Helper::start(NOBODY, (&shm, &uds), 4096, 1) else { return };
+        let (kind, opened, reject) = helper.report();
+        assert_eq!((kind.as_str(), opened), ("opened", 1), "another uid was kept out: {reject}");
+        assert!(helper.finish(), "the other uid's session stopped working");
+        let closed: Vec<usize> = (0..MAX).filter(|&i| closed_by_daemon(&stalled[i])).collect();
+        assert_eq!(closed, [0], "the oldest unfinished handshake makes room, and only it");
+        let json = stats_json(&mut observer);
+        assert_eq!(json_u64(&json, "pending_handshake_evicted"), 1, "{json}");
+        assert_eq!(json_u64(&json, "pending_handshakes"), (MAX - 1) as u64, "{json}");
     });
 }
