@@ -75,8 +75,9 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_SESSIONS_PER_UID, value_parser = parse_positive)]
     max_sessions_per_uid: usize,
 
-    /// Log level: error, warn, info, debug or trace (or a tracing filter).
-    #[arg(long, default_value = "info")]
+    /// Log level: error, warn, info, debug, trace or off, or a tracing
+    /// filter whose every directive names one (e.g. ipcd=debug,warn).
+    #[arg(long, default_value = "info", value_parser = parse_log_level)]
     log_level: String,
 
     /// Also offer the debug.sleep and debug.fail services (for tests).
@@ -120,6 +121,24 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{s:?} is not a number: {e}")),
     }
+}
+
+/// Accepts a level, or a tracing filter whose every directive ends in one
+/// (`target=level`). Anything else is refused: tracing reads a bare word
+/// that is no level, a misspelt one say, as a target name, and would log
+/// nothing at all.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in s.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} names no level (use error, warn, info, debug, trace or off, alone or as target=level)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("{s:?} is not a log filter: {e}"))?;
+    Ok(s.to_string())
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -181,8 +200,8 @@ fn main() -> ExitCode {
         // Exits 2, like every other usage error.
         Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Checked when the arguments were parsed.
+    let filter = tracing_subscriber::EnvFilter::new(&args.log_level);
     // Colours only on a terminal: a journal or a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -255,6 +274,17 @@ fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_and_filters_are_accepted_and_other_words_refused() {
+        for ok in ["info", "WARN", "off", "trace", "ipcd=debug", "ipcd=debug,warn", "ipcd::acceptor=trace,error"] {
+            assert_eq!(parse_log_level(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["bogus", "", "inf", "ipcd", "ipcd=loud", "warn,", "debug,ipcd"] {
+            let err = parse_log_level(bad).unwrap_err();
+            assert!(err.contains("names no level") || err.contains("not a log filter"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn byte_counts_take_binary_suffixes() {
