@@ -17,7 +17,9 @@ use clap::{CommandFactory, Parser};
 /// socket's mode, then (with --allow-uid or --allow-gid) the client's uid
 /// or primary gid as the kernel reports it for the connection. SIGINT or
 /// SIGTERM stops it: calls in flight get a shutdown error, the socket file
-/// is removed, and it exits 0. Exit status 2 means a usage error.
+/// is removed, and it exits 0. A second SIGINT or SIGTERM while it waits
+/// for a handler to finish makes it exit at once, with status 1. Exit
+/// status 2 means a usage error.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -262,9 +264,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("cannot install signal handlers")?;
     std::thread::Builder::new().name("ipcd-signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let mut signals = signals.forever();
+        if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "stopping");
             handle.shutdown();
+        }
+        // The graceful stop waits for every worker, and so for any handler
+        // still running; whoever sends a second signal does not want to.
+        if let Some(sig) = signals.next() {
+            tracing::warn!(
+                signal = sig,
+                "second signal while stopping: exiting at once, without waiting for the workers"
+            );
+            std::process::exit(1);
         }
     })?;
     server.run().context("ipcd failed")?;
