@@ -5,21 +5,20 @@
 //! are read without blocking into a bounded buffer; a complete hello is
 //! answered with a welcome (and the session's fds) or an explicit reject. A
 //! connection that sends garbage is rejected, one that stays silent past the
-//! deadline is closed, and neither affects anyone else. The deadlines sit
-//! in a timer (see [`crate::pending`]), so a loop costs O(log n) per
-//! deadline it handles, not a scan of every pending handshake.
-//!
-//! At most `--max-pending-handshakes` are pending at once, shared fairly
-//! between owners (a uid; TCP peers as one): a connection that comes while
-//! the cap is reached takes the place of the oldest pending handshake of the
-//! owner with the most, if that owner has at least two more than the
-//! newcomer's; otherwise the newcomer is closed at once (after a
-//! best-effort `TooManyPendingHandshakes` reject). So a flood by one user
-//! fills only what no one else asks for, and cannot keep other users'
-//! connections out. A hello never
+//! deadline is closed, and neither affects anyone else. A hello never
 //! carries fds: any a peer attaches are discarded by the kernel without
 //! entering the daemon (the read has no room for them), and the hello is
 //! rejected.
+//!
+//! The deadlines sit in a timer (see [`crate::pending`]), so a loop costs
+//! O(log n) per deadline it handles, not a scan of every pending handshake.
+//! At most `--max-pending-handshakes` are pending at once, shared between
+//! owners (a uid; TCP peers as one): a connection that comes while the cap
+//! is reached takes the place of the oldest pending handshake of the owner
+//! with the most, if that owner has at least two more than the newcomer's;
+//! otherwise the newcomer is closed at once (after a best-effort
+//! `TooManyPendingHandshakes` reject). So a flood by one user fills only
+//! what no one else asks for, and cannot keep other users' connections out.
 //!
 //! On the Unix listeners the peer's credentials are read at accept and
 //! checked against the allow lists (see [`crate::access`]); a peer that is
