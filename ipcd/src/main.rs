@@ -73,7 +73,7 @@ struct Args {
 
     /// Live sessions one uid may have over the control socket and --uds;
     /// the next is rejected, naming the uid and the limit. TCP sessions
-    /// carry no uid and count only against --max-clients.
+    /// carry no uid and count only against --max-clients and --max-shm.
     #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_SESSIONS_PER_UID, value_parser = parse_positive)]
     max_sessions_per_uid: usize,
 
