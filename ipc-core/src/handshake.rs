@@ -132,6 +132,30 @@ pub enum Reject {
     },
     /// The daemon is shutting down.
     ShuttingDown,
+    /// The session would take the daemon's memory for sessions past its
+    /// budget (`--max-shm`).
+    OverMemoryBudget {
+        /// What this session would be charged, in bytes.
+        needed: u64,
+        /// What the sessions already open are charged, in bytes.
+        in_use: u64,
+        /// The budget, in bytes.
+        budget: u64,
+    },
+    /// The client's uid already has the most sessions one uid may have
+    /// (`--max-sessions-per-uid`).
+    TooManySessionsForUid {
+        /// The client's uid.
+        uid: u32,
+        /// The configured maximum per uid.
+        max: u32,
+    },
+    /// The daemon already holds its maximum of unfinished handshakes
+    /// (`--max-pending-handshakes`).
+    TooManyPendingHandshakes {
+        /// The configured maximum.
+        max: u32,
+    },
 }
 
 impl std::fmt::Display for Reject {
@@ -145,6 +169,17 @@ impl std::fmt::Display for Reject {
             Reject::BadHello { reason } => write!(f, "bad hello: {reason}"),
             Reject::ResourceExhausted { reason } => write!(f, "daemon out of resources: {reason}"),
             Reject::ShuttingDown => f.write_str("daemon is shutting down"),
+            Reject::OverMemoryBudget { needed, in_use, budget } => write!(
+                f,
+                "a session of {needed} bytes would exceed the daemon's memory budget for sessions \
+                 ({in_use} of {budget} bytes in use)"
+            ),
+            Reject::TooManySessionsForUid { uid, max } => {
+                write!(f, "uid {uid} already has {max} sessions, the most one uid may have")
+            }
+            Reject::TooManyPendingHandshakes { max } => {
+                write!(f, "too many unfinished handshakes (maximum {max})")
+            }
         }
     }
 }
@@ -272,9 +307,28 @@ mod tests {
             services: vec![ServiceEntry { name: "echo".into(), id: 1 }],
         });
         let reject = ServerMessage::Reject(Reject::VersionMismatch { daemon: 1, client: 2 });
-        for msg in [welcome, reject] {
+        let limits = [
+            Reject::OverMemoryBudget { needed: 3, in_use: 2, budget: 4 },
+            Reject::TooManySessionsForUid { uid: 1000, max: 8 },
+            Reject::TooManyPendingHandshakes { max: 9 },
+        ];
+        for msg in [welcome, reject].into_iter().chain(limits.map(ServerMessage::Reject)) {
             let framed = encode(&msg).unwrap();
             assert_eq!(decode_server_message(body(&framed)).unwrap(), msg);
         }
+    }
+
+    /// The variants added for the daemon's limits come after the others, so
+    /// the encodings of the earlier ones did not change: a client built
+    /// before them still reads every older answer.
+    #[test]
+    fn earlier_rejects_keep_their_encodings() {
+        let framed = encode(&ServerMessage::Reject(Reject::ShuttingDown)).unwrap();
+        // ServerMessage variant 1 (Reject), Reject variant 5 (ShuttingDown).
+        assert_eq!(body(&framed), [1, 0, 0, 0, 5, 0, 0, 0]);
+        let framed = encode(&ServerMessage::Reject(Reject::TooManyClients { max: 7 })).unwrap();
+        assert_eq!(body(&framed), [1, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0]);
+        let framed = encode(&ServerMessage::Reject(Reject::TooManyPendingHandshakes { max: 7 })).unwrap();
+        assert_eq!(body(&framed), [1, 0, 0, 0, 8, 0, 0, 0, 7, 0, 0, 0]);
     }
 }

@@ -395,6 +395,15 @@ impl Producer {
         Ok(self.has_room(needed))
     }
 
+    /// How many bytes the consumer has released since the ring began: its
+    /// index, re-read and checked like every read of it (so it never goes
+    /// back). A rise since an earlier call means the consumer freed space
+    /// meanwhile, even if not enough for the frame the caller waits to push.
+    pub fn consumer_released(&mut self) -> Result<u64, RingError> {
+        self.refresh_tail()?;
+        Ok(self.cached_tail)
+    }
+
     /// Makes every frame pushed so far visible to the consumer. Returns
     /// `true` when the consumer announced that it sleeps and must be woken
     /// (the caller rings the doorbell).

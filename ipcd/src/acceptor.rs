@@ -10,9 +10,24 @@
 //! entering the daemon (the read has no room for them), and the hello is
 //! rejected.
 //!
+//! The deadlines sit in a timer (see [`crate::pending`]), so a loop costs
+//! O(log n) per deadline it handles, not a scan of every pending handshake.
+//! At most `--max-pending-handshakes` are pending at once, shared between
+//! owners (a uid; TCP peers as one): a connection that comes while the cap
+//! is reached takes the place of the oldest pending handshake of the owner
+//! with the most, if that owner has at least two more than the newcomer's;
+//! otherwise the newcomer is closed at once (after a best-effort
+//! `TooManyPendingHandshakes` reject). So a flood by one user fills only
+//! what no one else asks for, and cannot keep other users' connections out.
+//!
 //! On the Unix listeners the peer's credentials are read at accept and
 //! checked against the allow lists (see [`crate::access`]); a peer that is
 //! not allowed is answered, at its first bytes, with `NotPermitted`.
+//!
+//! A hello that is admitted first takes a lease on the limits (see
+//! [`crate::limits`]): a slot of its uid and its worst-case memory. Only
+//! then are its segment or buffers created; a client past a limit is
+//! answered with a reject naming it.
 //!
 //! The same handshake runs on the stream listeners (`--uds`, `--tcp`); there
 //! the welcome carries no fds and the connection itself then carries the
@@ -32,8 +47,9 @@ use ipc_core::{
 use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 
+use crate::limits::{self, Refusal};
+use crate::pending::{Owner, PendingSet};
 use crate::server::{Server, ServerError, Shared, ACCEPTOR_WAKER};
 use crate::session::{ClientWake, Session};
 use crate::stats::RejectReason;
@@ -68,10 +84,9 @@ struct Pending {
     /// answer to its first bytes.
     refusal: Option<String>,
     buf: Vec<u8>,
-    /// When the deadline passes: the handshake timed out, or, with a held
-    /// hello, the peer's cool-down is over and the hello is admitted.
-    deadline: Instant,
-    /// A complete hello held back by the peer's cool-down.
+    /// A complete hello held back by the peer's cool-down. When the
+    /// handshake's deadline passes, the hello is admitted if there is one;
+    /// otherwise the handshake timed out.
     held: Option<Hello>,
 }
 
@@ -85,7 +100,7 @@ pub(crate) struct Acceptor {
     poll: Poll,
     _waker: Arc<Waker>,
     workers: Vec<WorkerHandle>,
-    pending: Slab<Pending>,
+    pending: PendingSet<Pending>,
     next_session: u64,
     accept_paused_until: Option<Instant>,
 }
@@ -138,7 +153,7 @@ impl Acceptor {
             poll,
             _waker: waker,
             workers,
-            pending: Slab::new(),
+            pending: PendingSet::default(),
             next_session: 1,
             accept_paused_until: None,
         })
@@ -174,7 +189,7 @@ impl Acceptor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pending.iter().map(|(_, p)| p.deadline).chain(self.accept_paused_until).min()
+        self.pending.next_deadline().into_iter().chain(self.accept_paused_until).min()
     }
 
     /// Accepts what waits on every listener.
@@ -247,21 +262,51 @@ impl Acceptor {
             Peer::Unix(cred) => self.shared.config.allow.check(cred).err(),
             Peer::Tcp(_) => None,
         };
-        let entry = self.pending.vacant_entry();
-        let token = Token(entry.key() + FIRST_PENDING);
+        let owner = match &peer {
+            Peer::Unix(cred) => Owner::Uid(cred.uid),
+            Peer::Tcp(_) => Owner::Tcp,
+        };
+        if self.pending.len() >= self.shared.config.max_pending_handshakes && !self.make_room(owner) {
+            let max = self.shared.config.max_pending_handshakes;
+            tracing::debug!(peer = %peer, "too many unfinished handshakes ({max}); closing the connection");
+            self.shared.stats.rejected(RejectReason::PendingHandshakeLimit);
+            // Best effort: a client whose hello is already on its way reads
+            // why; one that writes after the close sees a hang-up.
+            let reject = Reject::TooManyPendingHandshakes { max: max.try_into().unwrap_or(u32::MAX) };
+            if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
+                let _ = stream.write(&bytes);
+            }
+            return;
+        }
+        let token = Token(self.pending.vacant_key() + FIRST_PENDING);
         if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             tracing::error!("cannot register a connection: {e}");
             return;
         }
-        entry.insert(Pending {
-            stream,
-            kind,
-            peer,
-            refusal,
-            buf: Vec::with_capacity(64),
-            deadline: Instant::now() + self.shared.config.handshake_timeout,
-            held: None,
-        });
+        let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None };
+        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        self.pending.insert(pending, owner, deadline);
+        self.shared.stats.set_pending(self.pending.len());
+    }
+
+    /// At the cap, closes the oldest pending handshake of the owner with
+    /// the most, if it has at least two more than `owner` (so that, after,
+    /// it still has at least as many). Returns whether it did.
+    fn make_room(&mut self, owner: Owner) -> bool {
+        let Some((heaviest, count)) = self.pending.heaviest() else {
+            return false;
+        };
+        if count < self.pending.count(owner) + 2 {
+            return false;
+        }
+        let Some(victim) = self.pending.oldest(heaviest) else {
+            return false;
+        };
+        if let Some(p) = self.pending.get(victim) {
+            tracing::debug!(peer = %p.peer, "unfinished handshake closed to make room for another user's");
+        }
+        self.drop_pending(victim, RejectReason::PendingHandshakeEvicted);
+        true
     }
 
     fn read_hello(&mut self, key: usize) {
@@ -341,7 +386,8 @@ impl Acceptor {
     }
 
     fn take_pending(&mut self, key: usize) -> Option<Pending> {
-        let mut pending = self.pending.try_remove(key)?;
+        let mut pending = self.pending.remove(key)?;
+        self.shared.stats.set_pending(self.pending.len());
         let _ = self.poll.registry().deregister(&mut pending.stream);
         Some(pending)
     }
@@ -364,7 +410,8 @@ impl Acceptor {
     }
 
     fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        if reason == RejectReason::NotPermitted {
+        if matches!(reason, RejectReason::NotPermitted | RejectReason::OverMemoryBudget | RejectReason::UidSessionLimit)
+        {
             tracing::warn!(peer = %pending.peer, "handshake rejected: {reject}");
         } else {
             tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
@@ -383,7 +430,7 @@ impl Acceptor {
         }
         if let Some(pending) = self.pending.get_mut(key) {
             if let Peer::Unix(cred) = pending.peer {
-                if let Some(until) = self.shared.cooldown.wait_until(cred.pid, Instant::now()) {
+                if let Some(until) = self.shared.cooldown.wait_until(&cred, Instant::now()) {
                     // Held until the peer's cool-down is over (see
                     // `cooldown`); `expire` admits it then.
                     if pending.held.is_none() {
@@ -391,7 +438,7 @@ impl Acceptor {
                         self.shared.stats.held();
                     }
                     pending.held = Some(hello);
-                    pending.deadline = until;
+                    self.pending.set_deadline(key, until);
                     return;
                 }
             }
@@ -400,6 +447,25 @@ impl Acceptor {
         if self.shared.stats.connected.load(Ordering::Relaxed) >= max {
             return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
         }
+        let Some(pending) = self.pending.get(key) else {
+            return;
+        };
+        // Charged before anything is created for it, so a client over a
+        // limit costs no segment.
+        let uid = match pending.peer {
+            Peer::Unix(cred) => Some(cred.uid),
+            Peer::Tcp(_) => None,
+        };
+        let lease = match self.shared.limits.lease(uid, self.charge(pending.kind, &hello)) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::Uid { .. } => RejectReason::UidSessionLimit,
+                    Refusal::Memory { .. } => RejectReason::OverMemoryBudget,
+                };
+                return self.reject(key, refusal.to_reject(), reason);
+            }
+        };
         let Some(pending) = self.take_pending(key) else {
             return;
         };
@@ -408,7 +474,9 @@ impl Acceptor {
             Kind::Shm => self.open_shm(id, pending, &hello),
             Kind::Stream => self.open_stream(id, pending, &hello),
         };
-        let Some(conn) = conn else { return };
+        // A session that could not be opened gives its lease back here.
+        let Some(mut conn) = conn else { return };
+        conn.hold(lease);
         self.next_session += 1;
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.accepted();
@@ -439,6 +507,20 @@ impl Acceptor {
         };
         tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
         Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, words)))
+    }
+
+    /// What the session `hello` asks for is charged against the limits
+    /// (see [`crate::limits`]).
+    fn charge(&self, kind: Kind, hello: &Hello) -> u64 {
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+        let layout = SegmentLayout::new(capacity);
+        match (kind, layout) {
+            (Kind::Shm, Ok(layout)) => limits::shm_charge(&layout),
+            (Kind::Stream, Ok(layout)) => limits::stream_charge(layout.max_payload()),
+            // No session can be made of it: opening it fails and says why.
+            (Kind::Shm, Err(_)) => 0,
+            (Kind::Stream, Err(_)) => limits::stream_charge(0),
+        }
     }
 
     /// Answers a stream client's hello: a welcome without fds, after which
@@ -509,9 +591,11 @@ impl Acceptor {
         Ok((bell, wake, request_consumer, response_producer, words))
     }
 
+    /// Handles every handshake whose deadline has passed: admits a held
+    /// hello (which may hold it again, with a new deadline), closes the
+    /// rest.
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<usize> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k).collect();
-        for key in expired {
+        while let Some(key) = self.pending.pop_expired(now) {
             if let Some(hello) = self.pending.get_mut(key).and_then(|p| p.held.take()) {
                 self.admit(key, hello);
                 continue;
@@ -544,8 +628,7 @@ impl Acceptor {
         if let Some(mut l) = self.tcp_listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
-        for key in keys {
+        for key in self.pending.keys() {
             self.reject(key, Reject::ShuttingDown, RejectReason::ShuttingDown);
         }
         for w in &self.workers {

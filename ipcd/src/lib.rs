@@ -12,8 +12,11 @@
 //!
 //! The builder also sets who may connect ([`ServerBuilder::allow_uid`],
 //! [`ServerBuilder::allow_gid`]: checked against the credentials the kernel
-//! reports for each connection) and how long a client may leave its replies
-//! unread before its session is closed ([`ServerBuilder::stall_timeout`]).
+//! reports for each connection), what clients may take
+//! ([`ServerBuilder::max_shm`], the memory all sessions are charged;
+//! [`ServerBuilder::max_sessions_per_uid`]) and how long a client may leave
+//! its replies unread before its session is closed
+//! ([`ServerBuilder::stall_timeout`]).
 //!
 //! ```no_run
 //! use ipcd::{Server, ServiceError};
@@ -36,6 +39,8 @@
 mod acceptor;
 mod access;
 mod cooldown;
+mod limits;
+mod pending;
 mod server;
 mod service;
 mod session;
@@ -43,5 +48,8 @@ mod stats;
 mod stream_session;
 mod worker;
 
-pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
+pub use server::{
+    Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_UID,
+    DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
+};
 pub use service::{Handler, ServiceError};

@@ -17,7 +17,9 @@ use clap::{CommandFactory, Parser};
 /// socket's mode, then (with --allow-uid or --allow-gid) the client's uid
 /// or primary gid as the kernel reports it for the connection. SIGINT or
 /// SIGTERM stops it: calls in flight get a shutdown error, the socket file
-/// is removed, and it exits 0. Exit status 2 means a usage error.
+/// is removed, and it exits 0. A second SIGINT or SIGTERM while it waits
+/// for a handler to finish makes it exit at once, with status 1. Exit
+/// status 2 means a usage error.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -42,6 +44,14 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// Connections whose hello is unfinished at once, shared between users
+    /// (uids; TCP peers count as one): at the cap, a new connection takes
+    /// the place of the oldest unfinished one of the user with the most, if
+    /// that user has at least two more than the newcomer's, or is closed at
+    /// once.
+    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_positive)]
+    max_pending_handshakes: usize,
+
     /// How long a client may leave its replies unread (e.g. 10s, 300ms).
     /// While its replies wait, its further requests wait too, and no other
     /// client is held up; after this long its session is closed, logged
@@ -53,8 +63,23 @@ struct Args {
     #[arg(long, default_value_t = 16 << 20)]
     max_ring_size: u32,
 
-    /// Log level: error, warn, info, debug or trace (or a tracing filter).
-    #[arg(long, default_value = "info")]
+    /// Memory all sessions together may be charged, in bytes (suffixes K,
+    /// M, G, T: powers of 1024). A shared-memory session is charged its
+    /// segment plus one maximum payload, a stream session its buffers'
+    /// bound, from creation to close; a client whose session would pass the
+    /// budget is rejected, naming it [default: a quarter of MemTotal]
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    max_shm: Option<u64>,
+
+    /// Live sessions one uid may have over the control socket and --uds;
+    /// the next is rejected, naming the uid and the limit. TCP sessions
+    /// carry no uid and count only against --max-clients and --max-shm.
+    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_SESSIONS_PER_UID, value_parser = parse_positive)]
+    max_sessions_per_uid: usize,
+
+    /// Log level: error, warn, info, debug, trace or off, or a tracing
+    /// filter whose every directive names one (e.g. ipcd=debug,warn).
+    #[arg(long, default_value = "info", value_parser = parse_log_level)]
     log_level: String,
 
     /// Also offer the debug.sleep and debug.fail services (for tests).
@@ -100,6 +125,41 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Accepts a level, or a tracing filter whose every directive ends in one
+/// (`target=level`). Anything else is refused: tracing reads a bare word
+/// that is no level, a misspelt one say, as a target name, and would log
+/// nothing at all.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in s.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} names no level (use error, warn, info, debug, trace or off, alone or as target=level)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("{s:?} is not a log filter: {e}"))?;
+    Ok(s.to_string())
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (number, shift) = match s.strip_suffix(['K', 'k', 'M', 'm', 'G', 'g', 'T', 't']) {
+        Some(number) => {
+            let shift = match s.as_bytes()[s.len() - 1].to_ascii_uppercase() {
+                b'K' => 10,
+                b'M' => 20,
+                b'G' => 30,
+                _ => 40,
+            };
+            (number, shift)
+        }
+        None => (s, 0),
+    };
+    let n: u64 = number.parse().map_err(|e| format!("{s:?} is not a number of bytes: {e}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("{s:?} is not octal: {e}"))?;
     if mode > 0o777 {
@@ -142,8 +202,8 @@ fn main() -> ExitCode {
         // Exits 2, like every other usage error.
         Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Checked when the arguments were parsed.
+    let filter = tracing_subscriber::EnvFilter::new(&args.log_level);
     // Colours only on a terminal: a journal or a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -170,9 +230,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .socket_mode(args.socket_mode)
         .max_clients(args.max_clients)
         .handshake_timeout(args.handshake_timeout)
+        .max_pending_handshakes(args.max_pending_handshakes)
         .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
+        .max_sessions_per_uid(args.max_sessions_per_uid)
         .debug_services(args.debug_services);
+    if let Some(bytes) = args.max_shm {
+        builder = builder.max_shm(bytes);
+    }
     if let Some(socket) = args.socket {
         builder = builder.socket(socket);
     }
@@ -199,11 +264,50 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("cannot install signal handlers")?;
     std::thread::Builder::new().name("ipcd-signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let mut signals = signals.forever();
+        if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "stopping");
             handle.shutdown();
+        }
+        // The graceful stop waits for every worker, and so for any handler
+        // still running; whoever sends a second signal does not want to.
+        if let Some(sig) = signals.next() {
+            tracing::warn!(
+                signal = sig,
+                "second signal while stopping: exiting at once, without waiting for the workers"
+            );
+            std::process::exit(1);
         }
     })?;
     server.run().context("ipcd failed")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_and_filters_are_accepted_and_other_words_refused() {
+        for ok in ["info", "WARN", "off", "trace", "ipcd=debug", "ipcd=debug,warn", "ipcd::acceptor=trace,error"] {
+            assert_eq!(parse_log_level(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["bogus", "", "inf", "ipcd", "ipcd=loud", "warn,", "debug,ipcd"] {
+            let err = parse_log_level(bad).unwrap_err();
+            assert!(err.contains("names no level") || err.contains("not a log filter"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("3m"), Ok(3 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1T"), Ok(1 << 40));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999T").unwrap_err().contains("too large"));
+    }
 }

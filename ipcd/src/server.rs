@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipc_core::SegmentLayout;
 use mio::{Poll, Token, Waker};
 
 use crate::acceptor::Acceptor;
 use crate::access::AllowList;
+use crate::limits::Limits;
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::stats::Stats;
 
@@ -28,6 +30,28 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// its slot for long.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most live sessions one uid may have, by default: a quarter of the
+/// default maximum of clients, so that no one user can take the daemon's
+/// every slot, and far more than any one program of a user needs.
+pub const DEFAULT_MAX_SESSIONS_PER_UID: usize = 1024;
+
+/// The most handshakes pending at once, by default: the length of the
+/// listen queue, so that a burst that fills the kernel's queue fits the
+/// acceptor's too, while 1,024 idle connections cost the daemon 1,024 fds
+/// and a few hundred KiB.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// The memory budget for sessions when the machine's memory cannot be read
+/// (otherwise the default is a quarter of it; see
+/// [`ServerBuilder::max_shm`]).
+pub const FALLBACK_MAX_SHM: u64 = 1 << 30;
+
+/// The default memory budget for sessions: a quarter of the machine's RAM
+/// (`MemTotal`), or [`FALLBACK_MAX_SHM`] where it cannot be read.
+fn default_max_shm() -> u64 {
+    ipc_platform::total_memory().map_or(FALLBACK_MAX_SHM, |total| total / 4)
+}
+
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -40,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Strikes against peers that broke the protocol.
     pub(crate) cooldown: crate::cooldown::Cooldown,
+    /// The memory budget and the sessions per uid.
+    pub(crate) limits: Arc<Limits>,
 }
 
 /// A validated server configuration.
@@ -50,6 +76,8 @@ pub(crate) struct Config {
     pub(crate) workers: usize,
     pub(crate) max_clients: usize,
     pub(crate) handshake_timeout: Duration,
+    /// The most handshakes pending at once.
+    pub(crate) max_pending_handshakes: usize,
     pub(crate) max_ring_capacity: u32,
     /// How long a worker spins on idle rings before sleeping.
     pub(crate) spin: Duration,
@@ -110,8 +138,11 @@ pub struct ServerBuilder {
     workers: Option<usize>,
     max_clients: usize,
     handshake_timeout: Duration,
+    max_pending_handshakes: usize,
     stall_timeout: Duration,
     max_ring_capacity: u32,
+    max_shm: Option<u64>,
+    max_sessions_per_uid: usize,
     debug_services: bool,
     spin: Duration,
     uds: Option<PathBuf>,
@@ -128,8 +159,11 @@ impl Default for ServerBuilder {
             workers: None,
             max_clients: 4096,
             handshake_timeout: Duration::from_secs(2),
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
+            max_shm: None,
+            max_sessions_per_uid: DEFAULT_MAX_SESSIONS_PER_UID,
             debug_services: false,
             spin: DEFAULT_SPIN,
             uds: None,
@@ -172,13 +206,27 @@ impl ServerBuilder {
         self
     }
 
+    /// The most connections whose handshake is unfinished at once (default
+    /// [`DEFAULT_MAX_PENDING_HANDSHAKES`]), shared between owners (a uid;
+    /// TCP peers as one). A connection that comes at the cap takes the
+    /// place of the oldest unfinished handshake of the owner with the most,
+    /// if that owner has at least two more than the newcomer's; otherwise
+    /// it is closed at once (after a best-effort reject). Both are counted.
+    /// So one user flooding the socket with connections that never finish
+    /// their hello fills only the room no one else asks for.
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.max_pending_handshakes = n;
+        self
+    }
+
     /// How long a client may leave its replies unread before its session is
     /// closed (default [`DEFAULT_STALL_TIMEOUT`]). A session stalls when its
     /// response ring is full (shared memory) or its unsent replies pass
     /// their bound (streams); its further requests wait, and no other
     /// session is held up. The stall ends when the client reads and the
-    /// waiting reply goes out; one that lasts longer than `t` ends the
-    /// session, logged and counted as `stalled`.
+    /// waiting reply goes out, and starts over whenever the client frees
+    /// some room, not yet enough (it is reading, slowly); one that lasts
+    /// longer than `t` ends the session, logged and counted as `stalled`.
     pub fn stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
         self
@@ -187,6 +235,35 @@ impl ServerBuilder {
     /// The largest ring a client may ask for, in bytes (default 16 MiB).
     pub fn max_ring_capacity(mut self, bytes: u32) -> Self {
         self.max_ring_capacity = bytes;
+        self
+    }
+
+    /// The memory all sessions together may be charged, in bytes (default:
+    /// a quarter of the machine's RAM, from `MemTotal` in `/proc/meminfo`,
+    /// or [`FALLBACK_MAX_SHM`] where that cannot be read). A client whose
+    /// session would pass it gets an explicit reject naming the budget, the
+    /// bytes in use and what its session needs; sessions already open are
+    /// not affected. A session is charged its worst case from creation to
+    /// close: on shared memory its segment (allocated in full at creation)
+    /// plus one maximum payload (a reply waiting while its ring is full),
+    /// on a stream its buffers' bound. A quarter leaves the rest of the
+    /// machine to everything else: without a budget, the defaults let
+    /// anyone who can open the socket make the daemon allocate 4,096
+    /// segments of 32 MiB.
+    pub fn max_shm(mut self, bytes: u64) -> Self {
+        self.max_shm = Some(bytes);
+        self
+    }
+
+    /// The most live sessions one uid may have over the Unix listeners (the
+    /// control socket and [`uds`](Self::uds)), by the credentials the
+    /// kernel reports for each connection (default
+    /// [`DEFAULT_MAX_SESSIONS_PER_UID`]); the next gets an explicit reject
+    /// naming its uid and the limit. TCP carries no uid, so TCP sessions
+    /// count only against [`max_clients`](Self::max_clients) and the
+    /// memory budget.
+    pub fn max_sessions_per_uid(mut self, n: usize) -> Self {
+        self.max_sessions_per_uid = n;
         self
     }
 
@@ -282,6 +359,22 @@ impl ServerBuilder {
         if self.stall_timeout.is_zero() {
             return Err(ServerError::Config("the stall timeout must be positive".into()));
         }
+        if self.max_pending_handshakes == 0 {
+            return Err(ServerError::Config("max pending handshakes must be at least 1".into()));
+        }
+        if self.max_sessions_per_uid == 0 {
+            return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
+        }
+        let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
+        let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let smallest = crate::limits::shm_charge(&smallest);
+        if max_shm < smallest {
+            return Err(ServerError::Config(format!(
+                "the memory budget of {max_shm} bytes is below the {smallest} bytes of the smallest session"
+            )));
+        }
+        let limits = Arc::new(Limits::new(max_shm, self.max_sessions_per_uid));
         if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
@@ -298,15 +391,16 @@ impl ServerBuilder {
                 p
             }
         };
-        let stats = Arc::new(Stats::new(workers));
+        let stats = Arc::new(Stats::new(workers, self.max_pending_handshakes));
         let mut services = ServiceTable::default();
         let mut all = vec![
             ("echo".to_string(), service::echo()),
             ("ping".to_string(), service::ping()),
             ("stats".to_string(), {
                 let stats = Arc::clone(&stats);
+                let limits = Arc::clone(&limits);
                 let h: Handler = Arc::new(move |_: &[u8], reply: &mut Vec<u8>| {
-                    *reply = stats.to_json();
+                    *reply = stats.to_json(&limits);
                     Ok(())
                 });
                 h
@@ -347,6 +441,7 @@ impl ServerBuilder {
             workers,
             max_clients: self.max_clients,
             handshake_timeout: self.handshake_timeout,
+            max_pending_handshakes: self.max_pending_handshakes,
             max_ring_capacity: self.max_ring_capacity,
             spin,
             uds: self.uds,
@@ -359,6 +454,7 @@ impl ServerBuilder {
             stats,
             shutting_down: AtomicBool::new(false),
             cooldown: Default::default(),
+            limits,
         });
         Ok(Server { shared, bound, uds, tcp, poll, waker })
     }
@@ -427,6 +523,9 @@ impl Server {
             allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.config.spin.as_micros() as u64,
             stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
+            max_shm = self.shared.limits.budget(),
+            max_sessions_per_uid = self.shared.limits.max_per_uid(),
+            max_pending_handshakes = self.shared.config.max_pending_handshakes,
             "ipcd listening"
         );
         Acceptor::new(self)?.run()
@@ -531,6 +630,21 @@ mod tests {
             assert!(matches!(&result, Err(ServerError::Config(m)) if m.contains("no peer credentials")));
             assert!(!dir.path().join("t.sock").exists(), "nothing is bound when the configuration is refused");
         }
+    }
+
+    #[test]
+    fn a_budget_below_the_smallest_session_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = Server::builder().socket(dir.path().join("b.sock")).max_shm(4096).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("smallest session")));
+        let result = Server::builder().socket(dir.path().join("b.sock")).max_sessions_per_uid(0).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("per uid")));
+    }
+
+    #[test]
+    fn the_default_budget_is_a_quarter_of_the_machine() {
+        let total = ipc_platform::total_memory().expect("/proc/meminfo is readable on Linux");
+        assert_eq!(default_max_shm(), total / 4);
     }
 
     #[test]

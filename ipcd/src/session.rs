@@ -8,14 +8,19 @@
 //!
 //! A reply that does not fit the response ring waits in the session, and
 //! the session stalls (serves no further request) until the client makes
-//! room; the time the reply began waiting is the start of the stall, which
-//! the worker holds against the stall timeout.
+//! room. The stall starts when the reply begins waiting, and starts over
+//! whenever the client has freed some space since the session last looked
+//! (a client reading a long run of replies ahead of a large one is slow,
+//! not stalled); the worker holds its start against the stall timeout. The
+//! waiting reply is kept on the heap in a buffer of at most the ring's
+//! maximum payload, which is what the session is charged for it.
 
 use std::time::Instant;
 
 use ipc_core::{Consumer, FrameHeader, Producer, PushError, SharedWords};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
+use crate::limits::Lease;
 use crate::service::{check_request, dispatch, ServiceTable};
 use crate::stats::WorkerCounters;
 
@@ -30,9 +35,13 @@ pub(crate) enum ClientWake {
 /// A reply that did not fit the response ring yet.
 struct PendingReply {
     header: FrameHeader,
+    /// At most the ring's maximum payload, in length and capacity.
     body: Vec<u8>,
-    /// When it was found not to fit: the client has read nothing since.
+    /// When it was found not to fit, or, if later, when the client was last
+    /// seen to have freed space: the client has freed none since.
     since: Instant,
+    /// The client's released total (its ring index) as of `since`.
+    released: u64,
 }
 
 /// What [`Session::serve`] left behind.
@@ -80,6 +89,9 @@ pub(crate) struct Session {
     pub(crate) queued: bool,
     /// Whether the session sits in its worker's idle list.
     pub(crate) idle: bool,
+    /// What the session is charged (memory, its uid's slot), given back
+    /// when it drops; last, so that the segment is unmapped first.
+    pub(crate) lease: Option<Lease>,
 }
 
 impl Session {
@@ -107,6 +119,7 @@ impl Session {
             pending: None,
             queued: false,
             idle: false,
+            lease: None,
         }
     }
 
@@ -214,6 +227,14 @@ impl Session {
                 Ok(true)
             }
             Err(PushError::Full) => {
+                let mut pending = pending;
+                let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
+                if released != pending.released {
+                    // Not enough room yet, but the client is reading: the
+                    // stall starts over.
+                    pending.released = released;
+                    pending.since = Instant::now();
+                }
                 self.pending = Some(pending);
                 Ok(false)
             }
@@ -246,10 +267,17 @@ impl Session {
             match self.responses.try_push(header.service, flags, header.request_id, &scratch.reply) {
                 Ok(()) => {}
                 Err(PushError::Full) => {
+                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
+                    let mut body = std::mem::take(&mut scratch.reply);
+                    // The handler may have left the buffer larger than the
+                    // reply; what waits is held to what the session is
+                    // charged for.
+                    body.shrink_to(max);
                     self.pending = Some(PendingReply {
                         header: FrameHeader { flags, ..header },
-                        body: std::mem::take(&mut scratch.reply),
+                        body,
                         since: Instant::now(),
+                        released,
                     });
                     return Ok(Progress::Stalled);
                 }
@@ -339,6 +367,69 @@ mod tests {
         assert!(stalls > 0, "the test must exercise the stall path");
         assert_eq!(counters.requests.load(Ordering::Relaxed), N);
         assert_eq!(counters.replies.load(Ordering::Relaxed), N);
+    }
+
+    #[test]
+    fn a_stall_starts_over_whenever_the_client_frees_space() {
+        let mut services = ServiceTable::default();
+        // Replies of the length the request names, from a buffer reserved
+        // far larger than any reply.
+        services
+            .add(
+                "sized".into(),
+                Arc::new(|req: &[u8], out: &mut Vec<u8>| {
+                    out.reserve(1 << 20);
+                    out.resize(usize::from(u16::from_le_bytes([req[0], req[1]])), 0xAB);
+                    Ok(())
+                }),
+            )
+            .unwrap();
+        let (mut session, mut tx, mut rx) = new_session();
+        let counters = WorkerCounters::default();
+        let mut scratch = Scratch::default();
+        let max = session.responses.max_payload() as usize;
+        // 30 replies of 120 bytes fill 3600 of the 4096 bytes; the next
+        // reply, of 2016, waits until the client has read five of them.
+        let sizes: Vec<u16> = std::iter::repeat(100).take(30).chain([2000]).collect();
+        for (id, len) in (1..).zip(&sizes) {
+            tx.try_push(0, 0, id, &len.to_le_bytes()).unwrap();
+        }
+        tx.publish();
+        let mut serve =
+            |session: &mut Session| session.serve(&services, &counters, &mut scratch, usize::MAX, false, true).unwrap();
+        assert_eq!(serve(&mut session), Progress::Stalled);
+        let first = session.stalled_since().expect("stalled");
+        let waiting = session.pending.as_ref().unwrap();
+        assert_eq!(waiting.body.len(), 2000);
+        assert!(waiting.body.capacity() <= max, "a waiting reply holds {} bytes", waiting.body.capacity());
+
+        // Serving again while the client reads nothing keeps the start.
+        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(session.stalled_since(), Some(first));
+
+        // The client reads one reply: not room enough, but progress.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut reply = Vec::new();
+        assert_eq!(rx.try_pop(&mut reply).unwrap().unwrap().request_id, 1);
+        rx.release();
+        assert_eq!(serve(&mut session), Progress::Stalled);
+        let second = session.stalled_since().expect("still stalled");
+        assert!(second > first, "the stall did not start over when the client freed space");
+        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(session.stalled_since(), Some(second), "no progress since, so no new start");
+
+        // Reading on makes room, and the waiting reply goes out.
+        let mut next = 2;
+        while next <= 30 {
+            let h = rx.try_pop(&mut reply).unwrap().unwrap();
+            assert_eq!(h.request_id, next);
+            next += 1;
+        }
+        rx.release();
+        assert_eq!(serve(&mut session), Progress::Parked);
+        assert_eq!(session.stalled_since(), None);
+        let h = rx.try_pop(&mut reply).unwrap().unwrap();
+        assert_eq!((h.request_id, reply.len()), (31, 2000));
     }
 
     #[test]

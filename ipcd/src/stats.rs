@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crate::limits::Limits;
+
 /// Why a handshake was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RejectReason {
@@ -20,9 +22,19 @@ pub(crate) enum RejectReason {
     ShuttingDown,
     /// The peer's uid and gid are in neither allow list.
     NotPermitted,
+    /// The session would take the memory in use past the budget.
+    OverMemoryBudget,
+    /// The peer's uid already has the most sessions one uid may have.
+    UidSessionLimit,
+    /// The connection came while the most handshakes were pending, and no
+    /// owner had enough more than the newcomer's to make room.
+    PendingHandshakeLimit,
+    /// The handshake was closed unfinished to make room for another
+    /// owner's, at the cap on pending handshakes.
+    PendingHandshakeEvicted,
 }
 
-const REJECT_NAMES: [&str; 8] = [
+const REJECT_NAMES: [&str; 12] = [
     "version_mismatch",
     "too_many_clients",
     "bad_hello",
@@ -31,6 +43,10 @@ const REJECT_NAMES: [&str; 8] = [
     "resources",
     "shutting_down",
     "not_permitted",
+    "over_memory_budget",
+    "uid_session_limit",
+    "pending_handshake_limit",
+    "pending_handshake_evicted",
 ];
 
 /// Why a session ended.
@@ -84,18 +100,23 @@ pub(crate) struct Stats {
     /// Handshakes held back by the cool-down of a peer that broke the
     /// protocol.
     held: AtomicU64,
+    /// Handshakes pending now, and the most that may be.
+    pending: AtomicUsize,
+    max_pending: usize,
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
 }
 
 impl Stats {
-    pub(crate) fn new(workers: usize) -> Stats {
+    pub(crate) fn new(workers: usize, max_pending: usize) -> Stats {
         Stats {
             started: Instant::now(),
             connected: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            max_pending,
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
@@ -110,6 +131,11 @@ impl Stats {
         self.held.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records how many handshakes are pending.
+    pub(crate) fn set_pending(&self, n: usize) {
+        self.pending.store(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn rejected(&self, reason: RejectReason) {
         self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -118,8 +144,8 @@ impl Stats {
         self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The JSON the `stats` service replies with.
-    pub(crate) fn to_json(&self) -> Vec<u8> {
+    /// The JSON the `stats` service replies with, `limits` among it.
+    pub(crate) fn to_json(&self, limits: &Limits) -> Vec<u8> {
         fn named(names: &[&str], counters: &[AtomicU64]) -> serde_json::Map<String, serde_json::Value> {
             names.iter().zip(counters).map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into())).collect()
         }
@@ -137,6 +163,13 @@ impl Stats {
             "replies": sum(|w| &w.replies),
             "errors": sum(|w| &w.errors),
             "disconnects": named(&DISCONNECT_NAMES, &self.disconnects),
+            "limits": {
+                "memory_budget": limits.budget(),
+                "memory_in_use": limits.in_use(),
+                "max_sessions_per_uid": limits.max_per_uid(),
+                "pending_handshakes": self.pending.load(Ordering::Relaxed),
+                "max_pending_handshakes": self.max_pending,
+            },
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "workers": self.workers.len(),
         });

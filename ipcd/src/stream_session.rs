@@ -9,6 +9,15 @@
 //! slow client holds only its own buffers. That is a stall: it begins when a
 //! serve ends stalled and ends whenever the client takes some of the
 //! replies, and the worker holds its length against the stall timeout.
+//!
+//! Both buffers are bounded in capacity, not only in what they hold, and
+//! [`buffer_bound`] is what a session is charged against the daemon's
+//! memory budget: input up to one maximum frame plus read-ahead; output up
+//! to the replies held back (the read-ahead, one maximum frame over it, and
+//! one more frame appended before the check), as much again of bytes sent
+//! but not yet compacted away (the output is compacted once the sent part
+//! is as large as the unsent one, so each byte is copied at most once), and
+//! the closing frame.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -20,6 +29,7 @@ use ipc_platform::PeerCredentials;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
+use crate::limits::Lease;
 use crate::service::{check_request, dispatch, ServiceTable};
 use crate::session::{Progress, Scratch};
 use crate::stats::WorkerCounters;
@@ -29,6 +39,43 @@ const READ_AHEAD: usize = 64 * 1024;
 /// Bytes read per `recv` at the least (the buffer grows to a frame as
 /// needed).
 const MIN_READ: usize = 16 * 1024;
+
+/// The most a stream session whose frames carry at most `max_payload`
+/// bytes holds in its input and output buffers (their capacity), in bytes:
+/// what the session is charged against the daemon's memory budget.
+pub(crate) fn buffer_bound(max_payload: usize) -> usize {
+    input_bound(max_payload) + output_bound(max_payload)
+}
+
+fn frame_bound(max_payload: usize) -> usize {
+    HEADER_LEN + max_payload
+}
+
+/// Output beyond which a session stops reading requests.
+fn output_limit(max_payload: usize) -> usize {
+    frame_bound(max_payload) + READ_AHEAD
+}
+
+fn input_bound(max_payload: usize) -> usize {
+    frame_bound(max_payload) + READ_AHEAD
+}
+
+/// Unsent output stays within the limit plus the one reply appended after
+/// the last check; the sent prefix is compacted away before it outgrows
+/// the unsent part; and the closing frame comes last.
+fn output_bound(max_payload: usize) -> usize {
+    2 * (output_limit(max_payload) + frame_bound(max_payload)) + HEADER_LEN
+}
+
+/// Makes room for `more` bytes in `buf`, growing it by doubling as `Vec`
+/// does but never past `bound` bytes of capacity.
+fn reserve_within(buf: &mut Vec<u8>, more: usize, bound: usize) {
+    let needed = buf.len() + more;
+    if needed > buf.capacity() {
+        let grown = buf.capacity().saturating_mul(2).clamp(needed, bound.max(needed));
+        buf.reserve_exact(grown - buf.len());
+    }
+}
 
 /// A connected stream socket.
 #[derive(Debug)]
@@ -133,6 +180,9 @@ pub(crate) struct StreamSession {
     /// replies; reset by every send that moves bytes.
     stalled_since: Option<Instant>,
     pub(crate) queued: bool,
+    /// What the session is charged (memory, its uid's slot), given back
+    /// when it drops.
+    pub(crate) lease: Option<Lease>,
 }
 
 impl StreamSession {
@@ -153,12 +203,19 @@ impl StreamSession {
             peer_gone: false,
             stalled_since: None,
             queued: false,
+            lease: None,
         }
     }
 
     /// Output beyond which the session stops reading requests.
     fn output_limit(&self) -> usize {
-        HEADER_LEN + self.max_payload + READ_AHEAD
+        output_limit(self.max_payload)
+    }
+
+    /// Appends `bytes` to the output, within its bound.
+    fn push_output(&mut self, bytes: &[u8]) {
+        reserve_within(&mut self.output, bytes.len(), output_bound(self.max_payload));
+        self.output.extend_from_slice(bytes);
     }
 
     fn pending_output(&self) -> usize {
@@ -196,6 +253,11 @@ impl StreamSession {
         if self.sent == self.output.len() {
             self.output.clear();
             self.sent = 0;
+        } else if self.sent >= self.pending_output() {
+            // Copies no more than was just sent: each byte moves at most
+            // once, and what was sent never outgrows what was not.
+            self.output.drain(..self.sent);
+            self.sent = 0;
         }
         Ok(())
     }
@@ -216,6 +278,8 @@ impl StreamSession {
             }
             let wanted = (self.end + MIN_READ).clamp(MIN_READ, frame + READ_AHEAD);
             if self.input.len() < wanted {
+                // Exactly: the capacity is what the session is charged for.
+                self.input.reserve_exact(wanted - self.input.len());
                 self.input.resize(wanted, 0);
             }
         }
@@ -302,8 +366,8 @@ impl StreamSession {
                 dispatch(services, &header, request, &mut scratch.reply, self.max_payload, shutting_down, self.id);
             self.start = body + header.len as usize;
             let reply = FrameHeader { len: scratch.reply.len() as u32, flags, ..header };
-            self.output.extend_from_slice(&reply.encode());
-            self.output.extend_from_slice(&scratch.reply);
+            self.push_output(&reply.encode());
+            self.push_output(&scratch.reply);
             served += 1;
             errors += u64::from(flags != 0);
         };
@@ -335,7 +399,7 @@ impl StreamSession {
     /// daemon closes on purpose (best effort: a client that does not read
     /// sees only the hang-up).
     pub(crate) fn close_on_purpose(&mut self) {
-        self.output.extend_from_slice(&FrameHeader::closing(self.last_request_id).encode());
+        self.push_output(&FrameHeader::closing(self.last_request_id).encode());
         let _ = self.send();
     }
 }
@@ -399,6 +463,51 @@ mod tests {
         client.write_all(&[frame(5, b"a"), frame(5, b"b")].concat()).unwrap();
         let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
         assert!(err.contains("not above the previous 5"), "{err}");
+    }
+
+    #[test]
+    fn buffers_stay_within_their_bound_while_the_client_lags_behind() {
+        use std::io::{Read, Write};
+        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let (mut session, mut client) = pair();
+        client.set_nonblocking(true).unwrap();
+        let bound = (input_bound(1024), output_bound(1024));
+        let mut id = 0;
+        let mut request = frame(0, &[0; 1000]);
+        let mut sink = [0u8; 1000];
+        let mut read = 0;
+        // The client keeps its requests coming and reads less than the
+        // replies it asks for, so the daemon always has replies left unsent
+        // and sends them a little at a time, for far more bytes in all than
+        // the bound.
+        while read < 40 * bound.1 {
+            loop {
+                let next = FrameHeader { len: 1000, service: 0, flags: 0, request_id: id + 1 };
+                request[..HEADER_LEN].copy_from_slice(&next.encode());
+                match client.write(&request) {
+                    Ok(n) if n == request.len() => id += 1,
+                    Ok(n) => {
+                        // Finish the frame so the stream stays in step.
+                        client.set_nonblocking(false).unwrap();
+                        client.write_all(&request[n..]).unwrap();
+                        client.set_nonblocking(true).unwrap();
+                        id += 1;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+            assert!(session.input.capacity() <= bound.0, "input holds {}", session.input.capacity());
+            assert!(session.output.capacity() <= bound.1, "output holds {} of {}", session.output.capacity(), bound.1);
+            match client.read(&mut sink) {
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(buffer_bound(1024), bound.0 + bound.1);
     }
 
     #[test]

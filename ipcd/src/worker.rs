@@ -20,9 +20,10 @@
 //! A session whose client leaves its replies unread stalls: it waits for
 //! the client to make room, and the worker goes on with the others. Each
 //! session knows since when it has been stalled (the client taking any
-//! reply ends a stall); the worker keeps a list of its stalled sessions,
-//! sleeps no longer than until the earliest stall timeout, and closes a
-//! session whose stall outlasts it.
+//! reply, or freeing any room in its ring, ends the stall or starts it
+//! over); the worker keeps a list of its stalled sessions, sleeps no
+//! longer than until the earliest stall timeout, and closes a session
+//! whose stall outlasts it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -38,6 +39,7 @@ use slab::Slab;
 use crate::server::Shared;
 use ipc_core::Spinner;
 
+use crate::limits::Lease;
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::DisconnectReason;
 use crate::stream_session::{Peer, StreamSession};
@@ -137,6 +139,14 @@ impl Conn {
         match self {
             Conn::Shm(s) => Peer::Unix(s.peer),
             Conn::Stream(s) => s.peer,
+        }
+    }
+
+    /// Makes the session hold what it is charged, until it drops.
+    pub(crate) fn hold(&mut self, lease: Lease) {
+        match self {
+            Conn::Shm(s) => s.lease = Some(lease),
+            Conn::Stream(s) => s.lease = Some(lease),
         }
     }
 }
@@ -436,9 +446,12 @@ impl Worker {
         // Its key may not outlive it in the list: the slab hands keys out
         // again.
         self.stalls.retain(|&k| k != key);
-        if reason == DisconnectReason::ProtocolViolation {
+        // A stall that ran out is a strike like a violation: otherwise a
+        // client could stall its session, reconnect and stall the next one,
+        // each time holding a segment for the whole stall timeout.
+        if matches!(reason, DisconnectReason::ProtocolViolation | DisconnectReason::Stalled) {
             if let Peer::Unix(cred) = conn.peer() {
-                self.shared.cooldown.strike(cred.pid, Instant::now());
+                self.shared.cooldown.strike(&cred, Instant::now());
             }
         }
         let registry = self.poll.registry();

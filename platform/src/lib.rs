@@ -1,7 +1,8 @@
 //! The only crate of ipcd that talks to the kernel: sealed memfds, shared
 //! mappings, eventfds, futexes on shared words, `SCM_RIGHTS` fd passing and
 //! peer credentials, the byte-stream calls of the Unix-socket and TCP
-//! transports, and child processes that cannot outlive their parent.
+//! transports, child processes that cannot outlive their parent, and what
+//! `/proc` says about the machine (free cores, total memory).
 //!
 //! ```
 //! use std::os::fd::AsFd;
@@ -22,6 +23,7 @@ mod fdpass;
 pub mod futex;
 mod mapping;
 mod memfd;
+mod memory;
 mod path;
 mod process;
 mod socket;
@@ -34,6 +36,7 @@ pub use eventfd::EventFd;
 pub use fdpass::{recv_refusing_fds, recv_with_fds, send_with_fds, MAX_FDS};
 pub use mapping::Mapping;
 pub use memfd::{check_sealed, create_sealed, try_resize, SealError, SEALS};
+pub use memory::total_memory;
 pub use path::{
     bind_control_socket, check_private_dir, current_uid, default_socket_path, ensure_private_dir, fallback_dir,
     remove_control_socket, BoundSocket, SOCKET_ENV,

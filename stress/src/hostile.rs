@@ -178,7 +178,18 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
     }
     println!("hostile: seed {} (repeat with --seed {})", c.seed, c.seed);
     let timeout_ms = c.handshake_timeout.as_millis().max(1);
-    let extra = ["--handshake-timeout".to_string(), format!("{timeout_ms}ms"), "--log-level".into(), "error".into()];
+    // The flood and the clients all run as this user, so room for all of
+    // them among the unfinished handshakes: the scenario measures the
+    // handshake timeout, not the cap (the daemon's tests cover that).
+    let max_pending = c.flood + c.clients + c.hostile + 64;
+    let extra = [
+        "--handshake-timeout".to_string(),
+        format!("{timeout_ms}ms"),
+        "--max-pending-handshakes".into(),
+        max_pending.to_string(),
+        "--log-level".into(),
+        "error".into(),
+    ];
     // Room for the connects in a row too: each hung-up session is closed by
     // its worker a moment later, which a loaded machine may delay.
     let max_clients = c.clients + c.hostile + c.flood_connects + 8;

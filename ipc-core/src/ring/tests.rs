@@ -46,6 +46,25 @@ fn unpublished_frames_are_invisible() {
 }
 
 #[test]
+fn consumer_released_rises_with_each_release() {
+    let (_r, mut p, mut c) = ring(4096);
+    for id in 0..3 {
+        p.try_push(0, 0, id, &[1; 48]).unwrap();
+    }
+    p.publish();
+    assert_eq!(p.consumer_released().unwrap(), 0);
+    let mut out = Vec::new();
+    c.try_pop(&mut out).unwrap().unwrap();
+    assert_eq!(p.consumer_released().unwrap(), 0, "popped but not yet released");
+    c.release();
+    assert_eq!(p.consumer_released().unwrap(), 64);
+    c.try_pop(&mut out).unwrap().unwrap();
+    c.try_pop(&mut out).unwrap().unwrap();
+    c.release();
+    assert_eq!(p.consumer_released().unwrap(), 192);
+}
+
+#[test]
 fn full_ring_refuses_then_accepts_after_release() {
     let (_r, mut p, mut c) = ring(4096);
     let body = [0xAB; 64 - 16];

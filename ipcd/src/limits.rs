@@ -1,0 +1,212 @@
+//! What the open sessions may cost together: the memory budget
+//! (`--max-shm`) and the live sessions of each uid
+//! (`--max-sessions-per-uid`).
+//!
+//! The acceptor asks for a [`Lease`] before it creates anything for a
+//! session, naming the session's uid (none over TCP) and its worst-case
+//! memory; the session holds the lease for its whole life and dropping it,
+//! wherever the session ends, gives both back. So a client over a limit
+//! costs the daemon no segment, and nothing is charged for a session that
+//! is gone.
+//!
+//! What a session is charged, in bytes:
+//!
+//! - shared memory: its segment (header page and both rings, allocated in
+//!   full at creation), plus one maximum payload for the reply that waits on
+//!   the heap while the client leaves its response ring full;
+//! - a stream: its input and output buffers at their bound
+//!   ([`crate::stream_session::buffer_bound`]).
+//!
+//! Not charged: kernel socket buffers and the fds, a worker's scratch
+//! buffers (one set per worker, not per session), and the bookkeeping of a
+//! few hundred bytes per session. The budget bounds what clients can make
+//! the daemon allocate, not its whole footprint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ipc_core::{Reject, SegmentLayout};
+
+/// Why a session was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The uid already has the most sessions one uid may have.
+    Uid { uid: u32, max: usize },
+    /// The session would take the memory in use past the budget.
+    Memory { needed: u64, in_use: u64, budget: u64 },
+}
+
+impl Refusal {
+    /// The answer the client gets.
+    pub(crate) fn to_reject(&self) -> Reject {
+        match *self {
+            Refusal::Uid { uid, max } => Reject::TooManySessionsForUid { uid, max: saturate(max) },
+            Refusal::Memory { needed, in_use, budget } => Reject::OverMemoryBudget { needed, in_use, budget },
+        }
+    }
+}
+
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The budget and the counts, shared by the acceptor (which charges) and
+/// the workers (whose sessions give back).
+#[derive(Debug)]
+pub(crate) struct Limits {
+    budget: u64,
+    in_use: AtomicU64,
+    max_per_uid: usize,
+    /// Live sessions per uid; a uid with none has no entry.
+    per_uid: Mutex<HashMap<u32, usize>>,
+}
+
+impl Limits {
+    pub(crate) fn new(budget: u64, max_per_uid: usize) -> Limits {
+        Limits { budget, in_use: AtomicU64::new(0), max_per_uid, per_uid: Mutex::default() }
+    }
+
+    /// The memory budget, in bytes.
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// What the live sessions are charged, in bytes.
+    pub(crate) fn in_use(&self) -> u64 {
+        // Relaxed: a figure for `stats`, read on its own.
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// The most live sessions one uid may have.
+    pub(crate) fn max_per_uid(&self) -> usize {
+        self.max_per_uid
+    }
+
+    /// Charges a session of `uid` (none over TCP, which carries no
+    /// credentials and counts against no uid) `bytes` of memory, or says
+    /// which limit it would pass. Nothing is charged on refusal.
+    pub(crate) fn lease(self: &Arc<Self>, uid: Option<u32>, bytes: u64) -> Result<Lease, Refusal> {
+        if let Some(uid) = uid {
+            let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let count = per_uid.entry(uid).or_insert(0);
+            if *count >= self.max_per_uid {
+                return Err(Refusal::Uid { uid, max: self.max_per_uid });
+            }
+            *count += 1;
+        }
+        // Relaxed: the word is a count, not a guard for other memory; its
+        // read-modify-writes are totally ordered among themselves, so two
+        // charges can never both fit into the last room.
+        let charged = self.in_use.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
+            in_use.checked_add(bytes).filter(|&total| total <= self.budget)
+        });
+        match charged {
+            Ok(_) => Ok(Lease { limits: Arc::clone(self), uid, bytes }),
+            Err(in_use) => {
+                if let Some(uid) = uid {
+                    self.give_back_slot(uid);
+                }
+                Err(Refusal::Memory { needed: bytes, in_use, budget: self.budget })
+            }
+        }
+    }
+
+    fn give_back_slot(&self, uid: u32) {
+        let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_uid.get_mut(&uid) {
+            *count -= 1;
+            if *count == 0 {
+                per_uid.remove(&uid);
+            }
+        }
+    }
+}
+
+/// What one live session is charged; dropping it gives that back.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    limits: Arc<Limits>,
+    uid: Option<u32>,
+    bytes: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Relaxed: see `Limits::lease`.
+        self.limits.in_use.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(uid) = self.uid {
+            self.limits.give_back_slot(uid);
+        }
+    }
+}
+
+/// What a shared-memory session with `layout` is charged: its segment and
+/// one reply waiting on the heap.
+pub(crate) fn shm_charge(layout: &SegmentLayout) -> u64 {
+    layout.segment_size() as u64 + u64::from(layout.max_payload())
+}
+
+/// What a stream session whose frames carry at most `max_payload` bytes is
+/// charged: its buffers at their bound.
+pub(crate) fn stream_charge(max_payload: u32) -> u64 {
+    crate::stream_session::buffer_bound(max_payload as usize) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_charged_until_dropped() {
+        let limits = Arc::new(Limits::new(1000, 10));
+        let a = limits.lease(Some(1), 600).unwrap();
+        assert_eq!(limits.in_use(), 600);
+        assert_eq!(limits.lease(Some(2), 401).unwrap_err(), Refusal::Memory { needed: 401, in_use: 600, budget: 1000 });
+        let b = limits.lease(None, 400).expect("exactly the budget fits");
+        assert_eq!(limits.in_use(), 1000);
+        drop(a);
+        assert_eq!(limits.in_use(), 400);
+        drop(b);
+        assert_eq!(limits.in_use(), 0);
+        assert!(limits.per_uid.lock().unwrap().is_empty(), "no uid entry outlives its sessions");
+    }
+
+    #[test]
+    fn each_uid_has_its_own_count() {
+        let limits = Arc::new(Limits::new(u64::MAX, 2));
+        let held: Vec<Lease> = (0..2).map(|_| limits.lease(Some(1000), 1).unwrap()).collect();
+        assert_eq!(limits.lease(Some(1000), 1).unwrap_err(), Refusal::Uid { uid: 1000, max: 2 });
+        let other = limits.lease(Some(1001), 1).expect("another uid is not held back");
+        let tcp: Vec<Lease> = (0..5).map(|_| limits.lease(None, 1).unwrap()).collect();
+        drop(held);
+        let again = limits.lease(Some(1000), 1).expect("a slot freed");
+        assert_eq!(limits.in_use(), 7);
+        drop((other, tcp, again));
+        assert_eq!(limits.in_use(), 0);
+    }
+
+    #[test]
+    fn a_refusal_by_memory_gives_the_uid_slot_back() {
+        let limits = Arc::new(Limits::new(10, 1));
+        assert!(matches!(limits.lease(Some(5), 11), Err(Refusal::Memory { .. })));
+        let fits = limits.lease(Some(5), 10).expect("the refused attempt held no slot");
+        assert_eq!(limits.lease(Some(5), 0).unwrap_err(), Refusal::Uid { uid: 5, max: 1 });
+        drop(fits);
+    }
+
+    #[test]
+    fn refusals_name_the_limit_and_the_numbers() {
+        let text = Refusal::Memory { needed: 3, in_use: 8, budget: 10 }.to_reject().to_string();
+        assert!(text.contains("3 bytes") && text.contains("8 of 10 bytes") && text.contains("budget"), "{text}");
+        let text = Refusal::Uid { uid: 7, max: 2 }.to_reject().to_string();
+        assert!(text.contains("uid 7") && text.contains("2 sessions"), "{text}");
+    }
+
+    #[test]
+    fn charges_cover_the_segment_and_a_waiting_reply_or_the_stream_buffers() {
+        let layout = SegmentLayout::new(65536).unwrap();
+        assert_eq!(shm_charge(&layout), (4096 + 2 * 65536 + 32752) as u64);
+        assert!(stream_charge(32752) > 2 * 32752, "{}", stream_charge(32752));
+    }
+}
