@@ -100,6 +100,9 @@ pub(crate) struct Stats {
     /// Handshakes held back by the cool-down of a peer that broke the
     /// protocol.
     held: AtomicU64,
+    /// Strikes recorded against peers (protocol violations and stalls that
+    /// ran out).
+    strikes: AtomicU64,
     /// Handshakes pending now, and the most that may be.
     pending: AtomicUsize,
     max_pending: usize,
@@ -115,6 +118,7 @@ impl Stats {
             connected: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            strikes: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             max_pending,
             rejected: Default::default(),
@@ -129,6 +133,10 @@ impl Stats {
 
     pub(crate) fn held(&self) {
         self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn struck(&self) {
+        self.strikes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how many handshakes are pending.
@@ -157,6 +165,7 @@ impl Stats {
             "handshakes": {
                 "accepted": self.accepted.load(Ordering::Relaxed),
                 "held": self.held.load(Ordering::Relaxed),
+                "strikes": self.strikes.load(Ordering::Relaxed),
                 "rejected": named(&REJECT_NAMES, &self.rejected),
             },
             "requests": sum(|w| &w.requests),

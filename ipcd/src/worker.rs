@@ -452,6 +452,7 @@ impl Worker {
         if matches!(reason, DisconnectReason::ProtocolViolation | DisconnectReason::Stalled) {
             if let Peer::Unix(cred) = conn.peer() {
                 self.shared.cooldown.strike(&cred, Instant::now());
+                self.shared.stats.struck();
             }
         }
         let registry = self.poll.registry();

@@ -138,9 +138,10 @@ impl DaemonSide {
         self.responses.space_waiter().store(1, Ordering::SeqCst);
     }
 
-    /// Waits until the client sleeps for room in the request ring.
+    /// Waits until the client, blocked for room in the request ring with
+    /// requests in flight, sleeps for the reply that would bring it.
     fn await_client_blocked(&self) {
-        poll(|| (self.requests.peer_waiter().load(Ordering::SeqCst) == 1).then_some(()));
+        poll(|| (self.responses.peer_waiter().load(Ordering::SeqCst) == 1).then_some(()));
     }
 }
 
