@@ -693,7 +693,13 @@ impl Client {
     /// that is not such a reply (the link's end, a stream's closing frame,
     /// or what broke the protocol).
     fn read_remaining(&mut self) {
-        while let Ok(Some(r)) = self.link.peek() {
+        loop {
+            let r = match self.link.peek() {
+                Ok(Some(r)) => r,
+                // What a stream's socket still holds comes after the buffer.
+                Ok(None) if self.link.receive_left() => continue,
+                _ => break,
+            };
             let Ok(entry) = self.claim_entry(r.header()) else { break };
             if !entry.abandoned {
                 let mut body = Vec::new();

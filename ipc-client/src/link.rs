@@ -84,6 +84,16 @@ impl Link {
         }
     }
 
+    /// After a loss, takes what a stream's socket still holds into its
+    /// buffer, without blocking; returns whether anything came (a ring has
+    /// nothing beyond what `peek` sees).
+    pub(crate) fn receive_left(&mut self) -> bool {
+        match self {
+            Link::Shm(_) => false,
+            Link::Stream(l) => l.receive_left(),
+        }
+    }
+
     pub(crate) fn peek(&mut self) -> Result<Option<ReplyRef>, CallError> {
         Ok(match self {
             Link::Shm(l) => l.peek()?.map(ReplyRef::Ring),

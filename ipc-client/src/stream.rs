@@ -43,6 +43,13 @@ impl Socket {
         }
     }
 
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Socket::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
     pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
             Socket::Unix(s) => s.set_write_timeout(timeout),
@@ -81,8 +88,9 @@ pub(crate) struct StreamLink {
     gone: Option<String>,
     /// The last request the daemon took, from its closing frame.
     pub(crate) closed_after: Option<u64>,
-    /// A send failed: nothing more is sent, and what is left is read.
-    send_failed: bool,
+    /// Why a send failed, if one did: nothing more is sent, and what is
+    /// left is read.
+    send_failed: Option<String>,
 }
 
 impl StreamLink {
@@ -101,7 +109,7 @@ impl StreamLink {
             recv_timeout: None,
             gone: None,
             closed_after: None,
-            send_failed: false,
+            send_failed: None,
         }
     }
 
@@ -111,6 +119,10 @@ impl StreamLink {
 
     fn broken(&mut self, reason: String) -> CallError {
         self.gone = Some(reason.clone());
+        // Nothing more will be sent: say so, so that a daemon closing on
+        // purpose, waiting for our end, closes at once. What it sent is
+        // still read.
+        let _ = self.socket.shutdown_write();
         disconnected(reason)
     }
 
@@ -126,6 +138,11 @@ impl StreamLink {
         }
         if let Some(reason) = &self.gone {
             return Err(disconnected(reason.clone()));
+        }
+        if let Some(reason) = self.send_failed.clone() {
+            // The request would be dropped unsent: the link is lost (the
+            // client then reads what the daemon sent before it went).
+            return Err(self.broken(reason));
         }
         let needed = HEADER_LEN + len;
         if self.pending_output() > 0 && self.pending_output() + needed > self.output_limit {
@@ -152,14 +169,14 @@ impl StreamLink {
     /// shows when reading runs dry. Unsent requests are dropped; their
     /// outcome comes with the disconnection.
     fn send_pending(&mut self) -> Result<(), CallError> {
-        while self.sent < self.output.len() && !self.send_failed {
+        while self.sent < self.output.len() && self.send_failed.is_none() {
             match stream::send(self.socket.as_fd(), &self.output[self.sent..], false) {
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => self.send_failed = true,
+                Err(e) => self.send_failed = Some(format!("send failed: {e}")),
             }
         }
-        if self.send_failed {
+        if self.send_failed.is_some() {
             self.sent = self.output.len();
         }
         if self.sent == self.output.len() {
@@ -251,6 +268,27 @@ impl StreamLink {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(self.broken(format!("receive failed: {e}"))),
+        }
+    }
+
+    /// Reads what the socket holds without blocking, even once the link is
+    /// known to be lost: the replies (and the closing frame) the daemon
+    /// sent before it went. Returns whether any bytes came.
+    pub(crate) fn receive_left(&mut self) -> bool {
+        if self.start > 0 {
+            self.input.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.input.len() {
+            return false;
+        }
+        match stream::recv(self.socket.as_fd(), &mut self.input[self.end..], false) {
+            Ok(n) if n > 0 => {
+                self.end += n;
+                true
+            }
+            _ => false,
         }
     }
 

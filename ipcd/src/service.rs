@@ -75,6 +75,14 @@ impl ServiceTable {
     }
 }
 
+/// The message of the answer to a request taken while shutting down.
+const SHUTDOWN_MESSAGE: &str = "daemon is shutting down; the request was not executed";
+
+/// The payload length of that answer (an error body: a `u32` code, then
+/// the message), so a session can tell whether it fits before taking the
+/// request it answers.
+pub(crate) const SHUTDOWN_REPLY_LEN: usize = 4 + SHUTDOWN_MESSAGE.len();
+
 /// Checks a request's header against the session's rules: no response
 /// flags, and ids strictly increasing (so a reply can never be matched to
 /// the wrong request). Returns the new last id.
@@ -103,7 +111,7 @@ pub(crate) fn dispatch(
 ) -> u16 {
     reply.clear();
     if shutting_down {
-        encode_error(ErrorCode::Shutdown, "daemon is shutting down; the request was not executed", reply);
+        encode_error(ErrorCode::Shutdown, SHUTDOWN_MESSAGE, reply);
         return FLAG_ERROR;
     }
     let Some(handler) = services.get(header.service) else {

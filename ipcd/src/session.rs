@@ -21,7 +21,7 @@ use ipc_core::{Consumer, FrameHeader, Producer, PushError, SharedWords};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
 use crate::limits::Lease;
-use crate::service::{check_request, dispatch, ServiceTable};
+use crate::service::{check_request, dispatch, ServiceTable, SHUTDOWN_REPLY_LEN};
 use crate::stats::WorkerCounters;
 
 /// How the daemon wakes this client.
@@ -183,6 +183,26 @@ impl Session {
         }
     }
 
+    /// Whether a reply waits for room in the response ring.
+    pub(crate) fn has_output(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Pushes the reply that waits for room, if it fits now, publishes it,
+    /// and otherwise asks the client to ring when it frees space; takes no
+    /// request. For the drain of a graceful stop.
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
+        let flushed = self.flush_pending()?;
+        if self.responses.publish() {
+            self.wake_client(self.responses.peer_waiter());
+        }
+        if !flushed {
+            let len = self.pending.as_ref().map_or(0, |p| p.body.len());
+            self.responses.prepare_wait_space(len).map_err(|e| format!("response ring: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Records in the segment that the daemon closes this session on
     /// purpose and executes nothing after the last request it took, then
     /// wakes the client so it reads that at once. Called once nothing more
@@ -256,6 +276,15 @@ impl Session {
                 Some(frame) => frame,
                 None => return Ok(Progress::Parked),
             };
+            // While shutting down, a request is taken only if its answer
+            // fits now: a taken request's answer must reach the client
+            // before the closed word says it was taken, and one left in the
+            // ring is known not to have run.
+            if shutting_down
+                && !self.responses.has_space_for(SHUTDOWN_REPLY_LEN).map_err(|e| format!("response ring: {e}"))?
+            {
+                return Ok(Progress::Stalled);
+            }
             let header = frame.header;
             self.last_request_id = check_request(&header, self.last_request_id)?;
             self.requests.read_payload(&frame, &mut scratch.request);

@@ -106,6 +106,16 @@ impl Write for Stream {
     }
 }
 
+impl Stream {
+    /// Sends the end of the stream after what was written (a FIN on TCP).
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
 impl std::os::fd::AsFd for Stream {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
@@ -176,6 +186,14 @@ pub(crate) struct StreamSession {
     pub(crate) hangup_seen: bool,
     /// The client can no longer receive (EPIPE, ECONNRESET): end now.
     peer_gone: bool,
+    /// The daemon closes the session on purpose: once the output is out,
+    /// the sending side is shut, and the socket is closed when the client
+    /// closes its end (or the drain ends): closing a socket with unread
+    /// input resets the connection, and a TCP reset can cost the client the
+    /// last frames it has not read yet.
+    closing: bool,
+    /// The sending side is shut (after the closing frame).
+    write_shut: bool,
     /// Since when the session has waited, stalled, for the client to take
     /// replies; reset by every send that moves bytes.
     stalled_since: Option<Instant>,
@@ -201,6 +219,8 @@ impl StreamSession {
             read_closed: false,
             hangup_seen: false,
             peer_gone: false,
+            closing: false,
+            write_shut: false,
             stalled_since: None,
             queued: false,
             lease: None,
@@ -395,12 +415,36 @@ impl StreamSession {
     }
 
     /// Ends the output with the closing frame, which tells the client the
-    /// last request taken, and sends what is pending, for a session the
-    /// daemon closes on purpose (best effort: a client that does not read
-    /// sees only the hang-up).
+    /// last request taken, and sends what the socket takes now, for a
+    /// session the daemon closes on purpose; the worker then drains the
+    /// rest for a bounded time ([`StreamSession::flush`]).
     pub(crate) fn close_on_purpose(&mut self) {
         self.push_output(&FrameHeader::closing(self.last_request_id).encode());
-        let _ = self.send();
+        self.closing = true;
+        let _ = self.flush();
+    }
+
+    /// Whether replies (or the closing frame) wait to be sent, or, closing
+    /// on purpose, the client has yet to close its end.
+    pub(crate) fn has_output(&self) -> bool {
+        let open = !(self.hangup_seen || self.read_closed);
+        !self.peer_gone && (self.pending_output() > 0 || (self.closing && open))
+    }
+
+    /// Sends what the socket takes without blocking; takes no request.
+    /// Closing on purpose, once everything is sent, shuts the sending side:
+    /// the client reads its last frames and the end of the stream, and
+    /// closes (its poll reports that as `hangup_seen`). For the drain of a
+    /// graceful stop.
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
+        self.send()?;
+        if self.closing && !self.write_shut && !self.peer_gone && self.pending_output() == 0 {
+            self.write_shut = true;
+            if self.stream.shutdown_write().is_err() {
+                self.peer_gone = true;
+            }
+        }
+        Ok(())
     }
 }
 

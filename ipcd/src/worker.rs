@@ -47,6 +47,11 @@ use crate::stream_session::{Peer, StreamSession};
 const WAKER: Token = Token(usize::MAX);
 /// Requests served from one session before the worker turns to the next.
 const BUDGET: usize = 64;
+/// The longest a graceful stop waits for clients to read the answers that
+/// did not fit their ring or socket (at most the stall timeout).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+/// The longest the drain sleeps between looks at its sessions.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
 
 /// The acceptor's side of a worker.
 pub(crate) struct WorkerHandle {
@@ -496,11 +501,7 @@ impl Worker {
             // closing frame), so it fails the rest as `Shutdown` (not
             // executed) rather than with an unknown outcome.
             let result = match conn {
-                Conn::Shm(s) => {
-                    let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true);
-                    s.mark_closed();
-                    r
-                }
+                Conn::Shm(s) => s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true),
                 Conn::Stream(s) => {
                     let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true);
                     s.close_on_purpose();
@@ -511,6 +512,55 @@ impl Worker {
                 tracing::debug!(session = conn.id(), "while shutting down: {reason}");
             }
         }
+        self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.shared.config.stall_timeout));
+        // Only now, with every answer out (or given up on), does the segment
+        // say which request was the last taken.
+        for (_, conn) in self.sessions.iter_mut() {
+            if let Conn::Shm(s) = conn {
+                s.mark_closed();
+            }
+        }
         self.close_all(DisconnectReason::Shutdown);
+    }
+
+    /// Sends what waits for clients that are slow to read, until all of it
+    /// is out or `until`: answers that did not fit a full response ring, and
+    /// stream output with its closing frame. A client that reads nothing
+    /// delays the stop by no more than that.
+    fn drain(&mut self, until: Instant) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let mut waiting = false;
+            for (_, conn) in self.sessions.iter_mut() {
+                let (result, left) = match conn {
+                    Conn::Shm(s) if s.has_output() => (s.flush(), s.has_output()),
+                    Conn::Stream(s) if s.has_output() => (s.flush(), s.has_output()),
+                    _ => continue,
+                };
+                if let Err(reason) = result {
+                    tracing::debug!(session = conn.id(), "while draining: {reason}");
+                    continue;
+                }
+                waiting |= left;
+            }
+            let now = Instant::now();
+            if !waiting || now >= until {
+                return;
+            }
+            // A client freeing space rings the session's eventfd, a socket
+            // that drains becomes writable, and a client closing its end is
+            // a hang-up: each wakes this poll, and every session is looked
+            // at again. The short cap only bounds a wake-up this loop could
+            // not see.
+            let _ = self.poll.poll(&mut events, Some((until - now).min(DRAIN_POLL)));
+            for event in events.iter() {
+                let Token(t) = event.token();
+                if t != WAKER.0 && t % 2 == 0 && event.is_read_closed() {
+                    if let Some(Conn::Stream(s)) = self.sessions.get_mut(t / 2) {
+                        s.hangup_seen = true;
+                    }
+                }
+            }
+        }
     }
 }

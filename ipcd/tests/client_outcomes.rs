@@ -31,10 +31,18 @@ on_transports!(
     shm: [
         a_request_that_never_finds_room_is_not_sent,
         sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown,
+        sigterm_while_small_requests_fill_the_reply_path_gives_each_its_reply_or_shutdown,
     ],
-    // Not the SIGTERM test: see its doc.
-    uds: [a_request_that_never_finds_room_is_not_sent],
-    tcp: [a_request_that_never_finds_room_is_not_sent],
+    uds: [
+        a_request_that_never_finds_room_is_not_sent,
+        sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown,
+        sigterm_while_small_requests_fill_the_reply_path_gives_each_its_reply_or_shutdown,
+    ],
+    tcp: [
+        a_request_that_never_finds_room_is_not_sent,
+        sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown,
+        sigterm_while_small_requests_fill_the_reply_path_gives_each_its_reply_or_shutdown,
+    ],
 );
 
 /// How long a test waits for a reply it knows is coming.
@@ -130,17 +138,24 @@ struct Sent {
 /// blocked at the loss was not sent: `Shutdown` too. The holder's calls
 /// end the same way.
 ///
-/// Two limits of the daemon's shutdown shape the test. The requests are
-/// larger than its shutdown answers, so the answers to a ring of them
-/// always fit the response ring: a request whose answer does not fit is
-/// counted as taken and its answer dropped. And it runs over shared memory
-/// only: on a stream the daemon's last answers and closing frame go out in
-/// one non-blocking send before it closes, and what the socket does not
-/// take is lost, as happens to a client that keeps its link full (those
-/// requests then end `Disconnected`, the daemon's word on them lost).
+/// Here the requests (1000 bytes) are larger than the daemon's shutdown
+/// answers, so the request ring fills first.
 fn sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown(name: &'static str) {
+    sigterm_while_pipelining(name, 1000);
+}
+
+/// As above with requests (16 bytes) smaller than the shutdown answers, so
+/// that the answers to what waits overflow the reply path: the daemon takes
+/// a request only if its answer fits (else it is left, known not run), and
+/// drains what did not fit before it says which request it took last (on a
+/// stream, the last answers and the closing frame wait in its output while
+/// the client reads).
+fn sigterm_while_small_requests_fill_the_reply_path_gives_each_its_reply_or_shutdown(name: &'static str) {
+    sigterm_while_pipelining(name, 16);
+}
+
+fn sigterm_while_pipelining(name: &'static str, payload: usize) {
     const HOLD_MS: u32 = 20;
-    const PAYLOAD: usize = 1000;
     // Requests the daemon has answered before the SIGTERM: a hundred
     // rings' worth, the client having waited for room as often.
     const SERVED_BEFORE_SIGTERM: u64 = 400;
@@ -164,7 +179,7 @@ fn sigterm_while_blocked_for_room_gives_every_request_its_reply_or_shutdown(name
             let echo = client.service("echo").unwrap();
             let mut tickets = Vec::new();
             let refused = loop {
-                let request = pattern(tickets.len() as u64, PAYLOAD);
+                let request = pattern(tickets.len() as u64, payload);
                 match client.send(&echo, &request) {
                     Ok(ticket) => tickets.push((ticket, request)),
                     Err(e) => break Some(e),
