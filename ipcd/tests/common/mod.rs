@@ -345,6 +345,9 @@ pub fn wait_worker_in_handler(pid: u32, limit: Duration) -> bool {
 /// Panics if the worker is not seen in the handler within
 /// [`HANG_UP_LIMIT`], or cannot be seen at all.
 pub fn expect_worker_in_handler(pid: u32) {
+    // The worker may not have started yet (nor named its thread) when it
+    // is handed the session, and the wait below looks for it only once.
+    worker_thread(pid);
     assert!(
         wait_worker_in_handler(pid, HANG_UP_LIMIT),
         "cannot read /proc/{pid}/task/<tid>/syscall, which this test needs to know the worker is in a handler"
@@ -361,6 +364,21 @@ pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
         .to_str()?
         .parse()
         .ok()
+}
+
+/// The thread id of the daemon `pid`'s first worker, once it has started.
+///
+/// # Panics
+///
+/// Panics if it has not within [`STARTUP_LIMIT`].
+pub fn worker_thread(pid: u32) -> u32 {
+    let mut tid = None;
+    let started = poll_until(STARTUP_LIMIT, || {
+        tid = thread_named(pid, "ipcd-worker-0");
+        tid.is_some()
+    });
+    assert!(started, "the daemon {pid} has no thread ipcd-worker-0");
+    tid.expect("found")
 }
 
 /// The system call thread `tid` of process `pid` is blocked in, as
