@@ -150,8 +150,10 @@ fn sigterm_fails_blocked_calls_and_removes_the_socket() {
     a.call(&a_ping, b"").unwrap();
     b.call(&b_ping, b"").unwrap();
 
+    // A's handler runs long enough for the daemon to notice the stop
+    // while it runs, even on a loaded machine.
     let sleep = a.service("debug.sleep").unwrap();
-    let a_call = thread::spawn(move || a.call(&sleep, &1500u32.to_le_bytes()));
+    let a_call = thread::spawn(move || a.call(&sleep, &3000u32.to_le_bytes()));
     expect_worker_in_handler(daemon.pid());
     // B's request is in its ring (published, the daemon rung if it waits)
     // before the signal, and the only worker is busy with A's: it is still

@@ -529,8 +529,10 @@ fn sigterm_ends_blocked_stream_calls_and_removes_the_uds_socket() {
         client.call(&ping, b"").unwrap();
     }
 
+    // The sleeper's handler runs long enough for the daemon to notice the
+    // stop while it runs, even on a loaded machine.
     let sleep = sleeper.service("debug.sleep").unwrap();
-    let sleeping = thread::spawn(move || sleeper.call(&sleep, &1500u32.to_le_bytes()));
+    let sleeping = thread::spawn(move || sleeper.call(&sleep, &3000u32.to_le_bytes()));
     expect_worker_in_handler(daemon.pid());
     // Each waiter's request is on its socket before the signal, and the
     // only worker is busy: the daemon has not read it when it stops. Read
