@@ -608,7 +608,16 @@ mod tests {
         handle.shutdown();
         thread.join().unwrap().unwrap();
         assert!(!socket.exists(), "the socket file is removed on shutdown");
-        assert!(matches!(client.call(&upper, b"x"), Err(CallError::Disconnected { .. }) | Err(CallError::Shutdown)));
+        // Stopping, the server marked the session closed after the last
+        // request it took. The client has not looked since: this request
+        // goes into the ring, and its wait finds the mark at once. So the
+        // request is known not to have run: `Shutdown`, where a server that
+        // died would leave `Disconnected`.
+        assert_eq!(client.call(&upper, b"x"), Err(CallError::Shutdown));
+        // Once the client knows, a request is not sent at all, and fails
+        // with the same reason.
+        assert!(!client.is_connected());
+        assert_eq!(client.call(&upper, b"y"), Err(CallError::Shutdown));
     }
 
     #[test]

@@ -6,12 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::thread;
-use std::time::Duration;
 
 use common::{
-    exchange, good_hello, json_u64, poll_until, raw_connect, read_answer, stat_eventually, watchdog, Answer, Daemon,
-    CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
+    exchange, good_hello, json_u64, poll_until, raw_connect, read_answer, stat_eventually, unread_by_peer, watchdog,
+    Answer, Daemon, CLEANUP_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{Client, ConnectError, Reject};
 use ipc_core::handshake::{self, HELLO_MAGIC};
@@ -198,13 +196,16 @@ fn garbage_on_the_control_socket_is_rejected_without_harm() {
         // A connection that hangs up before saying anything.
         drop(raw_connect(&socket));
 
-        // A hello cut short, followed by the rest much later, still counts:
-        // the daemon reassembles it (within the deadline).
+        // A hello cut short, followed by the rest later, still counts: the
+        // daemon reassembles it (within the deadline). The rest is written
+        // only once the daemon has read the first part (nothing we sent is
+        // left unread), so the two cannot arrive as one read.
         {
             let mut stream = raw_connect(&socket);
             let hello = good_hello();
             stream.write_all(&hello[..3]).unwrap();
-            thread::sleep(Duration::from_millis(50));
+            let read = poll_until(HANG_UP_LIMIT, || unread_by_peer(&stream) == 0);
+            assert!(read, "the daemon did not read the first 3 bytes of a hello");
             stream.write_all(&hello[3..]).unwrap();
             match read_answer(&stream) {
                 Answer::Message(ServerMessage::Welcome(w), fds) => {

@@ -362,9 +362,7 @@ fn daemon_gone_mid_window_ends_every_ticket(name: &'static str) {
     let mut tickets = vec![client.send(&sleep, &5000u32.to_le_bytes()).unwrap()];
     tickets.extend((0..8u64).map(|i| client.send(&echo, &pattern(i, 50)).unwrap()));
     client.flush().unwrap();
-    if !common::wait_worker_in_handler(daemon.pid(), Duration::from_secs(10)) {
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    common::expect_worker_in_handler(daemon.pid());
     daemon.kill();
     watchdog(TEST_LIMIT, move || {
         // Every ticket gets exactly one outcome, in order: disconnected,

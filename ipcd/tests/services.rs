@@ -4,12 +4,18 @@
 
 mod common;
 
+use std::os::fd::AsFd;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{join_all, json_u64, pattern, raw_session, stats_json, watchdog, Daemon, RawSessionExt, TEST_LIMIT};
+use common::{
+    join_all, json_u64, pattern, poll_until, raw_session, sleeping_syscalls, stats_json, watchdog, Daemon, RawSession,
+    RawSessionExt, HANG_UP_LIMIT, TEST_LIMIT,
+};
 use ipc_client::{CallError, Client, ClientOptions, DoorbellKind};
 use ipc_core::ErrorCode;
+use ipc_platform::futex::Wake;
+use ipc_platform::Drained;
 use serde::{Deserialize, Serialize};
 
 #[test]
@@ -151,24 +157,121 @@ fn oversized_request_is_refused_and_maximum_size_round_trips() {
     });
 }
 
+/// A call timeout far beyond what a call takes even on a loaded machine,
+/// yet short enough that a lost wake-up fails its test quickly.
+const WAKE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Both doorbell kinds through the client library, with spinning off on
+/// both sides, so that no call is found by a spin: each request is left
+/// for a worker that has parked the session, which reads the ring only
+/// once the client rings its eventfd, and each reply for a client that
+/// went to sleep (unless the reply beat it there), which only the
+/// daemon's wake gets out of its wait. A lost ring of the eventfd leaves
+/// the worker asleep, and the call ends in `Timeout` after
+/// [`WAKE_LIMIT`]; so does a lost wake of the pollable doorbell, whose
+/// waits look at nothing else. A lost futex wake would cost the call only
+/// the client's 50 ms liveness check: the raw test below catches that one.
 #[test]
-fn eventfd_doorbell_serves_2000_calls() {
-    let daemon = Daemon::start(&[]);
+fn both_doorbells_serve_calls_when_neither_side_spins() {
+    let daemon = Daemon::start(&["--spin-us", "0"]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
-        let options = ClientOptions::default().doorbell(DoorbellKind::Pollable);
-        let mut client = Client::connect_with(&socket, options).unwrap();
-        assert!(client.doorbell_fd().is_some());
-        let echo = client.service("echo").unwrap();
-        let mut reply = Vec::new();
-        for i in 0..2000u64 {
-            let request = pattern(i, (i % 700) as usize);
-            client.call_into(&echo, &request, &mut reply).unwrap();
-            assert!(reply == request, "call {i}: reply differs");
+        for kind in [DoorbellKind::Pollable, DoorbellKind::Futex] {
+            let options = ClientOptions::default().doorbell(kind).spin(Duration::ZERO).call_timeout(WAKE_LIMIT);
+            let mut client = Client::connect_with(&socket, options).unwrap();
+            // Only the pollable doorbell has an fd.
+            assert_eq!(client.doorbell_fd().is_some(), kind == DoorbellKind::Pollable, "{kind:?}");
+            let echo = client.service("echo").unwrap();
+            let mut reply = Vec::new();
+            for i in 0..2000u64 {
+                let request = pattern(i, (i % 700) as usize);
+                client.call_into(&echo, &request, &mut reply).unwrap_or_else(|e| panic!("{kind:?} call {i}: {e}"));
+                assert!(reply == request, "{kind:?} call {i}: reply differs");
+            }
         }
-        // The default doorbell is the futex, which has no fd.
-        let futex = Client::connect_to(&socket).unwrap();
-        assert!(futex.doorbell_fd().is_none());
+    });
+}
+
+/// Each doorbell kind, rung while the other side is known to sleep. The
+/// worker never spins, and a request is written only once the worker has
+/// parked the session (announced its sleep, and gone back to its epoll
+/// wait) and this thread sleeps on the response ring: on the futex, or in
+/// a poll of the pollable doorbell. So the worker sees the request only
+/// through the eventfd, and this thread wakes only through the daemon's
+/// doorbell: the futex wait returns woken with the reply published, or
+/// the pollable doorbell's fd becomes readable. Either wake lost, and the
+/// wait times out after [`HANG_UP_LIMIT`].
+#[test]
+fn each_doorbell_wakes_a_sleeping_client_and_a_parked_worker() {
+    use std::sync::atomic::Ordering;
+    const ROUNDS: u64 = 10;
+    let daemon = Daemon::start(&["--workers", "1", "--spin-us", "0"]);
+    let socket = daemon.socket().to_path_buf();
+    let pid = daemon.pid();
+    watchdog(TEST_LIMIT, move || {
+        let worker = common::worker_thread(pid);
+        let me = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        let own = std::process::id();
+        for kind in [DoorbellKind::Futex, DoorbellKind::Pollable] {
+            let mut raw = raw_session(&socket, 65536, kind);
+            let echo = raw.service("echo");
+            let mut body = Vec::new();
+            for id in 1..=ROUNDS {
+                let request = pattern(id, 100);
+                // The worker announces its sleep on the request ring, then
+                // re-checks the ring, then sleeps in epoll: announced and
+                // asleep means the check is done.
+                let parked = poll_until(HANG_UP_LIMIT, || {
+                    raw.waiters()[0].load(Ordering::SeqCst) == 1
+                        && common::blocked_in_syscall(pid, worker)
+                            .is_some_and(|n| sleeping_syscalls::EPOLL.contains(&n))
+                });
+                assert!(parked, "{kind:?} round {id}: the worker did not park the session");
+                assert!(raw.responses.prepare_sleep().unwrap(), "{kind:?} round {id}: a reply before any request");
+                let sleeps_in =
+                    if kind == DoorbellKind::Futex { sleeping_syscalls::FUTEX } else { sleeping_syscalls::POLL };
+                let RawSession { requests, bell, responses, client_bell, .. } = &mut raw;
+                let woken = thread::scope(|scope| {
+                    scope.spawn(|| {
+                        let asleep = poll_until(HANG_UP_LIMIT, || {
+                            common::blocked_in_syscall(own, me).is_some_and(|n| sleeps_in.contains(&n))
+                        });
+                        assert!(asleep, "{kind:?} round {id}: the test thread never went to sleep");
+                        requests.try_push(echo, 0, id, &request).unwrap();
+                        assert!(requests.publish(), "{kind:?} round {id}: the parked worker asks for no ring");
+                        bell.notify().unwrap();
+                    });
+                    match client_bell {
+                        None => {
+                            // Woken early for another reason, it sleeps again
+                            // while the word says the reply is not out.
+                            let word = responses.data_waiter();
+                            let deadline = Instant::now() + HANG_UP_LIMIT;
+                            while word.load(Ordering::SeqCst) == 1 {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                if ipc_platform::futex::wait(word, 1, Some(left)).unwrap() == Wake::TimedOut {
+                                    return false;
+                                }
+                            }
+                            true
+                        }
+                        Some(bell) => {
+                            let ready = ipc_platform::wait_readable(&[bell.as_fd()], Some(HANG_UP_LIMIT)).unwrap();
+                            if ready[0] {
+                                assert_eq!(bell.drain().unwrap(), Drained::Rang, "{kind:?} round {id}");
+                            }
+                            ready[0]
+                        }
+                    }
+                });
+                assert!(woken, "{kind:?} round {id}: not woken within {HANG_UP_LIMIT:?}");
+                raw.responses.finish_sleep();
+                let header = raw.responses.try_pop(&mut body).unwrap().expect("the reply that woke us");
+                raw.responses.release();
+                assert_eq!((header.request_id, header.flags), (id, 0), "{kind:?}");
+                assert!(body == request, "{kind:?} round {id}: reply differs");
+            }
+        }
     });
 }
 
@@ -215,10 +318,7 @@ fn block_the_worker(daemon: &Daemon, ms: u32) -> thread::JoinHandle<Result<Vec<u
     let mut blocker = daemon.client();
     let sleep = blocker.service("debug.sleep").unwrap();
     let handle = thread::spawn(move || blocker.call(&sleep, &ms.to_le_bytes()));
-    if !common::wait_worker_in_handler(daemon.pid(), Duration::from_secs(10)) {
-        // Without /proc/<tid>/syscall, give the worker ample time to start.
-        thread::sleep(Duration::from_millis(300));
-    }
+    common::expect_worker_in_handler(daemon.pid());
     handle
 }
 

@@ -31,8 +31,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the slow reader leaves its replies unread each time: well
 /// under [`STALL_TIMEOUT`], while all its pauses together exceed it.
 const PAUSE: Duration = Duration::from_millis(500);
-/// How long the request ring must stay full for the daemon to count as
-/// stalled on our replies.
+/// How long a stream's writes must make no progress for the daemon to
+/// count as stalled on our replies (a stream session's stall shows in
+/// nothing else a client can see).
 const NO_PROGRESS: Duration = Duration::from_millis(100);
 /// The echo payload of the stalling clients.
 const PAYLOAD: usize = 200;
@@ -48,24 +49,25 @@ fn start() -> (common::Daemon, Transport, Transport) {
 }
 
 /// Sends echo requests from `next_id` on and reads no reply, until the
-/// daemon has taken none for [`NO_PROGRESS`]: its response ring is full
-/// and it waits for us. Rings the doorbell while it waits, which must not
-/// count as reading. Returns the id after the last one sent.
+/// request ring is full and the daemon waits for us: a reply did not fit
+/// the response ring, and the daemon announced that it waits for room
+/// (the response ring's space waiter). Rings the doorbell while it waits,
+/// which must not count as reading. Returns the id after the last one
+/// sent.
 fn fill_until_stalled(raw: &mut RawSession, mut next_id: u64) -> u64 {
     let echo = raw.service("echo");
-    let mut last_progress = Instant::now();
+    let deadline = Instant::now() + HANG_UP_LIMIT;
     loop {
         match raw.requests.try_push(echo, 0, next_id, &pattern(next_id, PAYLOAD)) {
-            Ok(()) => {
-                next_id += 1;
-                last_progress = Instant::now();
-            }
+            Ok(()) => next_id += 1,
             Err(PushError::Full) => {
                 raw.requests.publish();
                 raw.ring().expect("cannot ring the daemon");
-                if last_progress.elapsed() >= NO_PROGRESS {
+                if raw.waiters()[3].load(Ordering::SeqCst) == 1 {
                     return next_id;
                 }
+                assert!(Instant::now() < deadline, "the daemon did not stall on {} unread replies", next_id - 1);
+                // Polls for the daemon to take requests or stall.
                 thread::sleep(Duration::from_millis(1));
             }
             Err(e) => panic!("request ring: {e}"),
@@ -255,6 +257,9 @@ fn shm_client_that_reads_slowly_is_not_disconnected() {
         // Stalls, each shorter than the timeout, adding up to more.
         while started.elapsed() < STALL_TIMEOUT + PAUSE {
             next_id = fill_until_stalled(&mut raw, next_id);
+            // The slow reading itself, on purpose: the replies stay unread
+            // for a while (the daemon stalled on them). Not a wait for the
+            // daemon: nothing below depends on what it does meanwhile.
             thread::sleep(PAUSE);
             // Read every reply sent so far, telling the daemon about the
             // room made whenever it waits for some.
@@ -270,6 +275,7 @@ fn shm_client_that_reads_slowly_is_not_disconnected() {
                         if raw.responses.release() {
                             raw.ring().expect("cannot ring the daemon");
                         }
+                        // Polls for the next reply (the watchdog bounds it).
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
@@ -318,8 +324,9 @@ fn stream_client_that_reads_slowly_is_not_disconnected() {
         let mut stalls = 0u32;
         let mut id = 1;
         while id <= REQUESTS {
-            // Pause without reading; the daemon stalled on us if the writer
-            // made no progress over the end of the pause.
+            // Pause without reading, on purpose: the slow reading is the
+            // scenario. The daemon stalled on us if the writer made no
+            // progress over the end of the pause (this only counts stalls).
             thread::sleep(PAUSE - NO_PROGRESS);
             let before = written.load(Ordering::Relaxed);
             thread::sleep(NO_PROGRESS);

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    connect, fd_count, frame, join_all, join_within, json_u64, pattern, poll_until, settled_fd_count,
-    start_with_streams, stat_eventually, stats_json, wait_worker_in_handler, watchdog, Endpoints, CLEANUP_LIMIT,
+    connect, expect_worker_in_handler, fd_count, frame, join_all, join_within, json_u64, pattern, poll_until,
+    settled_fd_count, start_with_streams, stat_eventually, stats_json, watchdog, Endpoints, CLEANUP_LIMIT,
     HANG_UP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Transport};
@@ -291,8 +291,11 @@ fn timed_out_call_leaves_the_connection_usable_on_every_transport() {
             let mut client = connect(&transport, ClientOptions::default());
             let sleep = client.service("debug.sleep").unwrap();
             let echo = client.service("echo").unwrap();
+            // The handler outlasts the timeout by far, so that its reply
+            // cannot be there yet when the call gives up, even if this
+            // thread runs late.
             let limit = Duration::from_millis(50);
-            let result = client.call_timeout(&sleep, &250u32.to_le_bytes(), limit);
+            let result = client.call_timeout(&sleep, &1000u32.to_le_bytes(), limit);
             assert_eq!(result, Err(CallError::Timeout { after: limit }), "{name}");
             assert_eq!(client.in_flight(), 0, "{name}: the timed-out call still counts as in flight");
             // The session serves in order, so the late empty reply comes
@@ -526,28 +529,30 @@ fn sigterm_ends_blocked_stream_calls_and_removes_the_uds_socket() {
         client.call(&ping, b"").unwrap();
     }
 
+    // The sleeper's handler runs long enough for the daemon to notice the
+    // stop while it runs, even on a loaded machine.
     let sleep = sleeper.service("debug.sleep").unwrap();
-    let sleeping = thread::spawn(move || sleeper.call(&sleep, &1500u32.to_le_bytes()));
-    if !wait_worker_in_handler(daemon.pid(), Duration::from_secs(10)) {
-        // Without /proc/<tid>/syscall, give the worker ample time to start.
-        thread::sleep(Duration::from_millis(300));
-    }
+    let sleeping = thread::spawn(move || sleeper.call(&sleep, &3000u32.to_le_bytes()));
+    expect_worker_in_handler(daemon.pid());
+    // Each waiter's request is on its socket before the signal, and the
+    // only worker is busy: the daemon has not read it when it stops. Read
+    // at shutdown, it gets a shutdown error; still unread, it is past the
+    // last request the closing frame names. Either way, `Shutdown`.
     let waiting: Vec<_> = waiters
         .into_iter()
         .map(|mut client| {
             let sleep = client.service("debug.sleep").unwrap();
-            thread::spawn(move || (client.transport(), client.call(&sleep, &1000u32.to_le_bytes())))
+            let ticket = client.send(&sleep, &1000u32.to_le_bytes()).unwrap();
+            client.flush().unwrap();
+            (client, ticket)
         })
         .collect();
-    // Give the requests time to reach the daemon. Nothing depends on it: a
-    // request read at shutdown gets a shutdown error, and one that comes
-    // after is past the last request the closing frame names.
-    thread::sleep(Duration::from_millis(300));
 
     let status = daemon.terminate();
     assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", daemon.stderr());
-    for handle in waiting {
-        let (name, result) = join_within(handle, Duration::from_secs(10), "a call waiting at shutdown");
+    for (mut client, ticket) in waiting {
+        let name = client.transport();
+        let result = watchdog(Duration::from_secs(10), move || client.wait(ticket));
         assert!(matches!(result, Err(CallError::Shutdown)), "{name}: the call waiting at shutdown returned {result:?}");
     }
     // The sleeping handler ran to its end before the worker stopped, and
@@ -577,30 +582,67 @@ fn shut_down_writing(socket: &RawSocket) {
 
 #[test]
 fn stream_client_that_half_closes_gets_every_reply() {
-    // More replies than a Unix socket buffers (about 200 KiB), fewer than
-    // that plus the daemon's output limit (about 96 KiB here), so the
-    // daemon serves every request without stalling and still has replies
-    // queued for the socket when the end of the requests comes.
-    const REQUESTS: u64 = 260;
-    let (_daemon, ends) = start_with_streams(&[]);
+    /// Requests sent at a time: their replies (16 KiB) are far below the
+    /// daemon's output limit (about 96 KiB here).
+    const GROUP: u64 = 16;
+    const PAYLOAD: usize = 1000;
+    /// The bytes of one reply on the wire.
+    const REPLY: usize = HEADER_LEN + PAYLOAD;
+    // One worker that never spins: it learns of anything only from its
+    // poll, in the order things happened (see below).
+    let (_daemon, ends) = start_with_streams(&["--workers", "1", "--spin-us", "0"]);
     watchdog(TEST_LIMIT, move || {
+        let mut observer = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
+        // The echo requests the daemon has served. The stats count the
+        // observer's earlier stats calls too (each once its batch ends,
+        // before its reply), but not the one being answered.
+        let mut stats_calls = 0;
+        let mut served = move |observer: &mut Client| {
+            let requests = json_u64(&stats_json(observer), "requests");
+            stats_calls += 1;
+            requests - (stats_calls - 1)
+        };
         let mut raw = RawStream::connect(&Transport::Uds(ends.uds.clone()), 65536);
+        let RawSocket::Unix(socket) = &raw.socket else { unreachable!("a --uds connection") };
+        let socket = socket.try_clone().unwrap();
         let echo = raw.service("echo");
-        let wire: Vec<u8> = (1..=REQUESTS).flat_map(|id| frame(echo, 0, id, &pattern(id, 1000))).collect();
-        raw.send_raw(&wire);
-        // The end of the requests comes on its own, once the daemon has
-        // served them all; replies are read only after it has seen it.
-        thread::sleep(Duration::from_millis(300));
+        // Requests go out a group at a time, each group once the daemon has
+        // served the one before, until the daemon holds replies our socket
+        // did not take: how much a Unix socket takes depends on how the
+        // daemon's sends were cut up. Each group adds less than the output
+        // limit, so the daemon never stops reading, and every request is
+        // served before the end of the requests comes, on its own.
+        let mut sent = 0;
+        loop {
+            let wire: Vec<u8> =
+                (sent + 1..=sent + GROUP).flat_map(|id| frame(echo, 0, id, &pattern(id, PAYLOAD))).collect();
+            raw.send_raw(&wire);
+            sent += GROUP;
+            let all = poll_until(TEST_LIMIT, || served(&mut observer) == sent);
+            assert!(all, "the daemon did not serve {sent} requests: {}", stats_json(&mut observer));
+            let in_socket = rustix::io::ioctl_fionread(&socket).unwrap();
+            if in_socket < (sent as usize * REPLY) as u64 {
+                break;
+            }
+        }
         shut_down_writing(&raw.socket);
-        thread::sleep(Duration::from_millis(300));
+        // Replies are read only once the daemon has seen the end. The end
+        // of the stream is on the worker's poll before the observer's next
+        // request is (its session is parked: only its doorbell, rung after
+        // the end came, brings the worker to it), and the worker takes its
+        // poll's events before it serves: so once the observer has its
+        // reply, the worker has taken the end of the stream, with replies
+        // still to send.
+        stats_json(&mut observer);
         let mut ids = Vec::new();
-        while (ids.len() as u64) < REQUESTS {
+        while (ids.len() as u64) < sent {
             let Some((header, body)) = raw.read_frame() else { break };
-            assert!(body == pattern(header.request_id, 1000), "reply {} differs", header.request_id);
+            assert!(body == pattern(header.request_id, PAYLOAD), "reply {} differs", header.request_id);
             ids.push(header.request_id);
         }
-        assert_eq!(ids.len() as u64, REQUESTS, "replies before the hang-up, the last {:?}", ids.last());
-        assert_eq!(ids, (1..=REQUESTS).collect::<Vec<_>>());
+        assert_eq!(ids.len() as u64, sent, "replies before the hang-up, the last {:?}", ids.last());
+        assert_eq!(ids, (1..=sent).collect::<Vec<_>>());
+        assert!(raw.read_frame().is_none(), "a frame after the last reply");
     });
 }
 
@@ -621,9 +663,7 @@ fn stream_client_that_half_closes_is_hung_up_on_after_its_last_reply() {
             let mut sleeper = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
             let sleep = sleeper.service("debug.sleep").unwrap();
             let sleeping = thread::spawn(move || sleeper.call(&sleep, &300u32.to_le_bytes()));
-            if !wait_worker_in_handler(pid, Duration::from_secs(10)) {
-                thread::sleep(Duration::from_millis(100));
-            }
+            expect_worker_in_handler(pid);
             raw.send_raw(&frame(echo, 0, 2, b"last"));
             shut_down_writing(&raw.socket);
             let last = raw.read_frame().map(|(h, body)| (h.request_id, body));

@@ -6,8 +6,10 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
-use common::binaries;
+use common::{binaries, poll_until};
+use ipc_client::Client;
 
 fn run(extra: &[&str]) -> serde_json::Value {
     let report =
@@ -125,43 +127,50 @@ fn failed_calls_are_counted_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("ipcd.sock");
     let json = dir.path().join("run.json");
-    let mut daemon = Command::new(&ipcd)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--log-level", "error"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "ipcd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    // Both children die with this test's thread if it fails on the way.
+    let mut daemon = Command::new(&ipcd);
+    daemon.arg("--socket").arg(&socket).args(["--log-level", "error"]).stderr(std::process::Stdio::null());
+    ipc_platform::die_with_parent(&mut daemon);
+    let mut daemon = daemon.spawn().unwrap();
+    let up = poll_until(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    assert!(up, "ipcd did not start");
+    // Reads the daemon's stats for the test: a third client.
+    let mut observer = Client::connect_to(&socket).unwrap();
+    let stats = observer.service("stats").unwrap();
     // Far more calls than can finish before the daemon is killed.
-    let mut run = Command::new(&stress)
-        .args(["--scenario", "throughput", "--transport", "shm", "--clients", "2", "--messages", "100000000", "--json"])
+    let mut run = Command::new(&stress);
+    run.args(["--scenario", "throughput", "--transport", "shm", "--clients", "2", "--messages", "100000000", "--json"])
         .arg(&json)
         .arg("--socket")
         .arg(&socket)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+        .stderr(std::process::Stdio::null());
+    ipc_platform::die_with_parent(&mut run);
+    let mut run = run.spawn().unwrap();
+    // The daemon dies once both clients have connected and had calls
+    // answered: each then has exactly one call in flight, or is about to
+    // send one into the dead session.
+    // (The replies counted include the observer's earlier stats calls.)
+    let mut stats_calls = 0;
+    let calling = poll_until(Duration::from_secs(60), || {
+        let reply = observer.call(&stats, b"").expect("stats call");
+        let stats: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        stats_calls += 1;
+        stats["connected_clients"] == 3 && stats["replies"].as_u64().unwrap() > stats_calls + 1000
+    });
+    assert!(calling, "the stress clients did not connect and call");
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     // The clients stop calling once disconnected (they have no reconnect
-    // policy), so the run ends quickly; the watchdog is a backstop.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = run.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            run.kill().unwrap();
-            panic!("stress did not finish after its daemon died");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // policy), so the run ends quickly; the limit is a backstop.
+    let mut status = None;
+    poll_until(Duration::from_secs(120), || {
+        status = run.try_wait().unwrap();
+        status.is_some()
+    });
+    let Some(status) = status else {
+        run.kill().unwrap();
+        panic!("stress did not finish after its daemon died");
     };
     assert_eq!(status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();

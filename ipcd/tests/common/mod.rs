@@ -336,6 +336,93 @@ pub fn wait_worker_in_handler(pid: u32, limit: Duration) -> bool {
     true
 }
 
+/// [`wait_worker_in_handler`] for a test that cannot go on without knowing
+/// the worker took the request: where the worker's system call cannot be
+/// read, it fails, rather than guess with a sleep.
+///
+/// # Panics
+///
+/// Panics if the worker is not seen in the handler within
+/// [`HANG_UP_LIMIT`], or cannot be seen at all.
+pub fn expect_worker_in_handler(pid: u32) {
+    // The worker may not have started yet (nor named its thread) when it
+    // is handed the session, and the wait below looks for it only once.
+    worker_thread(pid);
+    assert!(
+        wait_worker_in_handler(pid, HANG_UP_LIMIT),
+        "cannot read /proc/{pid}/task/<tid>/syscall, which this test needs to know the worker is in a handler"
+    );
+}
+
+/// The id of process `pid`'s thread called `name`, if it has one.
+pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))?
+        .file_name()
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// The thread id of the daemon `pid`'s first worker, once it has started.
+///
+/// # Panics
+///
+/// Panics if it has not within [`STARTUP_LIMIT`].
+pub fn worker_thread(pid: u32) -> u32 {
+    let mut tid = None;
+    let started = poll_until(STARTUP_LIMIT, || {
+        tid = thread_named(pid, "ipcd-worker-0");
+        tid.is_some()
+    });
+    assert!(started, "the daemon {pid} has no thread ipcd-worker-0");
+    tid.expect("found")
+}
+
+/// The system call thread `tid` of process `pid` is blocked in, as
+/// `/proc/<pid>/task/<tid>/syscall` tells: `None` while the thread runs,
+/// or where the kernel does not say.
+pub fn blocked_in_syscall(pid: u32, tid: u32) -> Option<i64> {
+    let line = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    // "running", "-1 <sp> <pc>" outside a system call, else the number
+    // and its arguments.
+    line.split_whitespace().next()?.parse().ok().filter(|&n| n >= 0)
+}
+
+/// The system calls a thread sleeps in: a futex wait, a poll, an epoll
+/// wait, as this architecture numbers them.
+pub mod sleeping_syscalls {
+    /// A futex wait (the futex doorbell).
+    pub const FUTEX: &[i64] = &[libc::SYS_futex];
+    /// `poll` and `ppoll` (the pollable doorbell).
+    #[cfg(target_arch = "x86_64")]
+    pub const POLL: &[i64] = &[libc::SYS_poll, libc::SYS_ppoll];
+    /// `ppoll` (the pollable doorbell).
+    #[cfg(not(target_arch = "x86_64"))]
+    pub const POLL: &[i64] = &[libc::SYS_ppoll];
+    /// The epoll waits (a worker with nothing to do).
+    #[cfg(target_arch = "x86_64")]
+    pub const EPOLL: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+    /// The epoll waits (a worker with nothing to do).
+    #[cfg(not(target_arch = "x86_64"))]
+    pub const EPOLL: &[i64] = &[libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+}
+
+/// Bytes written on the Unix stream socket `stream` that its peer has not
+/// read yet (`SIOCOUTQ`): 0 once the peer has taken everything sent.
+pub fn unread_by_peer(stream: &UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's value) on a socket writes one c_int
+    // through the pointer, which points to `queued`, alive and writable for
+    // the whole call; the fd is open, borrowed from `stream`.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued as *mut libc::c_int) };
+    assert_eq!(rc, 0, "SIOCOUTQ failed: {}", io::Error::last_os_error());
+    usize::try_from(queued).expect("a queue length is not negative")
+}
+
 /// Open file descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("cannot list /proc/<pid>/fd").count()
