@@ -116,7 +116,7 @@ impl RingRef {
     /// Checks a peer-written index: aligned, within `lo..=hi`, and not below
     /// `floor`, the last value accepted for it.
     fn check_index(&self, theirs: u64, lo: u64, hi: u64, floor: u64, which: Index) -> Result<u64, RingError> {
-        if theirs % FRAME_ALIGN as u64 != 0 {
+        if !theirs.is_multiple_of(FRAME_ALIGN as u64) {
             return Err(RingError::MisalignedIndex { which, index: theirs });
         }
         if theirs < lo || theirs > hi || theirs < floor {
