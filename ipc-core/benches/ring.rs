@@ -114,7 +114,7 @@ impl Drop for Exited<'_> {
 /// cores shared with other work, a pure spin could starve the peer.
 fn backoff(spins: &mut u32, peer_exited: &AtomicBool) {
     *spins = spins.wrapping_add(1);
-    if *spins % 1024 == 0 {
+    if spins.is_multiple_of(1024) {
         // Relaxed: a stop signal only (see `Exited`).
         assert!(!peer_exited.load(Ordering::Relaxed), "peer thread exited before the run ended");
         thread::yield_now();

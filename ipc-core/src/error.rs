@@ -1,17 +1,21 @@
 //! Errors of the layout and handshake layers (the ring's are in `ring`).
 
-use std::fmt;
-
 /// A segment whose layout cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayoutError {
     /// The ring capacity is not a power of two in the accepted range.
+    #[error(
+        "ring capacity {capacity} is not a power of two between {} and {}",
+        crate::layout::MIN_RING_CAPACITY,
+        crate::layout::MAX_RING_CAPACITY
+    )]
     BadCapacity {
         /// The capacity given.
         capacity: u32,
     },
     /// The region is smaller than a header.
+    #[error("segment of {len} bytes is smaller than {need}")]
     TooSmall {
         /// The region's length.
         len: usize,
@@ -19,11 +23,13 @@ pub enum LayoutError {
         need: usize,
     },
     /// The header's magic number is wrong.
+    #[error("segment magic {found:#018x} is wrong")]
     BadMagic {
         /// The value found.
         found: u64,
     },
     /// The header's layout version is not ours.
+    #[error("segment layout version {found} is not the expected {expected}")]
     BadVersion {
         /// The version found.
         found: u32,
@@ -31,6 +37,7 @@ pub enum LayoutError {
         expected: u32,
     },
     /// A header field disagrees with the handshake or the mapping.
+    #[error("segment {field} is {found}, expected {expected}")]
     Mismatch {
         /// The field.
         field: &'static str,
@@ -41,41 +48,18 @@ pub enum LayoutError {
     },
 }
 
-impl fmt::Display for LayoutError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LayoutError::BadCapacity { capacity } => write!(
-                f,
-                "ring capacity {capacity} is not a power of two between {} and {}",
-                crate::layout::MIN_RING_CAPACITY,
-                crate::layout::MAX_RING_CAPACITY
-            ),
-            LayoutError::TooSmall { len, need } => {
-                write!(f, "segment of {len} bytes is smaller than {need}")
-            }
-            LayoutError::BadMagic { found } => write!(f, "segment magic {found:#018x} is wrong"),
-            LayoutError::BadVersion { found, expected } => {
-                write!(f, "segment layout version {found} is not the expected {expected}")
-            }
-            LayoutError::Mismatch { field, found, expected } => {
-                write!(f, "segment {field} is {found}, expected {expected}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for LayoutError {}
-
 /// A control message that cannot be encoded or decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum HandshakeError {
     /// The message does not start with the hello magic.
+    #[error("hello magic {found:#010x} is wrong")]
     BadMagic {
         /// The first four bytes, as a little-endian u32.
         found: u32,
     },
     /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: ours is {ours}, theirs is {theirs}")]
     VersionMismatch {
         /// Our version.
         ours: u32,
@@ -83,6 +67,7 @@ pub enum HandshakeError {
         theirs: u32,
     },
     /// The message is longer than allowed.
+    #[error("control message of {len} bytes exceeds the maximum {max}")]
     TooLong {
         /// Its length.
         len: usize,
@@ -90,43 +75,70 @@ pub enum HandshakeError {
         max: usize,
     },
     /// Bytes follow the decoded message.
+    #[error("{extra} stray bytes follow the control message")]
     TrailingBytes {
         /// How many.
         extra: usize,
     },
     /// The bytes do not decode.
+    #[error("control message does not decode: {reason}")]
     Decode {
         /// The decoder's complaint.
         reason: String,
     },
     /// The message does not encode.
+    #[error("control message does not encode: {reason}")]
     Encode {
         /// The encoder's complaint.
         reason: String,
     },
 }
 
-impl fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HandshakeError::BadMagic { found } => write!(f, "hello magic {found:#010x} is wrong"),
-            HandshakeError::VersionMismatch { ours, theirs } => {
-                write!(f, "protocol version mismatch: ours is {ours}, theirs is {theirs}")
-            }
-            HandshakeError::TooLong { len, max } => {
-                write!(f, "control message of {len} bytes exceeds the maximum {max}")
-            }
-            HandshakeError::TrailingBytes { extra } => {
-                write!(f, "{extra} stray bytes follow the control message")
-            }
-            HandshakeError::Decode { reason } => {
-                write!(f, "control message does not decode: {reason}")
-            }
-            HandshakeError::Encode { reason } => {
-                write!(f, "control message does not encode: {reason}")
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_messages_name_their_values() {
+        let cases = [
+            (
+                LayoutError::BadCapacity { capacity: 5000 },
+                "ring capacity 5000 is not a power of two between 4096 and 1073741824",
+            ),
+            (LayoutError::TooSmall { len: 64, need: 4096 }, "segment of 64 bytes is smaller than 4096"),
+            (LayoutError::BadMagic { found: 0x1234 }, "segment magic 0x0000000000001234 is wrong"),
+            (LayoutError::BadVersion { found: 1, expected: 2 }, "segment layout version 1 is not the expected 2"),
+            (
+                LayoutError::Mismatch { field: "capacity", found: 8192, expected: 4096 },
+                "segment capacity is 8192, expected 4096",
+            ),
+        ];
+        for (err, message) in cases {
+            assert_eq!(err.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn handshake_messages_name_their_values() {
+        let cases = [
+            (HandshakeError::BadMagic { found: 0x20544547 }, "hello magic 0x20544547 is wrong"),
+            (
+                HandshakeError::VersionMismatch { ours: 2, theirs: 3 },
+                "protocol version mismatch: ours is 2, theirs is 3",
+            ),
+            (
+                HandshakeError::TooLong { len: 5000, max: 4096 },
+                "control message of 5000 bytes exceeds the maximum 4096",
+            ),
+            (HandshakeError::TrailingBytes { extra: 3 }, "3 stray bytes follow the control message"),
+            (
+                HandshakeError::Decode { reason: "unexpected end".into() },
+                "control message does not decode: unexpected end",
+            ),
+            (HandshakeError::Encode { reason: "too big".into() }, "control message does not encode: too big"),
+        ];
+        for (err, message) in cases {
+            assert_eq!(err.to_string(), message);
         }
     }
 }
-
-impl std::error::Error for HandshakeError {}

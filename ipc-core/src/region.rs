@@ -144,7 +144,7 @@ impl Region {
         let base = NonNull::new(memory.as_ptr()).expect("shared memory pointer is null");
         assert_eq!(base.as_ptr() as usize % REGION_ALIGN, 0, "shared memory is not aligned to {REGION_ALIGN} bytes");
         let len = memory.len();
-        assert!(len > 0 && len % WORD == 0, "shared memory of {len} bytes is not a positive number of words");
+        assert!(len > 0 && len.is_multiple_of(WORD), "shared memory of {len} bytes is not a positive number of words");
         Region { base, len, _owner: Arc::new(memory) }
     }
 
@@ -310,7 +310,7 @@ impl Region {
 fn check_access(region_len: usize, offset: usize, len: usize, align: usize) {
     let end = offset.checked_add(len);
     assert!(
-        end.is_some_and(|end| end <= region_len) && offset % align == 0,
+        end.is_some_and(|end| end <= region_len) && offset.is_multiple_of(align),
         "region access at offset {offset} of {len} bytes (align {align}) is outside a region of {region_len} bytes"
     );
 }
@@ -336,7 +336,7 @@ impl HeapMemory {
     /// Panics if `len` is zero or not a multiple of [`WORD`], or the
     /// allocation fails.
     pub fn new(len: usize) -> HeapMemory {
-        assert!(len > 0 && len % WORD == 0, "heap memory of {len} bytes is not a positive number of words");
+        assert!(len > 0 && len.is_multiple_of(WORD), "heap memory of {len} bytes is not a positive number of words");
         let layout = std::alloc::Layout::from_size_align(len, REGION_ALIGN).expect("heap memory layout");
         // SAFETY: `layout` has a non-zero size (asserted above).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };

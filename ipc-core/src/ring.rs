@@ -116,7 +116,7 @@ impl RingRef {
     /// Checks a peer-written index: aligned, within `lo..=hi`, and not below
     /// `floor`, the last value accepted for it.
     fn check_index(&self, theirs: u64, lo: u64, hi: u64, floor: u64, which: Index) -> Result<u64, RingError> {
-        if theirs % FRAME_ALIGN as u64 != 0 {
+        if !theirs.is_multiple_of(FRAME_ALIGN as u64) {
             return Err(RingError::MisalignedIndex { which, index: theirs });
         }
         if theirs < lo || theirs > hi || theirs < floor {
@@ -165,10 +165,11 @@ impl fmt::Display for Index {
 }
 
 /// The peer broke the ring protocol. The ring can no longer be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RingError {
     /// An index the peer wrote is not 8-byte aligned.
+    #[error("{which} {index} is not {FRAME_ALIGN}-byte aligned")]
     MisalignedIndex {
         /// Which index.
         which: Index,
@@ -176,6 +177,7 @@ pub enum RingError {
         index: u64,
     },
     /// An index the peer wrote is outside the range it may take.
+    #[error("{which} {index} is outside the valid range {low}..={high}")]
     IndexOutOfRange {
         /// Which index.
         which: Index,
@@ -187,11 +189,13 @@ pub enum RingError {
         high: u64,
     },
     /// A frame header has flag bits this version does not know.
+    #[error("frame flags {flags:#06x} have unknown bits")]
     UnknownFlags {
         /// The flags read.
         flags: u16,
     },
     /// A frame claims a payload longer than the negotiated maximum.
+    #[error("frame length {len} exceeds the negotiated maximum {max}")]
     PayloadTooLarge {
         /// The length claimed.
         len: u32,
@@ -199,6 +203,7 @@ pub enum RingError {
         max: u32,
     },
     /// A frame runs past the end of the ring or past the published index.
+    #[error("frame of {size} bytes overruns the {available} bytes available")]
     FrameOverrun {
         /// Bytes the frame occupies.
         size: u64,
@@ -206,6 +211,7 @@ pub enum RingError {
         available: u64,
     },
     /// A pad frame does not cover exactly the rest of the lap.
+    #[error("pad frame length {len} does not cover the {expected} bytes to the end of the ring")]
     BadPad {
         /// The pad's length.
         len: u32,
@@ -214,40 +220,19 @@ pub enum RingError {
     },
 }
 
-impl fmt::Display for RingError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RingError::MisalignedIndex { which, index } => {
-                write!(f, "{which} {index} is not {FRAME_ALIGN}-byte aligned")
-            }
-            RingError::IndexOutOfRange { which, index, low, high } => {
-                write!(f, "{which} {index} is outside the valid range {low}..={high}")
-            }
-            RingError::UnknownFlags { flags } => {
-                write!(f, "frame flags {flags:#06x} have unknown bits")
-            }
-            RingError::PayloadTooLarge { len, max } => {
-                write!(f, "frame length {len} exceeds the negotiated maximum {max}")
-            }
-            RingError::FrameOverrun { size, available } => {
-                write!(f, "frame of {size} bytes overruns the {available} bytes available")
-            }
-            RingError::BadPad { len, expected } => {
-                write!(f, "pad frame length {len} does not cover the {expected} bytes to the end of the ring")
-            }
-        }
-    }
-}
-
-impl std::error::Error for RingError {}
-
 /// Why a frame could not be pushed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// [`PushError::Corrupt`]'s message includes the [`RingError`]'s, so
+/// `source()` is `None`: the chain printed (`{:#}` in anyhow) names the
+/// cause once, and so does the message alone, as the daemon logs it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PushError {
     /// Not enough free space now; retry after the consumer releases some.
+    #[error("ring is full")]
     Full,
     /// The payload is larger than the negotiated maximum; it never fits.
+    #[error("payload of {len} bytes exceeds the negotiated maximum {max}")]
     TooLarge {
         /// The payload length.
         len: usize,
@@ -255,22 +240,9 @@ pub enum PushError {
         max: u32,
     },
     /// The consumer broke the protocol.
+    #[error("ring is corrupt: {0}")]
     Corrupt(RingError),
 }
-
-impl fmt::Display for PushError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PushError::Full => f.write_str("ring is full"),
-            PushError::TooLarge { len, max } => {
-                write!(f, "payload of {len} bytes exceeds the negotiated maximum {max}")
-            }
-            PushError::Corrupt(e) => write!(f, "ring is corrupt: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for PushError {}
 
 impl From<RingError> for PushError {
     fn from(e: RingError) -> PushError {

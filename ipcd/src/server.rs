@@ -1,6 +1,5 @@
 //! The embeddable server: configuration, the service table, and `run`.
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,10 +89,14 @@ pub(crate) struct Config {
 }
 
 /// Why a server could not be built or run.
-#[derive(Debug)]
+///
+/// A failed system call is the error's `source()`, not part of its message:
+/// print the chain (`{:#}` in anyhow, as `ipcd` does) to see it.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
     /// The control socket could not be bound.
+    #[error("cannot listen on {}", path.display())]
     Bind {
         /// The path.
         path: PathBuf,
@@ -101,33 +104,14 @@ pub enum ServerError {
         source: io::Error,
     },
     /// A service could not be registered.
+    #[error("{0}")]
     Service(String),
     /// A configuration value is out of range.
+    #[error("{0}")]
     Config(String),
     /// A system call failed while starting or running.
-    Io(io::Error),
-}
-
-impl fmt::Display for ServerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServerError::Bind { path, source } => {
-                write!(f, "cannot listen on {}: {source}", path.display())
-            }
-            ServerError::Service(m) | ServerError::Config(m) => f.write_str(m),
-            ServerError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// The messages already include their cause, so `source()` is `None`:
-/// printing the chain would repeat it.
-impl std::error::Error for ServerError {}
-
-impl From<io::Error> for ServerError {
-    fn from(e: io::Error) -> ServerError {
-        ServerError::Io(e)
-    }
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// Builds a [`Server`]: where it listens, how many workers, and which
@@ -628,6 +612,18 @@ mod tests {
             .service("echo", |req: &[u8]| Ok(req.to_vec()))
             .build();
         assert!(matches!(result, Err(ServerError::Service(m)) if m.contains("twice")));
+    }
+
+    #[test]
+    fn a_bind_failure_names_the_path_and_chains_its_cause() {
+        let path = Path::new("/nonexistent/dir/x.sock");
+        let Err(err) = Server::builder().socket(path).build() else { panic!("bound {path:?}") };
+        assert_eq!(err.to_string(), "cannot listen on /nonexistent/dir/x.sock");
+        let cause = std::error::Error::source(&err).and_then(|e| e.downcast_ref::<io::Error>()).expect("an io::Error");
+        assert_eq!(cause.kind(), io::ErrorKind::NotFound);
+        // Printed as a chain, the cause appears once.
+        let expected = format!("cannot listen on /nonexistent/dir/x.sock: {cause}");
+        assert_eq!(format!("{:#}", anyhow::Error::from(err)), expected);
     }
 
     #[test]

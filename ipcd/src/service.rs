@@ -1,6 +1,5 @@
 //! Services: named handlers that map a request's bytes to a reply.
 
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -8,7 +7,8 @@ use ipc_core::{encode_error, ErrorCode, FrameHeader, FLAG_ERROR};
 
 /// An error a handler returns; the client receives its message as a remote
 /// error for that call alone.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct ServiceError {
     message: String,
 }
@@ -24,14 +24,6 @@ impl ServiceError {
         &self.message
     }
 }
-
-impl fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ServiceError {}
 
 /// A handler that writes its reply into a buffer the worker reuses, so a
 /// service that does not allocate costs no allocation per call.

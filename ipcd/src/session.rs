@@ -419,7 +419,7 @@ mod tests {
         let max = session.responses.max_payload() as usize;
         // 30 replies of 120 bytes fill 3600 of the 4096 bytes; the next
         // reply, of 2016, waits until the client has read five of them.
-        let sizes: Vec<u16> = std::iter::repeat(100).take(30).chain([2000]).collect();
+        let sizes: Vec<u16> = std::iter::repeat_n(100, 30).chain([2000]).collect();
         for (id, len) in (1..).zip(&sizes) {
             tx.try_push(0, 0, id, &len.to_le_bytes()).unwrap();
         }

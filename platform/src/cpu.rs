@@ -41,10 +41,10 @@ impl CoreGauge {
             return false;
         }
         let now = Instant::now();
-        if self.read_at.map_or(true, |t| now.duration_since(t) >= REFRESH) {
+        if self.read_at.is_none_or(|t| now.duration_since(t) >= REFRESH) {
             self.read_at = Some(now);
             // Unreadable (no /proc): assume free, as without the gauge.
-            self.free = runnable_threads().map_or(true, |n| n <= self.cores);
+            self.free = runnable_threads().is_none_or(|n| n <= self.cores);
         }
         self.free
     }

@@ -15,7 +15,6 @@
 //! assert_eq!(region.len(), 8192);
 //! ```
 
-mod alloc_count;
 mod bell;
 mod cpu;
 mod eventfd;
@@ -29,7 +28,6 @@ mod process;
 mod socket;
 pub mod stream;
 
-pub use alloc_count::{thread_allocations, CountingAllocator};
 pub use bell::{Drained, SocketBell};
 pub use cpu::{runnable_threads, CoreGauge};
 pub use eventfd::EventFd;

@@ -55,11 +55,17 @@ fn memfd_create_noexec(name: &str) -> io::Result<OwnedFd> {
 }
 
 /// Why a received memfd was refused.
-#[derive(Debug)]
+///
+/// [`SealError::Io`]'s message includes the `io::Error`'s, so `source()` is
+/// `None`: the daemon and the client pass the message on as it is (in a
+/// log line, a reject reason, a connect error), and a printed chain names
+/// the cause once. The `io::Error` itself is the variant's field.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SealError {
     /// One or more of [`SEALS`] is missing: the file could be resized, or
     /// its seals changed after the check.
+    #[error("memfd seals {} lack the required {}", SealNames(*found), SealNames(*missing))]
     MissingSeals {
         /// The seals found, as raw bits.
         found: u32,
@@ -68,11 +74,17 @@ pub enum SealError {
     },
     /// A seal that forbids writing (`F_SEAL_WRITE` or `F_SEAL_FUTURE_WRITE`)
     /// is present, so the segment cannot be mapped read-write and shared.
+    #[error(
+        "memfd seals {} include {}, which forbids the read-write shared mapping a segment needs",
+        SealNames(*found),
+        SealNames(found & WRITE_SEALS.bits())
+    )]
     WriteSealed {
         /// The seals found, as raw bits.
         found: u32,
     },
     /// The size is not the one announced.
+    #[error("memfd size {found} is not the announced {expected}")]
     Size {
         /// The size found.
         found: u64,
@@ -81,39 +93,8 @@ pub enum SealError {
     },
     /// Reading the seals or the size, or mapping, failed (not a memfd, for
     /// example).
+    #[error("cannot inspect or map memfd: {0}")]
     Io(io::Error),
-}
-
-impl fmt::Display for SealError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SealError::MissingSeals { found, missing } => {
-                write!(f, "memfd seals {} lack the required {}", SealNames(*found), SealNames(*missing))
-            }
-            SealError::WriteSealed { found } => {
-                let forbidding = found & WRITE_SEALS.bits();
-                write!(
-                    f,
-                    "memfd seals {} include {}, which forbids the read-write shared mapping a segment needs",
-                    SealNames(*found),
-                    SealNames(forbidding)
-                )
-            }
-            SealError::Size { found, expected } => {
-                write!(f, "memfd size {found} is not the announced {expected}")
-            }
-            SealError::Io(e) => write!(f, "cannot inspect or map memfd: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SealError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SealError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
 }
 
 /// Seal bits shown as hex and by name, `0x27 (SHRINK|GROW|SEAL|EXEC)`; bits
@@ -277,5 +258,18 @@ mod tests {
         assert_eq!(SealNames(0x40).to_string(), "0x40 (0x40)");
         let err = SealError::MissingSeals { found: 0x22, missing: 0x5 };
         assert_eq!(err.to_string(), "memfd seals 0x22 (SHRINK|EXEC) lack the required 0x5 (GROW|SEAL)");
+    }
+
+    #[test]
+    fn size_and_io_errors_name_their_values() {
+        let err = SealError::Size { found: 8192, expected: 4096 };
+        assert_eq!(err.to_string(), "memfd size 8192 is not the announced 4096");
+        // Not a memfd: F_GET_SEALS fails with EINVAL.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let err = check_sealed(file.as_fd(), 4096).unwrap_err();
+        assert!(matches!(&err, SealError::Io(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())));
+        let cause = io::Error::from(rustix::io::Errno::INVAL);
+        assert_eq!(err.to_string(), format!("cannot inspect or map memfd: {cause}"));
+        assert!(std::error::Error::source(&err).is_none(), "the message already names the cause");
     }
 }

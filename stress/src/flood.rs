@@ -246,7 +246,7 @@ impl FloodFigures {
             connect_p50_ratio: ratio(connect_us.p50, without.connect_us.p50),
             connect_p99_ratio: ratio(connect_us.p99, without.connect_us.p99),
             handshake_timeout_ms: without.handshake_timeout_ms,
-            connects_before_first_close: closings.first_close.map_or(true, |first| connects_end <= first),
+            connects_before_first_close: closings.first_close.is_none_or(|first| connects_end <= first),
             stalled_closed: closed.len(),
             stalled_closed_after_ms: (!closed.is_empty()).then(|| Span {
                 min: closed.iter().copied().fold(f64::INFINITY, f64::min),
@@ -268,6 +268,6 @@ impl FloodFigures {
             && self.stalled_answered == 0
             && self
                 .stalled_closed_after_ms
-                .map_or(true, |s| s.min >= timeout - EARLY_SLACK_MS && s.max <= timeout + slack)
+                .is_none_or(|s| s.min >= timeout - EARLY_SLACK_MS && s.max <= timeout + slack)
     }
 }

@@ -33,7 +33,7 @@ use crate::workload::{Probe, Workload, MIN_PAYLOAD};
 
 /// Counts the client threads' allocations, for `allocations_per_call`.
 #[global_allocator]
-static ALLOCATOR: ipc_platform::CountingAllocator = ipc_platform::CountingAllocator;
+static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::CountingAllocator;
 
 /// Replays the million-message test and its companions against ipcd and
 /// reports what it measured.

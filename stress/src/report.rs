@@ -178,7 +178,7 @@ impl Run {
                 self.failed == 0 && (self.soak.is_some() || self.sent == self.clients as u64 * self.messages_per_client)
             }
         };
-        exact && failures_ok && self.kill_clients.as_ref().map_or(true, KillReport::passed)
+        exact && failures_ok && self.kill_clients.as_ref().is_none_or(KillReport::passed)
     }
 
     /// The human summary.

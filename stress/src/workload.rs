@@ -273,13 +273,13 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
     let mut reply = Vec::with_capacity(w.payload);
     let mut expected = vec![0u8; w.payload];
     let mut in_flight: VecDeque<(Ticket, u64, Instant)> = VecDeque::with_capacity(w.window as usize);
-    let before = ipc_platform::thread_allocations();
+    let before = ipc_alloc_count::thread_allocations();
     if w.window <= 1 {
         sync_calls(client, echo, w, id, &mut out, &mut request, &mut reply);
     } else {
         pipelined_calls(client, echo, w, id, &mut out, (&mut request, &mut expected, &mut reply), &mut in_flight);
     }
-    out.allocations = ipc_platform::thread_allocations() - before;
+    out.allocations = ipc_alloc_count::thread_allocations() - before;
     out.lost = out.made.saturating_sub(out.outcomes.total());
     out
 }

@@ -709,3 +709,39 @@ fn writer_refuses_writes_past_the_payload() {
     let (_r, mut p, _c) = ring(4096);
     let _ = p.try_push_with(0, 0, 1, 8, |w| w.write_at(4, &[0; 5]));
 }
+
+#[test]
+fn error_messages_name_their_values() {
+    let cases = [
+        (RingError::MisalignedIndex { which: Index::Head, index: 13 }, "producer index 13 is not 8-byte aligned"),
+        (
+            RingError::IndexOutOfRange { which: Index::Tail, index: 5120, low: 0, high: 4096 },
+            "consumer index 5120 is outside the valid range 0..=4096",
+        ),
+        (RingError::UnknownFlags { flags: 0x80 }, "frame flags 0x0080 have unknown bits"),
+        (
+            RingError::PayloadTooLarge { len: 70000, max: 65536 },
+            "frame length 70000 exceeds the negotiated maximum 65536",
+        ),
+        (RingError::FrameOverrun { size: 512, available: 256 }, "frame of 512 bytes overruns the 256 bytes available"),
+        (
+            RingError::BadPad { len: 8, expected: 24 },
+            "pad frame length 8 does not cover the 24 bytes to the end of the ring",
+        ),
+    ];
+    for (err, message) in cases {
+        assert_eq!(err.to_string(), message);
+        assert!(std::error::Error::source(&err).is_none());
+    }
+    let corrupt = PushError::from(RingError::UnknownFlags { flags: 0x80 });
+    let cases = [
+        (PushError::Full, "ring is full"),
+        (PushError::TooLarge { len: 70000, max: 65536 }, "payload of 70000 bytes exceeds the negotiated maximum 65536"),
+        (corrupt, "ring is corrupt: frame flags 0x0080 have unknown bits"),
+    ];
+    for (err, message) in cases {
+        assert_eq!(err.to_string(), message);
+        // The message carries the cause, so the chain must not repeat it.
+        assert!(std::error::Error::source(&err).is_none());
+    }
+}

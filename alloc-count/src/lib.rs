@@ -1,5 +1,24 @@
 //! A global allocator that counts allocations per thread, for measuring
-//! that a code path allocates nothing.
+//! that a code path allocates nothing: stress reports the client threads'
+//! allocations per call with it. Only stress depends on this crate; stress
+//! is `#![forbid(unsafe_code)]`, so the allocator, an `unsafe impl`, lives
+//! here.
+//!
+//! ```
+//! use ipc_alloc_count::{thread_allocations, CountingAllocator};
+//!
+//! #[global_allocator]
+//! static ALLOCATOR: CountingAllocator = CountingAllocator;
+//!
+//! fn main() {
+//!     let before = thread_allocations();
+//!     let v = vec![0u8; 64];
+//!     assert_eq!(thread_allocations() - before, 1);
+//!     let before = thread_allocations();
+//!     let sum: u32 = v.iter().map(|&b| u32::from(b)).sum();
+//!     assert_eq!((sum, thread_allocations() - before), (0, 0));
+//! }
+//! ```
 //!
 //! # Safety
 //!
