@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod attacker;
+mod baselines;
 mod chaos;
 mod daemon;
 mod flood;
@@ -28,7 +29,7 @@ use ipc_client::Transport;
 
 use crate::chaos::{Chaos, KillPlan};
 use crate::daemon::{PeakSampler, PrivateDaemon};
-use crate::report::{Run, Spec};
+use crate::report::{Baseline, Run, Spec};
 use crate::workload::{Probe, Workload, MIN_PAYLOAD};
 
 /// Counts the client threads' allocations, for `allocations_per_call`.
@@ -132,6 +133,14 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+
+    /// Also run the baseline programs (stress/examples, built beside this
+    /// binary) after the throughput and latency runs, with the same
+    /// clients, calls and payload, and report ipcd's figures against them:
+    /// shm_baseline and epoll_echo, and for one client the floors
+    /// spin_floor and futex_baseline.
+    #[arg(long)]
+    baselines: bool,
 
     /// Use the daemon already running on this control socket instead of
     /// starting one.
@@ -326,6 +335,14 @@ fn validate(args: &Args) -> Result<(), String> {
     if args.duration.is_some() && args.procs {
         return Err("--duration runs clients as threads".into());
     }
+    if args.baselines {
+        if faulty || !matches!(args.scenario, Scenario::Throughput | Scenario::Latency | Scenario::All) {
+            return Err("--baselines goes with plain throughput and latency runs (or all)".into());
+        }
+        if args.scenario != Scenario::All && args.window.is_some_and(|w| w > 1) {
+            return Err("--baselines: the baselines make synchronous calls; drop --window".into());
+        }
+    }
     Ok(())
 }
 
@@ -404,6 +421,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         return hostile::run(&hostile_config(&args, exe)?);
     }
     let specs = plan(&args);
+    if args.baselines {
+        baselines::check_built(&exe, &specs)?;
+    }
     // A hung-up session is closed by its worker a moment later, so connects
     // in a row (latency runs) can outpace the clean-up on a loaded machine:
     // leave room for all of them.
@@ -433,7 +453,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
         println!("chaos {chaos:?}, seed {seed} (repeat with --seed {seed})");
     }
     let mut runs = Vec::new();
+    let mut baseline_rows = Vec::new();
+    // The scenario and payload whose runs are under way: its baselines run
+    // once the next one starts, or after the last run.
+    let mut group: Option<Spec> = None;
     for spec in specs {
+        if let Some(done) = group.take_if(|g| (g.scenario, g.payload) != (spec.scenario, spec.payload)) {
+            baseline_rows.extend(run_baselines(&args, &exe, &done, &runs)?);
+        }
+        group.get_or_insert_with(|| spec.clone());
         let transport = match spec.transport {
             "shm" => Transport::Shm(socket.clone()),
             "uds" => match &uds {
@@ -476,16 +504,41 @@ fn run(args: Args) -> anyhow::Result<bool> {
         print!("{}", run.summary(mode));
         runs.push(run);
     }
+    if let Some(done) = group {
+        baseline_rows.extend(run_baselines(&args, &exe, &done, &runs)?);
+    }
     if runs.len() > 1 {
         print!("{}", report::comparison(&runs));
     }
+    if !baseline_rows.is_empty() {
+        print!("{}", report::baseline_table(&baseline_rows));
+    }
     if let Some(path) = &args.json {
-        report::write_json(path, &runs)?;
+        report::write_json_with_baselines(path, &runs, &baseline_rows)?;
     }
     if let Some(d) = private {
         d.stop()?;
     }
     Ok(!runs.is_empty() && runs.iter().all(Run::passed))
+}
+
+/// With `--baselines`, runs the baselines of `spec`'s scenario and payload,
+/// printing each one's summary against the runs just made.
+fn run_baselines(args: &Args, exe: &std::path::Path, spec: &Spec, runs: &[Run]) -> anyhow::Result<Vec<Baseline>> {
+    if !args.baselines {
+        return Ok(Vec::new());
+    }
+    if spec.scenario == "latency" && spec.clients != 1 {
+        eprintln!("note: spin_floor and futex_baseline are one pair of threads: skipped for {} clients", spec.clients);
+    }
+    let mut rows = Vec::new();
+    for name in baselines::for_spec(spec) {
+        let figures = baselines::run(exe, name, spec, args.spin_us.map(Duration::from_micros))?;
+        let row = Baseline::new(spec, figures, runs);
+        print!("{}", row.summary());
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// The hostile scenario's configuration from the command line.

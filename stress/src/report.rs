@@ -1,9 +1,10 @@
 //! The figures of a run, as JSON and as a human summary.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chaos::{KillReport, RestartReport, Sample, Soak, StopReport};
 use crate::daemon::ProcessUsage;
@@ -341,15 +342,167 @@ pub fn comparison(runs: &[Run]) -> String {
     s
 }
 
-/// The JSON document: `{"runs": [RUN, ...]}`.
+/// What a baseline program (`stress/examples`) printed: its one JSON line,
+/// kept whole.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BaselineFigures {
+    pub name: String,
+    pub clients: usize,
+    pub messages_per_client: u64,
+    /// Payload bytes each way per call (0: the floors carry none).
+    pub payload_bytes: usize,
+    pub calls: u64,
+    pub duration_s: f64,
+    pub msgs_per_s: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// Figures of that baseline alone (how often each side slept, ...).
+    #[serde(flatten)]
+    pub notes: BTreeMap<String, serde_json::Value>,
+}
+
+/// A baseline run beside a scenario's runs, and ipcd's figures against it.
+#[derive(Serialize, Debug)]
+pub struct Baseline {
+    /// The scenario and payload of the runs it is compared with.
+    pub scenario: &'static str,
+    pub payload_bytes: usize,
+    pub baseline: BaselineFigures,
+    /// The figure compared: `msgs_per_s` (against a RUN's
+    /// `throughput_msgs_per_s`) or `p50_us` (against `latency_us.p50`).
+    pub compared: &'static str,
+    /// Per transport of those runs, how many times better ipcd did than the
+    /// baseline: its throughput over the baseline's, or the baseline's p50
+    /// over its own. Below 1, ipcd did worse.
+    pub ratios: BTreeMap<&'static str, f64>,
+}
+
+/// The transports in the order they are shown.
+const TRANSPORTS: [&str; 3] = ["shm", "uds", "tcp"];
+
+impl Baseline {
+    /// Compares `figures`, measured beside the runs of `spec`'s scenario and
+    /// payload, with those of `runs`.
+    pub fn new(spec: &Spec, figures: BaselineFigures, runs: &[Run]) -> Baseline {
+        let latency = spec.scenario == "latency";
+        let mut ratios = BTreeMap::new();
+        for r in runs.iter().filter(|r| r.scenario == spec.scenario && r.payload_bytes == spec.payload) {
+            let (ours, theirs) = if latency {
+                (figures.p50_us, r.latency_us.p50)
+            } else {
+                (r.throughput_msgs_per_s, figures.msgs_per_s)
+            };
+            if ours > 0.0 && theirs > 0.0 {
+                ratios.insert(r.transport, ours / theirs);
+            }
+        }
+        Baseline {
+            scenario: spec.scenario,
+            payload_bytes: spec.payload,
+            baseline: figures,
+            compared: if latency { "p50_us" } else { "msgs_per_s" },
+            ratios,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        if self.compared == "p50_us" {
+            "p50 us"
+        } else {
+            "msg/s"
+        }
+    }
+
+    fn ratio(&self, transport: &str) -> String {
+        self.ratios.get(transport).map_or_else(|| "-".into(), |x| format!("{x:.2}x"))
+    }
+
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let b = &self.baseline;
+        let mut s = format!(
+            "baseline {} beside {} ({}): {} clients x {} round trips, {}\n",
+            b.name,
+            self.scenario,
+            size(self.payload_bytes),
+            b.clients,
+            b.messages_per_client,
+            if b.payload_bytes == 0 { "no payload".into() } else { format!("{} each way", size(b.payload_bytes)) }
+        );
+        s += &format!("  throughput  {:.0} msg/s over {:.3} s ({} calls)\n", b.msgs_per_s, b.duration_s, b.calls);
+        s += &format!(
+            "  latency us  p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.1}\n",
+            b.p50_us, b.p90_us, b.p99_us, b.max_us
+        );
+        if !b.notes.is_empty() {
+            let notes: Vec<String> = b.notes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            s += &format!("  notes       {}\n", notes.join("  "));
+        }
+        let ratios: Vec<String> = TRANSPORTS
+            .iter()
+            .filter(|t| self.ratios.contains_key(*t))
+            .map(|t| format!("{t} {}", self.ratio(t)))
+            .collect();
+        if !ratios.is_empty() {
+            s += &format!("  ipcd        {}  ({}; above 1: ipcd better)\n", ratios.join("  "), self.label());
+        }
+        s
+    }
+}
+
+/// The table of ipcd against the baselines: one row per baseline, its
+/// figure, and how many times better ipcd did over each transport (as in
+/// [`Baseline::ratios`]).
+pub fn baseline_table(baselines: &[Baseline]) -> String {
+    let mut s = format!(
+        "\n{:<15} {:<11} {:>8}  {:<7} {:>13} {:>9} {:>9} {:>9}\n",
+        "baseline", "scenario", "payload", "figure", "baseline", "shm:base", "uds:base", "tcp:base"
+    );
+    for b in baselines {
+        let value = match b.compared {
+            "p50_us" => format!("{:.2}", b.baseline.p50_us),
+            _ => format!("{:.0}", b.baseline.msgs_per_s),
+        };
+        s += &format!(
+            "{:<15} {:<11} {:>8}  {:<7} {:>13} {:>9} {:>9} {:>9}\n",
+            b.baseline.name,
+            b.scenario,
+            size(b.payload_bytes),
+            b.label(),
+            value,
+            b.ratio("shm"),
+            b.ratio("uds"),
+            b.ratio("tcp")
+        );
+    }
+    s
+}
+
+/// The JSON document: `{"runs": [RUN, ...]}`, and `"baselines": [...]`
+/// when any ran.
 #[derive(Serialize)]
 struct Report<'a, R> {
     runs: &'a [R],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    baselines: &'a [Baseline],
 }
 
 /// Writes `runs` to `path` as the JSON document `{"runs": [RUN, ...]}`.
 pub fn write_json<R: Serialize>(path: &std::path::Path, runs: &[R]) -> anyhow::Result<()> {
+    write_json_with_baselines(path, runs, &[])
+}
+
+/// Writes `runs` and `baselines` to `path` as the JSON document
+/// `{"runs": [RUN, ...], "baselines": [BASELINE, ...]}` (without
+/// `baselines` when there are none).
+pub fn write_json_with_baselines<R: Serialize>(
+    path: &std::path::Path,
+    runs: &[R],
+    baselines: &[Baseline],
+) -> anyhow::Result<()> {
     use anyhow::Context;
-    let text = serde_json::to_string_pretty(&Report { runs })?;
+    let text = serde_json::to_string_pretty(&Report { runs, baselines })?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
