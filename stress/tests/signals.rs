@@ -72,7 +72,12 @@ impl Run {
                 let socket = args.iter().skip_while(|a| *a != "--socket").nth(1)?;
                 Some((daemon, PathBuf::from(socket)))
             });
-            found.as_ref().is_some_and(|(_, socket)| socket.exists())
+            // Up once stress has announced it (after it accepts): a signal
+            // sent before that may stop stress before it says which daemon
+            // it started.
+            found.as_ref().is_some_and(|(daemon, socket)| {
+                socket.exists() && self.stderr().contains(&format!("private ipcd started, pid {}", daemon.pid))
+            })
         });
         if let Some((daemon, socket)) = &found {
             self.seen.push(*daemon);
