@@ -292,6 +292,20 @@ fn size(bytes: usize) -> String {
     }
 }
 
+/// `x` to two significant figures: a ratio of two figures from one run on
+/// a shared machine carries no more (1.7, 0.91, 71, 100).
+pub fn two_figures(x: f64) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return format!("{x}");
+    }
+    let magnitude = x.log10().floor() as i32;
+    let scale = 10f64.powi(magnitude - 1);
+    let rounded = (x / scale).round() * scale;
+    // The rounding may carry into the next power of ten (9.96 -> 10).
+    let magnitude = rounded.log10().floor() as i32;
+    format!("{:.*}", (1 - magnitude).max(0) as usize, rounded)
+}
+
 /// The comparison table: one row per scenario and payload, each
 /// transport's headline figure, and how shm compares with uds and tcp
 /// (higher is better for shm in both directions: a throughput ratio, or how
@@ -323,7 +337,7 @@ pub fn comparison(runs: &[Run]) -> String {
         let ratio = |t: &str| match (find("shm"), find(t)) {
             (Some(a), Some(b)) if figure(a) > 0.0 && figure(b) > 0.0 => {
                 let x = if higher_better { figure(a) / figure(b) } else { figure(b) / figure(a) };
-                format!("{x:.2}x")
+                format!("{}x", two_figures(x))
             }
             _ => "-".into(),
         };
@@ -416,7 +430,7 @@ impl Baseline {
     }
 
     fn ratio(&self, transport: &str) -> String {
-        self.ratios.get(transport).map_or_else(|| "-".into(), |x| format!("{x:.2}x"))
+        self.ratios.get(transport).map_or_else(|| "-".into(), |x| format!("{}x", two_figures(*x)))
     }
 
     /// The human summary.
@@ -505,4 +519,25 @@ pub fn write_json_with_baselines<R: Serialize>(
     use anyhow::Context;
     let text = serde_json::to_string_pretty(&Report { runs, baselines })?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_keep_two_significant_figures() {
+        let cases = [
+            (1.7049, "1.7"),
+            (0.9134, "0.91"),
+            (71.3, "71"),
+            (103.6, "100"),
+            (9.96, "10"),
+            (5.42, "5.4"),
+            (0.0512, "0.051"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(two_figures(x), want, "{x}");
+        }
+    }
 }
