@@ -30,8 +30,9 @@ const IN_FLIGHT_RESERVE: usize = 256;
 /// The longest call timeout honoured.
 const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The default spin limit, chosen by measuring one and 100 clients on a
-/// 2-core machine (see the README): long enough to cover a peer that
-/// answers without sleeping, short enough that failed spins cost little.
+/// 2-core machine (the README's spin table, with its command): long enough
+/// to cover a peer that answers without sleeping, short enough that failed
+/// spins cost little.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// How a client reaches the daemon.

@@ -19,7 +19,7 @@ use crate::stats::Stats;
 pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
 
 /// The default spin limit of a worker, chosen by measuring one and 100
-/// clients on a 2-core machine (see the README).
+/// clients on a 2-core machine (the README's spin table, with its command).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// How long a client may leave its replies unread, by default, before its
