@@ -1242,6 +1242,9 @@ fn accept_welcome(message: ServerMessage) -> Result<(Welcome, SegmentLayout), Co
             return Err(ConnectError::VersionMismatch { daemon, client })
         }
         ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
+        ServerMessage::Accepted { .. } => {
+            return Err(ConnectError::Protocol("the daemon answered a session's hello as a broker connection".into()))
+        }
     };
     let protocol = |m: String| ConnectError::Protocol(m);
     if welcome.version != PROTOCOL_VERSION {

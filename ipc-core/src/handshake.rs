@@ -9,17 +9,22 @@
 //! can name a client's version even when it cannot decode the rest. The
 //! daemon answers with a [`ServerMessage`]: a [`Welcome`] that carries the
 //! session's file descriptors by `SCM_RIGHTS` (see [`Welcome::fd_count`]), or
-//! a [`Reject`] that says why. After that the connection carries nothing;
-//! it stays open for the session's life and its hang-up ends the session.
+//! a [`Reject`] that says why. After that a session's connection carries
+//! nothing; it stays open for the session's life and its hang-up ends the
+//! session. A hello may instead open a broker or a provider connection
+//! ([`Role`]): the daemon answers [`ServerMessage::Accepted`], and the
+//! connection then carries the messages of [`crate::control`].
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::Role;
 use crate::error::HandshakeError;
 
 /// `b"IPCD"` read as a little-endian u32; starts every hello.
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"IPCD");
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added the hello's
+/// role, `Accepted`, and the broker and provider messages.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest control message body accepted, in bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 /// Bytes of the length prefix before each control message.
@@ -53,12 +58,20 @@ pub struct Hello {
     pub ring_capacity: u32,
     /// How the client wants to be woken.
     pub doorbell: DoorbellKind,
+    /// What the connection is for.
+    pub role: Role,
 }
 
 impl Hello {
-    /// A hello of this build's version.
+    /// A session's hello of this build's version.
     pub fn new(ring_capacity: u32, doorbell: DoorbellKind) -> Hello {
-        Hello { magic: HELLO_MAGIC, version: PROTOCOL_VERSION, ring_capacity, doorbell }
+        Hello { magic: HELLO_MAGIC, version: PROTOCOL_VERSION, ring_capacity, doorbell, role: Role::Session }
+    }
+
+    /// The hello of a broker or provider connection (the ring fields are
+    /// unused there).
+    pub fn for_role(role: Role) -> Hello {
+        Hello { role, ..Hello::new(0, DoorbellKind::Futex) }
     }
 }
 
@@ -187,10 +200,17 @@ impl std::fmt::Display for Reject {
 /// The daemon's answer to a hello.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
-    /// Accepted; the fds come with this message.
+    /// A session accepted; the fds come with this message.
     Welcome(Welcome),
     /// Refused.
     Reject(Reject),
+    /// A broker or provider connection accepted (no fds).
+    Accepted {
+        /// The daemon's protocol version.
+        version: u32,
+        /// The daemon's id for the connection (in its logs).
+        connection_id: u64,
+    },
 }
 
 /// Encodes `msg` with its length prefix.
@@ -213,6 +233,12 @@ pub fn body_len(prefix: [u8; LENGTH_PREFIX]) -> Result<usize, HandshakeError> {
         return Err(HandshakeError::TooLong { len, max: MAX_CONTROL_MESSAGE });
     }
     Ok(len)
+}
+
+/// Decodes a control message body (without its prefix); every byte must
+/// belong to it.
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HandshakeError> {
+    decode_exact(body)
 }
 
 fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, HandshakeError> {

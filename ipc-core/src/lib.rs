@@ -28,6 +28,7 @@
 //! rx.release();
 //! ```
 
+pub mod control;
 mod error;
 pub mod frame;
 #[cfg(not(loom))]
@@ -42,6 +43,7 @@ mod segment;
 mod spin;
 pub mod sync;
 
+pub use control::{Credentials, Role};
 pub use error::{HandshakeError, LayoutError};
 pub use frame::{stream_frame, FrameHeader, FLAG_CLOSED, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
 pub use handshake::{DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, Welcome, PROTOCOL_VERSION};

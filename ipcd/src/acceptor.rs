@@ -50,13 +50,16 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::limits::{self, Refusal};
 use crate::pending::{Owner, PendingSet};
-use crate::server::{Server, ServerError, Shared, ACCEPTOR_WAKER};
+use crate::server::ServerError;
 use crate::session::{ClientWake, Session};
+use crate::shared::Shared;
 use crate::stats::RejectReason;
 use crate::stream_session::{Peer, Stream, StreamSession};
 use crate::worker::{self, Conn, WorkerHandle};
 
 const LISTENER: Token = Token(0);
+/// The acceptor's waker: [`crate::ShutdownHandle`] rings it.
+pub(crate) const WAKER: Token = Token(1);
 const UDS_LISTENER: Token = Token(2);
 const TCP_LISTENER: Token = Token(3);
 const FIRST_PENDING: usize = 4;
@@ -90,6 +93,16 @@ struct Pending {
     held: Option<Hello>,
 }
 
+/// The sockets a server listens on, bound by its builder.
+pub(crate) struct Listeners {
+    /// The control socket.
+    pub(crate) bound: ipc_platform::BoundSocket,
+    /// The `--uds` stream socket.
+    pub(crate) uds: Option<ipc_platform::BoundSocket>,
+    /// The `--tcp` listener.
+    pub(crate) tcp: Option<std::net::TcpListener>,
+}
+
 pub(crate) struct Acceptor {
     shared: Arc<Shared>,
     bound: ipc_platform::BoundSocket,
@@ -106,8 +119,15 @@ pub(crate) struct Acceptor {
 }
 
 impl Acceptor {
-    pub(crate) fn new(server: Server) -> Result<Acceptor, ServerError> {
-        let Server { shared, bound, uds, tcp, poll, waker } = server;
+    /// Takes the bound listeners and the poll (with its waker registered
+    /// as [`WAKER`]) and starts the workers.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        listeners: Listeners,
+        poll: Poll,
+        waker: Arc<Waker>,
+    ) -> Result<Acceptor, ServerError> {
+        let Listeners { bound, uds, tcp } = listeners;
         let listener_fd = bound.listener.try_clone()?;
         let mut listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -128,21 +148,7 @@ impl Acceptor {
             }
             None => None,
         };
-        let mut workers: Vec<WorkerHandle> = Vec::with_capacity(shared.config.workers);
-        for i in 0..shared.config.workers {
-            match worker::spawn(i, Arc::clone(&shared)) {
-                Ok(w) => workers.push(w),
-                Err(e) => {
-                    // Stop the workers already running before giving up.
-                    shared.shutting_down.store(true, Ordering::Release);
-                    for w in &mut workers {
-                        w.wake();
-                        w.join();
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
+        let workers = worker::spawn_all(&shared.engine)?;
         Ok(Acceptor {
             shared,
             bound,
@@ -161,7 +167,7 @@ impl Acceptor {
 
     pub(crate) fn run(mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(256);
-        while !self.shared.shutting_down.load(Ordering::Acquire) {
+        while !self.shared.engine.shutting_down.load(Ordering::Acquire) {
             let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -173,7 +179,7 @@ impl Acceptor {
             for event in events.iter() {
                 match event.token() {
                     LISTENER | UDS_LISTENER | TCP_LISTENER => self.accept(),
-                    ACCEPTOR_WAKER => {}
+                    WAKER => {}
                     Token(t) => self.read_hello(t - FIRST_PENDING),
                 }
             }
@@ -269,7 +275,7 @@ impl Acceptor {
         if self.pending.len() >= self.shared.config.max_pending_handshakes && !self.make_room(owner) {
             let max = self.shared.config.max_pending_handshakes;
             tracing::debug!(peer = %peer, "too many unfinished handshakes ({max}); closing the connection");
-            self.shared.stats.rejected(RejectReason::PendingHandshakeLimit);
+            self.shared.engine.stats.rejected(RejectReason::PendingHandshakeLimit);
             // Best effort: a client whose hello is already on its way reads
             // why; one that writes after the close sees a hang-up.
             let reject = Reject::TooManyPendingHandshakes { max: max.try_into().unwrap_or(u32::MAX) };
@@ -286,7 +292,7 @@ impl Acceptor {
         let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None };
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         self.pending.insert(pending, owner, deadline);
-        self.shared.stats.set_pending(self.pending.len());
+        self.shared.engine.stats.set_pending(self.pending.len());
     }
 
     /// At the cap, closes the oldest pending handshake of the owner with
@@ -387,7 +393,7 @@ impl Acceptor {
 
     fn take_pending(&mut self, key: usize) -> Option<Pending> {
         let mut pending = self.pending.remove(key)?;
-        self.shared.stats.set_pending(self.pending.len());
+        self.shared.engine.stats.set_pending(self.pending.len());
         let _ = self.poll.registry().deregister(&mut pending.stream);
         Some(pending)
     }
@@ -396,7 +402,7 @@ impl Acceptor {
         if let Some(pending) = self.take_pending(key) {
             // Count before closing, so a client that sees the close also
             // sees the count.
-            self.shared.stats.rejected(reason);
+            self.shared.engine.stats.rejected(reason);
             drop(pending);
         }
     }
@@ -418,14 +424,14 @@ impl Acceptor {
         }
         // Count before answering, so a client that sees the reject also
         // sees the count.
-        self.shared.stats.rejected(reason);
+        self.shared.engine.stats.rejected(reason);
         if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
             let _ = pending.stream.write(&bytes);
         }
     }
 
     fn admit(&mut self, key: usize, hello: Hello) {
-        if self.shared.shutting_down.load(Ordering::Acquire) {
+        if self.shared.engine.shutting_down.load(Ordering::Acquire) {
             return self.reject(key, Reject::ShuttingDown, RejectReason::ShuttingDown);
         }
         if let Some(pending) = self.pending.get_mut(key) {
@@ -435,7 +441,7 @@ impl Acceptor {
                     // `cooldown`); `expire` admits it then.
                     if pending.held.is_none() {
                         tracing::debug!(peer = %pending.peer, "hello held: the peer broke the protocol lately");
-                        self.shared.stats.held();
+                        self.shared.engine.stats.held();
                     }
                     pending.held = Some(hello);
                     self.pending.set_deadline(key, until);
@@ -444,7 +450,7 @@ impl Acceptor {
             }
         }
         let max = self.shared.config.max_clients;
-        if self.shared.stats.connected.load(Ordering::Relaxed) >= max {
+        if self.shared.engine.stats.connected.load(Ordering::Relaxed) >= max {
             return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
         }
         let Some(pending) = self.pending.get(key) else {
@@ -478,17 +484,17 @@ impl Acceptor {
         let Some(mut conn) = conn else { return };
         conn.hold(lease);
         self.next_session += 1;
-        self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-        self.shared.stats.accepted();
+        self.shared.engine.stats.connected.fetch_add(1, Ordering::Relaxed);
+        self.shared.engine.stats.accepted();
         let worker = self
             .workers
             .iter()
-            .min_by_key(|w| self.shared.stats.workers[w.index].sessions.load(Ordering::Relaxed))
+            .min_by_key(|w| self.shared.engine.stats.workers[w.index].sessions.load(Ordering::Relaxed))
             .expect("at least one worker");
         tracing::debug!(session = id, worker = worker.index, "session opened");
         if let Err(e) = worker.adopt(conn) {
             tracing::error!(session = id, "cannot hand the session to a worker: {e}");
-            self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+            self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -534,7 +540,7 @@ impl Acceptor {
             ring_capacity: capacity,
             max_payload,
             doorbell: hello.doorbell,
-            services: self.shared.services.directory(),
+            services: self.shared.engine.services.directory(),
         };
         let sent = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other).and_then(|bytes| {
             // A fresh connection's send buffer takes a welcome whole.
@@ -545,7 +551,7 @@ impl Acceptor {
         });
         if let Err(e) = sent {
             tracing::warn!(peer = %pending.peer, "cannot welcome a stream client: {e}");
-            self.shared.stats.rejected(RejectReason::HungUp);
+            self.shared.engine.stats.rejected(RejectReason::HungUp);
             return None;
         }
         tracing::debug!(session = id, peer = %pending.peer, "stream session");
@@ -572,7 +578,7 @@ impl Acceptor {
             ring_capacity: capacity,
             max_payload: layout.max_payload(),
             doorbell: hello.doorbell,
-            services: self.shared.services.directory(),
+            services: self.shared.engine.services.directory(),
         };
         let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other)?;
         let mut fds: Vec<BorrowedFd<'_>> = vec![memfd.as_fd(), bell.as_fd()];
@@ -610,7 +616,7 @@ impl Acceptor {
     /// Stops accepting, removes the socket file, and waits for the workers
     /// to answer what is in flight and close their sessions.
     fn stop(&mut self) {
-        self.shared.shutting_down.store(true, Ordering::Release);
+        self.shared.engine.shutting_down.store(true, Ordering::Release);
         if let Err(e) = ipc_platform::remove_control_socket(&self.shared.config.socket, &self.bound) {
             tracing::warn!("cannot remove {}: {e}", self.shared.config.socket.display());
         }

@@ -39,11 +39,13 @@
 mod acceptor;
 mod access;
 mod cooldown;
+mod engine;
 mod limits;
 mod pending;
 mod server;
 mod service;
 mod session;
+mod shared;
 mod stats;
 mod stream_session;
 mod worker;

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipc_core::SegmentLayout;
-use mio::{Poll, Token, Waker};
+use mio::{Poll, Waker};
 
-use crate::acceptor::Acceptor;
+use crate::acceptor::{self, Acceptor, Listeners};
 use crate::access::AllowList;
+use crate::engine::Engine;
 use crate::limits::Limits;
 use crate::service::{self, Handler, ServiceError, ServiceTable};
+use crate::shared::{Config, Shared, Strikes};
 use crate::stats::Stats;
-
-pub(crate) const ACCEPTOR_WAKER: Token = Token(1);
 
 /// The default spin limit of a worker, chosen by measuring one and 100
 /// clients on a 2-core machine (the README's spin table, with its command).
@@ -53,39 +53,6 @@ fn default_max_shm() -> u64 {
 
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// What every thread of a server shares.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) services: ServiceTable,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) shutting_down: AtomicBool,
-    /// Strikes against peers that broke the protocol.
-    pub(crate) cooldown: crate::cooldown::Cooldown,
-    /// The memory budget and the sessions per uid.
-    pub(crate) limits: Arc<Limits>,
-}
-
-/// A validated server configuration.
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) socket: PathBuf,
-    pub(crate) socket_mode: u32,
-    pub(crate) workers: usize,
-    pub(crate) max_clients: usize,
-    pub(crate) handshake_timeout: Duration,
-    /// The most handshakes pending at once.
-    pub(crate) max_pending_handshakes: usize,
-    pub(crate) max_ring_capacity: u32,
-    /// How long a worker spins on idle rings before sleeping.
-    pub(crate) spin: Duration,
-    pub(crate) uds: Option<PathBuf>,
-    /// Who may connect to the Unix listeners.
-    pub(crate) allow: AllowList,
-    /// How long a session may stay stalled on replies its client does not
-    /// read before it is closed.
-    pub(crate) stall_timeout: Duration,
 }
 
 /// Why a server could not be built or run.
@@ -418,29 +385,30 @@ impl ServerBuilder {
         };
         let spin = if workers_cores() > 1 { self.spin } else { Duration::ZERO };
         let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), ACCEPTOR_WAKER)?);
+        let waker = Arc::new(Waker::new(poll.registry(), acceptor::WAKER)?);
         let config = Config {
             socket,
             socket_mode: self.socket_mode,
-            workers,
             max_clients: self.max_clients,
             handshake_timeout: self.handshake_timeout,
             max_pending_handshakes: self.max_pending_handshakes,
             max_ring_capacity: self.max_ring_capacity,
-            spin,
             uds: self.uds,
             allow: self.allow,
-            stall_timeout: self.stall_timeout,
         };
-        let shared = Arc::new(Shared {
-            config,
+        let cooldown = Arc::new(crate::cooldown::Cooldown::default());
+        let events = Box::new(Strikes { cooldown: Arc::clone(&cooldown), stats: Arc::clone(&stats) });
+        let engine = Arc::new(Engine {
+            workers,
+            spin,
+            stall_timeout: self.stall_timeout,
             services,
             stats,
             shutting_down: AtomicBool::new(false),
-            cooldown: Default::default(),
-            limits,
+            events,
         });
-        Ok(Server { shared, bound, uds, tcp, poll, waker })
+        let shared = Arc::new(Shared { config, engine, cooldown, limits });
+        Ok(Server { shared, listeners: Listeners { bound, uds, tcp }, poll, waker })
     }
 }
 
@@ -462,12 +430,10 @@ impl ServerBuilder {
 /// # Ok::<(), ipcd::ServerError>(())
 /// ```
 pub struct Server {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) bound: ipc_platform::BoundSocket,
-    pub(crate) uds: Option<ipc_platform::BoundSocket>,
-    pub(crate) tcp: Option<std::net::TcpListener>,
-    pub(crate) poll: Poll,
-    pub(crate) waker: Arc<Waker>,
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    poll: Poll,
+    waker: Arc<Waker>,
 }
 
 impl Server {
@@ -484,12 +450,12 @@ impl Server {
     /// The TCP address served, if any (with the port chosen when asked for
     /// port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// A handle that stops the server from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle { shared: Arc::clone(&self.shared), waker: Arc::clone(&self.waker) }
+        ShutdownHandle { engine: Arc::clone(&self.shared.engine), waker: Arc::clone(&self.waker) }
     }
 
     /// Serves until shut down: stops accepting, answers requests still in
@@ -499,34 +465,35 @@ impl Server {
         tracing::info!(
             socket = %self.shared.config.socket.display(),
             mode = format_args!("{:o}", self.shared.config.socket_mode),
-            workers = self.shared.config.workers,
+            workers = self.shared.engine.workers,
             max_clients = self.shared.config.max_clients,
             uds = ?self.shared.config.uds,
             tcp = ?self.tcp_addr(),
             allow_uids = ?self.shared.config.allow.uids,
             allow_gids = ?self.shared.config.allow.gids,
-            spin_us = self.shared.config.spin.as_micros() as u64,
-            stall_timeout_ms = self.shared.config.stall_timeout.as_millis() as u64,
+            spin_us = self.shared.engine.spin.as_micros() as u64,
+            stall_timeout_ms = self.shared.engine.stall_timeout.as_millis() as u64,
             max_shm = self.shared.limits.budget(),
             max_sessions_per_uid = self.shared.limits.max_per_uid(),
             max_pending_handshakes = self.shared.config.max_pending_handshakes,
             "ipcd listening"
         );
-        Acceptor::new(self)?.run()
+        let Server { shared, listeners, poll, waker } = self;
+        Acceptor::new(shared, listeners, poll, waker)?.run()
     }
 }
 
 /// Stops a running [`Server`].
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     waker: Arc<Waker>,
 }
 
 impl ShutdownHandle {
     /// Asks the server to shut down; [`Server::run`] returns once it has.
     pub fn shutdown(&self) {
-        self.shared.shutting_down.store(true, Ordering::Release);
+        self.engine.shutting_down.store(true, Ordering::Release);
         let _ = self.waker.wake();
     }
 }

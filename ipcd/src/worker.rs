@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::server::Shared;
+use crate::engine::Engine;
 use ipc_core::Spinner;
 
 use crate::limits::Lease;
@@ -88,17 +88,37 @@ impl WorkerHandle {
     }
 }
 
-pub(crate) fn spawn(index: usize, shared: Arc<Shared>) -> io::Result<WorkerHandle> {
+/// Starts the engine's workers; if one cannot start, stops those already
+/// running and returns the error.
+pub(crate) fn spawn_all(engine: &Arc<Engine>) -> io::Result<Vec<WorkerHandle>> {
+    let mut workers: Vec<WorkerHandle> = Vec::with_capacity(engine.workers);
+    for i in 0..engine.workers {
+        match spawn(i, Arc::clone(engine)) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                engine.shutting_down.store(true, Ordering::Release);
+                for w in &mut workers {
+                    w.wake();
+                    w.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(workers)
+}
+
+fn spawn(index: usize, engine: Arc<Engine>) -> io::Result<WorkerHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name(format!("ipcd-worker-{index}")).spawn(move || {
-        let spinner = Spinner::new(shared.config.spin);
+        let spinner = Spinner::new(engine.spin);
         let mut worker = Worker {
             index,
             poll,
             rx,
-            shared,
+            engine,
             sessions: Slab::new(),
             ready: VecDeque::new(),
             idle: Vec::new(),
@@ -160,7 +180,7 @@ struct Worker {
     index: usize,
     poll: Poll,
     rx: Receiver<Conn>,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     sessions: Slab<Conn>,
     ready: VecDeque<usize>,
     /// Shared-memory sessions whose ring ran empty and whose client was not
@@ -215,7 +235,7 @@ impl Worker {
                     Token(t) => self.control_event(t / 2, event.is_read_closed() || event.is_error()),
                 }
             }
-            if self.shared.shutting_down.load(Ordering::Acquire) {
+            if self.engine.shutting_down.load(Ordering::Acquire) {
                 self.shut_down();
                 return;
             }
@@ -263,11 +283,11 @@ impl Worker {
             };
             if let Err(e) = registered {
                 tracing::error!(session = conn.id(), "cannot register session: {e}");
-                self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
-                self.shared.stats.disconnected(DisconnectReason::IoError);
+                self.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                self.engine.stats.disconnected(DisconnectReason::IoError);
                 continue;
             }
-            self.shared.stats.workers[self.index].sessions.fetch_add(1, Ordering::Relaxed);
+            self.engine.stats.workers[self.index].sessions.fetch_add(1, Ordering::Relaxed);
             entry.insert(conn);
             // The client may have sent requests before we registered it;
             // look once, then the doorbell or socket takes over.
@@ -312,8 +332,8 @@ impl Worker {
                 continue;
             };
             *conn.queued() = false;
-            let counters = &self.shared.stats.workers[self.index];
-            let services = &self.shared.services;
+            let counters = &self.engine.stats.workers[self.index];
+            let services = &self.engine.services;
             let was_stalled = conn.stalled_since().is_some();
             let progress = match conn {
                 Conn::Shm(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false, !spin),
@@ -416,13 +436,13 @@ impl Worker {
     fn until_first_stall_expires(&self) -> Option<Duration> {
         let first = self.stalls.iter().filter_map(|&k| self.sessions.get(k)?.stalled_since()).min()?;
         // A timeout too far to represent never expires.
-        let deadline = first.checked_add(self.shared.config.stall_timeout)?;
+        let deadline = first.checked_add(self.engine.stall_timeout)?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
 
     /// Closes the sessions stalled for longer than the stall timeout.
     fn expire_stalls(&mut self) {
-        let limit = self.shared.config.stall_timeout;
+        let limit = self.engine.stall_timeout;
         let now = Instant::now();
         let stalled_for = |conn: &Conn| conn.stalled_since().map(|since| now.duration_since(since));
         let expired: Vec<(usize, Duration)> = self
@@ -455,10 +475,7 @@ impl Worker {
         // client could stall its session, reconnect and stall the next one,
         // each time holding a segment for the whole stall timeout.
         if matches!(reason, DisconnectReason::ProtocolViolation | DisconnectReason::Stalled) {
-            if let Peer::Unix(cred) = conn.peer() {
-                self.shared.cooldown.strike(&cred, Instant::now());
-                self.shared.stats.struck();
-            }
+            self.engine.events.struck(&conn.peer(), conn.id());
         }
         let registry = self.poll.registry();
         match &mut conn {
@@ -470,12 +487,15 @@ impl Worker {
                 let _ = registry.deregister(&mut s.stream);
             }
         }
-        self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
-        self.shared.stats.workers[self.index].sessions.fetch_sub(1, Ordering::Relaxed);
-        self.shared.stats.disconnected(reason);
-        tracing::debug!(session = conn.id(), reason = reason.name(), "session closed");
+        self.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        self.engine.stats.workers[self.index].sessions.fetch_sub(1, Ordering::Relaxed);
+        self.engine.stats.disconnected(reason);
+        let id = conn.id();
+        tracing::debug!(session = id, reason = reason.name(), "session closed");
         // Dropping the session unmaps its segment and closes its fds; the
-        // client sees its connection hang up.
+        // client sees its connection hang up. Only then is the owner told.
+        drop(conn);
+        self.engine.events.closed(id);
     }
 
     fn close_all(&mut self, reason: DisconnectReason) {
@@ -489,7 +509,7 @@ impl Worker {
     /// closes every session.
     fn shut_down(&mut self) {
         self.adopt_sessions();
-        let counters = &self.shared.stats.workers[self.index];
+        let counters = &self.engine.stats.workers[self.index];
         for (_, conn) in self.sessions.iter_mut() {
             // One pass answers what is waiting. It ends: the ring never lets
             // a pass read more than one ring's worth before releasing, a
@@ -501,9 +521,9 @@ impl Worker {
             // closing frame), so it fails the rest as `Shutdown` (not
             // executed) rather than with an unknown outcome.
             let result = match conn {
-                Conn::Shm(s) => s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true, true),
+                Conn::Shm(s) => s.serve(&self.engine.services, counters, &mut self.scratch, usize::MAX, true, true),
                 Conn::Stream(s) => {
-                    let r = s.serve(&self.shared.services, counters, &mut self.scratch, usize::MAX, true);
+                    let r = s.serve(&self.engine.services, counters, &mut self.scratch, usize::MAX, true);
                     s.close_on_purpose();
                     r
                 }
@@ -512,7 +532,7 @@ impl Worker {
                 tracing::debug!(session = conn.id(), "while shutting down: {reason}");
             }
         }
-        self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.shared.config.stall_timeout));
+        self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.engine.stall_timeout));
         // Only now, with every answer out (or given up on), does the segment
         // say which request was the last taken.
         for (_, conn) in self.sessions.iter_mut() {

@@ -90,6 +90,7 @@ impl RawStream {
         let welcome = match handshake::decode_server_message(&body).expect("answer decodes") {
             ServerMessage::Welcome(w) => w,
             ServerMessage::Reject(r) => panic!("hello rejected: {r}"),
+            other => panic!("a session's hello answered with {other:?}"),
         };
         RawStream { socket, welcome }
     }

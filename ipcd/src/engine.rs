@@ -1,0 +1,46 @@
+//! What the serving threads share: the engine that serves sessions, the
+//! same in the daemon, in an embedded server and in a provider.
+//!
+//! Workers ([`crate::worker`]) serve sessions; where the sessions come from
+//! is the owner's business: the daemon's acceptor builds them from its own
+//! handshakes, a provider from the sessions the daemon brokers to it. The
+//! engine holds what every worker needs (the services, the counters, the
+//! stop flag, how long to spin and to tolerate a stall) and
+//! [`SessionEvents`], through which the workers tell the owner what only
+//! the owner can act on: that a peer broke the protocol (the daemon holds
+//! that process's next handshakes; a provider reports it to the daemon),
+//! and that a session ended.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::service::ServiceTable;
+use crate::stats::Stats;
+use crate::stream_session::Peer;
+
+/// What the workers tell the engine's owner about sessions. Called on a
+/// worker thread, rarely (never per request): implementations may lock.
+pub(crate) trait SessionEvents: Send + Sync {
+    /// The peer of `session` broke the protocol, or stalled past the stall
+    /// timeout, and the session is being closed.
+    fn struck(&self, peer: &Peer, session: u64);
+
+    /// `session` has ended, for whatever reason.
+    fn closed(&self, _session: u64) {}
+}
+
+/// The engine's shared state; see the module docs.
+pub(crate) struct Engine {
+    /// Worker threads.
+    pub(crate) workers: usize,
+    /// How long a worker spins on idle rings before sleeping.
+    pub(crate) spin: Duration,
+    /// How long a session may stay stalled on replies its client does not
+    /// read before it is closed.
+    pub(crate) stall_timeout: Duration,
+    pub(crate) services: ServiceTable,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) events: Box<dyn SessionEvents>,
+}
