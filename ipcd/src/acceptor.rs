@@ -41,15 +41,18 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
-    Consumer, DoorbellKind, HandshakeError, Hello, Producer, Reject, Segment, SegmentLayout, ServerMessage,
-    SharedWords, Welcome, PROTOCOL_VERSION,
+    Consumer, HandshakeError, Hello, Producer, Reject, Role, Segment, SegmentLayout, ServerMessage, SharedWords,
+    Welcome, PROTOCOL_VERSION,
 };
-use ipc_platform::{EventFd, Mapping, SocketBell};
+use ipc_platform::EventFd;
 use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::broker::{self, Broker};
 use crate::limits::{self, Refusal};
 use crate::pending::{Owner, PendingSet};
+use crate::policy::Policy;
+use crate::segment::NewSegment;
 use crate::server::ServerError;
 use crate::session::{ClientWake, Session};
 use crate::shared::Shared;
@@ -114,8 +117,9 @@ pub(crate) struct Acceptor {
     _waker: Arc<Waker>,
     workers: Vec<WorkerHandle>,
     pending: PendingSet<Pending>,
-    next_session: u64,
     accept_paused_until: Option<Instant>,
+    /// Broker and provider connections, once their hello is answered.
+    broker: Broker,
 }
 
 impl Acceptor {
@@ -126,6 +130,7 @@ impl Acceptor {
         listeners: Listeners,
         poll: Poll,
         waker: Arc<Waker>,
+        policy: Policy,
     ) -> Result<Acceptor, ServerError> {
         let Listeners { bound, uds, tcp } = listeners;
         let listener_fd = bound.listener.try_clone()?;
@@ -149,6 +154,7 @@ impl Acceptor {
             None => None,
         };
         let workers = worker::spawn_all(&shared.engine)?;
+        let broker = Broker::new(Arc::clone(&shared), policy);
         Ok(Acceptor {
             shared,
             bound,
@@ -160,8 +166,8 @@ impl Acceptor {
             _waker: waker,
             workers,
             pending: PendingSet::default(),
-            next_session: 1,
             accept_paused_until: None,
+            broker,
         })
     }
 
@@ -180,6 +186,9 @@ impl Acceptor {
                 match event.token() {
                     LISTENER | UDS_LISTENER | TCP_LISTENER => self.accept(),
                     WAKER => {}
+                    Token(t) if t >= broker::FIRST_TOKEN => {
+                        self.broker.ready(self.poll.registry(), t - broker::FIRST_TOKEN)
+                    }
                     Token(t) => self.read_hello(t - FIRST_PENDING),
                 }
             }
@@ -189,13 +198,19 @@ impl Acceptor {
                 self.accept();
             }
             self.expire(now);
+            self.broker.expire(self.poll.registry(), now);
         }
         self.stop();
         Ok(())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.pending.next_deadline().into_iter().chain(self.accept_paused_until).min()
+        self.pending
+            .next_deadline()
+            .into_iter()
+            .chain(self.accept_paused_until)
+            .chain(self.broker.next_deadline())
+            .min()
     }
 
     /// Accepts what waits on every listener.
@@ -449,6 +464,9 @@ impl Acceptor {
                 }
             }
         }
+        if hello.role != Role::Session {
+            return self.admit_control(key, hello.role);
+        }
         let max = self.shared.config.max_clients;
         if self.shared.engine.stats.connected.load(Ordering::Relaxed) >= max {
             return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
@@ -475,7 +493,7 @@ impl Acceptor {
         let Some(pending) = self.take_pending(key) else {
             return;
         };
-        let id = self.next_session;
+        let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
         let conn = match pending.kind {
             Kind::Shm => self.open_shm(id, pending, &hello),
             Kind::Stream => self.open_stream(id, pending, &hello),
@@ -483,19 +501,46 @@ impl Acceptor {
         // A session that could not be opened gives its lease back here.
         let Some(mut conn) = conn else { return };
         conn.hold(lease);
-        self.next_session += 1;
         self.shared.engine.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.engine.stats.accepted();
-        let worker = self
-            .workers
-            .iter()
-            .min_by_key(|w| self.shared.engine.stats.workers[w.index].sessions.load(Ordering::Relaxed))
-            .expect("at least one worker");
+        let worker = worker::least_busy(&self.workers, &self.shared.engine.stats);
         tracing::debug!(session = id, worker = worker.index, "session opened");
         if let Err(e) = worker.adopt(conn) {
             tracing::error!(session = id, "cannot hand the session to a worker: {e}");
             self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Answers the hello of a broker or provider connection and hands it
+    /// to the broker. Only the control socket serves them: fds must travel.
+    fn admit_control(&mut self, key: usize, role: Role) {
+        let Some(pending) = self.pending.get(key) else { return };
+        if pending.kind != Kind::Shm {
+            let reason = format!("a {role:?} connection is served on the control socket only");
+            return self.reject(key, Reject::BadHello { reason }, RejectReason::BadHello);
+        }
+        let Some(mut pending) = self.take_pending(key) else { return };
+        let (Stream::Unix(stream), Peer::Unix(creds)) = (pending.stream, pending.peer) else {
+            unreachable!("the control socket is a Unix socket");
+        };
+        let connection_id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let accepted = ServerMessage::Accepted { version: PROTOCOL_VERSION, connection_id };
+        let sent = handshake::encode(&accepted).map_err(io::Error::other).and_then(|bytes| {
+            let mut s = &stream;
+            // A fresh connection's send buffer takes the answer whole.
+            match s.write(&bytes)? {
+                n if n == bytes.len() => Ok(()),
+                n => Err(io::Error::other(format!("answer cut short: {n} of {} bytes sent", bytes.len()))),
+            }
+        });
+        pending.stream = Stream::Unix(stream);
+        if let Err(e) = sent {
+            tracing::warn!(peer = %creds, "cannot answer a {role:?} hello: {e}");
+            self.shared.engine.stats.rejected(RejectReason::HungUp);
+            return;
+        }
+        let Stream::Unix(stream) = pending.stream else { unreachable!("put back above") };
+        self.broker.adopt(self.poll.registry(), stream, creds, role == Role::Provider);
     }
 
     fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello) -> Option<Conn> {
@@ -562,16 +607,8 @@ impl Acceptor {
     /// fds.
     fn create_session(&self, id: u64, pending: &Pending, hello: &Hello) -> io::Result<SessionParts> {
         let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
-        let layout = SegmentLayout::new(capacity).map_err(io::Error::other)?;
-        let size = layout.segment_size();
-        let memfd = ipc_platform::create_sealed("ipcd-session", size as u64)?;
-        let region = Mapping::map(memfd.as_fd(), size).map_err(io::Error::other)?;
-        layout.write_header(&region);
-        let bell = EventFd::new()?;
-        let client_bell = match hello.doorbell {
-            DoorbellKind::Pollable => Some(SocketBell::pair()?),
-            DoorbellKind::Futex => None,
-        };
+        let NewSegment { layout, memfd, region, bell, wake: client_bell } =
+            NewSegment::create(capacity, hello.doorbell)?;
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
             session_id: id,
@@ -617,6 +654,7 @@ impl Acceptor {
     /// to answer what is in flight and close their sessions.
     fn stop(&mut self) {
         self.shared.engine.shutting_down.store(true, Ordering::Release);
+        self.broker.shut_down(self.poll.registry());
         if let Err(e) = ipc_platform::remove_control_socket(&self.shared.config.socket, &self.bound) {
             tracing::warn!("cannot remove {}: {e}", self.shared.config.socket.display());
         }

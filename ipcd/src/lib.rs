@@ -38,10 +38,16 @@
 
 mod acceptor;
 mod access;
+mod broker;
+mod control_conn;
 mod cooldown;
 mod engine;
 mod limits;
 mod pending;
+mod policy;
+mod provider;
+mod registry;
+mod segment;
 mod server;
 mod service;
 mod session;
@@ -50,6 +56,8 @@ mod stats;
 mod stream_session;
 mod worker;
 
+pub use policy::{AccessRule, Allowed};
+pub use provider::{Provider, ProviderBuilder, ProviderError};
 pub use server::{
     Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_UID,
     DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use crate::acceptor::{self, Acceptor, Listeners};
 use crate::access::AllowList;
 use crate::engine::Engine;
 use crate::limits::Limits;
+use crate::policy::{AccessRule, Policy};
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::shared::{Config, Shared, Strikes};
 use crate::stats::Stats;
@@ -100,6 +101,7 @@ pub struct ServerBuilder {
     tcp: Option<SocketAddr>,
     allow: AllowList,
     services: Vec<(String, Handler)>,
+    access_rules: Vec<AccessRule>,
 }
 
 impl Default for ServerBuilder {
@@ -121,6 +123,7 @@ impl Default for ServerBuilder {
             tcp: None,
             allow: AllowList::default(),
             services: Vec::new(),
+            access_rules: Vec::new(),
         }
     }
 }
@@ -264,6 +267,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Adds a rule saying who may provide and who may call the names that
+    /// `rule.pattern` matches (checked in the order added; the first that
+    /// matches a name decides). Without a rule for a name, only the
+    /// daemon's own uid and root may provide it, and anyone who can open
+    /// the socket may call it.
+    pub fn access_rule(mut self, rule: AccessRule) -> Self {
+        self.access_rules.push(rule);
+        self
+    }
+
     /// Also offer `debug.sleep` and `debug.fail`, for tests.
     pub fn debug_services(mut self, on: bool) -> Self {
         self.debug_services = on;
@@ -309,6 +322,9 @@ impl ServerBuilder {
         }
         if self.stall_timeout.is_zero() {
             return Err(ServerError::Config("the stall timeout must be positive".into()));
+        }
+        for rule in &self.access_rules {
+            AccessRule::check_pattern(&rule.pattern).map_err(ServerError::Config)?;
         }
         if self.max_pending_handshakes == 0 {
             return Err(ServerError::Config("max pending handshakes must be at least 1".into()));
@@ -407,8 +423,9 @@ impl ServerBuilder {
             shutting_down: AtomicBool::new(false),
             events,
         });
-        let shared = Arc::new(Shared { config, engine, cooldown, limits });
-        Ok(Server { shared, listeners: Listeners { bound, uds, tcp }, poll, waker })
+        let shared = Arc::new(Shared { config, engine, cooldown, limits, next_session: AtomicU64::new(1) });
+        let policy = Policy::new(self.access_rules, ipc_platform::current_uid());
+        Ok(Server { shared, listeners: Listeners { bound, uds, tcp }, poll, waker, policy })
     }
 }
 
@@ -434,6 +451,8 @@ pub struct Server {
     listeners: Listeners,
     poll: Poll,
     waker: Arc<Waker>,
+    /// Who may provide and call brokered names.
+    policy: Policy,
 }
 
 impl Server {
@@ -478,8 +497,8 @@ impl Server {
             max_pending_handshakes = self.shared.config.max_pending_handshakes,
             "ipcd listening"
         );
-        let Server { shared, listeners, poll, waker } = self;
-        Acceptor::new(shared, listeners, poll, waker)?.run()
+        let Server { shared, listeners, poll, waker, policy } = self;
+        Acceptor::new(shared, listeners, poll, waker, policy)?.run()
     }
 }
 
@@ -491,6 +510,12 @@ pub struct ShutdownHandle {
 }
 
 impl ShutdownHandle {
+    /// A handle that sets `engine`'s stop flag and rings `waker` (the loop
+    /// of whoever owns the engine).
+    pub(crate) fn new(engine: Arc<Engine>, waker: Arc<Waker>) -> ShutdownHandle {
+        ShutdownHandle { engine, waker }
+    }
+
     /// Asks the server to shut down; [`Server::run`] returns once it has.
     pub fn shutdown(&self) {
         self.engine.shutting_down.store(true, Ordering::Release);

@@ -54,6 +54,11 @@ impl ServiceTable {
         Ok(())
     }
 
+    /// The id of the service called `name`, if there is one.
+    pub(crate) fn id(&self, name: &str) -> Option<u16> {
+        self.entries.iter().position(|(n, _)| n == name).map(|i| i as u16)
+    }
+
     pub(crate) fn get(&self, id: u16) -> Option<&Handler> {
         self.entries.get(usize::from(id)).map(|(_, h)| h)
     }

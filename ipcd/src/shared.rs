@@ -4,6 +4,7 @@
 //! `worker` alike, so that none of them imports another for it.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ pub(crate) struct Shared {
     pub(crate) cooldown: Arc<Cooldown>,
     /// The memory budget and the sessions per uid.
     pub(crate) limits: Arc<Limits>,
+    /// The next session id, daemon-unique: for the daemon's own sessions
+    /// and those it brokers alike (`Relaxed`: only uniqueness matters).
+    pub(crate) next_session: AtomicU64,
 }
 
 /// The daemon's answer to its workers' session events: a peer that broke

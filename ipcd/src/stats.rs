@@ -109,6 +109,9 @@ pub(crate) struct Stats {
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
+    /// What the broker last published of itself: names, providers,
+    /// resolves (written when they change, never per call).
+    broker: std::sync::Mutex<serde_json::Value>,
 }
 
 impl Stats {
@@ -124,7 +127,13 @@ impl Stats {
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
+            broker: std::sync::Mutex::new(serde_json::json!({ "names": [] })),
         }
+    }
+
+    /// Replaces what `stats` reports of the broker.
+    pub(crate) fn set_broker(&self, value: serde_json::Value) {
+        *self.broker.lock().unwrap_or_else(|e| e.into_inner()) = value;
     }
 
     pub(crate) fn accepted(&self) {
@@ -179,6 +188,7 @@ impl Stats {
                 "pending_handshakes": self.pending.load(Ordering::Relaxed),
                 "max_pending_handshakes": self.max_pending,
             },
+            "broker": self.broker.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "workers": self.workers.len(),
         });

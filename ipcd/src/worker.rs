@@ -41,7 +41,7 @@ use ipc_core::Spinner;
 
 use crate::limits::Lease;
 use crate::session::{Progress, Scratch, Session};
-use crate::stats::DisconnectReason;
+use crate::stats::{DisconnectReason, Stats};
 use crate::stream_session::{Peer, StreamSession};
 
 const WAKER: Token = Token(usize::MAX);
@@ -86,6 +86,11 @@ impl WorkerHandle {
             }
         }
     }
+}
+
+/// The worker with the fewest sessions, for a new one.
+pub(crate) fn least_busy<'w>(workers: &'w [WorkerHandle], stats: &Stats) -> &'w WorkerHandle {
+    workers.iter().min_by_key(|w| stats.workers[w.index].sessions.load(Ordering::Relaxed)).expect("at least one worker")
 }
 
 /// Starts the engine's workers; if one cannot start, stops those already

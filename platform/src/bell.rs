@@ -76,6 +76,12 @@ impl SocketBell {
     }
 }
 
+impl From<SocketBell> for OwnedFd {
+    fn from(bell: SocketBell) -> OwnedFd {
+        bell.fd
+    }
+}
+
 impl AsFd for SocketBell {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -51,17 +51,9 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
 }
 
 /// The credentials of the process at the other end of a Unix socket, as the
-/// kernel recorded them at `connect()`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerCredentials {
-    /// Process id; 0 when the peer lives in a pid namespace this process
-    /// cannot see.
-    pub pid: i32,
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-}
+/// kernel recorded them at `connect()` (pid 0 when the peer lives in a pid
+/// namespace this process cannot see): the same type the broker passes on.
+pub type PeerCredentials = ipc_core::Credentials;
 
 /// Reads `SO_PEERCRED`.
 ///
