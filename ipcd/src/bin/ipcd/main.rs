@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 
+mod config;
+
 /// ipcd: request/response IPC over sealed shared-memory rings.
 ///
 /// Listens on a Unix control socket; clients (ipc-client) handshake there and
@@ -115,6 +117,13 @@ struct Args {
     /// microseconds (0: never) [default: 50 with more than one core]
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
+
+    /// The configuration file (TOML): who may provide and who may call
+    /// brokered names. Without one, only ipcd's own uid and root may
+    /// provide, and anyone who can open the socket may call. See
+    /// ipcd/dist/ipcd.toml.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -202,6 +211,15 @@ fn main() -> ExitCode {
         // Exits 2, like every other usage error.
         Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
+    // A configuration that cannot be used is a usage error too (exit 2),
+    // found before anything starts.
+    let rules = match args.config.as_deref().map(config::load).transpose() {
+        Ok(rules) => rules.unwrap_or_default(),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     // Checked when the arguments were parsed.
     let filter = tracing_subscriber::EnvFilter::new(&args.log_level);
     // Colours only on a terminal: a journal or a log file gets plain text.
@@ -212,7 +230,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    match run(args) {
+    match run(args, rules) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -221,7 +239,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, rules: Vec<ipcd::AccessRule>) -> anyhow::Result<()> {
     match ipc_platform::raise_nofile_limit() {
         Ok(limit) => tracing::debug!("open-files limit raised to {limit:?}"),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
@@ -258,6 +276,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     for gid in args.allow_gid {
         builder = builder.allow_gid(gid);
+    }
+    for rule in rules {
+        builder = builder.access_rule(rule);
     }
     let server = builder.build().context("cannot start ipcd")?;
     let handle = server.shutdown_handle();
