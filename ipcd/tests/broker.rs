@@ -17,7 +17,9 @@ use std::time::Instant;
 use common::*;
 use ipc_core::control::{Brokered, RegisterError, Resolution, Resolve, ResolveError};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
-use ipc_core::{Consumer, DoorbellKind, Hello, Producer, Role, Segment, SegmentLayout, ServerMessage};
+use ipc_core::{
+    Consumer, Direction, DoorbellKind, Hello, Index, Producer, Role, Segment, SegmentLayout, ServerMessage, SharedWords,
+};
 use ipc_platform::{EventFd, Mapping};
 use ipcd::{Provider, ProviderError, ServiceError, ShutdownHandle};
 
@@ -83,6 +85,7 @@ fn read_framed(stream: &UnixStream) -> (Vec<u8>, Vec<OwnedFd>) {
 struct Rings {
     requests: Producer,
     responses: Consumer,
+    words: SharedWords,
     bell: EventFd,
     liveness: UnixStream,
     next_id: u64,
@@ -96,10 +99,11 @@ impl Rings {
         ipc_platform::check_sealed(memfd.as_fd(), layout.segment_size() as u64).expect("a sealed segment");
         let region = Mapping::map(memfd.as_fd(), layout.segment_size()).unwrap();
         SegmentLayout::read_header(&region, b.ring_capacity).expect("the daemon wrote the header");
-        let Segment { request_producer, response_consumer, .. } = Segment::new(region, &layout);
+        let Segment { request_producer, response_consumer, words, .. } = Segment::new(region, &layout);
         Rings {
             requests: request_producer,
             responses: response_consumer,
+            words,
             bell: EventFd::from_fd(bell).unwrap(),
             liveness: UnixStream::from(liveness),
             next_id: 1,
@@ -152,6 +156,7 @@ fn stop(provider: (ShutdownHandle, thread::JoinHandle<()>)) {
 
 #[test]
 fn a_provided_name_is_resolved_and_called_directly() {
+    let _serial = serial();
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
@@ -177,6 +182,7 @@ fn a_provided_name_is_resolved_and_called_directly() {
 
 #[test]
 fn names_nobody_holds_are_unknown_and_an_exclusive_name_is_refused_naming_its_holder() {
+    let _serial = serial();
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
@@ -207,6 +213,7 @@ fn names_nobody_holds_are_unknown_and_an_exclusive_name_is_refused_naming_its_ho
 
 #[test]
 fn a_resolve_waits_for_a_provider_that_registers_later() {
+    let _serial = serial();
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
@@ -232,6 +239,7 @@ fn a_resolve_waits_for_a_provider_that_registers_later() {
 
 #[test]
 fn pooled_providers_share_new_sessions() {
+    let _serial = serial();
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
@@ -260,4 +268,128 @@ fn json_array(json: &str, key: &str) -> Vec<u64> {
             rest[..end].parse().ok()
         })
         .collect()
+}
+
+/// The tests of this file run one at a time: their providers live in this
+/// process, and one test counts the process's fds.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The open fds of this process (the providers of these tests run in it).
+fn own_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_caller_that_goes_frees_its_session_in_the_provider_and_the_daemon() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let provider = provide(&socket, &["test.free"], false).expect("register");
+        let mut observer = ipc_client::Client::connect_to(&socket).unwrap();
+        let mut caller = Caller::connect(&socket);
+        // Settled: the provider's workers, its daemon connection and this
+        // caller's broker connection are all open.
+        let baseline = own_fds();
+        let (b, mut rings) = caller.session("test.free");
+        assert_eq!(rings.call(b.services[0].id, b"x"), (0, b"X".to_vec()));
+        assert_eq!(stat_eventually(&mut observer, "sessions_handed_over", |n| n == 1).0, 1);
+        drop(rings);
+        // The provider sees the liveness end close, drops the session and
+        // tells the daemon, which forgets it: fds back where they were.
+        let (left, json) = stat_eventually(&mut observer, "sessions_handed_over", |n| n == 0);
+        assert_eq!(left, 0, "{json}");
+        assert!(poll_until(CLEANUP_LIMIT, || own_fds() == baseline), "fds {} against {baseline}", own_fds());
+        stop(provider);
+    });
+}
+
+#[test]
+fn a_provider_that_stops_marks_the_calls_it_never_took() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let provider = provide(&socket, &["test.stop"], false).expect("register");
+        let mut caller = Caller::connect(&socket);
+        let (b, mut rings) = caller.session("test.stop");
+        let id = b.services[0].id;
+        assert_eq!(rings.call(id, b"a"), (0, b"A".to_vec()));
+        stop(provider);
+        // The graceful stop said which request it took last: the first.
+        assert!(poll_until(HANG_UP_LIMIT, || rings.words.closed_after().is_some()), "the closed word was not set");
+        assert_eq!(rings.words.closed_after(), Some(1));
+    });
+}
+
+#[test]
+fn a_caller_that_breaks_its_ring_is_dropped_by_the_provider_and_struck_by_the_daemon() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let provider = provide(&socket, &["test.hostile"], false).expect("register");
+        let mut observer = ipc_client::Client::connect_to(&socket).unwrap();
+        let mut good = Caller::connect(&socket);
+        let (b, mut kept) = good.session("test.hostile");
+        let mut bad = Caller::connect(&socket);
+        let (_, mut broken) = bad.session("test.hostile");
+        // An index no honest producer can publish.
+        broken.words.index(Direction::Request, Index::Head).store(12345, std::sync::atomic::Ordering::Release);
+        broken.bell.notify().unwrap();
+        let mut byte = [0u8; 1];
+        broken.liveness.set_read_timeout(Some(HANG_UP_LIMIT)).unwrap();
+        assert_eq!(broken.liveness.read(&mut byte).unwrap(), 0, "the provider hangs up on the scribbler");
+        let (reported, json) = stat_eventually(&mut observer, "strikes_reported", |n| n == 1);
+        assert_eq!(reported, 1, "{json}");
+        // The other caller of the same provider goes on.
+        assert_eq!(kept.call(b.services[0].id, b"fine"), (0, b"FINE".to_vec()));
+        stop(provider);
+    });
+}
+
+#[test]
+fn a_daemon_that_dies_leaves_brokered_sessions_alone_and_providers_register_again() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::builder().dir(dir).start();
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let mut daemon = daemon;
+        let provider = provide(&socket, &["test.restart"], false).expect("register");
+        let mut caller = Caller::connect(&socket);
+        let (b, mut rings) = caller.session("test.restart");
+        let id = b.services[0].id;
+        assert_eq!(rings.call(id, b"before"), (0, b"BEFORE".to_vec()));
+        daemon.kill();
+        // Calls go on with no daemon at all.
+        for i in 0..100u32 {
+            let payload = format!("during {i}");
+            assert_eq!(rings.call(id, payload.as_bytes()), (0, payload.to_uppercase().into_bytes()));
+        }
+        let daemon = Daemon::builder().dir(daemon.into_dir()).start();
+        // The provider registers again by itself, and a new caller reaches it.
+        let mut fresh = None;
+        assert!(
+            poll_until(HANG_UP_LIMIT, || {
+                let mut caller = Caller::connect(daemon.socket());
+                match caller.resolve("test.restart", 0) {
+                    (Resolution::Brokered(b), fds) => {
+                        fresh = Some(Rings::new(&b, fds));
+                        true
+                    }
+                    _ => false,
+                }
+            }),
+            "the provider did not register with the new daemon"
+        );
+        let mut fresh = fresh.unwrap();
+        assert_eq!(fresh.call(id, b"new"), (0, b"NEW".to_vec()));
+        assert_eq!(rings.call(id, b"after"), (0, b"AFTER".to_vec()), "the old session still works");
+        stop(provider);
+    });
 }
