@@ -147,7 +147,9 @@ impl PrivateDaemon {
     /// Says which process and directory the daemon is, on stderr: for
     /// whoever watches or has to clean up after a run.
     fn announce(&self, what: &str) {
-        eprintln!("stress: private ipcd {what}, pid {}, sockets in {}", self.pid(), self.dir.path().display());
+        crate::progress::suspend(|| {
+            eprintln!("stress: private ipcd {what}, pid {}, sockets in {}", self.pid(), self.dir.path().display());
+        });
     }
 
     /// Kills it with SIGKILL (reaping it), then starts it again on the same

@@ -207,6 +207,7 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
         reconnect: false,
         until: None,
         probe: None,
+        progress: None,
     };
     let mut runs = Vec::new();
 

@@ -12,6 +12,7 @@ mod chaos;
 mod daemon;
 mod flood;
 mod hostile;
+mod progress;
 mod report;
 mod started;
 mod workload;
@@ -29,6 +30,7 @@ use ipc_client::Transport;
 
 use crate::chaos::{Chaos, KillPlan};
 use crate::daemon::{PeakSampler, PrivateDaemon};
+use crate::progress::{Goal, Progress};
 use crate::report::{Baseline, Run, Spec};
 use crate::workload::{Probe, Workload, MIN_PAYLOAD};
 
@@ -363,6 +365,7 @@ fn child(args: &Args, id: u32) -> anyhow::Result<()> {
         reconnect: false,
         until: None,
         probe: None,
+        progress: None,
     };
     workload::child_main(&w, id)
 }
@@ -372,7 +375,9 @@ fn child(args: &Args, id: u32) -> anyhow::Result<()> {
 /// reported.
 fn daemon_usage(pid: i32) -> daemon::ProcessUsage {
     daemon::usage(pid).unwrap_or_else(|e| {
-        eprintln!("warning: cannot read /proc/{pid} of the daemon: {e}; its figures are reported as 0");
+        progress::suspend(|| {
+            eprintln!("warning: cannot read /proc/{pid} of the daemon: {e}; its figures are reported as 0");
+        });
         daemon::ProcessUsage::default()
     })
 }
@@ -489,6 +494,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             reconnect: false,
             until: None,
             probe: None,
+            progress: None,
         };
         let faults = Faults {
             chaos: args.chaos,
@@ -583,7 +589,36 @@ impl Faults {
     const NONE: Faults = Faults { chaos: None, seed: 0, chaos_period: Duration::ZERO, duration: None };
 }
 
+/// Makes one RUN of `spec`, its progress on display meanwhile (a bar on a
+/// terminal, else a line every few seconds on stderr: see [`progress`]).
 fn run_one(
+    spec: &Spec,
+    mut w: Workload,
+    pid: i32,
+    procs: bool,
+    exe: &std::path::Path,
+    faults: &Faults,
+    daemon: Option<&mut PrivateDaemon>,
+) -> anyhow::Result<Run> {
+    // Client processes count their calls where the bar cannot see them.
+    let calls = (!procs).then(|| Arc::new(progress::Calls::new(spec.clients)));
+    w.progress = calls.clone();
+    let goal = match (faults.duration, faults.chaos) {
+        (Some(d), _) => Goal::Lasts(d),
+        // Calls until the daemon stops.
+        (None, Some(Chaos::Sigterm)) => Goal::Open,
+        _ if procs => Goal::Open,
+        _ => Goal::Calls(spec.clients as u64 * spec.messages),
+    };
+    let label = format!("{} over {} ({})", spec.scenario, spec.transport, report::size(spec.payload));
+    let shown = Progress::start(label, goal, calls);
+    let run = measure(spec, w, pid, procs, exe, faults, daemon);
+    shown.finish();
+    run
+}
+
+/// Makes one RUN of `spec`, of the kind `faults` says.
+fn measure(
     spec: &Spec,
     w: Workload,
     pid: i32,
@@ -611,7 +646,7 @@ fn run_one(
     let connects = if spec.scenario == "latency" && !procs {
         // A failure here shows again, counted, when the run's client connects.
         workload::sequential_connects(w, SEQUENTIAL_CONNECTS)
-            .inspect_err(|e| eprintln!("warning: connects in a row failed: {e}"))
+            .inspect_err(|e| progress::suspend(|| eprintln!("warning: connects in a row failed: {e}")))
             .ok()
     } else {
         None

@@ -284,7 +284,8 @@ pub struct Spec {
     pub window: u32,
 }
 
-fn size(bytes: usize) -> String {
+/// A payload size as people write it: "64 B", "4 KiB", "1 MiB".
+pub fn size(bytes: usize) -> String {
     match bytes {
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
         b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),

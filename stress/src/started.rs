@@ -212,6 +212,8 @@ pub fn defer_to_stop() {
 /// 128 + `signal`.
 fn stop_and_exit(signal: i32) -> ! {
     let name = signal_hook::low_level::signal_name(signal).unwrap_or("a signal");
+    // A progress bar would be left half drawn in front of what follows.
+    crate::progress::clear();
     // Held until the exit: nothing starts or leaves the list from now on.
     let list = list();
     // stderr may be closed or a full pipe: nothing here may fail on it.

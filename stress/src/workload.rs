@@ -17,6 +17,7 @@ use ipc_client::{CallError, Client, ClientOptions, Reconnect, Service, Ticket, T
 use serde::Serialize;
 
 use crate::chaos::{self, KillPlan, KillReport};
+use crate::progress::Calls;
 use crate::started::{self, Registration, Stop};
 
 /// What every client of a run does.
@@ -42,6 +43,9 @@ pub struct Workload {
     pub until: Option<Instant>,
     /// Where clients report events a chaos or soak run measures.
     pub probe: Option<Arc<Probe>>,
+    /// Where each client publishes how many calls it has done, for the
+    /// progress display (threads only).
+    pub progress: Option<Arc<Calls>>,
 }
 
 /// How calls ended, one count per kind: every call made has exactly one.
@@ -325,9 +329,19 @@ fn sync_calls(
             }
             Err(e) => out.error(id, seq, &e, probe),
         }
+        publish(w, id, out);
     }
     if let Some(p) = soak {
         merge_minutes(p, &minutes);
+    }
+}
+
+/// Publishes the calls client `id` has done (those with an outcome) to the
+/// progress display: one store to a word of its own, no lock, no
+/// allocation.
+fn publish(w: &Workload, id: u32, out: &ClientOutcome) {
+    if let Some(calls) = &w.progress {
+        calls.set(id, out.outcomes.total());
     }
 }
 
@@ -408,7 +422,9 @@ fn pipelined_calls(
             }
             Err(e) => out.error(id, seq, &e, probe),
         }
+        publish(w, id, out);
     }
+    publish(w, id, out);
 }
 
 /// Connects and disconnects one client `n` times in a row; returns the
