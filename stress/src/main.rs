@@ -12,6 +12,7 @@ mod chaos;
 mod daemon;
 mod flood;
 mod hostile;
+mod plot;
 mod progress;
 mod report;
 mod started;
@@ -135,6 +136,14 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+
+    /// Also draw the figures as SVG pictures into this directory (created
+    /// if missing): per scenario and payload, the transports' latency
+    /// percentile distributions and their throughput (or bandwidth) as
+    /// bars; for --duration, the daemon's memory, fds and each minute's p99
+    /// over time.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
 
     /// Also run the baseline programs (stress/examples, built beside this
     /// binary) after the throughput and latency runs, with the same
@@ -300,6 +309,9 @@ fn validate(args: &Args) -> Result<(), String> {
         return Err("--uds and --tcp name a running daemon's listeners: give its --socket too".into());
     }
     if args.scenario == Scenario::Hostile {
+        if args.plot.is_some() {
+            return Err("--plot draws the throughput, latency, pipelined, bandwidth and --duration runs, not --scenario hostile".into());
+        }
         if args.socket.is_some() || args.procs {
             return Err("--scenario hostile starts its own daemon and client threads: drop --socket and --procs".into());
         }
@@ -426,6 +438,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         return hostile::run(&hostile_config(&args, exe)?);
     }
     let specs = plan(&args);
+    // Before the runs, so a directory that cannot be made fails at once.
+    if let Some(dir) = &args.plot {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     if args.baselines {
         baselines::check_built(&exe, &specs)?;
     }
@@ -521,6 +537,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     if let Some(path) = &args.json {
         report::write_json_with_baselines(path, &runs, &baseline_rows)?;
+    }
+    if let Some(dir) = &args.plot {
+        let files = plot::draw(dir, &runs)?;
+        let names: Vec<String> =
+            files.iter().filter_map(|f| Some(f.file_name()?.to_string_lossy().into_owned())).collect();
+        println!("\nplots in {}: {}", dir.display(), names.join(", "));
     }
     if let Some(d) = private {
         d.stop()?;

@@ -78,6 +78,9 @@ pub struct Run {
     pub soak: Option<Soak>,
     #[serde(skip)]
     pub first_error: Option<String>,
+    /// Every successful call's round trip, in nanoseconds (for `--plot`).
+    #[serde(skip)]
+    pub latency_ns: Histogram<u64>,
 }
 
 fn us(ns: u64) -> f64 {
@@ -160,6 +163,7 @@ impl Run {
             samples: None,
             soak: None,
             first_error,
+            latency_ns: latency,
         }
     }
 
