@@ -75,17 +75,18 @@ pub enum CallError {
         /// The timeout that passed.
         after: Duration,
     },
-    /// The daemon is gone or broke the protocol; the client cannot be used
-    /// any more. Whether the request ran is unknown.
-    #[error("disconnected from ipcd: {reason}")]
+    /// The request's peer (the daemon, or the provider of a brokered
+    /// service) is gone or broke the protocol, and with it the link the
+    /// request went out on. Whether the request ran is unknown.
+    #[error("disconnected: {reason}")]
     Disconnected {
         /// What happened.
         reason: String,
     },
-    /// The client has no connection: it was lost earlier, or while the
-    /// request waited for room, and not re-established (see
+    /// The link to the request's peer is lost: it was lost earlier, or
+    /// while the request waited for room, and not re-established (see
     /// [`crate::Reconnect`]). The request was not sent.
-    #[error("not connected to ipcd (request not sent): {reason}")]
+    #[error("not connected (request not sent): {reason}")]
     NotConnected {
         /// Why: the loss, or the last reconnection attempt's failure.
         reason: String,
@@ -140,6 +141,20 @@ pub enum CallError {
     UnknownTicket {
         /// The ticket's request id.
         id: u64,
+    },
+    /// The ticket was made by another client: each client matches only
+    /// its own requests' outcomes.
+    #[error("the ticket of request {id} belongs to another client")]
+    ForeignTicket {
+        /// The ticket's request id.
+        id: u64,
+    },
+    /// The service was resolved by another client: a [`crate::Service`]
+    /// names a link of the client that resolved it.
+    #[error("service {name:?} was resolved by another client")]
+    ForeignService {
+        /// The service's name.
+        name: String,
     },
     /// A typed request could not be encoded.
     #[error("cannot encode the request: {0}")]

@@ -24,16 +24,26 @@
 
 #![forbid(unsafe_code)]
 
+mod calls;
 mod client;
+mod connect;
 mod error;
+mod guard;
 mod link;
+mod options;
 #[cfg(feature = "raw")]
 pub mod raw;
+#[cfg(test)]
+mod scripted;
 mod shm;
 mod stream;
 mod trust;
+mod wait;
 
-pub use client::{Client, ClientOptions, Reconnect, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
+pub use calls::Ticket;
+pub use client::{Client, Service};
 pub use error::{CallError, ConnectError};
+pub use guard::ReplyGuard;
 pub use ipc_core::{DoorbellKind, Reject};
 pub use link::RequestBuf;
+pub use options::{ClientOptions, Reconnect, Transport, DEFAULT_SPIN};
