@@ -8,16 +8,18 @@
 //! link that is lost (`break_off`).
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc_core::{decode_error, ErrorCode, FrameHeader, Reject, Welcome};
+use ipc_core::control::{Brokered, Resolution};
+use ipc_core::{decode_error, Credentials, ErrorCode, FrameHeader, Reject, ServiceEntry, Welcome};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::broker::{self, Broker, Exchange};
 use crate::calls::{Arrival, Awaiting, Calls, LinkId, Settled, Ticket};
 use crate::connect::{self, MAX_TIMEOUT};
 use crate::error::{with_causes, CallError, ConnectError};
@@ -79,6 +81,14 @@ enum Next {
 struct Slot {
     max_payload: usize,
     session_id: u64,
+    /// For a brokered session: who provides it, and what it offers.
+    provided: Option<Provided>,
+}
+
+/// A brokered session's provider and services.
+struct Provided {
+    provider: Credentials,
+    services: Vec<ServiceEntry>,
 }
 
 /// A connection to ipcd, and through it to the providers of the services
@@ -98,6 +108,12 @@ pub struct Client {
     options: ClientOptions,
     /// The daemon's own services, from its welcome.
     services: HashMap<String, u16>,
+    /// The names resolved through the broker, with the link and id of the
+    /// latest session that offers each.
+    provided: HashMap<String, (LinkId, u16)>,
+    /// The broker connection, once a provided name was resolved (until
+    /// it is found lost).
+    broker: Option<Broker>,
     reconnects: u64,
     /// Scratch for error replies read in place.
     scratch: Vec<u8>,
@@ -148,6 +164,8 @@ impl Client {
             calls: Calls::new(id),
             target: transport,
             services: welcome.services.iter().map(|s| (s.name.clone(), s.id)).collect(),
+            provided: HashMap::new(),
+            broker: None,
             reconnects: 0,
             scratch: Vec::new(),
             pace: Pace::new(options.spin),
@@ -155,8 +173,8 @@ impl Client {
             plan: Vec::new(),
             next_link: 0,
         };
-        let daemon =
-            client.add_link(link, Slot { max_payload: welcome.max_payload as usize, session_id: welcome.session_id });
+        let slot = Slot { max_payload: welcome.max_payload as usize, session_id: welcome.session_id, provided: None };
+        let daemon = client.add_link(link, slot);
         debug_assert_eq!(daemon, DAEMON);
         Ok(client)
     }
@@ -174,12 +192,174 @@ impl Client {
         self.target.name()
     }
 
-    /// Resolves a service by name: one of the daemon's own.
+    /// Resolves a service by name.
+    ///
+    /// A name in the daemon's welcome is one of its own services, called on
+    /// the daemon link. Any other is asked of the daemon's broker (over
+    /// [`Transport::Shm`] only; else [`CallError::NoBroker`]): it brokers a
+    /// session with the name's provider, whose calls then go straight to
+    /// the provider over shared memory. The session offers the services
+    /// its answer lists, which later resolves find without asking again
+    /// (while the session lasts). Failures: [`CallError::UnknownService`]
+    /// (nobody provides it now), [`CallError::BadName`],
+    /// [`CallError::NotPermitted`], [`CallError::Unavailable`],
+    /// [`CallError::BadResolution`].
     pub fn service(&mut self, name: &str) -> Result<Service, CallError> {
-        match self.services.get(name) {
-            Some(&id) => Ok(self.handle(DAEMON, id, name)),
-            None => Err(CallError::UnknownService { name: name.to_string() }),
+        if let Some(&id) = self.services.get(name) {
+            return Ok(self.handle(DAEMON, id, name));
         }
+        self.provided_service(name, Duration::ZERO)
+    }
+
+    /// As [`Client::service`], waiting up to `timeout` for a provider of
+    /// `name` to register if none has: the daemon waits for it, and while
+    /// the daemon is out of reach (restarting), the client tries again with
+    /// the [`ClientOptions::reconnect`] policy's delays (or the default
+    /// ones). [`CallError::UnknownService`] if none came in time; errors
+    /// that waiting cannot cure ([`CallError::NotPermitted`], for one) come
+    /// at once.
+    pub fn wait_for_service(&mut self, name: &str, timeout: Duration) -> Result<Service, CallError> {
+        if let Some(&id) = self.services.get(name) {
+            return Ok(self.handle(DAEMON, id, name));
+        }
+        let policy = self.options.reconnect.unwrap_or_default();
+        let mut delay = policy.first_delay;
+        let mut dl = Deadline::new(timeout);
+        loop {
+            let left = dl.at().saturating_duration_since(Instant::now());
+            let error = match self.provided_service(name, left) {
+                Ok(service) => return Ok(service),
+                Err(e) => e,
+            };
+            let left = dl.at().saturating_duration_since(Instant::now());
+            let passing = matches!(error, CallError::UnknownService { .. } | CallError::Unavailable { .. });
+            if !passing || left.is_zero() {
+                return Err(error);
+            }
+            std::thread::sleep(delay.min(left));
+            delay = (delay * 2).min(policy.max_delay);
+        }
+    }
+
+    /// The provider of a service resolved through the broker, as the
+    /// daemon reported it; `None` for the daemon's own services (and for
+    /// another client's).
+    pub fn provider(&self, service: &Service) -> Option<Credentials> {
+        let link = self.link_of(service).ok()?;
+        self.slots[link].provided.as_ref().map(|p| p.provider)
+    }
+
+    /// A provided name's service: on the session that offers it, if that
+    /// is up, else on a new session from the broker (waiting up to `wait`
+    /// for a provider).
+    fn provided_service(&mut self, name: &str, wait: Duration) -> Result<Service, CallError> {
+        let known = self.provided.get(name).copied();
+        if let Some((link, id)) = known {
+            if self.calls.lost(link).is_none() {
+                return Ok(self.handle(link, id, name));
+            }
+        }
+        // A lost session's place is filled again if the new one is alike.
+        self.resolve(name, wait, known.map(|(link, _)| link), false)?;
+        let (link, id) = self.provided[name];
+        Ok(self.handle(link, id, name))
+    }
+
+    /// Asks the broker for a session with a provider of `name` and puts it
+    /// in lost link `reuse`'s place if given and the session offers every
+    /// service that place had under the same ids (its services work
+    /// again), else in a new place (or, `strict`, fails). Its services are
+    /// recorded for later resolves.
+    fn resolve(
+        &mut self,
+        name: &str,
+        wait: Duration,
+        reuse: Option<LinkId>,
+        strict: bool,
+    ) -> Result<LinkId, CallError> {
+        let (brokered, fds) = self.ask_broker(name, wait)?;
+        let link = broker::session(name, &brokered, fds, &self.options)
+            .map_err(|reason| CallError::BadResolution { name: name.to_string(), reason })?;
+        let slot = Slot {
+            max_payload: brokered.max_payload as usize,
+            session_id: brokered.session_id,
+            provided: Some(Provided { provider: brokered.provider, services: brokered.services }),
+        };
+        let place = match reuse {
+            Some(old) if self.alike(old, &slot) => {
+                self.links[old] = Link::Shm(link);
+                self.slots[old] = slot;
+                self.calls.revive(old);
+                old
+            }
+            Some(_) if strict => {
+                let reason =
+                    format!("the provider of {name:?} reached again offers other services; resolve them again");
+                return Err(CallError::NotConnected { reason });
+            }
+            _ => self.add_link(Link::Shm(link), slot),
+        };
+        for entry in self.slots[place].provided.iter().flat_map(|p| &p.services) {
+            if !self.services.contains_key(&entry.name) {
+                self.provided.insert(entry.name.clone(), (place, entry.id));
+            }
+        }
+        Ok(place)
+    }
+
+    /// Whether a new session `slot` offers every service that `link`'s did,
+    /// under the same ids, so that `link`'s services may go on to it.
+    fn alike(&self, link: LinkId, slot: &Slot) -> bool {
+        let (Some(old), Some(new)) = (&self.slots[link].provided, &slot.provided) else { return false };
+        old.services.iter().all(|s| new.services.contains(s))
+    }
+
+    /// One exchange with the broker: a session and its fds, or the error.
+    /// A kept connection found closed, or lost on the way (the daemon
+    /// restarted), is replaced by a new one, once.
+    fn ask_broker(&mut self, name: &str, wait: Duration) -> Result<(Brokered, Vec<OwnedFd>), CallError> {
+        let Transport::Shm(path) = &self.target else {
+            return Err(CallError::NoBroker { name: name.to_string(), transport: self.target.name() });
+        };
+        let path = path.clone();
+        let request = broker::request(name, wait, &self.options);
+        // The daemon answers within its wait, plus the time to broker.
+        let limit = wait.saturating_add(self.options.connect_timeout);
+        let unavailable = |reason: String| CallError::Unavailable { name: name.to_string(), reason };
+        for _ in 0..2 {
+            let kept = self.broker.take().filter(|conn| !conn.is_closed());
+            let reused = kept.is_some();
+            let mut conn = match kept {
+                Some(conn) => conn,
+                None => Broker::open(&path, &self.options).map_err(|e| broker::unreachable(name, e))?,
+            };
+            match conn.exchange(&request, limit) {
+                Ok((Resolution::Brokered(brokered), fds)) => {
+                    self.broker = Some(conn);
+                    return Ok((brokered, fds));
+                }
+                Ok((Resolution::Failed(error), fds)) => {
+                    if !fds.is_empty() {
+                        let reason = format!("a refusal came with {} fds", fds.len());
+                        return Err(CallError::BadResolution { name: name.to_string(), reason });
+                    }
+                    self.broker = Some(conn);
+                    return Err(broker::refused(name, error));
+                }
+                // The daemon that took the connection is gone: a new one
+                // may be listening.
+                Err(Exchange::Lost(_)) if reused => continue,
+                Err(Exchange::Lost(reason)) => return Err(unavailable(format!("broker connection lost: {reason}"))),
+                // Dropped: a late answer must not be taken for the next.
+                Err(Exchange::Timeout) => {
+                    return Err(unavailable(format!("no answer from the daemon within {limit:?}")))
+                }
+                Err(Exchange::Protocol(reason)) => {
+                    return Err(CallError::BadResolution { name: name.to_string(), reason })
+                }
+            }
+        }
+        Err(unavailable("the daemon closed the broker connection twice".into()))
     }
 
     fn handle(&self, link: LinkId, id: u16, name: &str) -> Service {
@@ -846,9 +1026,18 @@ impl Client {
         }
     }
 
-    /// The outcome a reply on `link` carries (see [`Client::outcome`]).
-    fn outcome_on(&self, _link: LinkId, header: FrameHeader, body: &mut Vec<u8>) -> Result<(), CallError> {
-        self.outcome(header, body)
+    /// The outcome a reply on `link` carries (see [`Client::outcome`]),
+    /// an unknown service named as that link's peer knows it.
+    fn outcome_on(&self, link: LinkId, header: FrameHeader, body: &mut Vec<u8>) -> Result<(), CallError> {
+        let outcome = self.outcome(header, body);
+        match (outcome, &self.slots[link].provided) {
+            (Err(CallError::UnknownService { .. }), Some(provided)) => {
+                let name = provided.services.iter().find(|s| s.id == header.service);
+                let name = name.map_or_else(|| format!("#{}", header.service), |s| s.name.clone());
+                Err(CallError::UnknownService { name })
+            }
+            (outcome, _) => outcome,
+        }
     }
 
     /// The outcome a reply carries; an error reply's body is decoded (and

@@ -91,7 +91,8 @@ pub enum CallError {
         /// Why: the loss, or the last reconnection attempt's failure.
         reason: String,
     },
-    /// The daemon offers no such service.
+    /// Neither the daemon nor any provider offers the service (within the
+    /// wait asked for).
     #[error("unknown service {name:?}")]
     UnknownService {
         /// The name (or id) asked for.
@@ -155,6 +156,59 @@ pub enum CallError {
     ForeignService {
         /// The service's name.
         name: String,
+    },
+    /// The name is not one of the daemon's own services, and names that
+    /// providers offer cannot be reached over this transport: a brokered
+    /// session hands over a shared-memory segment and its fds, which only
+    /// the daemon's control socket carries ([`crate::Transport::Shm`]).
+    #[error(
+        "{name:?} is not a service of the daemon itself, and services of providers cannot be reached over \
+         {transport}: they need the shared-memory transport"
+    )]
+    NoBroker {
+        /// The name asked for.
+        name: String,
+        /// The client's transport (`uds` or `tcp`).
+        transport: &'static str,
+    },
+    /// The name breaks the naming rules (see
+    /// [`check_name`](ipc_core::control::check_name)).
+    #[error("bad service name {name:?}: {reason}")]
+    BadName {
+        /// The name asked for.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// The daemon's rules do not let this client call the name.
+    #[error("not permitted to call {name:?}: {reason}")]
+    NotPermitted {
+        /// The name asked for.
+        name: String,
+        /// Who was refused what, as the daemon says.
+        reason: String,
+    },
+    /// No session with a provider of the name now: the provider declined,
+    /// did not answer, or went away; a limit of the daemon's refused it;
+    /// or the daemon is stopping, restarting or out of reach. Trying again
+    /// later may succeed ([`crate::Client::wait_for_service`] does).
+    #[error("{name:?} is unavailable: {reason}")]
+    Unavailable {
+        /// The name asked for.
+        name: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The daemon's answer to a resolve broke the protocol: a message that
+    /// does not decode, wrong or missing fds, a segment unsealed or of the
+    /// wrong size, a doorbell not asked for, a session without the name.
+    /// Nothing of it is kept.
+    #[error("the answer to resolving {name:?} broke the protocol: {reason}")]
+    BadResolution {
+        /// The name asked for.
+        name: String,
+        /// What was wrong.
+        reason: String,
     },
     /// A typed request could not be encoded.
     #[error("cannot encode the request: {0}")]

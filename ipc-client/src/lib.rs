@@ -24,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
 mod calls;
 mod client;
 mod connect;
@@ -44,6 +45,6 @@ pub use calls::Ticket;
 pub use client::{Client, Service};
 pub use error::{CallError, ConnectError};
 pub use guard::ReplyGuard;
-pub use ipc_core::{DoorbellKind, Reject};
+pub use ipc_core::{Credentials, DoorbellKind, Reject};
 pub use link::RequestBuf;
 pub use options::{ClientOptions, Reconnect, Transport, DEFAULT_SPIN};
