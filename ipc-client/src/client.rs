@@ -758,14 +758,48 @@ impl Client {
         }
     }
 
-    /// Restores a lost link before a request is sent on it: reconnects
-    /// with the policy until the deadline, or fails the request as not
-    /// sent.
-    fn ensure_connected(&mut self, link: LinkId, dl: &mut Deadline) -> Result<(), CallError> {
+    /// Restores a lost link before a request to `service` is sent on it,
+    /// with the policy until the deadline: the daemon link by connecting
+    /// again, a brokered link by resolving the service's name again. Else
+    /// the request fails as not sent.
+    fn ensure_connected(&mut self, service: &Service, link: LinkId, dl: &mut Deadline) -> Result<(), CallError> {
         let Some(refused) = self.calls.refusal(link) else { return Ok(()) };
         match self.options.reconnect {
             Some(policy) if link == DAEMON => self.connect_again(policy, dl),
-            _ => Err(refused),
+            Some(policy) => self.resolve_again(link, &service.name, policy, dl),
+            None => Err(refused),
+        }
+    }
+
+    /// Fills lost brokered `link`'s place with a new session for `name`,
+    /// retrying with `policy`'s backoff until the deadline; each resolve
+    /// lets the daemon wait for a provider (restarted, or another of a
+    /// pool) for what is left of it. The new session must offer the old
+    /// one's services under the same ids.
+    fn resolve_again(
+        &mut self,
+        link: LinkId,
+        name: &str,
+        policy: Reconnect,
+        dl: &mut Deadline,
+    ) -> Result<(), CallError> {
+        let mut delay = policy.first_delay;
+        loop {
+            let left = dl.at().saturating_duration_since(Instant::now());
+            let error = match self.resolve(name, left, Some(link), true) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let passing = matches!(error, CallError::UnknownService { .. } | CallError::Unavailable { .. });
+            let left = dl.at().saturating_duration_since(Instant::now());
+            if !passing || left.is_zero() {
+                return Err(match error {
+                    e @ CallError::NotConnected { .. } => e,
+                    e => CallError::NotConnected { reason: format!("cannot reach {name:?} again: {e}") },
+                });
+            }
+            std::thread::sleep(delay.min(left));
+            delay = (delay * 2).min(policy.max_delay);
         }
     }
 
@@ -834,7 +868,7 @@ impl Client {
         dl: &mut Deadline,
     ) -> Result<(Ticket, R), CallError> {
         let link = self.link_of(service)?;
-        self.ensure_connected(link, dl)?;
+        self.ensure_connected(service, link, dl)?;
         let max = self.slots[link].max_payload;
         if len > max {
             return Err(CallError::TooLarge { len, max });

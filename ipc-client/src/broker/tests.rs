@@ -582,3 +582,60 @@ fn event_fd() -> OwnedFd {
     use std::os::fd::AsFd;
     ipc_platform::EventFd::new().unwrap().as_fd().try_clone_to_owned().unwrap()
 }
+
+/// With a reconnect policy, the next call to a service of a lost provider
+/// resolves its name again and reaches a restarted provider; every handle
+/// of the old session works on the new one. Requests in flight at the
+/// loss are not sent again.
+#[test]
+fn a_lost_provider_is_resolved_again_by_the_next_call_with_a_reconnect_policy() {
+    let rig = Rig::new();
+    let policy = Reconnect::new(Duration::from_millis(1), Duration::from_millis(1));
+    let (mut client, _daemon) = rig.connect(options().reconnect(policy));
+    let granted = [("alpha", 3), ("alpha.admin", 9)];
+    let (alpha, mut broker, _, mut provider) = first_resolve(&rig, &mut client, "alpha", &granted);
+    let admin = client.service("alpha.admin").unwrap();
+    let in_flight = client.send(&alpha, b"lost").unwrap();
+    client.flush().unwrap();
+    provider.take_request();
+    drop(provider);
+    assert!(disconnected(&client.wait(in_flight)));
+
+    let (reply, asked, seen, mut provider) = thread::scope(|s| {
+        let restarted = s.spawn(|| {
+            let resolve = broker.resolve();
+            let mut provider = broker.grant(&resolve, &granted);
+            let seen = provider.serve_one();
+            (resolve, seen, provider)
+        });
+        let reply = client.call(&admin, b"again");
+        let (resolve, seen, provider) = restarted.join().unwrap();
+        (reply, resolve, seen, provider)
+    });
+    assert_eq!(asked.name, "alpha.admin", "the called service's name is resolved");
+    assert!(asked.wait_ms > 0, "the daemon may wait for the provider to come back: {asked:?}");
+    // Its first request is the new call: ids go on, the lost one is gone.
+    assert_eq!((reply, seen.request_id, seen.service), (Ok(reply_to(2)), 2, 9));
+    assert_eq!(call(&mut client, &alpha, &mut provider).0, Ok(reply_to(3)));
+
+    // A provider reached again with other ids cannot take the old
+    // handles' calls; resolving the name again gives a new handle.
+    drop(provider);
+    assert!(disconnected(&client.call(&alpha, b"sent, then lost")));
+    let refused = thread::scope(|s| {
+        let other = s.spawn(|| {
+            let resolve = broker.resolve();
+            broker.grant(&resolve, &[("alpha", 30)])
+        });
+        let refused = client.call(&alpha, b"not sent");
+        drop(other.join().unwrap());
+        refused
+    });
+    assert!(
+        matches!(&refused, Err(CallError::NotConnected { reason }) if reason.contains("other services")),
+        "{refused:?}"
+    );
+    let (alpha, mut provider) = resolve(&mut client, &mut broker, "alpha", &[("alpha", 30)]);
+    assert_eq!(alpha.id(), 30);
+    assert_eq!(call(&mut client, &alpha, &mut provider).0, Ok(reply_to(1)));
+}
