@@ -3,30 +3,32 @@
 //! pipelined, and the waits that read replies off every link.
 //!
 //! What each request's outcome is, is decided by the state machine in
-//! `calls.rs`; this module does the I/O around it: it writes requests,
-//! reads replies and feeds them to it, sleeps across links, and settles a
-//! link that is lost (`break_off`).
+//! `calls.rs`; the client does the I/O around it. Here: the types, the
+//! calls, sends, waits and receives. In `client/replies.rs`: reading
+//! replies off the links and feeding them to the state machine, sleeping
+//! across links, settling a link that is lost. In `client/links.rs`:
+//! resolving provided names through the broker, and re-establishing lost
+//! links.
 
 use std::collections::HashMap;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc_core::control::{Brokered, Resolution};
-use ipc_core::{decode_error, Credentials, ErrorCode, FrameHeader, Reject, ServiceEntry, Welcome};
+use ipc_core::{decode_error, Credentials, ErrorCode, FrameHeader, ServiceEntry};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::broker::{self, Broker, Exchange};
-use crate::calls::{Arrival, Awaiting, Calls, LinkId, Settled, Ticket};
+use crate::broker::Broker;
+use crate::calls::{Awaiting, Calls, LinkId, Settled, Ticket};
 use crate::connect::{self, MAX_TIMEOUT};
-use crate::error::{with_causes, CallError, ConnectError};
+use crate::error::{CallError, ConnectError};
 use crate::guard::ReplyGuard;
 use crate::link::{Link, ReplyRef, RequestBuf};
-use crate::options::{ClientOptions, Reconnect, Transport};
-use crate::wait::{self, Await, Pace};
+use crate::options::{ClientOptions, Transport};
+use crate::wait::{Await, Pace};
 
 /// Where client ids come from: unique in the process, so that a ticket or
 /// service handed to another client is recognised as foreign.
@@ -192,176 +194,6 @@ impl Client {
         self.target.name()
     }
 
-    /// Resolves a service by name.
-    ///
-    /// A name in the daemon's welcome is one of its own services, called on
-    /// the daemon link. Any other is asked of the daemon's broker (over
-    /// [`Transport::Shm`] only; else [`CallError::NoBroker`]): it brokers a
-    /// session with the name's provider, whose calls then go straight to
-    /// the provider over shared memory. The session offers the services
-    /// its answer lists, which later resolves find without asking again
-    /// (while the session lasts). Failures: [`CallError::UnknownService`]
-    /// (nobody provides it now), [`CallError::BadName`],
-    /// [`CallError::NotPermitted`], [`CallError::Unavailable`],
-    /// [`CallError::BadResolution`].
-    pub fn service(&mut self, name: &str) -> Result<Service, CallError> {
-        if let Some(&id) = self.services.get(name) {
-            return Ok(self.handle(DAEMON, id, name));
-        }
-        self.provided_service(name, Duration::ZERO)
-    }
-
-    /// As [`Client::service`], waiting up to `timeout` for a provider of
-    /// `name` to register if none has: the daemon waits for it, and while
-    /// the daemon is out of reach (restarting), the client tries again with
-    /// the [`ClientOptions::reconnect`] policy's delays (or the default
-    /// ones). [`CallError::UnknownService`] if none came in time; errors
-    /// that waiting cannot cure ([`CallError::NotPermitted`], for one) come
-    /// at once.
-    pub fn wait_for_service(&mut self, name: &str, timeout: Duration) -> Result<Service, CallError> {
-        if let Some(&id) = self.services.get(name) {
-            return Ok(self.handle(DAEMON, id, name));
-        }
-        let policy = self.options.reconnect.unwrap_or_default();
-        let mut delay = policy.first_delay;
-        let mut dl = Deadline::new(timeout);
-        loop {
-            let left = dl.at().saturating_duration_since(Instant::now());
-            let error = match self.provided_service(name, left) {
-                Ok(service) => return Ok(service),
-                Err(e) => e,
-            };
-            let left = dl.at().saturating_duration_since(Instant::now());
-            let passing = matches!(error, CallError::UnknownService { .. } | CallError::Unavailable { .. });
-            if !passing || left.is_zero() {
-                return Err(error);
-            }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
-        }
-    }
-
-    /// The provider of a service resolved through the broker, as the
-    /// daemon reported it; `None` for the daemon's own services (and for
-    /// another client's).
-    pub fn provider(&self, service: &Service) -> Option<Credentials> {
-        let link = self.link_of(service).ok()?;
-        self.slots[link].provided.as_ref().map(|p| p.provider)
-    }
-
-    /// A provided name's service: on the session that offers it, if that
-    /// is up, else on a new session from the broker (waiting up to `wait`
-    /// for a provider).
-    fn provided_service(&mut self, name: &str, wait: Duration) -> Result<Service, CallError> {
-        let known = self.provided.get(name).copied();
-        if let Some((link, id)) = known {
-            if self.calls.lost(link).is_none() {
-                return Ok(self.handle(link, id, name));
-            }
-        }
-        // A lost session's place is filled again if the new one is alike.
-        self.resolve(name, wait, known.map(|(link, _)| link), false)?;
-        let (link, id) = self.provided[name];
-        Ok(self.handle(link, id, name))
-    }
-
-    /// Asks the broker for a session with a provider of `name` and puts it
-    /// in lost link `reuse`'s place if given and the session offers every
-    /// service that place had under the same ids (its services work
-    /// again), else in a new place (or, `strict`, fails). Its services are
-    /// recorded for later resolves.
-    fn resolve(
-        &mut self,
-        name: &str,
-        wait: Duration,
-        reuse: Option<LinkId>,
-        strict: bool,
-    ) -> Result<LinkId, CallError> {
-        let (brokered, fds) = self.ask_broker(name, wait)?;
-        let link = broker::session(name, &brokered, fds, &self.options)
-            .map_err(|reason| CallError::BadResolution { name: name.to_string(), reason })?;
-        let slot = Slot {
-            max_payload: brokered.max_payload as usize,
-            session_id: brokered.session_id,
-            provided: Some(Provided { provider: brokered.provider, services: brokered.services }),
-        };
-        let place = match reuse {
-            Some(old) if self.alike(old, &slot) => {
-                self.links[old] = Link::Shm(link);
-                self.slots[old] = slot;
-                self.calls.revive(old);
-                old
-            }
-            Some(_) if strict => {
-                let reason =
-                    format!("the provider of {name:?} reached again offers other services; resolve them again");
-                return Err(CallError::NotConnected { reason });
-            }
-            _ => self.add_link(Link::Shm(link), slot),
-        };
-        for entry in self.slots[place].provided.iter().flat_map(|p| &p.services) {
-            if !self.services.contains_key(&entry.name) {
-                self.provided.insert(entry.name.clone(), (place, entry.id));
-            }
-        }
-        Ok(place)
-    }
-
-    /// Whether a new session `slot` offers every service that `link`'s did,
-    /// under the same ids, so that `link`'s services may go on to it.
-    fn alike(&self, link: LinkId, slot: &Slot) -> bool {
-        let (Some(old), Some(new)) = (&self.slots[link].provided, &slot.provided) else { return false };
-        old.services.iter().all(|s| new.services.contains(s))
-    }
-
-    /// One exchange with the broker: a session and its fds, or the error.
-    /// A kept connection found closed, or lost on the way (the daemon
-    /// restarted), is replaced by a new one, once.
-    fn ask_broker(&mut self, name: &str, wait: Duration) -> Result<(Brokered, Vec<OwnedFd>), CallError> {
-        let Transport::Shm(path) = &self.target else {
-            return Err(CallError::NoBroker { name: name.to_string(), transport: self.target.name() });
-        };
-        let path = path.clone();
-        let request = broker::request(name, wait, &self.options);
-        // The daemon answers within its wait, plus the time to broker.
-        let limit = wait.saturating_add(self.options.connect_timeout);
-        let unavailable = |reason: String| CallError::Unavailable { name: name.to_string(), reason };
-        for _ in 0..2 {
-            let kept = self.broker.take().filter(|conn| !conn.is_closed());
-            let reused = kept.is_some();
-            let mut conn = match kept {
-                Some(conn) => conn,
-                None => Broker::open(&path, &self.options).map_err(|e| broker::unreachable(name, e))?,
-            };
-            match conn.exchange(&request, limit) {
-                Ok((Resolution::Brokered(brokered), fds)) => {
-                    self.broker = Some(conn);
-                    return Ok((brokered, fds));
-                }
-                Ok((Resolution::Failed(error), fds)) => {
-                    if !fds.is_empty() {
-                        let reason = format!("a refusal came with {} fds", fds.len());
-                        return Err(CallError::BadResolution { name: name.to_string(), reason });
-                    }
-                    self.broker = Some(conn);
-                    return Err(broker::refused(name, error));
-                }
-                // The daemon that took the connection is gone: a new one
-                // may be listening.
-                Err(Exchange::Lost(_)) if reused => continue,
-                Err(Exchange::Lost(reason)) => return Err(unavailable(format!("broker connection lost: {reason}"))),
-                // Dropped: a late answer must not be taken for the next.
-                Err(Exchange::Timeout) => {
-                    return Err(unavailable(format!("no answer from the daemon within {limit:?}")))
-                }
-                Err(Exchange::Protocol(reason)) => {
-                    return Err(CallError::BadResolution { name: name.to_string(), reason })
-                }
-            }
-        }
-        Err(unavailable("the daemon closed the broker connection twice".into()))
-    }
-
     fn handle(&self, link: LinkId, id: u16, name: &str) -> Service {
         Service { client: self.id, link: link as u32, id, name: Arc::from(name) }
     }
@@ -416,19 +248,6 @@ impl Client {
     /// [`Reconnect`]).
     pub fn reconnects(&self) -> u64 {
         self.reconnects
-    }
-
-    /// Connects to the daemon again now if the daemon link was lost,
-    /// retrying with the [`ClientOptions::reconnect`] policy (or the
-    /// default one) for at most the call timeout. Does nothing while
-    /// connected.
-    pub fn reconnect(&mut self) -> Result<(), CallError> {
-        if self.is_connected() {
-            return Ok(());
-        }
-        let policy = self.options.reconnect.unwrap_or_default();
-        let mut dl = Deadline::new(self.options.call_timeout);
-        self.connect_again(policy, &mut dl)
     }
 
     /// Calls `service` with `request` and returns the reply, waiting at most
@@ -682,181 +501,6 @@ impl Client {
         Ok(service.link as LinkId)
     }
 
-    /// Settles `link` when `result` says it is lost.
-    fn note<T>(&mut self, link: LinkId, result: Result<T, CallError>) -> Result<T, CallError> {
-        if let Err(CallError::Disconnected { reason }) = &result {
-            if self.calls.lost(link).is_none() {
-                let reason = reason.clone();
-                self.break_off(link, reason);
-            }
-        }
-        result
-    }
-
-    /// Settles every link whose peer a wait found gone. Whether any was.
-    fn notice_losses(&mut self) -> bool {
-        let mut any = false;
-        for link in 0..self.links.len() {
-            if self.calls.lost(link).is_none() {
-                if let Some(reason) = self.links[link].gone() {
-                    let reason = reason.to_string();
-                    self.break_off(link, reason);
-                    any = true;
-                }
-            }
-        }
-        any
-    }
-
-    /// Records the loss of `link`: every reply still on it is kept aside
-    /// (each is its request's outcome), then every request still in flight
-    /// on it gets its outcome (see [`Calls::lose`]).
-    fn break_off(&mut self, link: LinkId, reason: String) {
-        // The peer's word on the last request it took is read before its
-        // replies: on shared memory it is written after every reply to
-        // those was published, so all of them are read below. A stream's
-        // closing frame comes after its replies; reading them reaches it.
-        let said = self.links[link].closed_after();
-        self.read_remaining(link);
-        let closed_after = said.or_else(|| self.links[link].closed_after());
-        self.calls.lose(link, reason, closed_after);
-    }
-
-    /// Keeps aside every reply left on a lost link. Stops at the first
-    /// thing that is not such a reply (the link's end, a stream's closing
-    /// frame, or what broke the protocol).
-    fn read_remaining(&mut self, link: LinkId) {
-        loop {
-            let r = match self.links[link].peek() {
-                Ok(Some(r)) => r,
-                // What a stream's socket still holds comes after the buffer.
-                Ok(None) if self.links[link].receive_left() => continue,
-                _ => break,
-            };
-            match self.calls.arrived(link, &r.header(), Awaiting::Nothing) {
-                Ok(Arrival::Keep(ticket) | Arrival::Deliver(ticket)) => {
-                    let mut body = Vec::new();
-                    self.links[link].read_all(&r, &mut body);
-                    self.calls.keep(ticket, r.header(), body);
-                }
-                Ok(Arrival::Drop) => {}
-                Err(_) => break,
-            }
-            // Whether a peer that is gone can be told of the space changes
-            // nothing.
-            let _ = self.links[link].consume(&r);
-        }
-    }
-
-    /// Hands every live link's written requests to its peer.
-    fn flush_live(&mut self) {
-        for link in 0..self.links.len() {
-            if self.calls.lost(link).is_none() && self.calls.replies_due(link) {
-                let flushed = self.links[link].flush();
-                let _ = self.note(link, flushed);
-            }
-        }
-    }
-
-    /// Restores a lost link before a request to `service` is sent on it,
-    /// with the policy until the deadline: the daemon link by connecting
-    /// again, a brokered link by resolving the service's name again. Else
-    /// the request fails as not sent.
-    fn ensure_connected(&mut self, service: &Service, link: LinkId, dl: &mut Deadline) -> Result<(), CallError> {
-        let Some(refused) = self.calls.refusal(link) else { return Ok(()) };
-        match self.options.reconnect {
-            Some(policy) if link == DAEMON => self.connect_again(policy, dl),
-            Some(policy) => self.resolve_again(link, &service.name, policy, dl),
-            None => Err(refused),
-        }
-    }
-
-    /// Fills lost brokered `link`'s place with a new session for `name`,
-    /// retrying with `policy`'s backoff until the deadline; each resolve
-    /// lets the daemon wait for a provider (restarted, or another of a
-    /// pool) for what is left of it. The new session must offer the old
-    /// one's services under the same ids.
-    fn resolve_again(
-        &mut self,
-        link: LinkId,
-        name: &str,
-        policy: Reconnect,
-        dl: &mut Deadline,
-    ) -> Result<(), CallError> {
-        let mut delay = policy.first_delay;
-        loop {
-            let left = dl.at().saturating_duration_since(Instant::now());
-            let error = match self.resolve(name, left, Some(link), true) {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            let passing = matches!(error, CallError::UnknownService { .. } | CallError::Unavailable { .. });
-            let left = dl.at().saturating_duration_since(Instant::now());
-            if !passing || left.is_zero() {
-                return Err(match error {
-                    e @ CallError::NotConnected { .. } => e,
-                    e => CallError::NotConnected { reason: format!("cannot reach {name:?} again: {e}") },
-                });
-            }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
-        }
-    }
-
-    /// Connects again, retrying with `policy`'s backoff until the deadline.
-    fn connect_again(&mut self, policy: Reconnect, dl: &mut Deadline) -> Result<(), CallError> {
-        let mut delay = policy.first_delay;
-        loop {
-            let now = Instant::now();
-            let left = dl.at().saturating_duration_since(now);
-            let mut options = self.options.clone();
-            // An attempt never outlasts the request's deadline by much.
-            options.connect_timeout = options.connect_timeout.min(left.max(Duration::from_millis(1)));
-            let error = match connect::open(&self.target, &options) {
-                Ok((link, welcome)) => return self.adopt(link, welcome),
-                Err(e) => e,
-            };
-            let lasting = matches!(
-                error,
-                ConnectError::VersionMismatch { .. }
-                    | ConnectError::Protocol(_)
-                    | ConnectError::Untrusted { .. }
-                    | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
-            );
-            let left = dl.at().saturating_duration_since(Instant::now());
-            if lasting || left.is_zero() {
-                return Err(CallError::NotConnected { reason: format!("cannot reconnect: {}", with_causes(&error)) });
-            }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
-        }
-    }
-
-    /// Takes a new daemon link in place of the lost one.
-    fn adopt(&mut self, link: Link, welcome: Welcome) -> Result<(), CallError> {
-        let same = welcome.services.len() == self.services.len()
-            && welcome.services.iter().all(|s| self.services.get(&s.name) == Some(&s.id));
-        if !same {
-            return Err(CallError::NotConnected {
-                reason: "the daemon reached again offers other services; connect a new client".into(),
-            });
-        }
-        if welcome.max_payload as usize != self.max_payload() {
-            return Err(CallError::NotConnected {
-                reason: format!(
-                    "the daemon reached again offers payloads of {} bytes, not {}; connect a new client",
-                    welcome.max_payload,
-                    self.max_payload()
-                ),
-            });
-        }
-        self.links[DAEMON] = link;
-        self.slots[DAEMON].session_id = welcome.session_id;
-        self.calls.revive(DAEMON);
-        self.reconnects += 1;
-        Ok(())
-    }
-
     /// Writes a request, waiting for room (with `wait`) until the deadline.
     /// With `flush`, hands it to the peer at once.
     fn start<R>(
@@ -916,108 +560,6 @@ impl Client {
             }
             other => other,
         }
-    }
-
-    /// Moves every reply waiting on any link into the stash (dropping those
-    /// of abandoned requests). A link that fails is settled.
-    fn stash_replies(&mut self) {
-        for link in 0..self.links.len() {
-            while self.calls.replies_due(link) {
-                let peeked = self.links[link].peek();
-                let Ok(Some(r)) = self.note(link, peeked) else { break };
-                let Ok(arrival) = self.arrived(link, &r, Awaiting::Nothing) else { break };
-                let kept = match arrival {
-                    Arrival::Keep(ticket) | Arrival::Deliver(ticket) => self.keep_aside(link, r, ticket),
-                    Arrival::Drop => self.release(link, &r),
-                };
-                if kept.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Reads a reply aside as `ticket`'s outcome, then hands its space
-    /// back: kept first, a failure to hand it back leaves the reply its
-    /// outcome.
-    fn keep_aside(&mut self, link: LinkId, r: ReplyRef, ticket: Ticket) -> Result<(), CallError> {
-        let mut body = Vec::new();
-        self.links[link].read_all(&r, &mut body);
-        self.calls.keep(ticket, r.header(), body);
-        self.release(link, &r)
-    }
-
-    /// Claims the request a reply on `link` answers; a reply to nothing
-    /// in flight loses the link.
-    fn arrived(&mut self, link: LinkId, r: &ReplyRef, awaiting: Awaiting) -> Result<Arrival, CallError> {
-        match self.calls.arrived(link, &r.header(), awaiting) {
-            Ok(arrival) => Ok(arrival),
-            Err(violation) => {
-                let reason = violation.describe(self.links[link].peer_name());
-                self.note(link, Err(CallError::Disconnected { reason }))
-            }
-        }
-    }
-
-    /// Reads replies off the links with replies due until one is for
-    /// `awaiting`, keeping aside (or dropping) the others, and sleeps across
-    /// the links while none is there. The awaited reply is left on its
-    /// link, claimed. [`Next::Settled`] when a link was lost on the way.
-    fn next_reply(&mut self, awaiting: Awaiting, dl: &mut Deadline) -> Result<Next, CallError> {
-        let n = self.links.len();
-        // The awaited ticket's link first; for a receive, the links in turn.
-        let first = match awaiting {
-            Awaiting::Ticket(t) => t.link(),
-            _ => self.next_link % n,
-        };
-        loop {
-            for k in 0..n {
-                let link = (first + k) % n;
-                while self.calls.replies_due(link) {
-                    let peeked = self.links[link].peek();
-                    let r = match self.note(link, peeked) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(_) => return Ok(Next::Settled),
-                    };
-                    let Ok(arrival) = self.arrived(link, &r, awaiting) else { return Ok(Next::Settled) };
-                    let handled = match arrival {
-                        Arrival::Deliver(ticket) => return Ok(Next::Reply(link, r, ticket)),
-                        Arrival::Keep(ticket) => self.keep_aside(link, r, ticket),
-                        Arrival::Drop => self.release(link, &r),
-                    };
-                    if handled.is_err() {
-                        return Ok(Next::Settled);
-                    }
-                }
-            }
-            self.sleep(None, dl)?;
-            if self.notice_losses() {
-                return Ok(Next::Settled);
-            }
-        }
-    }
-
-    /// Sleeps until a reply may have come on any link with replies due, or
-    /// (with `room`) until there may be room for a request of that many
-    /// bytes on that link, or the deadline passes.
-    fn sleep(&mut self, room: Option<(LinkId, usize)>, dl: &mut Deadline) -> Result<(), CallError> {
-        self.plan.clear();
-        for link in 0..self.links.len() {
-            let due = self.calls.replies_due(link);
-            let what = match room {
-                _ if self.calls.lost(link).is_some() => None,
-                Some((l, len)) if l == link => Some(Await::Room { len, replies_due: due }),
-                _ if due => Some(Await::Reply),
-                _ => None,
-            };
-            self.plan.push(what);
-        }
-        let deadline = dl.at();
-        if Instant::now() >= deadline {
-            return Err(CallError::Timeout { after: dl.timeout });
-        }
-        wait::wait(&mut self.links, &self.plan, &mut self.pace, deadline, dl.timeout)
     }
 
     /// Waits for `ticket`'s reply and leaves it unconsumed on its link for
@@ -1115,5 +657,7 @@ impl Deadline {
     }
 }
 
+mod links;
+mod replies;
 #[cfg(test)]
 mod tests;

@@ -128,10 +128,7 @@ mod tests {
     /// Skips a test on a kernel without `futex_waitv` (before 5.16).
     fn supported() -> bool {
         let w = AtomicU32::new(0);
-        match wait_any(&[&w], 1, Some(Duration::ZERO)) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
-            _ => true,
-        }
+        !matches!(wait_any(&[&w], 1, Some(Duration::ZERO)), Err(e) if e.kind() == io::ErrorKind::Unsupported)
     }
 
     #[test]
