@@ -639,3 +639,30 @@ fn a_lost_provider_is_resolved_again_by_the_next_call_with_a_reconnect_policy() 
     assert_eq!(alpha.id(), 30);
     assert_eq!(call(&mut client, &alpha, &mut provider).0, Ok(reply_to(1)));
 }
+
+/// While the client waits for one link's reply, the replies that come on
+/// its other links are read aside: a provider that waits for its reply to
+/// be taken (here: one that answers only after that) is not left stalled
+/// behind the wait.
+#[test]
+fn a_wait_on_one_link_takes_the_replies_of_the_others_aside() {
+    let rig = Rig::new();
+    let (mut client, _daemon) = rig.connect(options());
+    let (alpha, mut broker, _, mut pa) = first_resolve(&rig, &mut client, "alpha", &[("alpha", 3)]);
+    let (beta, mut pb) = resolve(&mut client, &mut broker, "beta", &[("beta", 4)]);
+    let ta = client.send(&alpha, b"a").unwrap();
+    let tb = client.send(&beta, b"b").unwrap();
+    client.flush().unwrap();
+    pb.serve_one();
+    let waited = thread::scope(|s| {
+        s.spawn(|| {
+            // Alpha answers once beta's reply has been taken.
+            poll(|| (pb.responses.consumer_released().unwrap() > 0).then_some(()));
+            pa.serve_one();
+        });
+        client.wait(ta)
+    });
+    assert_eq!(waited, Ok(reply_to(1)));
+    assert_eq!(client.in_flight(), 1, "beta's reply is kept for its ticket");
+    assert_eq!(client.wait(tb), Ok(reply_to(1)));
+}
