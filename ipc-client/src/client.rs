@@ -245,7 +245,7 @@ impl Client {
     }
 
     /// How many times the client has connected to the daemon again (see
-    /// [`Reconnect`]).
+    /// [`Reconnect`](crate::Reconnect)).
     pub fn reconnects(&self) -> u64 {
         self.reconnects
     }

@@ -40,7 +40,7 @@ impl Client {
     /// As [`Client::service`], waiting up to `timeout` for a provider of
     /// `name` to register if none has: the daemon waits for it, and while
     /// the daemon is out of reach (restarting), the client tries again with
-    /// the [`ClientOptions::reconnect`] policy's delays (or the default
+    /// the [`ClientOptions::reconnect`](crate::ClientOptions::reconnect) policy's delays (or the default
     /// ones). [`CallError::UnknownService`] if none came in time; errors
     /// that waiting cannot cure ([`CallError::NotPermitted`], for one) come
     /// at once.
@@ -189,7 +189,7 @@ impl Client {
     }
 
     /// Connects to the daemon again now if the daemon link was lost,
-    /// retrying with the [`ClientOptions::reconnect`] policy (or the
+    /// retrying with the [`ClientOptions::reconnect`](crate::ClientOptions::reconnect) policy (or the
     /// default one) for at most the call timeout. Does nothing while
     /// connected.
     pub fn reconnect(&mut self) -> Result<(), CallError> {
