@@ -49,16 +49,21 @@ pub(crate) enum Exchange {
 impl Broker {
     /// Opens a broker connection to the daemon at `path`: connect (with the
     /// same trust checks as a session), hello, acceptance, all within the
-    /// connect timeout.
-    pub(crate) fn open(path: &Path, options: &ClientOptions) -> Result<Broker, ConnectError> {
+    /// connect timeout. `None` if the daemon has no broker: one that
+    /// predates brokering answers the hello as a session's (it reads no
+    /// role), and such a daemon brokers no names. Its session is closed
+    /// at once.
+    pub(crate) fn open(path: &Path, options: &ClientOptions) -> Result<Option<Broker>, ConnectError> {
         let budget = Budget::start(options.connect_timeout);
         let transport = Transport::Shm(path.to_path_buf());
         let (socket, message, fds) = connect::say_hello(&transport, &Hello::for_role(Role::Broker), &budget)?;
         let protocol = |m: String| ConnectError::Protocol(m);
-        if !fds.is_empty() {
-            return Err(protocol(format!("the daemon accepted a broker connection with {} fds", fds.len())));
-        }
         match message {
+            // Dropping the connection and the fds ends that session.
+            ServerMessage::Welcome(_) => return Ok(None),
+            _ if !fds.is_empty() => {
+                return Err(protocol(format!("the daemon accepted a broker connection with {} fds", fds.len())))
+            }
             ServerMessage::Accepted { version, .. } if version == PROTOCOL_VERSION => {}
             ServerMessage::Accepted { version, .. } => {
                 return Err(ConnectError::VersionMismatch { daemon: version, client: PROTOCOL_VERSION })
@@ -67,14 +72,11 @@ impl Broker {
                 return Err(ConnectError::VersionMismatch { daemon, client })
             }
             ServerMessage::Reject(r) => return Err(ConnectError::Rejected(r)),
-            ServerMessage::Welcome(_) => {
-                return Err(protocol("the daemon answered a broker's hello with a session".into()))
-            }
         }
         let Socket::Unix(stream) = socket else {
             return Err(protocol("a broker connection is a Unix socket".into()));
         };
-        Ok(Broker { stream })
+        Ok(Some(Broker { stream }))
     }
 
     /// Whether the daemon has closed the connection (seen without waiting).

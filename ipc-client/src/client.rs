@@ -116,6 +116,9 @@ pub struct Client {
     /// The broker connection, once a provided name was resolved (until
     /// it is found lost).
     broker: Option<Broker>,
+    /// The last attempt to open a broker connection found a daemon that
+    /// has no broker (it brokers no names).
+    brokerless: bool,
     reconnects: u64,
     /// Scratch for error replies read in place.
     scratch: Vec<u8>,
@@ -168,6 +171,7 @@ impl Client {
             services: welcome.services.iter().map(|s| (s.name.clone(), s.id)).collect(),
             provided: HashMap::new(),
             broker: None,
+            brokerless: false,
             reconnects: 0,
             scratch: Vec::new(),
             pace: Pace::new(options.spin),

@@ -58,7 +58,9 @@ impl Client {
                 Err(e) => e,
             };
             let left = dl.at().saturating_duration_since(Instant::now());
-            let passing = matches!(error, CallError::UnknownService { .. } | CallError::Unavailable { .. });
+            // A daemon without a broker will never know the name.
+            let passing = matches!(error, CallError::UnknownService { .. } if !self.brokerless)
+                || matches!(error, CallError::Unavailable { .. });
             if !passing || left.is_zero() {
                 return Err(error);
             }
@@ -151,13 +153,21 @@ impl Client {
         let request = broker::request(name, wait, &self.options);
         // The daemon answers within its wait, plus the time to broker.
         let limit = wait.saturating_add(self.options.connect_timeout);
+        self.brokerless = false;
         let unavailable = |reason: String| CallError::Unavailable { name: name.to_string(), reason };
         for _ in 0..2 {
             let kept = self.broker.take().filter(|conn| !conn.is_closed());
             let reused = kept.is_some();
             let mut conn = match kept {
                 Some(conn) => conn,
-                None => Broker::open(&path, &self.options).map_err(|e| broker::unreachable(name, e))?,
+                None => match Broker::open(&path, &self.options) {
+                    Ok(Some(conn)) => conn,
+                    Ok(None) => {
+                        self.brokerless = true;
+                        return Err(CallError::UnknownService { name: name.to_string() });
+                    }
+                    Err(e) => return Err(broker::unreachable(name, e)),
+                },
             };
             match conn.exchange(&request, limit) {
                 Ok((Resolution::Brokered(brokered), fds)) => {
