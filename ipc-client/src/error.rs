@@ -75,22 +75,24 @@ pub enum CallError {
         /// The timeout that passed.
         after: Duration,
     },
-    /// The daemon is gone or broke the protocol; the client cannot be used
-    /// any more. Whether the request ran is unknown.
-    #[error("disconnected from ipcd: {reason}")]
+    /// The request's peer (the daemon, or the provider of a brokered
+    /// service) is gone or broke the protocol, and with it the link the
+    /// request went out on. Whether the request ran is unknown.
+    #[error("disconnected: {reason}")]
     Disconnected {
         /// What happened.
         reason: String,
     },
-    /// The client has no connection: it was lost earlier, or while the
-    /// request waited for room, and not re-established (see
+    /// The link to the request's peer is lost: it was lost earlier, or
+    /// while the request waited for room, and not re-established (see
     /// [`crate::Reconnect`]). The request was not sent.
-    #[error("not connected to ipcd (request not sent): {reason}")]
+    #[error("not connected (request not sent): {reason}")]
     NotConnected {
         /// Why: the loss, or the last reconnection attempt's failure.
         reason: String,
     },
-    /// The daemon offers no such service.
+    /// Neither the daemon nor any provider offers the service (within the
+    /// wait asked for).
     #[error("unknown service {name:?}")]
     UnknownService {
         /// The name (or id) asked for.
@@ -140,6 +142,73 @@ pub enum CallError {
     UnknownTicket {
         /// The ticket's request id.
         id: u64,
+    },
+    /// The ticket was made by another client: each client matches only
+    /// its own requests' outcomes.
+    #[error("the ticket of request {id} belongs to another client")]
+    ForeignTicket {
+        /// The ticket's request id.
+        id: u64,
+    },
+    /// The service was resolved by another client: a [`crate::Service`]
+    /// names a link of the client that resolved it.
+    #[error("service {name:?} was resolved by another client")]
+    ForeignService {
+        /// The service's name.
+        name: String,
+    },
+    /// The name is not one of the daemon's own services, and names that
+    /// providers offer cannot be reached over this transport: a brokered
+    /// session hands over a shared-memory segment and its fds, which only
+    /// the daemon's control socket carries ([`crate::Transport::Shm`]).
+    #[error(
+        "{name:?} is not a service of the daemon itself, and services of providers cannot be reached over \
+         {transport}: they need the shared-memory transport"
+    )]
+    NoBroker {
+        /// The name asked for.
+        name: String,
+        /// The client's transport (`uds` or `tcp`).
+        transport: &'static str,
+    },
+    /// The name breaks the naming rules (see
+    /// [`check_name`](ipc_core::control::check_name)).
+    #[error("bad service name {name:?}: {reason}")]
+    BadName {
+        /// The name asked for.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// The daemon's rules do not let this client call the name.
+    #[error("not permitted to call {name:?}: {reason}")]
+    NotPermitted {
+        /// The name asked for.
+        name: String,
+        /// Who was refused what, as the daemon says.
+        reason: String,
+    },
+    /// No session with a provider of the name now: the provider declined,
+    /// did not answer, or went away; a limit of the daemon's refused it;
+    /// or the daemon is stopping, restarting or out of reach. Trying again
+    /// later may succeed ([`crate::Client::wait_for_service`] does).
+    #[error("{name:?} is unavailable: {reason}")]
+    Unavailable {
+        /// The name asked for.
+        name: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The daemon's answer to a resolve broke the protocol: a message that
+    /// does not decode, wrong or missing fds, a segment unsealed or of the
+    /// wrong size, a doorbell not asked for, a session without the name.
+    /// Nothing of it is kept.
+    #[error("the answer to resolving {name:?} broke the protocol: {reason}")]
+    BadResolution {
+        /// The name asked for.
+        name: String,
+        /// What was wrong.
+        reason: String,
     },
     /// A typed request could not be encoded.
     #[error("cannot encode the request: {0}")]

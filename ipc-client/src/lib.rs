@@ -2,10 +2,15 @@
 //!
 //! Connect, resolve a service by name once, then call it: request bytes go
 //! through a shared-memory ring to the daemon and the reply comes back
-//! through another, with a doorbell only when the other side sleeps.
+//! through another, with a doorbell only when the other side sleeps. A
+//! name the daemon does not serve itself is resolved through its broker,
+//! which hands the client a session of its own with the name's provider:
+//! calls then go straight to the provider, over the same rings.
 //!
-//! Key types: [`Client`], [`Service`], [`ClientOptions`], and the typed errors
-//! [`ConnectError`] and [`CallError`]. With the `raw` feature, `raw` opens
+//! Key types: [`Client`] (one link to the daemon, one per brokered
+//! session), [`Service`] and [`Ticket`] (each bound to its client and
+//! link), [`ClientOptions`], and the typed errors [`ConnectError`] and
+//! [`CallError`]. With the `raw` feature, `raw` opens
 //! sessions by hand for programs that play a hostile client (tests, stress).
 //!
 //! ```no_run
@@ -24,16 +29,27 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
+mod calls;
 mod client;
+mod connect;
 mod error;
+mod guard;
 mod link;
+mod options;
 #[cfg(feature = "raw")]
 pub mod raw;
+#[cfg(test)]
+mod scripted;
 mod shm;
 mod stream;
 mod trust;
+mod wait;
 
-pub use client::{Client, ClientOptions, Reconnect, ReplyGuard, Service, Ticket, Transport, DEFAULT_SPIN};
+pub use calls::Ticket;
+pub use client::{Client, Service};
 pub use error::{CallError, ConnectError};
-pub use ipc_core::{DoorbellKind, Reject};
+pub use guard::ReplyGuard;
+pub use ipc_core::{Credentials, DoorbellKind, Reject};
 pub use link::RequestBuf;
+pub use options::{ClientOptions, Reconnect, Transport, DEFAULT_SPIN};

@@ -2,12 +2,11 @@
 //! client's call logic is the same above either.
 
 use std::os::fd::BorrowedFd;
-use std::time::{Duration, Instant};
 
 use ipc_core::{Frame, FrameHeader, PayloadWriter};
 
 use crate::error::CallError;
-use crate::shm::ShmLink;
+use crate::shm::{Peer, ShmLink};
 use crate::stream::{Buffered, StreamLink};
 
 pub(crate) fn disconnected(reason: String) -> CallError {
@@ -55,32 +54,12 @@ impl Link {
         }
     }
 
-    /// Makes the requests written so far visible to the daemon (and rings
+    /// Makes the requests written so far visible to the peer (and rings
     /// it if it sleeps).
     pub(crate) fn flush(&mut self) -> Result<(), CallError> {
         match self {
             Link::Shm(l) => l.flush(),
             Link::Stream(l) => l.flush(),
-        }
-    }
-
-    /// Waits until a request of `len` bytes may fit. With replies still
-    /// to come (`awaiting_replies`), a shared-memory link waits for the next
-    /// of them instead: the daemon hands a request's space back before it
-    /// publishes the reply, so room comes with replies, and a client that
-    /// slept on the request ring alone could sleep through the replies the
-    /// daemon is waiting for it to read.
-    pub(crate) fn wait_writable(
-        &mut self,
-        len: usize,
-        awaiting_replies: bool,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), CallError> {
-        match self {
-            Link::Shm(l) if awaiting_replies => l.wait_readable(deadline, timeout),
-            Link::Shm(l) => l.wait_writable(len, deadline, timeout),
-            Link::Stream(l) => l.wait_writable(deadline, timeout),
         }
     }
 
@@ -130,15 +109,34 @@ impl Link {
         }
     }
 
-    /// Waits until a reply may have arrived, or the deadline passes.
-    pub(crate) fn wait_readable(&mut self, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
+    /// Who is at the other end, for messages.
+    pub(crate) fn peer_name(&self) -> &'static str {
         match self {
-            Link::Shm(l) => l.wait_readable(deadline, timeout),
-            Link::Stream(l) => l.wait_readable(deadline, timeout),
+            Link::Shm(l) => l.peer.name(),
+            Link::Stream(_) => Peer::Daemon.name(),
         }
     }
 
-    /// The last request the daemon took, if it closed the link on purpose:
+    /// Why the link's peer was found gone, if it was (its replies may
+    /// still be read).
+    pub(crate) fn gone(&self) -> Option<&str> {
+        match self {
+            Link::Shm(l) => l.gone.as_deref(),
+            Link::Stream(l) => l.gone(),
+        }
+    }
+
+    /// Records that the peer is gone (the first reason stands).
+    pub(crate) fn mark_gone(&mut self, reason: String) {
+        match self {
+            Link::Shm(l) => {
+                l.gone.get_or_insert(reason);
+            }
+            Link::Stream(l) => l.mark_gone(reason),
+        }
+    }
+
+    /// The last request the peer took, if it closed the link on purpose:
     /// from the segment header, or from a stream's closing frame.
     pub(crate) fn closed_after(&self) -> Option<u64> {
         match self {

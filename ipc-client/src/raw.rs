@@ -31,7 +31,7 @@ pub use ipc_core::{
 };
 use ipc_platform::{EventFd, SocketBell};
 
-use crate::client::{greet, hello_bytes, receive_segment};
+use crate::connect::{greet, hello_bytes, receive_segment, Handover};
 use crate::stream::Socket;
 use crate::{ClientOptions, ConnectError, Transport};
 
@@ -78,14 +78,15 @@ impl RawSession {
         let (Socket::Unix(stream), welcome, layout, fds) = greet(&transport, options)? else {
             unreachable!("a control socket is a Unix socket");
         };
-        let segment = receive_segment(&welcome, &layout, fds)?;
+        let segment =
+            receive_segment(&layout, welcome.doorbell, Handover::Welcome, fds).map_err(ConnectError::Protocol)?;
         let Segment { request_producer: requests, response_consumer: responses, words, .. } =
             Segment::new(segment.region, &layout);
         Ok(RawSession {
             stream,
             welcome,
             memfd: segment.memfd,
-            bell: segment.daemon_bell,
+            bell: segment.peer_bell,
             client_bell: segment.client_bell,
             layout,
             words,

@@ -1,47 +1,65 @@
 //! The shared-memory link: a request ring and a response ring in a sealed
-//! segment, doorbells only when the other side sleeps, and adaptive
-//! spinning before sleeping.
+//! segment, a doorbell each way used only when the other side sleeps, and
+//! the control connection whose hang-up means the peer is gone. The peer
+//! is the daemon (its welcome's session) or a provider (a brokered
+//! session, whose control connection is the liveness socket). How a
+//! client spins and sleeps on one link or several is in `wait.rs`, built
+//! on the steps here.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU32;
 
-use ipc_core::{Consumer, Frame, Producer, PushError, SharedWords, Spinner};
-use ipc_platform::futex::{self, Wake};
-use ipc_platform::{CoreGauge, Drained, EventFd, SocketBell};
+use ipc_core::{Consumer, Frame, Producer, PushError, SharedWords};
+use ipc_platform::{Drained, EventFd, SocketBell};
 
 use crate::error::CallError;
 use crate::link::{disconnected, RequestBuf};
 
-/// How long a sleeping wait sleeps between checks that the daemon is still
-/// there. Bounds how late a daemon crash is noticed by a blocked call.
-const LIVENESS_SLICE: Duration = Duration::from_millis(50);
-
-/// How the daemon wakes us.
+/// How the peer wakes us.
 pub(crate) enum Bell {
     Futex,
     Pollable(SocketBell),
 }
 
-/// What a sleeping wait waits for.
-#[derive(Clone, Copy)]
-enum Await {
+/// Who is at the other end of a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// The daemon, for its own services.
+    Daemon,
+    /// A provider, in a session the daemon brokered.
+    Provider,
+}
+
+impl Peer {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Peer::Daemon => "the daemon",
+            Peer::Provider => "the provider",
+        }
+    }
+}
+
+/// What a sleeping wait on a link waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sleep {
+    /// A reply in the response ring.
     Reply,
-    Space,
+    /// Room for a request of this many bytes in the request ring.
+    Space(usize),
 }
 
 pub(crate) struct ShmLink {
     pub(crate) control: UnixStream,
     pub(crate) requests: Producer,
     pub(crate) responses: Consumer,
-    pub(crate) daemon_bell: EventFd,
+    /// The client-to-peer doorbell.
+    pub(crate) peer_bell: EventFd,
     pub(crate) bell: Bell,
-    pub(crate) spinner: Spinner,
-    pub(crate) gauge: CoreGauge,
     /// The segment's shared words, for its header's `closed` word.
     pub(crate) words: SharedWords,
-    /// Set once the daemon is found gone; replies it left are still read.
+    pub(crate) peer: Peer,
+    /// Set once the peer is found gone; replies it left are still read.
     pub(crate) gone: Option<String>,
 }
 
@@ -53,14 +71,14 @@ impl ShmLink {
         }
     }
 
-    /// The last request the daemon took, once it closed the session on
-    /// purpose (it is shutting down); see `ipc_core::layout`.
+    /// The last request the peer took, once it closed the session on
+    /// purpose (it is stopping); see `ipc_core::layout`.
     pub(crate) fn closed_after(&self) -> Option<u64> {
         self.words.closed_after()
     }
 
-    fn ring_daemon(&self) -> Result<(), CallError> {
-        self.daemon_bell.notify().map_err(|e| disconnected(format!("cannot ring the daemon's doorbell: {e}")))
+    fn ring_peer(&self) -> Result<(), CallError> {
+        self.peer_bell.notify().map_err(|e| disconnected(format!("cannot ring {}'s doorbell: {e}", self.peer.name())))
     }
 
     pub(crate) fn try_write<R>(
@@ -84,125 +102,87 @@ impl ShmLink {
 
     pub(crate) fn flush(&mut self) -> Result<(), CallError> {
         if self.requests.publish() {
-            self.ring_daemon()?;
+            self.ring_peer()?;
         }
         Ok(())
-    }
-
-    /// Sleeps until a request of `len` bytes may fit, or the deadline.
-    pub(crate) fn wait_writable(&mut self, len: usize, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
-        if let Some(reason) = &self.gone {
-            return Err(disconnected(reason.clone()));
-        }
-        self.flush()?;
-        match self.requests.prepare_wait_space(len) {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
-            Err(e) => return Err(disconnected(format!("request ring corrupt: {e}"))),
-        }
-        let waited = self.sleep(Await::Space, deadline, timeout);
-        self.requests.finish_wait_space();
-        self.replies_first(waited)
     }
 
     pub(crate) fn peek(&mut self) -> Result<Option<Frame>, CallError> {
         self.responses.try_peek().map_err(|e| disconnected(format!("response ring corrupt: {e}")))
     }
 
-    /// Consumes `frame` and hands its space back to the daemon at once: it
+    /// Consumes `frame` and hands its space back to the peer at once: it
     /// may be waiting for it.
     pub(crate) fn consume(&mut self, frame: &Frame) -> Result<(), CallError> {
         self.responses.consume(frame);
         if self.responses.release() {
-            self.ring_daemon()?;
+            self.ring_peer()?;
         }
         Ok(())
     }
 
-    /// Waits until a reply may be there: spins first if the spinner says
-    /// it pays, then sleeps until the daemon rings or the deadline passes.
-    pub(crate) fn wait_readable(&mut self, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
-        if let Some(reason) = &self.gone {
-            return Err(disconnected(reason.clone()));
-        }
-        self.flush()?;
-        let (responses, gauge) = (&mut self.responses, &mut self.gauge);
-        if self.spinner.spin(|| gauge.core_free(), || !responses.is_empty().unwrap_or(true)) {
-            return Ok(());
-        }
-        match self.responses.prepare_sleep() {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
-            Err(e) => return Err(disconnected(format!("response ring corrupt: {e}"))),
-        }
-        let waited = self.sleep(Await::Reply, deadline, timeout);
-        self.responses.finish_sleep();
-        self.replies_first(waited)
-    }
-
-    /// What a wait reports once it is over. A daemon found gone is
-    /// reported by the next write or wait instead: the caller looks at the
-    /// ring once more, for the replies the daemon left before it went.
-    fn replies_first(&mut self, waited: Result<(), CallError>) -> Result<(), CallError> {
-        match waited {
-            Err(CallError::Disconnected { reason }) => {
-                self.gone = Some(reason);
-                Ok(())
-            }
-            other => other,
+    /// Whether what a wait waits for is there now (for spinning). A ring
+    /// that breaks the rules counts as ready: reading it reports that.
+    pub(crate) fn ready(&mut self, what: Sleep) -> bool {
+        match what {
+            Sleep::Reply => !self.responses.is_empty().unwrap_or(true),
+            Sleep::Space(len) => self.requests.has_space_for(len).unwrap_or(true),
         }
     }
 
-    /// Sleeps until the daemon rings, the deadline passes, or the daemon is
-    /// found gone. The caller has announced the sleep in the ring.
-    fn sleep(&mut self, what: Await, deadline: Instant, timeout: Duration) -> Result<(), CallError> {
-        loop {
-            // A daemon that closes the session on purpose says so in the
-            // segment and rings: no need to wait for the hang-up.
-            if self.closed_after().is_some() {
-                return Err(disconnected("the daemon closed the session: it is shutting down".into()));
+    /// Announces a sleep for `what` in the ring (the sleep handshake of
+    /// `ipc_core::ring`): `false` if it is there already, and nothing is
+    /// announced; the reason if the ring breaks the rules.
+    pub(crate) fn announce(&mut self, what: Sleep) -> Result<bool, String> {
+        match what {
+            Sleep::Reply => self.responses.prepare_sleep().map_err(|e| format!("response ring corrupt: {e}")),
+            Sleep::Space(len) => {
+                self.requests.prepare_wait_space(len).map_err(|e| format!("request ring corrupt: {e}"))
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(CallError::Timeout { after: timeout });
-            }
-            let slice = (deadline - now).min(LIVENESS_SLICE);
-            let woken = match &self.bell {
-                Bell::Futex => {
-                    let word: &AtomicU32 = match what {
-                        Await::Reply => self.responses.data_waiter(),
-                        Await::Space => self.requests.space_waiter(),
-                    };
-                    // The daemon clears the word before it wakes us.
-                    if word.load(Ordering::Acquire) != 1 {
-                        return Ok(());
-                    }
-                    match futex::wait(word, 1, Some(slice)) {
-                        Ok(Wake::Woken) => true,
-                        Ok(Wake::TimedOut) => false,
-                        Err(e) => return Err(disconnected(format!("futex wait failed: {e}"))),
-                    }
-                }
-                Bell::Pollable(bell) => {
-                    match ipc_platform::wait_readable(&[bell.as_fd(), self.control.as_fd()], Some(slice)) {
-                        Ok(ready) if ready[0] => match bell.drain() {
-                            Ok(Drained::Rang) | Ok(Drained::Quiet) => true,
-                            Ok(Drained::Closed) => return Err(disconnected("the daemon closed the session".into())),
-                            Err(e) => return Err(disconnected(format!("doorbell read failed: {e}"))),
-                        },
-                        Ok(_) => false,
-                        Err(e) => return Err(disconnected(format!("poll failed: {e}"))),
-                    }
-                }
-            };
-            if woken {
-                return Ok(());
-            }
-            match ipc_platform::peer_closed(self.control.as_fd()) {
-                Ok(false) => {}
-                Ok(true) => return Err(disconnected("the daemon closed the session".into())),
-                Err(e) => return Err(disconnected(format!("control connection failed: {e}"))),
-            }
+        }
+    }
+
+    /// Withdraws an announcement (harmless where none stands).
+    pub(crate) fn withdraw(&self, what: Sleep) {
+        match what {
+            Sleep::Reply => self.responses.finish_sleep(),
+            Sleep::Space(_) => self.requests.finish_wait_space(),
+        }
+    }
+
+    /// The futex word a sleep for `what` waits on: it holds 1 while the
+    /// announcement stands, and the peer clears it before it wakes us.
+    pub(crate) fn word(&self, what: Sleep) -> &AtomicU32 {
+        match what {
+            Sleep::Reply => self.responses.data_waiter(),
+            Sleep::Space(_) => self.requests.space_waiter(),
+        }
+    }
+
+    /// Why the peer is gone, if it is, found without waiting: it closed
+    /// the session on purpose (the `closed` word), or its end of the
+    /// control connection is closed.
+    pub(crate) fn peer_gone(&self) -> Option<String> {
+        // A peer that closes the session on purpose says so in the segment
+        // and rings: no need to wait for the hang-up.
+        if self.closed_after().is_some() {
+            return Some(format!("{} closed the session: it is stopping", self.peer.name()));
+        }
+        match ipc_platform::peer_closed(self.control.as_fd()) {
+            Ok(false) => None,
+            Ok(true) => Some(format!("{} closed the session", self.peer.name())),
+            Err(e) => Some(format!("control connection failed: {e}")),
+        }
+    }
+
+    /// Empties the pollable doorbell after a poll found it readable; the
+    /// reason if its other end is closed.
+    pub(crate) fn drain_bell(&self) -> Result<(), String> {
+        let Bell::Pollable(bell) = &self.bell else { return Ok(()) };
+        match bell.drain() {
+            Ok(Drained::Rang) | Ok(Drained::Quiet) => Ok(()),
+            Ok(Drained::Closed) => Err(format!("{} closed the session", self.peer.name())),
+            Err(e) => Err(format!("doorbell read failed: {e}")),
         }
     }
 }

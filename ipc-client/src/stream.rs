@@ -36,13 +36,6 @@ impl AsFd for Socket {
 }
 
 impl Socket {
-    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => s.set_read_timeout(timeout),
-            Socket::Tcp(s) => s.set_read_timeout(timeout),
-        }
-    }
-
     fn shutdown_write(&self) -> io::Result<()> {
         match self {
             Socket::Unix(s) => s.shutdown(std::net::Shutdown::Write),
@@ -110,6 +103,19 @@ impl StreamLink {
             gone: None,
             closed_after: None,
             send_failed: None,
+        }
+    }
+
+    /// Why the link was found lost, if it was.
+    pub(crate) fn gone(&self) -> Option<&str> {
+        self.gone.as_deref()
+    }
+
+    /// Records that the daemon is gone (the first reason stands), as a
+    /// failed receive would.
+    pub(crate) fn mark_gone(&mut self, reason: String) {
+        if self.gone.is_none() {
+            let _ = self.broken(reason);
         }
     }
 

@@ -79,7 +79,7 @@ fn unknown_service_name_is_an_error() {
     let daemon = Daemon::start(&[]);
     let socket = daemon.socket().to_path_buf();
     watchdog(TEST_LIMIT, move || {
-        let client = Client::connect_to(&socket).unwrap();
+        let mut client = Client::connect_to(&socket).unwrap();
         assert_eq!(client.service("nope").unwrap_err(), CallError::UnknownService { name: "nope".into() });
         // The debug services exist only with --debug-services.
         assert!(matches!(client.service("debug.sleep"), Err(CallError::UnknownService { .. })));

@@ -2,7 +2,9 @@
 //!
 //! The words live in a `MAP_SHARED` mapping, so the private-futex flag (which
 //! keys waiters by address in one process) must never be used: the kernel
-//! has to key them by the underlying page.
+//! has to key them by the underlying page. That holds for [`wait_any`] too,
+//! whose words are 32-bit futexes without `FUTEX2_PRIVATE`, so a plain
+//! [`wake_one`] on any of them reaches its sleeper.
 
 use std::io;
 use std::sync::atomic::AtomicU32;
@@ -26,6 +28,54 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::R
     let ts = timeout.map(timespec);
     match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
         Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(Wake::Woken),
+        Err(Errno::TIMEDOUT) => Ok(Wake::TimedOut),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The most words one [`wait_any`] may watch (the kernel's
+/// `FUTEX_WAITV_MAX`).
+pub const WAIT_ANY_MAX: usize = 128;
+
+/// Sleeps while every one of `words` holds `expected`, for at most
+/// `timeout`: the first wake of any of them (or a word found changed)
+/// ends it. `futex_waitv`, Linux 5.16 or later; on an older kernel the
+/// error is [`io::ErrorKind::Unsupported`], and the caller must wait some
+/// other way.
+///
+/// An empty list, or one longer than [`WAIT_ANY_MAX`], is
+/// [`io::ErrorKind::InvalidInput`].
+pub fn wait_any(words: &[&AtomicU32], expected: u32, timeout: Option<Duration>) -> io::Result<Wake> {
+    if words.is_empty() || words.len() > WAIT_ANY_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("futex_waitv takes 1 to {WAIT_ANY_MAX} words, not {}", words.len()),
+        ));
+    }
+    let mut waits = [futex::Wait::new(); WAIT_ANY_MAX];
+    for (wait, word) in waits.iter_mut().zip(words) {
+        wait.val = u64::from(expected);
+        // The borrow of `words` keeps every word alive for the call, which
+        // is all the kernel needs: it only reads the word and queues us on
+        // its page.
+        wait.uaddr = futex::WaitPtr::new(word.as_ptr().cast());
+        // Shared: no FUTEX2_PRIVATE, the words live in a shared mapping.
+        wait.flags = futex::WaitFlags::SIZE_U32;
+    }
+    // The kernel takes an absolute time on the clock it is told.
+    let deadline = timeout.map(|t| {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let t = timespec(t);
+        let nanos = now.tv_nsec + t.tv_nsec;
+        let carry = nanos / 1_000_000_000;
+        rustix::time::Timespec {
+            tv_sec: now.tv_sec.saturating_add(t.tv_sec).saturating_add(carry),
+            tv_nsec: nanos % 1_000_000_000,
+        }
+    });
+    match futex::waitv(&waits[..words.len()], futex::WaitvFlags::empty(), deadline.as_ref(), futex::ClockId::Monotonic)
+    {
+        Ok(_) | Err(Errno::AGAIN) | Err(Errno::INTR) => Ok(Wake::Woken),
         Err(Errno::TIMEDOUT) => Ok(Wake::TimedOut),
         Err(e) => Err(e.into()),
     }
@@ -72,6 +122,60 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         w.store(0, Ordering::Release);
         wake_one(&w).unwrap();
+        t.join().unwrap();
+    }
+
+    /// Skips a test on a kernel without `futex_waitv` (before 5.16).
+    fn supported() -> bool {
+        let w = AtomicU32::new(0);
+        !matches!(wait_any(&[&w], 1, Some(Duration::ZERO)), Err(e) if e.kind() == io::ErrorKind::Unsupported)
+    }
+
+    #[test]
+    fn wait_any_returns_at_once_on_a_changed_word() {
+        if !supported() {
+            return;
+        }
+        let (a, b) = (AtomicU32::new(1), AtomicU32::new(0));
+        assert_eq!(wait_any(&[&a, &b], 1, Some(Duration::from_secs(5))).unwrap(), Wake::Woken);
+    }
+
+    #[test]
+    fn wait_any_times_out() {
+        if !supported() {
+            return;
+        }
+        let (a, b) = (AtomicU32::new(1), AtomicU32::new(1));
+        assert_eq!(wait_any(&[&a, &b], 1, Some(Duration::from_millis(5))).unwrap(), Wake::TimedOut);
+    }
+
+    #[test]
+    fn wait_any_refuses_empty_and_overlong_lists() {
+        let w = AtomicU32::new(1);
+        let words = vec![&w; WAIT_ANY_MAX + 1];
+        for list in [&words[..0], &words[..]] {
+            assert_eq!(wait_any(list, 1, None).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    /// A wake of any one word (here the last, by a plain `wake_one`)
+    /// ends the wait: the words are shared futexes.
+    #[test]
+    fn wake_of_any_word_reaches_a_sleeper() {
+        if !supported() {
+            return;
+        }
+        let words: Arc<[AtomicU32; 3]> = Arc::new([AtomicU32::new(1), AtomicU32::new(1), AtomicU32::new(1)]);
+        let sleeper = words.clone();
+        let t = std::thread::spawn(move || {
+            while sleeper[2].load(Ordering::Acquire) == 1 {
+                let list: Vec<&AtomicU32> = sleeper.iter().collect();
+                wait_any(&list, 1, Some(Duration::from_secs(10))).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        words[2].store(0, Ordering::Release);
+        wake_one(&words[2]).unwrap();
         t.join().unwrap();
     }
 }

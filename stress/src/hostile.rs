@@ -122,7 +122,7 @@ struct Stats {
 
 impl Stats {
     fn connect(socket: &Path) -> anyhow::Result<Stats> {
-        let client = Client::connect_to(socket).context("cannot connect the stats client")?;
+        let mut client = Client::connect_to(socket).context("cannot connect the stats client")?;
         let service = client.service("stats")?;
         Ok(Stats { client, service })
     }

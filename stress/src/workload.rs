@@ -259,7 +259,7 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     }
     // With its causes: the library's errors keep them as sources.
     let result = Client::connect_with(w.transport.clone(), options).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
-    let result = result.and_then(|client| {
+    let result = result.and_then(|mut client| {
         if w.payload > client.max_payload() {
             return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
         }

@@ -4,30 +4,13 @@
 //! what a case needs, at exactly the moment it needs it), to pin down
 //! which outcome each request gets when the connection fails around it.
 
-use std::io::Read;
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
+use std::io::{self, Read};
 
-use ipc_core::{encode_error, Consumer, Producer, ServiceEntry, SharedWords, FLAG_ERROR};
+use ipc_core::{encode_error, FLAG_ERROR};
 
 use super::*;
-
-/// How long a test may wait for something that should happen at once. It
-/// only turns a hang into a failure; it is not a performance bound.
-const HANG_LIMIT: Duration = Duration::from_secs(60);
-
-/// Runs `f` on a thread of its own and returns its result, or fails the
-/// test if it has none within [`HANG_LIMIT`] (the thread is left behind,
-/// blocked: the test process ends with it).
-fn within_limit<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(HANG_LIMIT).unwrap_or_else(|_| panic!("{what} did not return within {HANG_LIMIT:?}"))
-}
+use crate::scripted::{reply_to, within_limit, PeerBell as DaemonBell, PeerSide, Scripted};
+use crate::ConnectError;
 
 #[test]
 fn client_is_send() {
@@ -71,157 +54,6 @@ fn connect_to_a_full_backlog_times_out() {
     drop((listener, queued));
 }
 
-/// The service ids the scripted daemon offers.
-const ECHO: u16 = 1;
-
-/// The reply the scripted daemon gives request `id`.
-fn reply_to(id: u64) -> Vec<u8> {
-    format!("reply to request {id}").into_bytes()
-}
-
-/// What the scripted daemon hands over as the client-to-daemon doorbell.
-#[derive(Clone, Copy)]
-enum DaemonBell {
-    /// An eventfd, as the daemon does.
-    EventFd,
-    /// `/dev/null` opened read-only: every ring of it fails (`EBADF`).
-    Broken,
-}
-
-/// The scripted daemon's side of one session.
-struct DaemonSide {
-    control: UnixStream,
-    words: SharedWords,
-    requests: Consumer,
-    responses: Producer,
-}
-
-impl DaemonSide {
-    /// Takes the next request, waiting for the client to publish it.
-    fn take_request(&mut self) -> (FrameHeader, Vec<u8>) {
-        let mut body = Vec::new();
-        let header = poll(|| self.requests.try_pop(&mut body).expect("request ring"));
-        self.requests.release();
-        (header, body)
-    }
-
-    /// Publishes a reply, waking the client if it sleeps.
-    fn reply(&mut self, id: u64, flags: u16, body: &[u8]) {
-        self.responses.try_push(ECHO, flags, id, body).expect("room for the reply");
-        if self.responses.publish() {
-            ipc_platform::futex::wake_one(self.responses.peer_waiter()).unwrap();
-        }
-    }
-
-    /// Writes a reply, unpublished until [`DaemonSide::publish`].
-    fn push_reply(&mut self, id: u64, flags: u16, body: &[u8]) {
-        self.responses.try_push(ECHO, flags, id, body).expect("room for the reply");
-    }
-
-    /// Publishes the replies written, waking the client if it sleeps.
-    fn publish(&mut self) {
-        if self.responses.publish() {
-            ipc_platform::futex::wake_one(self.responses.peer_waiter()).unwrap();
-        }
-    }
-
-    /// Publishes a reply without waking anyone.
-    fn reply_quietly(&mut self, id: u64) {
-        self.responses.try_push(ECHO, 0, id, &reply_to(id)).expect("room for the reply");
-        // Only the client's announcement of a sleep is taken back; no wake.
-        let _ = self.responses.publish();
-    }
-
-    /// Says the daemon waits for room in the response ring, so the client
-    /// rings it as soon as it consumes a reply.
-    fn await_space(&self) {
-        self.responses.space_waiter().store(1, Ordering::SeqCst);
-    }
-
-    /// Waits until the client, blocked for room in the request ring with
-    /// requests in flight, sleeps for the reply that would bring it.
-    fn await_client_blocked(&self) {
-        poll(|| (self.responses.peer_waiter().load(Ordering::SeqCst) == 1).then_some(()));
-    }
-}
-
-/// Polls `f` until it gives a value, failing the test after [`HANG_LIMIT`].
-fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + HANG_LIMIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "the scripted daemon waited {HANG_LIMIT:?} in vain");
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// A daemon played by the test: it accepts one client, answers its hello
-/// with 4 KiB rings in a segment of its own making and `bell` as the
-/// doorbell, then runs `script` on its side of the session.
-struct Scripted {
-    path: PathBuf,
-    script: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Scripted {
-    const CAPACITY: u32 = 4096;
-
-    fn start(bell: DaemonBell, script: impl FnOnce(DaemonSide) + Send + 'static) -> Scripted {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("scripted.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let script = thread::spawn(move || {
-            let (mut control, _) = listener.accept().unwrap();
-            let mut prefix = [0u8; LENGTH_PREFIX];
-            control.read_exact(&mut prefix).unwrap();
-            let mut hello = vec![0u8; handshake::body_len(prefix).unwrap()];
-            control.read_exact(&mut hello).unwrap();
-            handshake::decode_hello(&hello).unwrap();
-
-            let layout = SegmentLayout::new(Scripted::CAPACITY).unwrap();
-            let memfd = ipc_platform::create_sealed("scripted", layout.segment_size() as u64).unwrap();
-            let region = Mapping::map(memfd.as_fd(), layout.segment_size()).unwrap();
-            layout.write_header(&region);
-            let bell: OwnedFd = match bell {
-                DaemonBell::EventFd => EventFd::new().unwrap().as_fd().try_clone_to_owned().unwrap(),
-                DaemonBell::Broken => std::fs::File::open("/dev/null").unwrap().into(),
-            };
-            let welcome = Welcome {
-                version: PROTOCOL_VERSION,
-                session_id: 1,
-                ring_capacity: Scripted::CAPACITY,
-                max_payload: layout.max_payload(),
-                doorbell: DoorbellKind::Futex,
-                services: vec![ServiceEntry { name: "echo".into(), id: ECHO }],
-            };
-            let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).unwrap();
-            let sent = ipc_platform::send_with_fds(control.as_fd(), &bytes, &[memfd.as_fd(), bell.as_fd()]).unwrap();
-            assert_eq!(sent, bytes.len());
-            // The daemon's ends: it reads requests and writes replies.
-            let Rings { request_consumer: requests, response_producer: responses, words, .. } =
-                Rings::new(region, &layout);
-            script(DaemonSide { control, words, requests, responses });
-        });
-        Scripted { path, script: Some(script), _dir: dir }
-    }
-
-    /// A client of it that never spins: every wait sleeps.
-    fn client(&self) -> Client {
-        let options = ClientOptions::default().ring_capacity(Scripted::CAPACITY).spin(Duration::ZERO);
-        Client::connect_with(&self.path, options).unwrap()
-    }
-
-    /// Waits for the script to end, passing on its panic.
-    fn finish(mut self) {
-        if let Err(panic) = self.script.take().expect("not finished yet").join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-}
-
 /// Sends requests of 1000 bytes (four fill a 4 KiB ring) until one does
 /// not return `Ok`: the tickets sent, and how that one ended.
 fn send_until_refused(client: &mut Client) -> (Vec<Ticket>, CallError) {
@@ -263,8 +95,8 @@ fn recv_all(client: &mut Client) -> Vec<(u64, Result<Vec<u8>, CallError>)> {
 /// was the blocked one.
 #[test]
 fn replies_in_the_ring_outlive_a_shutdown_seen_while_waiting_for_room() {
-    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
-        d.await_client_blocked();
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d: PeerSide| {
+        d.await_client_asleep();
         d.reply_quietly(1);
         d.reply_quietly(2);
         d.words.mark_closed(2);
@@ -287,8 +119,8 @@ fn replies_in_the_ring_outlive_a_shutdown_seen_while_waiting_for_room() {
 /// replies in the ring are still outcomes; the rest are unknown.
 #[test]
 fn replies_in_the_ring_outlive_a_crash_seen_while_waiting_for_room() {
-    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
-        d.await_client_blocked();
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d: PeerSide| {
+        d.await_client_asleep();
         d.reply_quietly(1);
         d.reply_quietly(2);
         drop(d.control);
@@ -308,7 +140,7 @@ fn replies_in_the_ring_outlive_a_crash_seen_while_waiting_for_room() {
 /// call after the close is known not to have run.
 #[test]
 fn the_scripted_daemon_serves_calls_and_closes() {
-    let daemon = Scripted::start(DaemonBell::EventFd, |mut d| {
+    let daemon = Scripted::start(DaemonBell::EventFd, |mut d: PeerSide| {
         for id in 1..=2 {
             let (header, _) = d.take_request();
             assert_eq!(header.request_id, id);
@@ -328,7 +160,7 @@ fn the_scripted_daemon_serves_calls_and_closes() {
 /// response ring: consuming any reply tries to ring it and fails, which
 /// breaks the connection right after a reply was claimed.
 fn ring_fails_after(replies: &'static [(u64, bool)]) -> Scripted {
-    Scripted::start(DaemonBell::Broken, move |mut d| {
+    Scripted::start(DaemonBell::Broken, move |mut d: PeerSide| {
         // Every request first, then every reply in one publish: the client
         // finds them all at once, whichever it consumes first (the consume
         // whose ring fails must not race with a later reply).
@@ -387,6 +219,7 @@ fn a_reply_waited_for_before_a_failed_consume_is_its_outcome() {
 
     let daemon = ring_fails_after(&[(1, false)]);
     let mut client = daemon.client();
+    let echo = client.service("echo").unwrap();
     let (outcome, client) = within_limit("call", move || (client.call(&echo, b"called"), client));
     assert_eq!(outcome, Ok(b"called".to_vec()));
     drop(client);

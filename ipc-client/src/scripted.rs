@@ -1,0 +1,367 @@
+//! Peers played by the client's own tests, with no daemon: a daemon that
+//! hands a client its session, a broker that answers its resolves, and the
+//! providers behind them. Each makes the segment and doorbells itself,
+//! then writes into the rings exactly what a case needs, at exactly the
+//! moment it needs it, to pin down which outcome each request gets.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ipc_core::control::{Brokered, Resolution, Resolve, ResolveError, Role};
+use ipc_core::handshake::{self, LENGTH_PREFIX};
+use ipc_core::{
+    Consumer, Credentials, DoorbellKind, FrameHeader, Hello, Producer, Segment, SegmentLayout, ServerMessage,
+    ServiceEntry, SharedWords, Welcome, PROTOCOL_VERSION,
+};
+use ipc_platform::{EventFd, Mapping, SocketBell};
+
+use crate::{Client, ClientOptions};
+
+/// How long a test may wait for something that should happen at once. It
+/// only turns a hang into a failure; it is not a performance bound.
+pub(crate) const HANG_LIMIT: Duration = Duration::from_secs(60);
+
+/// Ring capacity of every scripted session: four requests of 1000 bytes
+/// fill a ring.
+pub(crate) const CAPACITY: u32 = 4096;
+
+/// The id of the scripted daemon's `echo`.
+pub(crate) const ECHO: u16 = 1;
+
+/// Runs `f` on a thread of its own and returns its result, or fails the
+/// test if it has none within [`HANG_LIMIT`] (the thread is left behind,
+/// blocked: the test process ends with it).
+pub(crate) fn within_limit<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(HANG_LIMIT).unwrap_or_else(|_| panic!("{what} did not return within {HANG_LIMIT:?}"))
+}
+
+/// Polls `f` until it gives a value, failing the test after [`HANG_LIMIT`].
+pub(crate) fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the scripted peer waited {HANG_LIMIT:?} in vain");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The reply a scripted peer gives request `id`.
+pub(crate) fn reply_to(id: u64) -> Vec<u8> {
+    format!("reply to request {id}").into_bytes()
+}
+
+/// Options of a client of scripted peers: their ring size, and no
+/// spinning, so that every wait sleeps.
+pub(crate) fn options() -> ClientOptions {
+    ClientOptions::default().ring_capacity(CAPACITY).spin(Duration::ZERO)
+}
+
+/// What a scripted peer hands over as the client-to-peer doorbell.
+#[derive(Clone, Copy)]
+pub(crate) enum PeerBell {
+    /// An eventfd, as the daemon does.
+    EventFd,
+    /// `/dev/null` opened read-only: every ring of it fails (`EBADF`).
+    Broken,
+}
+
+/// The peer's side of one shared-memory session: the daemon's, or a
+/// provider's.
+pub(crate) struct PeerSide {
+    /// The control connection (a provider's: its end of the liveness
+    /// pair). Dropping it hangs up.
+    pub(crate) control: UnixStream,
+    pub(crate) words: SharedWords,
+    pub(crate) requests: Consumer,
+    pub(crate) responses: Producer,
+    /// The peer's end of a pollable doorbell.
+    pub(crate) bell: Option<SocketBell>,
+    /// The service its replies name by default.
+    pub(crate) service: u16,
+}
+
+impl PeerSide {
+    /// Takes the next request, waiting for the client to publish it.
+    pub(crate) fn take_request(&mut self) -> (FrameHeader, Vec<u8>) {
+        let mut body = Vec::new();
+        let header = poll(|| self.requests.try_pop(&mut body).expect("request ring"));
+        self.requests.release();
+        (header, body)
+    }
+
+    /// Publishes a reply, waking the client if it sleeps.
+    pub(crate) fn reply(&mut self, id: u64, flags: u16, body: &[u8]) {
+        self.push_reply(id, flags, body);
+        self.publish();
+    }
+
+    /// Takes the next request and answers it with [`reply_to`].
+    pub(crate) fn serve_one(&mut self) -> FrameHeader {
+        let (header, _) = self.take_request();
+        self.reply_as(header.service, header.request_id, &reply_to(header.request_id));
+        header
+    }
+
+    /// Publishes a reply under `service`, waking the client if it sleeps.
+    pub(crate) fn reply_as(&mut self, service: u16, id: u64, body: &[u8]) {
+        self.responses.try_push(service, 0, id, body).expect("room for the reply");
+        self.publish();
+    }
+
+    /// Writes a reply, unpublished until [`PeerSide::publish`].
+    pub(crate) fn push_reply(&mut self, id: u64, flags: u16, body: &[u8]) {
+        self.responses.try_push(self.service, flags, id, body).expect("room for the reply");
+    }
+
+    /// Publishes the replies written, waking the client if it sleeps.
+    pub(crate) fn publish(&mut self) {
+        if self.responses.publish() {
+            match &self.bell {
+                Some(bell) => bell.ring().unwrap(),
+                None => {
+                    ipc_platform::futex::wake_one(self.responses.peer_waiter()).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Publishes a reply without waking anyone.
+    pub(crate) fn reply_quietly(&mut self, id: u64) {
+        self.responses.try_push(self.service, 0, id, &reply_to(id)).expect("room for the reply");
+        // Only the client's announcement of a sleep is taken back; no wake.
+        let _ = self.responses.publish();
+    }
+
+    /// Says the peer waits for room in the response ring, so the client
+    /// rings it as soon as it consumes a reply.
+    pub(crate) fn await_space(&self) {
+        self.responses.space_waiter().store(1, Ordering::SeqCst);
+    }
+
+    /// Waits until the client sleeps for a reply (announced in the
+    /// response ring).
+    pub(crate) fn await_client_asleep(&self) {
+        poll(|| (self.responses.peer_waiter().load(Ordering::SeqCst) == 1).then_some(()));
+    }
+}
+
+/// A session's segment and doorbells as a peer makes them: the peer's
+/// side (with a placeholder control connection, which the caller
+/// replaces), and the fds to hand over in the order the protocol gives
+/// (memfd, doorbell, [the client's liveness end], [the client's bell]).
+pub(crate) fn make_session(doorbell: DoorbellKind, bell: PeerBell, liveness: bool) -> (PeerSide, Vec<OwnedFd>) {
+    let layout = SegmentLayout::new(CAPACITY).unwrap();
+    let memfd = ipc_platform::create_sealed("scripted", layout.segment_size() as u64).unwrap();
+    let region = Mapping::map(memfd.as_fd(), layout.segment_size()).unwrap();
+    layout.write_header(&region);
+    let client_to_peer: OwnedFd = match bell {
+        PeerBell::EventFd => EventFd::new().unwrap().as_fd().try_clone_to_owned().unwrap(),
+        PeerBell::Broken => std::fs::File::open("/dev/null").unwrap().into(),
+    };
+    let (control, client_control) = UnixStream::pair().unwrap();
+    let mut fds = vec![memfd, client_to_peer];
+    if liveness {
+        fds.push(client_control.into());
+    }
+    let bell = match doorbell {
+        DoorbellKind::Futex => None,
+        DoorbellKind::Pollable => {
+            let (ours, theirs) = SocketBell::pair().unwrap();
+            fds.push(theirs.as_fd().try_clone_to_owned().unwrap());
+            Some(ours)
+        }
+    };
+    // The peer's ends: it reads requests and writes replies.
+    let Segment { request_consumer: requests, response_producer: responses, words, .. } = Segment::new(region, &layout);
+    (PeerSide { control, words, requests, responses, bell, service: ECHO }, fds)
+}
+
+/// Reads a framed hello.
+pub(crate) fn read_hello(stream: &mut UnixStream) -> Hello {
+    handshake::decode_hello(&read_framed(stream)).unwrap()
+}
+
+/// Reads one framed message body.
+pub(crate) fn read_framed(stream: &mut UnixStream) -> Vec<u8> {
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    stream.read_exact(&mut prefix).unwrap();
+    let mut body = vec![0u8; handshake::body_len(prefix).unwrap()];
+    stream.read_exact(&mut body).unwrap();
+    body
+}
+
+/// Sends `bytes` with `fds`, all of it.
+pub(crate) fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) {
+    let fds: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+    let sent = ipc_platform::send_with_fds(stream.as_fd(), bytes, &fds).unwrap();
+    (&*stream).write_all(&bytes[sent..]).unwrap();
+}
+
+/// The daemon's welcome for a scripted session.
+pub(crate) fn welcome(doorbell: DoorbellKind) -> Welcome {
+    let layout = SegmentLayout::new(CAPACITY).unwrap();
+    Welcome {
+        version: PROTOCOL_VERSION,
+        session_id: 1,
+        ring_capacity: CAPACITY,
+        max_payload: layout.max_payload(),
+        doorbell,
+        services: vec![ServiceEntry { name: "echo".into(), id: ECHO }],
+    }
+}
+
+/// A daemon played by the test: it accepts one client, answers its hello
+/// with a session of its own making and `bell` as the doorbell, then runs
+/// `script` on its side of the session.
+pub(crate) struct Scripted {
+    pub(crate) path: PathBuf,
+    script: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Scripted {
+    pub(crate) fn start(bell: PeerBell, script: impl FnOnce(PeerSide) + Send + 'static) -> Scripted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scripted.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let script = thread::spawn(move || {
+            let (control, _) = listener.accept().unwrap();
+            script(answer_session(control, DoorbellKind::Futex, bell));
+        });
+        Scripted { path, script: Some(script), _dir: dir }
+    }
+
+    /// A client of it that never spins: every wait sleeps.
+    pub(crate) fn client(&self) -> Client {
+        Client::connect_with(&self.path, options()).unwrap()
+    }
+
+    /// Waits for the script to end, passing on its panic.
+    pub(crate) fn finish(mut self) {
+        if let Err(panic) = self.script.take().expect("not finished yet").join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Reads a session's hello on `control` and answers it with a welcome and
+/// a session of the peer's making.
+fn answer_session(mut control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
+    assert_eq!(read_hello(&mut control).role, Role::Session);
+    let (mut side, fds) = make_session(doorbell, bell, false);
+    let bytes = handshake::encode(&ServerMessage::Welcome(welcome(doorbell))).unwrap();
+    send_with_fds(&control, &bytes, &fds);
+    side.control = control;
+    side
+}
+
+/// A daemon with a broker, played by the test on one listener: the test
+/// accepts each connection it expects, in order.
+pub(crate) struct Rig {
+    pub(crate) path: PathBuf,
+    listener: UnixListener,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    pub(crate) fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rig.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Rig { path, listener, _dir: dir }
+    }
+
+    /// The next connection, within the hang limit.
+    pub(crate) fn accept(&self) -> UnixStream {
+        let stream = poll(|| match self.listener.accept() {
+            Ok((stream, _)) => Some(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accept: {e}"),
+        });
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+        stream
+    }
+
+    /// A client connected to it with `options`, and the daemon's side of
+    /// its session.
+    pub(crate) fn connect(&self, options: ClientOptions) -> (Client, PeerSide) {
+        let doorbell = options.doorbell;
+        thread::scope(|s| {
+            let daemon = s.spawn(|| answer_session(self.accept(), doorbell, PeerBell::EventFd));
+            let client = Client::connect_with(&self.path, options).unwrap();
+            (client, daemon.join().unwrap())
+        })
+    }
+
+    /// Accepts a broker connection and answers its hello.
+    pub(crate) fn broker(&self) -> BrokerSide {
+        let mut stream = self.accept();
+        assert_eq!(read_hello(&mut stream).role, Role::Broker);
+        let accepted = ServerMessage::Accepted { version: PROTOCOL_VERSION, connection_id: 3 };
+        (&stream).write_all(&handshake::encode(&accepted).unwrap()).unwrap();
+        BrokerSide { stream }
+    }
+}
+
+/// The broker's side of a client's broker connection.
+pub(crate) struct BrokerSide {
+    pub(crate) stream: UnixStream,
+}
+
+/// Who the scripted providers are.
+pub(crate) const PROVIDER: Credentials = Credentials { pid: 4242, uid: 1000, gid: 1000 };
+
+impl BrokerSide {
+    /// Reads the client's next resolve.
+    pub(crate) fn resolve(&mut self) -> Resolve {
+        handshake::decode(&read_framed(&mut self.stream)).unwrap()
+    }
+
+    /// Answers a resolve with a session of its own making that offers
+    /// `services`; returns the provider's side of it.
+    pub(crate) fn grant(&mut self, resolve: &Resolve, services: &[(&str, u16)]) -> PeerSide {
+        let (mut side, fds) = make_session(resolve.doorbell, PeerBell::EventFd, true);
+        self.send_brokered(brokered(resolve.doorbell, services), &fds);
+        side.service = services[0].1;
+        side
+    }
+
+    /// Sends a `Brokered` answer with `fds`, whatever they are.
+    pub(crate) fn send_brokered(&mut self, brokered: Brokered, fds: &[OwnedFd]) {
+        let bytes = handshake::encode(&Resolution::Brokered(brokered)).unwrap();
+        send_with_fds(&self.stream, &bytes, fds);
+    }
+
+    /// Answers a resolve with no session.
+    pub(crate) fn fail(&mut self, error: ResolveError) {
+        let bytes = handshake::encode(&Resolution::Failed(error)).unwrap();
+        (&self.stream).write_all(&bytes).unwrap();
+    }
+}
+
+/// A `Brokered` answer for a scripted session offering `services`.
+pub(crate) fn brokered(doorbell: DoorbellKind, services: &[(&str, u16)]) -> Brokered {
+    let layout = SegmentLayout::new(CAPACITY).unwrap();
+    Brokered {
+        session_id: 77,
+        provider: PROVIDER,
+        ring_capacity: CAPACITY,
+        max_payload: layout.max_payload(),
+        doorbell,
+        services: services.iter().map(|&(name, id)| ServiceEntry { name: name.into(), id }).collect(),
+    }
+}
