@@ -34,7 +34,8 @@
 //! frames.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +50,7 @@ use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::broker::{self, Broker};
+use crate::health::Health;
 use crate::limits::{self, Refusal};
 use crate::pending::{Owner, PendingSet};
 use crate::policy::Policy;
@@ -96,25 +98,63 @@ struct Pending {
     held: Option<Hello>,
 }
 
-/// The sockets a server listens on, bound by its builder.
+/// The sockets a server listens on, bound by its builder or given to it.
 pub(crate) struct Listeners {
     /// The control socket.
-    pub(crate) bound: ipc_platform::BoundSocket,
+    pub(crate) bound: UnixSocket,
     /// The `--uds` stream socket.
-    pub(crate) uds: Option<ipc_platform::BoundSocket>,
+    pub(crate) uds: Option<UnixSocket>,
     /// The `--tcp` listener.
     pub(crate) tcp: Option<std::net::TcpListener>,
 }
 
+impl Listeners {
+    /// Which of them the server was given rather than bound, for the log.
+    pub(crate) fn given(&self) -> Vec<&'static str> {
+        let given = |s: Option<&UnixSocket>| matches!(s, Some(UnixSocket::Given(_)));
+        [("control", given(Some(&self.bound))), ("uds", given(self.uds.as_ref()))]
+            .into_iter()
+            .filter_map(|(name, given)| given.then_some(name))
+            .collect()
+    }
+}
+
+/// A Unix listener, and whose its socket file is.
+pub(crate) enum UnixSocket {
+    /// Bound by the server, which holds the path's lock: the file is the
+    /// server's, removed when it stops.
+    Bound(ipc_platform::BoundSocket),
+    /// Given to the server already listening (by a service manager, or the
+    /// embedder): the file is its maker's, and stays when the server stops.
+    Given(OwnedFd),
+}
+
+impl UnixSocket {
+    fn listener(&self) -> &OwnedFd {
+        match self {
+            UnixSocket::Bound(bound) => &bound.listener,
+            UnixSocket::Given(fd) => fd,
+        }
+    }
+
+    /// Removes the socket file at `path` if the server bound it.
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match self {
+            UnixSocket::Bound(bound) => ipc_platform::remove_control_socket(path, bound),
+            UnixSocket::Given(_) => Ok(()),
+        }
+    }
+}
+
 pub(crate) struct Acceptor {
     shared: Arc<Shared>,
-    bound: ipc_platform::BoundSocket,
+    bound: UnixSocket,
     listener: Option<UnixListener>,
-    uds_bound: Option<ipc_platform::BoundSocket>,
+    uds_bound: Option<UnixSocket>,
     uds_listener: Option<UnixListener>,
     tcp_listener: Option<TcpListener>,
     poll: Poll,
-    _waker: Arc<Waker>,
+    waker: Arc<Waker>,
     workers: Vec<WorkerHandle>,
     pending: PendingSet<Pending>,
     accept_paused_until: Option<Instant>,
@@ -133,12 +173,12 @@ impl Acceptor {
         policy: Policy,
     ) -> Result<Acceptor, ServerError> {
         let Listeners { bound, uds, tcp } = listeners;
-        let listener_fd = bound.listener.try_clone()?;
+        let listener_fd = bound.listener().try_clone()?;
         let mut listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(listener_fd));
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let uds_listener = match &uds {
             Some(b) => {
-                let fd = b.listener.try_clone()?;
+                let fd = b.listener().try_clone()?;
                 let mut l = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd));
                 poll.registry().register(&mut l, UDS_LISTENER, Interest::READABLE)?;
                 Some(l)
@@ -163,7 +203,7 @@ impl Acceptor {
             uds_listener,
             tcp_listener,
             poll,
-            _waker: waker,
+            waker,
             workers,
             pending: PendingSet::default(),
             accept_paused_until: None,
@@ -171,9 +211,14 @@ impl Acceptor {
         })
     }
 
-    pub(crate) fn run(mut self) -> Result<(), ServerError> {
+    /// Serves until shut down, calling `ready` first (see
+    /// [`crate::Server::run_with_ready`]).
+    pub(crate) fn run(mut self, ready: impl FnOnce(Health)) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(256);
+        let wakers = self.workers.iter().map(WorkerHandle::waker).collect();
+        ready(Health::new(Arc::clone(&self.shared.engine), wakers, Arc::clone(&self.waker)));
         while !self.shared.engine.shutting_down.load(Ordering::Acquire) {
+            self.shared.engine.stats.acceptor_turns.turn();
             let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -650,19 +695,19 @@ impl Acceptor {
         }
     }
 
-    /// Stops accepting, removes the socket file, and waits for the workers
+    /// Stops accepting, removes the socket files it bound, and waits for the workers
     /// to answer what is in flight and close their sessions.
     fn stop(&mut self) {
         self.shared.engine.shutting_down.store(true, Ordering::Release);
         self.broker.shut_down(self.poll.registry());
-        if let Err(e) = ipc_platform::remove_control_socket(&self.shared.config.socket, &self.bound) {
+        if let Err(e) = self.bound.remove(&self.shared.config.socket) {
             tracing::warn!("cannot remove {}: {e}", self.shared.config.socket.display());
         }
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         if let (Some(path), Some(bound)) = (&self.shared.config.uds, &self.uds_bound) {
-            if let Err(e) = ipc_platform::remove_control_socket(path, bound) {
+            if let Err(e) = bound.remove(path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());
             }
         }

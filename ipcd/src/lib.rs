@@ -18,6 +18,12 @@
 //! its replies unread before its session is closed
 //! ([`ServerBuilder::stall_timeout`]).
 //!
+//! A server binds its sockets, or takes sockets that already listen
+//! ([`ServerBuilder::control_listener`], [`ServerBuilder::uds_listener`],
+//! [`ServerBuilder::tcp_listener`]: a service manager's, say), whose files
+//! it then leaves alone. [`Server::run_with_ready`] says when it serves,
+//! with its [`Health`]: whether every loop still turns, for a watchdog.
+//!
 //! ```no_run
 //! use ipcd::{Server, ServiceError};
 //!
@@ -42,6 +48,7 @@ mod broker;
 mod control_conn;
 mod cooldown;
 mod engine;
+mod health;
 mod limits;
 mod pending;
 mod policy;
@@ -56,6 +63,7 @@ mod stats;
 mod stream_session;
 mod worker;
 
+pub use health::{Health, Stuck};
 pub use policy::{AccessRule, Allowed};
 pub use provider::{Provider, ProviderBuilder, ProviderError};
 pub use server::{

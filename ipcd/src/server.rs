@@ -1,7 +1,9 @@
 //! The embeddable server: configuration, the service table, and `run`.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,9 +12,10 @@ use std::time::Duration;
 use ipc_core::SegmentLayout;
 use mio::{Poll, Waker};
 
-use crate::acceptor::{self, Acceptor, Listeners};
+use crate::acceptor::{self, Acceptor, Listeners, UnixSocket};
 use crate::access::AllowList;
 use crate::engine::Engine;
+use crate::health::Health;
 use crate::limits::Limits;
 use crate::policy::{AccessRule, Policy};
 use crate::service::{self, Handler, ServiceError, ServiceTable};
@@ -71,6 +74,15 @@ pub enum ServerError {
         /// The cause.
         source: io::Error,
     },
+    /// A listener given to the builder cannot be served (see
+    /// [`ServerBuilder::control_listener`]).
+    #[error("the {listener} listener given cannot be served")]
+    Listener {
+        /// Which: `control`, `uds` or `tcp`.
+        listener: &'static str,
+        /// What is wrong with it.
+        source: io::Error,
+    },
     /// A service could not be registered.
     #[error("{0}")]
     Service(String),
@@ -99,6 +111,9 @@ pub struct ServerBuilder {
     spin: Duration,
     uds: Option<PathBuf>,
     tcp: Option<SocketAddr>,
+    control_listener: Option<UnixListener>,
+    uds_listener: Option<UnixListener>,
+    tcp_listener: Option<TcpListener>,
     allow: AllowList,
     services: Vec<(String, Handler)>,
     access_rules: Vec<AccessRule>,
@@ -121,6 +136,9 @@ impl Default for ServerBuilder {
             spin: DEFAULT_SPIN,
             uds: None,
             tcp: None,
+            control_listener: None,
+            uds_listener: None,
+            tcp_listener: None,
             allow: AllowList::default(),
             services: Vec::new(),
             access_rules: Vec::new(),
@@ -135,7 +153,8 @@ impl ServerBuilder {
         self
     }
 
-    /// The control socket's permission bits (default 0600).
+    /// The control socket's permission bits (default 0600), for the
+    /// sockets the server binds (not those given to it already listening).
     pub fn socket_mode(mut self, mode: u32) -> Self {
         self.socket_mode = mode;
         self
@@ -246,6 +265,38 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves the control socket on `listener`, a Unix stream socket that
+    /// already listens on a path (one a service manager passed in, say),
+    /// instead of binding [`socket`](Self::socket) (which must then not be
+    /// set). The socket file is not the server's: it takes no lock for it
+    /// and does not remove it when it stops, and its permissions are
+    /// whatever its maker gave it. [`build`](Self::build) checks that it is
+    /// a listening Unix stream socket bound to a path (an abstract socket
+    /// has no permissions, so anyone could connect), and makes it
+    /// non-blocking and close-on-exec.
+    pub fn control_listener(mut self, listener: UnixListener) -> Self {
+        self.control_listener = Some(listener);
+        self
+    }
+
+    /// Serves the stream transport on `listener` instead of binding
+    /// [`uds`](Self::uds) (which must then not be set); checked, and its
+    /// file left alone, as for
+    /// [`control_listener`](Self::control_listener).
+    pub fn uds_listener(mut self, listener: UnixListener) -> Self {
+        self.uds_listener = Some(listener);
+        self
+    }
+
+    /// Serves TCP on `listener`, a listening TCP socket, instead of binding
+    /// [`tcp`](Self::tcp) (which must then not be set). As for `tcp`, there
+    /// is no access control on it, and it cannot be combined with an allow
+    /// list.
+    pub fn tcp_listener(mut self, listener: TcpListener) -> Self {
+        self.tcp_listener = Some(listener);
+        self
+    }
+
     /// Admits clients running as `uid`; call once per uid. With no
     /// `allow_uid` and no `allow_gid`, anyone who can open the socket is
     /// admitted; with either, a client of the control socket or the
@@ -347,9 +398,37 @@ impl ServerBuilder {
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
             )));
         }
-        let socket = match self.socket {
-            Some(p) => p,
-            None => {
+        if let (Some(listener), false) = (&self.tcp_listener, self.allow.is_open()) {
+            let addr = listener.local_addr().map_or_else(|e| format!("(address unknown: {e})"), |a| a.to_string());
+            return Err(ServerError::Config(format!(
+                "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
+            )));
+        }
+        for (what, both) in [
+            ("the control socket", self.socket.is_some() && self.control_listener.is_some()),
+            ("the stream socket", self.uds.is_some() && self.uds_listener.is_some()),
+            ("TCP", self.tcp.is_some() && self.tcp_listener.is_some()),
+        ] {
+            if both {
+                return Err(ServerError::Config(format!(
+                    "{what} is given both as an address to bind and as a listener"
+                )));
+            }
+        }
+        let control = self.control_listener.map(|l| given_unix(l, "control")).transpose()?;
+        let uds_given = self.uds_listener.map(|l| given_unix(l, "uds")).transpose()?;
+        let tcp_given = match self.tcp_listener {
+            Some(l) => {
+                ipc_platform::prepare_listener(l.as_fd(), ipc_platform::ListenerFamily::Inet)
+                    .map_err(|source| ServerError::Listener { listener: "tcp", source })?;
+                Some(l)
+            }
+            None => None,
+        };
+        let socket = match (&control, self.socket) {
+            (Some((path, _)), _) => path.clone(),
+            (None, Some(p)) => p,
+            (None, None) => {
                 let p = ipc_platform::default_socket_path();
                 if p.parent() == Some(ipc_platform::fallback_dir().as_path()) {
                     ipc_platform::ensure_private_dir(&ipc_platform::fallback_dir())
@@ -381,23 +460,33 @@ impl ServerBuilder {
         for (name, handler) in all {
             services.add(name, handler).map_err(ServerError::Service)?;
         }
-        let bound = ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024)
-            .map_err(|source| ServerError::Bind { path: socket.clone(), source })?;
-        let uds = match &self.uds {
-            Some(path) => Some(
-                ipc_platform::bind_control_socket(path, self.socket_mode, 1024)
-                    .map_err(|source| ServerError::Bind { path: path.clone(), source })?,
+        let bound = match control {
+            Some((_, fd)) => UnixSocket::Given(fd),
+            None => UnixSocket::Bound(
+                ipc_platform::bind_control_socket(&socket, self.socket_mode, 1024)
+                    .map_err(|source| ServerError::Bind { path: socket.clone(), source })?,
             ),
-            None => None,
         };
-        let tcp = match self.tcp {
-            Some(addr) => {
-                let listener = std::net::TcpListener::bind(addr)
+        let (uds_path, uds) = match (uds_given, &self.uds) {
+            (Some((path, fd)), _) => (Some(path), Some(UnixSocket::Given(fd))),
+            (None, Some(path)) => (
+                Some(path.clone()),
+                Some(UnixSocket::Bound(
+                    ipc_platform::bind_control_socket(path, self.socket_mode, 1024)
+                        .map_err(|source| ServerError::Bind { path: path.clone(), source })?,
+                )),
+            ),
+            (None, None) => (None, None),
+        };
+        let tcp = match (tcp_given, self.tcp) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => {
+                let listener = TcpListener::bind(addr)
                     .map_err(|source| ServerError::Bind { path: PathBuf::from(addr.to_string()), source })?;
                 listener.set_nonblocking(true)?;
                 Some(listener)
             }
-            None => None,
+            (None, None) => None,
         };
         let spin = if workers_cores() > 1 { self.spin } else { Duration::ZERO };
         let poll = Poll::new()?;
@@ -409,7 +498,7 @@ impl ServerBuilder {
             handshake_timeout: self.handshake_timeout,
             max_pending_handshakes: self.max_pending_handshakes,
             max_ring_capacity: self.max_ring_capacity,
-            uds: self.uds,
+            uds: uds_path,
             allow: self.allow,
         };
         let cooldown = Arc::new(crate::cooldown::Cooldown::default());
@@ -427,6 +516,14 @@ impl ServerBuilder {
         let policy = Policy::new(self.access_rules, ipc_platform::current_uid());
         Ok(Server { shared, listeners: Listeners { bound, uds, tcp }, poll, waker, policy })
     }
+}
+
+/// Checks a Unix listener given to the builder and finds its path.
+fn given_unix(listener: UnixListener, which: &'static str) -> Result<(PathBuf, OwnedFd), ServerError> {
+    let error = |source| ServerError::Listener { listener: which, source };
+    ipc_platform::prepare_listener(listener.as_fd(), ipc_platform::ListenerFamily::Unix).map_err(error)?;
+    let path = ipc_platform::unix_listener_path(listener.as_fd()).map_err(error)?;
+    Ok((path, OwnedFd::from(listener)))
 }
 
 /// A bound ipcd server, ready to [`run`](Server::run).
@@ -479,8 +576,20 @@ impl Server {
 
     /// Serves until shut down: stops accepting, answers requests still in
     /// the rings with a shutdown error, closes every session, removes the
-    /// socket file, and returns.
+    /// socket files it bound (not those of listeners it was given), and
+    /// returns.
     pub fn run(self) -> Result<(), ServerError> {
+        self.run_with_ready(|_| {})
+    }
+
+    /// [`run`](Self::run), calling `ready` once the server serves: every
+    /// listener is polled and every worker thread has started, and no
+    /// connection has been answered yet. It runs on the thread that called
+    /// this, before the first connection is handled, so it should return
+    /// promptly (start a thread for anything that lasts). It is given the
+    /// server's [`Health`], which tells whether its loops still turn: for a
+    /// watchdog.
+    pub fn run_with_ready(self, ready: impl FnOnce(Health)) -> Result<(), ServerError> {
         tracing::info!(
             socket = %self.shared.config.socket.display(),
             mode = format_args!("{:o}", self.shared.config.socket_mode),
@@ -488,6 +597,7 @@ impl Server {
             max_clients = self.shared.config.max_clients,
             uds = ?self.shared.config.uds,
             tcp = ?self.tcp_addr(),
+            given = ?self.listeners.given(),
             allow_uids = ?self.shared.config.allow.uids,
             allow_gids = ?self.shared.config.allow.gids,
             spin_us = self.shared.engine.spin.as_micros() as u64,
@@ -498,7 +608,7 @@ impl Server {
             "ipcd listening"
         );
         let Server { shared, listeners, poll, waker, policy } = self;
-        Acceptor::new(shared, listeners, poll, waker, policy)?.run()
+        Acceptor::new(shared, listeners, poll, waker, policy)?.run(ready)
     }
 }
 
@@ -526,6 +636,7 @@ impl ShutdownHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Stuck;
     use ipc_client::{CallError, Client};
 
     /// Runs an embedded server with extra services on a temporary socket.
@@ -594,6 +705,113 @@ mod tests {
         // with the same reason.
         assert!(!client.is_connected());
         assert_eq!(client.call(&upper, b"y"), Err(CallError::Shutdown));
+    }
+
+    #[test]
+    fn a_given_listener_is_served_and_its_file_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (control, uds) = (dir.path().join("given.sock"), dir.path().join("given-stream.sock"));
+        let server = Server::builder()
+            .control_listener(UnixListener::bind(&control).unwrap())
+            .uds_listener(UnixListener::bind(&uds).unwrap())
+            .workers(1)
+            .build()
+            .unwrap();
+        assert_eq!(server.socket_path(), control);
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        let mut client = Client::connect_to(&control).unwrap();
+        let echo = client.service("echo").unwrap();
+        assert_eq!(client.call(&echo, b"given").unwrap(), b"given");
+        let mut stream = Client::connect_with(ipc_client::Transport::Uds(uds.clone()), Default::default()).unwrap();
+        let echo = stream.service("echo").unwrap();
+        assert_eq!(stream.call(&echo, b"stream").unwrap(), b"stream");
+        handle.shutdown();
+        thread.join().unwrap().unwrap();
+        // The files are their maker's: no lock was taken for them, and
+        // they stay (a service manager keeps listening on them).
+        assert!(control.exists() && uds.exists(), "a given listener's socket file was removed");
+        assert!(!dir.path().join("given.sock.lock").exists(), "a lock file was made for a given listener");
+    }
+
+    #[test]
+    fn given_listeners_are_checked_and_may_not_double_an_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = |name: &str| UnixListener::bind(dir.path().join(name)).unwrap();
+        let result = Server::builder().socket(dir.path().join("x.sock")).control_listener(listener("l1.sock")).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("both as an address")));
+        let result = Server::builder().uds(dir.path().join("y.sock")).uds_listener(listener("l2.sock")).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("both as an address")));
+
+        // A socket that is bound but does not listen cannot be served.
+        let datagram = std::os::unix::net::UnixDatagram::bind(dir.path().join("d.sock")).unwrap();
+        let not_listening = UnixListener::from(OwnedFd::from(datagram));
+        let result = Server::builder().control_listener(not_listening).build();
+        match result {
+            Err(err @ ServerError::Listener { listener: "control", .. }) => {
+                let chain = format!("{:#}", anyhow::Error::from(err));
+                assert!(chain.contains("not a stream socket"), "{chain}");
+            }
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("a datagram socket was taken as a listener"),
+        }
+
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let result = Server::builder().socket(dir.path().join("t.sock")).allow_uid(0).tcp_listener(tcp).build();
+        assert!(matches!(result, Err(ServerError::Config(m)) if m.contains("no peer credentials")));
+    }
+
+    #[test]
+    fn a_worker_inside_a_handler_is_stuck_and_turns_again_once_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("health.sock");
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, release_rx) = (std::sync::Mutex::new(entered_tx), std::sync::Mutex::new(release_rx));
+        let server = Server::builder()
+            .socket(&socket)
+            .workers(1)
+            .service("block", move |_: &[u8]| {
+                entered_tx.lock().unwrap().send(()).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+                Ok(Vec::new())
+            })
+            .build()
+            .unwrap();
+        let handle = server.shutdown_handle();
+        let (health_tx, health_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || server.run_with_ready(|health| health_tx.send(health).unwrap()));
+        let mut health = health_rx.recv().unwrap();
+        let limit = std::time::Instant::now() + Duration::from_secs(30);
+        let turns = |health: &mut Health| {
+            while health.check().is_err() {
+                assert!(std::time::Instant::now() < limit, "the loops do not turn when woken");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        // Idle loops asleep in their poll turn when the check wakes them.
+        turns(&mut health);
+        turns(&mut health);
+
+        let caller = std::thread::spawn(move || {
+            let mut client = Client::connect_to(&socket).unwrap();
+            let block = client.service("block").unwrap();
+            client.call(&block, b"")
+        });
+        entered.recv().unwrap();
+        // The worker may have turned between the last check and entering
+        // the handler; after one more check it cannot have.
+        let _ = health.check();
+        assert_eq!(health.check(), Err(Stuck::Worker(0)));
+        assert_eq!(health.check(), Err(Stuck::Worker(0)));
+        assert!(!health.is_stopping());
+
+        release.send(()).unwrap();
+        assert_eq!(caller.join().unwrap(), Ok(Vec::new()));
+        turns(&mut health);
+        handle.shutdown();
+        thread.join().unwrap().unwrap();
+        assert!(health.is_stopping());
     }
 
     #[test]

@@ -81,15 +81,35 @@ pub(crate) struct WorkerCounters {
     pub(crate) replies: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) sessions: AtomicUsize,
+    /// Turns of the worker's loop, for the watchdog (see [`crate::health`]).
+    pub(crate) turns: AtomicU64,
 }
 
 impl WorkerCounters {
+    /// Counts a turn of the worker's loop: one add, on a line no other
+    /// thread writes.
+    pub(crate) fn turn(&self) {
+        self.turns.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a served batch: `served` requests answered, `errors` of them
     /// with an error reply. Once per batch, not per request.
     pub(crate) fn add_batch(&self, served: u64, errors: u64) {
         self.requests.fetch_add(served, Ordering::Relaxed);
         self.replies.fetch_add(served, Ordering::Relaxed);
         self.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+}
+
+/// The acceptor's turn counter, alone on its cache lines (the acceptor
+/// counts every turn of its loop; see [`crate::health`]).
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct AcceptorTurns(pub(crate) AtomicU64);
+
+impl AcceptorTurns {
+    pub(crate) fn turn(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -109,6 +129,7 @@ pub(crate) struct Stats {
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
+    pub(crate) acceptor_turns: AcceptorTurns,
     /// What the broker last published of itself: names, providers,
     /// resolves (written when they change, never per call).
     broker: std::sync::Mutex<serde_json::Value>,
@@ -127,6 +148,7 @@ impl Stats {
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
+            acceptor_turns: AcceptorTurns::default(),
             broker: std::sync::Mutex::new(serde_json::json!({ "names": [] })),
         }
     }

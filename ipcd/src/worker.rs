@@ -78,6 +78,11 @@ impl WorkerHandle {
         let _ = self.waker.wake();
     }
 
+    /// The worker's waker, for the health check (see [`crate::health`]).
+    pub(crate) fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
     /// Waits for the worker thread to finish.
     pub(crate) fn join(&mut self) {
         if let Some(t) = self.thread.take() {
@@ -213,6 +218,9 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
+            // A sign of life for the health check, once per turn (the
+            // check wakes a worker asleep in its poll to see it turn).
+            self.engine.stats.workers[self.index].turn();
             let sleep = self.ready.is_empty() && self.idle.is_empty();
             let timeout = if sleep { self.until_first_stall_expires() } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout) {

@@ -60,6 +60,7 @@ pub use ipc_platform::die_with_parent;
 /// Configures a [`Daemon`] before it starts.
 pub struct DaemonBuilder {
     args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
     dir: Option<tempfile::TempDir>,
     inherit_stderr: bool,
 }
@@ -78,6 +79,12 @@ impl DaemonBuilder {
         S: Into<OsString>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -113,6 +120,7 @@ impl DaemonBuilder {
             .arg(&socket)
             .args(["--log-level", "warn"])
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if self.inherit_stderr { Stdio::inherit() } else { Stdio::piped() });
@@ -156,7 +164,7 @@ pub struct Daemon {
 impl Daemon {
     /// A builder with no extra arguments.
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder { args: Vec::new(), dir: None, inherit_stderr: false }
+        DaemonBuilder { args: Vec::new(), envs: Vec::new(), dir: None, inherit_stderr: false }
     }
 
     /// Starts a daemon with `args` besides `--socket` and `--log-level`.

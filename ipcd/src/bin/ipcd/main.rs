@@ -2,14 +2,17 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
+use ipc_platform::ServiceState;
 
 mod config;
+mod systemd;
 
 /// ipcd: request/response IPC over sealed shared-memory rings.
 ///
@@ -22,6 +25,17 @@ mod config;
 /// is removed, and it exits 0. A second SIGINT or SIGTERM while it waits
 /// for a handler to finish makes it exit at once, with status 1. Exit
 /// status 2 means a usage error.
+///
+/// Under a service manager: sockets passed with socket activation
+/// (LISTEN_FDS) are served instead of being bound, told apart by their
+/// FileDescriptorName=: control (the control socket, instead of --socket),
+/// uds (instead of --uds) and tcp (instead of --tcp); a single socket with
+/// another name, or none, is the control socket. Their files are the
+/// manager's and stay when ipcd stops. With NOTIFY_SOCKET set, ipcd sends
+/// READY=1 once it serves and STOPPING=1 when it begins to stop, and, with a
+/// watchdog (WATCHDOG_USEC), WATCHDOG=1 every half interval as long as every
+/// worker's loop (and the acceptor's) has turned since the last time: a
+/// handler that does not return stops them.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -194,12 +208,31 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Args {
-    /// Checks what clap cannot express: combinations that make no sense.
-    fn validate(&self) -> Result<(), String> {
-        if self.tcp.is_some() && !(self.allow_uid.is_empty() && self.allow_gid.is_empty()) {
+    /// Checks what clap cannot express: combinations that make no sense,
+    /// with the sockets the service manager passed (`passed`).
+    fn validate(&self, passed: &systemd::Passed<OwnedFd>) -> Result<(), String> {
+        let allow_list = !(self.allow_uid.is_empty() && self.allow_gid.is_empty());
+        if self.tcp.is_some() && allow_list {
             return Err("--tcp cannot be combined with --allow-uid or --allow-gid: TCP carries no peer \
                         credentials to check, so it would admit anyone"
                 .into());
+        }
+        if passed.tcp.is_some() && allow_list {
+            return Err("the service manager passed a TCP socket (tcp), which cannot be combined with \
+                        --allow-uid or --allow-gid: TCP carries no peer credentials to check"
+                .into());
+        }
+        let both = [
+            ("--socket", self.socket.is_some(), passed.control.is_some()),
+            ("--uds", self.uds.is_some(), passed.uds.is_some()),
+            ("--tcp", self.tcp.is_some(), passed.tcp.is_some()),
+        ];
+        if let Some(((flag, ..), name)) =
+            both.into_iter().zip(systemd::NAMES).find(|((_, flag, passed), _)| *flag && *passed)
+        {
+            return Err(format!(
+                "{flag} and the socket the service manager passed as {name} are the same listener: give one"
+            ));
         }
         Ok(())
     }
@@ -207,7 +240,19 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(message) = args.validate() {
+    // First, while this is the only thread: taking the sockets removes
+    // their variables from the environment.
+    let passed = match ipc_platform::take_passed_sockets()
+        .map_err(|e| e.to_string())
+        .and_then(|sockets| systemd::assign(sockets.into_iter().map(|s| (s.name, s.fd))))
+    {
+        Ok(passed) => passed,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(message) = args.validate(&passed) {
         // Exits 2, like every other usage error.
         Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
@@ -230,7 +275,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    match run(args, rules) {
+    match run(args, rules, passed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -239,7 +284,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, rules: Vec<ipcd::AccessRule>) -> anyhow::Result<()> {
+fn run(args: Args, rules: Vec<ipcd::AccessRule>, passed: systemd::Passed<OwnedFd>) -> anyhow::Result<()> {
     match ipc_platform::raise_nofile_limit() {
         Ok(limit) => tracing::debug!("open-files limit raised to {limit:?}"),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
@@ -280,7 +325,17 @@ fn run(args: Args, rules: Vec<ipcd::AccessRule>) -> anyhow::Result<()> {
     for rule in rules {
         builder = builder.access_rule(rule);
     }
+    if let Some(fd) = passed.control {
+        builder = builder.control_listener(fd.into());
+    }
+    if let Some(fd) = passed.uds {
+        builder = builder.uds_listener(fd.into());
+    }
+    if let Some(fd) = passed.tcp {
+        builder = builder.tcp_listener(fd.into());
+    }
     let server = builder.build().context("cannot start ipcd")?;
+    let status = format!("serving on {}", server.socket_path().display());
     let handle = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("cannot install signal handlers")?;
@@ -288,6 +343,7 @@ fn run(args: Args, rules: Vec<ipcd::AccessRule>) -> anyhow::Result<()> {
         let mut signals = signals.forever();
         if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "stopping");
+            systemd::tell(ServiceState::Stopping);
             handle.shutdown();
         }
         // The graceful stop waits for every worker, and so for any handler
@@ -300,7 +356,14 @@ fn run(args: Args, rules: Vec<ipcd::AccessRule>) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     })?;
-    server.run().context("ipcd failed")?;
+    server
+        .run_with_ready(|health| {
+            systemd::tell(ServiceState::Ready { status: &status });
+            if let Some(interval) = ipc_platform::watchdog_interval() {
+                systemd::start_watchdog(health, interval);
+            }
+        })
+        .context("ipcd failed")?;
     Ok(())
 }
 
