@@ -533,11 +533,14 @@ mod tests {
         assert_eq!(client.call(&upper, b"shout").unwrap(), b"SHOUT");
 
         let refuse = client.service("refuse").unwrap();
-        assert_eq!(client.call(&refuse, b"x"), Err(CallError::Remote { message: "refused by policy".into() }));
+        assert_eq!(
+            client.call(&refuse, b"x"),
+            Err(CallError::Remote { code: None, message: "refused by policy".into() })
+        );
 
         let explode = client.service("explode").unwrap();
         match client.call(&explode, b"x") {
-            Err(CallError::Remote { message }) => {
+            Err(CallError::Remote { code: None, message }) => {
                 assert!(message.contains("panicked"), "{message}")
             }
             other => panic!("expected a remote error, got {other:?}"),
@@ -545,7 +548,7 @@ mod tests {
 
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
-            Err(CallError::Remote { message }) => {
+            Err(CallError::Remote { code: None, message }) => {
                 assert!(message.contains("exceeds the negotiated maximum"), "{message}")
             }
             other => panic!("expected a too-large reply error, got {other:?}"),
