@@ -12,8 +12,10 @@ use mio::{Poll, Waker};
 
 use crate::acceptor::{self, Acceptor, Listeners};
 use crate::access::AllowList;
+use crate::deferred::Responder;
 use crate::engine::Engine;
 use crate::limits::Limits;
+use crate::request::{OwnedRequest, Request};
 use crate::service::{self, Handler, ServiceError, ServiceTable};
 use crate::shared::{Config, Shared, Strikes};
 use crate::stats::Stats;
@@ -100,6 +102,7 @@ pub struct ServerBuilder {
     tcp: Option<SocketAddr>,
     allow: AllowList,
     services: Vec<(String, Handler)>,
+    handler_threads: usize,
 }
 
 impl Default for ServerBuilder {
@@ -121,6 +124,7 @@ impl Default for ServerBuilder {
             tcp: None,
             allow: AllowList::default(),
             services: Vec::new(),
+            handler_threads: crate::pool::DEFAULT_HANDLER_THREADS,
         }
     }
 }
@@ -270,28 +274,103 @@ impl ServerBuilder {
         self
     }
 
-    /// Adds a service whose handler returns its reply.
+    /// Adds a service whose handler returns its reply, run on the worker
+    /// thread that serves the session. The handler gets the call's
+    /// [`Request`]: its payload (a private copy), who called, on which
+    /// session. While it runs, its worker serves no one else: a handler that
+    /// may take long (or block) belongs in
+    /// [`blocking_service`](Self::blocking_service).
+    ///
+    /// ```no_run
+    /// use ipcd::{Server, ServiceError};
+    ///
+    /// let server = Server::builder()
+    ///     .socket("/tmp/upper.sock")
+    ///     .service("upper", |req| Ok(req.payload().to_ascii_uppercase()))
+    ///     .service("mine", |req| match req.caller() {
+    ///         Some(caller) if caller.uid == 1000 => Ok(b"yours".to_vec()),
+    ///         _ => Err(ServiceError::with_code(403, "not yours")),
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), ipcd::ServerError>(())
+    /// ```
     pub fn service<F>(mut self, name: impl Into<String>, handler: F) -> Self
     where
-        F: Fn(&[u8]) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
+        F: Fn(&Request<'_>) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
     {
-        self.services.push((
-            name.into(),
-            Arc::new(move |request: &[u8], reply: &mut Vec<u8>| {
-                *reply = handler(request)?;
-                Ok(())
-            }),
-        ));
+        let handler = move |request: &Request<'_>, reply: &mut Vec<u8>| {
+            *reply = handler(request)?;
+            Ok(())
+        };
+        self.services.push((name.into(), Handler::Inline(Arc::new(handler))));
         self
     }
 
-    /// Adds a service whose handler writes its reply into a reused buffer
-    /// (no allocation per call if the handler makes none).
+    /// Adds a service whose handler writes its reply into a buffer the
+    /// worker reuses (it arrives empty), run on the worker thread like
+    /// [`service`](Self::service)'s: a call costs no allocation if the
+    /// handler makes none.
     pub fn service_into<F>(mut self, name: impl Into<String>, handler: F) -> Self
     where
-        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static,
+        F: Fn(&Request<'_>, &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static,
     {
-        self.services.push((name.into(), Arc::new(handler)));
+        self.services.push((name.into(), Handler::Inline(Arc::new(handler))));
+        self
+    }
+
+    /// Adds a service whose handler runs on the handler threads (see
+    /// [`handler_threads`](Self::handler_threads)), for handlers that take
+    /// their time or block: while one runs, its worker goes on serving
+    /// every session, this one's other calls included. Each call costs a
+    /// copy of the request and a hand-off each way.
+    ///
+    /// A session has at most [`MAX_OUTSTANDING_CALLS`](crate::MAX_OUTSTANDING_CALLS)
+    /// calls of blocking and deferred services unanswered; at that many, it
+    /// takes no further request until one is answered. Replies may reach
+    /// the client in another order than its requests (the client matches
+    /// them by id).
+    ///
+    /// ```no_run
+    /// use ipcd::{Server, ServiceError};
+    ///
+    /// let server = Server::builder()
+    ///     .socket("/tmp/files.sock")
+    ///     .blocking_service("file.read", |req| {
+    ///         let path = std::str::from_utf8(req.payload()).map_err(|e| ServiceError::new(e.to_string()))?;
+    ///         std::fs::read(path).map_err(|e| ServiceError::with_code(e.raw_os_error().unwrap_or(0) as u32, e.to_string()))
+    ///     })
+    ///     .handler_threads(4)
+    ///     .build()?;
+    /// # Ok::<(), ipcd::ServerError>(())
+    /// ```
+    pub fn blocking_service<F>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(&Request<'_>) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
+    {
+        self.services.push((name.into(), Handler::Blocking(Arc::new(handler))));
+        self
+    }
+
+    /// Adds a service whose handler is given the call and a [`Responder`],
+    /// and answers through it when it likes, from any thread: it runs on the
+    /// worker thread and should return at once (handing the work on). A
+    /// responder dropped without an answer answers the call with an error,
+    /// so every call gets exactly one outcome. The cap on calls unanswered
+    /// per session of [`blocking_service`](Self::blocking_service) applies.
+    pub fn deferred_service<F>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(OwnedRequest, Responder) + Send + Sync + 'static,
+    {
+        self.services.push((name.into(), Handler::Deferred(Arc::new(handler))));
+        self
+    }
+
+    /// The number of threads the [`blocking_service`](Self::blocking_service)
+    /// handlers run on (default [`DEFAULT_HANDLER_THREADS`](crate::DEFAULT_HANDLER_THREADS)),
+    /// started only if there is such a service. Calls beyond them wait in
+    /// a queue, each session's within its cap.
+    pub fn handler_threads(mut self, n: usize) -> Self {
+        self.handler_threads = n;
         self
     }
 
@@ -315,6 +394,9 @@ impl ServerBuilder {
         }
         if self.max_sessions_per_uid == 0 {
             return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
+        }
+        if self.handler_threads == 0 {
+            return Err(ServerError::Config("handler threads must be at least 1".into()));
         }
         let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
         let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
@@ -343,18 +425,17 @@ impl ServerBuilder {
             }
         };
         let stats = Arc::new(Stats::new(workers, self.max_pending_handshakes));
-        let mut services = ServiceTable::default();
+        let mut services = ServiceTable::new(self.handler_threads);
         let mut all = vec![
             ("echo".to_string(), service::echo()),
             ("ping".to_string(), service::ping()),
             ("stats".to_string(), {
                 let stats = Arc::clone(&stats);
                 let limits = Arc::clone(&limits);
-                let h: Handler = Arc::new(move |_: &[u8], reply: &mut Vec<u8>| {
+                Handler::Inline(Arc::new(move |_: &Request<'_>, reply: &mut Vec<u8>| {
                     *reply = stats.to_json(&limits);
                     Ok(())
-                });
-                h
+                }))
             }),
         ];
         if self.debug_services {
@@ -419,7 +500,7 @@ impl ServerBuilder {
 ///
 /// let server = Server::builder()
 ///     .socket("/tmp/example-ipcd.sock")
-///     .service("upper", |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()))
+///     .service("upper", |req| Ok::<_, ServiceError>(req.payload().to_ascii_uppercase()))
 ///     .build()?;
 /// let stop = server.shutdown_handle();
 /// std::thread::spawn(move || {
@@ -510,14 +591,15 @@ mod tests {
         let server = Server::builder()
             .socket(&socket)
             .workers(1)
-            .service("upper", |req: &[u8]| Ok(req.to_ascii_uppercase()))
-            .service("refuse", |_: &[u8]| Err(ServiceError::new("refused by policy")))
-            .service("explode", |_: &[u8]| -> Result<Vec<u8>, ServiceError> { panic!("handler bug") })
-            .service_into("len", |req: &[u8], out: &mut Vec<u8>| {
-                out.extend_from_slice(&(req.len() as u64).to_le_bytes());
+            .service("upper", |req| Ok(req.payload().to_ascii_uppercase()))
+            .service("refuse", |_| Err(ServiceError::new("refused by policy")))
+            .service("deny", |_| Err(ServiceError::with_code(403, "denied by policy")))
+            .service("explode", |_| -> Result<Vec<u8>, ServiceError> { panic!("handler bug") })
+            .service_into("len", |req, out| {
+                out.extend_from_slice(&(req.payload().len() as u64).to_le_bytes());
                 Ok(())
             })
-            .service("huge", |_: &[u8]| Ok(vec![0u8; 1 << 20]))
+            .service("huge", |_| Ok(vec![0u8; 1 << 20]))
             .build()
             .unwrap();
         let handle = server.shutdown_handle();
@@ -537,6 +619,9 @@ mod tests {
             client.call(&refuse, b"x"),
             Err(CallError::Remote { code: None, message: "refused by policy".into() })
         );
+        let deny = client.service("deny").unwrap();
+        let denied = CallError::Remote { code: Some(403), message: "denied by policy".into() };
+        assert_eq!(client.call(&deny, b"x"), Err(denied));
 
         let explode = client.service("explode").unwrap();
         match client.call(&explode, b"x") {
@@ -579,7 +664,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let result = Server::builder()
             .socket(dir.path().join("dup.sock"))
-            .service("echo", |req: &[u8]| Ok(req.to_vec()))
+            .service("echo", |req| Ok(req.payload().to_vec()))
             .build();
         assert!(matches!(result, Err(ServerError::Service(m)) if m.contains("twice")));
     }
