@@ -445,7 +445,7 @@ pub(crate) struct Tally {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::deferred::{Completions, Responder, MAX_OUTSTANDING_CALLS};
     use crate::request::{OwnedRequest, Request};
@@ -462,7 +462,7 @@ mod tests {
     }
 
     /// A deferred handler that hands each call to the test, in order.
-    fn deferred() -> (Handler, Receiver<(OwnedRequest, Responder)>) {
+    pub(crate) fn deferred() -> (Handler, Receiver<(OwnedRequest, Responder)>) {
         let (tx, rx) = channel();
         let tx = Mutex::new(tx);
         let handler = move |request, responder| tx.lock().unwrap().send((request, responder)).unwrap();
@@ -471,17 +471,17 @@ mod tests {
 
     /// What a worker lends its sessions, and the end its answers arrive
     /// at.
-    struct Rig {
+    pub(crate) struct Rig {
         services: ServiceTable,
         counters: WorkerCounters,
         completions: Completions,
-        answers: Receiver<Completion>,
+        pub(crate) answers: Receiver<Completion>,
         _poll: mio::Poll,
         scratch: Scratch,
     }
 
     impl Rig {
-        fn new(services: ServiceTable) -> Rig {
+        pub(crate) fn new(services: ServiceTable) -> Rig {
             let (completions, answers, poll) = crate::deferred::tests::completions();
             Rig {
                 services,
@@ -508,7 +508,7 @@ mod tests {
             session.serve(&with, &mut self.scratch, budget, true)
         }
 
-        fn serve(&mut self, session: &mut Session) -> Progress {
+        pub(crate) fn serve(&mut self, session: &mut Session) -> Progress {
             self.serve_with(session, usize::MAX, false).unwrap()
         }
 
@@ -521,7 +521,7 @@ mod tests {
     }
 
     /// A session over heap memory, with the client's ring ends beside it.
-    fn new_session() -> (Session, Producer, Consumer) {
+    pub(crate) fn new_session() -> (Session, Producer, Consumer) {
         session_with(|control, bell, wake, requests, responses, words| {
             let peer = PeerCredentials { pid: 1, uid: 0, gid: 0 };
             Session::new(1, peer, control, bell, wake, requests, responses, words)

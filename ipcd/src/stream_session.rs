@@ -545,7 +545,7 @@ impl StreamSession {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::deferred::{Completions, Responder};
     use crate::request::OwnedRequest;
@@ -557,17 +557,17 @@ mod tests {
 
     /// What a worker lends its sessions, and the end its answers arrive
     /// at.
-    struct Rig {
+    pub(crate) struct Rig {
         services: ServiceTable,
         counters: WorkerCounters,
         completions: Completions,
-        answers: Receiver<Completion>,
+        pub(crate) answers: Receiver<Completion>,
         _poll: mio::Poll,
         scratch: Scratch,
     }
 
     impl Rig {
-        fn new(services: ServiceTable) -> Rig {
+        pub(crate) fn new(services: ServiceTable) -> Rig {
             let (completions, answers, poll) = crate::deferred::tests::completions();
             Rig {
                 services,
@@ -594,7 +594,7 @@ mod tests {
             session.serve(&with, &mut self.scratch, budget)
         }
 
-        fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String> {
+        pub(crate) fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String> {
             self.serve_with(session, budget, false)
         }
 
@@ -607,7 +607,7 @@ mod tests {
 
     /// Echo as service 0, and a deferred service 1 that hands each call to
     /// the test.
-    fn with_deferred() -> (ServiceTable, Receiver<(OwnedRequest, Responder)>) {
+    pub(crate) fn with_deferred() -> (ServiceTable, Receiver<(OwnedRequest, Responder)>) {
         let mut t = services();
         let (tx, rx) = channel();
         let tx = Mutex::new(tx);
@@ -636,11 +636,11 @@ mod tests {
         frames
     }
 
-    fn request(service: u16, id: u64) -> Vec<u8> {
+    pub(crate) fn request(service: u16, id: u64) -> Vec<u8> {
         FrameHeader { len: 0, service, flags: 0, request_id: id }.encode().to_vec()
     }
 
-    fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
+    pub(crate) fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let peer = Peer::Unix(PeerCredentials { pid: 1, uid: 0, gid: 0 });

@@ -745,3 +745,48 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ServiceTable;
+    use crate::{session, stream_session};
+
+    /// The drain's rule: a session keeps a graceful stop waiting while a
+    /// call it handed off is unanswered, and while the answer waits to go
+    /// out; not after.
+    #[test]
+    fn a_stop_waits_for_the_calls_a_session_handed_off() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = session::tests::deferred();
+        services.add("later".into(), handler).unwrap();
+        let mut rig = session::tests::Rig::new(services);
+        let (mut session, mut tx, mut rx) = session::tests::new_session();
+        tx.try_push(0, 0, 1, b"").unwrap();
+        tx.publish();
+        rig.serve(&mut session);
+        let mut conn = Conn::Shm(session);
+        assert!(conn.draining(), "a call outstanding keeps the drain going");
+        let (_, responder) = handed.try_recv().unwrap();
+        responder.reply(b"done".to_vec());
+        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        assert!(conn.draining(), "an answer not yet sent keeps the drain going");
+        conn.flush().unwrap();
+        assert!(!conn.draining());
+        let mut body = Vec::new();
+        assert_eq!(rx.try_pop(&mut body).unwrap().map(|h| h.request_id), Some(1));
+
+        let (services, handed) = stream_session::tests::with_deferred();
+        let mut rig = stream_session::tests::Rig::new(services);
+        let (mut session, mut client) = stream_session::tests::pair();
+        std::io::Write::write_all(&mut client, &stream_session::tests::request(1, 1)).unwrap();
+        rig.serve(&mut session, 64).unwrap();
+        let mut conn = Conn::Stream(session);
+        assert!(conn.draining(), "a call outstanding keeps the drain going");
+        let (_, responder) = handed.try_recv().unwrap();
+        responder.reply(b"done".to_vec());
+        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        conn.flush().unwrap();
+        assert!(!conn.draining());
+    }
+}
