@@ -638,7 +638,8 @@ impl Client {
                 CallError::UnknownService { name }
             }
             ErrorCode::Shutdown => CallError::Shutdown,
-            _ => CallError::Remote { message },
+            ErrorCode::Application(code) => CallError::Remote { code: Some(code), message },
+            _ => CallError::Remote { code: None, message },
         })
     }
 }

@@ -106,9 +106,14 @@ pub enum CallError {
         /// The maximum.
         max: usize,
     },
-    /// The service returned an error.
-    #[error("service error: {message}")]
+    /// The service returned an error, or the daemon answered the request
+    /// with one (its handler panicked, its reply was too large, the
+    /// session may not call it, ...).
+    #[error("service error{}: {message}", code.map_or_else(String::new, |c| format!(" {c}")))]
     Remote {
+        /// The handler's own code, when it gave one
+        /// (`ipcd::ServiceError::with_code`).
+        code: Option<u32>,
         /// Its message.
         message: String,
     },
@@ -258,6 +263,14 @@ mod tests {
         assert_eq!(messages[1], cause);
         assert!(!messages[0].contains(&cause), "the cause is repeated: {messages:?}");
         assert_eq!(with_causes(&err), format!("a system call failed while connecting: {cause}"));
+    }
+
+    #[test]
+    fn a_remote_error_names_its_code_when_it_has_one() {
+        let with = CallError::Remote { code: Some(404), message: "no such key".into() };
+        assert_eq!(with.to_string(), "service error 404: no such key");
+        let without = CallError::Remote { code: None, message: "no such key".into() };
+        assert_eq!(without.to_string(), "service error: no such key");
     }
 
     #[test]

@@ -84,6 +84,8 @@ mod seeds {
     pub fn frames() -> Seeds {
         let mut error = Vec::new();
         encode_error(ErrorCode::UnknownService, "no service has id 9", &mut error);
+        let mut application = Vec::new();
+        encode_error(ErrorCode::Application(404), "no such key", &mut application);
         let mut truncated = frame(1, 0, 1, &[7; 100]);
         truncated.truncate(60);
         vec![
@@ -92,6 +94,8 @@ mod seeds {
             ("error-reply", stream(2032, &[frame(1, FLAG_ERROR, 1, &error)])),
             ("error-reply-short-body", stream(2032, &[frame(1, FLAG_ERROR, 1, &[3, 0])])),
             ("error-reply-bad-utf8", stream(2032, &[frame(1, FLAG_ERROR, 1, &[2, 0, 0, 0, 0xff, 0xc3])])),
+            ("error-reply-application-code", stream(2032, &[frame(1, FLAG_ERROR, 1, &application)])),
+            ("error-reply-application-short", stream(2032, &[frame(1, FLAG_ERROR, 1, &[6, 0, 0, 0, 1, 2])])),
             ("unknown-flags", stream(2032, &[frame(1, 0x8000, 1, b"x")])),
             ("over-the-maximum", stream(16, &[frame(1, 0, 1, &[0; 17])])),
             ("truncated-payload", stream(2032, &[truncated])),

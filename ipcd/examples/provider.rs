@@ -19,8 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&calls);
     let provider = Provider::builder()
-        .service("example.upper", |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()))
-        .service("example.count", move |_: &[u8]| {
+        .service("example.upper", |req| Ok::<_, ServiceError>(req.payload().to_ascii_uppercase()))
+        .service("example.count", move |_| {
             let n = counted.fetch_add(1, Ordering::Relaxed) + 1;
             Ok::<_, ServiceError>(n.to_le_bytes().to_vec())
         })

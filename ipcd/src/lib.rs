@@ -7,8 +7,19 @@
 //! travel through shared memory; the control connection only signals that
 //! the client is gone.
 //!
-//! Key types: [`Server`] (built by [`ServerBuilder`]), [`ShutdownHandle`],
-//! [`ServiceError`].
+//! Key types: [`Server`] (built by [`ServerBuilder`]), [`ShutdownHandle`];
+//! for handlers, [`Request`] (the call: its payload, its [`Caller`], its
+//! session and service), [`ServiceError`] (with an optional code the
+//! caller can match), and for calls answered later [`OwnedRequest`] and
+//! [`Responder`].
+//!
+//! A handler runs on the worker thread ([`ServerBuilder::service`],
+//! [`ServerBuilder::service_into`]: quick handlers, no hand-off, no
+//! allocation per call), on the handler threads
+//! ([`ServerBuilder::blocking_service`]: handlers that take their time,
+//! and hold up no one else meanwhile), or hands its call on with a
+//! responder that answers it later from any thread
+//! ([`ServerBuilder::deferred_service`]).
 //!
 //! The builder also sets who may connect ([`ServerBuilder::allow_uid`],
 //! [`ServerBuilder::allow_gid`]: checked against the credentials the kernel
@@ -30,10 +41,21 @@
 //! let server = Server::builder()
 //!     .socket("/tmp/my-ipcd.sock")
 //!     .workers(2)
-//!     .service("reverse", |req: &[u8]| {
-//!         let mut v = req.to_vec();
+//!     .service("reverse", |req| {
+//!         let mut v = req.payload().to_vec();
 //!         v.reverse();
 //!         Ok::<_, ServiceError>(v)
+//!     })
+//!     .service("mine", |req| match req.caller() {
+//!         Some(caller) if caller.uid == 1000 => Ok(b"yours".to_vec()),
+//!         _ => Err(ServiceError::with_code(403, "not yours")),
+//!     })
+//!     .blocking_service("file.read", |req| {
+//!         let path = std::str::from_utf8(req.payload()).map_err(|e| ServiceError::new(e.to_string()))?;
+//!         std::fs::read(path).map_err(|e| ServiceError::with_code(2, e.to_string()))
+//!     })
+//!     .deferred_service("later", |request, responder| {
+//!         std::thread::spawn(move || responder.reply(request.into_payload()));
 //!     })
 //!     .build()?;
 //! server.run()?; // until shutdown_handle().shutdown()
@@ -47,13 +69,16 @@ mod access;
 mod broker;
 mod control_conn;
 mod cooldown;
+mod deferred;
 mod engine;
 mod health;
 mod limits;
 mod pending;
 mod policy;
+mod pool;
 mod provider;
 mod registry;
+mod request;
 mod segment;
 mod server;
 mod service;
@@ -63,11 +88,14 @@ mod stats;
 mod stream_session;
 mod worker;
 
+pub use deferred::{Responder, MAX_OUTSTANDING_CALLS};
 pub use health::{Health, Stuck};
 pub use policy::{AccessRule, Allowed};
+pub use pool::DEFAULT_HANDLER_THREADS;
 pub use provider::{Provider, ProviderBuilder, ProviderError};
+pub use request::{Caller, OwnedRequest, Request};
 pub use server::{
     Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_UID,
     DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
-pub use service::{Handler, ServiceError};
+pub use service::ServiceError;

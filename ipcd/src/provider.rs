@@ -33,7 +33,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::control_conn::{ControlConn, Fds};
 use crate::engine::{Engine, SessionEvents};
 use crate::server::{ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
-use crate::service::{Handler, ServiceError, ServiceTable};
+use crate::service::{Handler, ServiceTable};
 use crate::session::{ClientWake, Session};
 use crate::stats::Stats;
 use crate::stream_session::Peer;
@@ -97,6 +97,7 @@ pub struct ProviderBuilder {
     max_ring_capacity: u32,
     max_sessions: usize,
     connect_timeout: Duration,
+    handler_threads: usize,
 }
 
 impl Default for ProviderBuilder {
@@ -111,6 +112,7 @@ impl Default for ProviderBuilder {
             max_ring_capacity: 16 << 20,
             max_sessions: 4096,
             connect_timeout: Duration::from_secs(5),
+            handler_threads: crate::pool::DEFAULT_HANDLER_THREADS,
         }
     }
 }
@@ -172,31 +174,7 @@ impl ProviderBuilder {
         self
     }
 
-    /// Adds a service whose handler returns its reply (as
-    /// [`crate::ServerBuilder::service`]).
-    pub fn service<F>(mut self, name: impl Into<String>, handler: F) -> Self
-    where
-        F: Fn(&[u8]) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
-    {
-        self.services.push((
-            name.into(),
-            Arc::new(move |request: &[u8], reply: &mut Vec<u8>| {
-                *reply = handler(request)?;
-                Ok(())
-            }),
-        ));
-        self
-    }
-
-    /// Adds a service whose handler writes its reply into a reused buffer
-    /// (as [`crate::ServerBuilder::service_into`]).
-    pub fn service_into<F>(mut self, name: impl Into<String>, handler: F) -> Self
-    where
-        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static,
-    {
-        self.services.push((name.into(), Arc::new(handler)));
-        self
-    }
+    crate::service::service_methods!();
 
     /// Connects to the daemon and registers the names: an error says why
     /// the daemon refused them (a name held by another live provider names
@@ -213,7 +191,10 @@ impl ProviderBuilder {
         if self.stall_timeout.is_zero() {
             return Err(ProviderError::Config("the stall timeout must be positive".into()));
         }
-        let mut services = ServiceTable::default();
+        if self.handler_threads == 0 {
+            return Err(ProviderError::Config("handler threads must be at least 1".into()));
+        }
+        let mut services = ServiceTable::new(self.handler_threads);
         for (name, handler) in self.services {
             check_name(&name).map_err(|e| ProviderError::Config(format!("service name {name:?}: {e}")))?;
             services.add(name, handler).map_err(ProviderError::Config)?;
@@ -557,9 +538,12 @@ fn open_session(local: u64, incoming: &Incoming, fds: Vec<OwnedFd>) -> Result<Se
     };
     // The provider's ends: it reads requests and writes replies.
     let Segment { request_consumer, response_producer, words, .. } = Segment::new(region, &layout);
-    Ok(Session::new(
+    // Calls to services the daemon did not grant this client are refused,
+    // each with an error for that call alone.
+    Ok(Session::brokered(
         local,
         incoming.caller,
+        &incoming.granted,
         mio::net::UnixStream::from_std(liveness),
         bell,
         wake,

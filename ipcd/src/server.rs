@@ -18,7 +18,8 @@ use crate::engine::Engine;
 use crate::health::Health;
 use crate::limits::Limits;
 use crate::policy::{AccessRule, Policy};
-use crate::service::{self, Handler, ServiceError, ServiceTable};
+use crate::request::Request;
+use crate::service::{self, Handler, ServiceTable};
 use crate::shared::{Config, Shared, Strikes};
 use crate::stats::Stats;
 
@@ -117,6 +118,7 @@ pub struct ServerBuilder {
     allow: AllowList,
     services: Vec<(String, Handler)>,
     access_rules: Vec<AccessRule>,
+    handler_threads: usize,
 }
 
 impl Default for ServerBuilder {
@@ -142,6 +144,7 @@ impl Default for ServerBuilder {
             allow: AllowList::default(),
             services: Vec::new(),
             access_rules: Vec::new(),
+            handler_threads: crate::pool::DEFAULT_HANDLER_THREADS,
         }
     }
 }
@@ -334,30 +337,7 @@ impl ServerBuilder {
         self
     }
 
-    /// Adds a service whose handler returns its reply.
-    pub fn service<F>(mut self, name: impl Into<String>, handler: F) -> Self
-    where
-        F: Fn(&[u8]) -> Result<Vec<u8>, ServiceError> + Send + Sync + 'static,
-    {
-        self.services.push((
-            name.into(),
-            Arc::new(move |request: &[u8], reply: &mut Vec<u8>| {
-                *reply = handler(request)?;
-                Ok(())
-            }),
-        ));
-        self
-    }
-
-    /// Adds a service whose handler writes its reply into a reused buffer
-    /// (no allocation per call if the handler makes none).
-    pub fn service_into<F>(mut self, name: impl Into<String>, handler: F) -> Self
-    where
-        F: Fn(&[u8], &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static,
-    {
-        self.services.push((name.into(), Arc::new(handler)));
-        self
-    }
+    crate::service::service_methods!();
 
     /// Validates the configuration and binds the control socket. The server
     /// accepts connections (they queue) from here on; [`Server::run`] serves
@@ -382,6 +362,9 @@ impl ServerBuilder {
         }
         if self.max_sessions_per_uid == 0 {
             return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
+        }
+        if self.handler_threads == 0 {
+            return Err(ServerError::Config("handler threads must be at least 1".into()));
         }
         let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
         let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
@@ -438,18 +421,17 @@ impl ServerBuilder {
             }
         };
         let stats = Arc::new(Stats::new(workers, self.max_pending_handshakes));
-        let mut services = ServiceTable::default();
+        let mut services = ServiceTable::new(self.handler_threads);
         let mut all = vec![
             ("echo".to_string(), service::echo()),
             ("ping".to_string(), service::ping()),
             ("stats".to_string(), {
                 let stats = Arc::clone(&stats);
                 let limits = Arc::clone(&limits);
-                let h: Handler = Arc::new(move |_: &[u8], reply: &mut Vec<u8>| {
+                Handler::Inline(Arc::new(move |_: &Request<'_>, reply: &mut Vec<u8>| {
                     *reply = stats.to_json(&limits);
                     Ok(())
-                });
-                h
+                }))
             }),
         ];
         if self.debug_services {
@@ -533,7 +515,7 @@ fn given_unix(listener: UnixListener, which: &'static str) -> Result<(PathBuf, O
 ///
 /// let server = Server::builder()
 ///     .socket("/tmp/example-ipcd.sock")
-///     .service("upper", |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()))
+///     .service("upper", |req| Ok::<_, ServiceError>(req.payload().to_ascii_uppercase()))
 ///     .build()?;
 /// let stop = server.shutdown_handle();
 /// std::thread::spawn(move || {
@@ -636,6 +618,7 @@ impl ShutdownHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ServiceError;
     use crate::Stuck;
     use ipc_client::{CallError, Client};
 
@@ -646,14 +629,15 @@ mod tests {
         let server = Server::builder()
             .socket(&socket)
             .workers(1)
-            .service("upper", |req: &[u8]| Ok(req.to_ascii_uppercase()))
-            .service("refuse", |_: &[u8]| Err(ServiceError::new("refused by policy")))
-            .service("explode", |_: &[u8]| -> Result<Vec<u8>, ServiceError> { panic!("handler bug") })
-            .service_into("len", |req: &[u8], out: &mut Vec<u8>| {
-                out.extend_from_slice(&(req.len() as u64).to_le_bytes());
+            .service("upper", |req| Ok(req.payload().to_ascii_uppercase()))
+            .service("refuse", |_| Err(ServiceError::new("refused by policy")))
+            .service("deny", |_| Err(ServiceError::with_code(403, "denied by policy")))
+            .service("explode", |_| -> Result<Vec<u8>, ServiceError> { panic!("handler bug") })
+            .service_into("len", |req, out| {
+                out.extend_from_slice(&(req.payload().len() as u64).to_le_bytes());
                 Ok(())
             })
-            .service("huge", |_: &[u8]| Ok(vec![0u8; 1 << 20]))
+            .service("huge", |_| Ok(vec![0u8; 1 << 20]))
             .build()
             .unwrap();
         let handle = server.shutdown_handle();
@@ -669,11 +653,17 @@ mod tests {
         assert_eq!(client.call(&upper, b"shout").unwrap(), b"SHOUT");
 
         let refuse = client.service("refuse").unwrap();
-        assert_eq!(client.call(&refuse, b"x"), Err(CallError::Remote { message: "refused by policy".into() }));
+        assert_eq!(
+            client.call(&refuse, b"x"),
+            Err(CallError::Remote { code: None, message: "refused by policy".into() })
+        );
+        let deny = client.service("deny").unwrap();
+        let denied = CallError::Remote { code: Some(403), message: "denied by policy".into() };
+        assert_eq!(client.call(&deny, b"x"), Err(denied));
 
         let explode = client.service("explode").unwrap();
         match client.call(&explode, b"x") {
-            Err(CallError::Remote { message }) => {
+            Err(CallError::Remote { code: None, message }) => {
                 assert!(message.contains("panicked"), "{message}")
             }
             other => panic!("expected a remote error, got {other:?}"),
@@ -681,7 +671,7 @@ mod tests {
 
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
-            Err(CallError::Remote { message }) => {
+            Err(CallError::Remote { code: None, message }) => {
                 assert!(message.contains("exceeds the negotiated maximum"), "{message}")
             }
             other => panic!("expected a too-large reply error, got {other:?}"),
@@ -771,7 +761,7 @@ mod tests {
         let server = Server::builder()
             .socket(&socket)
             .workers(1)
-            .service("block", move |_: &[u8]| {
+            .service("block", move |_: &Request<'_>| {
                 entered_tx.lock().unwrap().send(()).unwrap();
                 release_rx.lock().unwrap().recv().unwrap();
                 Ok(Vec::new())
@@ -819,7 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let result = Server::builder()
             .socket(dir.path().join("dup.sock"))
-            .service("echo", |req: &[u8]| Ok(req.to_vec()))
+            .service("echo", |req| Ok(req.payload().to_vec()))
             .build();
         assert!(matches!(result, Err(ServerError::Service(m)) if m.contains("twice")));
     }

@@ -14,15 +14,25 @@
 //! not stalled); the worker holds its start against the stall timeout. The
 //! waiting reply is kept on the heap in a buffer of at most the ring's
 //! maximum payload, which is what the session is charged for it.
+//!
+//! Calls handed off to deferred or blocking handlers are answered later,
+//! in any order (the client matches replies by id). Their answers reach
+//! the session through its worker ([`Session::complete`]) and go out at
+//! its next serve, ahead of new requests; one that does not fit waits as a
+//! reply from a handler does, and the rest queue behind it. A session with
+//! [`MAX_OUTSTANDING_CALLS`](crate::MAX_OUTSTANDING_CALLS) calls handed
+//! off takes no request until one is answered ([`Progress::Waiting`]):
+//! its client is not slow, so that is no stall.
 
 use std::time::Instant;
 
-use ipc_core::{Consumer, FrameHeader, Producer, PushError, SharedWords};
+use ipc_core::{Consumer, Credentials, FrameHeader, Producer, PushError, SharedWords};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
+use crate::deferred::{Completion, Outstanding, Slot};
 use crate::limits::Lease;
-use crate::service::{check_request, dispatch, ServiceTable, SHUTDOWN_REPLY_LEN};
-use crate::stats::WorkerCounters;
+use crate::request::SessionContext;
+use crate::service::{check_request, dispatch, Dispatched, Serving, SHUTDOWN_REPLY_LEN};
 
 /// How the daemon wakes this client.
 pub(crate) enum ClientWake {
@@ -62,6 +72,10 @@ pub(crate) enum Progress {
     /// The response ring is full and the client was told to ring the
     /// doorbell once it frees space.
     Stalled,
+    /// The session has as many calls handed off as it may (or, on a
+    /// stream whose client has stopped sending, any): it takes no request
+    /// until one is answered, and the answer schedules it. Not a stall.
+    Waiting,
 }
 
 /// Buffers a worker reuses across requests and sessions.
@@ -74,6 +88,13 @@ pub(crate) struct Scratch {
 pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) peer: PeerCredentials,
+    /// What its handlers see of it, and what it may call.
+    context: SessionContext,
+    /// Its place in its worker, for the answers of handed-off calls.
+    pub(crate) slot: Slot,
+    /// Calls handed off and not yet answered, and their answers waiting
+    /// for room.
+    outstanding: Outstanding,
     pub(crate) control: mio::net::UnixStream,
     /// Client to daemon doorbell; registered (edge-triggered) in the
     /// worker's poll and never read: see `ipc_platform::EventFd`.
@@ -95,6 +116,8 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// A session of the daemon's own, with the client whose credentials
+    /// the kernel reported for `control`: it may call every service.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
@@ -106,9 +129,52 @@ impl Session {
         responses: Producer,
         words: SharedWords,
     ) -> Session {
+        let context = SessionContext::new(id, Some(peer.into()));
+        Session::with_context(context, peer, control, bell, wake, requests, responses, words)
+    }
+
+    /// A session the daemon brokered to this process (a provider): `caller`
+    /// is the client as the daemon reported it (`Incoming.caller`), and
+    /// only the services `granted` names (`Incoming.granted`) may be
+    /// called; a call to another is answered `NotPermitted`. `control` is
+    /// this side's end of the liveness socket pair.
+    #[allow(clippy::too_many_arguments)]
+    // The provider builds its sessions with it, from the daemon's
+    // `Incoming`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn brokered(
+        id: u64,
+        caller: Credentials,
+        granted: &[u16],
+        control: mio::net::UnixStream,
+        bell: EventFd,
+        wake: ClientWake,
+        requests: Consumer,
+        responses: Producer,
+        words: SharedWords,
+    ) -> Session {
+        let context = SessionContext::brokered(id, caller.into(), granted);
+        Session::with_context(context, caller, control, bell, wake, requests, responses, words)
+    }
+
+    /// Every session is made here.
+    #[allow(clippy::too_many_arguments)]
+    fn with_context(
+        context: SessionContext,
+        peer: PeerCredentials,
+        control: mio::net::UnixStream,
+        bell: EventFd,
+        wake: ClientWake,
+        requests: Consumer,
+        responses: Producer,
+        words: SharedWords,
+    ) -> Session {
         Session {
-            id,
+            id: context.id,
             peer,
+            context,
+            slot: Slot::UNPLACED,
+            outstanding: Outstanding::default(),
             control,
             bell,
             wake,
@@ -133,27 +199,26 @@ impl Session {
         }
     }
 
-    /// Serves up to `budget` requests. With `shutting_down`, requests are
-    /// answered with a shutdown error instead of being executed. With
-    /// `park`, an empty request ring parks the session; without, it is left
-    /// [`Progress::Idle`].
+    /// Sends the answers of handed-off calls that came back, then serves
+    /// up to `budget` requests. While `with` is shutting down, requests
+    /// are answered with a shutdown error instead of being executed. With
+    /// `park`, an empty request ring parks the session; without, it is
+    /// left [`Progress::Idle`].
     pub(crate) fn serve(
         &mut self,
-        services: &ServiceTable,
-        counters: &WorkerCounters,
+        with: &Serving<'_>,
         scratch: &mut Scratch,
         budget: usize,
-        shutting_down: bool,
         park: bool,
     ) -> Result<Progress, String> {
-        let (mut served, mut errors) = (0u64, 0u64);
+        let mut tally = Tally::default();
         let result = match self.flush_pending() {
-            Ok(true) => self.serve_requests(services, scratch, budget, shutting_down, &mut served, &mut errors),
+            Ok(true) => self.serve_requests(with, scratch, budget, &mut tally),
             Ok(false) => Ok(Progress::Stalled),
             Err(e) => Err(e),
         };
         // Counted once per batch rather than per request.
-        counters.add_batch(served, errors);
+        with.counters.add(tally.taken, tally.answered, tally.errors);
         // Hand back what was read, then publish whatever was answered, even
         // when the batch ended in a violation (the error is reported after).
         // In that order: a client that sees a reply then sees its request's
@@ -183,14 +248,32 @@ impl Session {
         }
     }
 
-    /// Whether a reply waits for room in the response ring.
-    pub(crate) fn has_output(&self) -> bool {
-        self.pending.is_some()
+    /// Takes the answer to a call this session handed off, to go out at
+    /// its next serve (or flush). Returns false, dropping it, if it answers
+    /// no call outstanding here.
+    pub(crate) fn complete(&mut self, answer: Completion) -> bool {
+        self.outstanding.complete(answer)
     }
 
-    /// Pushes the reply that waits for room, if it fits now, publishes it,
-    /// and otherwise asks the client to ring when it frees space; takes no
-    /// request. For the drain of a graceful stop.
+    /// Whether calls handed off have not been answered yet.
+    pub(crate) fn has_calls(&self) -> bool {
+        self.outstanding.has_calls()
+    }
+
+    /// Answers the calls still being handled with an error (see
+    /// [`Outstanding::give_up`]); the next flush sends what fits.
+    pub(crate) fn give_up_calls(&mut self) {
+        self.outstanding.give_up();
+    }
+
+    /// Whether a reply waits for room in the response ring.
+    pub(crate) fn has_output(&self) -> bool {
+        self.pending.is_some() || self.outstanding.has_done()
+    }
+
+    /// Pushes the replies that wait for room, as far as they fit now,
+    /// publishes them, and otherwise asks the client to ring when it frees
+    /// space; takes no request. For the drain of a graceful stop.
     pub(crate) fn flush(&mut self) -> Result<(), String> {
         let flushed = self.flush_pending()?;
         if self.responses.publish() {
@@ -206,7 +289,8 @@ impl Session {
     /// Records in the segment that the daemon closes this session on
     /// purpose and executes nothing after the last request it took, then
     /// wakes the client so it reads that at once. Called once nothing more
-    /// will be taken, just before the session is dropped.
+    /// will be taken, and every request taken has been answered (or given
+    /// up on), just before the session is dropped.
     pub(crate) fn mark_closed(&self) {
         self.words.mark_closed(self.last_request_id);
         self.wake_client(self.responses.peer_waiter());
@@ -235,43 +319,66 @@ impl Session {
         self.requests.is_empty().map_or(true, |empty| !empty)
     }
 
-    /// Pushes the reply left over from a stall. Returns whether nothing is
-    /// pending any more.
+    /// Pushes the reply left over from a stall, then the answers of
+    /// handed-off calls, in order, as far as they fit; the first that does
+    /// not fit becomes the reply that waits. Returns whether nothing waits
+    /// any more.
     fn flush_pending(&mut self) -> Result<bool, String> {
-        let Some(pending) = self.pending.take() else { return Ok(true) };
-        let h = pending.header;
-        match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
-            Ok(()) => {
-                // The client freed space: withdraw the wait announcement.
-                self.responses.finish_wait_space();
-                Ok(true)
-            }
-            Err(PushError::Full) => {
-                let mut pending = pending;
-                let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
-                if released != pending.released {
-                    // Not enough room yet, but the client is reading: the
-                    // stall starts over.
-                    pending.released = released;
-                    pending.since = Instant::now();
+        if let Some(pending) = self.pending.take() {
+            let h = pending.header;
+            match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
+                Ok(()) => {
+                    // The client freed space: withdraw the wait announcement.
+                    self.responses.finish_wait_space();
                 }
-                self.pending = Some(pending);
-                Ok(false)
+                Err(PushError::Full) => {
+                    let mut pending = pending;
+                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
+                    if released != pending.released {
+                        // Not enough room yet, but the client is reading: the
+                        // stall starts over.
+                        pending.released = released;
+                        pending.since = Instant::now();
+                    }
+                    self.pending = Some(pending);
+                    return Ok(false);
+                }
+                Err(e) => return Err(format!("response ring: {e}")),
             }
-            Err(e) => Err(format!("response ring: {e}")),
         }
+        while let Some((h, body)) = self.outstanding.pop_done() {
+            match self.responses.try_push(h.service, h.flags, h.request_id, &body) {
+                Ok(()) => {}
+                Err(PushError::Full) => {
+                    // The rest queue behind it, in order; it is what the
+                    // stall waits on.
+                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
+                    self.pending = Some(PendingReply { header: h, body, since: Instant::now(), released });
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.outstanding.unpop_done((h, body));
+                    return Err(format!("response ring: {e}"));
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn serve_requests(
         &mut self,
-        services: &ServiceTable,
+        with: &Serving<'_>,
         scratch: &mut Scratch,
         budget: usize,
-        shutting_down: bool,
-        served: &mut u64,
-        errors: &mut u64,
+        tally: &mut Tally,
     ) -> Result<Progress, String> {
-        while (*served as usize) < budget {
+        while (tally.taken as usize) < budget {
+            // At the cap, nothing more is taken until a call is answered
+            // (whose answer schedules the session). A stop takes requests
+            // only to answer them, so the cap does not apply.
+            if !with.shutting_down && self.outstanding.is_full() {
+                return Ok(Progress::Waiting);
+            }
             let frame = match self.requests.try_peek().map_err(|e| format!("request ring: {e}"))? {
                 Some(frame) => frame,
                 None => return Ok(Progress::Parked),
@@ -280,7 +387,7 @@ impl Session {
             // fits now: a taken request's answer must reach the client
             // before the closed word says it was taken, and one left in the
             // ring is known not to have run.
-            if shutting_down
+            if with.shutting_down
                 && !self.responses.has_space_for(SHUTDOWN_REPLY_LEN).map_err(|e| format!("response ring: {e}"))?
             {
                 return Ok(Progress::Stalled);
@@ -290,9 +397,17 @@ impl Session {
             self.requests.read_payload(&frame, &mut scratch.request);
             self.requests.consume(&frame);
             let max = self.responses.max_payload() as usize;
-            let flags = dispatch(services, &header, &scratch.request, &mut scratch.reply, max, shutting_down, self.id);
-            *errors += u64::from(flags != 0);
-            *served += 1;
+            tally.taken += 1;
+            let request = &scratch.request;
+            let flags = match dispatch(with, &self.context, self.slot, &header, request, &mut scratch.reply, max) {
+                Dispatched::Replied(flags) => flags,
+                Dispatched::Deferred => {
+                    self.outstanding.add(header.request_id, header.service);
+                    continue;
+                }
+            };
+            tally.answered += 1;
+            tally.errors += u64::from(flags != 0);
             match self.responses.try_push(header.service, flags, header.request_id, &scratch.reply) {
                 Ok(()) => {}
                 Err(PushError::Full) => {
@@ -317,23 +432,111 @@ impl Session {
     }
 }
 
+/// What one serve did, counted once for the batch.
+#[derive(Default)]
+pub(crate) struct Tally {
+    /// Requests taken.
+    pub(crate) taken: u64,
+    /// Requests answered here (not handed off).
+    pub(crate) answered: u64,
+    /// Of those, answered with an error.
+    pub(crate) errors: u64,
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::deferred::{Completions, Responder, MAX_OUTSTANDING_CALLS};
+    use crate::request::{OwnedRequest, Request};
+    use crate::service::{Handler, ServiceError, ServiceTable};
     use crate::stats::WorkerCounters;
-    use ipc_core::{HeapMemory, Region, Segment, SegmentLayout};
+    use ipc_core::{decode_error, ErrorCode, HeapMemory, Region, Segment, SegmentLayout};
     use std::sync::atomic::Ordering;
-    use std::sync::Arc;
+    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::{Arc, Mutex};
+
+    /// An inline handler.
+    fn inline(f: impl Fn(&Request<'_>, &mut Vec<u8>) -> Result<(), ServiceError> + Send + Sync + 'static) -> Handler {
+        Handler::Inline(Arc::new(f))
+    }
+
+    /// A deferred handler that hands each call to the test, in order.
+    pub(crate) fn deferred() -> (Handler, Receiver<(OwnedRequest, Responder)>) {
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let handler = move |request, responder| tx.lock().unwrap().send((request, responder)).unwrap();
+        (Handler::Deferred(Arc::new(handler)), rx)
+    }
+
+    /// What a worker lends its sessions, and the end its answers arrive
+    /// at.
+    pub(crate) struct Rig {
+        services: ServiceTable,
+        counters: WorkerCounters,
+        completions: Completions,
+        pub(crate) answers: Receiver<Completion>,
+        _poll: mio::Poll,
+        scratch: Scratch,
+    }
+
+    impl Rig {
+        pub(crate) fn new(services: ServiceTable) -> Rig {
+            let (completions, answers, poll) = crate::deferred::tests::completions();
+            Rig {
+                services,
+                counters: WorkerCounters::default(),
+                completions,
+                answers,
+                _poll: poll,
+                scratch: Scratch::default(),
+            }
+        }
+
+        fn serve_with(
+            &mut self,
+            session: &mut Session,
+            budget: usize,
+            shutting_down: bool,
+        ) -> Result<Progress, String> {
+            let with = Serving {
+                services: &self.services,
+                counters: &self.counters,
+                completions: &self.completions,
+                shutting_down,
+            };
+            session.serve(&with, &mut self.scratch, budget, true)
+        }
+
+        pub(crate) fn serve(&mut self, session: &mut Session) -> Progress {
+            self.serve_with(session, usize::MAX, false).unwrap()
+        }
+
+        /// Hands the answers that came back to `session`, as its worker
+        /// does; returns how many it took.
+        fn deliver(&mut self, session: &mut Session) -> usize {
+            let slot = session.slot;
+            self.answers.try_iter().filter(|a| a.slot == slot).map(|a| session.complete(a)).filter(|&t| t).count()
+        }
+    }
 
     /// A session over heap memory, with the client's ring ends beside it.
-    fn new_session() -> (Session, Producer, Consumer) {
+    pub(crate) fn new_session() -> (Session, Producer, Consumer) {
+        session_with(|control, bell, wake, requests, responses, words| {
+            let peer = PeerCredentials { pid: 1, uid: 0, gid: 0 };
+            Session::new(1, peer, control, bell, wake, requests, responses, words)
+        })
+    }
+
+    type Parts = (mio::net::UnixStream, EventFd, ClientWake, Consumer, Producer, SharedWords);
+
+    fn session_with(
+        make: impl FnOnce(mio::net::UnixStream, EventFd, ClientWake, Consumer, Producer, SharedWords) -> Session,
+    ) -> (Session, Producer, Consumer) {
         let layout = SegmentLayout::new(4096).unwrap();
         let region = Region::new(HeapMemory::new(layout.segment_size()));
         let (control, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let segment = Segment::new(region, &layout);
-        let session = Session::new(
-            1,
-            PeerCredentials { pid: 1, uid: 0, gid: 0 },
+        let parts: Parts = (
             mio::net::UnixStream::from_std(control),
             EventFd::new().unwrap(),
             ClientWake::Pollable(SocketBell::pair().unwrap().0),
@@ -341,7 +544,20 @@ mod tests {
             segment.response_producer,
             segment.words,
         );
+        let mut session = make(parts.0, parts.1, parts.2, parts.3, parts.4, parts.5);
+        session.slot = Slot { key: 0, serial: 1 };
         (session, segment.request_producer, segment.response_consumer)
+    }
+
+    /// Every reply in the response ring: id, flags and body.
+    fn replies(rx: &mut Consumer) -> Vec<(u64, u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut body = Vec::new();
+        while let Some(h) = rx.try_pop(&mut body).unwrap() {
+            out.push((h.request_id, h.flags, body.clone()));
+        }
+        rx.release();
+        out
     }
 
     #[test]
@@ -351,17 +567,16 @@ mod tests {
         services
             .add(
                 "big".into(),
-                Arc::new(|req: &[u8], out: &mut Vec<u8>| {
+                inline(|req, out| {
                     for _ in 0..25 {
-                        out.extend_from_slice(req);
+                        out.extend_from_slice(req.payload());
                     }
                     Ok(())
                 }),
             )
             .unwrap();
+        let mut rig = Rig::new(services);
         let (mut session, mut tx, mut rx) = new_session();
-        let counters = WorkerCounters::default();
-        let mut scratch = Scratch::default();
         const N: u64 = 100;
         for id in 1..=N {
             tx.try_push(0, 0, id, &id.to_le_bytes()).unwrap();
@@ -372,7 +587,7 @@ mod tests {
         let mut reply = Vec::new();
         let mut stalls = 0;
         while next <= N {
-            match session.serve(&services, &counters, &mut scratch, usize::MAX, false, true).unwrap() {
+            match rig.serve(&mut session) {
                 Progress::Stalled => {
                     assert!(session.stalled_since().is_some(), "a stalled session says since when");
                     stalls += 1
@@ -394,8 +609,8 @@ mod tests {
             }
         }
         assert!(stalls > 0, "the test must exercise the stall path");
-        assert_eq!(counters.requests.load(Ordering::Relaxed), N);
-        assert_eq!(counters.replies.load(Ordering::Relaxed), N);
+        assert_eq!(rig.counters.requests.load(Ordering::Relaxed), N);
+        assert_eq!(rig.counters.replies.load(Ordering::Relaxed), N);
     }
 
     #[test]
@@ -406,16 +621,16 @@ mod tests {
         services
             .add(
                 "sized".into(),
-                Arc::new(|req: &[u8], out: &mut Vec<u8>| {
+                inline(|req, out| {
+                    let req = req.payload();
                     out.reserve(1 << 20);
                     out.resize(usize::from(u16::from_le_bytes([req[0], req[1]])), 0xAB);
                     Ok(())
                 }),
             )
             .unwrap();
+        let mut rig = Rig::new(services);
         let (mut session, mut tx, mut rx) = new_session();
-        let counters = WorkerCounters::default();
-        let mut scratch = Scratch::default();
         let max = session.responses.max_payload() as usize;
         // 30 replies of 120 bytes fill 3600 of the 4096 bytes; the next
         // reply, of 2016, waits until the client has read five of them.
@@ -424,16 +639,14 @@ mod tests {
             tx.try_push(0, 0, id, &len.to_le_bytes()).unwrap();
         }
         tx.publish();
-        let mut serve =
-            |session: &mut Session| session.serve(&services, &counters, &mut scratch, usize::MAX, false, true).unwrap();
-        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(rig.serve(&mut session), Progress::Stalled);
         let first = session.stalled_since().expect("stalled");
         let waiting = session.pending.as_ref().unwrap();
         assert_eq!(waiting.body.len(), 2000);
         assert!(waiting.body.capacity() <= max, "a waiting reply holds {} bytes", waiting.body.capacity());
 
         // Serving again while the client reads nothing keeps the start.
-        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(rig.serve(&mut session), Progress::Stalled);
         assert_eq!(session.stalled_since(), Some(first));
 
         // The client reads one reply: not room enough, but progress.
@@ -441,10 +654,10 @@ mod tests {
         let mut reply = Vec::new();
         assert_eq!(rx.try_pop(&mut reply).unwrap().unwrap().request_id, 1);
         rx.release();
-        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(rig.serve(&mut session), Progress::Stalled);
         let second = session.stalled_since().expect("still stalled");
         assert!(second > first, "the stall did not start over when the client freed space");
-        assert_eq!(serve(&mut session), Progress::Stalled);
+        assert_eq!(rig.serve(&mut session), Progress::Stalled);
         assert_eq!(session.stalled_since(), Some(second), "no progress since, so no new start");
 
         // Reading on makes room, and the waiting reply goes out.
@@ -455,7 +668,7 @@ mod tests {
             next += 1;
         }
         rx.release();
-        assert_eq!(serve(&mut session), Progress::Parked);
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
         assert_eq!(session.stalled_since(), None);
         let h = rx.try_pop(&mut reply).unwrap().unwrap();
         assert_eq!((h.request_id, reply.len()), (31, 2000));
@@ -463,37 +676,318 @@ mod tests {
 
     #[test]
     fn request_with_response_flags_or_repeated_id_is_a_violation() {
-        let services = ServiceTable::default();
-        let counters = WorkerCounters::default();
-        let mut scratch = Scratch::default();
+        let mut rig = Rig::new(ServiceTable::default());
 
         let (mut session, mut tx, _rx) = new_session();
         tx.try_push(0, ipc_core::FLAG_ERROR, 1, b"x").unwrap();
         tx.publish();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false, true).unwrap_err();
+        let err = rig.serve_with(&mut session, 64, false).unwrap_err();
         assert!(err.contains("response flags"), "{err}");
 
         let (mut session, mut tx, _rx) = new_session();
         tx.try_push(0, 0, 5, b"x").unwrap();
         tx.try_push(0, 0, 5, b"y").unwrap();
         tx.publish();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false, true).unwrap_err();
+        let err = rig.serve_with(&mut session, 64, false).unwrap_err();
         assert!(err.contains("not above the previous 5"), "{err}");
     }
 
     #[test]
     fn shutdown_answers_without_running_the_handler() {
         let mut services = ServiceTable::default();
-        services.add("never".into(), Arc::new(|_: &[u8], _: &mut Vec<u8>| panic!("must not run"))).unwrap();
-        let counters = WorkerCounters::default();
-        let mut scratch = Scratch::default();
+        services.add("never".into(), inline(|_, _| panic!("must not run"))).unwrap();
+        let (handler, handed) = deferred();
+        services.add("never-deferred".into(), handler).unwrap();
+        let mut rig = Rig::new(services);
         let (mut session, mut tx, mut rx) = new_session();
         tx.try_push(0, 0, 1, b"x").unwrap();
+        tx.try_push(1, 0, 2, b"x").unwrap();
         tx.publish();
-        session.serve(&services, &counters, &mut scratch, 64, true, true).unwrap();
-        let mut body = Vec::new();
-        let h = rx.try_pop(&mut body).unwrap().unwrap();
-        assert!(h.is_error());
-        assert_eq!(ipc_core::decode_error(&body).0, ipc_core::ErrorCode::Shutdown);
+        rig.serve_with(&mut session, 64, true).unwrap();
+        let got = replies(&mut rx);
+        assert_eq!(got.len(), 2);
+        for (_, flags, body) in got {
+            assert_eq!(flags, ipc_core::FLAG_ERROR);
+            assert_eq!(decode_error(&body).0, ErrorCode::Shutdown);
+        }
+        assert!(handed.try_recv().is_err(), "a deferred handler ran while shutting down");
+    }
+
+    #[test]
+    fn handlers_see_the_caller_the_session_and_the_service() {
+        let mut services = ServiceTable::default();
+        services.add("first".into(), inline(|_, _| Ok(()))).unwrap();
+        services
+            .add(
+                "whoami".into(),
+                inline(|req, out| {
+                    let caller = req.caller().expect("a Unix session has a caller");
+                    let said = format!(
+                        "{} {} {} {} {} {}",
+                        caller.pid,
+                        caller.uid,
+                        caller.gid,
+                        req.session(),
+                        req.service(),
+                        req.id()
+                    );
+                    out.extend_from_slice(said.as_bytes());
+                    Ok(())
+                }),
+            )
+            .unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = session_with(|control, bell, wake, requests, responses, words| {
+            let peer = PeerCredentials { pid: 4242, uid: 1000, gid: 100 };
+            Session::new(77, peer, control, bell, wake, requests, responses, words)
+        });
+        tx.try_push(1, 0, 9, b"").unwrap();
+        tx.publish();
+        rig.serve(&mut session);
+        assert_eq!(replies(&mut rx), [(9, 0, b"4242 1000 100 77 whoami 9".to_vec())]);
+    }
+
+    #[test]
+    fn a_brokered_session_calls_only_the_services_it_was_granted() {
+        let mut services = ServiceTable::default();
+        services.add("echo".into(), crate::service::echo()).unwrap();
+        services.add("granted".into(), crate::service::echo()).unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = session_with(|control, bell, wake, requests, responses, words| {
+            let caller = Credentials { pid: 5, uid: 1001, gid: 1001 };
+            Session::brokered(8, caller, &[1], control, bell, wake, requests, responses, words)
+        });
+        // Not granted, granted, not granted (and not even a service), then
+        // granted again: each refusal is that call's alone.
+        for (id, service) in [(1, 0), (2, 1), (3, 9), (4, 1)] {
+            tx.try_push(service, 0, id, b"hi").unwrap();
+        }
+        tx.publish();
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        let got = replies(&mut rx);
+        let outcomes: Vec<(u64, Result<Vec<u8>, ErrorCode>)> = got
+            .into_iter()
+            .map(|(id, flags, body)| (id, if flags == 0 { Ok(body) } else { Err(decode_error(&body).0) }))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                (1, Err(ErrorCode::NotPermitted)),
+                (2, Ok(b"hi".to_vec())),
+                (3, Err(ErrorCode::NotPermitted)),
+                (4, Ok(b"hi".to_vec())),
+            ]
+        );
+    }
+
+    #[test]
+    fn deferred_calls_are_answered_in_the_order_their_answers_come() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = deferred();
+        services.add("later".into(), handler).unwrap();
+        services.add("echo".into(), crate::service::echo()).unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = new_session();
+        for id in 1..=3 {
+            tx.try_push(0, 0, id, &[id as u8]).unwrap();
+        }
+        // An inline call behind them is answered at once.
+        tx.try_push(1, 0, 4, b"now").unwrap();
+        tx.publish();
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        assert_eq!(replies(&mut rx), [(4, 0, b"now".to_vec())]);
+        let mut calls: Vec<(OwnedRequest, Responder)> = handed.try_iter().collect();
+        assert_eq!(calls.iter().map(|(r, _)| r.id()).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(session.has_calls());
+
+        // The third is answered first, from another thread; then the first.
+        let (third, responder) = calls.pop().unwrap();
+        std::thread::spawn(move || responder.reply(third.into_payload())).join().unwrap();
+        let (_, responder) = calls.remove(0);
+        responder.fail(ServiceError::with_code(7, "first fails"));
+        assert_eq!(rig.deliver(&mut session), 2);
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        let got = replies(&mut rx);
+        assert_eq!(got[0], (3, 0, vec![3]));
+        assert_eq!((got[1].0, got[1].1), (1, ipc_core::FLAG_ERROR));
+        assert_eq!(decode_error(&got[1].2), (ErrorCode::Application(7), "first fails".to_string()));
+        // The second's responder, dropped, answers it too.
+        drop(calls);
+        assert_eq!(rig.deliver(&mut session), 1);
+        rig.serve(&mut session);
+        let got = replies(&mut rx);
+        assert_eq!((got[0].0, decode_error(&got[0].2).0), (2, ErrorCode::NoReply));
+        assert!(!session.has_calls() && !session.has_output());
+        assert_eq!(rig.counters.requests.load(Ordering::Relaxed), 4);
+        // Answers are counted as the worker takes them, not here.
+        assert_eq!(rig.counters.replies.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn at_the_cap_a_session_takes_no_request_and_is_not_stalled() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = deferred();
+        services.add("later".into(), handler).unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = new_session();
+        let over = MAX_OUTSTANDING_CALLS as u64 + 2;
+        for id in 1..=over {
+            tx.try_push(0, 0, id, b"").unwrap();
+        }
+        tx.publish();
+        assert_eq!(rig.serve(&mut session), Progress::Waiting);
+        let mut calls: Vec<(OwnedRequest, Responder)> = handed.try_iter().collect();
+        assert_eq!(calls.len(), MAX_OUTSTANDING_CALLS);
+        assert!(session.has_requests(), "the requests past the cap stay in the ring");
+        assert_eq!(session.stalled_since(), None, "waiting for handlers is no stall of the client");
+        // Serving again takes nothing more.
+        assert_eq!(rig.serve(&mut session), Progress::Waiting);
+        assert!(handed.try_recv().is_err());
+
+        // One answer makes room for one more call.
+        let (first, responder) = calls.remove(0);
+        assert_eq!(first.id(), 1);
+        responder.reply(Vec::new());
+        assert_eq!(rig.deliver(&mut session), 1);
+        assert_eq!(rig.serve(&mut session), Progress::Waiting);
+        assert_eq!(replies(&mut rx).iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
+        let next: Vec<u64> = handed
+            .try_iter()
+            .map(|(r, responder)| {
+                calls.push((r.clone(), responder));
+                r.id()
+            })
+            .collect();
+        assert_eq!(next, [MAX_OUTSTANDING_CALLS as u64 + 1]);
+
+        // Answering all lets the last in, and the ring runs empty.
+        for (_, responder) in calls.drain(..) {
+            responder.reply(Vec::new());
+        }
+        rig.deliver(&mut session);
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        let (_, last) = handed.try_recv().expect("the last call");
+        last.reply(Vec::new());
+        rig.deliver(&mut session);
+        rig.serve(&mut session);
+        let mut ids: Vec<u64> = replies(&mut rx).iter().map(|r| r.0).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (2..=over).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn answers_that_find_the_ring_full_wait_in_order_and_stall_the_session() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = deferred();
+        services.add("later".into(), handler).unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = new_session();
+        for id in 1..=4 {
+            tx.try_push(0, 0, id, b"").unwrap();
+        }
+        tx.publish();
+        rig.serve(&mut session);
+        // Answers of 1,200 bytes: three fit the 4 KiB ring, the fourth waits.
+        for (request, responder) in handed.try_iter() {
+            responder.reply(vec![request.id() as u8; 1200]);
+        }
+        assert_eq!(rig.deliver(&mut session), 4);
+        assert_eq!(rig.serve(&mut session), Progress::Stalled);
+        assert!(session.stalled_since().is_some());
+        assert!(session.has_output());
+        let first = replies(&mut rx);
+        assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        assert_eq!(replies(&mut rx), [(4, 0, vec![4; 1200])]);
+        assert_eq!(session.stalled_since(), None);
+    }
+
+    #[test]
+    fn a_stop_answers_calls_still_running_before_the_closed_word() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = deferred();
+        services.add("later".into(), handler).unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = new_session();
+        tx.try_push(0, 0, 1, b"").unwrap();
+        tx.try_push(0, 0, 2, b"").unwrap();
+        tx.publish();
+        rig.serve(&mut session);
+        let mut calls: Vec<(OwnedRequest, Responder)> = handed.try_iter().collect();
+        // The stop: a request that comes now is answered `Shutdown`.
+        tx.try_push(0, 0, 3, b"").unwrap();
+        tx.publish();
+        rig.serve_with(&mut session, usize::MAX, true).unwrap();
+        // The first call is answered during the drain.
+        calls.remove(0).1.reply(b"in time".to_vec());
+        rig.deliver(&mut session);
+        session.flush().unwrap();
+        assert!(session.has_calls(), "the second is still running");
+        // The drain gives up on the second.
+        session.give_up_calls();
+        session.flush().unwrap();
+        session.mark_closed();
+        let got = replies(&mut rx);
+        let outcomes: Vec<(u64, Result<Vec<u8>, ErrorCode>)> = got
+            .into_iter()
+            .map(|(id, flags, body)| (id, if flags == 0 { Ok(body) } else { Err(decode_error(&body).0) }))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [(3, Err(ErrorCode::Shutdown)), (1, Ok(b"in time".to_vec())), (2, Err(ErrorCode::Unfinished))]
+        );
+        assert_eq!(session.words.closed_after(), Some(3));
+        // Its own answer, late, finds the call gone.
+        calls.remove(0).1.reply(b"too late".to_vec());
+        assert_eq!(rig.deliver(&mut session), 0);
+    }
+
+    #[test]
+    fn blocking_handlers_run_on_the_handler_threads() {
+        let mut services = ServiceTable::new(2);
+        let (release_tx, release) = channel::<()>();
+        let release = Mutex::new(release);
+        services
+            .add(
+                "slow".into(),
+                Handler::Blocking(Arc::new(move |req: &Request<'_>| {
+                    release.lock().unwrap().recv().unwrap();
+                    Ok(req.payload().to_vec())
+                })),
+            )
+            .unwrap();
+        services
+            .add("fails".into(), Handler::Blocking(Arc::new(|_: &Request<'_>| Err(ServiceError::with_code(5, "no")))))
+            .unwrap();
+        services
+            .add(
+                "panics".into(),
+                Handler::Blocking(Arc::new(|_: &Request<'_>| -> Result<Vec<u8>, ServiceError> { panic!("bug") })),
+            )
+            .unwrap();
+        services.start_pool().unwrap();
+        let mut rig = Rig::new(services);
+        let (mut session, mut tx, mut rx) = new_session();
+        tx.try_push(0, 0, 1, b"slow").unwrap();
+        tx.try_push(1, 0, 2, b"").unwrap();
+        tx.try_push(2, 0, 3, b"").unwrap();
+        tx.publish();
+        // The serve returns with the slow call still blocked on a thread.
+        assert_eq!(rig.serve(&mut session), Progress::Parked);
+        let wait = |rig: &mut Rig| rig.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer");
+        let mut answers = vec![wait(&mut rig), wait(&mut rig)];
+        release_tx.send(()).unwrap();
+        answers.push(wait(&mut rig));
+        for answer in answers {
+            assert!(session.complete(answer));
+        }
+        rig.serve(&mut session);
+        let got = replies(&mut rx);
+        assert_eq!(got.last().unwrap(), &(1, 0, b"slow".to_vec()), "the slow call is answered last");
+        let mut errors: Vec<(u64, ErrorCode)> =
+            got[..2].iter().map(|(id, _, body)| (*id, decode_error(body).0)).collect();
+        errors.sort_unstable_by_key(|e| e.0);
+        assert_eq!(errors, [(2, ErrorCode::Application(5)), (3, ErrorCode::HandlerPanicked)]);
+        rig.services.stop_pool();
     }
 }

@@ -92,11 +92,12 @@ impl WorkerCounters {
         self.turns.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a served batch: `served` requests answered, `errors` of them
-    /// with an error reply. Once per batch, not per request.
-    pub(crate) fn add_batch(&self, served: u64, errors: u64) {
-        self.requests.fetch_add(served, Ordering::Relaxed);
-        self.replies.fetch_add(served, Ordering::Relaxed);
+    /// Counts a served batch (once per batch, not per request): `requests`
+    /// taken, `replies` answered (those answered at once, or the answers of
+    /// handed-off calls), `errors` of the replies with an error.
+    pub(crate) fn add(&self, requests: u64, replies: u64, errors: u64) {
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+        self.replies.fetch_add(replies, Ordering::Relaxed);
         self.errors.fetch_add(errors, Ordering::Relaxed);
     }
 }

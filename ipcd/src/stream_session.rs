@@ -18,6 +18,18 @@
 //! but not yet compacted away (the output is compacted once the sent part
 //! is as large as the unsent one, so each byte is copied at most once), and
 //! the closing frame.
+//!
+//! Calls handed off to deferred or blocking handlers are answered later,
+//! in any order; their answers join the output at the next serve, ahead of
+//! new requests, while the output is within its bound, and queue in the
+//! session otherwise (at most
+//! [`MAX_OUTSTANDING_CALLS`](crate::MAX_OUTSTANDING_CALLS) of them: at that
+//! many calls handed off, the session reads no request until one is
+//! answered). A client on a Unix socket that stops sending with calls
+//! outstanding gets their answers before the session ends; one that hangs
+//! up altogether does not wait for them. TCP cannot tell the two apart
+//! (a FIN is both), so there the end of a client's input ends the session
+//! without waiting for calls still running.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -29,10 +41,11 @@ use ipc_platform::PeerCredentials;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
+use crate::deferred::{Completion, Outstanding, Slot};
 use crate::limits::Lease;
-use crate::service::{check_request, dispatch, ServiceTable};
-use crate::session::{Progress, Scratch};
-use crate::stats::WorkerCounters;
+use crate::request::SessionContext;
+use crate::service::{check_request, dispatch, Dispatched, Serving};
+use crate::session::{Progress, Scratch, Tally};
 
 /// Read-ahead beyond one maximum frame.
 const READ_AHEAD: usize = 64 * 1024;
@@ -167,6 +180,13 @@ impl fmt::Display for Peer {
 pub(crate) struct StreamSession {
     pub(crate) id: u64,
     pub(crate) peer: Peer,
+    /// What its handlers see of it.
+    context: SessionContext,
+    /// Its place in its worker, for the answers of handed-off calls.
+    pub(crate) slot: Slot,
+    /// Calls handed off and not yet answered, and their answers waiting
+    /// for room in the output.
+    outstanding: Outstanding,
     pub(crate) stream: Stream,
     max_payload: usize,
     /// Received bytes are `input[start..end]`; the vector grows up to one
@@ -184,7 +204,8 @@ pub(crate) struct StreamSession {
     /// The poll reported the hang-up: read until end of input even after a
     /// short read (with an edge-triggered poll no second event comes).
     pub(crate) hangup_seen: bool,
-    /// The client can no longer receive (EPIPE, ECONNRESET): end now.
+    /// The client can no longer receive (EPIPE, ECONNRESET, or the poll
+    /// reported its end closed both ways): end now.
     peer_gone: bool,
     /// The daemon closes the session on purpose: once the output is out,
     /// the sending side is shut, and the socket is closed when the client
@@ -192,6 +213,9 @@ pub(crate) struct StreamSession {
     /// input resets the connection, and a TCP reset can cost the client the
     /// last frames it has not read yet.
     closing: bool,
+    /// The closing frame is in the output: it goes after the answers of
+    /// every call taken, so only once none is outstanding.
+    closing_frame: bool,
     /// The sending side is shut (after the closing frame).
     write_shut: bool,
     /// Since when the session has waited, stalled, for the client to take
@@ -205,9 +229,16 @@ pub(crate) struct StreamSession {
 
 impl StreamSession {
     pub(crate) fn new(id: u64, peer: Peer, stream: Stream, max_payload: usize) -> StreamSession {
+        let caller = match peer {
+            Peer::Unix(cred) => Some(cred.into()),
+            Peer::Tcp(_) => None,
+        };
         StreamSession {
             id,
             peer,
+            context: SessionContext::new(id, caller),
+            slot: Slot::UNPLACED,
+            outstanding: Outstanding::default(),
             stream,
             max_payload,
             input: Vec::new(),
@@ -220,6 +251,7 @@ impl StreamSession {
             hangup_seen: false,
             peer_gone: false,
             closing: false,
+            closing_frame: false,
             write_shut: false,
             stalled_since: None,
             queued: false,
@@ -343,27 +375,66 @@ impl StreamSession {
         Ok(Some(header))
     }
 
-    /// Reads, serves up to `budget` requests and sends the replies.
+    /// Takes the answer to a call this session handed off, to go out at
+    /// its next serve (or flush). Returns false, dropping it, if it answers
+    /// no call outstanding here.
+    pub(crate) fn complete(&mut self, answer: Completion) -> bool {
+        self.outstanding.complete(answer)
+    }
+
+    /// Whether calls handed off have not been answered yet.
+    pub(crate) fn has_calls(&self) -> bool {
+        self.outstanding.has_calls()
+    }
+
+    /// Answers the calls still being handled with an error (see
+    /// [`Outstanding::give_up`]); the next flush sends what fits.
+    pub(crate) fn give_up_calls(&mut self) {
+        self.outstanding.give_up();
+    }
+
+    /// The poll says the client's end is closed both ways: nothing sent
+    /// reaches it any more, so the session ends without waiting for the
+    /// answers of calls outstanding.
+    pub(crate) fn hung_up(&mut self) {
+        self.peer_gone = true;
+    }
+
+    /// Moves the answers of handed-off calls into the output while it is
+    /// within its bound (each append may pass it by one frame, as a
+    /// handler's reply may).
+    fn flush_answers(&mut self) {
+        while self.pending_output() <= self.output_limit() {
+            let Some((header, body)) = self.outstanding.pop_done() else { break };
+            self.push_output(&header.encode());
+            self.push_output(&body);
+        }
+    }
+
+    /// Reads, serves up to `budget` requests and sends the replies, with
+    /// the answers of handed-off calls that came back.
     pub(crate) fn serve(
         &mut self,
-        services: &ServiceTable,
-        counters: &WorkerCounters,
+        with: &Serving<'_>,
         scratch: &mut Scratch,
         budget: usize,
-        shutting_down: bool,
     ) -> Result<Progress, String> {
         self.send()?;
         if self.peer_gone {
             return Ok(Progress::Closed);
         }
-        let (mut served, mut errors) = (0u64, 0u64);
+        self.flush_answers();
+        let mut tally = Tally::default();
         let mut more_to_read = true;
         let result = loop {
             if self.pending_output() > self.output_limit() {
                 break Ok(Progress::Stalled);
             }
-            if served as usize >= budget {
+            if tally.taken as usize >= budget {
                 break Ok(Progress::Busy);
+            }
+            if !with.shutting_down && self.outstanding.is_full() {
+                break Ok(Progress::Waiting);
             }
             let header = match self.next_request() {
                 Ok(Some(h)) => h,
@@ -374,24 +445,42 @@ impl StreamSession {
                     }
                     Err(e) => break Err(e),
                 },
-                // Closed once every reply is out; until then, wait to write.
-                Ok(None) if self.read_closed && self.pending_output() == 0 => break Ok(Progress::Closed),
-                Ok(None) if self.read_closed => break Ok(Progress::Stalled),
+                // Closed once every reply is out; until then, wait to write,
+                // or for the answers of calls outstanding.
+                Ok(None) if self.read_closed && self.pending_output() > 0 => break Ok(Progress::Stalled),
+                // A Unix socket tells a client that only stopped sending
+                // (it may still read) from one that hung up (the poll's
+                // `hung_up`); TCP does not, so there the end of its input
+                // ends the session rather than hold it for answers that
+                // may find no one.
+                Ok(None) if self.read_closed && !self.outstanding.is_empty() => match self.stream {
+                    Stream::Unix(_) => break Ok(Progress::Waiting),
+                    Stream::Tcp(_) => break Ok(Progress::Closed),
+                },
+                Ok(None) if self.read_closed => break Ok(Progress::Closed),
                 Ok(None) => break Ok(Progress::Parked),
                 Err(e) => break Err(e),
             };
             let body = self.start + HEADER_LEN;
             let request = &self.input[body..body + header.len as usize];
-            let flags =
-                dispatch(services, &header, request, &mut scratch.reply, self.max_payload, shutting_down, self.id);
+            let dispatched =
+                dispatch(with, &self.context, self.slot, &header, request, &mut scratch.reply, self.max_payload);
             self.start = body + header.len as usize;
+            tally.taken += 1;
+            let flags = match dispatched {
+                Dispatched::Replied(flags) => flags,
+                Dispatched::Deferred => {
+                    self.outstanding.add(header.request_id, header.service);
+                    continue;
+                }
+            };
             let reply = FrameHeader { len: scratch.reply.len() as u32, flags, ..header };
             self.push_output(&reply.encode());
             self.push_output(&scratch.reply);
-            served += 1;
-            errors += u64::from(flags != 0);
+            tally.answered += 1;
+            tally.errors += u64::from(flags != 0);
         };
-        counters.add_batch(served, errors);
+        with.counters.add(tally.taken, tally.answered, tally.errors);
         // Replies to what was served go out even when the batch ended in a
         // violation.
         let sent = self.send();
@@ -415,30 +504,37 @@ impl StreamSession {
     }
 
     /// Ends the output with the closing frame, which tells the client the
-    /// last request taken, and sends what the socket takes now, for a
-    /// session the daemon closes on purpose; the worker then drains the
-    /// rest for a bounded time ([`StreamSession::flush`]).
+    /// last request taken, for a session the daemon closes on purpose
+    /// (once the calls outstanding are answered: it comes after their
+    /// answers), and sends what the socket takes now; the worker then
+    /// drains the rest for a bounded time ([`StreamSession::flush`]).
     pub(crate) fn close_on_purpose(&mut self) {
-        self.push_output(&FrameHeader::closing(self.last_request_id).encode());
         self.closing = true;
         let _ = self.flush();
     }
 
-    /// Whether replies (or the closing frame) wait to be sent, or, closing
-    /// on purpose, the client has yet to close its end.
+    /// Whether replies (or the closing frame) wait to be sent, calls
+    /// outstanding wait for their answers, or, closing on purpose, the
+    /// client has yet to close its end.
     pub(crate) fn has_output(&self) -> bool {
         let open = !(self.hangup_seen || self.read_closed);
-        !self.peer_gone && (self.pending_output() > 0 || (self.closing && open))
+        !self.peer_gone && (self.pending_output() > 0 || !self.outstanding.is_empty() || (self.closing && open))
     }
 
-    /// Sends what the socket takes without blocking; takes no request.
-    /// Closing on purpose, once everything is sent, shuts the sending side:
-    /// the client reads its last frames and the end of the stream, and
-    /// closes (its poll reports that as `hangup_seen`). For the drain of a
-    /// graceful stop.
+    /// Sends what the socket takes without blocking, the answers of
+    /// handed-off calls with it; takes no request. Closing on purpose, once
+    /// no call is outstanding, appends the closing frame, and once
+    /// everything is sent, shuts the sending side: the client reads its
+    /// last frames and the end of the stream, and closes (its poll reports
+    /// that as `hangup_seen`). For the drain of a graceful stop.
     pub(crate) fn flush(&mut self) -> Result<(), String> {
+        self.flush_answers();
+        if self.closing && !self.closing_frame && self.outstanding.is_empty() {
+            self.push_output(&FrameHeader::closing(self.last_request_id).encode());
+            self.closing_frame = true;
+        }
         self.send()?;
-        if self.closing && !self.write_shut && !self.peer_gone && self.pending_output() == 0 {
+        if self.closing_frame && !self.write_shut && !self.peer_gone && self.pending_output() == 0 {
             self.write_shut = true;
             if self.stream.shutdown_write().is_err() {
                 self.peer_gone = true;
@@ -449,10 +545,102 @@ impl StreamSession {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::deferred::{Completions, Responder};
+    use crate::request::OwnedRequest;
+    use crate::service::{Handler, ServiceTable};
+    use crate::stats::WorkerCounters;
+    use ipc_core::{decode_error, ErrorCode, FLAG_CLOSED, FLAG_ERROR};
+    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::{Arc, Mutex};
 
-    fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
+    /// What a worker lends its sessions, and the end its answers arrive
+    /// at.
+    pub(crate) struct Rig {
+        services: ServiceTable,
+        counters: WorkerCounters,
+        completions: Completions,
+        pub(crate) answers: Receiver<Completion>,
+        _poll: mio::Poll,
+        scratch: Scratch,
+    }
+
+    impl Rig {
+        pub(crate) fn new(services: ServiceTable) -> Rig {
+            let (completions, answers, poll) = crate::deferred::tests::completions();
+            Rig {
+                services,
+                counters: WorkerCounters::default(),
+                completions,
+                answers,
+                _poll: poll,
+                scratch: Scratch::default(),
+            }
+        }
+
+        fn serve_with(
+            &mut self,
+            session: &mut StreamSession,
+            budget: usize,
+            shutting_down: bool,
+        ) -> Result<Progress, String> {
+            let with = Serving {
+                services: &self.services,
+                counters: &self.counters,
+                completions: &self.completions,
+                shutting_down,
+            };
+            session.serve(&with, &mut self.scratch, budget)
+        }
+
+        pub(crate) fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String> {
+            self.serve_with(session, budget, false)
+        }
+
+        /// Hands the answers that came back to `session`, as its worker
+        /// does.
+        fn deliver(&mut self, session: &mut StreamSession) -> usize {
+            self.answers.try_iter().map(|a| session.complete(a)).filter(|&t| t).count()
+        }
+    }
+
+    /// Echo as service 0, and a deferred service 1 that hands each call to
+    /// the test.
+    pub(crate) fn with_deferred() -> (ServiceTable, Receiver<(OwnedRequest, Responder)>) {
+        let mut t = services();
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let handler = move |request, responder| tx.lock().unwrap().send((request, responder)).unwrap();
+        t.add("later".into(), Handler::Deferred(Arc::new(handler))).unwrap();
+        (t, rx)
+    }
+
+    /// Reads frames from the client's end until the end of the stream:
+    /// id, flags and body of each.
+    fn read_to_end(client: &mut std::os::unix::net::UnixStream) -> Vec<(u64, u16, Vec<u8>)> {
+        use std::io::Read;
+        // A watchdog, not a bound: a session that never ends its stream
+        // fails the test rather than hanging it.
+        client.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).unwrap();
+        let mut frames = Vec::new();
+        let mut rest = &wire[..];
+        while let Some((h, true)) = stream_frame(rest) {
+            let body = rest[HEADER_LEN..HEADER_LEN + h.len as usize].to_vec();
+            rest = &rest[HEADER_LEN + h.len as usize..];
+            frames.push((h.request_id, h.flags, body));
+        }
+        assert!(rest.is_empty(), "{} bytes of a frame left over", rest.len());
+        frames
+    }
+
+    pub(crate) fn request(service: u16, id: u64) -> Vec<u8> {
+        FrameHeader { len: 0, service, flags: 0, request_id: id }.encode().to_vec()
+    }
+
+    pub(crate) fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let peer = Peer::Unix(PeerCredentials { pid: 1, uid: 0, gid: 0 });
@@ -475,12 +663,12 @@ mod tests {
     fn frames_split_anywhere_are_served_in_order() {
         use std::io::{Read, Write};
         let (mut session, mut client) = pair();
-        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let mut rig = Rig::new(services());
         let wire: Vec<u8> = (1..=50u64).flat_map(|id| frame(id, &id.to_le_bytes().repeat(id as usize % 7))).collect();
         // Deliver in awkward pieces: a request is served only once whole.
         for piece in wire.chunks(13) {
             client.write_all(piece).unwrap();
-            let p = session.serve(&services, &counters, &mut scratch, 64, false).unwrap();
+            let p = rig.serve(&mut session, 64).unwrap();
             assert_eq!(p, Progress::Parked);
         }
         let expected: Vec<u8> =
@@ -489,30 +677,30 @@ mod tests {
         client.read_exact(&mut got).unwrap();
         assert_eq!(got, expected);
         drop(client);
-        assert_eq!(session.serve(&services, &counters, &mut scratch, 64, false).unwrap(), Progress::Closed);
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Closed);
     }
 
     #[test]
     fn oversized_and_out_of_order_requests_are_violations() {
         use std::io::Write;
-        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let mut rig = Rig::new(services());
         let (mut session, mut client) = pair();
         let mut big = FrameHeader { len: 5000, service: 0, flags: 0, request_id: 1 }.encode().to_vec();
         big.extend_from_slice(&[0; 100]);
         client.write_all(&big).unwrap();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        let err = rig.serve(&mut session, 64).unwrap_err();
         assert!(err.contains("exceeds the negotiated maximum"), "{err}");
 
         let (mut session, mut client) = pair();
         client.write_all(&[frame(5, b"a"), frame(5, b"b")].concat()).unwrap();
-        let err = session.serve(&services, &counters, &mut scratch, 64, false).unwrap_err();
+        let err = rig.serve(&mut session, 64).unwrap_err();
         assert!(err.contains("not above the previous 5"), "{err}");
     }
 
     #[test]
     fn buffers_stay_within_their_bound_while_the_client_lags_behind() {
         use std::io::{Read, Write};
-        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let mut rig = Rig::new(services());
         let (mut session, mut client) = pair();
         client.set_nonblocking(true).unwrap();
         let bound = (input_bound(1024), output_bound(1024));
@@ -542,7 +730,7 @@ mod tests {
                     Err(e) => panic!("{e}"),
                 }
             }
-            session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+            rig.serve(&mut session, usize::MAX).unwrap();
             assert!(session.input.capacity() <= bound.0, "input holds {}", session.input.capacity());
             assert!(session.output.capacity() <= bound.1, "output holds {} of {}", session.output.capacity(), bound.1);
             match client.read(&mut sink) {
@@ -557,7 +745,7 @@ mod tests {
     #[test]
     fn a_client_that_does_not_read_stalls_only_its_session() {
         use std::io::Write;
-        let (services, counters, mut scratch) = (services(), WorkerCounters::default(), Scratch::default());
+        let mut rig = Rig::new(services());
         let (mut session, mut client) = pair();
         client.set_nonblocking(true).unwrap();
         let mut id = 0;
@@ -569,7 +757,7 @@ mod tests {
             if client.write_all(&frame(id, &[1; 1000])).is_err() {
                 break;
             }
-            if session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap() == Progress::Stalled {
+            if rig.serve(&mut session, usize::MAX).unwrap() == Progress::Stalled {
                 stalled = true;
                 break;
             }
@@ -578,14 +766,77 @@ mod tests {
         assert!(session.pending_output() <= session.output_limit() + HEADER_LEN + 1024);
         let since = session.stalled_since().expect("a stalled session says since when");
         // Serving again without the client reading keeps the stall's start.
-        let _ = session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+        let _ = rig.serve(&mut session, usize::MAX).unwrap();
         assert_eq!(session.stalled_since(), Some(since));
         // The client taking some replies ends that stall.
         use std::io::Read;
         let mut sink = vec![0u8; 64 * 1024];
         let n = client.read(&mut sink).unwrap();
         assert!(n > 0);
-        let _ = session.serve(&services, &counters, &mut scratch, usize::MAX, false).unwrap();
+        let _ = rig.serve(&mut session, usize::MAX).unwrap();
         assert_ne!(session.stalled_since(), Some(since), "the client read, so the stall began anew or ended");
+    }
+
+    #[test]
+    fn a_stop_sends_the_closing_frame_after_the_answers_of_calls_outstanding() {
+        use std::io::Write;
+        let (services, handed) = with_deferred();
+        let mut rig = Rig::new(services);
+        let (mut session, mut client) = pair();
+        client.write_all(&[request(1, 1), request(1, 2), request(0, 3)].concat()).unwrap();
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Parked);
+        let mut calls: Vec<(OwnedRequest, Responder)> = handed.try_iter().collect();
+        assert_eq!(calls.len(), 2);
+        // The stop: the closing frame waits for the two calls.
+        rig.serve_with(&mut session, usize::MAX, true).unwrap();
+        session.close_on_purpose();
+        assert!(session.has_output());
+        // The second is answered first, then the stop gives up on the first.
+        calls.pop().unwrap().1.reply(b"second".to_vec());
+        rig.deliver(&mut session);
+        session.flush().unwrap();
+        assert!(session.has_calls());
+        session.give_up_calls();
+        session.flush().unwrap();
+        let frames = read_to_end(&mut client);
+        let kinds: Vec<(u64, u16)> = frames.iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(kinds, [(3, 0), (2, 0), (1, FLAG_ERROR), (3, FLAG_CLOSED)]);
+        assert_eq!(frames[1].2, b"second");
+        assert_eq!(decode_error(&frames[2].2).0, ErrorCode::Unfinished);
+    }
+
+    #[test]
+    fn a_client_that_stops_sending_gets_its_answers_and_one_gone_does_not_wait() {
+        use std::io::Write;
+        let (services, handed) = with_deferred();
+        let mut rig = Rig::new(services);
+        let (mut session, mut client) = pair();
+        client.write_all(&request(1, 1)).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        session.hangup_seen = true;
+        // The client has stopped sending, and may still read.
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Waiting);
+        assert_eq!(session.stalled_since(), None);
+        let (_, responder) = handed.try_recv().unwrap();
+        responder.reply(b"late".to_vec());
+        rig.deliver(&mut session);
+        // The answer goes out (the worker serves a busy session again),
+        // then the session ends.
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Busy);
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Closed);
+        // The worker closes a closed session.
+        drop(session);
+        assert_eq!(read_to_end(&mut client), [(1, 0, b"late".to_vec())]);
+
+        // A client gone altogether: the session ends with a call running.
+        let (mut session, mut client) = pair();
+        client.write_all(&request(1, 1)).unwrap();
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Parked);
+        let (_, responder) = handed.try_recv().unwrap();
+        drop(client);
+        session.hung_up();
+        assert_eq!(rig.serve(&mut session, 64).unwrap(), Progress::Closed);
+        drop(session);
+        responder.reply(b"nobody".to_vec());
     }
 }

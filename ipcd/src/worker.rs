@@ -24,10 +24,22 @@
 //! over); the worker keeps a list of its stalled sessions, sleeps no
 //! longer than until the earliest stall timeout, and closes a session
 //! whose stall outlasts it.
+//!
+//! Calls handed off to deferred or blocking handlers come back as
+//! [`Completion`]s on the worker's channel, each followed by a ring of its
+//! waker; the worker gives each to its session (found by slot: a closed
+//! session's answers are dropped) and schedules the session to send it.
+//!
+//! A graceful stop answers what waits in the rings with a shutdown error,
+//! then drains: for up to a second (at most the stall timeout) it sends
+//! what clients are slow to read and waits for the calls handed off. Calls
+//! still running at its end are answered with an error. Only then, with
+//! every request taken answered, does a segment's `closed` word say which
+//! was the last taken. The last worker to stop stops the handler threads.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,7 +51,9 @@ use slab::Slab;
 use crate::engine::Engine;
 use ipc_core::Spinner;
 
+use crate::deferred::{Completion, Completions, Slot};
 use crate::limits::Lease;
+use crate::service::Serving;
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::{DisconnectReason, Stats};
 use crate::stream_session::{Peer, StreamSession};
@@ -48,7 +62,8 @@ const WAKER: Token = Token(usize::MAX);
 /// Requests served from one session before the worker turns to the next.
 const BUDGET: usize = 64;
 /// The longest a graceful stop waits for clients to read the answers that
-/// did not fit their ring or socket (at most the stall timeout).
+/// did not fit their ring or socket, and for the calls handed off to be
+/// answered (at most the stall timeout).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 /// The longest the drain sleeps between looks at its sessions.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -98,18 +113,24 @@ pub(crate) fn least_busy<'w>(workers: &'w [WorkerHandle], stats: &Stats) -> &'w 
     workers.iter().min_by_key(|w| stats.workers[w.index].sessions.load(Ordering::Relaxed)).expect("at least one worker")
 }
 
-/// Starts the engine's workers; if one cannot start, stops those already
-/// running and returns the error.
+/// Starts the engine's workers, and the handler threads if a service needs
+/// them; if one cannot start, stops those already running and returns the
+/// error.
 pub(crate) fn spawn_all(engine: &Arc<Engine>) -> io::Result<Vec<WorkerHandle>> {
+    engine.services.start_pool()?;
+    let running = Arc::new(AtomicUsize::new(0));
     let mut workers: Vec<WorkerHandle> = Vec::with_capacity(engine.workers);
     for i in 0..engine.workers {
-        match spawn(i, Arc::clone(engine)) {
+        match spawn(i, Arc::clone(engine), Arc::clone(&running)) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 engine.shutting_down.store(true, Ordering::Release);
                 for w in &mut workers {
                     w.wake();
                     w.join();
+                }
+                if workers.is_empty() {
+                    engine.services.stop_pool();
                 }
                 return Err(e);
             }
@@ -118,16 +139,50 @@ pub(crate) fn spawn_all(engine: &Arc<Engine>) -> io::Result<Vec<WorkerHandle>> {
     Ok(workers)
 }
 
-fn spawn(index: usize, engine: Arc<Engine>) -> io::Result<WorkerHandle> {
+/// Held by each worker thread while it runs: the last to let go, however
+/// it stops, stops the handler threads, whose work answers sessions only
+/// workers hold.
+struct Running {
+    engine: Arc<Engine>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Running {
+    fn enter(engine: Arc<Engine>, count: Arc<AtomicUsize>) -> Running {
+        // AcqRel, here and on leaving: the last one out sees every other
+        // worker's stop before it stops the threads.
+        count.fetch_add(1, Ordering::AcqRel);
+        Running { engine, count }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.engine.services.stop_pool();
+        }
+    }
+}
+
+fn spawn(index: usize, engine: Arc<Engine>, running: Arc<AtomicUsize>) -> io::Result<WorkerHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let completions = Completions::new(done_tx, Arc::clone(&waker));
+    // Counted before the thread starts, so that no worker can be the last
+    // out while another is still starting.
+    let running = Running::enter(Arc::clone(&engine), running);
     let thread = std::thread::Builder::new().name(format!("ipcd-worker-{index}")).spawn(move || {
+        let _running = running;
         let spinner = Spinner::new(engine.spin);
         let mut worker = Worker {
             index,
             poll,
             rx,
+            done: done_rx,
+            completions,
+            next_serial: 1,
             engine,
             sessions: Slab::new(),
             ready: VecDeque::new(),
@@ -184,12 +239,51 @@ impl Conn {
             Conn::Stream(s) => s.lease = Some(lease),
         }
     }
+
+    fn slot(&mut self) -> &mut Slot {
+        match self {
+            Conn::Shm(s) => &mut s.slot,
+            Conn::Stream(s) => &mut s.slot,
+        }
+    }
+
+    fn complete(&mut self, answer: Completion) -> bool {
+        match self {
+            Conn::Shm(s) => s.complete(answer),
+            Conn::Stream(s) => s.complete(answer),
+        }
+    }
+
+    /// Whether a graceful stop still waits for the session: for replies
+    /// its client has yet to read (or, on a stream, to close its end), or
+    /// for the answers of calls handed off.
+    fn draining(&self) -> bool {
+        match self {
+            Conn::Shm(s) => s.has_output() || s.has_calls(),
+            Conn::Stream(s) => s.has_output(),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        match self {
+            Conn::Shm(s) => s.flush(),
+            Conn::Stream(s) => s.flush(),
+        }
+    }
 }
 
 struct Worker {
     index: usize,
     poll: Poll,
     rx: Receiver<Conn>,
+    /// The answers of calls handed off, from any thread.
+    done: Receiver<Completion>,
+    /// The sending end of `done`, with this worker's waker, for
+    /// responders.
+    completions: Completions,
+    /// The serial of the next session adopted: no two sessions of this
+    /// worker share one, though they may share a slab key.
+    next_serial: u64,
     engine: Arc<Engine>,
     sessions: Slab<Conn>,
     ready: VecDeque<usize>,
@@ -233,14 +327,21 @@ impl Worker {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.adopt_sessions(),
+                    // New sessions, or answers of calls handed off.
+                    WAKER => {
+                        self.adopt_sessions();
+                        self.take_completions();
+                    }
                     // A doorbell (its eventfd is never read: the client
                     // shares its open file and could make a read block), or
                     // a stream socket that can be read or written.
                     Token(t) if t % 2 == 0 => {
-                        if event.is_read_closed() {
-                            if let Some(Conn::Stream(s)) = self.sessions.get_mut(t / 2) {
+                        if let Some(Conn::Stream(s)) = self.sessions.get_mut(t / 2) {
+                            if event.is_read_closed() {
                                 s.hangup_seen = true;
+                            }
+                            if event.is_write_closed() {
+                                s.hung_up();
                             }
                         }
                         self.schedule(t / 2)
@@ -294,6 +395,8 @@ impl Worker {
                     registry.register(&mut session.stream, io_token(key), Interest::READABLE | Interest::WRITABLE)
                 }
             };
+            *conn.slot() = Slot { key, serial: self.next_serial };
+            self.next_serial += 1;
             if let Err(e) = registered {
                 tracing::error!(session = conn.id(), "cannot register session: {e}");
                 self.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
@@ -305,6 +408,31 @@ impl Worker {
             // The client may have sent requests before we registered it;
             // look once, then the doorbell or socket takes over.
             self.schedule(key);
+        }
+    }
+
+    /// Gives the answers of handed-off calls to their sessions, and
+    /// schedules those to send them. An answer for a session that has
+    /// closed (its slot's key empty, or another session's now) is dropped.
+    fn take_completions(&mut self) {
+        let (mut replies, mut errors) = (0, 0);
+        while let Ok(answer) = self.done.try_recv() {
+            let key = answer.slot.key;
+            let Some(conn) = self.sessions.get_mut(key) else { continue };
+            let error = answer.flags != 0;
+            if *conn.slot() != answer.slot || !conn.complete(answer) {
+                continue;
+            }
+            replies += 1;
+            errors += u64::from(error);
+            let queued = conn.queued();
+            if !*queued {
+                *queued = true;
+                self.ready.push_back(key);
+            }
+        }
+        if replies > 0 {
+            self.engine.stats.workers[self.index].add(0, replies, errors);
         }
     }
 
@@ -345,12 +473,16 @@ impl Worker {
                 continue;
             };
             *conn.queued() = false;
-            let counters = &self.engine.stats.workers[self.index];
-            let services = &self.engine.services;
+            let with = Serving {
+                services: &self.engine.services,
+                counters: &self.engine.stats.workers[self.index],
+                completions: &self.completions,
+                shutting_down: false,
+            };
             let was_stalled = conn.stalled_since().is_some();
             let progress = match conn {
-                Conn::Shm(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false, !spin),
-                Conn::Stream(s) => s.serve(services, counters, &mut self.scratch, BUDGET, false),
+                Conn::Shm(s) => s.serve(&with, &mut self.scratch, BUDGET, !spin),
+                Conn::Stream(s) => s.serve(&with, &mut self.scratch, BUDGET),
             };
             // Only a serve begins or ends a stall.
             match (was_stalled, conn.stalled_since().is_some()) {
@@ -368,7 +500,9 @@ impl Worker {
                         }
                     }
                 }
-                Ok(Progress::Parked) | Ok(Progress::Stalled) => {}
+                // A session waiting for the answers of its calls is
+                // scheduled by the first to come.
+                Ok(Progress::Parked) | Ok(Progress::Stalled) | Ok(Progress::Waiting) => {}
                 Ok(Progress::Closed) => self.close(key, DisconnectReason::ClientHangup),
                 Err(reason) => {
                     match conn {
@@ -518,11 +652,18 @@ impl Worker {
         }
     }
 
-    /// Answers every request still waiting with a shutdown error, then
-    /// closes every session.
+    /// Answers every request still waiting with a shutdown error, waits
+    /// (within the drain) for the calls handed off, answers those still
+    /// running with an error, then closes every session.
     fn shut_down(&mut self) {
         self.adopt_sessions();
-        let counters = &self.engine.stats.workers[self.index];
+        self.take_completions();
+        let with = Serving {
+            services: &self.engine.services,
+            counters: &self.engine.stats.workers[self.index],
+            completions: &self.completions,
+            shutting_down: true,
+        };
         for (_, conn) in self.sessions.iter_mut() {
             // One pass answers what is waiting. It ends: the ring never lets
             // a pass read more than one ring's worth before releasing, a
@@ -531,12 +672,13 @@ impl Worker {
             //
             // After that pass nothing more is taken from the session: each
             // kind tells its client the last request taken (segment word or
-            // closing frame), so it fails the rest as `Shutdown` (not
+            // closing frame, the frame after the answers of the calls
+            // outstanding), so it fails the rest as `Shutdown` (not
             // executed) rather than with an unknown outcome.
             let result = match conn {
-                Conn::Shm(s) => s.serve(&self.engine.services, counters, &mut self.scratch, usize::MAX, true, true),
+                Conn::Shm(s) => s.serve(&with, &mut self.scratch, usize::MAX, true),
                 Conn::Stream(s) => {
-                    let r = s.serve(&self.engine.services, counters, &mut self.scratch, usize::MAX, true);
+                    let r = s.serve(&with, &mut self.scratch, usize::MAX);
                     s.close_on_purpose();
                     r
                 }
@@ -546,6 +688,20 @@ impl Worker {
             }
         }
         self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.engine.stall_timeout));
+        // Calls still running are answered now, with an error that says
+        // their outcome is unknown, and sent as far as there is room: a
+        // request taken is answered before the segment says it was taken.
+        for (_, conn) in self.sessions.iter_mut() {
+            match conn {
+                Conn::Shm(s) if s.has_calls() => s.give_up_calls(),
+                Conn::Stream(s) if s.has_calls() => s.give_up_calls(),
+                _ => continue,
+            }
+            tracing::warn!(session = conn.id(), "stopping with calls still running; answered as unfinished");
+            if let Err(reason) = conn.flush() {
+                tracing::debug!(session = conn.id(), "while giving up: {reason}");
+            }
+        }
         // Only now, with every answer out (or given up on), does the segment
         // say which request was the last taken.
         for (_, conn) in self.sessions.iter_mut() {
@@ -557,43 +713,93 @@ impl Worker {
     }
 
     /// Sends what waits for clients that are slow to read, until all of it
-    /// is out or `until`: answers that did not fit a full response ring, and
-    /// stream output with its closing frame. A client that reads nothing
-    /// delays the stop by no more than that.
+    /// is out or `until`: answers that did not fit a full response ring,
+    /// stream output with its closing frame, and the answers of calls
+    /// handed off as they come. A client that reads nothing, or a handler
+    /// that takes its time, delays the stop by no more than that.
     fn drain(&mut self, until: Instant) {
         let mut events = Events::with_capacity(64);
         loop {
+            self.take_completions();
             let mut waiting = false;
             for (_, conn) in self.sessions.iter_mut() {
-                let (result, left) = match conn {
-                    Conn::Shm(s) if s.has_output() => (s.flush(), s.has_output()),
-                    Conn::Stream(s) if s.has_output() => (s.flush(), s.has_output()),
-                    _ => continue,
-                };
-                if let Err(reason) = result {
+                if !conn.draining() {
+                    continue;
+                }
+                if let Err(reason) = conn.flush() {
                     tracing::debug!(session = conn.id(), "while draining: {reason}");
                     continue;
                 }
-                waiting |= left;
+                waiting |= conn.draining();
             }
             let now = Instant::now();
             if !waiting || now >= until {
                 return;
             }
             // A client freeing space rings the session's eventfd, a socket
-            // that drains becomes writable, and a client closing its end is
-            // a hang-up: each wakes this poll, and every session is looked
-            // at again. The short cap only bounds a wake-up this loop could
-            // not see.
+            // that drains becomes writable, a client closing its end is a
+            // hang-up, and an answer rings the waker: each wakes this poll,
+            // and every session is looked at again. The short cap only
+            // bounds a wake-up this loop could not see.
             let _ = self.poll.poll(&mut events, Some((until - now).min(DRAIN_POLL)));
             for event in events.iter() {
                 let Token(t) = event.token();
-                if t != WAKER.0 && t % 2 == 0 && event.is_read_closed() {
+                if t != WAKER.0 && t % 2 == 0 {
                     if let Some(Conn::Stream(s)) = self.sessions.get_mut(t / 2) {
-                        s.hangup_seen = true;
+                        if event.is_read_closed() {
+                            s.hangup_seen = true;
+                        }
+                        if event.is_write_closed() {
+                            s.hung_up();
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ServiceTable;
+    use crate::{session, stream_session};
+
+    /// The drain's rule: a session keeps a graceful stop waiting while a
+    /// call it handed off is unanswered, and while the answer waits to go
+    /// out; not after.
+    #[test]
+    fn a_stop_waits_for_the_calls_a_session_handed_off() {
+        let mut services = ServiceTable::default();
+        let (handler, handed) = session::tests::deferred();
+        services.add("later".into(), handler).unwrap();
+        let mut rig = session::tests::Rig::new(services);
+        let (mut session, mut tx, mut rx) = session::tests::new_session();
+        tx.try_push(0, 0, 1, b"").unwrap();
+        tx.publish();
+        rig.serve(&mut session);
+        let mut conn = Conn::Shm(session);
+        assert!(conn.draining(), "a call outstanding keeps the drain going");
+        let (_, responder) = handed.try_recv().unwrap();
+        responder.reply(b"done".to_vec());
+        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        assert!(conn.draining(), "an answer not yet sent keeps the drain going");
+        conn.flush().unwrap();
+        assert!(!conn.draining());
+        let mut body = Vec::new();
+        assert_eq!(rx.try_pop(&mut body).unwrap().map(|h| h.request_id), Some(1));
+
+        let (services, handed) = stream_session::tests::with_deferred();
+        let mut rig = stream_session::tests::Rig::new(services);
+        let (mut session, mut client) = stream_session::tests::pair();
+        std::io::Write::write_all(&mut client, &stream_session::tests::request(1, 1)).unwrap();
+        rig.serve(&mut session, 64).unwrap();
+        let mut conn = Conn::Stream(session);
+        assert!(conn.draining(), "a call outstanding keeps the drain going");
+        let (_, responder) = handed.try_recv().unwrap();
+        responder.reply(b"done".to_vec());
+        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        conn.flush().unwrap();
+        assert!(!conn.draining());
     }
 }

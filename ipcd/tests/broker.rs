@@ -141,7 +141,7 @@ fn provide(
 ) -> Result<(ShutdownHandle, thread::JoinHandle<()>), ProviderError> {
     let mut builder = Provider::builder().socket(socket).workers(1).pooled(pooled);
     for name in names {
-        builder = builder.service(*name, |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()));
+        builder = builder.service(*name, |req| Ok::<_, ServiceError>(req.payload().to_ascii_uppercase()));
     }
     let provider = builder.connect()?;
     let stop = provider.shutdown_handle();

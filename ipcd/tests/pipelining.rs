@@ -239,7 +239,7 @@ fn call_with_writes_and_reads_in_place(name: &'static str) {
         // An error reply is the call's error, and leaves nothing held.
         let fail = client.service("debug.fail").unwrap();
         let err = client.call_with(&fail, 5, |buf| buf.write_at(0, b"fails")).unwrap_err();
-        assert!(matches!(&err, CallError::Remote { message } if message.contains("debug.fail")), "{name}: {err:?}");
+        assert!(matches!(&err, CallError::Remote { message, .. } if message.contains("debug.fail")), "{name}: {err:?}");
         let reply = client.call_with(&echo, 5, |buf| buf.write_at(0, b"works")).unwrap();
         assert_eq!(reply.to_vec(), b"works", "{name}");
         drop(reply);
@@ -346,7 +346,10 @@ fn flush_hands_queued_requests_to_the_daemon(name: &'static str) {
         assert!(delivered, "{name}: after the flush: {}", stats_json(&mut observer));
         for ticket in tickets {
             let err = client.wait(ticket).unwrap_err();
-            assert!(matches!(&err, CallError::Remote { message } if message.contains("100 bytes")), "{name}: {err:?}");
+            assert!(
+                matches!(&err, CallError::Remote { message, .. } if message.contains("100 bytes")),
+                "{name}: {err:?}"
+            );
         }
         assert_eq!(client.in_flight(), 0, "{name}");
     });

@@ -117,7 +117,7 @@ fn handler_error_is_a_remote_error_for_that_call_only() {
         let mut client = Client::connect_to(&socket).unwrap();
         let fail = client.service("debug.fail").unwrap();
         match client.call(&fail, b"abc") {
-            Err(CallError::Remote { message }) => {
+            Err(CallError::Remote { message, .. }) => {
                 assert!(message.contains("debug.fail"), "{message}");
                 assert!(message.contains('3'), "{message}");
             }

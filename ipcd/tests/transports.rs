@@ -227,7 +227,7 @@ fn typed_calls_and_errors_are_the_same_on_every_transport() {
 
             let fail = client.service("debug.fail").unwrap();
             match client.call(&fail, b"abcd") {
-                Err(CallError::Remote { message }) => assert!(message.contains("debug.fail"), "{name}: {message}"),
+                Err(CallError::Remote { message, .. }) => assert!(message.contains("debug.fail"), "{name}: {message}"),
                 other => panic!("{name}: debug.fail gave {other:?}"),
             }
 

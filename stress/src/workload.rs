@@ -686,7 +686,7 @@ mod tests {
             (CallError::NotConnected { reason: "gone".into() }, Outcomes { rejected: 1, ..Outcomes::default() }),
             (CallError::Disconnected { reason: "gone".into() }, Outcomes { disconnected: 1, ..Outcomes::default() }),
             (CallError::Shutdown, Outcomes { shutdown: 1, ..Outcomes::default() }),
-            (CallError::Remote { message: "no".into() }, Outcomes { replied: 1, ..Outcomes::default() }),
+            (CallError::Remote { code: None, message: "no".into() }, Outcomes { replied: 1, ..Outcomes::default() }),
         ];
         for (e, want) in cases {
             let mut got = Outcomes::default();

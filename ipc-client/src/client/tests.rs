@@ -230,7 +230,7 @@ fn a_reply_waited_for_before_a_failed_consume_is_its_outcome() {
     let echo = client.service("echo").unwrap();
     let ticket = client.send(&echo, b"fails").unwrap();
     let (outcome, mut client) = within_limit("wait", move || (client.wait(ticket), client));
-    assert_eq!(outcome, Err(CallError::Remote { message: "it failed".into() }));
+    assert_eq!(outcome, Err(CallError::Remote { code: None, message: "it failed".into() }));
     assert_eq!(client.recv(), Err(CallError::NothingInFlight));
     drop(client);
     daemon.finish();
