@@ -81,7 +81,7 @@ pub enum ProviderError {
 /// use ipcd::{Provider, ServiceError};
 ///
 /// let provider = Provider::builder()
-///     .service("search.query", |req: &[u8]| Ok::<_, ServiceError>(req.to_ascii_uppercase()))
+///     .service("search.query", |req| Ok::<_, ServiceError>(req.payload().to_ascii_uppercase()))
 ///     .connect()?; // registers "search.query" with the running ipcd
 /// let stop = provider.shutdown_handle();
 /// provider.run()?; // until stop.shutdown()
