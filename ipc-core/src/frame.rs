@@ -27,7 +27,13 @@ pub const FLAG_ERROR: u16 = 1 << 1;
 /// never executed. Rings never carry it (the segment header says the same
 /// there), so it is not among the flags a ring accepts.
 pub const FLAG_CLOSED: u16 = 1 << 2;
-const KNOWN_FLAGS: u16 = FLAG_PAD | FLAG_ERROR;
+const KNOWN_FLAGS: u16 = FLAG_PAD
+    | FLAG_ERROR
+    | crate::message::FLAG_MORE
+    | crate::message::FLAG_STREAM
+    | crate::message::FLAG_END
+    | crate::message::FLAG_CREDIT
+    | crate::message::FLAG_CANCEL;
 const _: () = assert!(FLAG_CLOSED & KNOWN_FLAGS == 0, "a ring never accepts a closing frame");
 
 /// The decoded fields of a frame header.

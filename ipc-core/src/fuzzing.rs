@@ -7,7 +7,7 @@
 //! fails: a decoder that panics, accepts what it should refuse, reads
 //! outside its ring, or does not stop.
 
-use crate::frame::{stream_frame, HEADER_LEN};
+use crate::frame::{stream_frame, FrameHeader, HEADER_LEN};
 use crate::handshake::{self, HELLO_MAGIC, LENGTH_PREFIX, PROTOCOL_VERSION};
 use crate::layout::SegmentLayout;
 use crate::region::{HeapMemory, Region};
@@ -78,6 +78,78 @@ pub fn handshake_decoder(data: &[u8]) {
     }
     if let Ok(message) = handshake::decode_server_message(body) {
         assert_canonical(&message, body);
+    }
+    // The messages of broker and provider connections, either way.
+    if let Ok(m) = handshake::decode::<crate::control::Resolve>(body) {
+        assert_canonical(&m, body);
+    }
+    if let Ok(m) = handshake::decode::<crate::control::Resolution>(body) {
+        assert_canonical(&m, body);
+    }
+    if let Ok(m) = handshake::decode::<crate::control::ProviderMessage>(body) {
+        assert_canonical(&m, body);
+    }
+    if let Ok(m) = handshake::decode::<crate::control::DaemonMessage>(body) {
+        assert_canonical(&m, body);
+    }
+    if let Ok(name) = std::str::from_utf8(body) {
+        if crate::control::check_name(name).is_ok() {
+            assert!(!name.is_empty() && name.len() <= crate::control::MAX_NAME, "a name out of bounds passed");
+        }
+    }
+}
+
+/// Feeds frames made of `data` to an [`Assembler`](crate::message::Assembler),
+/// as a receiver of chunked messages does, and decodes stream options and
+/// credits.
+///
+/// Layout: the first two bytes are the largest message taken (`u16` le,
+/// times 64); then frames, each `flags u8` (bit 0: `FLAG_MORE`), `id u8`,
+/// `len u8`, and `len` payload bytes.
+///
+/// # Panics
+///
+/// Panics if a check fails: the assembler panics, hands on more bytes of a
+/// message than its announced length or its maximum, or keeps more partial
+/// messages than [`MAX_PARTIAL`](crate::message::MAX_PARTIAL).
+pub fn message_assembler(data: &[u8]) {
+    use crate::message::{decode_credit, Assembler, StreamOpen, FLAG_MORE, MAX_PARTIAL};
+    let Some((max, mut rest)) = data.split_first_chunk::<2>() else { return };
+    let max_message = u64::from(u16::from_le_bytes(*max)) * 64;
+    let mut rx = Assembler::new(max_message);
+    let mut got = std::collections::HashMap::<u64, (u64, Option<u64>)>::new();
+    while let Some((&[flags, id, len], after)) = rest.split_first_chunk::<3>() {
+        let (payload, after) = after.split_at(after.len().min(usize::from(len)));
+        rest = after;
+        let _ = StreamOpen::decode(payload);
+        let _ = decode_credit(payload);
+        let header = FrameHeader {
+            len: payload.len() as u32,
+            service: 0,
+            flags: if flags & 1 != 0 { FLAG_MORE } else { 0 },
+            request_id: u64::from(id),
+        };
+        match rx.take(&header, payload) {
+            Ok(piece) => {
+                let entry = got.entry(piece.id).or_insert((0, piece.total));
+                if piece.first {
+                    *entry = (0, piece.total);
+                }
+                entry.0 += piece.bytes.len() as u64;
+                assert!(entry.0 <= max_message, "more than the maximum handed on");
+                if let Some(total) = entry.1 {
+                    assert!(entry.0 <= total, "more than announced handed on");
+                    assert!(!piece.last || entry.0 == total, "a message ended short of its length");
+                }
+                if piece.last {
+                    got.remove(&piece.id);
+                }
+            }
+            Err(_) => {
+                got.remove(&u64::from(id));
+            }
+        }
+        assert!(rx.partial() <= MAX_PARTIAL, "too many partial messages kept");
     }
 }
 

@@ -36,6 +36,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod handshake;
 pub mod layout;
+pub mod message;
 mod region;
 mod reply;
 mod ring;

@@ -35,6 +35,11 @@ fn handshake_decoder_corpus_passes() {
 }
 
 #[test]
+fn message_assembler_corpus_passes() {
+    replay("message_assembler", fuzzing::message_assembler);
+}
+
+#[test]
 fn ring_consumer_corpus_passes() {
     replay("ring_consumer", fuzzing::ring_consumer);
 }
@@ -50,6 +55,7 @@ fn write_seeds() {
         ("frame_decoder", seeds::frames()),
         ("handshake_decoder", seeds::handshakes()),
         ("ring_consumer", seeds::rings()),
+        ("message_assembler", seeds::messages()),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir).unwrap();
@@ -194,6 +200,37 @@ mod seeds {
             from = head;
         }
         input
+    }
+
+    /// Frames for `ipc_core::fuzzing::message_assembler`: `flags`, `id`,
+    /// `len`, then the payload.
+    fn message_frame(more: bool, id: u8, payload: &[u8]) -> Vec<u8> {
+        [&[u8::from(more), id, payload.len() as u8][..], payload].concat()
+    }
+
+    pub fn messages() -> Seeds {
+        let prefix = |total: u64| total.to_le_bytes().to_vec();
+        let max = 16u16.to_le_bytes().to_vec();
+        vec![
+            ("single-frames", [max.clone(), message_frame(false, 1, b"one"), message_frame(false, 2, b"")].concat()),
+            (
+                "interleaved-chunks",
+                [
+                    max.clone(),
+                    message_frame(true, 1, &[prefix(6), b"ab".to_vec()].concat()),
+                    message_frame(true, 2, &[prefix(u64::MAX), b"x".to_vec()].concat()),
+                    message_frame(true, 1, b"cd"),
+                    message_frame(false, 2, b"yz"),
+                    message_frame(false, 1, b"ef"),
+                ]
+                .concat(),
+            ),
+            ("over-length", [max.clone(), message_frame(true, 3, &[prefix(2), b"abc".to_vec()].concat())].concat()),
+            (
+                "stream-open",
+                [max, message_frame(false, 4, &[16u32.to_le_bytes(), 0u32.to_le_bytes()].concat())].concat(),
+            ),
+        ]
     }
 
     pub fn rings() -> Seeds {

@@ -248,9 +248,9 @@ fn length_beyond_the_published_index_is_an_error() {
 #[test]
 fn unknown_flags_and_bad_pads_are_errors() {
     let (r, mut p, mut c) = ring(4096);
-    p.try_push(0, 0x40, 0, &[0; 8]).unwrap();
+    p.try_push(0, 0x4000, 0, &[0; 8]).unwrap();
     p.publish();
-    assert_eq!(c.try_peek(), Err(RingError::UnknownFlags { flags: 0x40 }));
+    assert_eq!(c.try_peek(), Err(RingError::UnknownFlags { flags: 0x4000 }));
 
     let (r2, mut p2, mut c2) = ring(4096);
     p2.try_push(0, 0, 0, &[0; 8]).unwrap();
