@@ -38,6 +38,15 @@ pub enum ErrorCode {
     /// The daemon stopped before the handler finished; whether the request
     /// took effect is unknown.
     Unfinished,
+    /// A stream's deadline passed before it ended.
+    Timeout,
+    /// The caller cancelled the stream.
+    Cancelled,
+    /// The session has its maximum of streams open, or of messages being
+    /// assembled; the request was not executed.
+    TooMany,
+    /// A message (request or reply) longer than the receiver's maximum.
+    MessageTooLarge,
     /// A code this build does not know.
     Other(u32),
 }
@@ -63,6 +72,10 @@ impl ErrorCode {
             ErrorCode::NotPermitted => 7,
             ErrorCode::NoReply => 8,
             ErrorCode::Unfinished => 9,
+            ErrorCode::Timeout => 10,
+            ErrorCode::Cancelled => 11,
+            ErrorCode::TooMany => 12,
+            ErrorCode::MessageTooLarge => 13,
             ErrorCode::Other(n) => n,
         }
     }
@@ -79,6 +92,10 @@ impl ErrorCode {
             7 => ErrorCode::NotPermitted,
             8 => ErrorCode::NoReply,
             9 => ErrorCode::Unfinished,
+            10 => ErrorCode::Timeout,
+            11 => ErrorCode::Cancelled,
+            12 => ErrorCode::TooMany,
+            13 => ErrorCode::MessageTooLarge,
             n => ErrorCode::Other(n),
         }
     }
@@ -133,6 +150,10 @@ mod tests {
             ErrorCode::NotPermitted,
             ErrorCode::NoReply,
             ErrorCode::Unfinished,
+            ErrorCode::Timeout,
+            ErrorCode::Cancelled,
+            ErrorCode::TooMany,
+            ErrorCode::MessageTooLarge,
             ErrorCode::Other(77),
         ] {
             encode_error(code, "no such key", &mut out);
