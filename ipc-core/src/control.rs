@@ -208,6 +208,10 @@ pub enum ProviderMessage {
         /// What the client did.
         reason: String,
     },
+    /// A session brokered by an earlier daemon (one counted in
+    /// [`Register::sessions`]) has ended: the daemon counts one session
+    /// fewer for this provider.
+    EarlierClosed,
 }
 
 /// A provider's names and how it serves them.
@@ -388,6 +392,7 @@ mod tests {
         for msg in [
             ProviderMessage::Register(Register { services, pooled: true, max_ring_capacity: 1 << 20, sessions: 3 }),
             ProviderMessage::Accept { session_id: 4 },
+            ProviderMessage::EarlierClosed,
             ProviderMessage::Strike { session_id: 4, reason: "bad index".into() },
         ] {
             assert_eq!(decode::<ProviderMessage>(&encode(&msg).unwrap()[4..]).unwrap(), msg);

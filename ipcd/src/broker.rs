@@ -69,6 +69,8 @@ struct ProviderConn {
     /// Sessions it serves: those it reported serving for an earlier daemon,
     /// those being handed over, and those it accepted here.
     sessions: u32,
+    /// Of those, the ones an earlier daemon brokered, still open.
+    earlier: u32,
 }
 
 struct Registration {
@@ -181,7 +183,7 @@ impl Broker {
             let id = self.next_provider;
             self.next_provider += 1;
             self.providers.insert(id, key);
-            entry.insert(Conn::Provider(ProviderConn { conn, creds, id, registered: None, sessions: 0 }));
+            entry.insert(Conn::Provider(ProviderConn { conn, creds, id, registered: None, sessions: 0, earlier: 0 }));
             tracing::debug!(provider = id, peer = %creds, "provider connected");
             Some(id)
         } else {
@@ -481,6 +483,13 @@ impl Broker {
                     self.publish();
                 }
             }
+            ProviderMessage::EarlierClosed => {
+                if p.earlier > 0 {
+                    p.earlier -= 1;
+                    p.sessions = p.sessions.saturating_sub(1);
+                    self.publish();
+                }
+            }
             ProviderMessage::Strike { session_id, reason } => {
                 if let Some(l) = self.live.get(&session_id).filter(|l| l.provider == id) {
                     tracing::warn!(session = session_id, peer = %l.caller, provider = id, "the provider dropped a client that broke the protocol: {reason}");
@@ -511,6 +520,7 @@ impl Broker {
             Ok(()) => {
                 self.counts.registrations += 1;
                 p.sessions = register.sessions;
+                p.earlier = register.sessions;
                 let names: Vec<&str> = register.services.iter().map(|s| s.name.as_str()).collect();
                 tracing::info!(provider = id, peer = %p.creds, pooled = register.pooled, ?names, "provider registered");
                 p.registered =

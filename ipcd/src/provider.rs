@@ -497,6 +497,12 @@ impl Link {
         let found = if closed { self.sessions.remove(&local) } else { self.sessions.get(&local).copied() };
         let Some(b) = found else { return };
         if b.generation != self.generation {
+            // Brokered by an earlier daemon: this one knows it only as a
+            // count, which it lowers (a strike cannot reach the daemon that
+            // knew the client).
+            if closed && self.conn.is_some() {
+                self.send(poll, &ProviderMessage::EarlierClosed);
+            }
             return;
         }
         let message = if closed {

@@ -292,8 +292,12 @@ fn a_caller_that_goes_frees_its_session_in_the_provider_and_the_daemon() {
         let provider = provide(&socket, &["test.free"], false).expect("register");
         let mut observer = ipc_client::Client::connect_to(&socket).unwrap();
         let mut caller = Caller::connect(&socket);
-        // Settled: the provider's workers, its daemon connection and this
-        // caller's broker connection are all open.
+        // A first session, gone again, shows the provider serving (its
+        // workers started): then the fds are settled.
+        let (b, mut warm) = caller.session("test.free");
+        assert_eq!(warm.call(b.services[0].id, b"w"), (0, b"W".to_vec()));
+        drop(warm);
+        assert_eq!(stat_eventually(&mut observer, "sessions_handed_over", |n| n == 0).0, 0);
         let baseline = own_fds();
         let (b, mut rings) = caller.session("test.free");
         assert_eq!(rings.call(b.services[0].id, b"x"), (0, b"X".to_vec()));
@@ -390,6 +394,17 @@ fn a_daemon_that_dies_leaves_brokered_sessions_alone_and_providers_register_agai
         let mut fresh = fresh.unwrap();
         assert_eq!(fresh.call(id, b"new"), (0, b"NEW".to_vec()));
         assert_eq!(rings.call(id, b"after"), (0, b"AFTER".to_vec()), "the old session still works");
+        // The new daemon counts the old session (reported at registration)
+        // and the new one; the old one's end lowers the count.
+        let mut observer = ipc_client::Client::connect_to(daemon.socket()).unwrap();
+        assert_eq!(json_array(&stats_json(&mut observer), "sessions"), [2]);
+        drop(rings);
+        let mut counts = Vec::new();
+        let settled = poll_until(CLEANUP_LIMIT, || {
+            counts = json_array(&stats_json(&mut observer), "sessions");
+            counts == [1]
+        });
+        assert!(settled, "the provider's sessions as the new daemon counts them: {counts:?}");
         stop(provider);
     });
 }
