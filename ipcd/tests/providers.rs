@@ -356,3 +356,32 @@ fn fds_of_the_daemon_and_a_provider_come_back_after_callers_and_providers_go() {
         );
     });
 }
+
+#[test]
+fn the_handler_of_a_provider_sees_each_callers_credentials() {
+    watchdog(TEST_LIMIT, || {
+        let daemon = start_daemon(None, &[]);
+        let socket = daemon.socket().to_path_buf();
+        let mut provider = HelperBuilder::provider(&socket, &["test.whoami"]).spawn();
+        provider.expect("registered");
+        // This process...
+        let (uid, gid) = own_ids();
+        let mut client = client_of(&daemon, ClientOptions::default());
+        let whoami = client.service("test.whoami").unwrap();
+        let reply = String::from_utf8(client.call(&whoami, b"").unwrap()).unwrap();
+        assert_eq!(reply, format!("{} {uid} {gid}", std::process::id()));
+        // ...and another, as another user and group where this one can
+        // start it so.
+        let mut caller = HelperBuilder::caller(&socket, "test.whoami").mode("whoami");
+        let (uid, gid) = if is_root() {
+            caller = caller.user(OTHER_UID, OTHER_GID);
+            (OTHER_UID, OTHER_GID)
+        } else {
+            eprintln!("not root: the other caller runs as this process's uid");
+            (uid, gid)
+        };
+        let mut caller = caller.spawn();
+        assert_eq!(caller.expect("said"), format!("{} {uid} {gid}", caller.pid()));
+        assert!(caller.wait_exit().success());
+    });
+}

@@ -12,11 +12,15 @@
 //! the provider example does (printing `stopping`, then `stopped`), and
 //! prints `held PAYLOAD` when its hold service starts a call.
 //!
+//! A provider's service whose name ends in `whoami` answers with its
+//! caller's credentials as the handler sees them: `PID UID GID`.
+//!
 //! A caller helper connects with `ipc_client::Client`, resolves its name
 //! (`service`, or `wait_for_service`), calls it and prints `ok PID UID`
-//! (the provider's credentials) or `error KIND MESSAGE`; in the `loop`
-//! mode it prints `ready` and calls until told `stop`, answering `report`
-//! with `count CALLS FAILED` and ending with `done CALLS FAILED FIRST`.
+//! (the provider's credentials) or `error KIND MESSAGE`; in the `whoami`
+//! mode it makes one call and prints `said REPLY`; in the `loop` mode it
+//! prints `ready` and calls until told `stop`, answering `report` with
+//! `count CALLS FAILED` and ending with `done CALLS FAILED FIRST`.
 //!
 //! Every helper is spawned with the parent-death signal and killed when
 //! its [`Helper`] is dropped, so none outlives its test.
@@ -192,8 +196,8 @@ impl HelperBuilder {
         self
     }
 
-    /// A caller's mode: `call`, `wait` (for a provider to register) or
-    /// `loop`.
+    /// A caller's mode: `call`, `wait` (for a provider to register),
+    /// `whoami` or `loop`.
     pub fn mode(mut self, mode: &str) -> Self {
         self.envs.push((MODE, mode.into()));
         self
@@ -450,6 +454,11 @@ fn provider_main() {
                 }
                 Ok::<_, ServiceError>(req.payload().to_ascii_uppercase())
             });
+        } else if name.ends_with("whoami") {
+            builder = builder.service(name, |req: &Request<'_>| match req.caller() {
+                Some(c) => Ok(format!("{} {} {}", c.pid, c.uid, c.gid).into_bytes()),
+                None => Err(ServiceError::new("no caller")),
+            });
         } else {
             builder = builder.service(name, |req: &Request<'_>| Ok(req.payload().to_ascii_uppercase()));
         }
@@ -508,6 +517,12 @@ fn caller_main() {
         Ok(s) => s,
         Err(e) => return say(format!("error {} {e}", kind(&e))),
     };
+    if mode == "whoami" {
+        return match client.call(&service, b"") {
+            Ok(reply) => say(format!("said {}", String::from_utf8_lossy(&reply))),
+            Err(e) => say(format!("error {} {e}", kind(&e))),
+        };
+    }
     let me = std::process::id();
     let mut call = |client: &mut Client, i: usize| -> Result<(), String> {
         let request = format!("call {i} from {me}");
