@@ -294,6 +294,7 @@ impl Broker {
         *counter += 1;
         tracing::debug!("resolve failed: {error}");
         self.answer(poller, caller, &Resolution::Failed(error), &[]);
+        self.publish();
     }
 
     /// Sends the answer to the resolve under way on `caller`, and reads
