@@ -293,8 +293,9 @@ impl Broker {
         };
         *counter += 1;
         tracing::debug!("resolve failed: {error}");
-        self.answer(poller, caller, &Resolution::Failed(error), &[]);
+        // Counted before the answer, so a client that sees it sees the count.
         self.publish();
+        self.answer(poller, caller, &Resolution::Failed(error), &[]);
     }
 
     /// Sends the answer to the resolve under way on `caller`, and reads
@@ -466,10 +467,12 @@ impl Broker {
                 self.counts.brokered += 1;
                 self.live.insert(session_id, Live { provider: id, caller, _lease: h.lease });
                 tracing::debug!(session = session_id, provider = id, peer = %caller, "session handed over");
+                // Counted before the answer, so a client that sees it sees
+                // the count.
+                self.publish();
                 self.answer(poller, h.caller, &Resolution::Brokered(h.answer), &h.caller_fds);
                 // `h.caller_fds` drop here: the daemon holds nothing of the
                 // session any more.
-                self.publish();
             }
             ProviderMessage::Decline { session_id, reason } => {
                 if let Some(h) = self.handoffs.remove(&session_id).filter(|h| h.provider == id) {
