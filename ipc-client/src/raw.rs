@@ -11,6 +11,12 @@
 //! into the segment what the library never would and ring the doorbells at
 //! will.
 //!
+//! [`RawSession::resolve`] does the same for a session the daemon brokers
+//! with a provider: a resolve on a broker connection, the answer's fds
+//! checked as [`Client`] checks them. The session is then the client's
+//! and the provider's alone, and whatever the caller writes into it is the
+//! provider's to cope with.
+//!
 //! Even here no Rust reference is formed over the shared bytes, and every
 //! access is atomic at the width the layout gives it: indices and waiter
 //! words through [`SharedWords::index`] and [`SharedWords::waiter`], ring
@@ -31,9 +37,13 @@ pub use ipc_core::{
 };
 use ipc_platform::{EventFd, SocketBell};
 
-use crate::connect::{greet, hello_bytes, receive_segment, Handover};
+use ipc_core::control::Resolution;
+use ipc_core::PROTOCOL_VERSION;
+
+use crate::broker::{self, Broker, Exchange};
+use crate::connect::{granted_layout, greet, hello_bytes, receive_segment, Handover};
 use crate::stream::Socket;
-use crate::{ClientOptions, ConnectError, Transport};
+use crate::{CallError, ClientOptions, ConnectError, Transport};
 
 /// The framed hello (length prefix and body) a client sends for `options`:
 /// for programs that send it in pieces, or only part of it.
@@ -47,9 +57,13 @@ pub fn hello(options: &ClientOptions) -> Result<Vec<u8>, ConnectError> {
 /// Dropping it closes the control connection, which ends the session.
 pub struct RawSession {
     /// The control connection; its hang-up ends the session. Reads and
-    /// writes on it time out after the options' connect timeout.
+    /// writes on it time out after the options' connect timeout. For a
+    /// brokered session, the client's end of the liveness socket pair: it
+    /// hangs up when the provider drops the session.
     pub stream: UnixStream,
-    /// The daemon's welcome.
+    /// The daemon's welcome; for a brokered session, the broker's answer
+    /// in the same shape (session id, rings, doorbell, the services the
+    /// session offers).
     pub welcome: Welcome,
     /// The segment's memfd, kept open to inspect it.
     pub memfd: OwnedFd,
@@ -95,7 +109,69 @@ impl RawSession {
         })
     }
 
-    /// The id of the service called `name`, if the daemon offers it.
+    /// Resolves `name` through the broker of the daemon whose control
+    /// socket is `socket` (a broker connection of its own, closed once the
+    /// answer is in), asking for `options`' ring capacity and doorbell, and
+    /// maps the session's segment after the checks [`Client`](crate::Client)
+    /// makes of a brokered session. The daemon does not wait for a
+    /// provider to register. The errors are those of
+    /// [`Client::service`](crate::Client::service).
+    pub fn resolve(socket: impl AsRef<Path>, name: &str, options: &ClientOptions) -> Result<RawSession, CallError> {
+        let bad = |reason: String| CallError::BadResolution { name: name.to_string(), reason };
+        let mut conn = match Broker::open(socket.as_ref(), options) {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return Err(CallError::UnknownService { name: name.to_string() }),
+            Err(e) => return Err(broker::unreachable(name, e)),
+        };
+        let request = broker::request(name, Duration::ZERO, options);
+        let (brokered, fds) = match conn.exchange(&request, options.connect_timeout) {
+            Ok((Resolution::Brokered(brokered), fds)) => (brokered, fds),
+            Ok((Resolution::Failed(error), _)) => return Err(broker::refused(name, error)),
+            Err(Exchange::Lost(reason)) => {
+                return Err(CallError::Unavailable {
+                    name: name.to_string(),
+                    reason: format!("broker connection lost: {reason}"),
+                })
+            }
+            Err(Exchange::Timeout) => {
+                let reason = format!("no answer from the daemon within {:?}", options.connect_timeout);
+                return Err(CallError::Unavailable { name: name.to_string(), reason });
+            }
+            Err(Exchange::Protocol(reason)) => return Err(bad(reason)),
+        };
+        if fds.len() != brokered.fd_count() {
+            return Err(bad(format!("the session comes with {} fds, expected {}", fds.len(), brokered.fd_count())));
+        }
+        let layout = granted_layout(brokered.ring_capacity, brokered.max_payload).map_err(bad)?;
+        let mut segment = receive_segment(&layout, brokered.doorbell, Handover::Brokered, fds).map_err(bad)?;
+        let stream = segment.liveness.take().expect("a brokered hand-over has a liveness end");
+        stream.set_read_timeout(Some(options.connect_timeout)).map_err(|e| bad(format!("liveness socket: {e}")))?;
+        stream.set_write_timeout(Some(options.connect_timeout)).map_err(|e| bad(format!("liveness socket: {e}")))?;
+        let Segment { request_producer: requests, response_consumer: responses, words, .. } =
+            Segment::new(segment.region, &layout);
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            session_id: brokered.session_id,
+            ring_capacity: brokered.ring_capacity,
+            max_payload: brokered.max_payload,
+            doorbell: brokered.doorbell,
+            services: brokered.services,
+        };
+        Ok(RawSession {
+            stream,
+            welcome,
+            memfd: segment.memfd,
+            bell: segment.peer_bell,
+            client_bell: segment.client_bell,
+            layout,
+            words,
+            requests,
+            responses,
+        })
+    }
+
+    /// The id of the service called `name`, if the daemon offers it (for a
+    /// brokered session, if the session offers it).
     pub fn service_id(&self, name: &str) -> Option<u16> {
         self.welcome.services.iter().find(|s| s.name == name).map(|s| s.id)
     }
