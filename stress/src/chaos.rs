@@ -24,6 +24,9 @@ pub enum Chaos {
     /// Stop the daemon with SIGTERM under load (then start it again for
     /// the next run).
     Sigterm,
+    /// Kill the provider process with SIGKILL and start it again, this
+    /// many times (the provider scenario).
+    KillProvider(usize),
 }
 
 impl std::str::FromStr for Chaos {
@@ -41,12 +44,13 @@ impl std::str::FromStr for Chaos {
         match kind {
             "kill-clients" => Ok(Chaos::KillClients(n)),
             "restart-daemon" => Ok(Chaos::RestartDaemon(n)),
-            _ => Err(format!("{s:?}: expected kill-clients:N, restart-daemon:N or sigterm")),
+            "kill-provider" => Ok(Chaos::KillProvider(n)),
+            _ => Err(format!("{s:?}: expected kill-clients:N, restart-daemon:N, kill-provider:N or sigterm")),
         }
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -397,6 +401,7 @@ mod tests {
     fn chaos_parses_and_refuses_nonsense() {
         assert_eq!("kill-clients:3".parse(), Ok(Chaos::KillClients(3)));
         assert_eq!("restart-daemon:1".parse(), Ok(Chaos::RestartDaemon(1)));
+        assert_eq!("kill-provider:2".parse(), Ok(Chaos::KillProvider(2)));
         assert!("restart-daemon:0".parse::<Chaos>().is_err());
         assert!("kill-clients".parse::<Chaos>().is_err());
         assert!("explode:2".parse::<Chaos>().is_err());

@@ -199,6 +199,7 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
     let mut stats = Stats::connect(&socket)?;
     let w = Workload {
         transport: Transport::Shm(socket.clone()),
+        service: crate::workload::ECHO,
         messages: c.messages,
         payload: c.payload,
         window: 1,

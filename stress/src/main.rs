@@ -8,12 +8,14 @@
 
 mod attacker;
 mod baselines;
+mod brokered;
 mod chaos;
 mod daemon;
 mod flood;
 mod hostile;
 mod plot;
 mod progress;
+mod provider;
 mod report;
 mod started;
 mod workload;
@@ -65,6 +67,14 @@ static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::Counting
 /// without and with --flood connections stalled in the handshake. Exits 1
 /// if a normal call failed or mismatched, the daemon died, or a stalled
 /// connection was not closed at the handshake timeout.
+///
+/// --scenario provider (not part of all) starts its own daemon and a
+/// provider process offering stress.echo through it, and runs the
+/// throughput, latency and pipelined workloads against the daemon's echo
+/// and then the provider's, over shared memory, with a table of the two;
+/// then resolves of the provided name in a row. With --chaos kill-provider:N
+/// or restart-daemon:N, the throughput workload against the provider while
+/// the provider or the daemon is killed and started again.
 ///
 /// SIGTERM or SIGINT stops everything stress started (its daemon with
 /// SIGTERM), removes the daemon's directory and exits 128 + the signal's
@@ -181,15 +191,25 @@ struct Args {
     /// Inject faults into the throughput workload: `kill-clients:N` kills N
     /// client processes with SIGKILL at random moments (needs --procs);
     /// `restart-daemon:N` kills the private daemon with SIGKILL N times
-    /// and starts it again, with clients that reconnect.
+    /// and starts it again, with clients that reconnect; `sigterm` stops
+    /// the daemon under load; `kill-provider:N` (--scenario provider)
+    /// kills the provider process N times and starts it again.
     #[arg(long, value_name = "KIND:N")]
     chaos: Option<Chaos>,
 
     /// With --chaos: kills fall at random moments within the first MS of
-    /// the calls (kill-clients); a restart comes MS after the previous
-    /// one's recovery (restart-daemon).
+    /// the calls (kill-clients, kill-provider: each no sooner than the
+    /// previous one's recovery); a restart comes MS after the previous
+    /// one's recovery (restart-daemon); the SIGTERM comes MS into the
+    /// calls (sigterm).
     #[arg(long, value_name = "MS", default_value_t = 500)]
     chaos_ms: u64,
+
+    /// Resolves of the provided name in a row in the provider scenario,
+    /// each on a fresh client (connected before its clock starts); 0
+    /// skips them.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    resolves: usize,
 
     /// Soak: run the throughput workload for this many seconds (instead of
     /// a number of calls), sampling the daemon's memory and fds every
@@ -204,6 +224,10 @@ struct Args {
     /// Internal: run as the hostile scenario's process of N attackers.
     #[arg(long, hide = true, value_name = "N")]
     child_attackers: Option<usize>,
+
+    /// Internal: run as the provider process, with WORKERS workers.
+    #[arg(long, hide = true, value_name = "WORKERS")]
+    child_provider: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -213,6 +237,7 @@ enum Scenario {
     Pipelined,
     Bandwidth,
     Hostile,
+    Provider,
     All,
 }
 
@@ -224,6 +249,7 @@ impl Scenario {
             Scenario::Pipelined => "pipelined",
             Scenario::Bandwidth => "bandwidth",
             Scenario::Hostile => "hostile",
+            Scenario::Provider => "provider",
             Scenario::All => "all",
         }
     }
@@ -231,7 +257,7 @@ impl Scenario {
     /// (clients, messages, payloads, window) when not overridden.
     fn defaults(self) -> (usize, u64, Vec<usize>, u32) {
         match self {
-            Scenario::Throughput | Scenario::All => (100, 10_000, vec![64], 1),
+            Scenario::Throughput | Scenario::All | Scenario::Provider => (100, 10_000, vec![64], 1),
             Scenario::Latency => (1, 100_000, vec![64], 1),
             Scenario::Pipelined => (100, 20_000, vec![64], 32),
             Scenario::Bandwidth => (4, 0, vec![64, 4 << 10, 64 << 10, 1 << 20], 1),
@@ -259,6 +285,19 @@ fn main() -> ExitCode {
     if let Err(e) = validate(&args) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(workers) = args.child_provider {
+        let Some(socket) = &args.socket else {
+            eprintln!("error: --child-provider needs --socket");
+            return ExitCode::from(2);
+        };
+        return match provider::child_main(socket, workers, args.spin_us.map(Duration::from_micros)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: provider process: {e:#}");
+                ExitCode::from(1)
+            }
+        };
     }
     if let Some(n) = args.child_attackers {
         let Some(socket) = &args.socket else {
@@ -322,8 +361,29 @@ fn validate(args: &Args) -> Result<(), String> {
             return Err("--flood-connects and --handshake-timeout-ms must be at least 1".into());
         }
     }
+    if args.scenario == Scenario::Provider {
+        if args.socket.is_some() || args.procs {
+            return Err(
+                "--scenario provider starts its own daemon, provider and client threads: drop --socket and --procs"
+                    .into(),
+            );
+        }
+        if matches!(args.transport, TransportArg::Uds | TransportArg::Tcp) {
+            return Err(
+                "--scenario provider runs over shared memory only: providers are reached through fd passing".into()
+            );
+        }
+        if args.plot.is_some() || args.baselines || args.duration.is_some() {
+            return Err("--scenario provider takes neither --plot, --baselines nor --duration".into());
+        }
+        if matches!(args.chaos, Some(Chaos::KillClients(_) | Chaos::Sigterm)) {
+            return Err("--scenario provider takes --chaos kill-provider:N or restart-daemon:N".into());
+        }
+    } else if matches!(args.chaos, Some(Chaos::KillProvider(_))) {
+        return Err("--chaos kill-provider kills the provider of --scenario provider".into());
+    }
     let faulty = args.chaos.is_some() || args.duration.is_some();
-    if faulty && !matches!(args.scenario, Scenario::Throughput | Scenario::All) {
+    if faulty && !matches!(args.scenario, Scenario::Throughput | Scenario::All | Scenario::Provider) {
         return Err("--chaos and --duration run the throughput scenario".into());
     }
     if args.chaos.is_some() && args.duration.is_some() {
@@ -369,6 +429,7 @@ fn child(args: &Args, id: u32) -> anyhow::Result<()> {
     };
     let w = Workload {
         transport,
+        service: workload::ECHO,
         messages: args.messages.unwrap_or(10_000),
         payload: args.payload.unwrap_or(64),
         window: args.window.unwrap_or(1),
@@ -437,6 +498,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if args.scenario == Scenario::Hostile {
         return hostile::run(&hostile_config(&args, exe)?);
     }
+    if args.scenario == Scenario::Provider {
+        return brokered::run(&provider_config(&args, exe)?);
+    }
     let specs = plan(&args);
     // Before the runs, so a directory that cannot be made fails at once.
     if let Some(dir) = &args.plot {
@@ -502,6 +566,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         };
         let w = Workload {
             transport,
+            service: workload::ECHO,
             messages: spec.messages,
             payload: spec.payload,
             window: spec.window,
@@ -595,6 +660,49 @@ fn hostile_config(args: &Args, exe: PathBuf) -> anyhow::Result<hostile::Config> 
     })
 }
 
+/// The provider scenario's configuration from the command line: the
+/// throughput, latency and pipelined workloads over shm (with --chaos, the
+/// throughput one alone), with the overrides given.
+fn provider_config(args: &Args, exe: PathBuf) -> anyhow::Result<brokered::Config> {
+    let daemon = args.daemon.clone().unwrap_or_else(|| exe.with_file_name("ipcd"));
+    if !daemon.exists() {
+        bail!("{} not found; build it (cargo build --release) or pass --daemon PATH", daemon.display());
+    }
+    let scenarios: &[Scenario] = if args.chaos.is_some() {
+        &[Scenario::Throughput]
+    } else {
+        &[Scenario::Throughput, Scenario::Latency, Scenario::Pipelined]
+    };
+    let specs = scenarios
+        .iter()
+        .map(|&scenario| {
+            let (clients, messages, payloads, window) = scenario.defaults();
+            Spec {
+                scenario: scenario.name(),
+                transport: "shm",
+                clients: args.clients.unwrap_or(clients),
+                messages: args.messages.unwrap_or(messages),
+                payload: args.payload.unwrap_or(payloads[0]),
+                // As for all: --window is the pipelined workload's, or the
+                // one workload's under chaos.
+                window: args.window.filter(|_| window > 1 || args.chaos.is_some()).unwrap_or(window),
+            }
+        })
+        .collect();
+    Ok(brokered::Config {
+        daemon,
+        exe,
+        specs,
+        resolves: args.resolves,
+        call_timeout: Duration::from_millis(args.call_timeout_ms),
+        spin: args.spin_us.map(Duration::from_micros),
+        chaos: args.chaos,
+        chaos_period: Duration::from_millis(args.chaos_ms),
+        seed: args.seed.unwrap_or_else(|| fastrand::u64(..)),
+        json: args.json.clone(),
+    })
+}
+
 /// Connects this many times in a row for a latency run's connect figure.
 const SEQUENTIAL_CONNECTS: usize = 200;
 
@@ -659,6 +767,7 @@ fn measure(
             let daemon = daemon.context("--chaos sigterm needs the private daemon")?;
             return sigterm_run(spec, w, daemon, faults);
         }
+        Some(Chaos::KillProvider(_)) => bail!("--chaos kill-provider runs in the provider scenario"),
         None => {}
     }
     if let Some(duration) = faults.duration {

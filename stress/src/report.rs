@@ -6,6 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::brokered::{BrokeredRestartReport, KillProviderReport};
 use crate::chaos::{KillReport, RestartReport, Sample, Soak, StopReport};
 use crate::daemon::ProcessUsage;
 use crate::workload::{new_histogram, ClientOutcome, Outcomes};
@@ -34,6 +35,10 @@ pub struct Connect {
 pub struct Run {
     pub scenario: &'static str,
     pub transport: &'static str,
+    /// In the provider scenario: who served the calls, `daemon` (its own
+    /// `echo`) or `provider` (the provider process's, brokered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<&'static str>,
     pub clients: usize,
     pub messages_per_client: u64,
     pub payload_bytes: usize,
@@ -71,6 +76,14 @@ pub struct Run {
     /// `--chaos sigterm`: the graceful stop under load.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sigterm: Option<StopReport>,
+    /// `--chaos kill-provider:N`: the provider's kills and its callers'
+    /// recovery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kill_provider: Option<KillProviderReport>,
+    /// `--chaos restart-daemon:N` in the provider scenario: the restarts
+    /// under brokered calls, and the provider's registrations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_daemon_brokered: Option<BrokeredRestartReport>,
     /// `--duration`: the daemon sampled every second, and the trend.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<Vec<Sample>>,
@@ -130,6 +143,7 @@ impl Run {
         Run {
             scenario: spec.scenario,
             transport: spec.transport,
+            served_by: None,
             clients: outcomes.len(),
             messages_per_client: messages,
             payload_bytes: payload,
@@ -160,6 +174,8 @@ impl Run {
             kill_clients: None,
             restart_daemon: None,
             sigterm: None,
+            kill_provider: None,
+            restart_daemon_brokered: None,
             samples: None,
             soak: None,
             first_error,
@@ -173,24 +189,37 @@ impl Run {
     pub fn passed(&self) -> bool {
         let exact = self.lost == 0 && self.duplicated == 0 && self.mismatched == 0 && self.succeeded > 0;
         let o = &self.outcomes;
-        let failures_ok = match (&self.restart_daemon, &self.sigterm) {
-            (Some(r), _) => r.passed() && o.timeout == 0 && o.rejected == 0 && o.shutdown == 0,
+        // Only the calls in flight at a crash (of the daemon, or of the
+        // provider they call) may fail, and then as `disconnected`.
+        let crashed = self.restart_daemon.as_ref().map(RestartReport::passed);
+        let crashed = crashed.or(self.kill_provider.as_ref().map(KillProviderReport::passed));
+        let failures_ok = match (crashed, &self.sigterm) {
+            (Some(recovered), _) => recovered && o.timeout == 0 && o.rejected == 0 && o.shutdown == 0,
             // Every call not answered must have been answered `shutdown`.
             (_, Some(t)) => t.passed() && o.timeout + o.disconnected + o.rejected == 0 && o.shutdown > 0,
             // Every planned call made (clients stop once disconnected); a
-            // soak run plans a time, not a count.
+            // soak run plans a time, not a count. Brokered calls through
+            // daemon restarts are planned calls too: none may fail.
             _ => {
                 self.failed == 0 && (self.soak.is_some() || self.sent == self.clients as u64 * self.messages_per_client)
             }
         };
-        exact && failures_ok && self.kill_clients.as_ref().is_none_or(KillReport::passed)
+        exact
+            && failures_ok
+            && self.kill_clients.as_ref().is_none_or(KillReport::passed)
+            && self.restart_daemon_brokered.as_ref().is_none_or(BrokeredRestartReport::passed)
     }
 
     /// The human summary.
     pub fn summary(&self, mode: &str) -> String {
         let l = &self.latency_us;
+        let served = match self.served_by {
+            Some("provider") => ", served by the provider",
+            Some(_) => ", served by the daemon",
+            None => "",
+        };
         let mut s = format!(
-            "{} over {}: {} clients x {} calls, {} B payloads, window {}, clients as {mode}\n",
+            "{} over {}{served}: {} clients x {} calls, {} B payloads, window {}, clients as {mode}\n",
             self.scenario, self.transport, self.clients, self.messages_per_client, self.payload_bytes, self.window
         );
         let o = &self.outcomes;
@@ -216,8 +245,12 @@ impl Run {
             self.connect_us.p50, self.connect_us.max, self.allocations_per_call
         );
         s += &format!(
-            "  daemon      rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
-            self.daemon.rss_anon_kb, self.peak_rss_anon_kb, self.daemon.rss_shmem_kb, self.daemon.fds
+            "  {:<11} rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
+            if self.served_by == Some("provider") { "provider" } else { "daemon" },
+            self.daemon.rss_anon_kb,
+            self.peak_rss_anon_kb,
+            self.daemon.rss_shmem_kb,
+            self.daemon.fds
         );
         if let Some(k) = &self.kill_clients {
             let ms = |t: Option<f64>, none: &str| t.map_or_else(|| none.to_string(), |t| format!("{t:.1} ms"));
@@ -253,6 +286,32 @@ impl Run {
                 r.disconnect_delay_ms_max,
                 r.disconnect_delay_ms_p50,
                 r.disconnected_before_any_kill
+            );
+        }
+        if let Some(k) = &self.kill_provider {
+            for (i, x) in k.kills.iter().enumerate() {
+                let rec = x.recovery_ms.map_or_else(|| "none".into(), |t| format!("{t:.1} ms"));
+                s += &format!(
+                    "  kill {}      at {:.0} ms: reaped {:.1} ms after, new provider registered {:.1} ms after the kill ({:.1} ms after its start), first success {} after that; {} calls disconnected\n",
+                    i + 1, x.killed_at_ms, x.reaped_ms, x.registered_ms, x.start_to_registered_ms, rec, x.disconnected
+                );
+            }
+            s += &format!(
+                "  disconnect  {} calls; before any kill: {}\n",
+                k.disconnected_calls, k.disconnected_before_any_kill
+            );
+        }
+        if let Some(r) = &self.restart_daemon_brokered {
+            for (i, x) in r.restarts.iter().enumerate() {
+                let reg = x.registered_ms.map_or_else(|| "not within 10 s".into(), |t| format!("{t:.1} ms"));
+                s += &format!(
+                    "  restart {}   at {:.0} ms: down {:.1} ms, ready {:.1} ms after start, provider registered again {} after start; {} calls failed meanwhile\n",
+                    i + 1, x.killed_at_ms, x.down_ms, x.ready_ms, reg, x.failed_while_down
+                );
+            }
+            s += &format!(
+                "  brokered    calls failed while the daemon was down {} (goal 0), at any time {}\n",
+                r.failed_while_down, r.failed_calls
             );
         }
         if let Some(t) = &self.sigterm {
@@ -508,6 +567,13 @@ struct Report<'a, R> {
     baselines: &'a [Baseline],
 }
 
+/// Writes `document` to `path` as pretty JSON.
+pub fn write_document<D: Serialize>(path: &std::path::Path, document: &D) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(document)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Writes `runs` to `path` as the JSON document `{"runs": [RUN, ...]}`.
 pub fn write_json<R: Serialize>(path: &std::path::Path, runs: &[R]) -> anyhow::Result<()> {
     write_json_with_baselines(path, runs, &[])
@@ -521,9 +587,7 @@ pub fn write_json_with_baselines<R: Serialize>(
     runs: &[R],
     baselines: &[Baseline],
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let text = serde_json::to_string_pretty(&Report { runs, baselines })?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    write_document(path, &Report { runs, baselines })
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ use crate::started::{self, Registration, Stop};
 pub struct Workload {
     /// How clients reach the daemon.
     pub transport: Transport,
+    /// The echo service called: the daemon's own ([`ECHO`]), or a name a
+    /// provider offers through it.
+    pub service: &'static str,
     /// Calls per client.
     pub messages: u64,
     /// Payload bytes per call (at least [`MIN_PAYLOAD`]).
@@ -99,6 +102,8 @@ impl Outcomes {
 pub struct Probe {
     /// When a call ended as `disconnected`.
     pub disconnects: Mutex<Vec<Instant>>,
+    /// When a call ended in any error (`disconnected` included).
+    pub failures: Mutex<Vec<Instant>>,
     /// Set by the run when a new daemon starts (at `restarted_at`); the
     /// first call started after that which succeeds clears it and records
     /// when it ended.
@@ -123,13 +128,20 @@ impl Probe {
         }
     }
 
-    fn disconnect(&self) {
-        self.disconnects.lock().expect("probe lock").push(Instant::now());
+    fn failure(&self, disconnected: bool) {
+        let now = Instant::now();
+        if disconnected {
+            self.disconnects.lock().expect("probe lock").push(now);
+        }
+        self.failures.lock().expect("probe lock").push(now);
     }
 }
 
 /// The smallest payload: a u32 client id and a u64 sequence number.
 pub const MIN_PAYLOAD: usize = 12;
+
+/// The daemon's own echo service.
+pub const ECHO: &str = "echo";
 
 /// Writes the payload of call `seq` of client `client` into `buf`: the ids,
 /// then bytes that depend on both, so a reply meant for another call or
@@ -218,8 +230,8 @@ impl ClientOutcome {
     /// Records a call that ended in an error.
     fn error(&mut self, id: u32, seq: u64, e: &CallError, probe: Option<&Probe>) {
         self.outcomes.error(e);
-        if let (Some(p), CallError::Disconnected { .. }) = (probe, e) {
-            p.disconnect();
+        if let Some(p) = probe {
+            p.failure(matches!(e, CallError::Disconnected { .. }));
         }
         self.first_error.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
     }
@@ -247,7 +259,8 @@ fn is_payload(bytes: &[u8]) -> bool {
     expected == bytes
 }
 
-/// Connects one client and resolves `echo`. Returns the time it took.
+/// Connects one client and resolves the workload's service (a provided
+/// one through the daemon's broker). Returns the time both took.
 pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     let start = Instant::now();
     let mut options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
@@ -260,10 +273,11 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     // With its causes: the library's errors keep them as sources.
     let result = Client::connect_with(w.transport.clone(), options).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
     let result = result.and_then(|mut client| {
-        if w.payload > client.max_payload() {
-            return Err(format!("payload {} exceeds the daemon's maximum {}", w.payload, client.max_payload()));
+        let echo = client.service(w.service).map_err(|e| e.to_string())?;
+        let max = client.max_payload_of(&echo).map_err(|e| e.to_string())?;
+        if w.payload > max {
+            return Err(format!("payload {} exceeds {}'s maximum {max}", w.payload, w.service));
         }
-        let echo = client.service("echo").map_err(|e| e.to_string())?;
         Ok((client, echo))
     });
     (result, start.elapsed().as_nanos() as u64)
