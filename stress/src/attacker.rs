@@ -4,6 +4,12 @@
 //! rings its doorbells in floods. When the daemon disconnects it, it counts
 //! that and connects again, until told to stop.
 //!
+//! Given a provided name, it resolves that name through the daemon's broker
+//! instead and does the same to the brokered session, whose peer is the
+//! provider: it is the provider that must cope, drop the session (which
+//! the client sees as its liveness socket hanging up) and report a strike
+//! to the daemon.
+//!
 //! Every choice comes from a seeded generator, so a run can be repeated.
 //! Writes into the segment go through the segment's shared words, atomic
 //! at the width the layout gives each: no Rust reference is ever formed
@@ -27,9 +33,11 @@ pub struct Tally {
     /// Handshakes that gave it a session.
     pub sessions_opened: u64,
     /// Sessions that ended because the daemon hung up the control
-    /// connection (the rest ended when the run stopped).
+    /// connection (a brokered session's provider, its liveness socket;
+    /// the rest ended when the run stopped).
     pub sessions_disconnected: u64,
-    /// Handshakes that failed (rejected, timed out, daemon gone).
+    /// Handshakes (or resolves) that failed (rejected, timed out, daemon
+    /// gone).
     pub connect_failures: u64,
     /// Attacks made: scribbles, forged frames, floods.
     pub bursts: u64,
@@ -79,21 +87,30 @@ pub fn client_seed(seed: u64, i: usize) -> u64 {
 }
 
 /// The body of a hostile process (`--child-attackers N`): N hostile
-/// clients as threads. Prints `started` once each holds a session (or after
-/// 5 s), attacks until a line arrives on stdin, then prints `done` and the
-/// summed tally as JSON. A process of its own, as a hostile peer would be:
-/// the daemon holds back handshakes per process, and the normal clients
-/// must not share the attackers' pid.
-pub fn child_main(socket: &Path, hostile: usize, seed: u64, pause: Duration) -> anyhow::Result<()> {
+/// clients as threads, attacking the daemon's sessions or (with `target`)
+/// brokered sessions of that provided name. Prints `started` once each
+/// holds a session (or after 5 s), attacks until a line arrives on stdin,
+/// then prints `done` and the summed tally as JSON. A process of its own,
+/// as a hostile peer would be: the daemon holds back handshakes and
+/// resolves per process, and the normal clients must not share the
+/// attackers' pid.
+pub fn child_main(
+    socket: &Path,
+    target: Option<&str>,
+    hostile: usize,
+    seed: u64,
+    pause: Duration,
+) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..hostile)
         .map(|i| {
             let (socket, stop, started) = (socket.to_path_buf(), Arc::clone(&stop), Arc::clone(&started));
+            let target = target.map(str::to_string);
             let seed = client_seed(seed, i);
             std::thread::Builder::new()
                 .name(format!("hostile-{i}"))
-                .spawn(move || attack(&socket, seed, pause, &stop, &started))
+                .spawn(move || attack(&socket, target.as_deref(), seed, pause, &stop, &started))
                 .context("cannot start a hostile client")
         })
         .collect::<anyhow::Result<_>>()?;
@@ -123,10 +140,18 @@ const CAPACITIES: [u32; 3] = [4096, 16 << 10, 64 << 10];
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(2);
 
 /// Attacks the daemon at `socket` until `stop` is set: one session after
-/// another, each abused until the daemon hangs up. Sleeps `pause` after each
-/// burst (zero: never). Adds one to `started` once the first session is
-/// open.
-pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, started: &AtomicUsize) -> Tally {
+/// another, each abused until the daemon hangs up; with `target`, sessions
+/// with the provider of that name, brokered by the daemon, each abused
+/// until the provider hangs up. Sleeps `pause` after each burst (zero:
+/// never). Adds one to `started` once the first session is open.
+pub fn attack(
+    socket: &Path,
+    target: Option<&str>,
+    seed: u64,
+    pause: Duration,
+    stop: &AtomicBool,
+    started: &AtomicUsize,
+) -> Tally {
     let mut rng = Rng::with_seed(seed);
     let mut tally = Tally::default();
     // Relaxed: the flag carries no data, and a burst more or less after it
@@ -136,11 +161,15 @@ pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, star
             .ring_capacity(rng.choice(CAPACITIES).expect("a choice"))
             .doorbell(rng.choice([DoorbellKind::Futex, DoorbellKind::Pollable]).expect("a choice"))
             .connect_timeout(Duration::from_secs(5));
-        let mut session = match RawSession::connect(socket, &options) {
+        let opened = match target {
+            Some(name) => RawSession::resolve(socket, name, &options).map_err(|e| e.to_string()),
+            None => RawSession::connect(socket, &options).map_err(|e| e.to_string()),
+        };
+        let mut session = match opened {
             Ok(s) => s,
             Err(e) => {
                 tally.connect_failures += 1;
-                tally.first_connect_error.get_or_insert_with(|| e.to_string());
+                tally.first_connect_error.get_or_insert(e);
                 std::thread::sleep(RECONNECT_BACKOFF);
                 continue;
             }
@@ -159,7 +188,7 @@ pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, star
                 tally.sessions_disconnected += 1;
                 break;
             }
-            burst(&mut session, &mut rng, &mut next_id, &mut tally);
+            burst(&mut session, target.unwrap_or("echo"), &mut rng, &mut next_id, &mut tally);
             tally.bursts += 1;
             if !pause.is_zero() {
                 std::thread::sleep(pause);
@@ -170,8 +199,8 @@ pub fn attack(socket: &Path, seed: u64, pause: Duration, stop: &AtomicBool, star
     tally
 }
 
-/// One attack on `s`, chosen at random.
-fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
+/// One attack on `s`, whose echo service is `echo`, chosen at random.
+fn burst(s: &mut RawSession, echo: &str, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
     let capacity = u64::from(s.layout.capacity());
     match rng.u64(..100) {
         // A ring index: random, aligned but out of range, or near where it
@@ -205,7 +234,7 @@ fn burst(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally
         30..=44 => forge_frame(s, rng, capacity, tally),
         // Frames through the ring with random fields: unknown services,
         // response flags, repeated ids, and plain echo requests.
-        45..=64 => push_frames(s, rng, next_id, tally),
+        45..=64 => push_frames(s, echo, rng, next_id, tally),
         // Random bytes anywhere in the request ring's data, where the
         // daemon reads frames. (The segment header is read by the client
         // only, at connect, so scribbling it fools nobody but ourselves.)
@@ -270,12 +299,12 @@ fn forge_frame(s: &mut RawSession, rng: &mut Rng, capacity: u64, tally: &mut Tal
 
 /// Pushes up to 32 frames through the library's own producer, with random
 /// fields, publishes them and rings.
-fn push_frames(s: &mut RawSession, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
+fn push_frames(s: &mut RawSession, echo: &str, rng: &mut Rng, next_id: &mut u64, tally: &mut Tally) {
     let mut payload = [0u8; 256];
     for _ in 0..1 + rng.u64(..32) {
         let service = match rng.u64(..8) {
             0 => rng.u64(..) as u16,
-            _ => s.service_id("echo").unwrap_or(0),
+            _ => s.service_id(echo).unwrap_or(0),
         };
         let flags = if rng.u64(..16) == 0 { rng.u64(..) as u16 } else { 0 };
         let id = match rng.u64(..16) {

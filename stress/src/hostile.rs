@@ -5,20 +5,28 @@
 //! connections at its handshake timeout.
 //!
 //! One invocation, against a private daemon started with a short handshake
-//! timeout, runs four phases and reports each as a RUN:
+//! timeout and a provider process offering [`SERVICE`] through it
+//! ([`crate::provider`]), runs six phases and reports each as a RUN:
 //!
 //! 1. `hostile`, baseline: the normal clients alone (synchronous echo calls
 //!    over shared memory, every reply checked).
 //! 2. `hostile`, attack: the same, while `--hostile N` clients attack
 //!    ([`crate::attacker`]) and reconnect whenever the daemon drops them.
-//! 3. `handshake-flood`, without: clients connect one after another, each
+//! 3. `hostile`, baseline, target `provider`: the normal clients call the
+//!    provider's echo, over sessions the daemon brokered.
+//! 4. `hostile`, attack, target `provider`: the same, while the hostile
+//!    clients resolve the provided name and attack their brokered
+//!    sessions; the provider must drop them alone, and report each as a
+//!    strike to the daemon.
+//! 5. `handshake-flood`, without: clients connect one after another, each
 //!    making one verified call.
-//! 4. `handshake-flood`, with: the same connects while `--flood N`
+//! 6. `handshake-flood`, with: the same connects while `--flood N`
 //!    connections stall in the handshake ([`crate::flood`]); then every
 //!    stalled connection must be closed at the handshake timeout.
 //!
-//! Figures from the daemon (disconnect and reject reasons) come from its
-//! `stats` service, as differences over a phase.
+//! Figures from the daemon (disconnect and reject reasons, the strikes
+//! providers reported) come from its `stats` service, as differences over
+//! a phase.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +40,7 @@ use serde_json::Value;
 use crate::attacker::Tally;
 use crate::daemon::{self, PrivateDaemon};
 use crate::flood::{self, FloodFigures};
+use crate::provider::{ProviderProcess, Settings, SERVICE};
 use crate::report::{Run, Spec};
 use crate::workload::Workload;
 
@@ -82,6 +91,9 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 pub struct HostileFigures {
     /// `baseline` (normal clients alone) or `attack`.
     pub phase: &'static str,
+    /// Whose sessions the normal clients call and the hostile ones attack:
+    /// `daemon` (its own echo), or `provider` (the provider's, brokered).
+    pub target: &'static str,
     /// Hostile clients attacking (0 in the baseline).
     pub hostile_clients: usize,
     /// The seed of the run (`--seed`).
@@ -96,6 +108,10 @@ pub struct HostileFigures {
     pub daemon_disconnects: BTreeMap<String, u64>,
     /// Handshakes the daemon refused over the phase, by its reason.
     pub daemon_rejects: BTreeMap<String, u64>,
+    /// Strikes providers reported to the daemon over the phase (its
+    /// `broker.strikes_reported`): brokered sessions dropped for breaking
+    /// the protocol.
+    pub strikes_reported: u64,
     /// CPU time the daemon used over the phase, in seconds.
     pub daemon_cpu_s: f64,
     /// Normal throughput under attack over the baseline's.
@@ -167,6 +183,11 @@ fn growth(before: &Value, after: &Value, pointer: &str) -> BTreeMap<String, u64>
         .collect()
 }
 
+/// The counter at `pointer` in a stats document (0 if absent).
+fn counter(stats: &Value, pointer: &str) -> u64 {
+    stats.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+}
+
 /// Runs the scenario; returns whether it passed.
 pub fn run(c: &Config) -> anyhow::Result<bool> {
     // Room for the flood, the clients and the daemon's own fds: the daemon
@@ -196,6 +217,8 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
     let mut private = PrivateDaemon::start_with(&c.daemon, max_clients, c.spin, &extra)?;
     let socket = private.socket().to_path_buf();
     let pid = private.pid();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut provider = ProviderProcess::start(&c.exe, &socket, Settings { workers, spin: c.spin })?;
     let mut stats = Stats::connect(&socket)?;
     let w = Workload {
         transport: Transport::Shm(socket.clone()),
@@ -212,18 +235,21 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
     };
     let mut runs = Vec::new();
 
-    let baseline = normal_phase(c, &w, pid, &mut stats, None)?;
-    let baseline_throughput = baseline.run.throughput_msgs_per_s;
-    print!("{}", summary(&baseline));
-    runs.push(baseline);
-    if c.hostile > 0 {
-        let mut attack = normal_phase(c, &w, pid, &mut stats, Some(&socket))?;
-        if let Some(h) = &mut attack.hostile {
-            h.throughput_ratio =
-                (baseline_throughput > 0.0).then(|| attack.run.throughput_msgs_per_s / baseline_throughput);
+    let provided = Workload { service: SERVICE, ..w.clone() };
+    for (target, w, pid) in [(Target::Daemon, &w, pid), (Target::Provider, &provided, provider.pid())] {
+        let baseline = normal_phase(c, w, pid, &mut stats, target, None)?;
+        let baseline_throughput = baseline.run.throughput_msgs_per_s;
+        print!("{}", summary(&baseline));
+        runs.push(baseline);
+        if c.hostile > 0 {
+            let mut attack = normal_phase(c, w, pid, &mut stats, target, Some(&socket))?;
+            if let Some(h) = &mut attack.hostile {
+                h.throughput_ratio =
+                    (baseline_throughput > 0.0).then(|| attack.run.throughput_msgs_per_s / baseline_throughput);
+            }
+            print!("{}", summary(&attack));
+            runs.push(attack);
         }
-        print!("{}", summary(&attack));
-        runs.push(attack);
     }
     if c.flood > 0 && private.exit_status().is_none() {
         let (without, with) = flood_phases(c, &w, &socket, pid, &mut stats)?;
@@ -233,24 +259,49 @@ pub fn run(c: &Config) -> anyhow::Result<bool> {
     }
 
     let exited = private.exit_status();
-    let passed = verdict(&runs, exited.is_none());
-    print!("{}", closing(c, &runs, exited, passed));
+    let provider_exited = provider.exit_status();
+    let passed = verdict(&runs, exited.is_none() && provider_exited.is_none());
+    print!("{}", closing(c, &runs, exited, provider_exited, passed));
     if let Some(path) = &c.json {
         crate::report::write_json(path, &runs)?;
     }
     drop(stats);
+    if provider_exited.is_none() {
+        provider.stop()?;
+    }
     if exited.is_none() {
         private.stop()?;
     }
     Ok(passed)
 }
 
-/// The normal clients' calls, alone or (with `attack_socket`) under attack.
+/// Whose sessions a phase's clients call and attack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// The daemon's own.
+    Daemon,
+    /// The provider's, brokered by the daemon.
+    Provider,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Daemon => "daemon",
+            Target::Provider => "provider",
+        }
+    }
+}
+
+/// The normal clients' calls to `target` (through `w`, served by process
+/// `pid`), alone or (with `attack_socket`) under attack on `target`'s
+/// sessions.
 fn normal_phase(
     c: &Config,
     w: &Workload,
     pid: i32,
     stats: &mut Stats,
+    target: Target,
     attack_socket: Option<&Path>,
 ) -> anyhow::Result<ScenarioRun> {
     let spec = Spec {
@@ -267,8 +318,12 @@ fn normal_phase(
     // would. The attack is under way once every hostile client holds a
     // session (or has tried for a while: a daemon that refuses them is a
     // finding too).
-    let attackers = attack_socket.map(|socket| Attackers::start(c, socket)).transpose()?;
-    let run = crate::run_one(&spec, w.clone(), pid, false, &c.exe, &crate::Faults::NONE, None)?;
+    let service = (target == Target::Provider).then_some(SERVICE);
+    let attackers = attack_socket.map(|socket| Attackers::start(c, socket, service)).transpose()?;
+    let mut run = crate::run_one(&spec, w.clone(), pid, false, &c.exe, &crate::Faults::NONE, None)?;
+    if target == Target::Provider {
+        run.served_by = Some("provider");
+    }
     let tally = match attackers {
         Some(a) => a.stop()?,
         None => Tally::default(),
@@ -279,12 +334,15 @@ fn normal_phase(
         run,
         hostile: Some(HostileFigures {
             phase: if attack_socket.is_some() { "attack" } else { "baseline" },
+            target: target.name(),
             hostile_clients: attack_socket.map_or(0, |_| c.hostile),
             seed: c.seed,
             pause_us: c.pause.as_micros() as u64,
             tally,
             daemon_disconnects: growth(&before, &after, "/disconnects"),
             daemon_rejects: growth(&before, &after, "/handshakes/rejected"),
+            strikes_reported: counter(&after, "/broker/strikes_reported")
+                .saturating_sub(counter(&before, "/broker/strikes_reported")),
             daemon_cpu_s: cpu,
             throughput_ratio: None,
         }),
@@ -301,9 +359,10 @@ struct Attackers {
 }
 
 impl Attackers {
-    /// Starts this binary again with `--child-attackers` and waits until its
-    /// clients are attacking.
-    fn start(c: &Config, socket: &Path) -> anyhow::Result<Attackers> {
+    /// Starts this binary again with `--child-attackers` (attacking
+    /// sessions with the provider of `service`, if given) and waits until
+    /// its clients are attacking.
+    fn start(c: &Config, socket: &Path, service: Option<&str>) -> anyhow::Result<Attackers> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut command = Command::new(&c.exe);
@@ -318,6 +377,9 @@ impl Attackers {
             .arg(c.pause.as_micros().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
+        if let Some(service) = service {
+            command.arg("--attack-service").arg(service);
+        }
         let (mut child, registration) = crate::started::spawn(&mut command, crate::started::Stop::Kill)
             .context("cannot start the hostile process")?;
         let stdin = child.stdin.take().expect("piped stdin");
@@ -400,11 +462,14 @@ fn summary(r: &ScenarioRun) -> String {
     let mut s = r.run.summary("threads");
     if let Some(h) = &r.hostile {
         let t = &h.tally;
-        s += &format!("  phase       {} ({} hostile clients)\n", h.phase, h.hostile_clients);
+        s += &format!(
+            "  phase       {} of the {}'s sessions ({} hostile clients)\n",
+            h.phase, h.target, h.hostile_clients
+        );
         if h.hostile_clients > 0 {
             s += &format!(
-                "  hostile     sessions opened {}  disconnected by the daemon {}  connect failures {}\n",
-                t.sessions_opened, t.sessions_disconnected, t.connect_failures
+                "  hostile     sessions opened {}  disconnected by the {} {}  connect failures {}\n",
+                t.sessions_opened, h.target, t.sessions_disconnected, t.connect_failures
             );
             s += &format!(
                 "  attacks     bursts {}  scribbles {}  frames {}  eventfd rings {}  futex wakes {}  bell sends {}  control writes {}\n",
@@ -415,9 +480,10 @@ fn summary(r: &ScenarioRun) -> String {
             }
         }
         s += &format!(
-            "  daemon      disconnects {}  rejects {}\n",
+            "  daemon      disconnects {}  rejects {}  strikes reported by providers {}\n",
             counters(&h.daemon_disconnects),
-            counters(&h.daemon_rejects)
+            counters(&h.daemon_rejects),
+            h.strikes_reported
         );
         s += &format!("  cpu s       daemon {:.2}  hostile threads {:.2}\n", h.daemon_cpu_s, t.cpu_s);
     }
@@ -455,25 +521,39 @@ fn counters(map: &BTreeMap<String, u64>) -> String {
 }
 
 /// The closing summary: the comparisons the scenario is for.
-fn closing(c: &Config, runs: &[ScenarioRun], exited: Option<std::process::ExitStatus>, passed: bool) -> String {
+fn closing(
+    c: &Config,
+    runs: &[ScenarioRun],
+    exited: Option<std::process::ExitStatus>,
+    provider_exited: Option<std::process::ExitStatus>,
+    passed: bool,
+) -> String {
     let mut s = format!("\nhostile scenario (seed {})\n", c.seed);
-    let normal: Vec<&Run> = runs.iter().filter(|r| r.hostile.is_some()).map(|r| &r.run).collect();
     let (failed, mismatched): (u64, u64) =
         runs.iter().fold((0, 0), |(f, m), r| (f + r.run.failed, m + r.run.mismatched));
     s += &format!("  normal calls failed {failed}, mismatched {mismatched} (goal 0)\n");
-    if let [baseline, attack] = normal[..] {
-        let ratio = runs.iter().find_map(|r| r.hostile.as_ref()?.throughput_ratio).unwrap_or(0.0);
+    for target in [Target::Daemon, Target::Provider] {
+        let phase = |name: &str| {
+            runs.iter().find(|r| r.hostile.as_ref().is_some_and(|h| h.target == target.name() && h.phase == name))
+        };
+        let (Some(baseline), Some(attack)) = (phase("baseline"), phase("attack")) else { continue };
+        let h = attack.hostile.as_ref().expect("a hostile phase");
         s += &format!(
-            "  normal throughput  alone {:.0} msg/s, with {} hostile clients {:.0} msg/s: ratio {:.2}\n",
-            baseline.throughput_msgs_per_s, c.hostile, attack.throughput_msgs_per_s, ratio
+            "  {:<8} normal throughput alone {:.0} msg/s, with {} hostile clients {:.0} msg/s: ratio {:.2}\n",
+            target.name(),
+            baseline.run.throughput_msgs_per_s,
+            c.hostile,
+            attack.run.throughput_msgs_per_s,
+            h.throughput_ratio.unwrap_or(0.0)
         );
-    }
-    if let Some(h) = runs.iter().filter_map(|r| r.hostile.as_ref()).find(|h| h.hostile_clients > 0) {
         s += &format!(
-            "  hostile sessions   opened {}, disconnected by the daemon {}; daemon disconnects: {}\n",
+            "  {:<8} hostile sessions opened {}, disconnected by the {} {}; daemon disconnects: {}; strikes reported by providers: {}\n",
+            target.name(),
             h.tally.sessions_opened,
+            target.name(),
             h.tally.sessions_disconnected,
-            counters(&h.daemon_disconnects)
+            counters(&h.daemon_disconnects),
+            h.strikes_reported
         );
     }
     let floods: Vec<&FloodFigures> = runs.iter().filter_map(|r| r.handshake_flood.as_ref()).collect();
@@ -499,6 +579,10 @@ fn closing(c: &Config, runs: &[ScenarioRun], exited: Option<std::process::ExitSt
     match exited {
         None => s += "  daemon             alive\n",
         Some(status) => s += &format!("  daemon             DIED ({status})\n"),
+    }
+    match provider_exited {
+        None => s += "  provider           alive\n",
+        Some(status) => s += &format!("  provider           DIED ({status})\n"),
     }
     s += if passed { "  result             PASS\n" } else { "  result             FAIL\n" };
     s

@@ -225,6 +225,11 @@ struct Args {
     #[arg(long, hide = true, value_name = "N")]
     child_attackers: Option<usize>,
 
+    /// Internal: the attackers resolve this provided name and attack its
+    /// brokered sessions instead of the daemon's.
+    #[arg(long, hide = true, value_name = "NAME")]
+    attack_service: Option<String>,
+
     /// Internal: run as the provider process, with WORKERS workers.
     #[arg(long, hide = true, value_name = "WORKERS")]
     child_provider: Option<usize>,
@@ -305,7 +310,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         };
         let pause = Duration::from_micros(args.hostile_pause_us);
-        return match attacker::child_main(socket, n, args.seed.unwrap_or(0), pause) {
+        let target = args.attack_service.as_deref();
+        return match attacker::child_main(socket, target, n, args.seed.unwrap_or(0), pause) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: hostile process: {e:#}");
