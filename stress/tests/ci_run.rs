@@ -273,8 +273,10 @@ fn soak_samples_the_daemon_every_second() {
 
 /// The hostile scenario, small: 4 clients make 2,000 verified calls alone,
 /// then again while 4 hostile clients scribble over their segments and
-/// flood their doorbells; then 50 clients connect in a row without and with
-/// 100 connections stalled in the handshake.
+/// flood their doorbells; the same against a provider's echo, the hostile
+/// clients abusing sessions the daemon brokered with it; then 50 clients
+/// connect in a row without and with 100 connections stalled in the
+/// handshake.
 #[test]
 fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
     let args = [
@@ -300,16 +302,24 @@ fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
     // at the handshake timeout (not before) without an answer.
     let report = run_all(&args, &[]);
     let runs = report["runs"].as_array().unwrap();
-    let phases: Vec<(&str, &str)> = runs
+    let phases: Vec<(&str, &str, &str)> = runs
         .iter()
         .map(|r| {
             let phase = r["hostile"]["phase"].as_str().or(r["handshake_flood"]["phase"].as_str());
-            (r["scenario"].as_str().unwrap(), phase.unwrap_or("none"))
+            let target = r["hostile"]["target"].as_str().unwrap_or("daemon");
+            (r["scenario"].as_str().unwrap(), phase.unwrap_or("none"), target)
         })
         .collect();
     assert_eq!(
         phases,
-        [("hostile", "baseline"), ("hostile", "attack"), ("handshake-flood", "without"), ("handshake-flood", "with")]
+        [
+            ("hostile", "baseline", "daemon"),
+            ("hostile", "attack", "daemon"),
+            ("hostile", "baseline", "provider"),
+            ("hostile", "attack", "provider"),
+            ("handshake-flood", "without", "daemon"),
+            ("handshake-flood", "with", "daemon"),
+        ]
     );
 
     let attack = &runs[1]["hostile"];
@@ -317,8 +327,18 @@ fn hostile_clients_and_stalled_handshakes_leave_normal_clients_unharmed() {
     assert!(attack["sessions_disconnected"].as_u64().unwrap() > 0, "{attack}");
     assert!(attack["daemon_disconnects"]["protocol_violation"].as_u64().unwrap() > 0, "{attack}");
 
+    // The provider dropped the hostile callers' sessions (its normal
+    // callers' calls all succeeded: run_all saw PASS) and reported each
+    // to the daemon as a strike.
+    assert_eq!(runs[3]["served_by"], "provider", "{}", runs[3]);
+    let attack = &runs[3]["hostile"];
+    assert!(attack["sessions_opened"].as_u64().unwrap() >= 4, "{attack}");
+    let dropped = attack["sessions_disconnected"].as_u64().unwrap();
+    assert!(dropped > 0, "{attack}");
+    assert!(attack["strikes_reported"].as_u64().unwrap() > 0, "{attack}");
+
     // The daemon, not just our watch, saw each stalled handshake time out.
-    let flood = &runs[3]["handshake_flood"];
+    let flood = &runs[5]["handshake_flood"];
     assert_eq!(flood["daemon_handshake_timeouts"], 100, "{flood}");
 }
 

@@ -1,6 +1,7 @@
 //! Whatever ends stress, nothing it started outlives it. SIGTERM and SIGINT
-//! stop its private daemon, its client processes (`--procs`) and its
-//! hostile process and remove the daemon's directory before stress exits
+//! stop its private daemon, its client processes (`--procs`), its hostile
+//! process and its provider process and remove the daemon's directory
+//! before stress exits
 //! with 128 + the signal's number; SIGKILL, which stress cannot catch,
 //! takes them along by their parent-death signal.
 
@@ -220,6 +221,35 @@ fn sigterm_stops_the_hostile_process_too() {
     let status = run.exit_status();
     run.assert_gone(daemon, "the private daemon");
     run.assert_gone(hostile[0], "the hostile process");
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert_eq!(status.code(), Some(128 + Signal::SIGTERM as i32), "stress ended with {status}");
+}
+
+/// The provider process stress starts for the provider scenario is stopped
+/// with the daemon; so is its replacement after a kill.
+#[test]
+fn sigterm_stops_the_provider_process_too() {
+    let mut run = Run::start(&[
+        "--scenario",
+        "provider",
+        "--clients",
+        "1",
+        "--messages",
+        "1000000000",
+        "--chaos",
+        "kill-provider:1",
+        "--chaos-ms",
+        "1",
+    ]);
+    let (daemon, dir) = run.daemon();
+    // The one started after the kill: stress has announced it.
+    run.assert_said("provider of stress.echo restarted");
+    let providers: Vec<Proc> = run.own_children(1, "--child-provider").into_iter().filter(|p| !p.is_gone()).collect();
+    assert_eq!(providers.len(), 1, "one provider process runs");
+    run.signal(Signal::SIGTERM);
+    let status = run.exit_status();
+    run.assert_gone(daemon, "the private daemon");
+    run.assert_gone(providers[0], "the provider process");
     assert!(!dir.exists(), "{} is left behind", dir.display());
     assert_eq!(status.code(), Some(128 + Signal::SIGTERM as i32), "stress ended with {status}");
 }
