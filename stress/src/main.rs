@@ -63,10 +63,12 @@ static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::Counting
 /// --scenario hostile (not part of all) starts its own daemon with a short
 /// handshake timeout and runs 10 clients x 20,000 synchronous calls over
 /// shared memory alone, then again while --hostile clients scribble over
-/// their segments and flood their doorbells; then 200 connects in a row
-/// without and with --flood connections stalled in the handshake. Exits 1
-/// if a normal call failed or mismatched, the daemon died, or a stalled
-/// connection was not closed at the handshake timeout.
+/// their segments and flood their doorbells; the same against a provider
+/// process's echo, the hostile clients abusing their brokered sessions;
+/// then 200 connects in a row without and with --flood connections
+/// stalled in the handshake. Exits 1 if a normal call failed or
+/// mismatched, the daemon or the provider died, or a stalled connection
+/// was not closed at the handshake timeout.
 ///
 /// --scenario provider (not part of all) starts its own daemon and a
 /// provider process offering stress.echo through it, and runs the
