@@ -109,8 +109,11 @@ pub struct Comparison {
     pub provider: f64,
     /// The provider's figure over the daemon's.
     pub ratio: f64,
+    /// Whether both runs passed; if not, the ratio is no measure of
+    /// either and its goal is not judged.
+    pub runs_passed: bool,
     /// The goal of the ratio (`>= 0.9`, `<= 1.2`), if it has one, and
-    /// whether this run met it.
+    /// whether this run met it (absent when a run failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub goal: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -642,11 +645,13 @@ fn compare(runs: &[Run]) -> Vec<Comparison> {
             _ => ("msgs_per_s", d.throughput_msgs_per_s, p.throughput_msgs_per_s),
         };
         let ratio = if daemon > 0.0 { provider / daemon } else { 0.0 };
+        let runs_passed = d.passed() && p.passed();
         let (goal, met) = match d.scenario {
-            "throughput" => (Some(">= 0.9"), Some(ratio >= THROUGHPUT_GOAL)),
-            "latency" if d.clients == 1 => (Some("<= 1.2"), Some(ratio > 0.0 && ratio <= LATENCY_GOAL)),
-            _ => (None, None),
+            "throughput" => (Some(">= 0.9"), ratio >= THROUGHPUT_GOAL),
+            "latency" if d.clients == 1 => (Some("<= 1.2"), ratio > 0.0 && ratio <= LATENCY_GOAL),
+            _ => (None, false),
         };
+        let met = goal.filter(|_| runs_passed).map(|_| met);
         rows.push(Comparison {
             scenario: d.scenario,
             payload_bytes: d.payload_bytes,
@@ -654,6 +659,7 @@ fn compare(runs: &[Run]) -> Vec<Comparison> {
             daemon,
             provider,
             ratio,
+            runs_passed,
             goal,
             met,
         });
@@ -675,6 +681,7 @@ fn table(f: &ProviderFigures, runs: &[Run]) -> String {
     for row in &f.comparison {
         let cell = |x: f64| if row.figure == "p50_us" { format!("{x:.2}") } else { format!("{x:.0}") };
         let goal = match (row.goal, row.met) {
+            (_, _) if !row.runs_passed => "not judged: a run failed".to_string(),
             (Some(g), Some(true)) => format!("{g}: met"),
             (Some(g), Some(false)) => format!("{g}: MISSED"),
             _ => String::new(),
