@@ -142,6 +142,9 @@ pub(crate) struct Broker {
     waiting: Vec<Waiting>,
     timers: BTreeSet<(Instant, Timer)>,
     counts: BrokerCounts,
+    /// The connection whose messages are being taken: an answer to it needs
+    /// no new pass over its input (the pass under way goes on).
+    taking: Option<usize>,
 }
 
 impl Broker {
@@ -158,6 +161,7 @@ impl Broker {
             waiting: Vec::new(),
             timers: BTreeSet::new(),
             counts: BrokerCounts::default(),
+            taking: None,
         }
     }
 
@@ -194,21 +198,46 @@ impl Broker {
     }
 
     /// Something happened on connection `key`: read and act on what came.
+    /// Reading stops at the connection's input and fd limits: what it took
+    /// is acted on, then reading goes on, until the socket is empty or the
+    /// connection takes no more for now (a caller whose resolve is being
+    /// answered: [`Broker::ready`] is called again when it is).
     pub(crate) fn ready(&mut self, poller: &Poller, key: usize) {
-        let result = match self.conns.get_mut(key) {
-            Some(Conn::Caller(c)) => c.conn.flush().and_then(|()| c.conn.receive()),
-            Some(Conn::Provider(p)) => p.conn.flush().and_then(|()| p.conn.receive()),
-            None => return,
-        };
-        if let Err(reason) = result {
-            return self.violation(poller, key, &reason);
+        loop {
+            let result = match self.conns.get_mut(key) {
+                Some(Conn::Caller(c)) => c.conn.flush().and_then(|()| c.conn.receive()),
+                Some(Conn::Provider(p)) => p.conn.flush().and_then(|()| p.conn.receive()),
+                None => return,
+            };
+            let more = match result {
+                Ok(more) => more,
+                Err(reason) => return self.violation(poller, key, &reason),
+            };
+            let before = self.buffered(key);
+            self.take_messages(poller, key);
+            if !more || self.buffered(key).is_none_or(|after| Some(after) == before) {
+                return;
+            }
         }
-        self.take_messages(poller, key);
+    }
+
+    /// Bytes connection `key` read and has not acted on (`None`: it is gone).
+    fn buffered(&self, key: usize) -> Option<usize> {
+        match self.conns.get(key)? {
+            Conn::Caller(c) => Some(c.conn.buffered()),
+            Conn::Provider(p) => Some(p.conn.buffered()),
+        }
     }
 
     /// Acts on the whole messages connection `key` holds, then closes it if
     /// its peer closed.
     fn take_messages(&mut self, poller: &Poller, key: usize) {
+        let outer = self.taking.replace(key);
+        self.take_messages_of(poller, key);
+        self.taking = outer;
+    }
+
+    fn take_messages_of(&mut self, poller: &Poller, key: usize) {
         loop {
             let message = match self.conns.get_mut(key) {
                 Some(Conn::Caller(c)) if c.busy || c.held.is_some() => break,
@@ -308,7 +337,9 @@ impl Broker {
             tracing::info!(peer = %c.creds, "cannot answer a resolve: {reason}; disconnecting");
             return self.close(poller, caller, &reason);
         }
-        self.take_messages(poller, caller);
+        if self.taking != Some(caller) {
+            self.ready(poller, caller);
+        }
     }
 
     fn resolve(&mut self, poller: &Poller, key: usize, resolve: Resolve) {
@@ -441,6 +472,7 @@ impl Broker {
         self.timers.insert((deadline, Timer::Handoff(session_id)));
         self.handoffs.insert(session_id, Handoff { caller: caller_key, provider, caller_fds, answer, lease });
         tracing::debug!(session = session_id, provider, peer = %caller, name = resolve.name, "session offered");
+        self.publish();
         Ok(())
     }
 
@@ -673,6 +705,7 @@ impl Broker {
             "registrations": { "accepted": c.registrations, "refused": c.registrations_refused },
             "strikes_reported": c.strikes_reported,
             "sessions_handed_over": self.live.len(),
+            "sessions_offered": self.handoffs.len(),
             "waiting_resolves": self.waiting.len(),
         });
         self.shared.engine.stats.set_broker(value);

@@ -25,7 +25,10 @@ const INPUT_LIMIT: usize = 2 * (LENGTH_PREFIX + MAX_CONTROL_MESSAGE);
 /// The most unsent bytes kept for a peer that reads slowly; past it the
 /// peer is not reading its control connection.
 const OUTPUT_LIMIT: usize = 4 * (LENGTH_PREFIX + MAX_CONTROL_MESSAGE);
-/// The most received fds kept ahead of the messages that take them.
+/// The most received fds kept ahead of the messages that take them. Reading
+/// pauses before one more read could pass it (the kernel hands over at most
+/// one message's fds, [`ipc_platform::MAX_FDS`], per read), and goes on once
+/// the messages that carry them are taken.
 const FD_LIMIT: usize = 16;
 
 /// Whether the connection takes fds from its peer.
@@ -64,12 +67,26 @@ impl ControlConn {
         }
     }
 
-    /// Reads what the socket holds, up to the input limit, without
-    /// blocking. An error is a broken protocol or a failed socket: the
-    /// connection is done.
-    pub(crate) fn receive(&mut self) -> Result<(), String> {
+    /// Reads what the socket holds, up to the input limit and the fd limit,
+    /// without blocking. Returns whether it stopped at a limit (so the
+    /// socket may hold more: take the whole messages, then receive again).
+    /// An error is a broken protocol or a failed socket: the connection is
+    /// done.
+    pub(crate) fn receive(&mut self) -> Result<bool, String> {
         let mut chunk = [0u8; 8192];
-        while !self.closed && self.input.len() < INPUT_LIMIT {
+        if self.received.len() + ipc_platform::MAX_FDS > FD_LIMIT && !self.has_whole_message() {
+            return Err(format!(
+                "the peer sent more than {} file descriptors ahead of its messages",
+                self.received.len()
+            ));
+        }
+        loop {
+            if self.closed {
+                return Ok(false);
+            }
+            if self.input.len() >= INPUT_LIMIT || self.received.len() + ipc_platform::MAX_FDS > FD_LIMIT {
+                return Ok(true);
+            }
             let room = (INPUT_LIMIT - self.input.len()).min(chunk.len());
             let read = match self.fds {
                 Fds::Refuse => {
@@ -88,16 +105,27 @@ impl ControlConn {
             match read {
                 Ok(0) => self.closed = true,
                 Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.closed = true,
                 Err(e) => return Err(e.to_string()),
             }
-            if self.received.len() > FD_LIMIT {
-                return Err(format!("the peer sent more than {FD_LIMIT} file descriptors ahead of its messages"));
-            }
         }
-        Ok(())
+    }
+
+    /// Bytes read and not yet taken as messages.
+    pub(crate) fn buffered(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Whether the input holds a whole message (whose length prefix may
+    /// still be bad: [`ControlConn::next`] says).
+    fn has_whole_message(&self) -> bool {
+        let Some(prefix) = self.input.first_chunk::<LENGTH_PREFIX>() else { return false };
+        match handshake::body_len(*prefix) {
+            Ok(len) => self.input.len() >= LENGTH_PREFIX + len,
+            Err(_) => true,
+        }
     }
 
     /// The next whole message, decoded, if one is in the input.
@@ -244,5 +272,50 @@ mod tests {
         assert!(conn.next::<ProviderMessage>().unwrap().is_some());
         assert_eq!(conn.take_fds(2).unwrap().len(), 2);
         assert!(conn.take_fds(1).is_err());
+    }
+
+    #[test]
+    fn many_messages_with_fds_are_all_taken_a_limit_at_a_time() {
+        let (mut conn, peer) = pair(Fds::Accept);
+        let e = ipc_platform::EventFd::new().unwrap();
+        let count = 3 * FD_LIMIT;
+        for id in 0..count as u64 {
+            let bytes = handshake::encode(&ProviderMessage::Accept { session_id: id }).unwrap();
+            ipc_platform::send_with_fds(peer.as_fd(), &bytes, &[e.as_fd(); ipc_platform::MAX_FDS]).unwrap();
+        }
+        let mut taken = Vec::new();
+        let mut passes = 0;
+        loop {
+            let more = conn.receive().unwrap();
+            passes += 1;
+            assert!(conn.received.len() <= FD_LIMIT);
+            while let Some(ProviderMessage::Accept { session_id }) = conn.next::<ProviderMessage>().unwrap() {
+                assert_eq!(conn.take_fds(ipc_platform::MAX_FDS).unwrap().len(), ipc_platform::MAX_FDS);
+                taken.push(session_id);
+            }
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(taken, (0..count as u64).collect::<Vec<_>>());
+        assert!(passes > 1, "the fd limit paused reading at least once");
+    }
+
+    #[test]
+    fn fds_that_no_message_takes_break_the_protocol() {
+        let (mut conn, peer) = pair(Fds::Accept);
+        let e = ipc_platform::EventFd::new().unwrap();
+        for _ in 0..FD_LIMIT {
+            let bytes = handshake::encode(&ProviderMessage::Accept { session_id: 1 }).unwrap();
+            ipc_platform::send_with_fds(peer.as_fd(), &bytes, &[e.as_fd(); ipc_platform::MAX_FDS]).unwrap();
+        }
+        let err = loop {
+            match conn.receive() {
+                // Messages taken, their fds not: what a peer declaring fewer fds than it sent causes.
+                Ok(_) => while conn.next::<ProviderMessage>().unwrap().is_some() {},
+                Err(e) => break e,
+            }
+        };
+        assert!(err.contains("file descriptors ahead"), "{err}");
     }
 }

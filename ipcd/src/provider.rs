@@ -415,26 +415,34 @@ impl Link {
     }
 
     fn daemon_ready(&mut self, poll: &Poll, engine: &Engine, workers: &[WorkerHandle]) {
-        let Some(conn) = self.conn.as_mut() else { return };
-        if let Err(e) = conn.flush().and_then(|()| conn.receive()) {
-            return self.lose(poll, &e);
-        }
+        // Reading stops at the connection's limits (offers carry fds): take
+        // what came, then read on until the socket is empty.
         loop {
             let Some(conn) = self.conn.as_mut() else { return };
-            let message = match conn.next::<DaemonMessage>() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(e) => return self.lose(poll, &format!("bad message: {e}")),
+            let more = match conn.flush().and_then(|()| conn.receive()) {
+                Ok(more) => more,
+                Err(e) => return self.lose(poll, &e),
             };
-            match message {
-                DaemonMessage::Incoming(incoming) => {
-                    let fds = match conn.take_fds(incoming.fd_count()) {
-                        Ok(fds) => fds,
-                        Err(e) => return self.lose(poll, &e),
-                    };
-                    self.incoming(poll, engine, workers, incoming, fds);
+            loop {
+                let Some(conn) = self.conn.as_mut() else { return };
+                let message = match conn.next::<DaemonMessage>() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => return self.lose(poll, &format!("bad message: {e}")),
+                };
+                match message {
+                    DaemonMessage::Incoming(incoming) => {
+                        let fds = match conn.take_fds(incoming.fd_count()) {
+                            Ok(fds) => fds,
+                            Err(e) => return self.lose(poll, &e),
+                        };
+                        self.incoming(poll, engine, workers, incoming, fds);
+                    }
+                    other => return self.lose(poll, &format!("unexpected message {other:?}")),
                 }
-                other => return self.lose(poll, &format!("unexpected message {other:?}")),
+            }
+            if !more {
+                break;
             }
         }
         if self.conn.as_ref().is_some_and(|c| c.closed) {

@@ -130,6 +130,47 @@ fn an_exclusive_name_is_refused_to_a_second_provider_naming_the_first_by_pid_and
 }
 
 #[test]
+fn a_provider_that_reads_late_takes_every_session_offered_meanwhile() {
+    // Each offer carries its fds: a provider that finds many offers waiting
+    // must take them all, not refuse the fds queued ahead of their messages.
+    const CALLERS: usize = 24;
+    watchdog(TEST_LIMIT, || {
+        let daemon = start_daemon(None, &["--handshake-timeout", "60s"]);
+        let socket = daemon.socket().to_path_buf();
+        let mut provider = HelperBuilder::provider(&socket, &["test.upper"]).spawn();
+        provider.expect("registered");
+        let mut observer = client_of(&daemon, ClientOptions::default());
+        provider.signal(Signal::SIGSTOP);
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|i| {
+                let mut client = client_of(&daemon, ClientOptions::default());
+                std::thread::spawn(move || {
+                    let upper = client.service("test.upper").map_err(|e| format!("resolve: {e}"))?;
+                    let reply =
+                        client.call(&upper, format!("caller {i}").as_bytes()).map_err(|e| format!("call: {e}"))?;
+                    Ok::<_, String>((reply, client))
+                })
+            })
+            .collect();
+        let broker = broker_eventually(&mut observer, |b| count(b, &["sessions_offered"]) == CALLERS as u64);
+        assert_eq!(count(&broker, &["sessions_offered"]), CALLERS as u64, "{broker}");
+        provider.signal(Signal::SIGCONT);
+        let mut clients = Vec::new();
+        for (i, caller) in callers.into_iter().enumerate() {
+            let (reply, client) =
+                join_within(caller, EXIT_LIMIT, "a caller").unwrap_or_else(|e| panic!("caller {i}: {e}"));
+            assert_eq!(reply, format!("CALLER {i}").into_bytes());
+            clients.push(client);
+        }
+        // Their sessions are all the provider's, and stay open.
+        let broker = broker_eventually(&mut observer, |b| {
+            holders(b, "test.upper").first().is_some_and(|h| h.2 == CALLERS as u64)
+        });
+        assert_eq!(holders(&broker, "test.upper"), [(provider.pid(), own_ids().0, CALLERS as u64)], "{broker}");
+    });
+}
+
+#[test]
 fn pooled_provider_processes_share_new_sessions() {
     watchdog(TEST_LIMIT, || {
         let daemon = start_daemon(None, &[]);
