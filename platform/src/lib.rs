@@ -19,6 +19,7 @@
 
 mod activation;
 mod bell;
+mod cgroup;
 mod cpu;
 mod eventfd;
 mod fdpass;
