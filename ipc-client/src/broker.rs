@@ -120,29 +120,48 @@ pub(crate) fn request(name: &str, wait: Duration, options: &ClientOptions) -> Re
     }
 }
 
+/// Why a brokered session was not taken.
+#[derive(Debug)]
+pub(crate) enum Untaken {
+    /// The answer or its fds break the protocol: why.
+    Broken(String),
+    /// The provider hung up its end of the session already (it died, or
+    /// stopped, as the session was handed over): worth resolving again.
+    ProviderGone,
+}
+
+impl From<String> for Untaken {
+    fn from(reason: String) -> Untaken {
+        Untaken::Broken(reason)
+    }
+}
+
 /// The link of a session brokered for `name`, checked: as many fds as the
 /// answer says, the doorbell asked for, a layout that matches its largest
-/// payload, the name among its services, and the segment and liveness end
-/// as [`connect::receive_segment`] checks them. The reason if any check
-/// fails.
+/// payload, the name among its services, the segment and liveness end as
+/// [`connect::receive_segment`] checks them, and a provider still at the
+/// other end.
 pub(crate) fn session(
     name: &str,
     brokered: &Brokered,
     fds: Vec<OwnedFd>,
     options: &ClientOptions,
-) -> Result<ShmLink, String> {
+) -> Result<ShmLink, Untaken> {
     if fds.len() != brokered.fd_count() {
-        return Err(format!("the session comes with {} fds, expected {}", fds.len(), brokered.fd_count()));
+        return Err(format!("the session comes with {} fds, expected {}", fds.len(), brokered.fd_count()).into());
     }
     if brokered.doorbell != options.doorbell {
-        return Err(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, brokered.doorbell));
+        return Err(format!("asked for a {:?} doorbell, got {:?}", options.doorbell, brokered.doorbell).into());
     }
     if !brokered.services.iter().any(|s| s.name == name) {
-        return Err(format!("the session does not offer {name:?}"));
+        return Err(format!("the session does not offer {name:?}").into());
     }
     let layout = connect::granted_layout(brokered.ring_capacity, brokered.max_payload)?;
     let mut segment = connect::receive_segment(&layout, brokered.doorbell, Handover::Brokered, fds)?;
     let liveness = segment.liveness.take().expect("a brokered hand-over has a liveness end");
+    if ipc_platform::peer_closed(liveness.as_fd()).unwrap_or(true) {
+        return Err(Untaken::ProviderGone);
+    }
     Ok(connect::shm_link(liveness, segment, &layout, Peer::Provider))
 }
 

@@ -233,12 +233,13 @@ pub(crate) fn receive_segment(
     Ok(Segment { memfd, region, peer_bell, liveness, client_bell })
 }
 
-/// A liveness end, which must be a connected socket: it is only watched
-/// for its hang-up, and anything else would never hang up.
+/// A liveness end, which must be a socket: it is only watched for its
+/// hang-up, and anything else would never hang up. (Its peer may have hung
+/// up already: a provider that died as the session was handed over; the
+/// caller of this tells that apart.)
 fn liveness_end(fd: OwnedFd) -> Result<UnixStream, String> {
     match ipc_platform::peer_closed(fd.as_fd()) {
-        Ok(false) => Ok(UnixStream::from(fd)),
-        Ok(true) => Err("the provider's end of the liveness socket is closed already".into()),
+        Ok(_) => Ok(UnixStream::from(fd)),
         Err(e) => Err(format!("the liveness fd is not a connected socket: {e}")),
     }
 }

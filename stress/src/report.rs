@@ -91,6 +91,8 @@ pub struct Run {
     pub soak: Option<Soak>,
     #[serde(skip)]
     pub first_error: Option<String>,
+    #[serde(skip)]
+    pub first_rejection: Option<String>,
     /// Every successful call's round trip, in nanoseconds (for `--plot`).
     #[serde(skip)]
     pub latency_ns: Histogram<u64>,
@@ -115,7 +117,7 @@ impl Run {
         let mut connect: Histogram<u64> = new_histogram();
         let (mut made, mut succeeded, mut failed, mut mismatched, mut allocations) = (0, 0, 0, 0, 0);
         let (mut lost, mut duplicated, mut kinds) = (0, 0, Outcomes::default());
-        let mut first_error = None;
+        let (mut first_error, mut first_rejection) = (None, None);
         for o in outcomes {
             latency.add(&o.latency_ns).expect("histograms share bounds");
             made += o.made;
@@ -128,6 +130,9 @@ impl Run {
             allocations += o.allocations;
             if first_error.is_none() {
                 first_error.clone_from(&o.first_error);
+            }
+            if first_rejection.is_none() {
+                first_rejection.clone_from(&o.first_rejection);
             }
         }
         // Connect times: the clients' own, or (latency runs) connects made
@@ -179,6 +184,7 @@ impl Run {
             samples: None,
             soak: None,
             first_error,
+            first_rejection,
             latency_ns: latency,
         }
     }
@@ -330,6 +336,9 @@ impl Run {
         }
         if let Some(e) = &self.first_error {
             s += &format!("  first error {e}\n");
+        }
+        if let Some(e) = self.first_rejection.as_ref().filter(|r| Some(*r) != self.first_error.as_ref()) {
+            s += &format!("  first refusal {e}\n");
         }
         s += if self.passed() { "  result      PASS\n" } else { "  result      FAIL\n" };
         s

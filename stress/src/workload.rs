@@ -177,6 +177,9 @@ pub struct ClientOutcome {
     pub lost: u64,
     /// The first error seen, for the report.
     pub first_error: Option<String>,
+    /// The first error counted `rejected`, for the report (what refused a
+    /// call is often not the first error of a chaos run).
+    pub first_rejection: Option<String>,
     /// Heap allocations this client's thread made while calling.
     pub allocations: u64,
 }
@@ -198,6 +201,7 @@ impl ClientOutcome {
             duplicated: 0,
             lost: 0,
             first_error: None,
+            first_rejection: None,
             allocations: 0,
         }
     }
@@ -229,7 +233,11 @@ impl ClientOutcome {
 
     /// Records a call that ended in an error.
     fn error(&mut self, id: u32, seq: u64, e: &CallError, probe: Option<&Probe>) {
+        let rejected = self.outcomes.rejected;
         self.outcomes.error(e);
+        if self.outcomes.rejected > rejected {
+            self.first_rejection.get_or_insert_with(|| format!("client {id} call {seq}: {e}"));
+        }
         if let Some(p) = probe {
             p.failure(matches!(e, CallError::Disconnected { .. }));
         }
@@ -627,6 +635,7 @@ fn read_outcome(stdout: &mut BufReader<ChildStdout>, connect_ns: u64) -> anyhow:
         duplicated,
         lost,
         first_error: (!error.is_empty()).then_some(error),
+        first_rejection: None,
         allocations,
     })
 }

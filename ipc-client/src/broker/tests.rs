@@ -525,6 +525,45 @@ fn answers_that_break_the_protocol_are_clear_errors() {
     }
 }
 
+/// A provider that died as its session was handed over (its end of the
+/// liveness socket closed before the client took the session) is no
+/// broken answer: the service is unavailable, and `wait_for_service`
+/// resolves again and gets the next session.
+#[test]
+fn a_session_whose_provider_is_gone_already_is_unavailable_and_waited_past() {
+    let rig = Rig::new();
+    let (mut client, _daemon) = rig.connect(options());
+    let gone = |broker: &mut BrokerSide, resolve: &Resolve| {
+        let (provider, fds) = make_session(resolve.doorbell, PeerBell::EventFd, true);
+        drop(provider);
+        broker.send_brokered(brokered(resolve.doorbell, &[("x", 1)]), &fds);
+    };
+    let error = thread::scope(|s| {
+        s.spawn(|| {
+            let mut broker = rig.broker();
+            let resolve = broker.resolve();
+            gone(&mut broker, &resolve);
+        });
+        client.service("x").unwrap_err()
+    });
+    assert!(matches!(&error, CallError::Unavailable { reason, .. } if reason.contains("went away")), "{error:?}");
+    let (x, _provider) = thread::scope(|s| {
+        let broker = s.spawn(|| {
+            let mut broker = rig.broker();
+            let resolve = broker.resolve();
+            gone(&mut broker, &resolve);
+            let resolve = broker.resolve();
+            let (provider, fds) = make_session(resolve.doorbell, PeerBell::EventFd, true);
+            broker.send_brokered(brokered(resolve.doorbell, &[("x", 1)]), &fds);
+            (broker, provider)
+        });
+        let x = client.wait_for_service("x", HANG_LIMIT).expect("the second session is taken");
+        let (_broker, provider) = broker.join().unwrap();
+        (x, provider)
+    });
+    assert!(client.provider(&x).is_some());
+}
+
 /// A daemon that closes a new broker connection without answering is an
 /// error; one that answers the broker's hello as a session's has no
 /// broker (it predates brokering), so it knows no provided name, and

@@ -106,8 +106,13 @@ impl Client {
         strict: bool,
     ) -> Result<LinkId, CallError> {
         let (brokered, fds) = self.ask_broker(name, wait)?;
-        let link = broker::session(name, &brokered, fds, &self.options)
-            .map_err(|reason| CallError::BadResolution { name: name.to_string(), reason })?;
+        let link = broker::session(name, &brokered, fds, &self.options).map_err(|untaken| match untaken {
+            broker::Untaken::Broken(reason) => CallError::BadResolution { name: name.to_string(), reason },
+            broker::Untaken::ProviderGone => CallError::Unavailable {
+                name: name.to_string(),
+                reason: "the provider went away as the session was handed over".into(),
+            },
+        })?;
         let slot = Slot {
             max_payload: brokered.max_payload as usize,
             session_id: brokered.session_id,
