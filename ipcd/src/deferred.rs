@@ -176,7 +176,7 @@ impl Responder {
     pub fn reply(mut self, mut reply: Vec<u8>) {
         let Some(call) = self.call.take() else { return };
         if reply.len() as u64 > call.max_message {
-            let message = too_long("reply", reply.len(), call.max_message);
+            let message = too_long("reply", reply.len() as u64, call.max_message);
             encode_error(ErrorCode::MessageTooLarge, &message, &mut reply);
             reply.shrink_to_fit();
             return call.send(FLAG_ERROR, reply);
@@ -232,7 +232,7 @@ impl Call {
 
 /// The message of a `MessageTooLarge` error: `what` of `len` bytes, over
 /// the largest message `max`.
-pub(crate) fn too_long(what: &str, len: usize, max: u64) -> String {
+pub(crate) fn too_long(what: &str, len: u64, max: u64) -> String {
     format!("{what} of {len} bytes exceeds the largest message, {max} bytes")
 }
 

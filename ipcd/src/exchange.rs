@@ -108,7 +108,7 @@ impl Exchange {
             Kind::New { chunked: false } => {
                 self.taken(header, tally);
                 if payload.len() as u64 > with.max_message {
-                    let message = too_long("request", payload.len(), with.max_message);
+                    let message = too_long("request", payload.len() as u64, with.max_message);
                     return self
                         .refuse(header, ErrorCode::MessageTooLarge, &message, sink, tally)
                         .map(|()| Took::Taken);
@@ -268,7 +268,7 @@ impl Exchange {
             let message = format!("{} requests are being received at once, the most", ipc_core::message::MAX_PARTIAL);
             Some(error_body(ErrorCode::TooMany, &message))
         } else if let Some(total) = total.filter(|&t| t > with.max_message) {
-            Some(error_body(ErrorCode::MessageTooLarge, &too_long("request", total as usize, with.max_message)))
+            Some(error_body(ErrorCode::MessageTooLarge, &too_long("request", total, with.max_message)))
         } else {
             match with.services.resolve(&self.context, service) {
                 Err((code, message)) => Some(error_body(code, &message)),
@@ -355,7 +355,7 @@ impl Exchange {
         if length == Length::TooLong {
             // A request of unknown length passes the largest message: refused
             // from here on.
-            let message = too_long("request", usize::MAX.min(entry.got as usize + payload.len()), with.max_message);
+            let message = too_long("request", entry.got.saturating_add(payload.len() as u64), with.max_message);
             let body = error_body(ErrorCode::MessageTooLarge, &message);
             let was = std::mem::replace(&mut entry.receiving, Receiving::Discard);
             entry.got += payload.len() as u64;

@@ -420,7 +420,7 @@ pub(crate) fn dispatch(
     match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
         Ok(Ok(())) if reply.len() as u64 <= max_message => Dispatched::Replied(0),
         Ok(Ok(())) => {
-            let message = too_long("reply", reply.len(), max_message);
+            let message = too_long("reply", reply.len() as u64, max_message);
             fail(reply, ErrorCode::MessageTooLarge, &message)
         }
         Ok(Err(e)) => {
