@@ -72,6 +72,8 @@ mod cooldown;
 mod deferred;
 mod engine;
 mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod inbox;
 mod limits;

@@ -289,6 +289,12 @@ impl Messages {
     ///
     /// Panics on a frame that breaks the spec.
     pub fn take(&mut self, header: &FrameHeader, payload: &[u8]) -> Option<Message> {
+        // An error frame of an id being assembled cuts that message short.
+        if header.flags & FLAG_ERROR != 0 && self.rx.is_partial(header.request_id) {
+            self.rx.drop_partial(header.request_id);
+            self.partial.retain(|p| p.0 != header.request_id);
+            return Some(Message { id: header.request_id, flags: header.flags, body: payload.to_vec(), frames: 1 });
+        }
         let piece = self.rx.take(header, payload).unwrap_or_else(|e| panic!("the server broke the spec: {e}"));
         if piece.first && piece.last {
             return Some(Message { id: piece.id, flags: header.flags, body: piece.bytes.to_vec(), frames: 1 });
