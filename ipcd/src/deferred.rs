@@ -20,10 +20,14 @@
 //!
 //! A session hands off at most [`MAX_OUTSTANDING_CALLS`] calls; at that
 //! many it takes no request until one is answered. Answers that find the
-//! response ring (or the stream's output) full wait in the session, in the
-//! order they came, so what waits is bounded by the same cap.
+//! response ring (or the stream's output) full wait in the session's
+//! outbox (see [`crate::outbox`]), in the order they came, so what waits is
+//! bounded by the same cap; an answer longer than a frame is charged
+//! against the memory budget while it waits.
+//!
+//! The same channel tells the worker when a stream has items to send
+//! ([`Event::Stream`]).
 
-use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -70,22 +74,48 @@ pub(crate) struct Completion {
     pub(crate) body: Vec<u8>,
 }
 
+/// What comes back to a worker from other threads.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The answer to a handed-off call.
+    Answer(Completion),
+    /// Stream `id` of the session at `slot` has items or its end to send.
+    Stream { slot: Slot, id: u64 },
+}
+
 /// A worker's end for answers: its channel and the waker of its poll.
 #[derive(Clone)]
 pub(crate) struct Completions {
-    tx: Sender<Completion>,
+    tx: Sender<Event>,
     waker: Arc<Waker>,
 }
 
 impl Completions {
-    pub(crate) fn new(tx: Sender<Completion>, waker: Arc<Waker>) -> Completions {
+    pub(crate) fn new(tx: Sender<Event>, waker: Arc<Waker>) -> Completions {
         Completions { tx, waker }
     }
 
     /// The responder for the request `header` names, on the session at
-    /// `slot`, whose replies may carry `max_payload` bytes.
-    pub(crate) fn responder(&self, slot: Slot, header: &FrameHeader, max_payload: usize) -> Responder {
-        Responder { call: Some(Call { to: self.clone(), slot, request_id: header.request_id, max_payload }) }
+    /// `slot`, whose replies may be `max_message` bytes long.
+    pub(crate) fn responder(&self, slot: Slot, header: &FrameHeader, max_message: u64) -> Responder {
+        Responder { call: Some(Call { to: self.clone(), slot, request_id: header.request_id, max_message }) }
+    }
+
+    /// Tells the worker that stream `id` of the session at `slot` has
+    /// something to send.
+    pub(crate) fn stream_ready(&self, slot: Slot, id: u64) {
+        self.send(Event::Stream { slot, id });
+    }
+
+    fn send(&self, event: Event) {
+        // A worker that has exited has closed its sessions: no one waits.
+        if self.tx.send(event).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                // The event waits in the channel until the worker's next
+                // one; no other thread can wake it.
+                tracing::warn!("cannot wake the worker: {e}");
+            }
+        }
     }
 }
 
@@ -94,7 +124,7 @@ struct Call {
     to: Completions,
     slot: Slot,
     request_id: u64,
-    max_payload: usize,
+    max_message: u64,
 }
 
 /// Answers one call, once, from any thread: given to a deferred handler
@@ -139,19 +169,21 @@ impl std::fmt::Debug for Responder {
 }
 
 impl Responder {
-    /// Answers the call with `reply`. A reply longer than the session's
-    /// maximum payload is answered with an error instead
-    /// (`ReplyTooLarge`), as for any handler.
+    /// Answers the call with `reply`, of any length up to the largest
+    /// message (longer than a frame, it goes out in chunks). A longer reply
+    /// is answered with an error instead (`MessageTooLarge`), as for any
+    /// handler.
     pub fn reply(mut self, mut reply: Vec<u8>) {
         let Some(call) = self.call.take() else { return };
-        if reply.len() > call.max_payload {
-            let message = format!("reply of {} bytes exceeds the negotiated maximum {}", reply.len(), call.max_payload);
-            encode_error(ErrorCode::ReplyTooLarge, &message, &mut reply);
+        if reply.len() as u64 > call.max_message {
+            let message = too_long("reply", reply.len() as u64, call.max_message);
+            encode_error(ErrorCode::MessageTooLarge, &message, &mut reply);
             reply.shrink_to_fit();
             return call.send(FLAG_ERROR, reply);
         }
-        // What may wait in the session is held to what the reply needs.
-        reply.shrink_to(call.max_payload);
+        // What waits in the session, charged as it waits, is the reply's
+        // bytes and no more.
+        reply.shrink_to_fit();
         call.send(0, reply);
     }
 
@@ -194,27 +226,22 @@ impl Drop for Responder {
 impl Call {
     fn send(self, flags: u16, body: Vec<u8>) {
         let Call { to, slot, request_id, .. } = self;
-        // A worker that has exited has closed its sessions: no one waits.
-        if to.tx.send(Completion { slot, request_id, flags, body }).is_ok() {
-            if let Err(e) = to.waker.wake() {
-                // The answer waits in the channel until the worker's next
-                // event; no other thread can wake it.
-                tracing::warn!(request_id, "cannot wake the worker for an answer: {e}");
-            }
-        }
+        to.send(Event::Answer(Completion { slot, request_id, flags, body }));
     }
 }
 
-/// The calls a session has handed off and not yet answered, and answers
-/// that came back and wait for room on the way to the client.
+/// The message of a `MessageTooLarge` error: `what` of `len` bytes, over
+/// the largest message `max`.
+pub(crate) fn too_long(what: &str, len: u64, max: u64) -> String {
+    format!("{what} of {len} bytes exceeds the largest message, {max} bytes")
+}
+
+/// The calls a session has handed off and not yet answered.
 #[derive(Debug, Default)]
 pub(crate) struct Outstanding {
     /// Request id and service of each call handed off, at most
     /// [`MAX_OUTSTANDING_CALLS`].
     calls: Vec<(u64, u16)>,
-    /// Answers not yet in the response ring (or the stream's output), in
-    /// the order they came: header and body.
-    done: VecDeque<(FrameHeader, Vec<u8>)>,
 }
 
 impl Outstanding {
@@ -228,21 +255,14 @@ impl Outstanding {
         self.calls.push((request_id, service));
     }
 
-    /// Takes the answer to a call handed off, to be sent; returns false
-    /// (and drops it) if it answers no call outstanding here.
-    pub(crate) fn complete(&mut self, c: Completion) -> bool {
-        let Some(i) = self.calls.iter().position(|&(id, _)| id == c.request_id) else {
-            return false;
-        };
+    /// The header of the answer `c` brings, with the call's service, if it
+    /// answers a call outstanding here (which then is not any more);
+    /// `None` for an answer to no call outstanding (a second one, or one
+    /// the stop gave up on), to be dropped.
+    pub(crate) fn complete(&mut self, c: &Completion) -> Option<FrameHeader> {
+        let i = self.calls.iter().position(|&(id, _)| id == c.request_id)?;
         let (request_id, service) = self.calls.swap_remove(i);
-        let header = FrameHeader { len: c.body.len() as u32, service, flags: c.flags, request_id };
-        self.done.push_back((header, c.body));
-        true
-    }
-
-    /// Whether calls are outstanding (answered or not, but not yet sent on).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.calls.is_empty() && self.done.is_empty()
+        Some(FrameHeader { len: c.body.len() as u32, service, flags: c.flags, request_id })
     }
 
     /// Whether calls are still being handled.
@@ -250,31 +270,18 @@ impl Outstanding {
         !self.calls.is_empty()
     }
 
-    /// The first answer waiting to be sent.
-    pub(crate) fn pop_done(&mut self) -> Option<(FrameHeader, Vec<u8>)> {
-        self.done.pop_front()
-    }
-
-    /// Puts back the first answer, which did not fit.
-    pub(crate) fn unpop_done(&mut self, done: (FrameHeader, Vec<u8>)) {
-        self.done.push_front(done);
-    }
-
-    /// Whether answers wait to be sent.
-    pub(crate) fn has_done(&self) -> bool {
-        !self.done.is_empty()
-    }
-
-    /// Answers every call still being handled with an `Unfinished` error,
-    /// for a graceful stop that waits no longer; their own answers, should
+    /// The answers to every call still being handled, for a graceful stop
+    /// that waits no longer: `Unfinished` errors. Their own answers, should
     /// they come, find them gone and are dropped.
-    pub(crate) fn give_up(&mut self) {
-        for (request_id, service) in self.calls.drain(..) {
-            let mut body = Vec::new();
-            encode_error(ErrorCode::Unfinished, UNFINISHED, &mut body);
-            let header = FrameHeader { len: body.len() as u32, service, flags: FLAG_ERROR, request_id };
-            self.done.push_back((header, body));
-        }
+    pub(crate) fn give_up(&mut self) -> Vec<(FrameHeader, Vec<u8>)> {
+        self.calls
+            .drain(..)
+            .map(|(request_id, service)| {
+                let mut body = Vec::new();
+                encode_error(ErrorCode::Unfinished, UNFINISHED, &mut body);
+                (FrameHeader { len: body.len() as u32, service, flags: FLAG_ERROR, request_id }, body)
+            })
+            .collect()
     }
 }
 
@@ -284,11 +291,19 @@ pub(crate) mod tests {
     use std::sync::mpsc::{channel, Receiver};
 
     /// A worker's end for answers, over a poll nobody waits on.
-    pub(crate) fn completions() -> (Completions, Receiver<Completion>, mio::Poll) {
+    pub(crate) fn completions() -> (Completions, Receiver<Event>, mio::Poll) {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
         let (tx, rx) = channel();
         (Completions::new(tx, waker), rx, poll)
+    }
+
+    /// The answers among `events`.
+    pub(crate) fn answers(events: &Receiver<Event>) -> impl Iterator<Item = Completion> + '_ {
+        events.try_iter().filter_map(|e| match e {
+            Event::Answer(c) => Some(c),
+            Event::Stream { .. } => None,
+        })
     }
 
     fn header(id: u64) -> FrameHeader {
@@ -309,8 +324,7 @@ pub(crate) mod tests {
             panic!("handler bug");
         });
         assert!(caught.is_err());
-        let answers: Vec<(u64, u16, ErrorCode)> = rx
-            .try_iter()
+        let answers: Vec<(u64, u16, ErrorCode)> = answers(&rx)
             .map(|c| {
                 assert_eq!(c.slot, SLOT);
                 let code = if c.flags == 0 { ErrorCode::Other(0) } else { ipc_core::decode_error(&c.body).0 };
@@ -323,7 +337,7 @@ pub(crate) mod tests {
                 (1, 0, ErrorCode::Other(0)),
                 (2, FLAG_ERROR, ErrorCode::Application(7)),
                 (3, FLAG_ERROR, ErrorCode::NoReply),
-                (4, FLAG_ERROR, ErrorCode::ReplyTooLarge),
+                (4, FLAG_ERROR, ErrorCode::MessageTooLarge),
                 (5, FLAG_ERROR, ErrorCode::HandlerPanicked),
             ]
         );
@@ -344,18 +358,21 @@ pub(crate) mod tests {
             outstanding.add(id, 1);
         }
         let answer = |request_id| Completion { slot: SLOT, request_id, flags: 0, body: vec![1, 2] };
-        assert!(outstanding.complete(answer(11)));
-        assert!(!outstanding.complete(answer(11)), "a second answer to one call is dropped");
-        assert!(!outstanding.complete(answer(13)), "an answer to a call never handed off is dropped");
-        outstanding.give_up();
+        let header = outstanding.complete(&answer(11)).expect("an outstanding call");
+        assert_eq!((header.request_id, header.service, header.len), (11, 1, 2));
+        assert!(outstanding.complete(&answer(11)).is_none(), "a second answer to one call is dropped");
+        assert!(outstanding.complete(&answer(13)).is_none(), "an answer to a call never handed off is dropped");
+        let mut given_up: Vec<(u64, u16)> = outstanding
+            .give_up()
+            .into_iter()
+            .map(|(h, body)| {
+                assert_eq!((h.service, h.len as usize), (1, body.len()));
+                assert_eq!(ipc_core::decode_error(&body).0, ErrorCode::Unfinished);
+                (h.request_id, h.flags)
+            })
+            .collect();
+        given_up.sort_unstable();
+        assert_eq!(given_up, [(10, FLAG_ERROR), (12, FLAG_ERROR)]);
         assert!(!outstanding.has_calls());
-        let mut sent = Vec::new();
-        while let Some((h, body)) = outstanding.pop_done() {
-            assert_eq!((h.service, h.len as usize), (1, body.len()));
-            sent.push((h.request_id, h.flags));
-        }
-        sent[1..].sort_unstable();
-        assert_eq!(sent, [(11, 0), (10, FLAG_ERROR), (12, FLAG_ERROR)]);
-        assert!(outstanding.is_empty());
     }
 }

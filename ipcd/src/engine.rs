@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::limits::Limits;
 use crate::service::ServiceTable;
 use crate::stats::Stats;
 use crate::stream_session::Peer;
@@ -40,6 +41,11 @@ pub(crate) struct Engine {
     /// read before it is closed.
     pub(crate) stall_timeout: Duration,
     pub(crate) services: ServiceTable,
+    /// What messages held for a while (assembled requests, long replies,
+    /// stream items) are charged against: the server's memory budget.
+    pub(crate) limits: Arc<Limits>,
+    /// The longest message a session takes or sends.
+    pub(crate) max_message: u64,
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) events: Box<dyn SessionEvents>,

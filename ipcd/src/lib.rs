@@ -71,8 +71,13 @@ mod control_conn;
 mod cooldown;
 mod deferred;
 mod engine;
+mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
+mod inbox;
 mod limits;
+mod outbox;
 mod pending;
 mod policy;
 mod pool;
@@ -86,6 +91,8 @@ mod session;
 mod shared;
 mod stats;
 mod stream_session;
+mod streaming;
+mod upload;
 mod worker;
 
 pub use deferred::{Responder, MAX_OUTSTANDING_CALLS};
@@ -95,7 +102,9 @@ pub use pool::DEFAULT_HANDLER_THREADS;
 pub use provider::{Provider, ProviderBuilder, ProviderError};
 pub use request::{Caller, OwnedRequest, Request};
 pub use server::{
-    Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_PENDING_HANDSHAKES, DEFAULT_MAX_SESSIONS_PER_UID,
-    DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
+    Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_SESSIONS_PER_UID, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
 pub use service::ServiceError;
+pub use streaming::{SendError, StreamSender, TrySendError, MAX_OPEN_STREAMS, STREAM_BUFFER};
+pub use upload::Upload;

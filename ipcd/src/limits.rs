@@ -17,6 +17,13 @@
 //! - a stream: its input and output buffers at their bound
 //!   ([`crate::stream_session::buffer_bound`]).
 //!
+//! Beyond what a session costs for its whole life, what it holds for a
+//! while is charged against the same budget as it holds it (a [`Charge`]):
+//! a request longer than a frame while it is assembled, a reply longer
+//! than a frame until it is sent, a stream's items until they are sent. A
+//! message whose charge would pass the budget is refused
+//! (`MessageTooLarge`), for that call alone.
+//!
 //! Not charged: kernel socket buffers and the fds, a worker's scratch
 //! buffers (one set per worker, not per session), and the bookkeeping of a
 //! few hundred bytes per session. The budget bounds what clients can make
@@ -112,6 +119,22 @@ impl Limits {
         }
     }
 
+    /// Charges `bytes` held for a while (a message being assembled, a
+    /// reply waiting to be sent), or `None` if that would pass the budget.
+    pub(crate) fn charge(self: &Arc<Self>, bytes: u64) -> Option<Charge> {
+        self.take(bytes).then(|| Charge { limits: Arc::clone(self), bytes })
+    }
+
+    /// Adds `bytes` to what is in use if that stays within the budget.
+    fn take(&self, bytes: u64) -> bool {
+        // Relaxed: see `lease`.
+        self.in_use
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
+                in_use.checked_add(bytes).filter(|&total| total <= self.budget)
+            })
+            .is_ok()
+    }
+
     fn give_back_slot(&self, uid: u32) {
         let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = per_uid.get_mut(&uid) {
@@ -138,6 +161,39 @@ impl Drop for Lease {
         if let Some(uid) = self.uid {
             self.limits.give_back_slot(uid);
         }
+    }
+}
+
+/// Memory held for a while, charged against the budget; dropping it gives
+/// it back.
+#[derive(Debug)]
+pub(crate) struct Charge {
+    limits: Arc<Limits>,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Charges `more` bytes on top, if the budget has room; otherwise
+    /// charges nothing and returns false.
+    pub(crate) fn grow(&mut self, more: u64) -> bool {
+        let grown = self.limits.take(more);
+        if grown {
+            self.bytes += more;
+        }
+        grown
+    }
+
+    /// The bytes charged.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        // Relaxed: see `Limits::lease`.
+        self.limits.in_use.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -170,6 +226,22 @@ mod tests {
         drop(b);
         assert_eq!(limits.in_use(), 0);
         assert!(limits.per_uid.lock().unwrap().is_empty(), "no uid entry outlives its sessions");
+    }
+
+    #[test]
+    fn charges_share_the_budget_with_leases_and_grow_within_it() {
+        let limits = Arc::new(Limits::new(1000, 10));
+        let lease = limits.lease(Some(1), 600).unwrap();
+        let mut held = limits.charge(300).expect("within the budget");
+        assert!(limits.charge(101).is_none(), "past the budget");
+        assert!(!held.grow(101), "a growth past the budget is refused");
+        assert_eq!((held.bytes(), limits.in_use()), (300, 900));
+        assert!(held.grow(100));
+        assert_eq!((held.bytes(), limits.in_use()), (400, 1000));
+        assert!(matches!(limits.lease(None, 1), Err(Refusal::Memory { .. })), "a charge holds budget like a lease");
+        drop(held);
+        drop(lease);
+        assert_eq!(limits.in_use(), 0);
     }
 
     #[test]

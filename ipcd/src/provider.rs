@@ -98,6 +98,7 @@ pub struct ProviderBuilder {
     max_sessions: usize,
     connect_timeout: Duration,
     handler_threads: usize,
+    max_message: u64,
 }
 
 impl Default for ProviderBuilder {
@@ -113,6 +114,7 @@ impl Default for ProviderBuilder {
             max_sessions: 4096,
             connect_timeout: Duration::from_secs(5),
             handler_threads: crate::pool::DEFAULT_HANDLER_THREADS,
+            max_message: crate::server::DEFAULT_MAX_MESSAGE,
         }
     }
 }
@@ -174,6 +176,16 @@ impl ProviderBuilder {
         self
     }
 
+    /// The longest message a session takes or sends (as
+    /// [`crate::ServerBuilder::max_message`]). What a provider's sessions
+    /// hold for a while (requests being assembled, replies and stream items
+    /// waiting to be sent) is charged against a budget of a quarter of the
+    /// machine's memory (the daemon charges the sessions themselves).
+    pub fn max_message(mut self, bytes: u64) -> Self {
+        self.max_message = bytes;
+        self
+    }
+
     crate::service::service_methods!();
 
     /// Connects to the daemon and registers the names: an error says why
@@ -194,6 +206,9 @@ impl ProviderBuilder {
         if self.handler_threads == 0 {
             return Err(ProviderError::Config("handler threads must be at least 1".into()));
         }
+        if self.max_message == 0 {
+            return Err(ProviderError::Config("the largest message must be at least 1 byte".into()));
+        }
         let mut services = ServiceTable::new(self.handler_threads);
         for (name, handler) in self.services {
             check_name(&name).map_err(|e| ProviderError::Config(format!("service name {name:?}: {e}")))?;
@@ -213,12 +228,15 @@ impl ProviderBuilder {
         let stats = Arc::new(Stats::new(workers, 0));
         let events = Box::new(Reports { tx: Mutex::new(tx), waker: Arc::clone(&waker) });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let budget = crate::server::default_max_shm();
         let engine = Arc::new(Engine {
             workers,
             spin: if cores > 1 { self.spin } else { Duration::ZERO },
             stall_timeout: self.stall_timeout,
             services,
             stats,
+            limits: Arc::new(crate::limits::Limits::new(budget, usize::MAX)),
+            max_message: crate::server::clamp_max_message(self.max_message, budget),
             shutting_down: AtomicBool::new(false),
             events,
         });

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use ipc_core::Credentials;
 
+use crate::limits::Charge;
+
 /// The process that made a call, as the kernel reported it for the
 /// connection it called on. The pid is 0 for a process in a pid namespace
 /// the server cannot see.
@@ -133,24 +135,38 @@ impl<'a> Request<'a> {
 /// A call that a handler holds on to past its return, with the
 /// [`Responder`](crate::Responder) that answers it: what
 /// [`Request`] says, owned.
-#[derive(Clone, Debug)]
+///
+/// A request that came in chunks was assembled on the heap, and is
+/// charged against the server's memory budget until this is dropped (a
+/// clone is the handler's own copy, and is not charged).
+#[derive(Debug)]
 pub struct OwnedRequest {
     payload: Vec<u8>,
     service: Arc<str>,
     caller: Option<Caller>,
     session: u64,
     id: u64,
+    /// What an assembled payload is charged.
+    _charge: Option<Charge>,
+}
+
+impl Clone for OwnedRequest {
+    fn clone(&self) -> OwnedRequest {
+        OwnedRequest { payload: self.payload.clone(), service: Arc::clone(&self.service), _charge: None, ..*self }
+    }
 }
 
 impl OwnedRequest {
-    pub(crate) fn new(request: &Request<'_>, service: Arc<str>) -> OwnedRequest {
-        OwnedRequest {
-            payload: request.payload.to_vec(),
-            service,
-            caller: request.caller,
-            session: request.session,
-            id: request.id,
-        }
+    /// The request `id` of `session` to `service`, with its bytes (and
+    /// what they are charged, if they were assembled).
+    pub(crate) fn from_parts(
+        payload: Vec<u8>,
+        charge: Option<Charge>,
+        service: Arc<str>,
+        session: &SessionContext,
+        id: u64,
+    ) -> OwnedRequest {
+        OwnedRequest { payload, service, caller: session.caller, session: session.id, id, _charge: charge }
     }
 
     /// The call as a [`Request`].
@@ -215,8 +231,7 @@ mod tests {
     #[test]
     fn an_owned_request_says_what_the_request_said() {
         let session = SessionContext::new(12, Some(Caller { pid: 1, uid: 2, gid: 3 }));
-        let request = Request::new(b"payload", "kv.get", &session, 99);
-        let owned = OwnedRequest::new(&request, Arc::from("kv.get"));
+        let owned = OwnedRequest::from_parts(b"payload".to_vec(), None, Arc::from("kv.get"), &session, 99);
         let again = owned.as_request();
         assert_eq!(
             (again.payload(), again.service(), again.caller(), again.session(), again.id()),

@@ -50,9 +50,14 @@ pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 /// [`ServerBuilder::max_shm`]).
 pub const FALLBACK_MAX_SHM: u64 = 1 << 30;
 
+/// The longest message (request, reply or stream item) a server takes or
+/// sends, by default: 1 GiB. Longer than a frame, a message goes in
+/// chunks; see [`ServerBuilder::max_message`].
+pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 30;
+
 /// The default memory budget for sessions: a quarter of the machine's RAM
 /// (`MemTotal`), or [`FALLBACK_MAX_SHM`] where it cannot be read.
-fn default_max_shm() -> u64 {
+pub(crate) fn default_max_shm() -> u64 {
     ipc_platform::total_memory().map_or(FALLBACK_MAX_SHM, |total| total / 4)
 }
 
@@ -107,6 +112,7 @@ pub struct ServerBuilder {
     stall_timeout: Duration,
     max_ring_capacity: u32,
     max_shm: Option<u64>,
+    max_message: u64,
     max_sessions_per_uid: usize,
     debug_services: bool,
     spin: Duration,
@@ -133,6 +139,7 @@ impl Default for ServerBuilder {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             max_ring_capacity: 16 << 20,
             max_shm: None,
+            max_message: DEFAULT_MAX_MESSAGE,
             max_sessions_per_uid: DEFAULT_MAX_SESSIONS_PER_UID,
             debug_services: false,
             spin: DEFAULT_SPIN,
@@ -228,6 +235,19 @@ impl ServerBuilder {
     /// segments of 32 MiB.
     pub fn max_shm(mut self, bytes: u64) -> Self {
         self.max_shm = Some(bytes);
+        self
+    }
+
+    /// The longest message a session takes or sends, in bytes (default
+    /// [`DEFAULT_MAX_MESSAGE`]): a request, a reply, or a stream's item.
+    /// A message longer than a frame goes in chunks; one being assembled
+    /// for a handler, or waiting to be sent, is charged against the memory
+    /// budget ([`max_shm`](Self::max_shm)) for what it holds, so the budget
+    /// bounds them too. A request longer than this (or than the budget has
+    /// room for) is answered with an error, `MessageTooLarge`, for that
+    /// call alone, and so is a handler's reply that is.
+    pub fn max_message(mut self, bytes: u64) -> Self {
+        self.max_message = bytes;
         self
     }
 
@@ -366,6 +386,9 @@ impl ServerBuilder {
         if self.handler_threads == 0 {
             return Err(ServerError::Config("handler threads must be at least 1".into()));
         }
+        if self.max_message == 0 {
+            return Err(ServerError::Config("the largest message must be at least 1 byte".into()));
+        }
         let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
         let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
             .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -376,6 +399,9 @@ impl ServerBuilder {
             )));
         }
         let limits = Arc::new(Limits::new(max_shm, self.max_sessions_per_uid));
+        // A message held whole (assembled for a handler, a reply waiting)
+        // is charged against the budget, so none can be longer than it.
+        let max_message = clamp_max_message(self.max_message, max_shm);
         if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
@@ -433,6 +459,7 @@ impl ServerBuilder {
                     Ok(())
                 }))
             }),
+            ("stream.count".to_string(), service::stream_count()),
         ];
         if self.debug_services {
             all.push(("debug.sleep".to_string(), service::debug_sleep()));
@@ -491,6 +518,8 @@ impl ServerBuilder {
             stall_timeout: self.stall_timeout,
             services,
             stats,
+            limits: Arc::clone(&limits),
+            max_message,
             shutting_down: AtomicBool::new(false),
             events,
         });
@@ -585,6 +614,7 @@ impl Server {
             spin_us = self.shared.engine.spin.as_micros() as u64,
             stall_timeout_ms = self.shared.engine.stall_timeout.as_millis() as u64,
             max_shm = self.shared.limits.budget(),
+            max_message = self.shared.engine.max_message,
             max_sessions_per_uid = self.shared.limits.max_per_uid(),
             max_pending_handshakes = self.shared.config.max_pending_handshakes,
             "ipcd listening"
@@ -592,6 +622,16 @@ impl Server {
         let Server { shared, listeners, poll, waker, policy } = self;
         Acceptor::new(shared, listeners, poll, waker, policy)?.run(ready)
     }
+}
+
+/// The largest message a server with a memory budget of `max_shm` bytes
+/// takes: `wanted`, or the budget if that is less (a message held whole is
+/// charged against it).
+pub(crate) fn clamp_max_message(wanted: u64, max_shm: u64) -> u64 {
+    if wanted > max_shm {
+        tracing::warn!(wanted, max_shm, "the largest message is held to the memory budget");
+    }
+    wanted.min(max_shm)
 }
 
 /// Stops a running [`Server`].
@@ -638,6 +678,9 @@ mod tests {
                 Ok(())
             })
             .service("huge", |_| Ok(vec![0u8; 1 << 20]))
+            // Below the huge reply, which is then refused; a reply within
+            // it but longer than a frame would go in chunks.
+            .max_message(512 << 10)
             .build()
             .unwrap();
         let handle = server.shutdown_handle();
@@ -672,9 +715,9 @@ mod tests {
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
             Err(CallError::Remote { code: None, message }) => {
-                assert!(message.contains("exceeds the negotiated maximum"), "{message}")
+                assert!(message.contains("exceeds the largest message"), "{message}")
             }
-            other => panic!("expected a too-large reply error, got {other:?}"),
+            other => panic!("expected a too-large reply error, got {:?}", other.map(|r| r.len())),
         }
 
         // After every kind of error the same session still works.

@@ -21,12 +21,18 @@ use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use ipc_core::{encode_error, ErrorCode, FrameHeader, FLAG_ERROR};
+use ipc_core::message::{
+    MessageError, StreamOpen, CHUNK_PREFIX, FLAG_CANCEL, FLAG_CREDIT, FLAG_END, FLAG_MORE, FLAG_STREAM,
+};
+use ipc_core::{encode_error, ErrorCode, FrameHeader, FLAG_ERROR, FLAG_PAD};
 
-use crate::deferred::{Completions, Responder, Slot, PANICKED};
+use crate::deferred::{too_long, Completions, Responder, Slot, PANICKED};
+use crate::limits::{Charge, Limits};
 use crate::pool::Pool;
 use crate::request::{OwnedRequest, Request, SessionContext};
 use crate::stats::WorkerCounters;
+use crate::streaming::{StreamFn, StreamThreads};
+use crate::upload::{Upload, UploadFn};
 
 /// An error a handler returns; the client receives it as a remote error for
 /// that call alone (`CallError::Remote`), with its code if it has one.
@@ -79,13 +85,21 @@ pub(crate) enum Handler {
     Inline(Arc<InlineFn>),
     Blocking(Arc<BlockingFn>),
     Deferred(Arc<DeferredFn>),
+    /// Takes its request chunk by chunk, on the worker.
+    Upload(Arc<UploadFn>),
+    /// Answers with a stream of items, on a thread of its own.
+    Stream(Arc<StreamFn>),
+    /// The built-in `echo`: a request of one frame is answered inline; a
+    /// longer one is sent back chunk by chunk as it comes.
+    Echo,
 }
 
-/// The services of a server, by id, and the threads its blocking ones run
-/// on. Ids are indices: the first service is 0.
+/// The services of a server, by id, and the threads its blocking and
+/// stream handlers run on. Ids are indices: the first service is 0.
 pub(crate) struct ServiceTable {
     entries: Vec<(Arc<str>, Handler)>,
     pool: Pool,
+    pub(crate) streams: StreamThreads,
 }
 
 impl Default for ServiceTable {
@@ -98,7 +112,7 @@ impl ServiceTable {
     /// No services yet; blocking ones will run on `handler_threads`
     /// threads.
     pub(crate) fn new(handler_threads: usize) -> ServiceTable {
-        ServiceTable { entries: Vec::new(), pool: Pool::new(handler_threads) }
+        ServiceTable { entries: Vec::new(), pool: Pool::new(handler_threads), streams: StreamThreads::default() }
     }
 
     pub(crate) fn add(&mut self, name: String, handler: Handler) -> Result<(), String> {
@@ -124,6 +138,24 @@ impl ServiceTable {
         self.entries.get(usize::from(id))
     }
 
+    /// The service `id` as `session` may call it, or the error that
+    /// answers a call to it (not granted, or no such service). Checked in
+    /// that order, so a session learns nothing of the services it was not
+    /// granted.
+    pub(crate) fn resolve(
+        &self,
+        session: &SessionContext,
+        id: u16,
+    ) -> Result<(&Arc<str>, &Handler), (ErrorCode, String)> {
+        if !session.may_call(id) {
+            return Err((ErrorCode::NotPermitted, format!("session {} may not call service {id}", session.id)));
+        }
+        match self.get(id) {
+            Some((name, handler)) => Ok((name, handler)),
+            None => Err((ErrorCode::UnknownService, format!("no service has id {id}"))),
+        }
+    }
+
     pub(crate) fn directory(&self) -> Vec<ipc_core::ServiceEntry> {
         self.entries
             .iter()
@@ -140,9 +172,11 @@ impl ServiceTable {
         Ok(())
     }
 
-    /// Stops the handler threads (see [`Pool::stop`]).
+    /// Stops the handler threads (see [`Pool::stop`]), and waits for the
+    /// stream handlers to return.
     pub(crate) fn stop_pool(&self) {
         self.pool.stop();
+        self.streams.stop();
     }
 }
 
@@ -152,6 +186,10 @@ pub(crate) struct Serving<'w> {
     pub(crate) counters: &'w WorkerCounters,
     /// Where the answers of handed-off calls go.
     pub(crate) completions: &'w Completions,
+    /// What messages held for a while are charged against.
+    pub(crate) limits: &'w Arc<Limits>,
+    /// The longest message taken or sent.
+    pub(crate) max_message: u64,
     /// Requests are answered with a shutdown error, not executed.
     pub(crate) shutting_down: bool,
 }
@@ -167,63 +205,168 @@ pub(crate) enum Dispatched {
 }
 
 /// The message of the answer to a request taken while shutting down.
-const SHUTDOWN_MESSAGE: &str = "daemon is shutting down; the request was not executed";
+pub(crate) const SHUTDOWN_MESSAGE: &str = "daemon is shutting down; the request was not executed";
 
 /// The payload length of that answer (an error body: a `u32` code, then
 /// the message), so a session can tell whether it fits before taking the
 /// request it answers.
 pub(crate) const SHUTDOWN_REPLY_LEN: usize = 4 + SHUTDOWN_MESSAGE.len();
 
-/// Checks a request's header against the session's rules: no response
-/// flags, and ids strictly increasing (so a reply can never be matched to
-/// the wrong request). Returns the new last id.
-pub(crate) fn check_request(header: &FrameHeader, last_id: u64) -> Result<u64, String> {
-    if header.flags != 0 {
-        return Err(format!("request {} carries response flags {:#x}", header.request_id, header.flags));
-    }
-    if header.request_id <= last_id {
-        return Err(format!("request id {} is not above the previous {last_id}", header.request_id));
-    }
-    Ok(header.request_id)
+/// What a request-direction frame is, by its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A new request: of one frame, or (`chunked`) the first chunk of a
+    /// longer one.
+    New { chunked: bool },
+    /// A chunk that goes on with a request being received; `last` ends it.
+    GoOn { last: bool },
+    /// A new request that opens a stream.
+    Open,
+    /// A credit frame for a stream.
+    Credit,
+    /// A cancel of a stream, or of a request being received.
+    Cancel,
 }
 
-/// Runs one request of `session` (at `slot` in its worker) on any
+impl Kind {
+    /// Whether the frame is a new request, which the session takes (its
+    /// id is then the last taken) and answers.
+    pub(crate) fn is_new(self) -> bool {
+        matches!(self, Kind::New { .. } | Kind::Open)
+    }
+}
+
+/// Checks a request-direction frame's header against the session's rules,
+/// given the last request id taken and, if the frame's id is a request
+/// being received in chunks, that request's service. A new request (one
+/// frame, a first chunk, an opening) carries an id above every earlier
+/// one (so no reply can be matched to the wrong request); a chunk that
+/// goes on names a request being received, with its service; credits and
+/// cancels name an id already taken (naming a stream that has ended since
+/// is no violation: its caller cannot know before it reads the end, so
+/// those are ignored). No response flags, no unknown combinations, and
+/// payloads of the length their kind has. Anything else breaks the
+/// protocol.
+pub(crate) fn check_request(header: &FrameHeader, last_id: u64, receiving: Option<u16>) -> Result<Kind, String> {
+    let (id, flags, len) = (header.request_id, header.flags, header.len as usize);
+    let new = || {
+        if id <= last_id {
+            return Err(format!("request id {id} is not above the previous {last_id}"));
+        }
+        Ok(())
+    };
+    let taken = || {
+        if id == 0 || id > last_id {
+            return Err(format!("frame {flags:#x} names request {id}, which was never sent (the last is {last_id})"));
+        }
+        Ok(())
+    };
+    match flags {
+        0 | FLAG_MORE => match receiving {
+            Some(service) if service != header.service => {
+                Err(format!("a chunk of request {id} names service {} where its first named {service}", header.service))
+            }
+            Some(_) => Ok(Kind::GoOn { last: flags == 0 }),
+            None => {
+                new()?;
+                if flags == FLAG_MORE && len < CHUNK_PREFIX {
+                    return Err(MessageError::ShortPrefix { len }.to_string());
+                }
+                Ok(Kind::New { chunked: flags == FLAG_MORE })
+            }
+        },
+        FLAG_STREAM => {
+            new()?;
+            if len < StreamOpen::LEN {
+                return Err(MessageError::ShortOpen { len }.to_string());
+            }
+            Ok(Kind::Open)
+        }
+        FLAG_CREDIT => {
+            taken()?;
+            if len != 4 {
+                return Err(MessageError::BadCredit { len }.to_string());
+            }
+            Ok(Kind::Credit)
+        }
+        FLAG_CANCEL => {
+            taken()?;
+            if len != 0 {
+                return Err(format!("a cancel of request {id} carries {len} bytes"));
+            }
+            Ok(Kind::Cancel)
+        }
+        _ if flags & (FLAG_ERROR | FLAG_END | FLAG_PAD) != 0 => {
+            Err(format!("request {id} carries response flags {flags:#x}"))
+        }
+        _ => Err(format!("request {id} carries flags {flags:#x}, which no request may")),
+    }
+}
+
+/// A request's bytes: borrowed from the ring or the socket's buffer, or
+/// assembled from chunks (owned, and charged against the memory budget).
+pub(crate) enum Bytes<'a> {
+    Slice(&'a [u8]),
+    Owned(Vec<u8>, Option<Charge>),
+}
+
+impl Bytes<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Slice(s) => s,
+            Bytes::Owned(v, _) => v,
+        }
+    }
+
+    /// The bytes owned, copied if they were borrowed; the charge goes with
+    /// them.
+    fn into_owned(self) -> (Vec<u8>, Option<Charge>) {
+        match self {
+            Bytes::Slice(s) => (s.to_vec(), None),
+            Bytes::Owned(v, charge) => (v, charge),
+        }
+    }
+}
+
+/// Runs one whole request of `session` (at `slot` in its worker) on any
 /// transport. An inline handler's reply or any error body is left in
-/// `reply`; a handler's error, panic or oversized reply becomes an error
-/// reply for this request alone, as does a call to a service the session
-/// was not granted. A deferred or blocking call is handed off with a
-/// responder. While shutting down, no handler runs.
+/// `reply`; a handler's error, panic or reply longer than the largest
+/// message becomes an error reply for this request alone, as does a call
+/// to a service the session was not granted, or one that streams. A
+/// deferred, blocking or upload call is handed off with a responder. While
+/// shutting down, no handler runs.
 pub(crate) fn dispatch(
     with: &Serving<'_>,
     session: &SessionContext,
     slot: Slot,
     header: &FrameHeader,
-    request: &[u8],
+    request: Bytes<'_>,
     reply: &mut Vec<u8>,
-    max_payload: usize,
 ) -> Dispatched {
     reply.clear();
-    if with.shutting_down {
-        encode_error(ErrorCode::Shutdown, SHUTDOWN_MESSAGE, reply);
-        return Dispatched::Replied(FLAG_ERROR);
-    }
-    // Checked before the id is looked up, so a session learns nothing of
-    // the services it was not granted.
-    if !session.may_call(header.service) {
-        let msg = format!("session {} may not call service {}", session.id, header.service);
-        encode_error(ErrorCode::NotPermitted, &msg, reply);
-        return Dispatched::Replied(FLAG_ERROR);
-    }
-    let Some((name, handler)) = with.services.get(header.service) else {
-        encode_error(ErrorCode::UnknownService, &format!("no service has id {}", header.service), reply);
-        return Dispatched::Replied(FLAG_ERROR);
+    let fail = |reply: &mut Vec<u8>, code, message: &str| {
+        encode_error(code, message, reply);
+        Dispatched::Replied(FLAG_ERROR)
     };
-    let call = Request::new(request, name, session, header.request_id);
+    if with.shutting_down {
+        return fail(reply, ErrorCode::Shutdown, SHUTDOWN_MESSAGE);
+    }
+    let (name, handler) = match with.services.resolve(session, header.service) {
+        Ok(found) => found,
+        Err((code, message)) => return fail(reply, code, &message),
+    };
+    let max_message = with.max_message;
     let handler = match handler {
         Handler::Inline(handler) => handler,
+        Handler::Echo => {
+            reply.extend_from_slice(request.as_slice());
+            return Dispatched::Replied(0);
+        }
         Handler::Blocking(handler) => {
-            let (handler, request) = (Arc::clone(handler), OwnedRequest::new(&call, Arc::clone(name)));
-            let responder = with.completions.responder(slot, header, max_payload);
+            let handler = Arc::clone(handler);
+            let (payload, charge) = request.into_owned();
+            let request = OwnedRequest::from_parts(payload, charge, Arc::clone(name), session, header.request_id);
+            let responder = with.completions.responder(slot, header, max_message);
             let (session, service) = (session.id, header.service);
             with.services.pool.submit(Box::new(move || {
                 match catch_unwind(AssertUnwindSafe(|| handler(&request.as_request()))) {
@@ -238,8 +381,9 @@ pub(crate) fn dispatch(
             return Dispatched::Deferred;
         }
         Handler::Deferred(handler) => {
-            let request = OwnedRequest::new(&call, Arc::clone(name));
-            let responder = with.completions.responder(slot, header, max_payload);
+            let (payload, charge) = request.into_owned();
+            let request = OwnedRequest::from_parts(payload, charge, Arc::clone(name), session, header.request_id);
+            let responder = with.completions.responder(slot, header, max_message);
             // A panic drops the responder as it unwinds, which answers
             // the call as panicked (unless the handler passed it on).
             if catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
@@ -247,13 +391,37 @@ pub(crate) fn dispatch(
             }
             return Dispatched::Deferred;
         }
+        Handler::Upload(handler) => {
+            // A request of one frame: an upload of one chunk.
+            let bytes = request.as_slice();
+            let call = Request::new(&[], name, session, header.request_id);
+            let started = start_upload(&**handler, &call, Some(bytes.len() as u64), header.service);
+            let upload = started.and_then(|mut upload| {
+                upload_chunk(&mut *upload, bytes, session.id, header.service)?;
+                Ok(upload)
+            });
+            match upload {
+                Ok(upload) => {
+                    finish_upload(upload, with.completions.responder(slot, header, max_message));
+                    return Dispatched::Deferred;
+                }
+                Err(body) => {
+                    *reply = body;
+                    return Dispatched::Replied(FLAG_ERROR);
+                }
+            }
+        }
+        Handler::Stream(_) => {
+            let message = format!("service {} ({name}) is a stream service: open a stream", header.service);
+            return fail(reply, ErrorCode::UnknownService, &message);
+        }
     };
+    let call = Request::new(request.as_slice(), name, session, header.request_id);
     match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
-        Ok(Ok(())) if reply.len() <= max_payload => Dispatched::Replied(0),
+        Ok(Ok(())) if reply.len() as u64 <= max_message => Dispatched::Replied(0),
         Ok(Ok(())) => {
-            let msg = format!("reply of {} bytes exceeds the negotiated maximum {max_payload}", reply.len());
-            encode_error(ErrorCode::ReplyTooLarge, &msg, reply);
-            Dispatched::Replied(FLAG_ERROR)
+            let message = too_long("reply", reply.len() as u64, max_message);
+            fail(reply, ErrorCode::MessageTooLarge, &message)
         }
         Ok(Err(e)) => {
             e.encode(reply);
@@ -261,23 +429,104 @@ pub(crate) fn dispatch(
         }
         Err(_) => {
             tracing::error!(session = session.id, service = header.service, "service handler panicked");
-            encode_error(ErrorCode::HandlerPanicked, PANICKED, reply);
-            Dispatched::Replied(FLAG_ERROR)
+            fail(reply, ErrorCode::HandlerPanicked, PANICKED)
         }
     }
 }
 
-/// `echo`: the reply is the request.
+/// Calls an upload service's handler for a request that begins: the
+/// upload, or the error body that answers the call (its error, or its
+/// panic).
+pub(crate) fn start_upload(
+    handler: &UploadFn,
+    call: &Request<'_>,
+    total: Option<u64>,
+    service: u16,
+) -> Result<Box<dyn Upload>, Vec<u8>> {
+    let mut body = Vec::new();
+    match catch_unwind(AssertUnwindSafe(|| handler(call, total))) {
+        Ok(Ok(upload)) => return Ok(upload),
+        Ok(Err(e)) => e.encode(&mut body),
+        Err(_) => {
+            tracing::error!(session = call.session(), service, "upload handler panicked");
+            encode_error(ErrorCode::HandlerPanicked, PANICKED, &mut body);
+        }
+    }
+    Err(body)
+}
+
+/// Hands an upload its next bytes: the error body that answers the call
+/// if it fails or panics.
+pub(crate) fn upload_chunk(upload: &mut dyn Upload, bytes: &[u8], session: u64, service: u16) -> Result<(), Vec<u8>> {
+    let mut body = Vec::new();
+    match catch_unwind(AssertUnwindSafe(|| upload.chunk(bytes))) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.encode(&mut body),
+        Err(_) => {
+            tracing::error!(session, service, "upload handler panicked");
+            encode_error(ErrorCode::HandlerPanicked, PANICKED, &mut body);
+        }
+    }
+    Err(body)
+}
+
+/// Gives a complete upload its responder. A panic drops the responder as
+/// it unwinds, which answers the call as panicked.
+pub(crate) fn finish_upload(upload: Box<dyn Upload>, responder: Responder) {
+    if catch_unwind(AssertUnwindSafe(move || upload.finish(responder))).is_err() {
+        tracing::error!("upload handler panicked as it finished");
+    }
+}
+
+/// `echo`: the reply is the request; one longer than a frame is sent back
+/// chunk by chunk as it comes, never held whole.
 pub(crate) fn echo() -> Handler {
-    Handler::Inline(Arc::new(|request: &Request<'_>, reply: &mut Vec<u8>| {
-        reply.extend_from_slice(request.payload());
-        Ok(())
-    }))
+    Handler::Echo
 }
 
 /// `ping`: an empty reply.
 pub(crate) fn ping() -> Handler {
     Handler::Inline(Arc::new(|_: &Request<'_>, _: &mut Vec<u8>| Ok(())))
+}
+
+/// `stream.count`: a stream of generated items, for tests and load. The
+/// request is two little-endian `u32`s, `count` and `size`; the stream
+/// carries `count` items of `size` bytes, item `i` beginning with `i` as a
+/// little-endian `u64` (cut to `size`) and filled with `i as u8`, then
+/// ends. Each item is made only when it can be sent (within the caller's
+/// credit), so a stream of any length costs the server one item at a time.
+pub(crate) fn stream_count() -> Handler {
+    Handler::Stream(Arc::new(|request: OwnedRequest, mut items: crate::StreamSender| {
+        let Some((count, size)) = parse_count(request.payload()) else {
+            let len = request.payload().len();
+            return items.fail(ServiceError::new(format!("stream.count takes two u32s (8 bytes), got {len} bytes")));
+        };
+        for i in 0..count {
+            match items.send(count_item(i, size)) {
+                Ok(()) => {}
+                Err(e @ crate::SendError::TooLarge { .. }) => return items.fail(ServiceError::new(e.to_string())),
+                // Cut: the terminal frame is the engine's.
+                Err(_) => return,
+            }
+        }
+        items.end();
+    }))
+}
+
+/// The `count` and `size` of a `stream.count` request.
+fn parse_count(payload: &[u8]) -> Option<(u32, u32)> {
+    let bytes: &[u8; 8] = payload.try_into().ok()?;
+    let (count, size) = bytes.split_at(4);
+    Some((u32::from_le_bytes(count.try_into().ok()?), u32::from_le_bytes(size.try_into().ok()?)))
+}
+
+/// Item `i` of a `stream.count` stream of items of `size` bytes.
+pub(crate) fn count_item(i: u32, size: u32) -> Vec<u8> {
+    let mut item = vec![i as u8; size as usize];
+    let head = u64::from(i).to_le_bytes();
+    let n = head.len().min(item.len());
+    item[..n].copy_from_slice(&head[..n]);
+    item
 }
 
 /// `debug.sleep`: sleeps for the little-endian u32 of milliseconds in the
@@ -397,6 +646,96 @@ macro_rules! service_methods {
             F: Fn($crate::OwnedRequest, $crate::Responder) + Send + Sync + 'static,
         {
             self.services.push((name.into(), $crate::service::Handler::Deferred(std::sync::Arc::new(handler))));
+            self
+        }
+
+        /// Adds a service that takes its requests as they arrive, chunk by
+        /// chunk, so that a request of any length (up to the largest message)
+        /// need not be held whole. When a request begins, `start` is called on
+        /// the worker with the call (its payload empty) and the length its
+        /// sender announced (`None` for a sender that does not know it yet), and
+        /// returns the [`Upload`](crate::Upload) that takes the bytes as they come
+        /// and then answers through a [`Responder`](crate::Responder); an error
+        /// answers the call at once. A request of one frame is an upload of one
+        /// chunk. The cap on calls unanswered per session of
+        /// [`blocking_service`](Self::blocking_service) applies from `finish`.
+        ///
+        /// ```no_run
+        /// use ipcd::{Responder, Server, ServiceError, Upload};
+        /// use std::io::Write;
+        ///
+        /// struct ToFile(std::fs::File);
+        ///
+        /// impl Upload for ToFile {
+        ///     fn chunk(&mut self, bytes: &[u8]) -> Result<(), ServiceError> {
+        ///         self.0.write_all(bytes).map_err(|e| ServiceError::with_code(5, e.to_string()))
+        ///     }
+        ///     fn finish(self: Box<Self>, responder: Responder) {
+        ///         match self.0.sync_all() {
+        ///             Ok(()) => responder.reply(Vec::new()),
+        ///             Err(e) => responder.fail(ServiceError::with_code(5, e.to_string())),
+        ///         }
+        ///     }
+        /// }
+        ///
+        /// let server = Server::builder()
+        ///     .socket("/tmp/store.sock")
+        ///     .upload_service("store", |req, _announced| {
+        ///         let path = format!("/var/tmp/upload-{}-{}", req.session(), req.id());
+        ///         std::fs::File::create(path).map(ToFile).map_err(|e| ServiceError::with_code(5, e.to_string()))
+        ///     })
+        ///     .build()?;
+        /// # Ok::<(), ipcd::ServerError>(())
+        /// ```
+        pub fn upload_service<F, U>(mut self, name: impl Into<String>, start: F) -> Self
+        where
+            F: Fn(&$crate::Request<'_>, Option<u64>) -> Result<U, $crate::ServiceError> + Send + Sync + 'static,
+            U: $crate::Upload + 'static,
+        {
+            let start = move |request: &$crate::Request<'_>, total: Option<u64>| {
+                start(request, total).map(|upload| Box::new(upload) as Box<dyn $crate::Upload>)
+            };
+            self.services.push((name.into(), $crate::service::Handler::Upload(std::sync::Arc::new(start))));
+            self
+        }
+
+        /// Adds a service that answers a request with a stream of items: the
+        /// caller opens a stream, and the handler, on a thread of its own, sends
+        /// items through the [`StreamSender`](crate::StreamSender) (each of any
+        /// length up to the largest message), then ends the stream (or fails
+        /// it). Sending waits for the caller's credit and for room in the
+        /// stream's buffer, so a slow reader costs the daemon no more than that
+        /// buffer; a stream cut by its caller's cancel, its deadline, the
+        /// caller's hang-up or the server's stop fails the next send, and
+        /// [`StreamSender::is_cancelled`](crate::StreamSender::is_cancelled) says
+        /// so. A session has at most [`MAX_OPEN_STREAMS`](crate::MAX_OPEN_STREAMS)
+        /// streams open; a plain call to a stream service is answered with an
+        /// error.
+        ///
+        /// ```no_run
+        /// use ipcd::{Server, ServiceError};
+        ///
+        /// let server = Server::builder()
+        ///     .socket("/tmp/lines.sock")
+        ///     .stream_service("lines", |request, mut lines| {
+        ///         let Ok(text) = std::fs::read_to_string(String::from_utf8_lossy(request.payload()).as_ref()) else {
+        ///             return lines.fail(ServiceError::with_code(2, "cannot read the file"));
+        ///         };
+        ///         for line in text.lines() {
+        ///             if lines.send(line.as_bytes().to_vec()).is_err() {
+        ///                 return; // cut: cancelled, timed out, stopping, or the caller is gone
+        ///             }
+        ///         }
+        ///         lines.end();
+        ///     })
+        ///     .build()?;
+        /// # Ok::<(), ipcd::ServerError>(())
+        /// ```
+        pub fn stream_service<F>(mut self, name: impl Into<String>, handler: F) -> Self
+        where
+            F: Fn($crate::OwnedRequest, $crate::StreamSender) + Send + Sync + 'static,
+        {
+            self.services.push((name.into(), $crate::service::Handler::Stream(std::sync::Arc::new(handler))));
             self
         }
 

@@ -29,10 +29,12 @@ use std::time::Instant;
 use ipc_core::{Consumer, Credentials, FrameHeader, Producer, PushError, SharedWords};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
-use crate::deferred::{Completion, Outstanding, Slot};
-use crate::limits::Lease;
+use crate::deferred::{Completion, Slot};
+use crate::exchange::{Exchange, Took};
+use crate::limits::{Lease, Limits};
+use crate::outbox::{Flush, Sink};
 use crate::request::SessionContext;
-use crate::service::{check_request, dispatch, Dispatched, Serving, SHUTDOWN_REPLY_LEN};
+use crate::service::{Serving, SHUTDOWN_REPLY_LEN};
 
 /// How the daemon wakes this client.
 pub(crate) enum ClientWake {
@@ -42,13 +44,11 @@ pub(crate) enum ClientWake {
     Pollable(SocketBell),
 }
 
-/// A reply that did not fit the response ring yet.
-struct PendingReply {
-    header: FrameHeader,
-    /// At most the ring's maximum payload, in length and capacity.
-    body: Vec<u8>,
-    /// When it was found not to fit, or, if later, when the client was last
-    /// seen to have freed space: the client has freed none since.
+/// Since when the session has waited for its client to make room in the
+/// response ring.
+struct Stall {
+    /// When a frame was found not to fit, or, if later, when the client was
+    /// last seen to have freed space: the client has freed none since.
     since: Instant,
     /// The client's released total (its ring index) as of `since`.
     released: u64,
@@ -88,13 +88,11 @@ pub(crate) struct Scratch {
 pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) peer: PeerCredentials,
-    /// What its handlers see of it, and what it may call.
-    context: SessionContext,
+    /// Its calls: what its handlers see of it, the requests it receives,
+    /// the calls handed off, the streams open, what waits to go out.
+    exchange: Exchange,
     /// Its place in its worker, for the answers of handed-off calls.
     pub(crate) slot: Slot,
-    /// Calls handed off and not yet answered, and their answers waiting
-    /// for room.
-    outstanding: Outstanding,
     pub(crate) control: mio::net::UnixStream,
     /// Client to daemon doorbell; registered (edge-triggered) in the
     /// worker's poll and never read: see `ipc_platform::EventFd`.
@@ -104,8 +102,10 @@ pub(crate) struct Session {
     responses: Producer,
     /// The segment's shared words, for its header's `closed` word.
     words: SharedWords,
-    last_request_id: u64,
-    pending: Option<PendingReply>,
+    /// Set while a frame waits for room in the response ring.
+    stall: Option<Stall>,
+    /// The payload length of the frame that waits for room.
+    waiting_len: usize,
     /// Whether the session sits in its worker's ready queue.
     pub(crate) queued: bool,
     /// Whether the session sits in its worker's idle list.
@@ -113,6 +113,31 @@ pub(crate) struct Session {
     /// What the session is charged (memory, its uid's slot), given back
     /// when it drops; last, so that the segment is unmapped first.
     pub(crate) lease: Option<Lease>,
+}
+
+/// The response ring as the exchange writes to it.
+struct RingSink<'a>(&'a mut Producer);
+
+impl Sink for RingSink<'_> {
+    fn max_payload(&self) -> usize {
+        self.0.max_payload() as usize
+    }
+
+    fn put(&mut self, header: FrameHeader, parts: &[&[u8]]) -> Result<bool, String> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let fill = |w: &mut ipc_core::PayloadWriter<'_>| {
+            let mut at = 0;
+            for part in parts {
+                w.write_at(at, part);
+                at += part.len();
+            }
+        };
+        match self.0.try_push_with(header.service, header.flags, header.request_id, len, fill) {
+            Ok(()) => Ok(true),
+            Err(PushError::Full) => Ok(false),
+            Err(e) => Err(format!("response ring: {e}")),
+        }
+    }
 }
 
 impl Session {
@@ -172,17 +197,16 @@ impl Session {
         Session {
             id: context.id,
             peer,
-            context,
+            exchange: Exchange::new(context),
             slot: Slot::UNPLACED,
-            outstanding: Outstanding::default(),
             control,
             bell,
             wake,
             requests,
             responses,
             words,
-            last_request_id: 0,
-            pending: None,
+            stall: None,
+            waiting_len: 0,
             queued: false,
             idle: false,
             lease: None,
@@ -199,11 +223,11 @@ impl Session {
         }
     }
 
-    /// Sends the answers of handed-off calls that came back, then serves
-    /// up to `budget` requests. While `with` is shutting down, requests
-    /// are answered with a shutdown error instead of being executed. With
-    /// `park`, an empty request ring parks the session; without, it is
-    /// left [`Progress::Idle`].
+    /// Sends what waits (the answers of handed-off calls, long replies,
+    /// stream items), then serves up to `budget` frames. While `with` is
+    /// shutting down, requests are answered with a shutdown error instead
+    /// of being executed. With `park`, an empty request ring parks the
+    /// session; without, it is left [`Progress::Idle`].
     pub(crate) fn serve(
         &mut self,
         with: &Serving<'_>,
@@ -212,11 +236,7 @@ impl Session {
         park: bool,
     ) -> Result<Progress, String> {
         let mut tally = Tally::default();
-        let result = match self.flush_pending() {
-            Ok(true) => self.serve_requests(with, scratch, budget, &mut tally),
-            Ok(false) => Ok(Progress::Stalled),
-            Err(e) => Err(e),
-        };
+        let result = self.serve_requests(with, scratch, budget, &mut tally);
         // Counted once per batch rather than per request.
         with.counters.add(tally.taken, tally.answered, tally.errors);
         // Hand back what was read, then publish whatever was answered, even
@@ -232,11 +252,11 @@ impl Session {
         if self.responses.publish() {
             self.wake_client(self.responses.peer_waiter());
         }
-        match result? {
-            Progress::Busy => Ok(Progress::Busy),
+        let progress = result?;
+        self.note_stall(progress == Progress::Stalled)?;
+        match progress {
             Progress::Stalled => {
-                let len = self.pending.as_ref().map_or(0, |p| p.body.len());
-                if self.responses.prepare_wait_space(len).map_err(|e| format!("response ring: {e}"))? {
+                if self.responses.prepare_wait_space(self.waiting_len).map_err(|e| format!("response ring: {e}"))? {
                     Ok(Progress::Stalled)
                 } else {
                     Ok(Progress::Busy)
@@ -248,39 +268,79 @@ impl Session {
         }
     }
 
+    /// Keeps the stall's start: set when a frame first waits for room, and
+    /// set again whenever the client has freed some space since (it reads,
+    /// slowly: not stalled).
+    fn note_stall(&mut self, stalled: bool) -> Result<(), String> {
+        if !stalled {
+            if self.stall.take().is_some() {
+                // The client made room: withdraw the wait announcement.
+                self.responses.finish_wait_space();
+            }
+            return Ok(());
+        }
+        let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
+        match &mut self.stall {
+            Some(stall) if stall.released == released => {}
+            Some(stall) => *stall = Stall { since: Instant::now(), released },
+            None => self.stall = Some(Stall { since: Instant::now(), released }),
+        }
+        Ok(())
+    }
+
     /// Takes the answer to a call this session handed off, to go out at
     /// its next serve (or flush). Returns false, dropping it, if it answers
     /// no call outstanding here.
-    pub(crate) fn complete(&mut self, answer: Completion) -> bool {
-        self.outstanding.complete(answer)
+    pub(crate) fn complete(&mut self, answer: Completion, limits: &std::sync::Arc<Limits>) -> bool {
+        let max = self.responses.max_payload() as usize;
+        self.exchange.complete(answer, limits, max)
+    }
+
+    /// Stream `id` has items or its end to send.
+    pub(crate) fn stream_ready(&mut self, id: u64) {
+        self.exchange.stream_ready(id);
     }
 
     /// Whether calls handed off have not been answered yet.
     pub(crate) fn has_calls(&self) -> bool {
-        self.outstanding.has_calls()
+        self.exchange.has_calls()
     }
 
     /// Answers the calls still being handled with an error (see
-    /// [`Outstanding::give_up`]); the next flush sends what fits.
+    /// [`Exchange::give_up_calls`]); the next flush sends what fits.
     pub(crate) fn give_up_calls(&mut self) {
-        self.outstanding.give_up();
+        self.exchange.give_up_calls();
     }
 
-    /// Whether a reply waits for room in the response ring.
+    /// A graceful stop begins (see [`Exchange::stop`]).
+    pub(crate) fn begin_stop(&mut self) {
+        self.exchange.stop();
+    }
+
+    /// Whether anything waits to go out (or a stream is open).
     pub(crate) fn has_output(&self) -> bool {
-        self.pending.is_some() || self.outstanding.has_done()
+        self.exchange.has_output()
     }
 
-    /// Pushes the replies that wait for room, as far as they fit now,
-    /// publishes them, and otherwise asks the client to ring when it frees
-    /// space; takes no request. For the drain of a graceful stop.
+    /// The earliest deadline of an open stream.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.exchange.next_deadline()
+    }
+
+    /// Cuts the streams whose deadline has passed.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        self.exchange.expire(now);
+    }
+
+    /// Sends what waits, as far as it fits now, publishes it, and otherwise
+    /// asks the client to ring when it frees space; takes no request. For
+    /// the drain of a graceful stop.
     pub(crate) fn flush(&mut self) -> Result<(), String> {
-        let flushed = self.flush_pending()?;
+        let flushed = self.exchange.flush(&mut RingSink(&mut self.responses), &mut Tally::default())?;
         if self.responses.publish() {
             self.wake_client(self.responses.peer_waiter());
         }
-        if !flushed {
-            let len = self.pending.as_ref().map_or(0, |p| p.body.len());
+        if let Flush::NoRoom(len) = flushed {
             self.responses.prepare_wait_space(len).map_err(|e| format!("response ring: {e}"))?;
         }
         Ok(())
@@ -292,7 +352,7 @@ impl Session {
     /// will be taken, and every request taken has been answered (or given
     /// up on), just before the session is dropped.
     pub(crate) fn mark_closed(&self) {
-        self.words.mark_closed(self.last_request_id);
+        self.words.mark_closed(self.exchange.last_request_id());
         self.wake_client(self.responses.peer_waiter());
         self.wake_client(self.requests.peer_waiter());
     }
@@ -307,10 +367,10 @@ impl Session {
         }
     }
 
-    /// Since when a reply has been waiting for the client to make room in
+    /// Since when a frame has been waiting for the client to make room in
     /// the response ring, if one is.
     pub(crate) fn stalled_since(&self) -> Option<Instant> {
-        self.pending.as_ref().map(|p| p.since)
+        self.stall.as_ref().map(|s| s.since)
     }
 
     /// Whether a request is waiting (a corrupt ring counts: serving reports
@@ -319,52 +379,8 @@ impl Session {
         self.requests.is_empty().map_or(true, |empty| !empty)
     }
 
-    /// Pushes the reply left over from a stall, then the answers of
-    /// handed-off calls, in order, as far as they fit; the first that does
-    /// not fit becomes the reply that waits. Returns whether nothing waits
-    /// any more.
-    fn flush_pending(&mut self) -> Result<bool, String> {
-        if let Some(pending) = self.pending.take() {
-            let h = pending.header;
-            match self.responses.try_push(h.service, h.flags, h.request_id, &pending.body) {
-                Ok(()) => {
-                    // The client freed space: withdraw the wait announcement.
-                    self.responses.finish_wait_space();
-                }
-                Err(PushError::Full) => {
-                    let mut pending = pending;
-                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
-                    if released != pending.released {
-                        // Not enough room yet, but the client is reading: the
-                        // stall starts over.
-                        pending.released = released;
-                        pending.since = Instant::now();
-                    }
-                    self.pending = Some(pending);
-                    return Ok(false);
-                }
-                Err(e) => return Err(format!("response ring: {e}")),
-            }
-        }
-        while let Some((h, body)) = self.outstanding.pop_done() {
-            match self.responses.try_push(h.service, h.flags, h.request_id, &body) {
-                Ok(()) => {}
-                Err(PushError::Full) => {
-                    // The rest queue behind it, in order; it is what the
-                    // stall waits on.
-                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
-                    self.pending = Some(PendingReply { header: h, body, since: Instant::now(), released });
-                    return Ok(false);
-                }
-                Err(e) => {
-                    self.outstanding.unpop_done((h, body));
-                    return Err(format!("response ring: {e}"));
-                }
-            }
-        }
-        Ok(true)
-    }
-
+    /// Sends what waits, then takes frames from the request ring until the
+    /// budget, the ring or the room for answers runs out.
     fn serve_requests(
         &mut self,
         with: &Serving<'_>,
@@ -372,63 +388,65 @@ impl Session {
         budget: usize,
         tally: &mut Tally,
     ) -> Result<Progress, String> {
-        while (tally.taken as usize) < budget {
+        let mut frames = 0;
+        loop {
+            if let Flush::NoRoom(len) = self.exchange.flush(&mut RingSink(&mut self.responses), tally)? {
+                // What waits goes first; the session takes nothing more
+                // until its client makes room.
+                self.waiting_len = len;
+                return Ok(Progress::Stalled);
+            }
+            if frames >= budget {
+                return Ok(Progress::Busy);
+            }
             // At the cap, nothing more is taken until a call is answered
             // (whose answer schedules the session). A stop takes requests
             // only to answer them, so the cap does not apply.
-            if !with.shutting_down && self.outstanding.is_full() {
+            if !with.shutting_down && self.exchange.outstanding_full() {
                 return Ok(Progress::Waiting);
             }
             let frame = match self.requests.try_peek().map_err(|e| format!("request ring: {e}"))? {
                 Some(frame) => frame,
                 None => return Ok(Progress::Parked),
             };
+            let header = frame.header;
+            let kind = self.exchange.check(&header)?;
             // While shutting down, a request is taken only if its answer
             // fits now: a taken request's answer must reach the client
             // before the closed word says it was taken, and one left in the
             // ring is known not to have run.
             if with.shutting_down
+                && kind.is_new()
                 && !self.responses.has_space_for(SHUTDOWN_REPLY_LEN).map_err(|e| format!("response ring: {e}"))?
             {
+                self.waiting_len = SHUTDOWN_REPLY_LEN;
                 return Ok(Progress::Stalled);
             }
-            let header = frame.header;
-            self.last_request_id = check_request(&header, self.last_request_id)?;
             self.requests.read_payload(&frame, &mut scratch.request);
-            self.requests.consume(&frame);
-            let max = self.responses.max_payload() as usize;
-            tally.taken += 1;
-            let request = &scratch.request;
-            let flags = match dispatch(with, &self.context, self.slot, &header, request, &mut scratch.reply, max) {
-                Dispatched::Replied(flags) => flags,
-                Dispatched::Deferred => {
-                    self.outstanding.add(header.request_id, header.service);
-                    continue;
+            let mut sink = RingSink(&mut self.responses);
+            let took = self.exchange.take(
+                with,
+                self.slot,
+                kind,
+                &header,
+                &scratch.request,
+                &mut scratch.reply,
+                &mut sink,
+                tally,
+            )?;
+            match took {
+                Took::Taken => {
+                    self.requests.consume(&frame);
+                    frames += 1;
                 }
-            };
-            tally.answered += 1;
-            tally.errors += u64::from(flags != 0);
-            match self.responses.try_push(header.service, flags, header.request_id, &scratch.reply) {
-                Ok(()) => {}
-                Err(PushError::Full) => {
-                    let released = self.responses.consumer_released().map_err(|e| format!("response ring: {e}"))?;
-                    let mut body = std::mem::take(&mut scratch.reply);
-                    // The handler may have left the buffer larger than the
-                    // reply; what waits is held to what the session is
-                    // charged for.
-                    body.shrink_to(max);
-                    self.pending = Some(PendingReply {
-                        header: FrameHeader { flags, ..header },
-                        body,
-                        since: Instant::now(),
-                        released,
-                    });
+                Took::NoRoom(len) => {
+                    // Left in the ring: it is taken once there is room for
+                    // what it sends.
+                    self.waiting_len = len;
                     return Ok(Progress::Stalled);
                 }
-                Err(e) => return Err(format!("response ring: {e}")),
             }
         }
-        Ok(Progress::Busy)
     }
 }
 
@@ -474,7 +492,8 @@ pub(crate) mod tests {
         services: ServiceTable,
         counters: WorkerCounters,
         completions: Completions,
-        pub(crate) answers: Receiver<Completion>,
+        pub(crate) answers: Receiver<crate::deferred::Event>,
+        limits: Arc<Limits>,
         _poll: mio::Poll,
         scratch: Scratch,
     }
@@ -487,6 +506,7 @@ pub(crate) mod tests {
                 counters: WorkerCounters::default(),
                 completions,
                 answers,
+                limits: Arc::new(Limits::new(u64::MAX, usize::MAX)),
                 _poll: poll,
                 scratch: Scratch::default(),
             }
@@ -502,6 +522,8 @@ pub(crate) mod tests {
                 services: &self.services,
                 counters: &self.counters,
                 completions: &self.completions,
+                limits: &self.limits,
+                max_message: crate::DEFAULT_MAX_MESSAGE,
                 shutting_down,
             };
             session.serve(&with, &mut self.scratch, budget, true)
@@ -515,7 +537,32 @@ pub(crate) mod tests {
         /// does; returns how many it took.
         fn deliver(&mut self, session: &mut Session) -> usize {
             let slot = session.slot;
-            self.answers.try_iter().filter(|a| a.slot == slot).map(|a| session.complete(a)).filter(|&t| t).count()
+            let mut taken = 0;
+            for event in self.answers.try_iter() {
+                match event {
+                    crate::deferred::Event::Answer(a) if a.slot == slot => {
+                        taken += usize::from(session.complete(a, &self.limits));
+                    }
+                    crate::deferred::Event::Stream { slot: s, id } if s == slot => session.stream_ready(id),
+                    _ => {}
+                }
+            }
+            taken
+        }
+
+        /// The next answer to come back, waiting for it (under a watchdog).
+        pub(crate) fn answer(&self) -> Completion {
+            loop {
+                match self.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer") {
+                    crate::deferred::Event::Answer(a) => return a,
+                    crate::deferred::Event::Stream { .. } => continue,
+                }
+            }
+        }
+
+        /// What the sessions' messages are charged against.
+        pub(crate) fn limits(&self) -> Arc<Limits> {
+            Arc::clone(&self.limits)
         }
     }
 
@@ -641,9 +688,10 @@ pub(crate) mod tests {
         tx.publish();
         assert_eq!(rig.serve(&mut session), Progress::Stalled);
         let first = session.stalled_since().expect("stalled");
-        let waiting = session.pending.as_ref().unwrap();
-        assert_eq!(waiting.body.len(), 2000);
-        assert!(waiting.body.capacity() <= max, "a waiting reply holds {} bytes", waiting.body.capacity());
+        let waiting = session.exchange.waiting();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].0, 2000);
+        assert!(waiting[0].1 <= max, "a waiting reply holds {} bytes", waiting[0].1);
 
         // Serving again while the client reads nothing keeps the start.
         assert_eq!(rig.serve(&mut session), Progress::Stalled);
@@ -974,12 +1022,11 @@ pub(crate) mod tests {
         tx.publish();
         // The serve returns with the slow call still blocked on a thread.
         assert_eq!(rig.serve(&mut session), Progress::Parked);
-        let wait = |rig: &mut Rig| rig.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer");
-        let mut answers = vec![wait(&mut rig), wait(&mut rig)];
+        let mut answers = vec![rig.answer(), rig.answer()];
         release_tx.send(()).unwrap();
-        answers.push(wait(&mut rig));
+        answers.push(rig.answer());
         for answer in answers {
-            assert!(session.complete(answer));
+            assert!(session.complete(answer, &rig.limits()));
         }
         rig.serve(&mut session);
         let got = replies(&mut rx);

@@ -41,10 +41,12 @@ use ipc_platform::PeerCredentials;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
-use crate::deferred::{Completion, Outstanding, Slot};
-use crate::limits::Lease;
+use crate::deferred::{Completion, Slot};
+use crate::exchange::{Exchange, Took};
+use crate::limits::{Lease, Limits};
+use crate::outbox::{Flush, Sink};
 use crate::request::SessionContext;
-use crate::service::{check_request, dispatch, Dispatched, Serving};
+use crate::service::Serving;
 use crate::session::{Progress, Scratch, Tally};
 
 /// Read-ahead beyond one maximum frame.
@@ -180,13 +182,11 @@ impl fmt::Display for Peer {
 pub(crate) struct StreamSession {
     pub(crate) id: u64,
     pub(crate) peer: Peer,
-    /// What its handlers see of it.
-    context: SessionContext,
+    /// Its calls: what its handlers see of it, the requests it receives,
+    /// the calls handed off, the streams open, what waits to go out.
+    exchange: Exchange,
     /// Its place in its worker, for the answers of handed-off calls.
     pub(crate) slot: Slot,
-    /// Calls handed off and not yet answered, and their answers waiting
-    /// for room in the output.
-    outstanding: Outstanding,
     pub(crate) stream: Stream,
     max_payload: usize,
     /// Received bytes are `input[start..end]`; the vector grows up to one
@@ -194,10 +194,8 @@ pub(crate) struct StreamSession {
     input: Vec<u8>,
     start: usize,
     end: usize,
-    /// Replies not yet sent: `output[sent..]`.
-    output: Vec<u8>,
-    sent: usize,
-    last_request_id: u64,
+    /// Frames not yet sent.
+    output: Output,
     /// The client closed its sending side: serve what is buffered, send the
     /// replies, then end.
     read_closed: bool,
@@ -227,6 +225,52 @@ pub(crate) struct StreamSession {
     pub(crate) lease: Option<Lease>,
 }
 
+/// A stream session's frames not yet sent: `buf[sent..]`, in a buffer
+/// bounded in capacity (see [`output_bound`]).
+struct Output {
+    buf: Vec<u8>,
+    sent: usize,
+    max_payload: usize,
+}
+
+impl Output {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Output beyond which the session stops reading requests and writing
+    /// frames.
+    fn limit(&self) -> usize {
+        output_limit(self.max_payload)
+    }
+
+    /// Appends `bytes`, within the buffer's bound.
+    fn push(&mut self, bytes: &[u8]) {
+        reserve_within(&mut self.buf, bytes.len(), output_bound(self.max_payload));
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
+impl Sink for Output {
+    fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Takes a frame while the output is within its limit (so it may pass
+    /// it by one frame, as the bound allows).
+    fn put(&mut self, mut header: FrameHeader, parts: &[&[u8]]) -> Result<bool, String> {
+        if self.pending() > self.limit() {
+            return Ok(false);
+        }
+        header.len = parts.iter().map(|p| p.len()).sum::<usize>() as u32;
+        self.push(&header.encode());
+        for part in parts {
+            self.push(part);
+        }
+        Ok(true)
+    }
+}
+
 impl StreamSession {
     pub(crate) fn new(id: u64, peer: Peer, stream: Stream, max_payload: usize) -> StreamSession {
         let caller = match peer {
@@ -236,17 +280,14 @@ impl StreamSession {
         StreamSession {
             id,
             peer,
-            context: SessionContext::new(id, caller),
+            exchange: Exchange::new(SessionContext::new(id, caller)),
             slot: Slot::UNPLACED,
-            outstanding: Outstanding::default(),
             stream,
             max_payload,
             input: Vec::new(),
             start: 0,
             end: 0,
-            output: Vec::new(),
-            sent: 0,
-            last_request_id: 0,
+            output: Output { buf: Vec::new(), sent: 0, max_payload },
             read_closed: false,
             hangup_seen: false,
             peer_gone: false,
@@ -259,19 +300,8 @@ impl StreamSession {
         }
     }
 
-    /// Output beyond which the session stops reading requests.
-    fn output_limit(&self) -> usize {
-        output_limit(self.max_payload)
-    }
-
-    /// Appends `bytes` to the output, within its bound.
-    fn push_output(&mut self, bytes: &[u8]) {
-        reserve_within(&mut self.output, bytes.len(), output_bound(self.max_payload));
-        self.output.extend_from_slice(bytes);
-    }
-
     fn pending_output(&self) -> usize {
-        self.output.len() - self.sent
+        self.output.pending()
     }
 
     /// Since when the session has been stalled on replies the client does
@@ -282,11 +312,12 @@ impl StreamSession {
 
     /// Sends what the socket takes without blocking.
     fn send(&mut self) -> Result<(), String> {
-        while self.sent < self.output.len() {
-            match self.stream.write(&self.output[self.sent..]) {
+        let out = &mut self.output;
+        while out.sent < out.buf.len() {
+            match self.stream.write(&out.buf[out.sent..]) {
                 Ok(0) => return Err("the connection accepts no more bytes".into()),
                 Ok(n) => {
-                    self.sent += n;
+                    out.sent += n;
                     // The client took some: whatever stall this was is over.
                     self.stalled_since = None;
                 }
@@ -295,21 +326,21 @@ impl StreamSession {
                 Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
                     // A hang-up, not a violation: its replies have nowhere to go.
                     self.peer_gone = true;
-                    self.output.clear();
-                    self.sent = 0;
+                    out.buf.clear();
+                    out.sent = 0;
                     return Ok(());
                 }
                 Err(e) => return Err(format!("send failed: {e}")),
             }
         }
-        if self.sent == self.output.len() {
-            self.output.clear();
-            self.sent = 0;
-        } else if self.sent >= self.pending_output() {
+        if out.sent == out.buf.len() {
+            out.buf.clear();
+            out.sent = 0;
+        } else if out.sent >= out.pending() {
             // Copies no more than was just sent: each byte moves at most
             // once, and what was sent never outgrows what was not.
-            self.output.drain(..self.sent);
-            self.sent = 0;
+            out.buf.drain(..out.sent);
+            out.sent = 0;
         }
         Ok(())
     }
@@ -360,37 +391,54 @@ impl StreamSession {
         }
     }
 
-    /// The next complete request in the input, checked.
-    fn next_request(&mut self) -> Result<Option<FrameHeader>, String> {
+    /// The header of the next complete frame in the input, if one is
+    /// (checked for its length: no frame is longer than the maximum).
+    fn next_frame(&self) -> Result<Option<FrameHeader>, String> {
         let Some((header, complete)) = stream_frame(&self.input[self.start..self.end]) else {
             return Ok(None);
         };
         if header.len as usize > self.max_payload {
             return Err(format!("request of {} bytes exceeds the negotiated maximum {}", header.len, self.max_payload));
         }
-        if !complete {
-            return Ok(None);
-        }
-        self.last_request_id = check_request(&header, self.last_request_id)?;
-        Ok(Some(header))
+        Ok(complete.then_some(header))
     }
 
     /// Takes the answer to a call this session handed off, to go out at
     /// its next serve (or flush). Returns false, dropping it, if it answers
     /// no call outstanding here.
-    pub(crate) fn complete(&mut self, answer: Completion) -> bool {
-        self.outstanding.complete(answer)
+    pub(crate) fn complete(&mut self, answer: Completion, limits: &std::sync::Arc<Limits>) -> bool {
+        self.exchange.complete(answer, limits, self.max_payload)
+    }
+
+    /// Stream `id` has items or its end to send.
+    pub(crate) fn stream_ready(&mut self, id: u64) {
+        self.exchange.stream_ready(id);
     }
 
     /// Whether calls handed off have not been answered yet.
     pub(crate) fn has_calls(&self) -> bool {
-        self.outstanding.has_calls()
+        self.exchange.has_calls()
     }
 
     /// Answers the calls still being handled with an error (see
-    /// [`Outstanding::give_up`]); the next flush sends what fits.
+    /// [`Exchange::give_up_calls`]); the next flush sends what fits.
     pub(crate) fn give_up_calls(&mut self) {
-        self.outstanding.give_up();
+        self.exchange.give_up_calls();
+    }
+
+    /// A graceful stop begins (see [`Exchange::stop`]).
+    pub(crate) fn begin_stop(&mut self) {
+        self.exchange.stop();
+    }
+
+    /// The earliest deadline of an open stream.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.exchange.next_deadline()
+    }
+
+    /// Cuts the streams whose deadline has passed.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        self.exchange.expire(now);
     }
 
     /// The poll says the client's end is closed both ways: nothing sent
@@ -400,19 +448,9 @@ impl StreamSession {
         self.peer_gone = true;
     }
 
-    /// Moves the answers of handed-off calls into the output while it is
-    /// within its bound (each append may pass it by one frame, as a
-    /// handler's reply may).
-    fn flush_answers(&mut self) {
-        while self.pending_output() <= self.output_limit() {
-            let Some((header, body)) = self.outstanding.pop_done() else { break };
-            self.push_output(&header.encode());
-            self.push_output(&body);
-        }
-    }
-
-    /// Reads, serves up to `budget` requests and sends the replies, with
-    /// the answers of handed-off calls that came back.
+    /// Reads, serves up to `budget` frames and sends the replies, with
+    /// what waits to go out (the answers of handed-off calls, long
+    /// replies, stream items).
     pub(crate) fn serve(
         &mut self,
         with: &Serving<'_>,
@@ -423,20 +461,22 @@ impl StreamSession {
         if self.peer_gone {
             return Ok(Progress::Closed);
         }
-        self.flush_answers();
         let mut tally = Tally::default();
+        let mut frames = 0;
         let mut more_to_read = true;
         let result = loop {
-            if self.pending_output() > self.output_limit() {
-                break Ok(Progress::Stalled);
+            match self.exchange.flush(&mut self.output, &mut tally) {
+                Ok(Flush::NoRoom(_)) => break Ok(Progress::Stalled),
+                Ok(Flush::Clear) => {}
+                Err(e) => break Err(e),
             }
-            if tally.taken as usize >= budget {
+            if frames >= budget {
                 break Ok(Progress::Busy);
             }
-            if !with.shutting_down && self.outstanding.is_full() {
+            if !with.shutting_down && self.exchange.outstanding_full() {
                 break Ok(Progress::Waiting);
             }
-            let header = match self.next_request() {
+            let header = match self.next_frame() {
                 Ok(Some(h)) => h,
                 Ok(None) if more_to_read && !self.read_closed => match self.receive() {
                     Ok(more) => {
@@ -446,14 +486,14 @@ impl StreamSession {
                     Err(e) => break Err(e),
                 },
                 // Closed once every reply is out; until then, wait to write,
-                // or for the answers of calls outstanding.
+                // or for the answers of calls outstanding and the streams.
                 Ok(None) if self.read_closed && self.pending_output() > 0 => break Ok(Progress::Stalled),
                 // A Unix socket tells a client that only stopped sending
                 // (it may still read) from one that hung up (the poll's
                 // `hung_up`); TCP does not, so there the end of its input
                 // ends the session rather than hold it for answers that
                 // may find no one.
-                Ok(None) if self.read_closed && !self.outstanding.is_empty() => match self.stream {
+                Ok(None) if self.read_closed && self.exchange.owes() => match self.stream {
                     Stream::Unix(_) => break Ok(Progress::Waiting),
                     Stream::Tcp(_) => break Ok(Progress::Closed),
                 },
@@ -461,24 +501,32 @@ impl StreamSession {
                 Ok(None) => break Ok(Progress::Parked),
                 Err(e) => break Err(e),
             };
-            let body = self.start + HEADER_LEN;
-            let request = &self.input[body..body + header.len as usize];
-            let dispatched =
-                dispatch(with, &self.context, self.slot, &header, request, &mut scratch.reply, self.max_payload);
-            self.start = body + header.len as usize;
-            tally.taken += 1;
-            let flags = match dispatched {
-                Dispatched::Replied(flags) => flags,
-                Dispatched::Deferred => {
-                    self.outstanding.add(header.request_id, header.service);
-                    continue;
-                }
+            let kind = match self.exchange.check(&header) {
+                Ok(kind) => kind,
+                Err(e) => break Err(e),
             };
-            let reply = FrameHeader { len: scratch.reply.len() as u32, flags, ..header };
-            self.push_output(&reply.encode());
-            self.push_output(&scratch.reply);
-            tally.answered += 1;
-            tally.errors += u64::from(flags != 0);
+            let body = self.start + HEADER_LEN;
+            let payload = &self.input[body..body + header.len as usize];
+            let took = self.exchange.take(
+                with,
+                self.slot,
+                kind,
+                &header,
+                payload,
+                &mut scratch.reply,
+                &mut self.output,
+                &mut tally,
+            );
+            match took {
+                Ok(Took::Taken) => {
+                    self.start = body + header.len as usize;
+                    frames += 1;
+                }
+                // Left in the input: taken once there is room for what it
+                // sends.
+                Ok(Took::NoRoom(_)) => break Ok(Progress::Stalled),
+                Err(e) => break Err(e),
+            }
         };
         with.counters.add(tally.taken, tally.answered, tally.errors);
         // Replies to what was served go out even when the batch ended in a
@@ -513,24 +561,25 @@ impl StreamSession {
         let _ = self.flush();
     }
 
-    /// Whether replies (or the closing frame) wait to be sent, calls
-    /// outstanding wait for their answers, or, closing on purpose, the
-    /// client has yet to close its end.
+    /// Whether frames (or the closing frame) wait to be sent, calls
+    /// outstanding wait for their answers, streams are open, or, closing
+    /// on purpose, the client has yet to close its end.
     pub(crate) fn has_output(&self) -> bool {
         let open = !(self.hangup_seen || self.read_closed);
-        !self.peer_gone && (self.pending_output() > 0 || !self.outstanding.is_empty() || (self.closing && open))
+        !self.peer_gone && (self.pending_output() > 0 || self.exchange.owes() || (self.closing && open))
     }
 
-    /// Sends what the socket takes without blocking, the answers of
-    /// handed-off calls with it; takes no request. Closing on purpose, once
-    /// no call is outstanding, appends the closing frame, and once
-    /// everything is sent, shuts the sending side: the client reads its
-    /// last frames and the end of the stream, and closes (its poll reports
-    /// that as `hangup_seen`). For the drain of a graceful stop.
+    /// Sends what the socket takes without blocking, what waits to go out
+    /// with it; takes no request. Closing on purpose, once nothing is owed
+    /// (no call outstanding, no frame waiting, no stream open), appends the
+    /// closing frame, and once everything is sent, shuts the sending side:
+    /// the client reads its last frames and the end of the stream, and
+    /// closes (its poll reports that as `hangup_seen`). For the drain of a
+    /// graceful stop.
     pub(crate) fn flush(&mut self) -> Result<(), String> {
-        self.flush_answers();
-        if self.closing && !self.closing_frame && self.outstanding.is_empty() {
-            self.push_output(&FrameHeader::closing(self.last_request_id).encode());
+        self.exchange.flush(&mut self.output, &mut Tally::default())?;
+        if self.closing && !self.closing_frame && !self.exchange.owes() {
+            self.output.push(&FrameHeader::closing(self.exchange.last_request_id()).encode());
             self.closing_frame = true;
         }
         self.send()?;
@@ -561,7 +610,8 @@ pub(crate) mod tests {
         services: ServiceTable,
         counters: WorkerCounters,
         completions: Completions,
-        pub(crate) answers: Receiver<Completion>,
+        pub(crate) answers: Receiver<crate::deferred::Event>,
+        limits: Arc<Limits>,
         _poll: mio::Poll,
         scratch: Scratch,
     }
@@ -574,6 +624,7 @@ pub(crate) mod tests {
                 counters: WorkerCounters::default(),
                 completions,
                 answers,
+                limits: Arc::new(Limits::new(u64::MAX, usize::MAX)),
                 _poll: poll,
                 scratch: Scratch::default(),
             }
@@ -589,6 +640,8 @@ pub(crate) mod tests {
                 services: &self.services,
                 counters: &self.counters,
                 completions: &self.completions,
+                limits: &self.limits,
+                max_message: crate::DEFAULT_MAX_MESSAGE,
                 shutting_down,
             };
             session.serve(&with, &mut self.scratch, budget)
@@ -601,7 +654,29 @@ pub(crate) mod tests {
         /// Hands the answers that came back to `session`, as its worker
         /// does.
         fn deliver(&mut self, session: &mut StreamSession) -> usize {
-            self.answers.try_iter().map(|a| session.complete(a)).filter(|&t| t).count()
+            let mut taken = 0;
+            for event in self.answers.try_iter() {
+                match event {
+                    crate::deferred::Event::Answer(a) => taken += usize::from(session.complete(a, &self.limits)),
+                    crate::deferred::Event::Stream { id, .. } => session.stream_ready(id),
+                }
+            }
+            taken
+        }
+
+        /// The next answer to come back, waiting for it (under a watchdog).
+        pub(crate) fn answer(&self) -> Completion {
+            loop {
+                match self.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer") {
+                    crate::deferred::Event::Answer(a) => return a,
+                    crate::deferred::Event::Stream { .. } => continue,
+                }
+            }
+        }
+
+        /// What the sessions' messages are charged against.
+        pub(crate) fn limits(&self) -> Arc<Limits> {
+            Arc::clone(&self.limits)
         }
     }
 
@@ -732,7 +807,12 @@ pub(crate) mod tests {
             }
             rig.serve(&mut session, usize::MAX).unwrap();
             assert!(session.input.capacity() <= bound.0, "input holds {}", session.input.capacity());
-            assert!(session.output.capacity() <= bound.1, "output holds {} of {}", session.output.capacity(), bound.1);
+            assert!(
+                session.output.buf.capacity() <= bound.1,
+                "output holds {} of {}",
+                session.output.buf.capacity(),
+                bound.1
+            );
             match client.read(&mut sink) {
                 Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -763,7 +843,7 @@ pub(crate) mod tests {
             }
         }
         assert!(stalled, "a session whose client does not read must stall");
-        assert!(session.pending_output() <= session.output_limit() + HEADER_LEN + 1024);
+        assert!(session.pending_output() <= session.output.limit() + HEADER_LEN + 1024);
         let since = session.stalled_since().expect("a stalled session says since when");
         // Serving again without the client reading keeps the stall's start.
         let _ = rig.serve(&mut session, usize::MAX).unwrap();

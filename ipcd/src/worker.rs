@@ -51,7 +51,7 @@ use slab::Slab;
 use crate::engine::Engine;
 use ipc_core::Spinner;
 
-use crate::deferred::{Completion, Completions, Slot};
+use crate::deferred::{Completion, Completions, Event, Slot};
 use crate::limits::Lease;
 use crate::service::Serving;
 use crate::session::{Progress, Scratch, Session};
@@ -188,6 +188,7 @@ fn spawn(index: usize, engine: Arc<Engine>, running: Arc<AtomicUsize>) -> io::Re
             ready: VecDeque::new(),
             idle: Vec::new(),
             stalls: Vec::new(),
+            timed: Vec::new(),
             spinner,
             gauge: ipc_platform::CoreGauge::new(),
             scratch: Scratch::default(),
@@ -247,16 +248,37 @@ impl Conn {
         }
     }
 
-    fn complete(&mut self, answer: Completion) -> bool {
+    fn complete(&mut self, answer: Completion, limits: &Arc<crate::limits::Limits>) -> bool {
         match self {
-            Conn::Shm(s) => s.complete(answer),
-            Conn::Stream(s) => s.complete(answer),
+            Conn::Shm(s) => s.complete(answer, limits),
+            Conn::Stream(s) => s.complete(answer, limits),
         }
     }
 
-    /// Whether a graceful stop still waits for the session: for replies
-    /// its client has yet to read (or, on a stream, to close its end), or
-    /// for the answers of calls handed off.
+    fn stream_ready(&mut self, id: u64) {
+        match self {
+            Conn::Shm(s) => s.stream_ready(id),
+            Conn::Stream(s) => s.stream_ready(id),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Conn::Shm(s) => s.next_deadline(),
+            Conn::Stream(s) => s.next_deadline(),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        match self {
+            Conn::Shm(s) => s.expire(now),
+            Conn::Stream(s) => s.expire(now),
+        }
+    }
+
+    /// Whether a graceful stop still waits for the session: for frames its
+    /// client has yet to read (or, on a stream, to close its end), for the
+    /// answers of calls handed off, or for its streams' ends.
     fn draining(&self) -> bool {
         match self {
             Conn::Shm(s) => s.has_output() || s.has_calls(),
@@ -276,8 +298,9 @@ struct Worker {
     index: usize,
     poll: Poll,
     rx: Receiver<Conn>,
-    /// The answers of calls handed off, from any thread.
-    done: Receiver<Completion>,
+    /// The answers of calls handed off, and streams' notices, from any
+    /// thread.
+    done: Receiver<Event>,
     /// The sending end of `done`, with this worker's waker, for
     /// responders.
     completions: Completions,
@@ -293,6 +316,8 @@ struct Worker {
     /// Sessions stalled on replies their client does not read (those whose
     /// `stalled_since` is set).
     stalls: Vec<usize>,
+    /// Sessions with a stream that has a deadline.
+    timed: Vec<usize>,
     spinner: Spinner,
     gauge: ipc_platform::CoreGauge,
     scratch: Scratch,
@@ -316,7 +341,7 @@ impl Worker {
             // check wakes a worker asleep in its poll to see it turn).
             self.engine.stats.workers[self.index].turn();
             let sleep = self.ready.is_empty() && self.idle.is_empty();
-            let timeout = if sleep { self.until_first_stall_expires() } else { Some(Duration::ZERO) };
+            let timeout = if sleep { self.until_first_timer() } else { Some(Duration::ZERO) };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -357,6 +382,9 @@ impl Worker {
             self.serve_ready();
             if !self.stalls.is_empty() {
                 self.expire_stalls();
+            }
+            if !self.timed.is_empty() {
+                self.expire_deadlines();
             }
             if self.ready.is_empty() && !self.idle.is_empty() {
                 self.spin_then_park();
@@ -416,15 +444,27 @@ impl Worker {
     /// closed (its slot's key empty, or another session's now) is dropped.
     fn take_completions(&mut self) {
         let (mut replies, mut errors) = (0, 0);
-        while let Ok(answer) = self.done.try_recv() {
-            let key = answer.slot.key;
+        while let Ok(event) = self.done.try_recv() {
+            let slot = match &event {
+                Event::Answer(answer) => answer.slot,
+                Event::Stream { slot, .. } => *slot,
+            };
+            let key = slot.key;
             let Some(conn) = self.sessions.get_mut(key) else { continue };
-            let error = answer.flags != 0;
-            if *conn.slot() != answer.slot || !conn.complete(answer) {
+            if *conn.slot() != slot {
                 continue;
             }
-            replies += 1;
-            errors += u64::from(error);
+            match event {
+                Event::Answer(answer) => {
+                    let error = answer.flags != 0;
+                    if !conn.complete(answer, &self.engine.limits) {
+                        continue;
+                    }
+                    replies += 1;
+                    errors += u64::from(error);
+                }
+                Event::Stream { id, .. } => conn.stream_ready(id),
+            }
             let queued = conn.queued();
             if !*queued {
                 *queued = true;
@@ -477,6 +517,8 @@ impl Worker {
                 services: &self.engine.services,
                 counters: &self.engine.stats.workers[self.index],
                 completions: &self.completions,
+                limits: &self.engine.limits,
+                max_message: self.engine.max_message,
                 shutting_down: false,
             };
             let was_stalled = conn.stalled_since().is_some();
@@ -489,6 +531,11 @@ impl Worker {
                 (false, true) => self.stalls.push(key),
                 (true, false) => self.stalls.retain(|&k| k != key),
                 _ => {}
+            }
+            // Only a serve opens a stream; the timer list drops a session
+            // once it has no deadline left.
+            if conn.next_deadline().is_some() && !self.timed.contains(&key) {
+                self.timed.push(key);
             }
             match progress {
                 Ok(Progress::Busy) => self.schedule(key),
@@ -578,13 +625,42 @@ impl Worker {
         }
     }
 
-    /// How long the worker may sleep: until the earliest stall timeout, or
-    /// for good when nothing is stalled.
-    fn until_first_stall_expires(&self) -> Option<Duration> {
-        let first = self.stalls.iter().filter_map(|&k| self.sessions.get(k)?.stalled_since()).min()?;
+    /// How long the worker may sleep: until the earliest stall timeout or
+    /// stream deadline, or for good when there is neither.
+    fn until_first_timer(&self) -> Option<Duration> {
+        let first = self.stalls.iter().filter_map(|&k| self.sessions.get(k)?.stalled_since()).min();
         // A timeout too far to represent never expires.
-        let deadline = first.checked_add(self.engine.stall_timeout)?;
-        Some(deadline.saturating_duration_since(Instant::now()))
+        let stall = first.and_then(|first| first.checked_add(self.engine.stall_timeout));
+        let deadline = self.timed.iter().filter_map(|&k| self.sessions.get(k)?.next_deadline()).min();
+        let at = stall.into_iter().chain(deadline).min()?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Cuts the streams whose deadline has passed (their terminal frames
+    /// go out at the session's next serve), and forgets the sessions that
+    /// have no deadline left.
+    fn expire_deadlines(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.timed.len() {
+            let key = self.timed[i];
+            let Some(conn) = self.sessions.get_mut(key) else {
+                self.timed.swap_remove(i);
+                continue;
+            };
+            match conn.next_deadline() {
+                None => {
+                    self.timed.swap_remove(i);
+                    continue;
+                }
+                Some(at) if at <= now => {
+                    conn.expire(now);
+                    self.schedule(key);
+                }
+                Some(_) => {}
+            }
+            i += 1;
+        }
     }
 
     /// Closes the sessions stalled for longer than the stall timeout.
@@ -615,9 +691,10 @@ impl Worker {
         let Some(mut conn) = self.sessions.try_remove(key) else {
             return;
         };
-        // Its key may not outlive it in the list: the slab hands keys out
+        // Its key may not outlive it in the lists: the slab hands keys out
         // again.
         self.stalls.retain(|&k| k != key);
+        self.timed.retain(|&k| k != key);
         // A stall that ran out is a strike like a violation: otherwise a
         // client could stall its session, reconnect and stall the next one,
         // each time holding a segment for the whole stall timeout.
@@ -662,6 +739,8 @@ impl Worker {
             services: &self.engine.services,
             counters: &self.engine.stats.workers[self.index],
             completions: &self.completions,
+            limits: &self.engine.limits,
+            max_message: self.engine.max_message,
             shutting_down: true,
         };
         for (_, conn) in self.sessions.iter_mut() {
@@ -675,9 +754,18 @@ impl Worker {
             // closing frame, the frame after the answers of the calls
             // outstanding), so it fails the rest as `Shutdown` (not
             // executed) rather than with an unknown outcome.
+            //
+            // Before that pass, its open streams are cut (their handlers'
+            // sends fail; their terminal frames, `Shutdown`, go out in the
+            // drain, before the closed word) and its requests being received
+            // are answered: nothing more of them will be read.
             let result = match conn {
-                Conn::Shm(s) => s.serve(&with, &mut self.scratch, usize::MAX, true),
+                Conn::Shm(s) => {
+                    s.begin_stop();
+                    s.serve(&with, &mut self.scratch, usize::MAX, true)
+                }
                 Conn::Stream(s) => {
+                    s.begin_stop();
                     let r = s.serve(&with, &mut self.scratch, usize::MAX);
                     s.close_on_purpose();
                     r
@@ -782,7 +870,7 @@ mod tests {
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
         responder.reply(b"done".to_vec());
-        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        assert!(conn.complete(rig.answer(), &rig.limits()));
         assert!(conn.draining(), "an answer not yet sent keeps the drain going");
         conn.flush().unwrap();
         assert!(!conn.draining());
@@ -798,7 +886,7 @@ mod tests {
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
         responder.reply(b"done".to_vec());
-        assert!(conn.complete(rig.answers.try_recv().unwrap()));
+        assert!(conn.complete(rig.answer(), &rig.limits()));
         conn.flush().unwrap();
         assert!(!conn.draining());
     }

@@ -132,6 +132,47 @@ impl Rings {
     }
 }
 
+impl Rings {
+    /// Writes one frame of any kind, and rings the provider.
+    fn push(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) {
+        self.requests.try_push(service, flags, id, payload).expect("room in the ring");
+        self.requests.publish();
+        self.bell.notify().unwrap();
+    }
+
+    /// The next frame from the provider (a provider waiting for room is
+    /// rung once this one is read).
+    fn pop(&mut self) -> (ipc_core::FrameHeader, Vec<u8>) {
+        let mut body = Vec::new();
+        let deadline = Instant::now() + HANG_UP_LIMIT;
+        loop {
+            if let Some(h) = self.responses.try_pop(&mut body).unwrap() {
+                if self.responses.release() {
+                    self.bell.notify().unwrap();
+                }
+                return (h, body);
+            }
+            assert!(Instant::now() < deadline, "no frame within {HANG_UP_LIMIT:?}");
+            thread::yield_now();
+        }
+    }
+
+    /// The next whole message (reassembled as the spec says): its flags
+    /// and bytes, and the frames that carried it.
+    fn message(&mut self, rx: &mut ipc_core::message::Assembler) -> (u16, Vec<u8>, usize) {
+        let (mut bytes, mut frames) = (Vec::new(), 0);
+        loop {
+            let (h, payload) = self.pop();
+            let piece = rx.take(&h, &payload).expect("frames the spec allows");
+            bytes.extend_from_slice(piece.bytes);
+            frames += 1;
+            if piece.last {
+                return (h.flags, bytes, frames);
+            }
+        }
+    }
+}
+
 /// A provider of `names` (each an upper-casing echo) on `socket`, served
 /// on a thread of this process.
 fn provide(
@@ -406,5 +447,59 @@ fn a_daemon_that_dies_leaves_brokered_sessions_alone_and_providers_register_agai
         });
         assert!(settled, "the provider's sessions as the new daemon counts them: {counts:?}");
         stop(provider);
+    });
+}
+
+#[test]
+fn a_provider_streams_items_and_sends_replies_longer_than_a_frame() {
+    use ipc_core::message::{encode_credit, Assembler, StreamOpen, FLAG_CREDIT, FLAG_END, FLAG_STREAM};
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.socket().to_path_buf();
+    watchdog(TEST_LIMIT, move || {
+        let provider = Provider::builder()
+            .socket(&socket)
+            .workers(1)
+            .service("test.big", |req| {
+                let len = u32::from_le_bytes(req.payload().try_into().map_err(|_| ServiceError::new("a u32"))?);
+                Ok(vec![7; len as usize])
+            })
+            .stream_service("test.items", |req, mut items| {
+                let len = u32::from_le_bytes(req.payload().try_into().unwrap()) as usize;
+                for i in 0..3u8 {
+                    if items.send(vec![i; len]).is_err() {
+                        return;
+                    }
+                }
+                items.end();
+            })
+            .connect()
+            .expect("register");
+        let stop = provider.shutdown_handle();
+        let running = thread::spawn(move || provider.run().expect("the provider runs"));
+        let mut caller = Caller::connect(&socket);
+        let (brokered, mut rings) = caller.session("test.big");
+        let id_of = |name: &str| brokered.services.iter().find(|s| s.name == name).unwrap().id;
+        let (big, items) = (id_of("test.big"), id_of("test.items"));
+        let over = rings.requests.max_payload() + 1;
+        let mut rx = Assembler::new(u64::MAX - 1);
+        // A reply one byte over a frame comes in chunks.
+        rings.push(big, 0, 1, &over.to_le_bytes());
+        let (flags, bytes, frames) = rings.message(&mut rx);
+        assert_eq!((flags, bytes.len(), frames), (0, over as usize, 2));
+        assert!(bytes.iter().all(|&b| b == 7));
+        // A stream whose items are longer than a frame, granted one by one.
+        let open = [&StreamOpen { credit: 1, deadline_ms: 0 }.encode()[..], &over.to_le_bytes()].concat();
+        rings.push(items, FLAG_STREAM, 2, &open);
+        for i in 0..3u8 {
+            let (flags, bytes, frames) = rings.message(&mut rx);
+            assert_eq!((flags, frames), (FLAG_STREAM, 2), "item {i}");
+            assert!(bytes.len() == over as usize && bytes.iter().all(|&b| b == i), "item {i}");
+            rings.push(items, FLAG_CREDIT, 2, &encode_credit(1));
+        }
+        let (flags, bytes, _) = rings.message(&mut rx);
+        assert_eq!((flags, bytes.len()), (FLAG_END, 0), "a plain end");
+        stop.shutdown();
+        join_within(running, TEST_LIMIT, "the provider");
     });
 }

@@ -87,6 +87,16 @@ struct Args {
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     max_shm: Option<u64>,
 
+    /// Longest message (request, reply or stream item) a session takes or
+    /// sends, in bytes (suffixes K, M, G, T); held to --max-shm. Longer
+    /// than a frame, it goes in chunks; one being assembled or waiting to be
+    /// sent is charged against --max-shm for what it holds. A longer request
+    /// (or one the budget has no room for) is answered with an error for
+    /// that call alone. Also the configuration file's `max_message`; this
+    /// flag wins [default: 1G]
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive_bytes)]
+    max_message: Option<u64>,
+
     /// Live sessions one uid may have over the control socket and --uds;
     /// the next is rejected, naming the uid and the limit. TCP sessions
     /// carry no uid and count only against --max-clients and --max-shm.
@@ -183,6 +193,13 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+fn parse_positive_bytes(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        0 => Err(format!("{s:?} must be at least 1 byte")),
+        n => Ok(n),
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("{s:?} is not octal: {e}"))?;
     if mode > 0o777 {
@@ -258,8 +275,8 @@ fn main() -> ExitCode {
     }
     // A configuration that cannot be used is a usage error too (exit 2),
     // found before anything starts.
-    let rules = match args.config.as_deref().map(config::load).transpose() {
-        Ok(rules) => rules.unwrap_or_default(),
+    let config = match args.config.as_deref().map(config::load).transpose() {
+        Ok(config) => config.unwrap_or_default(),
         Err(err) => {
             eprintln!("error: {err:#}");
             return ExitCode::from(2);
@@ -275,7 +292,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    match run(args, rules, passed) {
+    match run(args, config, passed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -284,7 +301,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, rules: Vec<ipcd::AccessRule>, passed: systemd::Passed<OwnedFd>) -> anyhow::Result<()> {
+fn run(args: Args, config: config::Config, passed: systemd::Passed<OwnedFd>) -> anyhow::Result<()> {
     match ipc_platform::raise_nofile_limit() {
         Ok(limit) => tracing::debug!("open-files limit raised to {limit:?}"),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
@@ -297,6 +314,7 @@ fn run(args: Args, rules: Vec<ipcd::AccessRule>, passed: systemd::Passed<OwnedFd
         .stall_timeout(args.stall_timeout)
         .max_ring_capacity(args.max_ring_size)
         .max_sessions_per_uid(args.max_sessions_per_uid)
+        .max_message(args.max_message.or(config.max_message).unwrap_or(ipcd::DEFAULT_MAX_MESSAGE))
         .debug_services(args.debug_services);
     if let Some(bytes) = args.max_shm {
         builder = builder.max_shm(bytes);
@@ -322,7 +340,7 @@ fn run(args: Args, rules: Vec<ipcd::AccessRule>, passed: systemd::Passed<OwnedFd
     for gid in args.allow_gid {
         builder = builder.allow_gid(gid);
     }
-    for rule in rules {
+    for rule in config.rules {
         builder = builder.access_rule(rule);
     }
     if let Some(fd) = passed.control {
