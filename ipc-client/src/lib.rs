@@ -47,9 +47,9 @@ mod trust;
 mod wait;
 
 pub use calls::Ticket;
-pub use client::{Client, Service};
+pub use client::{Client, ReplyReader, Service, Stream, Upload};
 pub use error::{CallError, ConnectError};
 pub use guard::ReplyGuard;
 pub use ipc_core::{Credentials, DoorbellKind, Reject};
 pub use link::RequestBuf;
-pub use options::{ClientOptions, Reconnect, Transport, DEFAULT_SPIN};
+pub use options::{ClientOptions, Reconnect, StreamOptions, Transport, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN};

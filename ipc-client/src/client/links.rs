@@ -108,11 +108,12 @@ impl Client {
         let (brokered, fds) = self.ask_broker(name, wait)?;
         let link = broker::session(name, &brokered, fds, &self.options)
             .map_err(|reason| CallError::BadResolution { name: name.to_string(), reason })?;
-        let slot = Slot {
-            max_payload: brokered.max_payload as usize,
-            session_id: brokered.session_id,
-            provided: Some(Provided { provider: brokered.provider, services: brokered.services }),
-        };
+        let slot = Slot::new(
+            brokered.max_payload as usize,
+            brokered.session_id,
+            Some(Provided { provider: brokered.provider, services: brokered.services }),
+            self.options.max_message,
+        );
         let place = match reuse {
             Some(old) if self.alike(old, &slot) => {
                 self.links[old] = Link::Shm(link);
@@ -310,6 +311,8 @@ impl Client {
         }
         self.links[DAEMON] = link;
         self.slots[DAEMON].session_id = welcome.session_id;
+        self.slots[DAEMON].inbound.reset();
+        self.slots[DAEMON].pending.clear();
         self.calls.revive(DAEMON);
         self.reconnects += 1;
         Ok(())
