@@ -474,7 +474,8 @@ impl Calls {
             if entry.abandoned {
                 continue;
             }
-            self.orphans.push_back((Ticket { client: self.client, link: link as u32, id: entry.id }, outcome(entry.id)));
+            self.orphans
+                .push_back((Ticket { client: self.client, link: link as u32, id: entry.id }, outcome(entry.id)));
         }
         for stream in calls.streams.iter_mut().filter(|s| s.wire) {
             stream.wire = false;

@@ -589,15 +589,16 @@ impl Client {
         if len > max {
             return Err(CallError::TooLarge { len, max });
         }
-        if !self.slots[link].pending.is_empty() {
-            let sent = self.send_controls(link);
-            self.note(link, sent).map_err(|e| self.unsent(link, e))?;
-        }
         let id = self.calls.next_id(link);
         let mut fill = Some(fill);
         loop {
-            let written = self.links[link]
-                .try_write(service.id, flags, id, len, |buf| (fill.take().expect("filled once"))(buf));
+            // Credits and cancels queued go first, in order.
+            let written = match self.send_controls(link) {
+                Ok(()) if !self.slots[link].pending.is_empty() => Ok(None),
+                Ok(()) => self.links[link]
+                    .try_write(service.id, flags, id, len, |buf| (fill.take().expect("filled once"))(buf)),
+                Err(e) => Err(e),
+            };
             match self.note(link, written).map_err(|e| self.unsent(link, e))? {
                 Some(r) => return Ok(r),
                 None if !wait => return Err(CallError::Full { in_flight: self.in_flight() }),

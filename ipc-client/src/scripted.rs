@@ -26,7 +26,7 @@ use ipc_core::{
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 
-use crate::{Client, ClientOptions};
+use crate::{Client, ClientOptions, Transport};
 
 /// How long a test may wait for something that should happen at once. It
 /// only turns a hang into a failure; it is not a performance bound.
@@ -483,8 +483,89 @@ pub(crate) fn welcome_of(capacity: u32, doorbell: DoorbellKind) -> Welcome {
 /// `script` on its side of the session.
 pub(crate) struct Scripted {
     pub(crate) path: PathBuf,
+    /// The transport its clients connect with.
+    wire: Wire,
     script: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
+}
+
+/// The transports a scripted daemon speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// A shared-memory session handed over a Unix socket.
+    Shm,
+    /// Frames over the Unix socket itself (the daemon's `--uds`).
+    Uds,
+}
+
+/// Both [`Wire`]s, for tests that run over each.
+pub(crate) const WIRES: [Wire; 2] = [Wire::Shm, Wire::Uds];
+
+/// A scripted daemon's side of a session over either transport.
+pub(crate) enum Peer {
+    Shm(PeerSide),
+    Socket(SocketSide),
+}
+
+impl Frames for Peer {
+    fn try_take(&mut self) -> Option<Taken> {
+        match self {
+            Peer::Shm(p) => p.try_take(),
+            Peer::Socket(p) => p.try_take(),
+        }
+    }
+
+    fn try_send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) -> bool {
+        match self {
+            Peer::Shm(p) => p.try_send(service, flags, id, payload),
+            Peer::Socket(p) => p.try_send(service, flags, id, payload),
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        match self {
+            Peer::Shm(p) => p.max_payload(),
+            Peer::Socket(p) => p.max_payload(),
+        }
+    }
+}
+
+impl Peer {
+    /// Waits until the client hangs up (or, over a socket, stops sending:
+    /// a client that lost the link shuts its sending side), dropping what
+    /// it still sends.
+    pub(crate) fn await_hang_up(self) {
+        let mut control = match self {
+            Peer::Shm(p) => p.control,
+            Peer::Socket(p) => p.stream,
+        };
+        control.set_nonblocking(false).unwrap();
+        control.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match control.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for the client to hang up: {e}"),
+            }
+        }
+    }
+
+    /// Closes the session on purpose, saying the last request it took was
+    /// `last_taken`: the client's requests (and streams) above it were
+    /// never taken. Then hangs up.
+    pub(crate) fn close_after(self, last_taken: u64) {
+        match self {
+            Peer::Shm(p) => {
+                p.words.mark_closed(last_taken);
+                drop(p.control);
+            }
+            Peer::Socket(mut p) => {
+                let closing = FrameHeader::closing(last_taken);
+                assert!(p.try_send(closing.service, closing.flags, closing.request_id, &[]));
+            }
+        }
+    }
 }
 
 impl Scripted {
@@ -502,7 +583,16 @@ impl Scripted {
             let (control, _) = listener.accept().unwrap();
             script(answer_session_of(capacity, control, DoorbellKind::Futex, bell));
         });
-        Scripted { path, script: Some(script), _dir: dir }
+        Scripted { path, wire: Wire::Shm, script: Some(script), _dir: dir }
+    }
+
+    /// A daemon over `wire` with frames of the largest payload of rings of
+    /// `capacity` bytes, running `script` on its side of the session.
+    pub(crate) fn start_on(wire: Wire, capacity: u32, script: impl FnOnce(Peer) + Send + 'static) -> Scripted {
+        match wire {
+            Wire::Shm => Scripted::start_of(capacity, PeerBell::EventFd, |p| script(Peer::Shm(p))),
+            Wire::Uds => Scripted::start_socket(capacity, |p| script(Peer::Socket(p))),
+        }
     }
 
     /// A daemon over a Unix stream socket (the daemon's `--uds`): it
@@ -522,17 +612,21 @@ impl Scripted {
             stream.set_nonblocking(true).unwrap();
             script(SocketSide { stream, input: Vec::new(), max_payload });
         });
-        Scripted { path, script: Some(script), _dir: dir }
+        Scripted { path, wire: Wire::Uds, script: Some(script), _dir: dir }
     }
 
-    /// A client of it with `options` (shared memory).
+    /// A client of it with `options`, over its transport.
     pub(crate) fn client_with(&self, options: ClientOptions) -> Client {
-        Client::connect_with(&self.path, options).unwrap()
+        let transport = match self.wire {
+            Wire::Shm => Transport::Shm(self.path.clone()),
+            Wire::Uds => Transport::Uds(self.path.clone()),
+        };
+        Client::connect_with(transport, options).unwrap()
     }
 
     /// A client of it that never spins: every wait sleeps.
     pub(crate) fn client(&self) -> Client {
-        Client::connect_with(&self.path, options()).unwrap()
+        self.client_with(options())
     }
 
     /// Waits for the script to end, passing on its panic.

@@ -57,10 +57,10 @@ pub(crate) enum Await {
     Reply,
     /// Room for a request of `len` bytes. With replies still to come
     /// (`replies_due`), a shared-memory link waits for the next of them
-    /// instead: the peer hands a request's space back before it publishes
-    /// the reply, so room comes with replies, and a client that slept on
-    /// the request ring alone could sleep through the replies the peer
-    /// waits for it to read.
+    /// too: a client that slept on the request ring alone could sleep
+    /// through the replies the peer waits for it to read, and one that
+    /// slept for replies alone could sleep through room freed without a
+    /// reply (a request cancelled, a stream waiting for credit).
     Room { len: usize, replies_due: bool },
     /// Room for a frame of `len` bytes that no reply follows (a chunk that
     /// goes on with a request, a credit, a cancel), or a reply: a
@@ -72,7 +72,8 @@ pub(crate) enum Await {
 impl Await {
     fn sleep(self) -> Sleep {
         match self {
-            Await::Reply | Await::Room { replies_due: true, .. } => Sleep::Reply,
+            Await::Reply => Sleep::Reply,
+            Await::Room { len, replies_due: true } => Sleep::Either(len),
             Await::Room { len, replies_due: false } => Sleep::Space(len),
             Await::RoomOrReply { len } => Sleep::Either(len),
         }

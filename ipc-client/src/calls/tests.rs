@@ -205,7 +205,10 @@ fn a_loss_ends_open_streams_after_their_items() {
     let late = calls.open_stream(a, 0, 4);
     assert!(calls.give_up(late, CallError::Timeout { after: Duration::from_millis(5) }));
     calls.lose(a, "gone".into(), None);
-    assert_eq!(calls.take_next(late), Some(StreamNext::End(Err(CallError::Timeout { after: Duration::from_millis(5) }))));
+    assert_eq!(
+        calls.take_next(late),
+        Some(StreamNext::End(Err(CallError::Timeout { after: Duration::from_millis(5) })))
+    );
 }
 
 /// What a scenario does next.
@@ -309,9 +312,15 @@ fn stream_frame() -> impl Strategy<Value = StreamFrame> {
 enum Published {
     Reply(FrameHeader),
     /// Item `seq` of stream `id`.
-    Item { id: u64, seq: u64 },
+    Item {
+        id: u64,
+        seq: u64,
+    },
     /// Stream `id`'s terminal frame.
-    End { id: u64, outcome: Result<(), CallError> },
+    End {
+        id: u64,
+        outcome: Result<(), CallError>,
+    },
 }
 
 fn handler_error() -> CallError {
@@ -512,7 +521,9 @@ impl Scenario {
         let link = model.key.link;
         if !model.ended && !self.peers[link].lost {
             model.ended = true;
-            self.peers[link].published.push_back(Published::End { id: model.key.id, outcome: Err(CallError::Cancelled) });
+            self.peers[link]
+                .published
+                .push_back(Published::End { id: model.key.id, outcome: Err(CallError::Cancelled) });
         }
     }
 

@@ -31,8 +31,8 @@
 //! body; nothing is kept of a message whose caller gave up on it.
 
 use ipc_core::message::{
-    encode_credit, Assembler, MessageError, CHUNK_PREFIX, FLAG_CANCEL, FLAG_CREDIT, FLAG_END, FLAG_MORE,
-    FLAG_STREAM, MAX_PARTIAL, UNKNOWN_LENGTH,
+    encode_credit, Assembler, MessageError, CHUNK_PREFIX, FLAG_CANCEL, FLAG_CREDIT, FLAG_END, FLAG_MORE, FLAG_STREAM,
+    MAX_PARTIAL, UNKNOWN_LENGTH,
 };
 use ipc_core::{FrameHeader, FLAG_ERROR};
 
@@ -53,6 +53,9 @@ pub(crate) struct Inbound {
     /// Messages refused on the way (longer than the client takes), whose
     /// remaining chunks are dropped as they come.
     discarding: Vec<u64>,
+    /// How a frame broke the protocol, if one did: the link is lost, and
+    /// nothing more is read off it.
+    violated: Option<String>,
 }
 
 /// A message being assembled, and where its bytes go.
@@ -83,10 +86,11 @@ impl Inbound {
             assembler: Assembler::new(max_message),
             partials: Vec::with_capacity(MAX_PARTIAL),
             discarding: Vec::with_capacity(MAX_PARTIAL),
+            violated: None,
         }
     }
 
-    /// Forgets every message in chunks (the link was lost or replaced).
+    /// Forgets every message in chunks (the link was lost).
     pub(crate) fn reset(&mut self) {
         for p in self.partials.drain(..) {
             self.assembler.drop_partial(p.id);
@@ -180,13 +184,30 @@ impl Client {
     /// broke the protocol, or the link is broken. A failure to hand the
     /// frame's space back marks the link gone, to be settled by the next
     /// wait: the frame was taken meanwhile.
+    ///
+    /// Once a frame broke the protocol, nothing more is taken off the link
+    /// (the same error again): the frames after it cannot be told apart,
+    /// and the frame itself is left where it is, but what it broke was
+    /// changed on the way (a message being assembled was dropped).
     pub(super) fn take_frame(&mut self, link: LinkId, awaiting: Awaiting) -> Result<Step, String> {
+        if let Some(reason) = &self.slots[link].inbound.violated {
+            return Err(reason.clone());
+        }
         let r = match self.links[link].peek() {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(Step::Empty),
             Err(CallError::Disconnected { reason }) => return Err(reason),
             Err(e) => return Err(e.to_string()),
         };
+        let taken = self.take_peeked(link, r, awaiting);
+        if let Err(reason) = &taken {
+            self.slots[link].inbound.violated = Some(reason.clone());
+        }
+        taken
+    }
+
+    /// [`Client::take_frame`] once a frame is there.
+    fn take_peeked(&mut self, link: LinkId, r: ReplyRef, awaiting: Awaiting) -> Result<Step, String> {
         let h = r.header();
         // A reply of one frame, as every reply was before chunks: claimed
         // by id, and read in place by the caller who awaits it.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ipc_core::control::{Brokered, Resolution};
 use ipc_core::{Credentials, Reject, Welcome};
 
+use super::inbound::Inbound;
 use super::{Client, Deadline, Provided, Service, Slot, DAEMON};
 use crate::broker::{self, Broker, Exchange};
 use crate::calls::LinkId;
@@ -311,7 +312,7 @@ impl Client {
         }
         self.links[DAEMON] = link;
         self.slots[DAEMON].session_id = welcome.session_id;
-        self.slots[DAEMON].inbound.reset();
+        self.slots[DAEMON].inbound = Inbound::new(self.options.max_message);
         self.slots[DAEMON].pending.clear();
         self.calls.revive(DAEMON);
         self.reconnects += 1;

@@ -72,13 +72,13 @@ impl Client {
         dl: &mut Deadline,
     ) -> Result<Ticket, CallError> {
         let link = self.link_of(service)?;
-        let max = self.slots[link].max_payload;
-        if request.len() <= max {
-            return self.start(service, request.len(), |buf| buf.write_at(0, request), true, dl).map(|(t, _)| t);
-        }
         let limit = self.options.max_message;
         if request.len() as u64 > limit {
             return Err(CallError::TooLarge { len: request.len(), max: usize::try_from(limit).unwrap_or(usize::MAX) });
+        }
+        let max = self.slots[link].max_payload;
+        if request.len() <= max {
+            return self.start(service, request.len(), |buf| buf.write_at(0, request), true, dl).map(|(t, _)| t);
         }
         let mut out = Outgoing::new(link, service.id, Some(request.len() as u64));
         let mut rest = request;
@@ -122,9 +122,14 @@ impl Client {
                 self.cancel_unfinished(link, out.service, ticket);
                 return Ok(());
             }
-            let written = self.links[link].try_write(out.service, flags, ticket.id(), bytes.len(), |buf| {
-                buf.write_at(0, bytes);
-            });
+            // Credits and cancels queued go first, in order.
+            let written = match self.send_controls(link) {
+                Ok(()) if !self.slots[link].pending.is_empty() => Ok(None),
+                Ok(()) => self.links[link].try_write(out.service, flags, ticket.id(), bytes.len(), |buf| {
+                    buf.write_at(0, bytes);
+                }),
+                Err(e) => Err(e),
+            };
             let error = match self.note(link, written) {
                 Ok(Some(())) => return Ok(()),
                 Ok(None) => match self.wait_for_room(Room { link, len: bytes.len(), begins: false }, dl) {
@@ -199,7 +204,16 @@ impl Client {
         buf.clear();
         buf.reserve(max_payload);
         let out = Outgoing::new(link, service.id, len);
-        Ok(Upload { client: self, service: service.clone(), out, max_payload, buf, written: 0, failed: None, done: false })
+        Ok(Upload {
+            client: self,
+            service: service.clone(),
+            out,
+            max_payload,
+            buf,
+            written: 0,
+            failed: None,
+            done: false,
+        })
     }
 
     /// Calls `service` with `request` and returns a reader of the reply,
@@ -525,3 +539,6 @@ impl Drop for ReplyReader<'_> {
         self.client.slots[link].inbound.forsake(self.ticket.id());
     }
 }
+
+#[cfg(test)]
+mod tests;

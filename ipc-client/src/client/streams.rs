@@ -219,7 +219,14 @@ impl Client {
         let flushed = self.links[link].flush();
         // A loss now is the stream's outcome, given by its first `next`.
         let _ = self.note(link, flushed);
-        Ok(Stream { client: self.id, key, service: service.id, deadline, dropped: Arc::clone(&self.dropped), finished: false })
+        Ok(Stream {
+            client: self.id,
+            key,
+            service: service.id,
+            deadline,
+            dropped: Arc::clone(&self.dropped),
+            finished: false,
+        })
     }
 
     /// Streams open: not yet handed their terminal outcome (nor dropped),
