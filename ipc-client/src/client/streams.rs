@@ -318,3 +318,6 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
