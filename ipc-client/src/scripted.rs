@@ -89,9 +89,6 @@ pub(crate) fn options() -> ClientOptions {
     ClientOptions::default().ring_capacity(CAPACITY).spin(Duration::ZERO)
 }
 
-/// Rings for large transfers: 1 MiB, payloads of about 512 KiB.
-pub(crate) const BIG: u32 = 1 << 20;
-
 /// What a scripted peer hands over as the client-to-peer doorbell.
 #[derive(Clone, Copy)]
 pub(crate) enum PeerBell {

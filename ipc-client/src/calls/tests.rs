@@ -268,6 +268,13 @@ enum ReplyKind {
     Unknown,
     /// To a request already answered.
     Twice,
+    /// The first chunk of a reply to a request the peer holds (its last
+    /// comes with a later `Finish`).
+    Chunked,
+    /// The last chunk of a reply begun in chunks.
+    Finish,
+    /// The first chunk of a reply longer than the client takes: refused.
+    TooLong,
 }
 
 const LINKS: usize = 3;
@@ -279,6 +286,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(ReplyKind::WrongService),
         1 => Just(ReplyKind::Unknown),
         1 => Just(ReplyKind::Twice),
+        3 => Just(ReplyKind::Chunked),
+        3 => Just(ReplyKind::Finish),
+        1 => Just(ReplyKind::TooLong),
     ];
     prop_oneof![
         8 => (link.clone(), 0..2u16).prop_map(|(link, service)| Op::Send { link, service }),
@@ -321,6 +331,12 @@ enum Published {
         id: u64,
         outcome: Result<(), CallError>,
     },
+    /// The first chunk of a reply.
+    FirstChunk(FrameHeader),
+    /// The last chunk of a reply, which completes it.
+    LastChunk(FrameHeader),
+    /// The first chunk of a reply the client refuses as too long.
+    Refused(FrameHeader),
 }
 
 fn handler_error() -> CallError {
@@ -363,6 +379,8 @@ struct Peer {
     /// The highest id sent on the link.
     last_sent: u64,
     lost: bool,
+    /// Replies begun in chunks, not yet finished.
+    chunking: Vec<FrameHeader>,
 }
 
 /// An outcome handed out, as the scenario records it.
@@ -386,6 +404,8 @@ struct Scenario {
     lost_with: HashMap<Ticket, Option<u64>>,
     /// Requests refused before they were sent (not tickets).
     refused: usize,
+    /// Requests whose replies were too long.
+    too_long: Vec<Ticket>,
     streams: Vec<StreamModel>,
 }
 
@@ -406,6 +426,7 @@ impl Scenario {
             outcomes: HashMap::new(),
             lost_with: HashMap::new(),
             refused: 0,
+            too_long: Vec::new(),
             streams: Vec::new(),
         }
     }
@@ -426,6 +447,9 @@ impl Scenario {
                 assert!(lost_with.is_none_or(|last| ticket.id() <= last), "{ticket:?} ended Disconnected");
             }
             Outcome::Error(CallError::Timeout { .. }) => {}
+            Outcome::Error(CallError::ReplyTooLarge { .. }) => {
+                assert!(self.too_long.contains(&ticket), "{ticket:?} refused, but its reply was not too long")
+            }
             Outcome::Error(e) => panic!("{ticket:?} handed an unexpected outcome {e:?}"),
         }
         let all = self.outcomes.entry(ticket).or_default();
@@ -456,7 +480,7 @@ impl Scenario {
             let h = match frame {
                 Published::Reply(h) => h,
                 stream_frame => {
-                    if let Err(v) = self.take_stream_frame(link, stream_frame) {
+                    if let Err(v) = self.take_other_frame(link, stream_frame) {
                         let reason = v.describe("the peer");
                         self.lose(link, reason, None);
                         return None;
@@ -481,9 +505,25 @@ impl Scenario {
         None
     }
 
-    /// The client takes a stream's item or end off `link`.
-    fn take_stream_frame(&mut self, link: usize, frame: Published) -> Result<(), Violation> {
+    /// The client takes a chunk of a reply, or a stream's item or end, off
+    /// `link`. A reply in chunks is claimed at its last chunk (a loss
+    /// before that is its outcome); one refused is claimed at once.
+    fn take_other_frame(&mut self, link: usize, frame: Published) -> Result<(), Violation> {
         match frame {
+            Published::FirstChunk(h) => {
+                self.calls.expects(link, &h)?;
+            }
+            Published::LastChunk(h) => match self.calls.arrived(link, &h, Awaiting::Nothing)? {
+                Arrival::Keep(t) | Arrival::Deliver(t) => self.calls.keep(t, h, h.request_id.to_le_bytes().to_vec()),
+                Arrival::Drop => {}
+            },
+            Published::Refused(h) => {
+                if let Some(ticket) = self.calls.expects(link, &h)? {
+                    self.too_long.push(ticket);
+                }
+                let error = CallError::ReplyTooLarge { len: Some(u64::MAX - 1), max: 1 };
+                self.calls.refuse(link, h.request_id, error);
+            }
             Published::Item { id, seq } => {
                 let keep = self.calls.item_begins(link, id)?;
                 let model = self.stream_model(link, id);
@@ -536,7 +576,7 @@ impl Scenario {
         while let Some(frame) = self.peers[link].published.pop_front() {
             let h = match frame {
                 Published::Reply(h) => h,
-                stream_frame => match self.take_stream_frame(link, stream_frame) {
+                stream_frame => match self.take_other_frame(link, stream_frame) {
                     Ok(()) => continue,
                     Err(_) => break,
                 },
@@ -552,6 +592,7 @@ impl Scenario {
         let peer = &mut self.peers[link];
         peer.published.clear();
         peer.holds.clear();
+        peer.chunking.clear();
         peer.lost = true;
         for ticket in self.tickets.iter().filter(|t| t.link() == link && !self.outcomes.contains_key(t)) {
             self.lost_with.entry(*ticket).or_insert(closed_after);
@@ -603,6 +644,24 @@ impl Scenario {
                     ReplyKind::Unknown => header(peer.last_sent + 1 + pick as u64 % 3, 0),
                     ReplyKind::Twice if !peer.answered.is_empty() => {
                         header(peer.answered[pick % peer.answered.len()], 0)
+                    }
+                    ReplyKind::Chunked | ReplyKind::TooLong if !peer.holds.is_empty() => {
+                        let (id, service) = peer.holds.remove(pick % peer.holds.len());
+                        let reply = header(id, service);
+                        if matches!(kind, ReplyKind::Chunked) {
+                            peer.chunking.push(reply);
+                            peer.published.push_back(Published::FirstChunk(reply));
+                        } else {
+                            peer.answered.push(id);
+                            peer.published.push_back(Published::Refused(reply));
+                        }
+                        return;
+                    }
+                    ReplyKind::Finish if !peer.chunking.is_empty() => {
+                        let reply = peer.chunking.remove(pick % peer.chunking.len());
+                        peer.answered.push(reply.request_id);
+                        peer.published.push_back(Published::LastChunk(reply));
+                        return;
                     }
                     _ => return,
                 };
