@@ -6,11 +6,16 @@
 //! `calls.rs`; the client does the I/O around it. Here: the types, the
 //! calls, sends, waits and receives. In `client/replies.rs`: reading
 //! replies off the links and feeding them to the state machine, sleeping
-//! across links, settling a link that is lost. In `client/links.rs`:
+//! across links, settling a link that is lost. In `client/inbound.rs`:
+//! what one frame off a link is (a reply, a chunk, a stream's item or
+//! end) and where its bytes go, and the small frames the client sends
+//! beside its requests (credits, cancels). In `client/messages.rs`:
+//! requests longer than a frame, uploads, and readers of long replies. In
+//! `client/streams.rs`: streams of replies. In `client/links.rs`:
 //! resolving provided names through the broker, and re-establishing lost
 //! links.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +34,9 @@ use crate::guard::ReplyGuard;
 use crate::link::{Link, ReplyRef, RequestBuf};
 use crate::options::{ClientOptions, Transport};
 use crate::wait::{Await, Pace};
+
+use self::inbound::{Control, Inbound};
+use self::streams::Dropped;
 
 /// Where client ids come from: unique in the process, so that a ticket or
 /// service handed to another client is recognised as foreign.
@@ -75,8 +83,20 @@ pub(crate) enum Found {
 enum Next {
     /// The awaited reply (any, for a receive), claimed, on its link.
     Reply(LinkId, ReplyRef, Ticket),
-    /// A link was lost: outcomes were settled.
+    /// Outcomes were settled (a link was lost, a reply assembled or
+    /// refused), or what a reader or a stream awaits came: look again.
     Settled,
+}
+
+/// Room a write waits for: for a frame of `len` bytes on `link`, which
+/// `begins` a request (a reply will follow it: with replies due, waiting
+/// for the next reply is waiting for room) or goes on with one (a chunk,
+/// a credit, a cancel: room and replies are both waited for).
+#[derive(Clone, Copy, Debug)]
+struct Room {
+    link: LinkId,
+    len: usize,
+    begins: bool,
 }
 
 /// What the client knows of a link beside its calls.
@@ -85,6 +105,16 @@ struct Slot {
     session_id: u64,
     /// For a brokered session: who provides it, and what it offers.
     provided: Option<Provided>,
+    /// Messages coming in chunks on the link, and where their bytes go.
+    inbound: Inbound,
+    /// Credits and cancels that found no room yet, in order.
+    pending: VecDeque<Control>,
+}
+
+impl Slot {
+    fn new(max_payload: usize, session_id: u64, provided: Option<Provided>, max_message: u64) -> Slot {
+        Slot { max_payload, session_id, provided, inbound: Inbound::new(max_message), pending: VecDeque::new() }
+    }
 }
 
 /// A brokered session's provider and services.
@@ -120,14 +150,18 @@ pub struct Client {
     /// has no broker (it brokers no names).
     brokerless: bool,
     reconnects: u64,
-    /// Scratch for error replies read in place.
+    /// Scratch for error replies read in place, and chunks dropped.
     scratch: Vec<u8>,
+    /// An upload's buffer, kept for the next.
+    upload_buf: Vec<u8>,
     pace: Pace,
     /// What the next sleep waits for on each link (scratch, one per link).
     plan: Vec<Option<Await>>,
     /// Where the next receive starts looking, so that no link is always
     /// read last.
     next_link: LinkId,
+    /// The streams whose handles were dropped, to cancel.
+    dropped: Arc<Dropped>,
 }
 
 impl std::fmt::Debug for Client {
@@ -174,12 +208,14 @@ impl Client {
             brokerless: false,
             reconnects: 0,
             scratch: Vec::new(),
+            upload_buf: Vec::new(),
             pace: Pace::new(options.spin),
-            options,
             plan: Vec::new(),
             next_link: 0,
+            dropped: Arc::new(Dropped::with_capacity(options.max_streams)),
+            options,
         };
-        let slot = Slot { max_payload: welcome.max_payload as usize, session_id: welcome.session_id, provided: None };
+        let slot = Slot::new(welcome.max_payload as usize, welcome.session_id, None, client.options.max_message);
         let daemon = client.add_link(link, slot);
         debug_assert_eq!(daemon, DAEMON);
         Ok(client)
@@ -282,7 +318,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), CallError> {
         let mut dl = Deadline::new(timeout);
-        let ticket = self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl)?.0;
+        let ticket = self.send_message(service, request, &mut dl)?;
         let found = self.await_reply(ticket, &mut dl)?;
         self.take_found(found, reply);
         Ok(())
@@ -293,7 +329,10 @@ impl Client {
     /// copied on the way but the bytes `fill` writes and those you read out
     /// of the guard; nothing is allocated.
     ///
-    /// The reply's space stays taken until the guard is dropped.
+    /// The request is one frame: at most [`Client::max_payload_of`] its
+    /// service's link ([`CallError::TooLarge`] past it). The reply's space
+    /// stays taken until the guard is dropped; a reply that came in chunks
+    /// is held by the guard, assembled.
     ///
     /// ```no_run
     /// # let mut client = ipc_client::Client::connect()?;
@@ -339,7 +378,9 @@ impl Client {
 
     /// Queues a request without waiting: [`CallError::Full`] when its link
     /// has no room for it now. Queued requests reach their peer at the next
-    /// wait, receive, call or [`Client::flush`].
+    /// wait, receive, call or [`Client::flush`]. The request is one frame
+    /// ([`CallError::TooLarge`] past [`Client::max_payload_of`]): a longer
+    /// one may have to wait for room between its chunks ([`Client::send`]).
     pub fn try_send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
         let mut dl = Deadline::new(Duration::ZERO);
         self.start(service, request.len(), |buf| buf.write_at(0, request), false, &mut dl).map(|(t, _)| t)
@@ -352,13 +393,19 @@ impl Client {
     /// waits, replies that arrive, on any link, are kept for
     /// [`Client::wait`] and [`Client::recv`], so no peer is stuck behind
     /// them.
+    ///
+    /// A request longer than its link's largest payload (up to
+    /// [`ClientOptions::max_message`]) goes out as chunks, all of them
+    /// before `send` returns: it waits for room between them as it waits
+    /// for room for one frame. If no room comes in time it is cancelled,
+    /// not run ([`CallError::SendTimeout`]).
     pub fn send(&mut self, service: &Service, request: &[u8]) -> Result<Ticket, CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
-        self.start(service, request.len(), |buf| buf.write_at(0, request), true, &mut dl).map(|(t, _)| t)
+        self.send_message(service, request, &mut dl)
     }
 
     /// As [`Client::send`], with a request of `len` bytes that `fill`
-    /// writes in place.
+    /// writes in place (one frame: at most [`Client::max_payload_of`]).
     pub fn send_with(
         &mut self,
         service: &Service,
@@ -374,6 +421,7 @@ impl Client {
     /// rest goes out during the next wait, receive or call). An error if
     /// the daemon link (or a link that fails now) is lost.
     pub fn flush(&mut self) -> Result<(), CallError> {
+        self.collect_dropped();
         let mut first = None;
         for link in 0..self.links.len() {
             if let Some(refused) = self.calls.refusal(link) {
@@ -382,7 +430,7 @@ impl Client {
                 }
                 continue;
             }
-            let flushed = self.links[link].flush();
+            let flushed = self.send_controls(link).and_then(|()| self.links[link].flush());
             if let Err(e) = self.note(link, flushed) {
                 first.get_or_insert(e);
             }
@@ -428,6 +476,7 @@ impl Client {
     /// once `reply` has grown large enough (unless replies had to be kept
     /// aside while [`Client::send`] or [`Client::wait`] waited for another).
     pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<(Ticket, Result<(), CallError>), CallError> {
+        self.collect_dropped();
         if let Some((ticket, settled)) = self.calls.begin_recv()? {
             return Ok((ticket, self.hand_out(ticket.link(), settled, reply)));
         }
@@ -457,7 +506,7 @@ impl Client {
                 *reply = body;
                 self.outcome_on(link, header, reply)
             }
-            Settled::Lost(e) => Err(e),
+            Settled::Failed(e) => Err(e),
         }
     }
 
@@ -467,7 +516,7 @@ impl Client {
             Settled::Reply { header, mut body } => {
                 self.outcome_on(link, header, &mut body).map(|()| Found::Stashed(body))
             }
-            Settled::Lost(e) => Err(e),
+            Settled::Failed(e) => Err(e),
         }
     }
 
@@ -505,8 +554,8 @@ impl Client {
         Ok(service.link as LinkId)
     }
 
-    /// Writes a request, waiting for room (with `wait`) until the deadline.
-    /// With `flush`, hands it to the peer at once.
+    /// Writes a request of one frame, waiting for room (with `wait`) until
+    /// the deadline, and records it as sent.
     fn start<R>(
         &mut self,
         service: &Service,
@@ -516,6 +565,25 @@ impl Client {
         dl: &mut Deadline,
     ) -> Result<(Ticket, R), CallError> {
         let link = self.link_of(service)?;
+        let r = self.write_request(service, 0, len, fill, wait, dl)?;
+        Ok((self.calls.sent(link, service.id), r))
+    }
+
+    /// Writes a frame that begins a request to `service` (a request, its
+    /// first chunk, or a stream's opening) with `flags` and the link's
+    /// next id, waiting for room (with `wait`) until the deadline. The
+    /// caller records it in the state machine at once.
+    fn write_request<R>(
+        &mut self,
+        service: &Service,
+        flags: u16,
+        len: usize,
+        fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
+        wait: bool,
+        dl: &mut Deadline,
+    ) -> Result<R, CallError> {
+        let link = self.link_of(service)?;
+        self.collect_dropped();
         self.ensure_connected(service, link, dl)?;
         let max = self.slots[link].max_payload;
         if len > max {
@@ -524,26 +592,31 @@ impl Client {
         let id = self.calls.next_id(link);
         let mut fill = Some(fill);
         loop {
-            let written =
-                self.links[link].try_write(service.id, id, len, |buf| (fill.take().expect("filled once"))(buf));
+            // Credits and cancels queued go first, in order.
+            let written = match self.send_controls(link) {
+                Ok(()) if !self.slots[link].pending.is_empty() => Ok(None),
+                Ok(()) => self.links[link]
+                    .try_write(service.id, flags, id, len, |buf| (fill.take().expect("filled once"))(buf)),
+                Err(e) => Err(e),
+            };
             match self.note(link, written).map_err(|e| self.unsent(link, e))? {
-                Some(r) => return Ok((self.calls.sent(link, service.id), r)),
+                Some(r) => return Ok(r),
                 None if !wait => return Err(CallError::Full { in_flight: self.in_flight() }),
-                None => self.wait_for_room(link, len, dl)?,
+                None => self.wait_for_room(Room { link, len, begins: true }, dl)?,
             }
         }
     }
 
-    /// Waits for room for a request of `len` bytes on `link`. Its peer may
-    /// be stuck on a full reply path, and so may the other links' peers:
-    /// the replies already there are taken aside first, and again after
-    /// the wait.
-    fn wait_for_room(&mut self, link: LinkId, len: usize, dl: &mut Deadline) -> Result<(), CallError> {
+    /// Waits for `room`. Its link's peer may be stuck on a full reply
+    /// path, and so may the other links' peers: the replies already there
+    /// are taken aside first, and again after the wait.
+    fn wait_for_room(&mut self, room: Room, dl: &mut Deadline) -> Result<(), CallError> {
+        let link = room.link;
         self.stash_replies();
         if let Some(refused) = self.calls.refusal(link) {
             return Err(refused);
         }
-        match self.sleep(Some((link, len)), dl) {
+        match self.sleep(Some(room), dl) {
             // Nothing was written: the request did not run.
             Err(CallError::Timeout { after }) => {
                 return Err(CallError::SendTimeout { after, in_flight: self.in_flight() })
@@ -571,6 +644,7 @@ impl Client {
     /// consumed and returned as the error.
     fn await_reply(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Found, CallError> {
         let link = ticket.link();
+        self.collect_dropped();
         if let Some(settled) = self.calls.begin_wait(ticket)? {
             return self.found(link, settled);
         }
@@ -579,8 +653,14 @@ impl Client {
             let next = match self.next_reply(Awaiting::Ticket(ticket), dl) {
                 Ok(next) => next,
                 // A timeout: the ticket is spent (unless a loss on the way
-                // settled it, which is then its outcome).
-                Err(e) => return self.calls.wait_failed(ticket, e).and_then(|s| self.found(link, s)),
+                // settled it, which is then its outcome), and the rest of
+                // a reply in chunks is dropped as it comes.
+                Err(e) => {
+                    if matches!(e, CallError::Timeout { .. }) {
+                        self.slots[link].inbound.forsake(ticket.id());
+                    }
+                    return self.calls.wait_failed(ticket, e).and_then(|s| self.found(link, s));
+                }
             };
             match next {
                 Next::Reply(_, r, _) if r.header().is_error() => {
@@ -639,6 +719,11 @@ impl Client {
             }
             ErrorCode::Shutdown => CallError::Shutdown,
             ErrorCode::Application(code) => CallError::Remote { code: Some(code), message },
+            ErrorCode::Cancelled => CallError::Cancelled,
+            // A stream's deadline: its handle says how long it was.
+            ErrorCode::Timeout => CallError::Timeout { after: Duration::ZERO },
+            ErrorCode::TooMany => CallError::TooMany { message },
+            ErrorCode::MessageTooLarge => CallError::MessageTooLarge { message },
             _ => CallError::Remote { code: None, message },
         })
     }
@@ -657,12 +742,23 @@ impl Deadline {
         Deadline { timeout: timeout.min(MAX_TIMEOUT), at: None }
     }
 
+    /// A deadline fixed at `at`, reported as a timeout of `timeout`.
+    fn until(at: Instant, timeout: Duration) -> Deadline {
+        Deadline { timeout, at: Some(at) }
+    }
+
     fn at(&mut self) -> Instant {
         *self.at.get_or_insert_with(|| Instant::now() + self.timeout)
     }
 }
 
+mod inbound;
 mod links;
+mod messages;
 mod replies;
+mod streams;
+
+pub use messages::{ReplyReader, Upload};
+pub use streams::Stream;
 #[cfg(test)]
 mod tests;

@@ -98,8 +98,13 @@ pub enum CallError {
         /// The name (or id) asked for.
         name: String,
     },
-    /// The request is larger than the negotiated maximum payload.
-    #[error("request of {len} bytes exceeds the negotiated maximum {max}")]
+    /// The request is longer than the client sends: for a request written
+    /// in place ([`crate::Client::call_with`], [`crate::Client::send_with`],
+    /// [`crate::Client::try_send`]) or a stream's opening, longer than one
+    /// frame's payload; for any other, longer than
+    /// [`ClientOptions::max_message`](crate::ClientOptions::max_message).
+    /// Nothing was sent.
+    #[error("request of {len} bytes exceeds the maximum {max}")]
     TooLarge {
         /// The request's length.
         len: usize,
@@ -117,6 +122,45 @@ pub enum CallError {
         /// Its message.
         message: String,
     },
+    /// A reply (or a stream's item) longer than
+    /// [`ClientOptions::max_message`](crate::ClientOptions::max_message):
+    /// refused as its first chunk said so (or, for one of unknown length,
+    /// as it passed the maximum), and the rest of it dropped as it comes.
+    /// The request ran.
+    #[error("reply of {} exceeds the maximum {max}", len.map_or_else(|| "unknown length".to_string(), |n| format!("{n} bytes")))]
+    ReplyTooLarge {
+        /// The length its first chunk announced, if it did.
+        len: Option<u64>,
+        /// The client's maximum.
+        max: u64,
+    },
+    /// The peer refused the request as longer than it takes; it was not
+    /// executed.
+    #[error("the peer refused the request as too large: {message}")]
+    MessageTooLarge {
+        /// What the peer said.
+        message: String,
+    },
+    /// The peer has its maximum of streams open, or of messages being
+    /// assembled, for this client; the request was not executed.
+    #[error("the peer is busy with too many streams or messages: {message}")]
+    TooMany {
+        /// What the peer said.
+        message: String,
+    },
+    /// The client has [`ClientOptions::max_streams`](crate::ClientOptions::max_streams)
+    /// streams open: the stream was not opened. A stream stays open until
+    /// its terminal outcome was handed out (or its handle dropped) and its
+    /// peer ended it.
+    #[error("{max} streams are open already; the stream was not opened")]
+    TooManyStreams {
+        /// The client's maximum.
+        max: usize,
+    },
+    /// The stream was cancelled ([`crate::Stream::cancel`]): items that
+    /// come after are dropped.
+    #[error("the stream was cancelled")]
+    Cancelled,
     /// The daemon is shutting down; the request was not executed (it said
     /// so, or the request was never sent to it).
     #[error("ipcd is shutting down; the request was not executed")]
@@ -137,6 +181,15 @@ pub enum CallError {
         after: Duration,
         /// Requests in flight at the time.
         in_flight: usize,
+    },
+    /// An upload ([`crate::Client::upload`]) finished after writing
+    /// other than the length it announced; it was cancelled, not sent.
+    #[error("upload announced {announced} bytes and was given {written}; it was not sent")]
+    UploadLength {
+        /// The length announced.
+        announced: u64,
+        /// The bytes written.
+        written: u64,
     },
     /// [`crate::Client::recv`] was called with no request in flight.
     #[error("no request is in flight")]
@@ -279,7 +332,15 @@ mod tests {
         assert!(CallError::Shutdown.source().is_none());
         assert_eq!(
             CallError::TooLarge { len: 70000, max: 65536 }.to_string(),
-            "request of 70000 bytes exceeds the negotiated maximum 65536"
+            "request of 70000 bytes exceeds the maximum 65536"
+        );
+        assert_eq!(
+            CallError::ReplyTooLarge { len: Some(9), max: 8 }.to_string(),
+            "reply of 9 bytes exceeds the maximum 8"
+        );
+        assert_eq!(
+            CallError::ReplyTooLarge { len: None, max: 8 }.to_string(),
+            "reply of unknown length exceeds the maximum 8"
         );
     }
 }

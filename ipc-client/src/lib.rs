@@ -10,7 +10,11 @@
 //! Key types: [`Client`] (one link to the daemon, one per brokered
 //! session), [`Service`] and [`Ticket`] (each bound to its client and
 //! link), [`ClientOptions`], and the typed errors [`ConnectError`] and
-//! [`CallError`]. With the `raw` feature, `raw` opens
+//! [`CallError`]. Messages longer than a frame travel as chunks
+//! transparently, up to [`ClientOptions::max_message`]; [`ReplyReader`]
+//! reads a long reply as it comes, [`Upload`] writes a request as it is
+//! produced, and [`Stream`] takes the many replies of a stream
+//! ([`StreamOptions`]). With the `raw` feature, `raw` opens
 //! sessions by hand for programs that play a hostile client (tests, stress).
 //!
 //! ```no_run
@@ -47,9 +51,9 @@ mod trust;
 mod wait;
 
 pub use calls::Ticket;
-pub use client::{Client, Service};
+pub use client::{Client, ReplyReader, Service, Stream, Upload};
 pub use error::{CallError, ConnectError};
 pub use guard::ReplyGuard;
 pub use ipc_core::{Credentials, DoorbellKind, Reject};
 pub use link::RequestBuf;
-pub use options::{ClientOptions, Reconnect, Transport, DEFAULT_SPIN};
+pub use options::{ClientOptions, Reconnect, StreamOptions, Transport, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN};

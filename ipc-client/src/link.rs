@@ -39,18 +39,33 @@ impl ReplyRef {
 }
 
 impl Link {
-    /// Appends a request frame of `len` bytes that `fill` writes in place.
-    /// `None`: no room now (nothing was written, `fill` was not called).
+    /// Appends a request-direction frame of `len` bytes that `fill` writes
+    /// in place. `None`: no room now (nothing was written, `fill` was not
+    /// called).
     pub(crate) fn try_write<R>(
         &mut self,
         service: u16,
+        flags: u16,
         id: u64,
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
     ) -> Result<Option<R>, CallError> {
         match self {
-            Link::Shm(l) => l.try_write(service, id, len, fill),
-            Link::Stream(l) => l.try_write(service, id, len, fill),
+            Link::Shm(l) => l.try_write(service, flags, id, len, fill),
+            Link::Stream(l) => l.try_write(service, flags, id, len, fill),
+        }
+    }
+
+    /// Copies a reply's payload to the end of `out`.
+    pub(crate) fn read_append(&self, reply: &ReplyRef, out: &mut Vec<u8>) {
+        match (self, reply) {
+            (Link::Shm(l), ReplyRef::Ring(f)) => {
+                let at = out.len();
+                out.resize(at + f.len(), 0);
+                l.responses.read_at(f, 0, &mut out[at..]);
+            }
+            (Link::Stream(l), ReplyRef::Stream(b)) => l.read_append(b, out),
+            _ => unreachable!("a reply is read from the link that found it"),
         }
     }
 

@@ -101,7 +101,20 @@ pub struct ClientOptions {
     /// link is lost, every later request on it fails with
     /// [`CallError::NotConnected`] (or [`CallError::Shutdown`]).
     pub reconnect: Option<Reconnect>,
+    /// The longest message the client sends or takes, in bytes: a request
+    /// (or upload) longer is [`CallError::TooLarge`] and not sent, a reply
+    /// (or stream item) longer is [`CallError::ReplyTooLarge`]. Messages
+    /// longer than one frame travel as chunks. Default [`DEFAULT_MAX_MESSAGE`]
+    /// (1 GiB).
+    pub max_message: u64,
+    /// The most streams the client has open at once, over all its links
+    /// ([`Client::stream`]); past it, [`CallError::TooManyStreams`].
+    /// Default 64.
+    pub max_streams: usize,
 }
+
+/// The default [`ClientOptions::max_message`]: 1 GiB.
+pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 30;
 
 /// How a client re-establishes a lost connection.
 ///
@@ -156,6 +169,8 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             spin: if cores > 1 { DEFAULT_SPIN } else { Duration::ZERO },
             reconnect: None,
+            max_message: DEFAULT_MAX_MESSAGE,
+            max_streams: 64,
         }
     }
 }
@@ -201,6 +216,53 @@ impl ClientOptions {
     /// Sets [`ClientOptions::reconnect`].
     pub fn reconnect(mut self, policy: Reconnect) -> Self {
         self.reconnect = Some(policy);
+        self
+    }
+
+    /// Sets [`ClientOptions::max_message`].
+    pub fn max_message(mut self, bytes: u64) -> Self {
+        self.max_message = bytes;
+        self
+    }
+
+    /// Sets [`ClientOptions::max_streams`].
+    pub fn max_streams(mut self, n: usize) -> Self {
+        self.max_streams = n;
+        self
+    }
+}
+
+/// How a stream is opened ([`Client::stream_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamOptions {
+    /// Items the server may send before the caller takes any: the credit
+    /// granted at the opening, topped up as items are taken so that never
+    /// more than this many are queued in the client or on their way (at
+    /// least 1). Default 16.
+    pub window: u32,
+    /// How long the stream may last from its opening (sent to the server,
+    /// and kept by the client: a stream never waits past it). Default
+    /// none: each wait for an item is bounded by the call timeout instead.
+    pub deadline: Option<Duration>,
+}
+
+impl Default for StreamOptions {
+    fn default() -> StreamOptions {
+        StreamOptions { window: 16, deadline: None }
+    }
+}
+
+impl StreamOptions {
+    /// Sets [`StreamOptions::window`] (raised to 1 if 0).
+    pub fn window(mut self, items: u32) -> Self {
+        self.window = items.max(1);
+        self
+    }
+
+    /// Sets [`StreamOptions::deadline`].
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 }

@@ -15,13 +15,18 @@ use std::time::{Duration, Instant};
 
 use ipc_core::control::{Brokered, Resolution, Resolve, ResolveError, Role};
 use ipc_core::handshake::{self, LENGTH_PREFIX};
+use ipc_core::message::{
+    decode_credit, encode_chunk_prefix, Assembler, StreamOpen, CHUNK_PREFIX, FLAG_CANCEL, FLAG_CREDIT, FLAG_END,
+    FLAG_MORE, FLAG_STREAM,
+};
 use ipc_core::{
-    Consumer, Credentials, DoorbellKind, FrameHeader, Hello, Producer, Segment, SegmentLayout, ServerMessage,
-    ServiceEntry, SharedWords, Welcome, PROTOCOL_VERSION,
+    encode_error, stream_frame, Consumer, Credentials, DoorbellKind, ErrorCode, FrameHeader, Hello, Producer,
+    PushError, Segment, SegmentLayout, ServerMessage, ServiceEntry, SharedWords, Welcome, FLAG_ERROR, HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 use ipc_platform::{EventFd, Mapping, SocketBell};
 
-use crate::{Client, ClientOptions};
+use crate::{Client, ClientOptions, Transport};
 
 /// How long a test may wait for something that should happen at once. It
 /// only turns a hang into a failure; it is not a performance bound.
@@ -57,6 +62,22 @@ pub(crate) fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// As [`poll`], yielding between looks rather than sleeping: for peers
+/// that move many frames.
+pub(crate) fn poll_busy<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + HANG_LIMIT;
+    for turn in 0u64.. {
+        if let Some(v) = f() {
+            return v;
+        }
+        if turn % 1024 == 1023 {
+            assert!(Instant::now() < deadline, "the scripted peer waited {HANG_LIMIT:?} in vain");
+        }
+        thread::yield_now();
+    }
+    unreachable!()
+}
+
 /// The reply a scripted peer gives request `id`.
 pub(crate) fn reply_to(id: u64) -> Vec<u8> {
     format!("reply to request {id}").into_bytes()
@@ -77,6 +98,186 @@ pub(crate) enum PeerBell {
     Broken,
 }
 
+/// A request-direction frame as a scripted peer reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Taken {
+    pub(crate) header: FrameHeader,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// What a scripted peer knows of a stream it serves.
+#[derive(Debug, Default)]
+pub(crate) struct Served {
+    /// Items sent.
+    pub(crate) sent: u64,
+    /// The credit granted in all (the window at the opening included).
+    pub(crate) granted: u64,
+    /// A cancel came.
+    pub(crate) cancelled: bool,
+}
+
+/// The frames every scripted peer moves, over shared memory or a socket,
+/// and what it builds on them: messages in chunks, stream items, ends,
+/// credits.
+pub(crate) trait Frames {
+    /// The next request-direction frame, if one is there now.
+    fn try_take(&mut self) -> Option<Taken>;
+
+    /// Writes a response-direction frame if there is room now, and hands
+    /// it to the client (waking it if it sleeps). Whether there was room.
+    fn try_send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) -> bool;
+
+    /// The largest payload of a frame.
+    fn max_payload(&self) -> usize;
+
+    /// The next request-direction frame, waiting for it.
+    fn take(&mut self) -> Taken {
+        poll_busy(|| self.try_take())
+    }
+
+    /// Writes a response-direction frame, waiting for room (the client
+    /// reads meanwhile).
+    fn send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) {
+        poll_busy(|| self.try_send(service, flags, id, payload).then_some(()));
+    }
+
+    /// Takes a whole request, its chunks put together: its first frame's
+    /// header, its bytes, and how many frames it came in.
+    fn take_message(&mut self) -> (FrameHeader, Vec<u8>, usize) {
+        let mut assembler = Assembler::new(u64::MAX - 1);
+        let mut body = Vec::new();
+        let mut first = None;
+        for frames in 1.. {
+            let Taken { header, payload } = self.take();
+            assert_eq!(header.flags & !FLAG_MORE, 0, "a frame of a message: {header:?}");
+            let piece = assembler.take(&header, &payload).expect("chunks that go together");
+            body.extend_from_slice(piece.bytes);
+            let first = *first.get_or_insert(header);
+            assert_eq!(header.request_id, first.request_id, "chunks of another message interleaved");
+            if piece.last {
+                return (first, body, frames);
+            }
+        }
+        unreachable!()
+    }
+
+    /// Sends a reply of any length: in one frame if it fits, else in
+    /// chunks of the largest payload.
+    fn send_message(&mut self, service: u16, id: u64, body: &[u8]) {
+        let max = self.max_payload();
+        if body.len() <= max {
+            return self.send(service, 0, id, body);
+        }
+        let first = [&encode_chunk_prefix(body.len() as u64)[..], &body[..max - CHUNK_PREFIX]].concat();
+        self.send(service, FLAG_MORE, id, &first);
+        let mut rest = &body[max - CHUNK_PREFIX..];
+        while !rest.is_empty() {
+            let n = rest.len().min(max);
+            self.send(service, if n == rest.len() { 0 } else { FLAG_MORE }, id, &rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    /// Takes a request in chunks and sends each straight back as a chunk
+    /// of the reply, as it comes: never more than a chunk held.
+    fn echo_chunk_by_chunk(&mut self) -> (FrameHeader, usize) {
+        let mut frames = 0;
+        loop {
+            let Taken { header, payload } = self.take();
+            frames += 1;
+            assert_eq!(header.flags & !FLAG_MORE, 0, "a frame of a message: {header:?}");
+            self.send(header.service, header.flags, header.request_id, &payload);
+            if header.flags & FLAG_MORE == 0 {
+                return (header, frames);
+            }
+        }
+    }
+
+    /// Takes a stream's opening: its header, options and request.
+    fn take_open(&mut self) -> (FrameHeader, StreamOpen, Vec<u8>) {
+        let Taken { header, payload } = self.take();
+        assert_eq!(header.flags, FLAG_STREAM, "a stream's opening: {header:?}");
+        let (open, request) = StreamOpen::decode(&payload).expect("stream options");
+        (header, open, request.to_vec())
+    }
+
+    /// Serves stream `opened` (granted `open.credit` at the opening) the
+    /// items `items` gives, each only within the credit granted (waiting
+    /// for credit frames as needed, and asserting it has credit before
+    /// each item it sends), telling `granted` each new total. Stops early
+    /// at a cancel. Sends no end.
+    fn serve_items(
+        &mut self,
+        opened: &FrameHeader,
+        open: StreamOpen,
+        items: impl IntoIterator<Item = Vec<u8>>,
+        mut granted: impl FnMut(u64),
+    ) -> Served {
+        let mut served = Served { granted: u64::from(open.credit), ..Served::default() };
+        granted(served.granted);
+        for item in items {
+            while served.sent == served.granted {
+                if !self.take_control(opened, &mut served) {
+                    return served;
+                }
+                granted(served.granted);
+            }
+            assert!(served.sent < served.granted, "an item without credit");
+            self.send_item(opened, &item);
+            served.sent += 1;
+        }
+        served
+    }
+
+    /// Takes a credit or a cancel for stream `opened`; `false` at a cancel.
+    fn take_control(&mut self, opened: &FrameHeader, served: &mut Served) -> bool {
+        let Taken { header, payload } = self.take();
+        assert_eq!((header.request_id, header.service), (opened.request_id, opened.service), "{header:?}");
+        match header.flags {
+            FLAG_CREDIT => {
+                served.granted += u64::from(decode_credit(&payload).expect("a credit"));
+                true
+            }
+            FLAG_CANCEL => {
+                assert!(payload.is_empty(), "a cancel carries nothing");
+                served.cancelled = true;
+                false
+            }
+            other => panic!("a stream's frame with flags {other:#x}"),
+        }
+    }
+
+    /// Sends one item of stream `opened`: one frame if it fits, else chunks.
+    fn send_item(&mut self, opened: &FrameHeader, item: &[u8]) {
+        let (service, id, max) = (opened.service, opened.request_id, self.max_payload());
+        if item.len() <= max {
+            return self.send(service, FLAG_STREAM, id, item);
+        }
+        let first = [&encode_chunk_prefix(item.len() as u64)[..], &item[..max - CHUNK_PREFIX]].concat();
+        self.send(service, FLAG_STREAM | FLAG_MORE, id, &first);
+        let mut rest = &item[max - CHUNK_PREFIX..];
+        while !rest.is_empty() {
+            let n = rest.len().min(max);
+            let more = if n == rest.len() { 0 } else { FLAG_MORE };
+            self.send(service, FLAG_STREAM | more, id, &rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    /// Ends stream `opened`: with `Ok`, its end; else with that error.
+    fn end_stream(&mut self, opened: &FrameHeader, outcome: Result<(), (ErrorCode, &str)>) {
+        let (service, id) = (opened.service, opened.request_id);
+        match outcome {
+            Ok(()) => self.send(service, FLAG_END, id, &[]),
+            Err((code, message)) => {
+                let mut body = Vec::new();
+                encode_error(code, message, &mut body);
+                self.send(service, FLAG_END | FLAG_ERROR, id, &body);
+            }
+        }
+    }
+}
+
 /// The peer's side of one shared-memory session: the daemon's, or a
 /// provider's.
 pub(crate) struct PeerSide {
@@ -92,13 +293,50 @@ pub(crate) struct PeerSide {
     pub(crate) service: u16,
 }
 
+impl Frames for PeerSide {
+    fn try_take(&mut self) -> Option<Taken> {
+        let mut payload = Vec::new();
+        let header = self.requests.try_pop(&mut payload).expect("request ring")?;
+        self.release_requests();
+        Some(Taken { header, payload })
+    }
+
+    fn try_send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) -> bool {
+        match self.responses.try_push(service, flags, id, payload) {
+            Ok(()) => {
+                self.publish();
+                true
+            }
+            Err(PushError::Full) => false,
+            Err(e) => panic!("response ring: {e}"),
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.responses.max_payload() as usize
+    }
+}
+
 impl PeerSide {
     /// Takes the next request, waiting for the client to publish it.
     pub(crate) fn take_request(&mut self) -> (FrameHeader, Vec<u8>) {
         let mut body = Vec::new();
         let header = poll(|| self.requests.try_pop(&mut body).expect("request ring"));
-        self.requests.release();
+        self.release_requests();
         (header, body)
+    }
+
+    /// Hands the request space read back, waking the client if it waits
+    /// for room.
+    pub(crate) fn release_requests(&mut self) {
+        if self.requests.release() {
+            match &self.bell {
+                Some(bell) => bell.ring().unwrap(),
+                None => {
+                    ipc_platform::futex::wake_one(self.requests.peer_waiter()).unwrap();
+                }
+            }
+        }
     }
 
     /// Publishes a reply, waking the client if it sleeps.
@@ -162,7 +400,17 @@ impl PeerSide {
 /// replaces), and the fds to hand over in the order the protocol gives
 /// (memfd, doorbell, [the client's liveness end], [the client's bell]).
 pub(crate) fn make_session(doorbell: DoorbellKind, bell: PeerBell, liveness: bool) -> (PeerSide, Vec<OwnedFd>) {
-    let layout = SegmentLayout::new(CAPACITY).unwrap();
+    make_session_of(CAPACITY, doorbell, bell, liveness)
+}
+
+/// As [`make_session`], with rings of `capacity` bytes.
+pub(crate) fn make_session_of(
+    capacity: u32,
+    doorbell: DoorbellKind,
+    bell: PeerBell,
+    liveness: bool,
+) -> (PeerSide, Vec<OwnedFd>) {
+    let layout = SegmentLayout::new(capacity).unwrap();
     let memfd = ipc_platform::create_sealed("scripted", layout.segment_size() as u64).unwrap();
     let region = Mapping::map(memfd.as_fd(), layout.segment_size()).unwrap();
     layout.write_header(&region);
@@ -211,11 +459,16 @@ pub(crate) fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) 
 
 /// The daemon's welcome for a scripted session.
 pub(crate) fn welcome(doorbell: DoorbellKind) -> Welcome {
-    let layout = SegmentLayout::new(CAPACITY).unwrap();
+    welcome_of(CAPACITY, doorbell)
+}
+
+/// The daemon's welcome for a scripted session with rings of `capacity`.
+pub(crate) fn welcome_of(capacity: u32, doorbell: DoorbellKind) -> Welcome {
+    let layout = SegmentLayout::new(capacity).unwrap();
     Welcome {
         version: PROTOCOL_VERSION,
         session_id: 1,
-        ring_capacity: CAPACITY,
+        ring_capacity: capacity,
         max_payload: layout.max_payload(),
         doorbell,
         services: vec![ServiceEntry { name: "echo".into(), id: ECHO }],
@@ -227,25 +480,150 @@ pub(crate) fn welcome(doorbell: DoorbellKind) -> Welcome {
 /// `script` on its side of the session.
 pub(crate) struct Scripted {
     pub(crate) path: PathBuf,
+    /// The transport its clients connect with.
+    wire: Wire,
     script: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
+/// The transports a scripted daemon speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// A shared-memory session handed over a Unix socket.
+    Shm,
+    /// Frames over the Unix socket itself (the daemon's `--uds`).
+    Uds,
+}
+
+/// Both [`Wire`]s, for tests that run over each.
+pub(crate) const WIRES: [Wire; 2] = [Wire::Shm, Wire::Uds];
+
+/// A scripted daemon's side of a session over either transport.
+pub(crate) enum Peer {
+    Shm(PeerSide),
+    Socket(SocketSide),
+}
+
+impl Frames for Peer {
+    fn try_take(&mut self) -> Option<Taken> {
+        match self {
+            Peer::Shm(p) => p.try_take(),
+            Peer::Socket(p) => p.try_take(),
+        }
+    }
+
+    fn try_send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) -> bool {
+        match self {
+            Peer::Shm(p) => p.try_send(service, flags, id, payload),
+            Peer::Socket(p) => p.try_send(service, flags, id, payload),
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        match self {
+            Peer::Shm(p) => p.max_payload(),
+            Peer::Socket(p) => p.max_payload(),
+        }
+    }
+}
+
+impl Peer {
+    /// Waits until the client hangs up (or, over a socket, stops sending:
+    /// a client that lost the link shuts its sending side), dropping what
+    /// it still sends.
+    pub(crate) fn await_hang_up(self) {
+        let mut control = match self {
+            Peer::Shm(p) => p.control,
+            Peer::Socket(p) => p.stream,
+        };
+        control.set_nonblocking(false).unwrap();
+        control.set_read_timeout(Some(HANG_LIMIT)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match control.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for the client to hang up: {e}"),
+            }
+        }
+    }
+
+    /// Closes the session on purpose, saying the last request it took was
+    /// `last_taken`: the client's requests (and streams) above it were
+    /// never taken. Then hangs up.
+    pub(crate) fn close_after(self, last_taken: u64) {
+        match self {
+            Peer::Shm(p) => {
+                p.words.mark_closed(last_taken);
+                drop(p.control);
+            }
+            Peer::Socket(mut p) => {
+                let closing = FrameHeader::closing(last_taken);
+                assert!(p.try_send(closing.service, closing.flags, closing.request_id, &[]));
+            }
+        }
+    }
+}
+
 impl Scripted {
     pub(crate) fn start(bell: PeerBell, script: impl FnOnce(PeerSide) + Send + 'static) -> Scripted {
+        Scripted::start_of(CAPACITY, bell, script)
+    }
+
+    /// As [`Scripted::start`], with rings of `capacity` bytes (a client
+    /// asks for them with `options().ring_capacity(capacity)`).
+    pub(crate) fn start_of(capacity: u32, bell: PeerBell, script: impl FnOnce(PeerSide) + Send + 'static) -> Scripted {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scripted.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let script = thread::spawn(move || {
             let (control, _) = listener.accept().unwrap();
-            script(answer_session(control, DoorbellKind::Futex, bell));
+            script(answer_session_of(capacity, control, DoorbellKind::Futex, bell));
         });
-        Scripted { path, script: Some(script), _dir: dir }
+        Scripted { path, wire: Wire::Shm, script: Some(script), _dir: dir }
+    }
+
+    /// A daemon over `wire` with frames of the largest payload of rings of
+    /// `capacity` bytes, running `script` on its side of the session.
+    pub(crate) fn start_on(wire: Wire, capacity: u32, script: impl FnOnce(Peer) + Send + 'static) -> Scripted {
+        match wire {
+            Wire::Shm => Scripted::start_of(capacity, PeerBell::EventFd, |p| script(Peer::Shm(p))),
+            Wire::Uds => Scripted::start_socket(capacity, |p| script(Peer::Socket(p))),
+        }
+    }
+
+    /// A daemon over a Unix stream socket (the daemon's `--uds`): it
+    /// accepts one client, welcomes it with frames of the largest payload
+    /// of rings of `capacity`, then runs `script` on its side of the
+    /// connection. A client of it connects with `Transport::Uds(path)`.
+    pub(crate) fn start_socket(capacity: u32, script: impl FnOnce(SocketSide) + Send + 'static) -> Scripted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scripted-uds.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let script = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            assert_eq!(read_hello(&mut stream).role, Role::Session);
+            let welcome = welcome_of(capacity, DoorbellKind::Futex);
+            let max_payload = welcome.max_payload as usize;
+            (&stream).write_all(&handshake::encode(&ServerMessage::Welcome(welcome)).unwrap()).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            script(SocketSide { stream, input: Vec::new(), max_payload });
+        });
+        Scripted { path, wire: Wire::Uds, script: Some(script), _dir: dir }
+    }
+
+    /// A client of it with `options`, over its transport.
+    pub(crate) fn client_with(&self, options: ClientOptions) -> Client {
+        let transport = match self.wire {
+            Wire::Shm => Transport::Shm(self.path.clone()),
+            Wire::Uds => Transport::Uds(self.path.clone()),
+        };
+        Client::connect_with(transport, options).unwrap()
     }
 
     /// A client of it that never spins: every wait sleeps.
     pub(crate) fn client(&self) -> Client {
-        Client::connect_with(&self.path, options()).unwrap()
+        self.client_with(options())
     }
 
     /// Waits for the script to end, passing on its panic.
@@ -258,13 +636,61 @@ impl Scripted {
 
 /// Reads a session's hello on `control` and answers it with a welcome and
 /// a session of the peer's making.
-fn answer_session(mut control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
+fn answer_session(control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
+    answer_session_of(CAPACITY, control, doorbell, bell)
+}
+
+fn answer_session_of(capacity: u32, mut control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
     assert_eq!(read_hello(&mut control).role, Role::Session);
-    let (mut side, fds) = make_session(doorbell, bell, false);
-    let bytes = handshake::encode(&ServerMessage::Welcome(welcome(doorbell))).unwrap();
+    let (mut side, fds) = make_session_of(capacity, doorbell, bell, false);
+    let bytes = handshake::encode(&ServerMessage::Welcome(welcome_of(capacity, doorbell))).unwrap();
     send_with_fds(&control, &bytes, &fds);
     side.control = control;
     side
+}
+
+/// The daemon's side of a stream-transport connection: frames read and
+/// written without blocking.
+pub(crate) struct SocketSide {
+    pub(crate) stream: UnixStream,
+    /// Bytes received and not yet taken as frames.
+    input: Vec<u8>,
+    max_payload: usize,
+}
+
+impl Frames for SocketSide {
+    fn try_take(&mut self) -> Option<Taken> {
+        loop {
+            if let Some((header, true)) = stream_frame(&self.input) {
+                let end = HEADER_LEN + header.len as usize;
+                let payload = self.input[HEADER_LEN..end].to_vec();
+                self.input.drain(..end);
+                return Some(Taken { header, payload });
+            }
+            let mut buf = [0u8; 64 * 1024];
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => panic!("the client hung up"),
+                Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+    }
+
+    fn try_send(&mut self, service: u16, flags: u16, id: u64, payload: &[u8]) -> bool {
+        let header = FrameHeader { len: payload.len() as u32, service, flags, request_id: id };
+        let frame = [&header.encode()[..], payload].concat();
+        // Whole frames only, as the daemon sends: block for the rest once
+        // the first bytes went.
+        self.stream.set_nonblocking(false).unwrap();
+        (&self.stream).write_all(&frame).unwrap();
+        self.stream.set_nonblocking(true).unwrap();
+        true
+    }
+
+    fn max_payload(&self) -> usize {
+        self.max_payload
+    }
 }
 
 /// A daemon with a broker, played by the test on one listener: the test

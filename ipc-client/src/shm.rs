@@ -47,6 +47,9 @@ pub(crate) enum Sleep {
     Reply,
     /// Room for a request of this many bytes in the request ring.
     Space(usize),
+    /// Either: a frame in the response ring, or room for this many bytes
+    /// in the request ring (both announced, both words slept on).
+    Either(usize),
 }
 
 pub(crate) struct ShmLink {
@@ -84,6 +87,7 @@ impl ShmLink {
     pub(crate) fn try_write<R>(
         &mut self,
         service: u16,
+        flags: u16,
         id: u64,
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
@@ -91,7 +95,7 @@ impl ShmLink {
         if let Some(reason) = &self.gone {
             return Err(disconnected(reason.clone()));
         }
-        match self.requests.try_push_with(service, 0, id, len, |w| fill(&mut RequestBuf::new(w, len))) {
+        match self.requests.try_push_with(service, flags, id, len, |w| fill(&mut RequestBuf::new(w, len))) {
             Ok(r) => Ok(Some(r)),
             Err(PushError::Full) => Ok(None),
             Err(PushError::TooLarge { len, max }) => Err(CallError::TooLarge { len, max: max as usize }),
@@ -127,6 +131,7 @@ impl ShmLink {
         match what {
             Sleep::Reply => !self.responses.is_empty().unwrap_or(true),
             Sleep::Space(len) => self.requests.has_space_for(len).unwrap_or(true),
+            Sleep::Either(len) => self.ready(Sleep::Reply) || self.ready(Sleep::Space(len)),
         }
     }
 
@@ -139,6 +144,18 @@ impl ShmLink {
             Sleep::Space(len) => {
                 self.requests.prepare_wait_space(len).map_err(|e| format!("request ring corrupt: {e}"))
             }
+            // Each ring's handshake on its own: once both stand, the peer
+            // wakes us for either.
+            Sleep::Either(len) => {
+                if !self.announce(Sleep::Reply)? {
+                    return Ok(false);
+                }
+                let announced = self.announce(Sleep::Space(len));
+                if !matches!(announced, Ok(true)) {
+                    self.withdraw(Sleep::Reply);
+                }
+                announced
+            }
         }
     }
 
@@ -147,15 +164,21 @@ impl ShmLink {
         match what {
             Sleep::Reply => self.responses.finish_sleep(),
             Sleep::Space(_) => self.requests.finish_wait_space(),
+            Sleep::Either(_) => {
+                self.responses.finish_sleep();
+                self.requests.finish_wait_space();
+            }
         }
     }
 
-    /// The futex word a sleep for `what` waits on: it holds 1 while the
-    /// announcement stands, and the peer clears it before it wakes us.
-    pub(crate) fn word(&self, what: Sleep) -> &AtomicU32 {
+    /// The futex words a sleep for `what` waits on (one or two): each
+    /// holds 1 while its announcement stands, and the peer clears it
+    /// before it wakes us.
+    pub(crate) fn words(&self, what: Sleep) -> [Option<&AtomicU32>; 2] {
         match what {
-            Sleep::Reply => self.responses.data_waiter(),
-            Sleep::Space(_) => self.requests.space_waiter(),
+            Sleep::Reply => [Some(self.responses.data_waiter()), None],
+            Sleep::Space(_) => [Some(self.requests.space_waiter()), None],
+            Sleep::Either(_) => [Some(self.responses.data_waiter()), Some(self.requests.space_waiter())],
         }
     }
 

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use ipc_core::message::{FLAG_END, FLAG_MORE, FLAG_STREAM};
 use ipc_core::{stream_frame, FrameHeader, FLAG_ERROR, HEADER_LEN};
 use ipc_platform::stream;
 
@@ -20,6 +21,9 @@ const READ_AHEAD: usize = 64 * 1024;
 /// How much longer than asked a blocking receive may wait before its
 /// timeout is set again (setting it costs a system call).
 const TIMEOUT_SLACK: Duration = Duration::from_millis(1);
+/// The flags a response frame may carry; how they combine is the client's
+/// to judge.
+const RESPONSE_FLAGS: u16 = FLAG_ERROR | FLAG_MORE | FLAG_STREAM | FLAG_END;
 
 pub(crate) enum Socket {
     Unix(UnixStream),
@@ -135,6 +139,7 @@ impl StreamLink {
     pub(crate) fn try_write<R>(
         &mut self,
         service: u16,
+        flags: u16,
         id: u64,
         len: usize,
         fill: impl FnOnce(&mut RequestBuf<'_>) -> R,
@@ -161,7 +166,7 @@ impl StreamLink {
             self.output.clear();
             self.sent = 0;
         }
-        let header = FrameHeader { len: len as u32, service, flags: 0, request_id: id };
+        let header = FrameHeader { len: len as u32, service, flags, request_id: id };
         self.output.extend_from_slice(&header.encode());
         let at = self.output.len();
         self.output.resize(at + len, 0);
@@ -221,7 +226,7 @@ impl StreamLink {
             self.closed_after = Some(header.request_id);
             return Err(self.broken("the daemon closed the session: it is shutting down".into()));
         }
-        if header.flags & !FLAG_ERROR != 0 {
+        if header.flags & !RESPONSE_FLAGS != 0 {
             return Err(self.broken(format!("the daemon sent a reply with flags {:#x}", header.flags)));
         }
         if header.len as usize > self.max_payload {
@@ -243,6 +248,10 @@ impl StreamLink {
 
     pub(crate) fn read_all(&self, reply: &Buffered, out: &mut Vec<u8>) {
         out.clear();
+        self.read_append(reply, out);
+    }
+
+    pub(crate) fn read_append(&self, reply: &Buffered, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.input[reply.payload..reply.payload + reply.len()]);
     }
 

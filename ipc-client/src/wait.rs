@@ -57,18 +57,25 @@ pub(crate) enum Await {
     Reply,
     /// Room for a request of `len` bytes. With replies still to come
     /// (`replies_due`), a shared-memory link waits for the next of them
-    /// instead: the peer hands a request's space back before it publishes
-    /// the reply, so room comes with replies, and a client that slept on
-    /// the request ring alone could sleep through the replies the peer
-    /// waits for it to read.
+    /// too: a client that slept on the request ring alone could sleep
+    /// through the replies the peer waits for it to read, and one that
+    /// slept for replies alone could sleep through room freed without a
+    /// reply (a request cancelled, a stream waiting for credit).
     Room { len: usize, replies_due: bool },
+    /// Room for a frame of `len` bytes that no reply follows (a chunk that
+    /// goes on with a request, a credit, a cancel), or a reply: a
+    /// shared-memory link waits on both rings at once, since the peer may
+    /// free room without replying, and may wait for the client to read.
+    RoomOrReply { len: usize },
 }
 
 impl Await {
     fn sleep(self) -> Sleep {
         match self {
-            Await::Reply | Await::Room { replies_due: true, .. } => Sleep::Reply,
+            Await::Reply => Sleep::Reply,
+            Await::Room { len, replies_due: true } => Sleep::Either(len),
             Await::Room { len, replies_due: false } => Sleep::Space(len),
+            Await::RoomOrReply { len } => Sleep::Either(len),
         }
     }
 }
@@ -101,7 +108,7 @@ pub(crate) fn wait(
         if let Link::Stream(l) = &mut links[first] {
             let waited = match what {
                 Await::Reply => l.wait_readable(deadline, timeout),
-                Await::Room { .. } => l.wait_writable(deadline, timeout),
+                Await::Room { .. } | Await::RoomOrReply { .. } => l.wait_writable(deadline, timeout),
             };
             return match waited {
                 Err(CallError::Disconnected { reason }) => {
@@ -222,18 +229,19 @@ fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration) -> bo
             unwatched = true;
             continue;
         };
-        let word = l.word(what);
-        // The peer clears the word before it wakes us: cleared, the wait
-        // is over. (Acquire as any read of a word the peer writes; the
-        // ring's fences order its frames.)
-        if word.load(Ordering::Acquire) != 1 {
-            return true;
-        }
-        if n < WAIT_ANY_MAX {
-            words[n] = word;
-            n += 1;
-        } else {
-            unwatched = true;
+        for word in l.words(what).into_iter().flatten() {
+            // The peer clears the word before it wakes us: cleared, the
+            // wait is over. (Acquire as any read of a word the peer
+            // writes; the ring's fences order its frames.)
+            if word.load(Ordering::Acquire) != 1 {
+                return true;
+            }
+            if n < WAIT_ANY_MAX {
+                words[n] = word;
+                n += 1;
+            } else {
+                unwatched = true;
+            }
         }
     }
     let slice = if unwatched { slice.min(SHORT_SLICE) } else { slice };
@@ -271,7 +279,7 @@ fn poll_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration) -> boo
                 fds.push(std::os::fd::AsFd::as_fd(&l.control));
             }
             Link::Shm(l) => {
-                if l.word(what).load(Ordering::Acquire) != 1 {
+                if l.words(what).into_iter().flatten().any(|w| w.load(Ordering::Acquire) != 1) {
                     return true;
                 }
                 unwatched = true;

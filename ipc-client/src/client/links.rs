@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ipc_core::control::{Brokered, Resolution};
 use ipc_core::{Credentials, Reject, Welcome};
 
+use super::inbound::Inbound;
 use super::{Client, Deadline, Provided, Service, Slot, DAEMON};
 use crate::broker::{self, Broker, Exchange};
 use crate::calls::LinkId;
@@ -113,11 +114,12 @@ impl Client {
                 reason: "the provider went away as the session was handed over".into(),
             },
         })?;
-        let slot = Slot {
-            max_payload: brokered.max_payload as usize,
-            session_id: brokered.session_id,
-            provided: Some(Provided { provider: brokered.provider, services: brokered.services }),
-        };
+        let slot = Slot::new(
+            brokered.max_payload as usize,
+            brokered.session_id,
+            Some(Provided { provider: brokered.provider, services: brokered.services }),
+            self.options.max_message,
+        );
         let place = match reuse {
             Some(old) if self.alike(old, &slot) => {
                 self.links[old] = Link::Shm(link);
@@ -315,6 +317,8 @@ impl Client {
         }
         self.links[DAEMON] = link;
         self.slots[DAEMON].session_id = welcome.session_id;
+        self.slots[DAEMON].inbound = Inbound::new(self.options.max_message);
+        self.slots[DAEMON].pending.clear();
         self.calls.revive(DAEMON);
         self.reconnects += 1;
         Ok(())

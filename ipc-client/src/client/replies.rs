@@ -5,10 +5,11 @@
 
 use std::time::Instant;
 
-use super::{Client, Deadline, Next};
-use crate::calls::{Arrival, Awaiting, LinkId, Ticket};
+use super::inbound::Step;
+use super::{Client, Deadline, Next, Room};
+use crate::calls::{Awaiting, LinkId, StreamKey};
 use crate::error::CallError;
-use crate::link::ReplyRef;
+use crate::link::disconnected;
 use crate::wait::{self, Await};
 
 impl Client {
@@ -39,8 +40,11 @@ impl Client {
     }
 
     /// Records the loss of `link`: every reply still on it is kept aside
-    /// (each is its request's outcome), then every request still in flight
-    /// on it gets its outcome (see [`Calls::lose`]).
+    /// (each is its request's outcome), every item still on it queued,
+    /// then every request still in flight on it gets its outcome, and
+    /// every stream open on it its terminal (see [`Calls::lose`]).
+    ///
+    /// [`Calls::lose`]: crate::calls::Calls::lose
     pub(super) fn break_off(&mut self, link: LinkId, reason: String) {
         // The peer's word on the last request it took is read before its
         // replies: on shared memory it is written after every reply to
@@ -50,36 +54,32 @@ impl Client {
         self.read_remaining(link);
         let closed_after = said.or_else(|| self.links[link].closed_after());
         self.calls.lose(link, reason, closed_after);
+        // Messages half come are lost with the link, and nothing more is
+        // sent on it.
+        self.slots[link].inbound.reset();
+        self.slots[link].pending.clear();
     }
 
-    /// Keeps aside every reply left on a lost link. Stops at the first
-    /// thing that is not such a reply (the link's end, a stream's closing
-    /// frame, or what broke the protocol).
+    /// Takes every frame left on a lost link: replies kept aside, items
+    /// queued. Stops at the first thing that is not such a frame (the
+    /// link's end, a stream's closing frame, or what broke the protocol).
     pub(super) fn read_remaining(&mut self, link: LinkId) {
         loop {
-            let r = match self.links[link].peek() {
-                Ok(Some(r)) => r,
+            match self.take_frame(link, Awaiting::Nothing) {
                 // What a stream's socket still holds comes after the buffer.
-                Ok(None) if self.links[link].receive_left() => continue,
-                _ => break,
-            };
-            match self.calls.arrived(link, &r.header(), Awaiting::Nothing) {
-                Ok(Arrival::Keep(ticket) | Arrival::Deliver(ticket)) => {
-                    let mut body = Vec::new();
-                    self.links[link].read_all(&r, &mut body);
-                    self.calls.keep(ticket, r.header(), body);
-                }
-                Ok(Arrival::Drop) => {}
-                Err(_) => break,
+                Ok(Step::Empty) if self.links[link].receive_left() => continue,
+                Ok(Step::Empty) | Err(_) => break,
+                Ok(_) => {}
             }
-            // Whether a peer that is gone can be told of the space changes
-            // nothing.
-            let _ = self.links[link].consume(&r);
         }
     }
 
-    /// Hands every live link's written requests to its peer.
+    /// Hands every live link's written requests (and queued credits and
+    /// cancels) to its peer; cancels the streams whose handles were
+    /// dropped first.
     pub(super) fn flush_live(&mut self) {
+        self.collect_dropped();
+        self.send_all_controls();
         for link in 0..self.links.len() {
             if self.calls.lost(link).is_none() && self.calls.replies_due(link) {
                 let flushed = self.links[link].flush();
@@ -88,78 +88,67 @@ impl Client {
         }
     }
 
-    /// Moves every reply waiting on any link into the stash (dropping those
-    /// of abandoned requests). A link that fails is settled.
+    /// Takes every frame waiting on any link aside: replies into the
+    /// stash (dropping those of abandoned requests), items into their
+    /// streams. A link that fails is settled.
     pub(super) fn stash_replies(&mut self) {
         for link in 0..self.links.len() {
             while self.calls.replies_due(link) {
-                let peeked = self.links[link].peek();
-                let Ok(Some(r)) = self.note(link, peeked) else { break };
-                let Ok(arrival) = self.arrived(link, &r, Awaiting::Nothing) else { break };
-                let kept = match arrival {
-                    Arrival::Keep(ticket) | Arrival::Deliver(ticket) => self.keep_aside(link, r, ticket),
-                    Arrival::Drop => self.release(link, &r),
-                };
-                if kept.is_err() {
-                    break;
+                match self.take_frame(link, Awaiting::Nothing) {
+                    Ok(Step::Empty) => break,
+                    Ok(_) => {}
+                    Err(reason) => {
+                        let _ = self.note::<()>(link, Err(disconnected(reason)));
+                        break;
+                    }
                 }
             }
         }
     }
 
-    /// Reads a reply aside as `ticket`'s outcome, then hands its space
-    /// back: kept first, a failure to hand it back leaves the reply its
-    /// outcome.
-    pub(super) fn keep_aside(&mut self, link: LinkId, r: ReplyRef, ticket: Ticket) -> Result<(), CallError> {
-        let mut body = Vec::new();
-        self.links[link].read_all(&r, &mut body);
-        self.calls.keep(ticket, r.header(), body);
-        self.release(link, &r)
-    }
-
-    /// Claims the request a reply on `link` answers; a reply to nothing
-    /// in flight loses the link.
-    pub(super) fn arrived(&mut self, link: LinkId, r: &ReplyRef, awaiting: Awaiting) -> Result<Arrival, CallError> {
-        match self.calls.arrived(link, &r.header(), awaiting) {
-            Ok(arrival) => Ok(arrival),
-            Err(violation) => {
-                let reason = violation.describe(self.links[link].peer_name());
-                self.note(link, Err(CallError::Disconnected { reason }))
-            }
-        }
-    }
-
-    /// Reads replies off the links with replies due until one is for
-    /// `awaiting`, keeping aside (or dropping) the others, and sleeps across
-    /// the links while none is there. The awaited reply is left on its
-    /// link, claimed. [`Next::Settled`] when a link was lost on the way.
+    /// Reads frames off the links with replies due until one is for
+    /// `awaiting`, taking the others aside (or dropping them), and sleeps
+    /// across the links while none is there. An awaited reply of one frame
+    /// is left on its link, claimed. [`Next::Settled`] when outcomes were
+    /// settled that may be the awaited one (a link lost, a reply
+    /// assembled), or what a reader or a stream awaits came.
     pub(super) fn next_reply(&mut self, awaiting: Awaiting, dl: &mut Deadline) -> Result<Next, CallError> {
         let n = self.links.len();
         // The awaited ticket's link first; for a receive, the links in turn.
         let first = match awaiting {
-            Awaiting::Ticket(t) => t.link(),
+            Awaiting::Ticket(t) | Awaiting::Chunks(t) => t.link(),
+            Awaiting::Stream(key) => key.link,
             _ => self.next_link % n,
         };
         loop {
             for k in 0..n {
                 let link = (first + k) % n;
                 while self.calls.replies_due(link) {
-                    let peeked = self.links[link].peek();
-                    let r = match self.note(link, peeked) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(_) => return Ok(Next::Settled),
+                    let step = match self.take_frame(link, awaiting) {
+                        Ok(step) => step,
+                        Err(reason) => {
+                            let _ = self.note::<()>(link, Err(disconnected(reason)));
+                            return Ok(Next::Settled);
+                        }
                     };
-                    let Ok(arrival) = self.arrived(link, &r, awaiting) else { return Ok(Next::Settled) };
-                    let handled = match arrival {
-                        Arrival::Deliver(ticket) => return Ok(Next::Reply(link, r, ticket)),
-                        Arrival::Keep(ticket) => self.keep_aside(link, r, ticket),
-                        Arrival::Drop => self.release(link, &r),
-                    };
-                    if handled.is_err() {
-                        return Ok(Next::Settled);
+                    match (step, awaiting) {
+                        (Step::Empty, _) => break,
+                        (Step::Reply(r, ticket), _) => return Ok(Next::Reply(link, r, ticket)),
+                        (Step::Kept(_), Awaiting::Any) | (Step::Chunk, _) => return Ok(Next::Settled),
+                        (Step::Kept(t), Awaiting::Ticket(x) | Awaiting::Chunks(x)) if t == x => {
+                            return Ok(Next::Settled)
+                        }
+                        (Step::Stream(id), Awaiting::Stream(key))
+                            if key == (StreamKey { link, id }) && self.calls.stream_ready(key) =>
+                        {
+                            return Ok(Next::Settled)
+                        }
+                        _ => {}
                     }
                 }
+            }
+            if self.send_all_controls() {
+                return Ok(Next::Settled);
             }
             self.sleep(None, dl)?;
             if self.notice_losses() {
@@ -169,15 +158,19 @@ impl Client {
     }
 
     /// Sleeps until a reply may have come on any link with replies due, or
-    /// (with `room`) until there may be room for a request of that many
+    /// (with `room`) until there may be room for a frame of that many
     /// bytes on that link, or the deadline passes.
-    pub(super) fn sleep(&mut self, room: Option<(LinkId, usize)>, dl: &mut Deadline) -> Result<(), CallError> {
+    pub(super) fn sleep(&mut self, room: Option<Room>, dl: &mut Deadline) -> Result<(), CallError> {
         self.plan.clear();
         for link in 0..self.links.len() {
             let due = self.calls.replies_due(link);
             let what = match room {
                 _ if self.calls.lost(link).is_some() => None,
-                Some((l, len)) if l == link => Some(Await::Room { len, replies_due: due }),
+                Some(Room { link: l, len, begins: true }) if l == link => Some(Await::Room { len, replies_due: due }),
+                Some(Room { link: l, len, begins: false }) if l == link => Some(Await::RoomOrReply { len }),
+                // Credits and cancels waiting for room: the largest is
+                // 4 bytes.
+                _ if !self.slots[link].pending.is_empty() => Some(Await::RoomOrReply { len: 4 }),
                 _ if due => Some(Await::Reply),
                 _ => None,
             };

@@ -1,0 +1,544 @@
+//! Messages longer than a frame: requests sent as chunks (a call's whole
+//! request, or an upload written as it is produced) and replies read as
+//! their chunks come ([`ReplyReader`]). How chunks look on the wire is
+//! `ipc_core::message`'s; how replies in chunks are assembled is
+//! `client/inbound.rs`'s.
+//!
+//! A request in chunks is one request: its first chunk takes the link's
+//! next id and records it as sent; the rest go out as room comes, the
+//! client waiting for room as for any request (replies that come
+//! meanwhile are taken aside, so a peer whose replies back up is never
+//! stuck behind them). If no room comes in time, or the caller gives the
+//! request up before its end (an upload dropped or given the wrong
+//! length), the client sends a cancel for it: the peer drops what it has,
+//! and the request did not run ([`CallError::SendTimeout`]). If the peer
+//! answers before the last chunk (a refusal), the rest is not sent
+//! (cancelled the same way), and the answer is the request's outcome. If
+//! the link is lost on the way, the request never reached its peer whole
+//! and was not run ([`CallError::NotConnected`] or [`CallError::Shutdown`]).
+
+use std::io;
+
+use ipc_core::message::{encode_chunk_prefix, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
+
+use super::inbound::Control;
+use super::{Client, Deadline, Next, Room, Service};
+use crate::calls::{Awaiting, LinkId, Settled, Ticket};
+use crate::error::CallError;
+
+/// A request being sent in chunks.
+pub(super) struct Outgoing {
+    link: LinkId,
+    service: u16,
+    /// The length its first chunk announces (`None`: unknown).
+    announced: Option<u64>,
+    /// Once its first chunk is written.
+    ticket: Option<Ticket>,
+    state: Sending,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sending {
+    /// Chunks go on.
+    Going,
+    /// The peer answered before its end: the rest was cancelled.
+    Answered,
+    /// Given up before its end, and cancelled.
+    Aborted,
+}
+
+impl Outgoing {
+    fn new(link: LinkId, service: u16, announced: Option<u64>) -> Outgoing {
+        Outgoing { link, service, announced, ticket: None, state: Sending::Going }
+    }
+
+    /// Bytes of the message the next chunk carries at most.
+    fn room(&self, max_payload: usize) -> usize {
+        if self.ticket.is_none() {
+            max_payload - CHUNK_PREFIX
+        } else {
+            max_payload
+        }
+    }
+}
+
+impl Client {
+    /// Sends `request` to `service`, waiting for room until the deadline:
+    /// as one frame if it fits, else as chunks (see the module docs).
+    pub(super) fn send_message(
+        &mut self,
+        service: &Service,
+        request: &[u8],
+        dl: &mut Deadline,
+    ) -> Result<Ticket, CallError> {
+        let link = self.link_of(service)?;
+        let limit = self.options.max_message;
+        if request.len() as u64 > limit {
+            return Err(CallError::TooLarge { len: request.len(), max: usize::try_from(limit).unwrap_or(usize::MAX) });
+        }
+        let max = self.slots[link].max_payload;
+        if request.len() <= max {
+            return self.start(service, request.len(), |buf| buf.write_at(0, request), true, dl).map(|(t, _)| t);
+        }
+        let mut out = Outgoing::new(link, service.id, Some(request.len() as u64));
+        let mut rest = request;
+        while !rest.is_empty() && out.state == Sending::Going {
+            let (chunk, after) = rest.split_at(out.room(max).min(rest.len()));
+            self.send_chunk(service, &mut out, chunk, after.is_empty(), dl)?;
+            rest = after;
+        }
+        Ok(out.ticket.expect("a chunk was sent"))
+    }
+
+    /// Writes the next chunk of `out`, the last with `last`, waiting for
+    /// room until the deadline. Stops without writing it if the peer
+    /// answered the request meanwhile; gives the request up (see
+    /// [`Client::abort`]) if no room came or the link was lost.
+    fn send_chunk(
+        &mut self,
+        service: &Service,
+        out: &mut Outgoing,
+        bytes: &[u8],
+        last: bool,
+        dl: &mut Deadline,
+    ) -> Result<(), CallError> {
+        let flags = if last { 0 } else { FLAG_MORE };
+        let Some(ticket) = out.ticket else {
+            // The first chunk begins the request, with its length.
+            let prefix = encode_chunk_prefix(out.announced.unwrap_or(UNKNOWN_LENGTH));
+            let fill = |buf: &mut crate::RequestBuf<'_>| {
+                buf.write_at(0, &prefix);
+                buf.write_at(CHUNK_PREFIX, bytes);
+            };
+            self.write_request(service, flags, CHUNK_PREFIX + bytes.len(), fill, true, dl)?;
+            out.ticket = Some(self.calls.sent(out.link, out.service));
+            return Ok(());
+        };
+        let link = out.link;
+        loop {
+            if self.calls.kept(ticket) {
+                // Answered before its end: the rest is not sent.
+                out.state = Sending::Answered;
+                self.cancel_unfinished(link, out.service, ticket);
+                return Ok(());
+            }
+            // Credits and cancels queued go first, in order.
+            let written = match self.send_controls(link) {
+                Ok(()) if !self.slots[link].pending.is_empty() => Ok(None),
+                Ok(()) => self.links[link].try_write(out.service, flags, ticket.id(), bytes.len(), |buf| {
+                    buf.write_at(0, bytes);
+                }),
+                Err(e) => Err(e),
+            };
+            let error = match self.note(link, written) {
+                Ok(Some(())) => return Ok(()),
+                Ok(None) => match self.wait_for_room(Room { link, len: bytes.len(), begins: false }, dl) {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if self.calls.kept(ticket) {
+                continue;
+            }
+            return Err(self.abort(out, error));
+        }
+    }
+
+    /// Gives up a request in chunks before its end, for `error`: on a link
+    /// still up, it is cancelled (its peer drops what it has, and its
+    /// answer, if any, is dropped); on a lost link its outcome settled by
+    /// the loss is dropped. Either way it did not run, and the returned
+    /// error says so.
+    fn abort(&mut self, out: &mut Outgoing, error: CallError) -> CallError {
+        let Some(ticket) = out.ticket.filter(|_| out.state == Sending::Going) else { return error };
+        out.state = Sending::Aborted;
+        let link = out.link;
+        if let Some(refused) = self.calls.refusal(link) {
+            let _ = self.calls.take_settled(ticket);
+            return match error {
+                CallError::Disconnected { .. } | CallError::NotConnected { .. } | CallError::Shutdown => refused,
+                other => other,
+            };
+        }
+        self.calls.abandon(ticket);
+        self.cancel_unfinished(link, out.service, ticket);
+        error
+    }
+
+    /// Sends a cancel for a request whose chunks stopped before its end.
+    fn cancel_unfinished(&mut self, link: LinkId, service: u16, ticket: Ticket) {
+        self.queue_control(link, Control::cancel(service, ticket.id()));
+        let sent = self.send_controls(link).and_then(|()| self.links[link].flush());
+        let _ = self.note(link, sent);
+    }
+
+    /// Starts an upload to `service`: a request written bit by bit through
+    /// the returned [`Upload`] (an [`io::Write`]), sent in chunks as it is
+    /// written, of `len` bytes if known (`None`: its length is known at
+    /// [`Upload::finish`] only). Each chunk waits for room up to the call
+    /// timeout, so a peer that reads slowly slows the writer down.
+    ///
+    /// At most [`ClientOptions::max_message`](crate::ClientOptions::max_message)
+    /// bytes ([`CallError::TooLarge`]).
+    ///
+    /// ```no_run
+    /// # let mut client = ipc_client::Client::connect()?;
+    /// let store = client.service("blob.put")?;
+    /// let mut upload = client.upload(&store, None)?;
+    /// std::io::copy(&mut std::fs::File::open("/etc/hostname")?, &mut upload)?;
+    /// let receipt = upload.finish()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn upload(&mut self, service: &Service, len: Option<u64>) -> Result<Upload<'_>, CallError> {
+        let link = self.link_of(service)?;
+        let mut dl = Deadline::new(self.options.call_timeout);
+        self.ensure_connected(service, link, &mut dl)?;
+        let limit = self.options.max_message;
+        if let Some(len) = len.filter(|&n| n > limit) {
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            return Err(CallError::TooLarge { len, max: usize::try_from(limit).unwrap_or(usize::MAX) });
+        }
+        let max_payload = self.slots[link].max_payload;
+        let mut buf = std::mem::take(&mut self.upload_buf);
+        buf.clear();
+        buf.reserve(max_payload);
+        let out = Outgoing::new(link, service.id, len);
+        Ok(Upload {
+            client: self,
+            service: service.clone(),
+            out,
+            max_payload,
+            buf,
+            written: 0,
+            failed: None,
+            done: false,
+        })
+    }
+
+    /// Calls `service` with `request` and returns a reader of the reply,
+    /// which reads it as its chunks come, holding at most a chunk or so of
+    /// it at a time (the link is the backpressure: a reader that reads
+    /// slowly slows the peer down). The reply may be up to
+    /// [`ClientOptions::max_message`](crate::ClientOptions::max_message)
+    /// long; past it, or if its link is lost or its chunks are late (the
+    /// call timeout, for each), reading fails with an
+    /// [`io::Error`] whose inner error is the [`CallError`].
+    ///
+    /// ```no_run
+    /// # let mut client = ipc_client::Client::connect()?;
+    /// let dump = client.service("db.dump")?;
+    /// let mut reply = client.call_reader(&dump, b"all")?;
+    /// std::io::copy(&mut reply, &mut std::io::sink())?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn call_reader(&mut self, service: &Service, request: &[u8]) -> Result<ReplyReader<'_>, CallError> {
+        let mut dl = Deadline::new(self.options.call_timeout);
+        let ticket = self.send_message(service, request, &mut dl)?;
+        let whole = self.await_start(ticket, &mut dl)?;
+        let link = ticket.link();
+        let total = match &whole {
+            Some(body) => Some(body.len() as u64),
+            None => self.slots[link].inbound.partial_mut(ticket.id()).and_then(|p| p.total),
+        };
+        Ok(ReplyReader { client: self, ticket, whole: whole.map(|b| (b, 0)), total, failed: None })
+    }
+
+    /// Waits for the start of `ticket`'s reply: the reply itself if it
+    /// came whole, or `None` once its first chunk has come.
+    fn await_start(&mut self, ticket: Ticket, dl: &mut Deadline) -> Result<Option<Vec<u8>>, CallError> {
+        let link = ticket.link();
+        let whole = |client: &Client, settled: Settled| match client.found(link, settled)? {
+            super::Found::Stashed(body) => Ok(Some(body)),
+            super::Found::Link(..) => unreachable!("a settled reply is read"),
+        };
+        if let Some(settled) = self.calls.begin_wait(ticket)? {
+            return whole(self, settled);
+        }
+        self.flush_live();
+        loop {
+            if self.slots[link].inbound.partial_mut(ticket.id()).is_some() {
+                return Ok(None);
+            }
+            match self.next_reply(Awaiting::Chunks(ticket), dl) {
+                Err(e) => {
+                    self.slots[link].inbound.forsake(ticket.id());
+                    let settled = self.calls.wait_failed(ticket, e)?;
+                    return whole(self, settled);
+                }
+                Ok(Next::Reply(_, r, _)) => {
+                    let mut body = Vec::new();
+                    self.links[link].read_all(&r, &mut body);
+                    let outcome = self.outcome_on(link, r.header(), &mut body);
+                    // Read, the reply is its request's outcome whatever
+                    // `release` says.
+                    let _ = self.release(link, &r);
+                    return outcome.map(|()| Some(body));
+                }
+                Ok(Next::Settled) => {
+                    if let Some(settled) = self.calls.take_settled(ticket) {
+                        return whole(self, settled);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An upload: a request written bit by bit and sent in chunks as it is
+/// written, from [`Client::upload`]. Write it ([`io::Write`]), then
+/// [`Upload::finish`] sends its last chunk and waits for the reply. A
+/// request that fits one frame is sent as one at the finish.
+///
+/// Dropped before its finish (or after an error), the request is
+/// cancelled: its peer drops what it has, and it does not run. Writing
+/// past the announced length, or finishing short of it, fails the upload
+/// ([`CallError::UploadLength`]).
+#[must_use = "an upload is cancelled unless it is finished"]
+pub struct Upload<'c> {
+    client: &'c mut Client,
+    service: Service,
+    out: Outgoing,
+    max_payload: usize,
+    /// Written, not yet sent: at most a chunk, sent when more comes (so
+    /// the last chunk is never empty) or at the finish.
+    buf: Vec<u8>,
+    written: u64,
+    failed: Option<CallError>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Upload<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("service", &self.service.name())
+            .field("announced", &self.out.announced)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upload<'_> {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The request's ticket, once its first chunk is sent.
+    pub fn ticket(&self) -> Option<Ticket> {
+        self.out.ticket
+    }
+
+    /// Sends what is left and waits up to the call timeout for the reply.
+    pub fn finish(self) -> Result<Vec<u8>, CallError> {
+        let mut reply = Vec::new();
+        self.finish_into(&mut reply)?;
+        Ok(reply)
+    }
+
+    /// As [`Upload::finish`], writing the reply into `reply`.
+    pub fn finish_into(mut self, reply: &mut Vec<u8>) -> Result<(), CallError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if let Some(announced) = self.out.announced.filter(|&n| n != self.written) {
+            return Err(self.fail(CallError::UploadLength { announced, written: self.written }));
+        }
+        let mut dl = Deadline::new(self.client.options.call_timeout);
+        let ticket = match self.out.ticket {
+            // All of it fits one frame.
+            None => {
+                let buf = &self.buf;
+                let sent = self.client.start(&self.service, buf.len(), |b| b.write_at(0, buf), true, &mut dl);
+                self.done = true;
+                sent?.0
+            }
+            Some(ticket) => {
+                if self.out.state == Sending::Going {
+                    self.send_buffered(true, &mut dl)?;
+                }
+                ticket
+            }
+        };
+        self.done = true;
+        let mut dl = Deadline::new(self.client.options.call_timeout);
+        let found = self.client.await_reply(ticket, &mut dl)?;
+        self.client.take_found(found, reply);
+        Ok(())
+    }
+
+    /// Sends the bytes written and not yet sent as the next chunk.
+    fn send_buffered(&mut self, last: bool, dl: &mut Deadline) -> Result<(), CallError> {
+        let sent = self.client.send_chunk(&self.service, &mut self.out, &self.buf, last, dl);
+        self.buf.clear();
+        sent.map_err(|e| self.fail(e))
+    }
+
+    /// Fails the upload with `error` (cancelling it if begun); the error
+    /// to hand out.
+    fn fail(&mut self, error: CallError) -> CallError {
+        self.done = true;
+        let error = self.client.abort(&mut self.out, error);
+        self.failed = Some(error.clone());
+        error
+    }
+}
+
+impl io::Write for Upload<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(e) = &self.failed {
+            return Err(io::Error::other(e.clone()));
+        }
+        let total = self.written + data.len() as u64;
+        let limit = self.client.options.max_message;
+        match self.out.announced {
+            Some(announced) if total > announced => {
+                return Err(io::Error::other(self.fail(CallError::UploadLength { announced, written: total })));
+            }
+            None if total > limit => {
+                let len = usize::try_from(total).unwrap_or(usize::MAX);
+                let max = usize::try_from(limit).unwrap_or(usize::MAX);
+                return Err(io::Error::other(self.fail(CallError::TooLarge { len, max })));
+            }
+            _ => {}
+        }
+        let mut rest = data;
+        // Once the peer answered, the rest is not sent.
+        while !rest.is_empty() && self.out.state == Sending::Going {
+            let room = self.out.room(self.max_payload);
+            if self.buf.len() == room {
+                let mut dl = Deadline::new(self.client.options.call_timeout);
+                self.send_buffered(false, &mut dl).map_err(io::Error::other)?;
+                continue;
+            }
+            let n = (room - self.buf.len()).min(rest.len());
+            self.buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        self.written = total;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Upload<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.client.abort(&mut self.out, CallError::Cancelled);
+        }
+        self.client.upload_buf = std::mem::take(&mut self.buf);
+    }
+}
+
+/// A reply read as its chunks come, from [`Client::call_reader`]
+/// ([`io::Read`]; `Ok(0)` at its end).
+///
+/// Dropped before its end, the rest of the reply is dropped as it comes.
+pub struct ReplyReader<'c> {
+    client: &'c mut Client,
+    ticket: Ticket,
+    /// The reply once it is in hand whole, and where reading is in it.
+    whole: Option<(Vec<u8>, usize)>,
+    total: Option<u64>,
+    failed: Option<CallError>,
+}
+
+impl std::fmt::Debug for ReplyReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyReader").field("ticket", &self.ticket).field("len", &self.total).finish_non_exhaustive()
+    }
+}
+
+impl ReplyReader<'_> {
+    /// The reply's length, if its first chunk announced it (or it came
+    /// whole).
+    pub fn len(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// Whether the reply is known to be empty.
+    pub fn is_empty(&self) -> bool {
+        self.total == Some(0)
+    }
+
+    fn fail(&mut self, error: CallError) -> io::Error {
+        self.failed = Some(error.clone());
+        io::Error::other(error)
+    }
+}
+
+impl io::Read for ReplyReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if let Some(e) = &self.failed {
+            return Err(io::Error::other(e.clone()));
+        }
+        let link = self.ticket.link();
+        let id = self.ticket.id();
+        loop {
+            if let Some((body, pos)) = &mut self.whole {
+                let n = buf.len().min(body.len() - *pos);
+                buf[..n].copy_from_slice(&body[*pos..*pos + n]);
+                *pos += n;
+                return Ok(n);
+            }
+            match self.client.slots[link].inbound.partial_mut(id) {
+                Some(p) if p.taken < p.body.len() => {
+                    let n = buf.len().min(p.body.len() - p.taken);
+                    buf[..n].copy_from_slice(&p.body[p.taken..p.taken + n]);
+                    p.taken += n;
+                    if p.taken == p.body.len() {
+                        p.body.clear();
+                        p.taken = 0;
+                    }
+                    return Ok(n);
+                }
+                Some(_) => {}
+                // Whole now (the rest of it was kept aside), or failed.
+                None => match self.client.calls.take_settled(self.ticket) {
+                    Some(Settled::Reply { header, mut body }) => {
+                        if let Err(e) = self.client.outcome_on(link, header, &mut body) {
+                            return Err(self.fail(e));
+                        }
+                        self.whole = Some((body, 0));
+                        continue;
+                    }
+                    Some(Settled::Failed(e)) => return Err(self.fail(e)),
+                    None => return Err(self.fail(CallError::UnknownTicket { id })),
+                },
+            }
+            let mut dl = Deadline::new(self.client.options.call_timeout);
+            self.client.flush_live();
+            if let Err(e) = self.client.next_reply(Awaiting::Chunks(self.ticket), &mut dl) {
+                self.client.slots[link].inbound.forsake(id);
+                match self.client.calls.wait_failed(self.ticket, e) {
+                    Ok(Settled::Failed(e)) | Err(e) => return Err(self.fail(e)),
+                    Ok(Settled::Reply { header, mut body }) => {
+                        if let Err(e) = self.client.outcome_on(link, header, &mut body) {
+                            return Err(self.fail(e));
+                        }
+                        self.whole = Some((body, 0));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ReplyReader<'_> {
+    fn drop(&mut self) {
+        let link = self.ticket.link();
+        // Whatever is left of it is dropped as it comes.
+        let _ = self.client.calls.take_settled(self.ticket);
+        self.client.calls.abandon(self.ticket);
+        self.client.slots[link].inbound.forsake(self.ticket.id());
+    }
+}
+
+#[cfg(test)]
+mod tests;
