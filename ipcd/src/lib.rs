@@ -72,6 +72,7 @@ mod cooldown;
 mod deferred;
 mod engine;
 mod health;
+pub mod introspect;
 mod limits;
 mod pending;
 mod policy;
@@ -79,13 +80,16 @@ mod pool;
 mod provider;
 mod registry;
 mod request;
+mod roster;
 mod segment;
 mod server;
 mod service;
 mod session;
+mod settings;
 mod shared;
 mod stats;
 mod stream_session;
+mod views;
 mod worker;
 
 pub use deferred::{Responder, MAX_OUTSTANDING_CALLS};
@@ -99,3 +103,4 @@ pub use server::{
     DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
 pub use service::ServiceError;
+pub use settings::{ReloadHandle, Settings};

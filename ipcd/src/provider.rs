@@ -31,7 +31,7 @@ use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::control_conn::{ControlConn, Fds};
-use crate::engine::{Engine, SessionEvents};
+use crate::engine::{Engine, SessionEvents, StallTimeout};
 use crate::server::{ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
 use crate::service::{Handler, ServiceTable};
 use crate::session::{ClientWake, Session};
@@ -210,13 +210,13 @@ impl ProviderBuilder {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(Stats::new(workers, 0));
+        let stats = Arc::new(Stats::new(workers, 0, services.directory().len()));
         let events = Box::new(Reports { tx: Mutex::new(tx), waker: Arc::clone(&waker) });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let engine = Arc::new(Engine {
             workers,
             spin: if cores > 1 { self.spin } else { Duration::ZERO },
-            stall_timeout: self.stall_timeout,
+            stall_timeout: StallTimeout::new(self.stall_timeout),
             services,
             stats,
             shutting_down: AtomicBool::new(false),

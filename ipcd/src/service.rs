@@ -207,6 +207,7 @@ pub(crate) fn dispatch(
         encode_error(ErrorCode::Shutdown, SHUTDOWN_MESSAGE, reply);
         return Dispatched::Replied(FLAG_ERROR);
     }
+    session.calls.count();
     // Checked before the id is looked up, so a session learns nothing of
     // the services it was not granted.
     if !session.may_call(header.service) {
@@ -219,6 +220,7 @@ pub(crate) fn dispatch(
         return Dispatched::Replied(FLAG_ERROR);
     };
     let call = Request::new(request, name, session, header.request_id);
+    let counts = &with.counters.services;
     let handler = match handler {
         Handler::Inline(handler) => handler,
         Handler::Blocking(handler) => {
@@ -235,6 +237,7 @@ pub(crate) fn dispatch(
                     }
                 }
             }));
+            counts.count(header.service, false);
             return Dispatched::Deferred;
         }
         Handler::Deferred(handler) => {
@@ -245,10 +248,11 @@ pub(crate) fn dispatch(
             if catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
                 tracing::error!(session = session.id, service = header.service, "service handler panicked");
             }
+            counts.count(header.service, false);
             return Dispatched::Deferred;
         }
     };
-    match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
+    let dispatched = match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
         Ok(Ok(())) if reply.len() <= max_payload => Dispatched::Replied(0),
         Ok(Ok(())) => {
             let msg = format!("reply of {} bytes exceeds the negotiated maximum {max_payload}", reply.len());
@@ -264,7 +268,9 @@ pub(crate) fn dispatch(
             encode_error(ErrorCode::HandlerPanicked, PANICKED, reply);
             Dispatched::Replied(FLAG_ERROR)
         }
-    }
+    };
+    counts.count(header.service, dispatched == Dispatched::Replied(FLAG_ERROR));
+    dispatched
 }
 
 /// `echo`: the reply is the request.

@@ -259,6 +259,11 @@ impl StreamSession {
         }
     }
 
+    /// What its handlers see of it (and its call counter).
+    pub(crate) fn context(&self) -> &SessionContext {
+        &self.context
+    }
+
     /// Output beyond which the session stops reading requests.
     fn output_limit(&self) -> usize {
         output_limit(self.max_payload)
