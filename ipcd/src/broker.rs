@@ -40,13 +40,13 @@ use mio::{Interest, Registry as Poller, Token};
 use slab::Slab;
 
 use crate::control_conn::{ControlConn, Fds};
-use crate::limits::{self, Lease};
 use crate::introspect::{ProviderInfo, Transport};
-use crate::roster::Entry;
-use crate::stats::{BrokerView, ProvidedName};
+use crate::limits::{self, Lease};
 use crate::registry::{ProviderId, Registry};
+use crate::roster::Entry;
 use crate::segment::NewSegment;
 use crate::shared::Shared;
+use crate::stats::{BrokerView, ProvidedName};
 
 /// Where the broker's tokens start in the acceptor's poll.
 pub(crate) const FIRST_TOKEN: usize = 1 << 40;

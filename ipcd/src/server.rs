@@ -401,7 +401,8 @@ impl ServerBuilder {
         // The services by id: the built-in ones, the debug ones, the
         // embedder's. Their names are known before their handlers, which
         // report on them.
-        let mut names: Vec<(String, ServedBy)> = views::BUILT_IN.iter().map(|n| (n.to_string(), ServedBy::Daemon)).collect();
+        let mut names: Vec<(String, ServedBy)> =
+            views::BUILT_IN.iter().map(|n| (n.to_string(), ServedBy::Daemon)).collect();
         if self.debug_services {
             names.extend(["debug.sleep", "debug.fail"].map(|n| (n.to_string(), ServedBy::Daemon)));
         }
@@ -490,15 +491,8 @@ impl ServerBuilder {
             shutting_down: AtomicBool::new(false),
             events,
         });
-        let shared = Arc::new(Shared {
-            config,
-            engine,
-            cooldown,
-            limits,
-            settings,
-            roster,
-            next_session: AtomicU64::new(1),
-        });
+        let shared =
+            Arc::new(Shared { config, engine, cooldown, limits, settings, roster, next_session: AtomicU64::new(1) });
         Ok(Server { shared, listeners, poll, waker })
     }
 }

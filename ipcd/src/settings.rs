@@ -319,10 +319,7 @@ mod tests {
             (|s| s.max_pending_handshakes = 0, "pending handshakes"),
             (|s| s.max_sessions_per_uid = 0, "per uid"),
             (|s| s.max_shm = Some(4096), "smallest session"),
-            (
-                |s| s.access_rules.push(AccessRule { pattern: "a..b".into(), provide: None, call: None }),
-                "a..b",
-            ),
+            (|s| s.access_rules.push(AccessRule { pattern: "a..b".into(), provide: None, call: None }), "a..b"),
         ];
         for (change, named) in cases {
             let mut settings = Settings::default();

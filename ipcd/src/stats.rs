@@ -141,7 +141,8 @@ pub(crate) enum DisconnectReason {
     Stalled,
 }
 
-pub(crate) const DISCONNECT_NAMES: [&str; 5] = ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
+pub(crate) const DISCONNECT_NAMES: [&str; 5] =
+    ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
 
 impl DisconnectReason {
     pub(crate) fn name(self) -> &'static str {

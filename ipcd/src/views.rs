@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use ipc_core::Credentials;
 
 use crate::introspect::{
-    Access, CallerInfo, ClientCounts, Handshakes, Listener, LimitsInfo, Page, Rule, Sees, ServedBy, ServiceInfo,
+    Access, CallerInfo, ClientCounts, Handshakes, LimitsInfo, Listener, Page, Rule, Sees, ServedBy, ServiceInfo,
     ServiceList, SessionList, Status, UidSessions, Viewer, Who,
 };
 use crate::limits::Limits;
@@ -119,7 +119,11 @@ impl Introspection {
             rules: settings
                 .access_rules
                 .iter()
-                .map(|r| Rule { pattern: r.pattern.clone(), provide: r.provide.as_ref().map(who), call: r.call.as_ref().map(who) })
+                .map(|r| Rule {
+                    pattern: r.pattern.clone(),
+                    provide: r.provide.as_ref().map(who),
+                    call: r.call.as_ref().map(who),
+                })
                 .collect(),
         });
         let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -223,9 +227,7 @@ impl Introspection {
         let after = match &page.after {
             None => None,
             Some(value) => Some(
-                value
-                    .as_u64()
-                    .ok_or_else(|| ServiceError::new(format!("\"after\" is a session id, not {value}")))?,
+                value.as_u64().ok_or_else(|| ServiceError::new(format!("\"after\" is a session id, not {value}")))?,
             ),
         };
         let mut fits = Fits::new(page);
@@ -404,7 +406,10 @@ mod tests {
         let status = view.status(caller(2000));
         assert!(status.access.is_none(), "the rules are not shown");
         assert_eq!(status.clients.connected, 0);
-        assert_eq!((status.clients.shm, status.clients.uds, status.clients.tcp, status.brokered_sessions), (1, 1, 1, 1));
+        assert_eq!(
+            (status.clients.shm, status.clients.uds, status.clients.tcp, status.brokered_sessions),
+            (1, 1, 1, 1)
+        );
         let stats = String::from_utf8(view.stats(caller(2000))).unwrap();
         assert!(stats.contains("open.echo") && !stats.contains("secret.key"), "{stats}");
     }
