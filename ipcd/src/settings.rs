@@ -312,7 +312,8 @@ mod tests {
     #[test]
     fn every_value_is_checked() {
         assert!(Settings::default().check().is_ok());
-        let cases: [(fn(&mut Settings), &str); 7] = [
+        type Change = fn(&mut Settings);
+        let cases: [(Change, &str); 7] = [
             (|s| s.max_clients = 0, "max clients"),
             (|s| s.handshake_timeout = Duration::ZERO, "handshake timeout"),
             (|s| s.stall_timeout = Duration::ZERO, "stall timeout"),
