@@ -74,6 +74,8 @@ mod engine;
 mod health;
 pub mod introspect;
 mod limits;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod pending;
 mod policy;
 mod pool;
@@ -94,6 +96,8 @@ mod worker;
 
 pub use deferred::{Responder, MAX_OUTSTANDING_CALLS};
 pub use health::{Health, Stuck};
+#[cfg(feature = "metrics")]
+pub use metrics::{MetricsError, MetricsServer};
 pub use policy::{AccessRule, Allowed};
 pub use pool::DEFAULT_HANDLER_THREADS;
 pub use provider::{Provider, ProviderBuilder, ProviderError};

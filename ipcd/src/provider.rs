@@ -262,6 +262,23 @@ impl Provider {
         self.link.provider_id
     }
 
+    /// Serves Prometheus metrics of the calls this provider serves at
+    /// `addr` (`GET /metrics`) while the returned server lives: the daemon
+    /// never sees brokered calls, so their counts are here. The same names
+    /// as the daemon's (`ipcd_calls_total` by service and outcome,
+    /// `ipcd_sessions`, `ipcd_build_info`); `addr` must be a loopback
+    /// address unless `allow_remote`.
+    #[cfg(feature = "metrics")]
+    pub fn serve_metrics(
+        &self,
+        addr: std::net::SocketAddr,
+        allow_remote: bool,
+    ) -> Result<crate::MetricsServer, crate::MetricsError> {
+        let names = self.engine.services.directory().into_iter().map(|e| e.name).collect();
+        let metrics = crate::metrics::ProviderMetrics { stats: Arc::clone(&self.engine.stats), names };
+        crate::metrics::serve(addr, allow_remote, metrics)
+    }
+
     /// A handle that stops the provider from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle::new(Arc::clone(&self.engine), Arc::clone(&self.waker))

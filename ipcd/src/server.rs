@@ -493,7 +493,7 @@ impl ServerBuilder {
         });
         let shared =
             Arc::new(Shared { config, engine, cooldown, limits, settings, roster, next_session: AtomicU64::new(1) });
-        Ok(Server { shared, listeners, poll, waker })
+        Ok(Server { shared, listeners, poll, waker, view })
     }
 }
 
@@ -527,6 +527,9 @@ pub struct Server {
     listeners: Listeners,
     poll: Poll,
     waker: Arc<Waker>,
+    /// What its services about itself (and its metrics) read.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    view: Arc<Introspection>,
 }
 
 impl Server {
@@ -550,6 +553,19 @@ impl Server {
     /// may connect, provide and call; its limits), from any thread.
     pub fn reload_handle(&self) -> ReloadHandle {
         ReloadHandle::new(Arc::clone(&self.shared.settings), Arc::clone(&self.waker))
+    }
+
+    /// Serves Prometheus metrics at `addr` (`GET /metrics`) while the
+    /// returned server lives, read from the counters the workers keep (see
+    /// [`crate::MetricsServer`]). `addr` must be a loopback address unless
+    /// `allow_remote`.
+    #[cfg(feature = "metrics")]
+    pub fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        allow_remote: bool,
+    ) -> Result<crate::MetricsServer, crate::MetricsError> {
+        crate::metrics::serve(addr, allow_remote, crate::metrics::DaemonMetrics(Arc::clone(&self.view)))
     }
 
     /// A handle that stops the server from any thread.
@@ -594,7 +610,7 @@ impl Server {
             "ipcd listening"
         );
         drop(current);
-        let Server { shared, listeners, poll, waker } = self;
+        let Server { shared, listeners, poll, waker, .. } = self;
         Acceptor::new(shared, listeners, poll, waker)?.run(ready)
     }
 }

@@ -21,8 +21,8 @@
 //! keys are errors, so that a misspelt rule never silently admits more.
 //!
 //! What a reload (`SIGHUP`) changes is [`ipcd::Settings`]: the allow lists,
-//! the access rules and the limits. The rest (sockets, workers, logging)
-//! is read at the start only; a reload that finds it changed says
+//! the access rules and the limits. The rest (sockets, workers, logging,
+//! metrics) is read at the start only; a reload that finds it changed says
 //! so and leaves it.
 
 use std::net::SocketAddr;
@@ -57,6 +57,8 @@ pub struct File {
     allow_uid: Option<Vec<u32>>,
     allow_gid: Option<Vec<u32>>,
     spin_us: Option<u64>,
+    metrics: Option<SocketAddr>,
+    metrics_allow_remote: Option<bool>,
     #[serde(default)]
     access: Vec<Access>,
 }
@@ -106,6 +108,8 @@ pub struct Config {
     pub uds: Option<PathBuf>,
     pub tcp: Option<SocketAddr>,
     pub spin: Option<Duration>,
+    pub metrics: Option<SocketAddr>,
+    pub metrics_allow_remote: bool,
     /// What a reload may change.
     pub settings: Settings,
 }
@@ -199,6 +203,8 @@ impl Config {
             uds: pick(args.uds.clone(), file.uds, "uds", same)?,
             tcp: pick(args.tcp, file.tcp, "tcp", same)?,
             spin: pick(args.spin_us, file.spin_us, "spin-us", same)?.map(Duration::from_micros),
+            metrics: pick(args.metrics, file.metrics, "metrics", same)?,
+            metrics_allow_remote: args.metrics_allow_remote || file.metrics_allow_remote.unwrap_or(false),
             settings,
         };
         config.check()?;
@@ -213,6 +219,14 @@ impl Config {
                 "--tcp cannot be combined with --allow-uid or --allow-gid (in the file: tcp, allow-uid, allow-gid): \
                  TCP carries no peer credentials to check, so it would admit anyone"
             );
+        }
+        if let Some(addr) = self.metrics {
+            if !addr.ip().is_loopback() && !self.metrics_allow_remote {
+                bail!(
+                    "--metrics {addr} is not a loopback address: anyone who can reach it would read who uses \
+                     the daemon; add --metrics-allow-remote (metrics-allow-remote = true) to mean it"
+                );
+            }
         }
         Ok(())
     }
@@ -235,6 +249,7 @@ impl Config {
         note("uds", self.uds != new.uds);
         note("tcp", self.tcp != new.tcp);
         note("spin-us", self.spin != new.spin);
+        note("metrics", self.metrics != new.metrics || self.metrics_allow_remote != new.metrics_allow_remote);
         changed
     }
 }
@@ -299,11 +314,13 @@ mod tests {
             allow-uid = [0, 1000]
             allow-gid = [100]
             spin-us = 0
+            metrics = "127.0.0.1:9464"
         "#;
         let c = resolve(&[], file).unwrap();
         assert_eq!(c.socket.as_deref(), Some(Path::new("/run/x.sock")));
         assert_eq!((c.socket_mode, c.workers, c.spin), (0o660, Some(3), Some(Duration::ZERO)));
         assert_eq!((c.log_level.as_str(), c.log_format, c.debug_services), ("debug", LogFormat::Json, true));
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         let s = &c.settings;
         assert_eq!((s.max_clients, s.max_pending_handshakes, s.max_sessions_per_uid), (10, 7, 5));
         assert_eq!((s.handshake_timeout, s.stall_timeout), (Duration::from_secs(3), Duration::from_millis(250)));
@@ -337,6 +354,10 @@ mod tests {
         assert!(error(&[], "socket-mode = \"999\"").contains("socket-mode"));
         assert!(error(&[], "tcp = \"127.0.0.1:1\"\nallow-uid = [0]").contains("TCP"));
         assert!(error(&[], "max-shm = 4096").contains("smallest session"));
+        assert!(error(&[], "metrics = \"0.0.0.0:9464\"").contains("loopback"));
+        assert!(error(&["--metrics", "[::]:9464"], "").contains("loopback"));
+        assert!(resolve(&[], "metrics = \"0.0.0.0:9464\"\nmetrics-allow-remote = true").is_ok());
+        assert!(resolve(&["--metrics", "[::1]:9464"], "").is_ok());
     }
 
     #[test]

@@ -148,6 +148,17 @@ struct Args {
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
 
+    /// Serve Prometheus metrics over HTTP at ADDR (GET /metrics), e.g.
+    /// 127.0.0.1:9464. A loopback address only, unless
+    /// --metrics-allow-remote: the metrics name services and count users'
+    /// sessions.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+
+    /// Let --metrics listen on an address other hosts can reach.
+    #[arg(long)]
+    metrics_allow_remote: bool,
+
     /// The configuration file (TOML): any of the flags above, and who may
     /// provide and who may call brokered names. Without one, only ipcd's
     /// own uid and root may provide, and anyone who can open the socket may
@@ -362,6 +373,11 @@ fn run(args: Args, config: config::Config, passed: systemd::Passed<OwnedFd>) -> 
         builder = builder.tcp_listener(fd.into());
     }
     let server = builder.build().context("cannot start ipcd")?;
+    // Served until `run` returns.
+    let _metrics = match config.metrics {
+        Some(addr) => Some(server.serve_metrics(addr, config.metrics_allow_remote).context("cannot start ipcd")?),
+        None => None,
+    };
     let status = format!("serving on {}", server.socket_path().display());
     let handle = server.shutdown_handle();
     let mut reload = reload::Reload::new(args, config, server.reload_handle());
