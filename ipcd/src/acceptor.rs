@@ -51,9 +51,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::broker::{self, Broker};
 use crate::health::Health;
+use crate::introspect::Transport;
 use crate::limits::{self, Refusal};
 use crate::pending::{Owner, PendingSet};
-use crate::policy::Policy;
+use crate::roster::Entry;
 use crate::segment::NewSegment;
 use crate::server::ServerError;
 use crate::session::{ClientWake, Session};
@@ -170,7 +171,6 @@ impl Acceptor {
         listeners: Listeners,
         poll: Poll,
         waker: Arc<Waker>,
-        policy: Policy,
     ) -> Result<Acceptor, ServerError> {
         let Listeners { bound, uds, tcp } = listeners;
         let listener_fd = bound.listener().try_clone()?;
@@ -194,7 +194,7 @@ impl Acceptor {
             None => None,
         };
         let workers = worker::spawn_all(&shared.engine)?;
-        let broker = Broker::new(Arc::clone(&shared), policy);
+        let broker = Broker::new(Arc::clone(&shared));
         Ok(Acceptor {
             shared,
             bound,
@@ -227,6 +227,9 @@ impl Acceptor {
                 self.stop();
                 return Err(e.into());
             }
+            // New settings take effect here, between two turns, all at
+            // once (a reload rings the waker).
+            self.switch_settings();
             for event in events.iter() {
                 match event.token() {
                     LISTENER | UDS_LISTENER | TCP_LISTENER => self.accept(),
@@ -247,6 +250,20 @@ impl Acceptor {
         }
         self.stop();
         Ok(())
+    }
+
+    /// Switches to the settings a reload staged, if any, logs what changed,
+    /// and wakes the workers to re-arm their stall timers.
+    fn switch_settings(&mut self) {
+        let Some(changes) = self.shared.settings.switch(&self.shared) else { return };
+        if changes.is_empty() {
+            tracing::info!("configuration reloaded: nothing changed");
+        } else {
+            tracing::info!("configuration reloaded: {}", changes.join("; "));
+        }
+        for w in &self.workers {
+            w.wake();
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -324,16 +341,17 @@ impl Acceptor {
         };
         // TCP is never served with an allow list (the configuration is
         // refused), so only Unix peers have credentials to check.
+        let settings = self.shared.settings.current();
         let refusal = match &peer {
-            Peer::Unix(cred) => self.shared.config.allow.check(cred).err(),
+            Peer::Unix(cred) => settings.allow.check(cred).err(),
             Peer::Tcp(_) => None,
         };
         let owner = match &peer {
             Peer::Unix(cred) => Owner::Uid(cred.uid),
             Peer::Tcp(_) => Owner::Tcp,
         };
-        if self.pending.len() >= self.shared.config.max_pending_handshakes && !self.make_room(owner) {
-            let max = self.shared.config.max_pending_handshakes;
+        let max = settings.settings.max_pending_handshakes;
+        if self.pending.len() >= max && !self.make_room(owner) {
             tracing::debug!(peer = %peer, "too many unfinished handshakes ({max}); closing the connection");
             self.shared.engine.stats.rejected(RejectReason::PendingHandshakeLimit);
             // Best effort: a client whose hello is already on its way reads
@@ -350,7 +368,7 @@ impl Acceptor {
             return;
         }
         let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None };
-        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        let deadline = Instant::now() + settings.settings.handshake_timeout;
         self.pending.insert(pending, owner, deadline);
         self.shared.engine.stats.set_pending(self.pending.len());
     }
@@ -512,7 +530,8 @@ impl Acceptor {
         if hello.role != Role::Session {
             return self.admit_control(key, hello.role);
         }
-        let max = self.shared.config.max_clients;
+        let settings = self.shared.settings.current();
+        let max = settings.settings.max_clients;
         if self.shared.engine.stats.connected.load(Ordering::Relaxed) >= max {
             return self.reject(key, Reject::TooManyClients { max: max as u32 }, RejectReason::TooManyClients);
         }
@@ -525,7 +544,8 @@ impl Acceptor {
             Peer::Unix(cred) => Some(cred.uid),
             Peer::Tcp(_) => None,
         };
-        let lease = match self.shared.limits.lease(uid, self.charge(pending.kind, &hello)) {
+        let max_ring = settings.settings.max_ring_capacity;
+        let lease = match self.shared.limits.lease(uid, charge(pending.kind, &hello, max_ring)) {
             Ok(lease) => lease,
             Err(refusal) => {
                 let reason = match refusal {
@@ -539,9 +559,19 @@ impl Acceptor {
             return;
         };
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, max_ring);
+        let (transport, address) = match (pending.kind, pending.peer) {
+            (Kind::Shm, _) => (Transport::Shm, None),
+            (Kind::Stream, Peer::Unix(_)) => (Transport::Uds, None),
+            (Kind::Stream, Peer::Tcp(addr)) => (Transport::Tcp, Some(addr)),
+        };
+        let caller = match pending.peer {
+            Peer::Unix(cred) => Some(cred.into()),
+            Peer::Tcp(_) => None,
+        };
         let conn = match pending.kind {
-            Kind::Shm => self.open_shm(id, pending, &hello),
-            Kind::Stream => self.open_stream(id, pending, &hello),
+            Kind::Shm => self.open_shm(id, pending, &hello, capacity),
+            Kind::Stream => self.open_stream(id, pending, &hello, capacity),
         };
         // A session that could not be opened gives its lease back here.
         let Some(mut conn) = conn else { return };
@@ -550,9 +580,32 @@ impl Acceptor {
         self.shared.engine.stats.accepted();
         let worker = worker::least_busy(&self.workers, &self.shared.engine.stats);
         tracing::debug!(session = id, worker = worker.index, "session opened");
+        let calls = match &conn {
+            Conn::Shm(s) => Arc::clone(&s.context().calls),
+            Conn::Stream(s) => Arc::clone(&s.context().calls),
+        };
+        let max_payload = SegmentLayout::new(capacity).map_or(0, |l| l.max_payload());
+        // In the roster before its worker has it, so that the worker's
+        // closing of it always finds it there to take out.
+        self.shared.roster.insert(
+            id,
+            Entry {
+                transport,
+                caller,
+                address,
+                ring_size: (transport == Transport::Shm).then_some(capacity),
+                max_payload,
+                opened: Instant::now(),
+                worker: Some(worker.index),
+                calls: Some(calls),
+                service: None,
+                provider: None,
+            },
+        );
         if let Err(e) = worker.adopt(conn) {
             tracing::error!(session = id, "cannot hand the session to a worker: {e}");
             self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
+            self.shared.roster.remove(id);
         }
     }
 
@@ -588,8 +641,8 @@ impl Acceptor {
         self.broker.adopt(self.poll.registry(), stream, creds, role == Role::Provider);
     }
 
-    fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello) -> Option<Conn> {
-        let (bell, wake, requests, responses, words) = match self.create_session(id, &pending, hello) {
+    fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello, capacity: u32) -> Option<Conn> {
+        let (bell, wake, requests, responses, words) = match self.create_session(id, &pending, hello, capacity) {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::error!("cannot create a session: {e}");
@@ -605,24 +658,9 @@ impl Acceptor {
         Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, words)))
     }
 
-    /// What the session `hello` asks for is charged against the limits
-    /// (see [`crate::limits`]).
-    fn charge(&self, kind: Kind, hello: &Hello) -> u64 {
-        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
-        let layout = SegmentLayout::new(capacity);
-        match (kind, layout) {
-            (Kind::Shm, Ok(layout)) => limits::shm_charge(&layout),
-            (Kind::Stream, Ok(layout)) => limits::stream_charge(layout.max_payload()),
-            // No session can be made of it: opening it fails and says why.
-            (Kind::Shm, Err(_)) => 0,
-            (Kind::Stream, Err(_)) => limits::stream_charge(0),
-        }
-    }
-
     /// Answers a stream client's hello: a welcome without fds, after which
     /// the connection carries frames.
-    fn open_stream(&mut self, id: u64, mut pending: Pending, hello: &Hello) -> Option<Conn> {
-        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+    fn open_stream(&mut self, id: u64, mut pending: Pending, hello: &Hello, capacity: u32) -> Option<Conn> {
         let max_payload = SegmentLayout::new(capacity).map(|l| l.max_payload()).unwrap_or(0);
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
@@ -650,8 +688,7 @@ impl Acceptor {
 
     /// Creates the segment and doorbells and sends the welcome with their
     /// fds.
-    fn create_session(&self, id: u64, pending: &Pending, hello: &Hello) -> io::Result<SessionParts> {
-        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, self.shared.config.max_ring_capacity);
+    fn create_session(&self, id: u64, pending: &Pending, hello: &Hello, capacity: u32) -> io::Result<SessionParts> {
         let NewSegment { layout, memfd, region, bell, wake: client_bell } =
             NewSegment::create(capacity, hello.doorbell)?;
         let welcome = Welcome {
@@ -727,5 +764,19 @@ impl Acceptor {
             w.join();
         }
         tracing::info!("ipcd stopped");
+    }
+}
+
+/// What the session `hello` asks for (its ring at most `max_ring` bytes)
+/// is charged against the limits (see [`crate::limits`]).
+fn charge(kind: Kind, hello: &Hello, max_ring: u32) -> u64 {
+    let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, max_ring);
+    let layout = SegmentLayout::new(capacity);
+    match (kind, layout) {
+        (Kind::Shm, Ok(layout)) => limits::shm_charge(&layout),
+        (Kind::Stream, Ok(layout)) => limits::stream_charge(layout.max_payload()),
+        // No session can be made of it: opening it fails and says why.
+        (Kind::Shm, Err(_)) => 0,
+        (Kind::Stream, Err(_)) => limits::stream_charge(0),
     }
 }

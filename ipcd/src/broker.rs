@@ -40,11 +40,13 @@ use mio::{Interest, Registry as Poller, Token};
 use slab::Slab;
 
 use crate::control_conn::{ControlConn, Fds};
+use crate::introspect::{ProviderInfo, Transport};
 use crate::limits::{self, Lease};
-use crate::policy::Policy;
 use crate::registry::{ProviderId, Registry};
+use crate::roster::Entry;
 use crate::segment::NewSegment;
 use crate::shared::Shared;
+use crate::stats::{BrokerView, ProvidedName};
 
 /// Where the broker's tokens start in the acceptor's poll.
 pub(crate) const FIRST_TOKEN: usize = 1 << 40;
@@ -91,6 +93,8 @@ struct Handoff {
     caller_fds: Vec<OwnedFd>,
     answer: Brokered,
     lease: Lease,
+    /// The name resolved, for the roster.
+    name: String,
 }
 
 /// A session handed over: what the daemon remembers of it.
@@ -131,7 +135,6 @@ pub(crate) struct BrokerCounts {
 /// See the module docs.
 pub(crate) struct Broker {
     shared: Arc<Shared>,
-    policy: Policy,
     registry: Registry,
     conns: Slab<Conn>,
     /// Provider ids to their connection's key.
@@ -148,10 +151,9 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    pub(crate) fn new(shared: Arc<Shared>, policy: Policy) -> Broker {
+    pub(crate) fn new(shared: Arc<Shared>) -> Broker {
         Broker {
             shared,
-            policy,
             registry: Registry::default(),
             conns: Slab::new(),
             providers: HashMap::new(),
@@ -304,7 +306,14 @@ impl Broker {
                         self.fail(poller, h.caller, ResolveError::Unavailable { reason });
                     }
                 }
-                self.live.retain(|_, l| l.provider != id);
+                let roster = &self.shared.roster;
+                self.live.retain(|&session, l| {
+                    let keep = l.provider != id;
+                    if !keep {
+                        roster.remove(session);
+                    }
+                    keep
+                });
                 self.publish();
             }
         }
@@ -362,7 +371,7 @@ impl Broker {
         if self.shared.engine.shutting_down.load(Ordering::Acquire) {
             return self.fail(poller, key, ResolveError::ShuttingDown);
         }
-        if let Err(reason) = self.policy.may_call(&name, &caller) {
+        if let Err(reason) = self.shared.settings.current().policy.may_call(&name, &caller) {
             tracing::warn!(peer = %caller, "resolve refused: {reason}");
             return self.fail(poller, key, ResolveError::NotPermitted { reason });
         }
@@ -410,9 +419,14 @@ impl Broker {
         let provider_creds = p.creds;
         // The session offers every service of that provider the client may
         // call; the provider refuses calls to any other.
-        let granted: Vec<ServiceEntry> =
-            registration.services.iter().filter(|s| self.policy.may_call(&s.name, &caller).is_ok()).cloned().collect();
-        let max = self.shared.config.max_ring_capacity.min(registration.max_ring_capacity);
+        let settings = self.shared.settings.current();
+        let granted: Vec<ServiceEntry> = registration
+            .services
+            .iter()
+            .filter(|s| settings.policy.may_call(&s.name, &caller).is_ok())
+            .cloned()
+            .collect();
+        let max = settings.settings.max_ring_capacity.min(registration.max_ring_capacity);
         let capacity = SegmentLayout::fit_capacity(resolve.ring_capacity, max);
         let layout = SegmentLayout::new(capacity).map_err(|e| ResolveError::Unavailable { reason: e.to_string() })?;
         let lease = self
@@ -468,9 +482,10 @@ impl Broker {
             doorbell: resolve.doorbell,
             services: granted,
         };
-        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        let deadline = Instant::now() + settings.settings.handshake_timeout;
         self.timers.insert((deadline, Timer::Handoff(session_id)));
-        self.handoffs.insert(session_id, Handoff { caller: caller_key, provider, caller_fds, answer, lease });
+        let name = resolve.name.clone();
+        self.handoffs.insert(session_id, Handoff { caller: caller_key, provider, caller_fds, answer, lease, name });
         tracing::debug!(session = session_id, provider, peer = %caller, name = resolve.name, "session offered");
         self.publish();
         Ok(())
@@ -497,6 +512,27 @@ impl Broker {
                     _ => return,
                 };
                 self.counts.brokered += 1;
+                let provider = match self.conns.get(key) {
+                    Some(Conn::Provider(p)) => {
+                        Some(ProviderInfo { id, pid: p.creds.pid, uid: p.creds.uid, sessions: p.sessions })
+                    }
+                    _ => None,
+                };
+                self.shared.roster.insert(
+                    session_id,
+                    Entry {
+                        transport: Transport::Brokered,
+                        caller: Some(caller.into()),
+                        address: None,
+                        ring_size: Some(h.answer.ring_capacity),
+                        max_payload: h.answer.max_payload,
+                        opened: Instant::now(),
+                        worker: None,
+                        calls: None,
+                        service: Some(h.name),
+                        provider,
+                    },
+                );
                 self.live.insert(session_id, Live { provider: id, caller, _lease: h.lease });
                 tracing::debug!(session = session_id, provider = id, peer = %caller, "session handed over");
                 // Counted before the answer, so a client that sees it sees
@@ -515,6 +551,7 @@ impl Broker {
             ProviderMessage::Closed { session_id } => {
                 if self.live.get(&session_id).is_some_and(|l| l.provider == id) {
                     self.live.remove(&session_id);
+                    self.shared.roster.remove(session_id);
                     p.sessions = p.sessions.saturating_sub(1);
                     self.publish();
                 }
@@ -597,7 +634,8 @@ impl Broker {
             if self.shared.engine.services.id(&s.name).is_some() || s.name == "ipcd" || s.name.starts_with("ipcd.") {
                 return Err(RegisterError::Reserved { name: s.name.clone() });
             }
-            self.policy.may_provide(&s.name, &p.creds).map_err(|reason| RegisterError::NotPermitted { reason })?;
+            let settings = self.shared.settings.current();
+            settings.policy.may_provide(&s.name, &p.creds).map_err(|reason| RegisterError::NotPermitted { reason })?;
         }
         Ok(())
     }
@@ -636,7 +674,7 @@ impl Broker {
                         {
                             p.sessions = p.sessions.saturating_sub(1);
                         }
-                        let after = self.shared.config.handshake_timeout;
+                        let after = self.shared.settings.current().settings.handshake_timeout;
                         let reason = format!("the provider did not take the session within {after:?}");
                         self.fail(poller, h.caller, ResolveError::Unavailable { reason });
                     }
@@ -672,28 +710,28 @@ impl Broker {
         }
     }
 
-    /// Puts what `stats` reports of the broker where it reads it.
+    /// Puts what `stats` and `ipcd.services` report of the broker where
+    /// they read it.
     fn publish(&self) {
-        let names: Vec<serde_json::Value> = self
+        let names: Vec<ProvidedName> = self
             .registry
             .entries()
             .into_iter()
             .map(|(name, pooled, ids)| {
-                let providers: Vec<serde_json::Value> = ids
+                let providers = ids
                     .iter()
                     .filter_map(|id| match self.conns.get(*self.providers.get(id)?)? {
-                        Conn::Provider(p) => Some(serde_json::json!({
-                            "id": p.id, "pid": p.creds.pid, "uid": p.creds.uid, "sessions": p.sessions,
-                        })),
+                        Conn::Provider(p) => {
+                            Some(ProviderInfo { id: p.id, pid: p.creds.pid, uid: p.creds.uid, sessions: p.sessions })
+                        }
                         Conn::Caller(_) => None,
                     })
                     .collect();
-                serde_json::json!({ "name": name, "pooled": pooled, "providers": providers })
+                ProvidedName { name: name.to_string(), pooled, providers }
             })
             .collect();
         let c = &self.counts;
-        let value = serde_json::json!({
-            "names": names,
+        let counts = serde_json::json!({
             "resolves": {
                 "brokered": c.brokered,
                 "unknown_service": c.unknown_service,
@@ -708,7 +746,8 @@ impl Broker {
             "sessions_offered": self.handoffs.len(),
             "waiting_resolves": self.waiting.len(),
         });
-        self.shared.engine.stats.set_broker(value);
+        let serde_json::Value::Object(counts) = counts else { unreachable!("an object literal") };
+        self.shared.engine.stats.set_broker(BrokerView { names, counts });
     }
 }
 

@@ -11,7 +11,7 @@
 //! that process's next handshakes; a provider reports it to the daemon),
 //! and that a session ended.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +38,8 @@ pub(crate) struct Engine {
     /// How long a worker spins on idle rings before sleeping.
     pub(crate) spin: Duration,
     /// How long a session may stay stalled on replies its client does not
-    /// read before it is closed.
-    pub(crate) stall_timeout: Duration,
+    /// read before it is closed (a reload may change it).
+    pub(crate) stall_timeout: StallTimeout,
     pub(crate) services: ServiceTable,
     /// What messages held for a while (assembled requests, long replies,
     /// stream items) are charged against: the server's memory budget.
@@ -49,4 +49,31 @@ pub(crate) struct Engine {
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) events: Box<dyn SessionEvents>,
+}
+
+/// The stall timeout, which the daemon's reload may change while the
+/// workers read it.
+#[derive(Debug)]
+pub(crate) struct StallTimeout(AtomicU64);
+
+impl StallTimeout {
+    pub(crate) fn new(timeout: Duration) -> StallTimeout {
+        StallTimeout(AtomicU64::new(Self::nanos(timeout)))
+    }
+
+    fn nanos(timeout: Duration) -> u64 {
+        u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The timeout in force.
+    pub(crate) fn get(&self) -> Duration {
+        // Relaxed: a value on its own, guarding no other memory; a worker
+        // that reads the old one a moment longer errs by that moment.
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Sets it; the workers must then be woken to re-arm their timers.
+    pub(crate) fn set(&self, timeout: Duration) {
+        self.0.store(Self::nanos(timeout), Ordering::Relaxed);
+    }
 }

@@ -76,7 +76,10 @@ mod exchange;
 pub mod fuzzing;
 mod health;
 mod inbox;
+pub mod introspect;
 mod limits;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod outbox;
 mod pending;
 mod policy;
@@ -84,19 +87,24 @@ mod pool;
 mod provider;
 mod registry;
 mod request;
+mod roster;
 mod segment;
 mod server;
 mod service;
 mod session;
+mod settings;
 mod shared;
 mod stats;
 mod stream_session;
 mod streaming;
 mod upload;
+mod views;
 mod worker;
 
 pub use deferred::{Responder, MAX_OUTSTANDING_CALLS};
 pub use health::{Health, Stuck};
+#[cfg(feature = "metrics")]
+pub use metrics::{MetricsError, MetricsServer};
 pub use policy::{AccessRule, Allowed};
 pub use pool::DEFAULT_HANDLER_THREADS;
 pub use provider::{Provider, ProviderBuilder, ProviderError};
@@ -106,5 +114,6 @@ pub use server::{
     DEFAULT_MAX_SESSIONS_PER_UID, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
 pub use service::ServiceError;
+pub use settings::{ReloadHandle, Settings};
 pub use streaming::{SendError, StreamSender, TrySendError, MAX_OPEN_STREAMS, STREAM_BUFFER};
 pub use upload::Upload;

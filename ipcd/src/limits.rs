@@ -30,7 +30,7 @@
 //! the daemon allocate, not its whole footprint.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ipc_core::{Reject, SegmentLayout};
@@ -59,24 +59,41 @@ fn saturate(n: usize) -> u32 {
 }
 
 /// The budget and the counts, shared by the acceptor (which charges) and
-/// the workers (whose sessions give back).
+/// the workers (whose sessions give back). A reload may change the budget
+/// and the limit per uid: what is charged already stays charged, and a
+/// lower limit refuses new sessions until enough have closed.
 #[derive(Debug)]
 pub(crate) struct Limits {
-    budget: u64,
+    budget: AtomicU64,
     in_use: AtomicU64,
-    max_per_uid: usize,
+    max_per_uid: AtomicUsize,
     /// Live sessions per uid; a uid with none has no entry.
     per_uid: Mutex<HashMap<u32, usize>>,
 }
 
 impl Limits {
     pub(crate) fn new(budget: u64, max_per_uid: usize) -> Limits {
-        Limits { budget, in_use: AtomicU64::new(0), max_per_uid, per_uid: Mutex::default() }
+        Limits {
+            budget: AtomicU64::new(budget),
+            in_use: AtomicU64::new(0),
+            max_per_uid: AtomicUsize::new(max_per_uid),
+            per_uid: Mutex::default(),
+        }
+    }
+
+    /// Sets the budget and the limit per uid (a reload, on the acceptor's
+    /// thread, which is the one that charges).
+    pub(crate) fn set(&self, budget: u64, max_per_uid: usize) {
+        // Relaxed: each is a value on its own; a charge racing with the
+        // change is judged by the old value or the new.
+        self.budget.store(budget, Ordering::Relaxed);
+        self.max_per_uid.store(max_per_uid, Ordering::Relaxed);
     }
 
     /// The memory budget, in bytes.
     pub(crate) fn budget(&self) -> u64 {
-        self.budget
+        // Relaxed: see `set`.
+        self.budget.load(Ordering::Relaxed)
     }
 
     /// What the live sessions are charged, in bytes.
@@ -87,7 +104,13 @@ impl Limits {
 
     /// The most live sessions one uid may have.
     pub(crate) fn max_per_uid(&self) -> usize {
-        self.max_per_uid
+        // Relaxed: see `set`.
+        self.max_per_uid.load(Ordering::Relaxed)
+    }
+
+    /// The live sessions of each uid that has some.
+    pub(crate) fn per_uid(&self) -> Vec<(u32, usize)> {
+        self.per_uid.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(&u, &n)| (u, n)).collect()
     }
 
     /// Charges a session of `uid` (none over TCP, which carries no
@@ -96,17 +119,19 @@ impl Limits {
     pub(crate) fn lease(self: &Arc<Self>, uid: Option<u32>, bytes: u64) -> Result<Lease, Refusal> {
         if let Some(uid) = uid {
             let mut per_uid = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let max = self.max_per_uid();
             let count = per_uid.entry(uid).or_insert(0);
-            if *count >= self.max_per_uid {
-                return Err(Refusal::Uid { uid, max: self.max_per_uid });
+            if *count >= max {
+                return Err(Refusal::Uid { uid, max });
             }
             *count += 1;
         }
         // Relaxed: the word is a count, not a guard for other memory; its
         // read-modify-writes are totally ordered among themselves, so two
         // charges can never both fit into the last room.
+        let budget = self.budget();
         let charged = self.in_use.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
-            in_use.checked_add(bytes).filter(|&total| total <= self.budget)
+            in_use.checked_add(bytes).filter(|&total| total <= budget)
         });
         match charged {
             Ok(_) => Ok(Lease { limits: Arc::clone(self), uid, bytes }),
@@ -114,7 +139,7 @@ impl Limits {
                 if let Some(uid) = uid {
                     self.give_back_slot(uid);
                 }
-                Err(Refusal::Memory { needed: bytes, in_use, budget: self.budget })
+                Err(Refusal::Memory { needed: bytes, in_use, budget })
             }
         }
     }
@@ -128,9 +153,10 @@ impl Limits {
     /// Adds `bytes` to what is in use if that stays within the budget.
     fn take(&self, bytes: u64) -> bool {
         // Relaxed: see `lease`.
+        let budget = self.budget();
         self.in_use
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
-                in_use.checked_add(bytes).filter(|&total| total <= self.budget)
+                in_use.checked_add(bytes).filter(|&total| total <= budget)
             })
             .is_ok()
     }
@@ -265,6 +291,18 @@ mod tests {
         let fits = limits.lease(Some(5), 10).expect("the refused attempt held no slot");
         assert_eq!(limits.lease(Some(5), 0).unwrap_err(), Refusal::Uid { uid: 5, max: 1 });
         drop(fits);
+    }
+
+    #[test]
+    fn new_limits_refuse_new_sessions_and_leave_the_charged_ones() {
+        let limits = Arc::new(Limits::new(1000, 3));
+        let held: Vec<Lease> = (0..3).map(|_| limits.lease(Some(1), 100).unwrap()).collect();
+        limits.set(250, 2);
+        assert_eq!(limits.lease(Some(1), 1).unwrap_err(), Refusal::Uid { uid: 1, max: 2 });
+        assert_eq!(limits.lease(Some(2), 1).unwrap_err(), Refusal::Memory { needed: 1, in_use: 300, budget: 250 });
+        assert_eq!(limits.per_uid(), [(1, 3)], "a uid refused for memory keeps no entry");
+        drop(held);
+        assert!(limits.lease(Some(1), 250).is_ok());
     }
 
     #[test]

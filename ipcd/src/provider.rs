@@ -31,7 +31,7 @@ use ipc_platform::{EventFd, Mapping, SocketBell};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::control_conn::{ControlConn, Fds};
-use crate::engine::{Engine, SessionEvents};
+use crate::engine::{Engine, SessionEvents, StallTimeout};
 use crate::server::{ShutdownHandle, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT};
 use crate::service::{Handler, ServiceTable};
 use crate::session::{ClientWake, Session};
@@ -225,14 +225,14 @@ impl ProviderBuilder {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(Stats::new(workers, 0));
+        let stats = Arc::new(Stats::new(workers, 0, services.directory().len()));
         let events = Box::new(Reports { tx: Mutex::new(tx), waker: Arc::clone(&waker) });
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let budget = crate::server::default_max_shm();
+        let budget = crate::settings::default_max_shm();
         let engine = Arc::new(Engine {
             workers,
             spin: if cores > 1 { self.spin } else { Duration::ZERO },
-            stall_timeout: self.stall_timeout,
+            stall_timeout: StallTimeout::new(self.stall_timeout),
             services,
             stats,
             limits: Arc::new(crate::limits::Limits::new(budget, usize::MAX)),
@@ -278,6 +278,23 @@ impl Provider {
     /// changes when the provider registers again with a restarted daemon.
     pub fn provider_id(&self) -> u64 {
         self.link.provider_id
+    }
+
+    /// Serves Prometheus metrics of the calls this provider serves at
+    /// `addr` (`GET /metrics`) while the returned server lives: the daemon
+    /// never sees brokered calls, so their counts are here. The same names
+    /// as the daemon's (`ipcd_calls_total` by service and outcome,
+    /// `ipcd_sessions`, `ipcd_build_info`); `addr` must be a loopback
+    /// address unless `allow_remote`.
+    #[cfg(feature = "metrics")]
+    pub fn serve_metrics(
+        &self,
+        addr: std::net::SocketAddr,
+        allow_remote: bool,
+    ) -> Result<crate::MetricsServer, crate::MetricsError> {
+        let names = self.engine.services.directory().into_iter().map(|e| e.name).collect();
+        let metrics = crate::metrics::ProviderMetrics { stats: Arc::clone(&self.engine.stats), names };
+        crate::metrics::serve(addr, allow_remote, metrics)
     }
 
     /// A handle that stops the provider from any thread.

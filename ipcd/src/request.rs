@@ -14,6 +14,7 @@ use std::sync::Arc;
 use ipc_core::Credentials;
 
 use crate::limits::Charge;
+use crate::stats::SessionCalls;
 
 /// The process that made a call, as the kernel reported it for the
 /// connection it called on. The pid is 0 for a process in a pid namespace
@@ -51,12 +52,14 @@ pub(crate) struct SessionContext {
     /// For a brokered session, the ids of the services it was granted,
     /// sorted; a call to any other is refused. `None`: every service.
     granted: Option<Box<[u16]>>,
+    /// Its calls, counted by the dispatch (and read by `ipcd.clients`).
+    pub(crate) calls: Arc<SessionCalls>,
 }
 
 impl SessionContext {
     /// A session that may call every service.
     pub(crate) fn new(id: u64, caller: Option<Caller>) -> SessionContext {
-        SessionContext { id, caller, granted: None }
+        SessionContext { id, caller, granted: None, calls: Arc::default() }
     }
 
     /// A session that may call only the services `granted` names (in any
@@ -65,7 +68,7 @@ impl SessionContext {
         let mut granted = granted.to_vec();
         granted.sort_unstable();
         granted.dedup();
-        SessionContext { id, caller: Some(caller), granted: Some(granted.into_boxed_slice()) }
+        SessionContext { id, caller: Some(caller), granted: Some(granted.into_boxed_slice()), calls: Arc::default() }
     }
 
     /// Whether this session may call the service with id `service`.

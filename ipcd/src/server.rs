@@ -9,19 +9,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc_core::SegmentLayout;
 use mio::{Poll, Waker};
 
 use crate::acceptor::{self, Acceptor, Listeners, UnixSocket};
-use crate::access::AllowList;
-use crate::engine::Engine;
+use crate::engine::{Engine, StallTimeout};
 use crate::health::Health;
+use crate::introspect::{Listener, ServedBy};
 use crate::limits::Limits;
-use crate::policy::{AccessRule, Policy};
-use crate::request::Request;
+use crate::policy::AccessRule;
+use crate::roster::Roster;
 use crate::service::{self, Handler, ServiceTable};
+use crate::settings::{LiveSettings, ReloadHandle, Settings};
 use crate::shared::{Config, Shared, Strikes};
 use crate::stats::Stats;
+use crate::views::{self, Introspection};
 
 /// The default spin limit of a worker, chosen by measuring one and 100
 /// clients on a 2-core machine (the README's spin table, with its command).
@@ -54,12 +55,6 @@ pub const FALLBACK_MAX_SHM: u64 = 1 << 30;
 /// sends, by default: 1 GiB. Longer than a frame, a message goes in
 /// chunks; see [`ServerBuilder::max_message`].
 pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 30;
-
-/// The default memory budget for sessions: a quarter of the machine's RAM
-/// (`MemTotal`), or [`FALLBACK_MAX_SHM`] where it cannot be read.
-pub(crate) fn default_max_shm() -> u64 {
-    ipc_platform::total_memory().map_or(FALLBACK_MAX_SHM, |total| total / 4)
-}
 
 fn workers_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -101,19 +96,16 @@ pub enum ServerError {
 }
 
 /// Builds a [`Server`]: where it listens, how many workers, and which
-/// services it offers besides the built-in `echo`, `ping` and `stats`.
+/// services it offers besides the built-in ones (`echo`, `ping`, `stats`,
+/// and `ipcd.status`, `ipcd.services`, `ipcd.clients`, which describe the
+/// server: see [`crate::introspect`]).
 pub struct ServerBuilder {
     socket: Option<PathBuf>,
     socket_mode: u32,
     workers: Option<usize>,
-    max_clients: usize,
-    handshake_timeout: Duration,
-    max_pending_handshakes: usize,
-    stall_timeout: Duration,
-    max_ring_capacity: u32,
-    max_shm: Option<u64>,
+    /// What a reload may change later.
+    settings: Settings,
     max_message: u64,
-    max_sessions_per_uid: usize,
     debug_services: bool,
     spin: Duration,
     uds: Option<PathBuf>,
@@ -121,9 +113,7 @@ pub struct ServerBuilder {
     control_listener: Option<UnixListener>,
     uds_listener: Option<UnixListener>,
     tcp_listener: Option<TcpListener>,
-    allow: AllowList,
     services: Vec<(String, Handler)>,
-    access_rules: Vec<AccessRule>,
     handler_threads: usize,
 }
 
@@ -133,14 +123,8 @@ impl Default for ServerBuilder {
             socket: None,
             socket_mode: 0o600,
             workers: None,
-            max_clients: 4096,
-            handshake_timeout: Duration::from_secs(2),
-            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
-            max_ring_capacity: 16 << 20,
-            max_shm: None,
+            settings: Settings::default(),
             max_message: DEFAULT_MAX_MESSAGE,
-            max_sessions_per_uid: DEFAULT_MAX_SESSIONS_PER_UID,
             debug_services: false,
             spin: DEFAULT_SPIN,
             uds: None,
@@ -148,9 +132,7 @@ impl Default for ServerBuilder {
             control_listener: None,
             uds_listener: None,
             tcp_listener: None,
-            allow: AllowList::default(),
             services: Vec::new(),
-            access_rules: Vec::new(),
             handler_threads: crate::pool::DEFAULT_HANDLER_THREADS,
         }
     }
@@ -179,13 +161,13 @@ impl ServerBuilder {
     /// The most clients served at once (default 4096); the next gets an
     /// explicit reject.
     pub fn max_clients(mut self, n: usize) -> Self {
-        self.max_clients = n;
+        self.settings.max_clients = n;
         self
     }
 
     /// How long a connection may take to send its hello (default 2 s).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
-        self.handshake_timeout = t;
+        self.settings.handshake_timeout = t;
         self
     }
 
@@ -198,7 +180,7 @@ impl ServerBuilder {
     /// So one user flooding the socket with connections that never finish
     /// their hello fills only the room no one else asks for.
     pub fn max_pending_handshakes(mut self, n: usize) -> Self {
-        self.max_pending_handshakes = n;
+        self.settings.max_pending_handshakes = n;
         self
     }
 
@@ -211,13 +193,13 @@ impl ServerBuilder {
     /// some room, not yet enough (it is reading, slowly); one that lasts
     /// longer than `t` ends the session, logged and counted as `stalled`.
     pub fn stall_timeout(mut self, t: Duration) -> Self {
-        self.stall_timeout = t;
+        self.settings.stall_timeout = t;
         self
     }
 
     /// The largest ring a client may ask for, in bytes (default 16 MiB).
     pub fn max_ring_capacity(mut self, bytes: u32) -> Self {
-        self.max_ring_capacity = bytes;
+        self.settings.max_ring_capacity = bytes;
         self
     }
 
@@ -234,7 +216,7 @@ impl ServerBuilder {
     /// anyone who can open the socket make the daemon allocate 4,096
     /// segments of 32 MiB.
     pub fn max_shm(mut self, bytes: u64) -> Self {
-        self.max_shm = Some(bytes);
+        self.settings.max_shm = Some(bytes);
         self
     }
 
@@ -259,7 +241,7 @@ impl ServerBuilder {
     /// count only against [`max_clients`](Self::max_clients) and the
     /// memory budget.
     pub fn max_sessions_per_uid(mut self, n: usize) -> Self {
-        self.max_sessions_per_uid = n;
+        self.settings.max_sessions_per_uid = n;
         self
     }
 
@@ -329,7 +311,7 @@ impl ServerBuilder {
     /// The socket's mode ([`socket_mode`](Self::socket_mode)) still decides
     /// who can connect at all.
     pub fn allow_uid(mut self, uid: u32) -> Self {
-        self.allow.uids.push(uid);
+        self.settings.allow_uids.push(uid);
         self
     }
 
@@ -337,7 +319,7 @@ impl ServerBuilder {
     /// Supplementary groups are not consulted. See
     /// [`allow_uid`](Self::allow_uid).
     pub fn allow_gid(mut self, gid: u32) -> Self {
-        self.allow.gids.push(gid);
+        self.settings.allow_gids.push(gid);
         self
     }
 
@@ -347,7 +329,14 @@ impl ServerBuilder {
     /// daemon's own uid and root may provide it, and anyone who can open
     /// the socket may call it.
     pub fn access_rule(mut self, rule: AccessRule) -> Self {
-        self.access_rules.push(rule);
+        self.settings.access_rules.push(rule);
+        self
+    }
+
+    /// Sets every setting a reload may change at once (see [`Settings`]),
+    /// replacing what the methods of the same names set before.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -368,49 +357,31 @@ impl ServerBuilder {
             Some(n) => n,
             None => workers_cores(),
         };
-        if self.max_clients == 0 {
-            return Err(ServerError::Config("max clients must be at least 1".into()));
-        }
-        if self.stall_timeout.is_zero() {
-            return Err(ServerError::Config("the stall timeout must be positive".into()));
-        }
-        for rule in &self.access_rules {
-            AccessRule::check_pattern(&rule.pattern).map_err(ServerError::Config)?;
-        }
-        if self.max_pending_handshakes == 0 {
-            return Err(ServerError::Config("max pending handshakes must be at least 1".into()));
-        }
-        if self.max_sessions_per_uid == 0 {
-            return Err(ServerError::Config("max sessions per uid must be at least 1".into()));
-        }
+        self.settings.check()?;
         if self.handler_threads == 0 {
             return Err(ServerError::Config("handler threads must be at least 1".into()));
         }
         if self.max_message == 0 {
             return Err(ServerError::Config("the largest message must be at least 1 byte".into()));
         }
-        let max_shm = self.max_shm.unwrap_or_else(default_max_shm);
-        let smallest = SegmentLayout::new(SegmentLayout::fit_capacity(0, u32::MAX))
-            .map_err(|e| ServerError::Config(e.to_string()))?;
-        let smallest = crate::limits::shm_charge(&smallest);
-        if max_shm < smallest {
-            return Err(ServerError::Config(format!(
-                "the memory budget of {max_shm} bytes is below the {smallest} bytes of the smallest session"
-            )));
-        }
-        let limits = Arc::new(Limits::new(max_shm, self.max_sessions_per_uid));
         // A message held whole (assembled for a handler, a reply waiting)
         // is charged against the budget, so none can be longer than it.
-        let max_message = clamp_max_message(self.max_message, max_shm);
-        if let (Some(addr), false) = (self.tcp, self.allow.is_open()) {
+        let max_message = clamp_max_message(self.max_message, self.settings.budget());
+        let allow_list = !(self.settings.allow_uids.is_empty() && self.settings.allow_gids.is_empty());
+        if let (Some(addr), true) = (self.tcp, allow_list) {
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
             )));
         }
-        if let (Some(listener), false) = (&self.tcp_listener, self.allow.is_open()) {
+        if let (Some(listener), true) = (&self.tcp_listener, allow_list) {
             let addr = listener.local_addr().map_or_else(|e| format!("(address unknown: {e})"), |a| a.to_string());
             return Err(ServerError::Config(format!(
                 "TCP at {addr} carries no peer credentials, so it cannot be served with an allow list"
+            )));
+        }
+        if let Some((name, _)) = self.services.iter().find(|(name, _)| name == "ipcd" || name.starts_with("ipcd.")) {
+            return Err(ServerError::Service(format!(
+                "service name {name:?}: the names under \"ipcd.\" are the server's own"
             )));
         }
         for (what, both) in [
@@ -446,27 +417,43 @@ impl ServerBuilder {
                 p
             }
         };
-        let stats = Arc::new(Stats::new(workers, self.max_pending_handshakes));
+        let daemon_uid = ipc_platform::current_uid();
+        let serves_tcp = self.tcp.is_some() || tcp_given.is_some();
+        let limits = Arc::new(Limits::new(self.settings.budget(), self.settings.max_sessions_per_uid));
+        let stall_timeout = StallTimeout::new(self.settings.stall_timeout);
+        let max_pending = self.settings.max_pending_handshakes;
+        let settings = Arc::new(LiveSettings::new(self.settings, daemon_uid, serves_tcp));
+        let roster = Arc::new(Roster::default());
+        // The services by id: the built-in ones, the debug ones, the
+        // embedder's. Their names are known before their handlers, which
+        // report on them.
+        let mut names: Vec<(String, ServedBy)> =
+            views::BUILT_IN.iter().map(|n| (n.to_string(), ServedBy::Daemon)).collect();
+        if self.debug_services {
+            names.extend(["debug.sleep", "debug.fail"].map(|n| (n.to_string(), ServedBy::Daemon)));
+        }
+        names.extend(self.services.iter().map(|(n, _)| (n.clone(), ServedBy::Embedded)));
+        let stats = Arc::new(Stats::new(workers, max_pending, names.len()));
+        let view = Arc::new(Introspection {
+            stats: Arc::clone(&stats),
+            limits: Arc::clone(&limits),
+            settings: Arc::clone(&settings),
+            roster: Arc::clone(&roster),
+            services: names,
+            listeners: std::sync::OnceLock::new(),
+            daemon_uid,
+        });
         let mut services = ServiceTable::new(self.handler_threads);
-        let mut all = vec![
-            ("echo".to_string(), service::echo()),
-            ("ping".to_string(), service::ping()),
-            ("stats".to_string(), {
-                let stats = Arc::clone(&stats);
-                let limits = Arc::clone(&limits);
-                Handler::Inline(Arc::new(move |_: &Request<'_>, reply: &mut Vec<u8>| {
-                    *reply = stats.to_json(&limits);
-                    Ok(())
-                }))
-            }),
-            ("stream.count".to_string(), service::stream_count()),
-        ];
+        let mut all = vec![("echo".to_string(), service::echo()), ("ping".to_string(), service::ping())];
+        all.extend(views::handlers(&view).map(|(name, handler)| (name.to_string(), handler)));
+        all.push(("stream.count".to_string(), service::stream_count()));
         if self.debug_services {
             all.push(("debug.sleep".to_string(), service::debug_sleep()));
             all.push(("debug.fail".to_string(), service::debug_fail()));
         }
         all.extend(self.services);
-        for (name, handler) in all {
+        for ((name, handler), (expected, _)) in all.into_iter().zip(&view.services) {
+            debug_assert_eq!(&name, expected, "a service out of its place");
             services.add(name, handler).map_err(ServerError::Service)?;
         }
         let bound = match control {
@@ -497,25 +484,35 @@ impl ServerBuilder {
             }
             (None, None) => None,
         };
+        let listeners = Listeners { bound, uds, tcp };
+        let mut described = vec![Listener {
+            kind: "control".into(),
+            address: socket.display().to_string(),
+            given: matches!(listeners.bound, UnixSocket::Given(_)),
+        }];
+        if let (Some(path), Some(uds)) = (&uds_path, &listeners.uds) {
+            let given = matches!(uds, UnixSocket::Given(_));
+            described.push(Listener { kind: "uds".into(), address: path.display().to_string(), given });
+        }
+        if let Some(tcp) = &listeners.tcp {
+            let address = tcp.local_addr().map_or_else(|e| format!("(address unknown: {e})"), |a| a.to_string());
+            described.push(Listener { kind: "tcp".into(), address, given: self.tcp.is_none() });
+        }
+        let _ = view.listeners.set(described);
         let spin = if workers_cores() > 1 { self.spin } else { Duration::ZERO };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), acceptor::WAKER)?);
-        let config = Config {
-            socket,
-            socket_mode: self.socket_mode,
-            max_clients: self.max_clients,
-            handshake_timeout: self.handshake_timeout,
-            max_pending_handshakes: self.max_pending_handshakes,
-            max_ring_capacity: self.max_ring_capacity,
-            uds: uds_path,
-            allow: self.allow,
-        };
+        let config = Config { socket, socket_mode: self.socket_mode, uds: uds_path };
         let cooldown = Arc::new(crate::cooldown::Cooldown::default());
-        let events = Box::new(Strikes { cooldown: Arc::clone(&cooldown), stats: Arc::clone(&stats) });
+        let events = Box::new(Strikes {
+            cooldown: Arc::clone(&cooldown),
+            stats: Arc::clone(&stats),
+            roster: Arc::clone(&roster),
+        });
         let engine = Arc::new(Engine {
             workers,
             spin,
-            stall_timeout: self.stall_timeout,
+            stall_timeout,
             services,
             stats,
             limits: Arc::clone(&limits),
@@ -523,9 +520,9 @@ impl ServerBuilder {
             shutting_down: AtomicBool::new(false),
             events,
         });
-        let shared = Arc::new(Shared { config, engine, cooldown, limits, next_session: AtomicU64::new(1) });
-        let policy = Policy::new(self.access_rules, ipc_platform::current_uid());
-        Ok(Server { shared, listeners: Listeners { bound, uds, tcp }, poll, waker, policy })
+        let shared =
+            Arc::new(Shared { config, engine, cooldown, limits, settings, roster, next_session: AtomicU64::new(1) });
+        Ok(Server { shared, listeners, poll, waker, view })
     }
 }
 
@@ -559,8 +556,9 @@ pub struct Server {
     listeners: Listeners,
     poll: Poll,
     waker: Arc<Waker>,
-    /// Who may provide and call brokered names.
-    policy: Policy,
+    /// What its services about itself (and its metrics) read.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    view: Arc<Introspection>,
 }
 
 impl Server {
@@ -578,6 +576,25 @@ impl Server {
     /// port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.listeners.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle that changes the server's [`Settings`] while it runs (who
+    /// may connect, provide and call; its limits), from any thread.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle::new(Arc::clone(&self.shared.settings), Arc::clone(&self.waker))
+    }
+
+    /// Serves Prometheus metrics at `addr` (`GET /metrics`) while the
+    /// returned server lives, read from the counters the workers keep (see
+    /// [`crate::MetricsServer`]). `addr` must be a loopback address unless
+    /// `allow_remote`.
+    #[cfg(feature = "metrics")]
+    pub fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        allow_remote: bool,
+    ) -> Result<crate::MetricsServer, crate::MetricsError> {
+        crate::metrics::serve(addr, allow_remote, crate::metrics::DaemonMetrics(Arc::clone(&self.view)))
     }
 
     /// A handle that stops the server from any thread.
@@ -601,26 +618,30 @@ impl Server {
     /// server's [`Health`], which tells whether its loops still turn: for a
     /// watchdog.
     pub fn run_with_ready(self, ready: impl FnOnce(Health)) -> Result<(), ServerError> {
+        let current = self.shared.settings.current();
+        let settings = &current.settings;
         tracing::info!(
             socket = %self.shared.config.socket.display(),
             mode = format_args!("{:o}", self.shared.config.socket_mode),
             workers = self.shared.engine.workers,
-            max_clients = self.shared.config.max_clients,
+            max_clients = settings.max_clients,
             uds = ?self.shared.config.uds,
             tcp = ?self.tcp_addr(),
             given = ?self.listeners.given(),
-            allow_uids = ?self.shared.config.allow.uids,
-            allow_gids = ?self.shared.config.allow.gids,
+            allow_uids = ?settings.allow_uids,
+            allow_gids = ?settings.allow_gids,
+            access_rules = settings.access_rules.len(),
             spin_us = self.shared.engine.spin.as_micros() as u64,
-            stall_timeout_ms = self.shared.engine.stall_timeout.as_millis() as u64,
+            stall_timeout_ms = settings.stall_timeout.as_millis() as u64,
             max_shm = self.shared.limits.budget(),
             max_message = self.shared.engine.max_message,
             max_sessions_per_uid = self.shared.limits.max_per_uid(),
-            max_pending_handshakes = self.shared.config.max_pending_handshakes,
+            max_pending_handshakes = settings.max_pending_handshakes,
             "ipcd listening"
         );
-        let Server { shared, listeners, poll, waker, policy } = self;
-        Acceptor::new(shared, listeners, poll, waker, policy)?.run(ready)
+        drop(current);
+        let Server { shared, listeners, poll, waker, .. } = self;
+        Acceptor::new(shared, listeners, poll, waker)?.run(ready)
     }
 }
 
@@ -658,6 +679,7 @@ impl ShutdownHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Request;
     use crate::ServiceError;
     use crate::Stuck;
     use ipc_client::{CallError, Client};
@@ -714,7 +736,7 @@ mod tests {
 
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
-            Err(CallError::Remote { code: None, message }) => {
+            Err(CallError::MessageTooLarge { message }) => {
                 assert!(message.contains("exceeds the largest message"), "{message}")
             }
             other => panic!("expected a too-large reply error, got {:?}", other.map(|r| r.len())),
@@ -892,7 +914,7 @@ mod tests {
     #[test]
     fn the_default_budget_is_a_quarter_of_the_machine() {
         let total = ipc_platform::total_memory().expect("/proc/meminfo is readable on Linux");
-        assert_eq!(default_max_shm(), total / 4);
+        assert_eq!(crate::settings::default_max_shm(), total / 4);
     }
 
     #[test]

@@ -351,15 +351,18 @@ pub(crate) fn dispatch(
     if with.shutting_down {
         return fail(reply, ErrorCode::Shutdown, SHUTDOWN_MESSAGE);
     }
+    session.calls.count();
     let (name, handler) = match with.services.resolve(session, header.service) {
         Ok(found) => found,
         Err((code, message)) => return fail(reply, code, &message),
     };
     let max_message = with.max_message;
+    let counts = &with.counters.services;
     let handler = match handler {
         Handler::Inline(handler) => handler,
         Handler::Echo => {
             reply.extend_from_slice(request.as_slice());
+            counts.count(header.service, false);
             return Dispatched::Replied(0);
         }
         Handler::Blocking(handler) => {
@@ -378,6 +381,7 @@ pub(crate) fn dispatch(
                     }
                 }
             }));
+            counts.count(header.service, false);
             return Dispatched::Deferred;
         }
         Handler::Deferred(handler) => {
@@ -389,6 +393,7 @@ pub(crate) fn dispatch(
             if catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
                 tracing::error!(session = session.id, service = header.service, "service handler panicked");
             }
+            counts.count(header.service, false);
             return Dispatched::Deferred;
         }
         Handler::Upload(handler) => {
@@ -403,21 +408,24 @@ pub(crate) fn dispatch(
             match upload {
                 Ok(upload) => {
                     finish_upload(upload, with.completions.responder(slot, header, max_message));
+                    counts.count(header.service, false);
                     return Dispatched::Deferred;
                 }
                 Err(body) => {
                     *reply = body;
+                    counts.count(header.service, true);
                     return Dispatched::Replied(FLAG_ERROR);
                 }
             }
         }
         Handler::Stream(_) => {
             let message = format!("service {} ({name}) is a stream service: open a stream", header.service);
+            counts.count(header.service, true);
             return fail(reply, ErrorCode::UnknownService, &message);
         }
     };
     let call = Request::new(request.as_slice(), name, session, header.request_id);
-    match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
+    let dispatched = match catch_unwind(AssertUnwindSafe(|| handler(&call, reply))) {
         Ok(Ok(())) if reply.len() as u64 <= max_message => Dispatched::Replied(0),
         Ok(Ok(())) => {
             let message = too_long("reply", reply.len() as u64, max_message);
@@ -431,7 +439,9 @@ pub(crate) fn dispatch(
             tracing::error!(session = session.id, service = header.service, "service handler panicked");
             fail(reply, ErrorCode::HandlerPanicked, PANICKED)
         }
-    }
+    };
+    counts.count(header.service, dispatched == Dispatched::Replied(FLAG_ERROR));
+    dispatched
 }
 
 /// Calls an upload service's handler for a request that begins: the

@@ -213,6 +213,11 @@ impl Session {
         }
     }
 
+    /// What its handlers see of it (and its call counter).
+    pub(crate) fn context(&self) -> &SessionContext {
+        &self.exchange.context
+    }
+
     fn wake_client(&self, word: &std::sync::atomic::AtomicU32) {
         let result = match &self.wake {
             ClientWake::Futex => futex::wake_one(word).map(drop),

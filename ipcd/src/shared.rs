@@ -1,33 +1,29 @@
 //! What the daemon's (or an embedded server's) threads share beyond the
-//! engine: its validated configuration, the strikes against peers, and the
-//! limits on what sessions may cost. Below `server`, `acceptor` and
+//! engine: its configuration (what is fixed, and the settings a reload may
+//! change), the strikes against peers, the limits on what sessions may
+//! cost, and the roster of live sessions. Below `server`, `acceptor` and
 //! `worker` alike, so that none of them imports another for it.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::access::AllowList;
 use crate::cooldown::Cooldown;
 use crate::engine::{Engine, SessionEvents};
 use crate::limits::Limits;
+use crate::roster::Roster;
+use crate::settings::LiveSettings;
 use crate::stats::Stats;
 use crate::stream_session::Peer;
 
-/// A validated server configuration (the engine's part is in [`Engine`]).
+/// What is fixed of a server's configuration for its life (the engine's
+/// part is in [`Engine`]; what a reload may change, in [`LiveSettings`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) socket: PathBuf,
     pub(crate) socket_mode: u32,
-    pub(crate) max_clients: usize,
-    pub(crate) handshake_timeout: Duration,
-    /// The most handshakes pending at once.
-    pub(crate) max_pending_handshakes: usize,
-    pub(crate) max_ring_capacity: u32,
     pub(crate) uds: Option<PathBuf>,
-    /// Who may connect to the Unix listeners.
-    pub(crate) allow: AllowList,
 }
 
 /// What every thread of a server shares.
@@ -38,6 +34,11 @@ pub(crate) struct Shared {
     pub(crate) cooldown: Arc<Cooldown>,
     /// The memory budget and the sessions per uid.
     pub(crate) limits: Arc<Limits>,
+    /// Who may connect, provide and call, and the limits: what a reload
+    /// may change.
+    pub(crate) settings: Arc<LiveSettings>,
+    /// The live sessions, for `ipcd.clients`.
+    pub(crate) roster: Arc<Roster>,
     /// The next session id, daemon-unique: for the daemon's own sessions
     /// and those it brokers alike (`Relaxed`: only uniqueness matters).
     pub(crate) next_session: AtomicU64,
@@ -45,10 +46,11 @@ pub(crate) struct Shared {
 
 /// The daemon's answer to its workers' session events: a peer that broke
 /// the protocol (or stalled out) gets a strike, so its next handshakes are
-/// held (see `cooldown`).
+/// held (see `cooldown`); a session that ended leaves the roster.
 pub(crate) struct Strikes {
     pub(crate) cooldown: Arc<Cooldown>,
     pub(crate) stats: Arc<Stats>,
+    pub(crate) roster: Arc<Roster>,
 }
 
 impl SessionEvents for Strikes {
@@ -58,5 +60,9 @@ impl SessionEvents for Strikes {
             self.cooldown.strike(cred, Instant::now());
             self.stats.struck();
         }
+    }
+
+    fn closed(&self, session: u64) {
+        self.roster.remove(session);
     }
 }

@@ -4,11 +4,87 @@
 //! hot path never writes a line another worker writes; the `stats` service
 //! sums them when asked. Every counter is `Relaxed`: they are statistics,
 //! not synchronisation.
+//!
+//! The counts per service ([`ServiceCounts`], one array per worker) and
+//! per session ([`SessionCalls`]) are bumped once per call, so they cost a
+//! plain load and store rather than a read-modify-write: each has a
+//! single writer, the worker thread that serves the call, and a reader on
+//! another thread sees some recent value, never a torn one.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::limits::Limits;
+
+/// Adds one to a counter only one thread writes: a load and a store, not
+/// a locked read-modify-write (`Relaxed`: a statistic; no other thread
+/// writes it, so no update is lost).
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+/// Services per cache line of [`ServiceCounts`]: two words each.
+const SERVICES_PER_LINE: usize = 8;
+
+/// A 128-byte line of counters, so that no line holds another worker's.
+#[repr(align(128))]
+#[derive(Default)]
+struct CountLine([AtomicU64; 2 * SERVICES_PER_LINE]);
+
+/// One worker's calls and errors per service, indexed by service id: only
+/// that worker writes them (in the dispatch), `ipcd.services` sums every
+/// worker's when asked. The lines are 128-byte aligned, so the array shares
+/// no line with any other allocation.
+#[derive(Default)]
+pub(crate) struct ServiceCounts {
+    lines: Box<[CountLine]>,
+}
+
+impl ServiceCounts {
+    fn new(services: usize) -> ServiceCounts {
+        ServiceCounts { lines: (0..services.div_ceil(SERVICES_PER_LINE)).map(|_| CountLine::default()).collect() }
+    }
+
+    /// Counts a call to `service`, and an error if it was answered with one
+    /// at once. Called on the worker that owns these counts only. An id
+    /// past the lines (the unit tests' workers have none) is not counted.
+    pub(crate) fn count(&self, service: u16, error: bool) {
+        let i = usize::from(service);
+        let Some(line) = self.lines.get(i / SERVICES_PER_LINE) else { return };
+        let at = 2 * (i % SERVICES_PER_LINE);
+        bump(&line.0[at]);
+        if error {
+            bump(&line.0[at + 1]);
+        }
+    }
+
+    /// The calls and errors of `service` counted so far.
+    fn get(&self, service: usize) -> (u64, u64) {
+        let Some(line) = self.lines.get(service / SERVICES_PER_LINE) else { return (0, 0) };
+        let at = 2 * (service % SERVICES_PER_LINE);
+        (line.0[at].load(Ordering::Relaxed), line.0[at + 1].load(Ordering::Relaxed))
+    }
+}
+
+/// The calls one session has made, for `ipcd.clients`: written by the
+/// worker that serves the session, once per call, and read by whoever
+/// asks. Alone on its line, so that sessions of different workers never
+/// share one.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct SessionCalls(AtomicU64);
+
+impl SessionCalls {
+    /// Counts one call (on the session's worker only).
+    pub(crate) fn count(&self) {
+        bump(&self.0);
+    }
+
+    /// The calls counted so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Why a handshake was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +110,7 @@ pub(crate) enum RejectReason {
     PendingHandshakeEvicted,
 }
 
-const REJECT_NAMES: [&str; 12] = [
+pub(crate) const REJECT_NAMES: [&str; 12] = [
     "version_mismatch",
     "too_many_clients",
     "bad_hello",
@@ -65,7 +141,8 @@ pub(crate) enum DisconnectReason {
     Stalled,
 }
 
-const DISCONNECT_NAMES: [&str; 5] = ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
+pub(crate) const DISCONNECT_NAMES: [&str; 5] =
+    ["client_hangup", "protocol_violation", "shutdown", "io_error", "stalled"];
 
 impl DisconnectReason {
     pub(crate) fn name(self) -> &'static str {
@@ -83,6 +160,8 @@ pub(crate) struct WorkerCounters {
     pub(crate) sessions: AtomicUsize,
     /// Turns of the worker's loop, for the watchdog (see [`crate::health`]).
     pub(crate) turns: AtomicU64,
+    /// Calls and errors per service.
+    pub(crate) services: ServiceCounts,
 }
 
 impl WorkerCounters {
@@ -124,20 +203,40 @@ pub(crate) struct Stats {
     /// Strikes recorded against peers (protocol violations and stalls that
     /// ran out).
     strikes: AtomicU64,
-    /// Handshakes pending now, and the most that may be.
+    /// Handshakes pending now, and the most that may be (which a reload
+    /// may change).
     pending: AtomicUsize,
-    max_pending: usize,
+    max_pending: AtomicUsize,
     rejected: [AtomicU64; REJECT_NAMES.len()],
     disconnects: [AtomicU64; DISCONNECT_NAMES.len()],
     pub(crate) workers: Vec<WorkerCounters>,
     pub(crate) acceptor_turns: AcceptorTurns,
     /// What the broker last published of itself: names, providers,
     /// resolves (written when they change, never per call).
-    broker: std::sync::Mutex<serde_json::Value>,
+    broker: std::sync::Mutex<BrokerView>,
+}
+
+/// What the broker publishes of itself: its names (structured, so that
+/// each reader sees only those it may) and its counts.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BrokerView {
+    /// Every provided name, sorted.
+    pub(crate) names: Vec<ProvidedName>,
+    /// The rest of `stats`' `broker` object: resolves, registrations...
+    pub(crate) counts: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A provided name and who holds it.
+#[derive(Clone, Debug)]
+pub(crate) struct ProvidedName {
+    pub(crate) name: String,
+    pub(crate) pooled: bool,
+    pub(crate) providers: Vec<crate::introspect::ProviderInfo>,
 }
 
 impl Stats {
-    pub(crate) fn new(workers: usize, max_pending: usize) -> Stats {
+    /// Counters for `workers` workers serving `services` services.
+    pub(crate) fn new(workers: usize, max_pending: usize, services: usize) -> Stats {
         Stats {
             started: Instant::now(),
             connected: AtomicUsize::new(0),
@@ -145,18 +244,40 @@ impl Stats {
             held: AtomicU64::new(0),
             strikes: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
-            max_pending,
+            max_pending: AtomicUsize::new(max_pending),
             rejected: Default::default(),
             disconnects: Default::default(),
-            workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
+            workers: (0..workers)
+                .map(|_| WorkerCounters { services: ServiceCounts::new(services), ..WorkerCounters::default() })
+                .collect(),
             acceptor_turns: AcceptorTurns::default(),
-            broker: std::sync::Mutex::new(serde_json::json!({ "names": [] })),
+            broker: std::sync::Mutex::new(BrokerView::default()),
         }
     }
 
     /// Replaces what `stats` reports of the broker.
-    pub(crate) fn set_broker(&self, value: serde_json::Value) {
-        *self.broker.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    pub(crate) fn set_broker(&self, view: BrokerView) {
+        *self.broker.lock().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    /// What the broker last published.
+    pub(crate) fn broker(&self) -> BrokerView {
+        self.broker.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How long ago the counters started.
+    pub(crate) fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// The calls and errors of service `id`, summed over the workers.
+    pub(crate) fn service_counts(&self, id: usize) -> (u64, u64) {
+        self.workers.iter().map(|w| w.services.get(id)).fold((0, 0), |(c, e), (wc, we)| (c + wc, e + we))
+    }
+
+    /// Sets the most handshakes that may be pending, as reported.
+    pub(crate) fn set_max_pending(&self, n: usize) {
+        self.max_pending.store(n, Ordering::Relaxed);
     }
 
     pub(crate) fn accepted(&self) {
@@ -184,37 +305,105 @@ impl Stats {
         self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The JSON the `stats` service replies with, `limits` among it.
-    pub(crate) fn to_json(&self, limits: &Limits) -> Vec<u8> {
-        fn named(names: &[&str], counters: &[AtomicU64]) -> serde_json::Map<String, serde_json::Value> {
-            names.iter().zip(counters).map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into())).collect()
-        }
+    /// The handshakes accepted, held, and the strikes, so far.
+    pub(crate) fn handshakes(&self) -> (u64, u64, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (load(&self.accepted), load(&self.held), load(&self.strikes))
+    }
+
+    /// The handshakes pending now, and the most that may be.
+    pub(crate) fn pending(&self) -> (usize, usize) {
+        (self.pending.load(Ordering::Relaxed), self.max_pending.load(Ordering::Relaxed))
+    }
+
+    /// The rejects by reason, in [`REJECT_NAMES`] order.
+    pub(crate) fn rejects(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REJECT_NAMES.iter().copied().zip(self.rejected.iter().map(|c| c.load(Ordering::Relaxed)))
+    }
+
+    /// The disconnects by reason, in [`DISCONNECT_NAMES`] order.
+    pub(crate) fn disconnects(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        DISCONNECT_NAMES.iter().copied().zip(self.disconnects.iter().map(|c| c.load(Ordering::Relaxed)))
+    }
+
+    /// Requests, replies and errors, summed over the workers.
+    pub(crate) fn calls(&self) -> (u64, u64, u64) {
         let sum = |f: fn(&WorkerCounters) -> &AtomicU64| {
             self.workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum::<u64>()
         };
+        (sum(|w| &w.requests), sum(|w| &w.replies), sum(|w| &w.errors))
+    }
+
+    /// The JSON the `stats` service replies with, `limits` among it; of
+    /// the broker's names, only those `visible` keeps.
+    pub(crate) fn to_json(&self, limits: &Limits, visible: impl Fn(&str) -> bool) -> Vec<u8> {
+        let (accepted, held, strikes) = self.handshakes();
+        let (requests, replies, errors) = self.calls();
+        let (pending, max_pending) = self.pending();
+        let named = |it: &mut dyn Iterator<Item = (&'static str, u64)>| -> serde_json::Map<String, serde_json::Value> {
+            it.map(|(n, c)| (n.to_string(), c.into())).collect()
+        };
+        let BrokerView { names, counts } = self.broker();
+        let names: Vec<serde_json::Value> = names
+            .into_iter()
+            .filter(|n| visible(&n.name))
+            .map(|n| serde_json::json!({ "name": n.name, "pooled": n.pooled, "providers": n.providers }))
+            .collect();
+        let mut broker = serde_json::Map::new();
+        broker.insert("names".into(), names.into());
+        broker.extend(counts);
         let value = serde_json::json!({
             "connected_clients": self.connected.load(Ordering::Relaxed),
             "handshakes": {
-                "accepted": self.accepted.load(Ordering::Relaxed),
-                "held": self.held.load(Ordering::Relaxed),
-                "strikes": self.strikes.load(Ordering::Relaxed),
-                "rejected": named(&REJECT_NAMES, &self.rejected),
+                "accepted": accepted,
+                "held": held,
+                "strikes": strikes,
+                "rejected": named(&mut self.rejects()),
             },
-            "requests": sum(|w| &w.requests),
-            "replies": sum(|w| &w.replies),
-            "errors": sum(|w| &w.errors),
-            "disconnects": named(&DISCONNECT_NAMES, &self.disconnects),
+            "requests": requests,
+            "replies": replies,
+            "errors": errors,
+            "disconnects": named(&mut self.disconnects()),
             "limits": {
                 "memory_budget": limits.budget(),
                 "memory_in_use": limits.in_use(),
                 "max_sessions_per_uid": limits.max_per_uid(),
-                "pending_handshakes": self.pending.load(Ordering::Relaxed),
-                "max_pending_handshakes": self.max_pending,
+                "pending_handshakes": pending,
+                "max_pending_handshakes": max_pending,
             },
-            "broker": self.broker.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "broker": broker,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "workers": self.workers.len(),
         });
         value.to_string().into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_counts_are_per_id_and_ids_past_the_table_are_not_counted() {
+        let counts = ServiceCounts::new(10);
+        assert_eq!(counts.lines.len(), 2, "8 services a line");
+        counts.count(0, false);
+        counts.count(9, true);
+        counts.count(9, false);
+        counts.count(16, true);
+        counts.count(u16::MAX, true);
+        assert_eq!((counts.get(0), counts.get(9), counts.get(8), counts.get(16)), ((1, 0), (2, 1), (0, 0), (0, 0)));
+        assert_eq!(std::mem::align_of::<CountLine>(), 128);
+        assert_eq!(std::mem::size_of::<CountLine>(), 128);
+        assert_eq!(std::mem::align_of::<SessionCalls>(), 128);
+    }
+
+    #[test]
+    fn the_workers_counts_are_summed() {
+        let stats = Stats::new(2, 1, 3);
+        stats.workers[0].services.count(2, true);
+        stats.workers[1].services.count(2, false);
+        assert_eq!(stats.service_counts(2), (2, 1));
+        assert_eq!(stats.service_counts(0), (0, 0));
     }
 }

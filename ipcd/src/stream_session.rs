@@ -300,6 +300,11 @@ impl StreamSession {
         }
     }
 
+    /// What its handlers see of it (and its call counter).
+    pub(crate) fn context(&self) -> &SessionContext {
+        &self.exchange.context
+    }
+
     fn pending_output(&self) -> usize {
         self.output.pending()
     }

@@ -429,6 +429,9 @@ impl Worker {
                 tracing::error!(session = conn.id(), "cannot register session: {e}");
                 self.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
                 self.engine.stats.disconnected(DisconnectReason::IoError);
+                let id = conn.id();
+                drop(conn);
+                self.engine.events.closed(id);
                 continue;
             }
             self.engine.stats.workers[self.index].sessions.fetch_add(1, Ordering::Relaxed);
@@ -630,7 +633,7 @@ impl Worker {
     fn until_first_timer(&self) -> Option<Duration> {
         let first = self.stalls.iter().filter_map(|&k| self.sessions.get(k)?.stalled_since()).min();
         // A timeout too far to represent never expires.
-        let stall = first.and_then(|first| first.checked_add(self.engine.stall_timeout));
+        let stall = first.and_then(|first| first.checked_add(self.engine.stall_timeout.get()));
         let deadline = self.timed.iter().filter_map(|&k| self.sessions.get(k)?.next_deadline()).min();
         let at = stall.into_iter().chain(deadline).min()?;
         Some(at.saturating_duration_since(Instant::now()))
@@ -665,7 +668,7 @@ impl Worker {
 
     /// Closes the sessions stalled for longer than the stall timeout.
     fn expire_stalls(&mut self) {
-        let limit = self.engine.stall_timeout;
+        let limit = self.engine.stall_timeout.get();
         let now = Instant::now();
         let stalled_for = |conn: &Conn| conn.stalled_since().map(|since| now.duration_since(since));
         let expired: Vec<(usize, Duration)> = self
@@ -775,7 +778,7 @@ impl Worker {
                 tracing::debug!(session = conn.id(), "while shutting down: {reason}");
             }
         }
-        self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.engine.stall_timeout));
+        self.drain(Instant::now() + SHUTDOWN_DRAIN.min(self.engine.stall_timeout.get()));
         // Calls still running are answered now, with an error that says
         // their outcome is unknown, and sent as far as there is room: a
         // request taken is answered before the segment says it was taken.

@@ -239,10 +239,12 @@ fn a_provider_that_breaks_its_sessions_gives_its_caller_errors_never_a_panic_or_
                 Err(e) => e,
             };
             // Each breach is told as what it is: not as the provider's
-            // death, since its liveness end stays open.
+            // death, since its liveness end stays open (but for the one
+            // that closes it, which looks like a provider gone as it
+            // accepted: worth resolving again).
             let told = match (&breach, &error) {
                 (Breach::ScribbledHeader, CallError::BadResolution { reason, .. }) => reason.contains("header"),
-                (Breach::ClosedLiveness, CallError::BadResolution { reason, .. }) => reason.contains("liveness"),
+                (Breach::ClosedLiveness, CallError::Unavailable { reason, .. }) => reason.contains("went away"),
                 (
                     Breach::IndexPastTheRing | Breach::FrameTooLong | Breach::FrameOverrun | Breach::UnknownFlags,
                     CallError::Disconnected { reason },

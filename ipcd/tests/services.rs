@@ -26,7 +26,7 @@ fn echo_ping_and_stats_answer() {
         let mut client = Client::connect_to(&socket).unwrap();
         let mut names: Vec<&str> = client.service_names().collect();
         names.sort_unstable();
-        assert_eq!(names, ["echo", "ping", "stats", "stream.count"]);
+        assert_eq!(names, ["echo", "ipcd.clients", "ipcd.services", "ipcd.status", "ping", "stats", "stream.count"]);
 
         let echo = client.service("echo").unwrap();
         let bytes = pattern(1, 1000);

@@ -45,10 +45,11 @@ fn limits_out_of_range_are_usage_errors() {
             assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
             assert!(!bound, "{args:?}: the daemon bound its socket before refusing");
         }
-        // A budget below the smallest session is refused when the server
-        // is configured: a runtime error naming it.
+        // A budget below the smallest session is refused with the rest of
+        // the configuration, before anything starts: a usage error naming
+        // it (as `--check-config` says of the same value in a file).
         let (code, stderr, bound) = run(&["--max-shm", "4K"]);
-        assert_eq!(code, Some(1), "stderr:\n{stderr}");
+        assert_eq!(code, Some(2), "stderr:\n{stderr}");
         assert!(stderr.contains("smallest session"), "{stderr}");
         assert!(!bound);
     });

@@ -576,10 +576,16 @@ pub fn stats_json(client: &mut Client) -> String {
 ///
 /// Panics if the key is missing or not followed by an integer.
 pub fn json_u64(json: &str, key: &str) -> u64 {
+    json_u64_opt(json, key).unwrap_or_else(|| panic!("no integer {key:?} in stats: {json}"))
+}
+
+/// [`json_u64`], `None` where the key is missing (the broker's counts
+/// appear once it first publishes them).
+pub fn json_u64_opt(json: &str, key: &str) -> Option<u64> {
     let pattern = format!("\"{key}\":");
-    let at = json.find(&pattern).unwrap_or_else(|| panic!("no {key:?} in stats: {json}"));
+    let at = json.find(&pattern)?;
     let digits: String = json[at + pattern.len()..].chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().unwrap_or_else(|_| panic!("{key:?} is not an integer in stats: {json}"))
+    digits.parse().ok()
 }
 
 /// Polls the stats until the counter `key` satisfies `want` (or
@@ -591,7 +597,7 @@ pub fn stat_eventually(client: &mut Client, key: &str, want: impl Fn(u64) -> boo
     let mut json = stats_json(client);
     poll_until(CLEANUP_LIMIT, || {
         json = stats_json(client);
-        want(json_u64(&json, key))
+        json_u64_opt(&json, key).is_some_and(&want)
     });
     (json_u64(&json, key), json)
 }

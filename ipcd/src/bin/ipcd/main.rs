@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser};
 use ipc_platform::ServiceState;
 
 mod config;
+mod reload;
 mod systemd;
 
 /// ipcd: request/response IPC over sealed shared-memory rings.
@@ -25,6 +26,13 @@ mod systemd;
 /// is removed, and it exits 0. A second SIGINT or SIGTERM while it waits
 /// for a handler to finish makes it exit at once, with status 1. Exit
 /// status 2 means a usage error.
+///
+/// Every flag can be set in the --config file too, under its name without
+/// the dashes in front (max-clients = 512); a flag given here wins. SIGHUP
+/// reads the file again and applies its allow lists, access rules and
+/// limits all at once, keeping every session (those the new rules would
+/// refuse too: only new ones are judged by them), and logs what changed; a
+/// file that fails to parse or check is logged and nothing changes.
 ///
 /// Under a service manager: sockets passed with socket activation
 /// (LISTEN_FDS) are served instead of being bound, told apart by their
@@ -44,40 +52,41 @@ struct Args {
     #[arg(long)]
     socket: Option<PathBuf>,
 
-    /// Control socket permissions, in octal.
-    #[arg(long, default_value = "600", value_parser = parse_mode)]
-    socket_mode: u32,
+    /// Control socket permissions, in octal [default: 600]
+    #[arg(long, value_parser = parse_mode)]
+    socket_mode: Option<u32>,
 
     /// Worker threads [default: the available cores]
     #[arg(long, value_parser = parse_positive)]
     workers: Option<usize>,
 
-    /// Clients served at once; the next one is rejected.
-    #[arg(long, default_value = "4096", value_parser = parse_positive)]
-    max_clients: usize,
+    /// Clients served at once; the next one is rejected [default: 4096]
+    #[arg(long, value_parser = parse_positive)]
+    max_clients: Option<usize>,
 
-    /// Time a new connection has to send its hello (e.g. 2s, 500ms).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    handshake_timeout: Duration,
+    /// Time a new connection has to send its hello (e.g. 2s, 500ms)
+    /// [default: 2s]
+    #[arg(long, value_parser = parse_duration)]
+    handshake_timeout: Option<Duration>,
 
     /// Connections whose hello is unfinished at once, shared between users
     /// (uids; TCP peers count as one): at the cap, a new connection takes
     /// the place of the oldest unfinished one of the user with the most, if
     /// that user has at least two more than the newcomer's, or is closed at
-    /// once.
-    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_positive)]
-    max_pending_handshakes: usize,
+    /// once [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    max_pending_handshakes: Option<usize>,
 
     /// How long a client may leave its replies unread (e.g. 10s, 300ms).
     /// While its replies wait, its further requests wait too, and no other
     /// client is held up; after this long its session is closed, logged
-    /// and counted as stalled.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    stall_timeout: Duration,
+    /// and counted as stalled [default: 10s]
+    #[arg(long, value_parser = parse_duration)]
+    stall_timeout: Option<Duration>,
 
-    /// Largest ring a client may ask for, in bytes.
-    #[arg(long, default_value_t = 16 << 20)]
-    max_ring_size: u32,
+    /// Largest ring a client may ask for, in bytes [default: 16777216]
+    #[arg(long)]
+    max_ring_size: Option<u32>,
 
     /// Memory all sessions together may be charged, in bytes (suffixes K,
     /// M, G, T: powers of 1024). A shared-memory session is charged its
@@ -92,21 +101,28 @@ struct Args {
     /// than a frame, it goes in chunks; one being assembled or waiting to be
     /// sent is charged against --max-shm for what it holds. A longer request
     /// (or one the budget has no room for) is answered with an error for
-    /// that call alone. Also the configuration file's `max_message`; this
+    /// that call alone. Also the configuration file's `max-message`; this
     /// flag wins [default: 1G]
     #[arg(long, value_name = "BYTES", value_parser = parse_positive_bytes)]
     max_message: Option<u64>,
 
     /// Live sessions one uid may have over the control socket and --uds;
     /// the next is rejected, naming the uid and the limit. TCP sessions
-    /// carry no uid and count only against --max-clients and --max-shm.
-    #[arg(long, value_name = "N", default_value_t = ipcd::DEFAULT_MAX_SESSIONS_PER_UID, value_parser = parse_positive)]
-    max_sessions_per_uid: usize,
+    /// carry no uid and count only against --max-clients and --max-shm
+    /// [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    max_sessions_per_uid: Option<usize>,
 
     /// Log level: error, warn, info, debug, trace or off, or a tracing
-    /// filter whose every directive names one (e.g. ipcd=debug,warn).
-    #[arg(long, default_value = "info", value_parser = parse_log_level)]
-    log_level: String,
+    /// filter whose every directive names one (e.g. ipcd=debug,warn); the
+    /// last one given counts [default: info]
+    #[arg(long, value_parser = parse_log_level, overrides_with = "log_level")]
+    log_level: Option<String>,
+
+    /// Log lines as text, or as one JSON object each (for log collectors)
+    /// [default: text]
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 
     /// Also offer the debug.sleep and debug.fail services (for tests).
     #[arg(long)]
@@ -142,12 +158,39 @@ struct Args {
     #[arg(long, value_name = "US")]
     spin_us: Option<u64>,
 
-    /// The configuration file (TOML): who may provide and who may call
-    /// brokered names. Without one, only ipcd's own uid and root may
-    /// provide, and anyone who can open the socket may call. See
-    /// ipcd/dist/ipcd.toml.
+    /// Serve Prometheus metrics over HTTP at ADDR (GET /metrics), e.g.
+    /// 127.0.0.1:9464. A loopback address only, unless
+    /// --metrics-allow-remote: the metrics name services and count users'
+    /// sessions.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+
+    /// Let --metrics listen on an address other hosts can reach.
+    #[arg(long)]
+    metrics_allow_remote: bool,
+
+    /// The configuration file (TOML): any of the flags above, and who may
+    /// provide and who may call brokered names. Without one, only ipcd's
+    /// own uid and root may provide, and anyone who can open the socket may
+    /// call. See ipcd/dist/ipcd.toml. SIGHUP reads it again.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+
+    /// Checks the configuration file at PATH (with the other flags given)
+    /// and exits: 0 if ipcd would start with it, 2 with the first mistake
+    /// otherwise. Starts nothing.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -162,7 +205,7 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 /// (`target=level`). Anything else is refused: tracing reads a bare word
 /// that is no level, a misspelt one say, as a target name, and would log
 /// nothing at all.
-fn parse_log_level(s: &str) -> Result<String, String> {
+pub(crate) fn parse_log_level(s: &str) -> Result<String, String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     for directive in s.split(',') {
         let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
@@ -176,7 +219,7 @@ fn parse_log_level(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let (number, shift) = match s.strip_suffix(['K', 'k', 'M', 'm', 'G', 'g', 'T', 't']) {
         Some(number) => {
             let shift = match s.as_bytes()[s.len() - 1].to_ascii_uppercase() {
@@ -193,14 +236,14 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn parse_positive_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_positive_bytes(s: &str) -> Result<u64, String> {
     match parse_bytes(s)? {
         0 => Err(format!("{s:?} must be at least 1 byte")),
         n => Ok(n),
     }
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("{s:?} is not octal: {e}"))?;
     if mode > 0o777 {
         return Err(format!("mode {s} has bits beyond 0777"));
@@ -208,7 +251,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| s.split_at(i));
     let n: f64 = number.parse().map_err(|e| format!("{s:?} is not a duration: {e}"))?;
     let secs = match unit {
@@ -224,39 +267,61 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?} is out of range: {e}"))
 }
 
-impl Args {
-    /// Checks what clap cannot express: combinations that make no sense,
-    /// with the sockets the service manager passed (`passed`).
-    fn validate(&self, passed: &systemd::Passed<OwnedFd>) -> Result<(), String> {
-        let allow_list = !(self.allow_uid.is_empty() && self.allow_gid.is_empty());
-        if self.tcp.is_some() && allow_list {
-            return Err("--tcp cannot be combined with --allow-uid or --allow-gid: TCP carries no peer \
-                        credentials to check, so it would admit anyone"
-                .into());
-        }
-        if passed.tcp.is_some() && allow_list {
-            return Err("the service manager passed a TCP socket (tcp), which cannot be combined with \
-                        --allow-uid or --allow-gid: TCP carries no peer credentials to check"
-                .into());
-        }
-        let both = [
-            ("--socket", self.socket.is_some(), passed.control.is_some()),
-            ("--uds", self.uds.is_some(), passed.uds.is_some()),
-            ("--tcp", self.tcp.is_some(), passed.tcp.is_some()),
-        ];
-        if let Some(((flag, ..), name)) =
-            both.into_iter().zip(systemd::NAMES).find(|((_, flag, passed), _)| *flag && *passed)
-        {
-            return Err(format!(
-                "{flag} and the socket the service manager passed as {name} are the same listener: give one"
-            ));
-        }
-        Ok(())
+/// Checks what the configuration cannot alone: its listeners against the
+/// sockets the service manager passed (`passed`).
+fn validate(config: &config::Config, passed: &systemd::Passed<OwnedFd>) -> Result<(), String> {
+    let allow_list = !(config.settings.allow_uids.is_empty() && config.settings.allow_gids.is_empty());
+    if passed.tcp.is_some() && allow_list {
+        return Err("the service manager passed a TCP socket (tcp), which cannot be combined with \
+                    --allow-uid or --allow-gid: TCP carries no peer credentials to check"
+            .into());
     }
+    let both = [
+        ("--socket", config.socket.is_some(), passed.control.is_some()),
+        ("--uds", config.uds.is_some(), passed.uds.is_some()),
+        ("--tcp", config.tcp.is_some(), passed.tcp.is_some()),
+    ];
+    if let Some(((flag, ..), name)) =
+        both.into_iter().zip(systemd::NAMES).find(|((_, flag, passed), _)| *flag && *passed)
+    {
+        return Err(format!(
+            "{flag} and the socket the service manager passed as {name} are the same listener: give one"
+        ));
+    }
+    Ok(())
+}
+
+/// The command line over the file at `path` (if any), checked.
+fn load(args: &Args, path: Option<&std::path::Path>) -> anyhow::Result<config::Config> {
+    let file = path.map(config::read).transpose()?;
+    config::Config::resolve(args, file)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        // A usage error (2) like any other configuration that cannot be
+        // used; nothing starts.
+        return match load(&args, Some(path)) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // A configuration that cannot be used is a usage error (exit 2), found
+    // before anything starts.
+    let config = match load(&args, args.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     // First, while this is the only thread: taking the sockets removes
     // their variables from the environment.
     let passed = match ipc_platform::take_passed_sockets()
@@ -269,29 +334,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(message) = args.validate(&passed) {
+    if let Err(message) = validate(&config, &passed) {
         // Exits 2, like every other usage error.
         Args::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
-    // A configuration that cannot be used is a usage error too (exit 2),
-    // found before anything starts.
-    let config = match args.config.as_deref().map(config::load).transpose() {
-        Ok(config) => config.unwrap_or_default(),
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            return ExitCode::from(2);
-        }
-    };
-    // Checked when the arguments were parsed.
-    let filter = tracing_subscriber::EnvFilter::new(&args.log_level);
-    // Colours only on a terminal: a journal or a log file gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    // Checked when the configuration was resolved.
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false);
+    match config.log_format {
+        // Colours only on a terminal: a journal or a log file gets plain
+        // text.
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     match run(args, config, passed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -307,41 +362,24 @@ fn run(args: Args, config: config::Config, passed: systemd::Passed<OwnedFd>) -> 
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
     }
     let mut builder = ipcd::Server::builder()
-        .socket_mode(args.socket_mode)
-        .max_clients(args.max_clients)
-        .handshake_timeout(args.handshake_timeout)
-        .max_pending_handshakes(args.max_pending_handshakes)
-        .stall_timeout(args.stall_timeout)
-        .max_ring_capacity(args.max_ring_size)
-        .max_sessions_per_uid(args.max_sessions_per_uid)
-        .max_message(args.max_message.or(config.max_message).unwrap_or(ipcd::DEFAULT_MAX_MESSAGE))
-        .debug_services(args.debug_services);
-    if let Some(bytes) = args.max_shm {
-        builder = builder.max_shm(bytes);
-    }
-    if let Some(socket) = args.socket {
+        .socket_mode(config.socket_mode)
+        .settings(config.settings.clone())
+        .max_message(config.max_message)
+        .debug_services(config.debug_services);
+    if let Some(socket) = &config.socket {
         builder = builder.socket(socket);
     }
-    if let Some(workers) = args.workers {
+    if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }
-    if let Some(path) = args.uds {
+    if let Some(path) = &config.uds {
         builder = builder.uds(path);
     }
-    if let Some(addr) = args.tcp {
+    if let Some(addr) = config.tcp {
         builder = builder.tcp(addr);
     }
-    if let Some(us) = args.spin_us {
-        builder = builder.spin(Duration::from_micros(us));
-    }
-    for uid in args.allow_uid {
-        builder = builder.allow_uid(uid);
-    }
-    for gid in args.allow_gid {
-        builder = builder.allow_gid(gid);
-    }
-    for rule in config.rules {
-        builder = builder.access_rule(rule);
+    if let Some(spin) = config.spin {
+        builder = builder.spin(spin);
     }
     if let Some(fd) = passed.control {
         builder = builder.control_listener(fd.into());
@@ -353,20 +391,39 @@ fn run(args: Args, config: config::Config, passed: systemd::Passed<OwnedFd>) -> 
         builder = builder.tcp_listener(fd.into());
     }
     let server = builder.build().context("cannot start ipcd")?;
+    // Served until `run` returns.
+    let _metrics = match config.metrics {
+        Some(addr) => Some(server.serve_metrics(addr, config.metrics_allow_remote).context("cannot start ipcd")?),
+        None => None,
+    };
     let status = format!("serving on {}", server.socket_path().display());
     let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("cannot install signal handlers")?;
+    let mut reload = reload::Reload::new(args, config, server.reload_handle());
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
     std::thread::Builder::new().name("ipcd-signals".into()).spawn(move || {
-        let mut signals = signals.forever();
-        if let Some(sig) = signals.next() {
-            tracing::info!(signal = sig, "stopping");
-            systemd::tell(ServiceState::Stopping);
-            handle.shutdown();
-        }
-        // The graceful stop waits for every worker, and so for any handler
-        // still running; whoever sends a second signal does not want to.
-        if let Some(sig) = signals.next() {
+        let mut stopping = false;
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                if !stopping {
+                    reload.run();
+                }
+                continue;
+            }
+            if !stopping {
+                stopping = true;
+                tracing::info!(signal = sig, "stopping");
+                systemd::tell(ServiceState::Stopping);
+                handle.shutdown();
+                continue;
+            }
+            // The graceful stop waits for every worker, and so for any
+            // handler still running; whoever sends a second signal does not
+            // want to.
             tracing::warn!(
                 signal = sig,
                 "second signal while stopping: exiting at once, without waiting for the workers"
