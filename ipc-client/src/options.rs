@@ -161,7 +161,8 @@ impl Reconnect {
 
 impl Default for ClientOptions {
     fn default() -> ClientOptions {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Read once per process: a connect pays no system call for it.
+        let cores = ipc_platform::usable_cores();
         ClientOptions {
             ring_capacity: 64 * 1024,
             doorbell: DoorbellKind::Futex,

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CpuLimit, Sample};
@@ -42,13 +43,11 @@ impl Default for CoreGauge {
 }
 
 impl CoreGauge {
-    /// A gauge for the cores this process may run on.
+    /// A gauge for the cores this process may run on (as [`usable_cores`]
+    /// found them).
     pub fn new() -> CoreGauge {
-        let host_cores = rustix::thread::sched_getaffinity(None)
-            .map(|set| set.count())
-            .unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()) as u32)
-            .max(1);
-        CoreGauge::with_limit(host_cores, CpuLimit::discover())
+        let cores = process_cores();
+        CoreGauge::with_limit(cores.host, cores.limit.clone())
     }
 
     fn with_limit(host_cores: u32, limit: Option<CpuLimit>) -> CoreGauge {
@@ -85,6 +84,35 @@ impl CoreGauge {
         self.free = host_free && cgroup_free;
         self.free
     }
+}
+
+/// The cores this process may count on: those of its affinity mask, and no
+/// more than the whole cores of its cgroup's CPU quota; at least 1.
+///
+/// Read once per process (the affinity mask and the cgroup's files cost a
+/// dozen system calls, which every new client and gauge would otherwise
+/// pay): a quota or mask changed later is not seen.
+pub fn usable_cores() -> u32 {
+    let cores = process_cores();
+    cores.limit.as_ref().map_or(cores.host, |l| l.cores.min(cores.host)).max(1)
+}
+
+/// What [`usable_cores`] and [`CoreGauge::new`] read once.
+struct ProcessCores {
+    /// The affinity mask's.
+    host: u32,
+    limit: Option<CpuLimit>,
+}
+
+fn process_cores() -> &'static ProcessCores {
+    static CORES: OnceLock<ProcessCores> = OnceLock::new();
+    CORES.get_or_init(|| {
+        let host = rustix::thread::sched_getaffinity(None)
+            .map(|set| set.count())
+            .unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()) as u32)
+            .max(1);
+        ProcessCores { host, limit: CpuLimit::discover() }
+    })
 }
 
 /// Whether a cgroup whose counters went from `before` to `now` over

@@ -36,7 +36,7 @@ pub mod stream;
 
 pub use activation::{take_passed_sockets, PassedSocket};
 pub use bell::{Drained, SocketBell};
-pub use cpu::{runnable_threads, CoreGauge};
+pub use cpu::{runnable_threads, usable_cores, CoreGauge};
 pub use eventfd::EventFd;
 pub use fdpass::{recv_refusing_fds, recv_with_fds, send_with_fds, MAX_FDS};
 pub use listener::{prepare_listener, unix_listener_path, ListenerFamily};
