@@ -294,3 +294,25 @@ impl PeakSampler {
         self.peak.load(Ordering::Relaxed)
     }
 }
+
+/// A process's peak resident set (`VmHWM`) and resident set now
+/// (`VmRSS`), in kB, from `/proc/<pid>/status`.
+pub fn high_water(pid: i32) -> anyhow::Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    match (field("VmHWM:"), field("VmRSS:")) {
+        (Some(hwm), Some(rss)) => Ok((hwm, rss)),
+        _ => bail!("/proc/{pid}/status has no VmHWM or VmRSS"),
+    }
+}
+
+/// Resets a process's `VmHWM` to its resident set now (writing 5 to
+/// `/proc/<pid>/clear_refs`: allowed for a process of the same user).
+pub fn reset_high_water(pid: i32) -> anyhow::Result<()> {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").with_context(|| format!("cannot reset the VmHWM of {pid}"))
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::bandwidth::{GoalRow, HeapCheck};
 use crate::brokered::{BrokeredRestartReport, KillProviderReport};
 use crate::chaos::{KillReport, RestartReport, Sample, Soak, StopReport};
 use crate::daemon::ProcessUsage;
@@ -89,6 +90,10 @@ pub struct Run {
     pub samples: Option<Vec<Sample>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<Soak>,
+    /// Bandwidth runs of payloads far beyond a ring: what one such call
+    /// made the daemon and its caller hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_check: Option<HeapCheck>,
     #[serde(skip)]
     pub first_error: Option<String>,
     #[serde(skip)]
@@ -183,6 +188,7 @@ impl Run {
             restart_daemon_brokered: None,
             samples: None,
             soak: None,
+            heap_check: None,
             first_error,
             first_rejection,
             latency_ns: latency,
@@ -212,6 +218,7 @@ impl Run {
         };
         exact
             && failures_ok
+            && self.heap_check.as_ref().is_none_or(|h| h.verified)
             && self.kill_clients.as_ref().is_none_or(KillReport::passed)
             && self.restart_daemon_brokered.as_ref().is_none_or(BrokeredRestartReport::passed)
     }
@@ -574,6 +581,8 @@ struct Report<'a, R> {
     runs: &'a [R],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     baselines: &'a [Baseline],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    bandwidth_goals: &'a [GoalRow],
 }
 
 /// Writes `document` to `path` as pretty JSON.
@@ -596,7 +605,18 @@ pub fn write_json_with_baselines<R: Serialize>(
     runs: &[R],
     baselines: &[Baseline],
 ) -> anyhow::Result<()> {
-    write_document(path, &Report { runs, baselines })
+    write_json_all(path, runs, baselines, &[])
+}
+
+/// As [`write_json_with_baselines`], with the bandwidth goals as
+/// `"bandwidth_goals": [...]` when there are any.
+pub fn write_json_all<R: Serialize>(
+    path: &std::path::Path,
+    runs: &[R],
+    baselines: &[Baseline],
+    bandwidth_goals: &[GoalRow],
+) -> anyhow::Result<()> {
+    write_document(path, &Report { runs, baselines, bandwidth_goals })
 }
 
 #[cfg(test)]

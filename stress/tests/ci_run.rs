@@ -353,3 +353,75 @@ fn hostile_scenario_refuses_options_it_cannot_honour() {
         assert!(stderr.contains("--scenario hostile"), "{extra:?}: {stderr}");
     }
 }
+
+/// The stream scenario, small, over every transport: each client's
+/// streams of stream.count end once each, after every item in order.
+#[test]
+fn stream_scenario_checks_every_item_and_one_terminal_per_stream() {
+    let args = [
+        "--scenario",
+        "stream",
+        "--clients",
+        "4",
+        "--streams",
+        "3",
+        "--messages",
+        "200",
+        "--payload",
+        "64",
+        "--window",
+        "16",
+    ];
+    let report = run_all(&args, &[]);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "one run per transport");
+    for r in runs {
+        assert_eq!(r["scenario"], "stream", "{r}");
+        assert_eq!(r["streams"], 12, "{r}");
+        assert_eq!(r["outcomes"]["replied"], 12, "every stream ended: {r}");
+        assert_eq!(r["terminals_duplicated"], 0, "{r}");
+        assert_eq!(r["streams_lost"], 0, "{r}");
+        let items = &r["items"];
+        assert_eq!(items["expected"], 4 * 3 * 200, "{r}");
+        assert_eq!(items["verified"], items["expected"], "{r}");
+        for k in ["mismatched", "duplicated", "lost", "failed"] {
+            assert_eq!(items[k], 0, "{k}: {r}");
+        }
+        assert!(r["items_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let l = &r["item_latency_us"];
+        assert!(l["p50"].as_f64().unwrap() <= l["max"].as_f64().unwrap(), "{r}");
+        assert!(r["first_item_us"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let goals = report["stream_goals"].as_array().unwrap();
+    assert_eq!(goals.len(), 1);
+    // 64 B items carry the goal, judged since the shm run passed.
+    assert!(goals[0]["met"].is_boolean(), "{}", goals[0]);
+}
+
+/// Bandwidth beyond the ring, small: calls of 16 MiB go in chunks over
+/// every transport, each verified, with the goals table and the heap check
+/// of one call.
+#[test]
+fn bandwidth_beyond_the_ring_is_verified_and_heap_checked() {
+    let args = ["--scenario", "bandwidth", "--clients", "2", "--messages", "2", "--payload", "16777216"];
+    let report = run_all(&args, &[]);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "one run per transport");
+    for r in runs {
+        assert_eq!(r["succeeded"], 4, "{r}");
+        assert_eq!(r["mismatched"], 0, "{r}");
+        assert!(r["bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let h = &r["heap_check"];
+        assert_eq!(h["payload_bytes"], 16 << 20, "{r}");
+        assert_eq!(h["verified"], true, "{r}");
+        assert!(h["daemon_goal_met"].is_boolean(), "{r}");
+        // The reply buffer is the caller's; the reader's growth is what the
+        // library held of the reply.
+        assert!(h["client_call_into_growth_kb"].is_i64(), "{r}");
+        assert!(h["client_reader_growth_kb"].is_i64(), "{r}");
+    }
+    let goals = report["bandwidth_goals"].as_array().unwrap();
+    assert_eq!(goals.len(), 1);
+    assert!(goals[0]["shm_ge_uds"].is_boolean(), "judged: both runs passed: {}", goals[0]);
+    assert!(goals[0]["shm_ge_goal"].is_boolean(), "{}", goals[0]);
+}
