@@ -30,6 +30,7 @@
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ipc_core::{encode_error, ErrorCode, FrameHeader, FLAG_ERROR};
 use mio::Waker;
@@ -239,9 +240,9 @@ pub(crate) fn too_long(what: &str, len: u64, max: u64) -> String {
 /// The calls a session has handed off and not yet answered.
 #[derive(Debug, Default)]
 pub(crate) struct Outstanding {
-    /// Request id and service of each call handed off, at most
-    /// [`MAX_OUTSTANDING_CALLS`].
-    calls: Vec<(u64, u16)>,
+    /// Request id, service and dispatch time of each call handed off, at
+    /// most [`MAX_OUTSTANDING_CALLS`].
+    calls: Vec<(u64, u16, Instant)>,
 }
 
 impl Outstanding {
@@ -250,19 +251,20 @@ impl Outstanding {
         self.calls.len() >= MAX_OUTSTANDING_CALLS
     }
 
-    /// Records a call handed off.
-    pub(crate) fn add(&mut self, request_id: u64, service: u16) {
-        self.calls.push((request_id, service));
+    /// Records a call handed off at `started`.
+    pub(crate) fn add(&mut self, request_id: u64, service: u16, started: Instant) {
+        self.calls.push((request_id, service, started));
     }
 
-    /// The header of the answer `c` brings, with the call's service, if it
-    /// answers a call outstanding here (which then is not any more);
-    /// `None` for an answer to no call outstanding (a second one, or one
-    /// the stop gave up on), to be dropped.
-    pub(crate) fn complete(&mut self, c: &Completion) -> Option<FrameHeader> {
-        let i = self.calls.iter().position(|&(id, _)| id == c.request_id)?;
-        let (request_id, service) = self.calls.swap_remove(i);
-        Some(FrameHeader { len: c.body.len() as u32, service, flags: c.flags, request_id })
+    /// The header of the answer `c` brings, with the call's service, and
+    /// when the call was handed off, if it answers a call outstanding here
+    /// (which then is not any more); `None` for an answer to no call
+    /// outstanding (a second one, or one the stop gave up on), to be
+    /// dropped.
+    pub(crate) fn complete(&mut self, c: &Completion) -> Option<(FrameHeader, Instant)> {
+        let i = self.calls.iter().position(|&(id, _, _)| id == c.request_id)?;
+        let (request_id, service, started) = self.calls.swap_remove(i);
+        Some((FrameHeader { len: c.body.len() as u32, service, flags: c.flags, request_id }, started))
     }
 
     /// Whether calls are still being handled.
@@ -276,7 +278,7 @@ impl Outstanding {
     pub(crate) fn give_up(&mut self) -> Vec<(FrameHeader, Vec<u8>)> {
         self.calls
             .drain(..)
-            .map(|(request_id, service)| {
+            .map(|(request_id, service, _)| {
                 let mut body = Vec::new();
                 encode_error(ErrorCode::Unfinished, UNFINISHED, &mut body);
                 (FrameHeader { len: body.len() as u32, service, flags: FLAG_ERROR, request_id }, body)
@@ -355,10 +357,10 @@ pub(crate) mod tests {
     fn only_outstanding_calls_are_answered_and_giving_up_answers_the_rest() {
         let mut outstanding = Outstanding::default();
         for id in [10, 11, 12] {
-            outstanding.add(id, 1);
+            outstanding.add(id, 1, Instant::now());
         }
         let answer = |request_id| Completion { slot: SLOT, request_id, flags: 0, body: vec![1, 2] };
-        let header = outstanding.complete(&answer(11)).expect("an outstanding call");
+        let (header, _) = outstanding.complete(&answer(11)).expect("an outstanding call");
         assert_eq!((header.request_id, header.service, header.len), (11, 1, 2));
         assert!(outstanding.complete(&answer(11)).is_none(), "a second answer to one call is dropped");
         assert!(outstanding.complete(&answer(13)).is_none(), "an answer to a call never handed off is dropped");

@@ -40,6 +40,7 @@ use crate::service::{
     SHUTDOWN_MESSAGE,
 };
 use crate::session::Tally;
+use crate::stats::WorkerCounters;
 use crate::streaming::{SendError, StreamLane, MAX_OPEN_STREAMS};
 
 /// What became of a frame offered to [`Exchange::take`].
@@ -162,8 +163,8 @@ impl Exchange {
                 tally.errors += u64::from(flags != 0);
                 self.send(with, header, flags, reply, sink)
             }
-            Dispatched::Deferred => {
-                self.outstanding.add(header.request_id, header.service);
+            Dispatched::Deferred(started) => {
+                self.outstanding.add(header.request_id, header.service, started);
                 Ok(())
             }
         }
@@ -421,7 +422,8 @@ impl Exchange {
             }
             Receiving::Upload(upload) => {
                 finish_upload(upload, with.completions.responder(slot, header, with.max_message));
-                self.outstanding.add(id, header.service);
+                // Its duration runs from its last chunk.
+                self.outstanding.add(id, header.service, Instant::now());
             }
             Receiving::Reflect | Receiving::Discard => {}
         }
@@ -529,8 +531,17 @@ impl Exchange {
     /// its next serve (or flush); one longer than a frame is charged while
     /// it waits (past the budget, `MessageTooLarge` goes instead). Returns
     /// false, dropping it, if it answers no call outstanding here.
-    pub(crate) fn complete(&mut self, answer: Completion, limits: &Arc<Limits>, max_payload: usize) -> bool {
-        let Some(header) = self.outstanding.complete(&answer) else { return false };
+    ///
+    /// The call's duration and, if it failed, its error are counted in
+    /// `counters` (those of the worker that serves the session).
+    pub(crate) fn complete(
+        &mut self,
+        answer: Completion,
+        counters: &WorkerCounters,
+        limits: &Arc<Limits>,
+        max_payload: usize,
+    ) -> bool {
+        let Some((header, started)) = self.outstanding.complete(&answer) else { return false };
         let (mut flags, mut body) = (answer.flags, answer.body);
         let mut charge = None;
         if body.len() > max_payload {
@@ -539,6 +550,10 @@ impl Exchange {
                 body = error_body(ErrorCode::MessageTooLarge, &over_budget("reply", body.len(), limits));
                 flags = FLAG_ERROR;
             }
+        }
+        counters.durations.record(header.service, started.elapsed());
+        if flags & FLAG_ERROR != 0 {
+            counters.services.count_error(header.service);
         }
         self.outbox.push(Message::new(header.request_id, header.service, flags, body, charge));
         true

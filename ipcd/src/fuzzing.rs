@@ -158,7 +158,7 @@ pub fn exchange(data: &[u8]) {
         }
         for event in events.try_iter() {
             if let Event::Answer(answer) = event {
-                exchange.complete(answer, &limits, MAX_PAYLOAD);
+                exchange.complete(answer, &counters, &limits, MAX_PAYLOAD);
             }
         }
         sink.room = usize::MAX;

@@ -70,6 +70,7 @@ mod broker;
 mod control_conn;
 mod cooldown;
 mod deferred;
+mod durations;
 mod engine;
 mod exchange;
 #[doc(hidden)]

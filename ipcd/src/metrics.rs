@@ -2,10 +2,11 @@
 //! [`Server::serve_metrics`](crate::Server::serve_metrics),
 //! [`ProviderBuilder::metrics`](crate::ProviderBuilder::metrics)).
 //!
-//! Nothing is counted for the metrics: a scrape reads the counters the
-//! workers keep anyway (plain atomics each worker owns, `Relaxed`, see
-//! [`crate::stats`]) and sums them, so the hot path pays no lock, no
-//! allocation and no system call for them. The encoding is
+//! A scrape reads the counters the workers keep (plain atomics each worker
+//! owns, `Relaxed`, see [`crate::stats`] and [`crate::durations`]) and sums
+//! them, so the hot path pays no lock, no allocation and no system call for
+//! them: a call costs a few stores to its worker's lines and, for its
+//! duration, two vDSO clock reads. The encoding is
 //! prometheus-client's (OpenMetrics text), the HTTP server tiny_http's, on
 //! a thread of its own that answers `GET /metrics` and nothing else.
 //!
@@ -18,13 +19,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::durations::{Snapshot, BOUNDS_NS};
 use crate::introspect::Transport;
-use crate::stats::Stats;
+use crate::stats::{Stats, TRANSPORTS};
 use crate::views::Introspection;
 
 /// Why metrics cannot be served.
@@ -154,7 +157,7 @@ fn family<M: EncodeMetric, V: AsRef<str>>(
 fn calls(encoder: &mut DescriptorEncoder, stats: &Stats, names: &[&str]) -> fmt::Result {
     let mut e = encoder.encode_descriptor(
         "ipcd_calls",
-        "Calls taken by a worker, by service and outcome (error: answered with an error at once)",
+        "Calls taken by a worker, by service and outcome (error: answered with an error, at once or by a handed-off handler)",
         None,
         ConstCounter::new(0u64).metric_type(),
     )?;
@@ -166,6 +169,54 @@ fn calls(encoder: &mut DescriptorEncoder, stats: &Stats, names: &[&str]) -> fmt:
         }
     }
     Ok(())
+}
+
+/// A histogram as the workers' buckets sum to at a scrape.
+struct ConstHistogram(Snapshot);
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> fmt::Result {
+        let Snapshot { buckets, sum_ns } = self.0;
+        let bounds = BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9).chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(buckets).collect();
+        encoder.encode_histogram::<NoLabelSet>(sum_ns as f64 / 1e9, self.0.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The call durations per service, from the workers' histograms.
+fn durations(encoder: &mut DescriptorEncoder, stats: &Stats, names: &[&str]) -> fmt::Result {
+    family(
+        encoder,
+        "ipcd_call_duration_seconds",
+        "How long calls took, from the dispatch of the whole request to its answer being ready, by service",
+        "service",
+        names.iter().enumerate().map(|(id, name)| (*name, ConstHistogram(stats.durations(id)))),
+    )
+}
+
+/// The bytes of frames received and sent, by transport (`shm` named
+/// `shm_name`: a provider's are brokered).
+fn bytes(encoder: &mut DescriptorEncoder, stats: &Stats, shm_name: &str) -> fmt::Result {
+    let by_transport = stats.bytes();
+    let name = |t: usize| if t == 0 { shm_name } else { TRANSPORTS[t] };
+    family(
+        encoder,
+        "ipcd_received_bytes",
+        "Bytes of the frames taken from clients (headers and payloads), by transport",
+        "transport",
+        by_transport.iter().enumerate().map(|(t, (received, _))| (name(t), ConstCounter::new(*received))),
+    )?;
+    family(
+        encoder,
+        "ipcd_sent_bytes",
+        "Bytes of the frames written to clients (headers and payloads), by transport",
+        "transport",
+        by_transport.iter().enumerate().map(|(t, (_, sent))| (name(t), ConstCounter::new(*sent))),
+    )
 }
 
 /// The daemon's metrics, read from what its services about itself read.
@@ -237,6 +288,8 @@ impl Collector for DaemonMetrics {
         )?;
         let names: Vec<&str> = view.services.iter().map(|(n, _)| n.as_str()).collect();
         calls(e, stats, &names)?;
+        durations(e, stats, &names)?;
+        bytes(e, stats, "shm")?;
         let (requests, replies, errors) = stats.calls();
         one(e, "ipcd_requests", "Requests the workers took, every service", ConstCounter::new(requests))?;
         one(e, "ipcd_replies", "Replies the workers sent, every service", ConstCounter::new(replies))?;
@@ -313,6 +366,8 @@ impl Collector for ProviderMetrics {
         )?;
         let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
         calls(e, &self.stats, &names)?;
+        durations(e, &self.stats, &names)?;
+        bytes(e, &self.stats, "brokered")?;
         let (requests, replies, errors) = self.stats.calls();
         one(e, "ipcd_requests", "Requests the workers took, every service", ConstCounter::new(requests))?;
         one(e, "ipcd_replies", "Replies the workers sent, every service", ConstCounter::new(replies))?;

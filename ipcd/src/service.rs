@@ -20,6 +20,7 @@
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ipc_core::message::{
     MessageError, StreamOpen, CHUNK_PREFIX, FLAG_CANCEL, FLAG_CREDIT, FLAG_END, FLAG_MORE, FLAG_STREAM,
@@ -200,8 +201,8 @@ pub(crate) enum Dispatched {
     /// Answered: the reply (or error body) is in the buffer, with these
     /// response flags.
     Replied(u16),
-    /// Handed off: its responder will answer it.
-    Deferred,
+    /// Handed off at this moment: its responder will answer it.
+    Deferred(Instant),
 }
 
 /// The message of the answer to a request taken while shutting down.
@@ -356,13 +357,22 @@ pub(crate) fn dispatch(
         Ok(found) => found,
         Err((code, message)) => return fail(reply, code, &message),
     };
+    // Read once here and once as the answer is ready (or, for a call
+    // handed off, as its answer comes back): a vDSO clock read, no
+    // system call.
+    let started = Instant::now();
     let max_message = with.max_message;
     let counts = &with.counters.services;
+    // A call answered here: counted, with its duration.
+    let done = |error: bool| {
+        counts.count(header.service, error);
+        with.counters.durations.record(header.service, started.elapsed());
+    };
     let handler = match handler {
         Handler::Inline(handler) => handler,
         Handler::Echo => {
             reply.extend_from_slice(request.as_slice());
-            counts.count(header.service, false);
+            done(false);
             return Dispatched::Replied(0);
         }
         Handler::Blocking(handler) => {
@@ -382,7 +392,7 @@ pub(crate) fn dispatch(
                 }
             }));
             counts.count(header.service, false);
-            return Dispatched::Deferred;
+            return Dispatched::Deferred(started);
         }
         Handler::Deferred(handler) => {
             let (payload, charge) = request.into_owned();
@@ -394,14 +404,14 @@ pub(crate) fn dispatch(
                 tracing::error!(session = session.id, service = header.service, "service handler panicked");
             }
             counts.count(header.service, false);
-            return Dispatched::Deferred;
+            return Dispatched::Deferred(started);
         }
         Handler::Upload(handler) => {
             // A request of one frame: an upload of one chunk.
             let bytes = request.as_slice();
             let call = Request::new(&[], name, session, header.request_id);
-            let started = start_upload(&**handler, &call, Some(bytes.len() as u64), header.service);
-            let upload = started.and_then(|mut upload| {
+            let begun = start_upload(&**handler, &call, Some(bytes.len() as u64), header.service);
+            let upload = begun.and_then(|mut upload| {
                 upload_chunk(&mut *upload, bytes, session.id, header.service)?;
                 Ok(upload)
             });
@@ -409,18 +419,18 @@ pub(crate) fn dispatch(
                 Ok(upload) => {
                     finish_upload(upload, with.completions.responder(slot, header, max_message));
                     counts.count(header.service, false);
-                    return Dispatched::Deferred;
+                    return Dispatched::Deferred(started);
                 }
                 Err(body) => {
                     *reply = body;
-                    counts.count(header.service, true);
+                    done(true);
                     return Dispatched::Replied(FLAG_ERROR);
                 }
             }
         }
         Handler::Stream(_) => {
             let message = format!("service {} ({name}) is a stream service: open a stream", header.service);
-            counts.count(header.service, true);
+            done(true);
             return fail(reply, ErrorCode::UnknownService, &message);
         }
     };
@@ -440,7 +450,7 @@ pub(crate) fn dispatch(
             fail(reply, ErrorCode::HandlerPanicked, PANICKED)
         }
     };
-    counts.count(header.service, dispatched == Dispatched::Replied(FLAG_ERROR));
+    done(dispatched == Dispatched::Replied(FLAG_ERROR));
     dispatched
 }
 

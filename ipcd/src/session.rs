@@ -26,7 +26,7 @@
 
 use std::time::Instant;
 
-use ipc_core::{Consumer, Credentials, FrameHeader, Producer, PushError, SharedWords};
+use ipc_core::{Consumer, Credentials, FrameHeader, Producer, PushError, SharedWords, HEADER_LEN};
 use ipc_platform::{futex, EventFd, PeerCredentials, SocketBell};
 
 use crate::deferred::{Completion, Slot};
@@ -35,6 +35,7 @@ use crate::limits::{Lease, Limits};
 use crate::outbox::{Flush, Sink};
 use crate::request::SessionContext;
 use crate::service::{Serving, SHUTDOWN_REPLY_LEN};
+use crate::stats::{Carrier, WorkerCounters};
 
 /// How the daemon wakes this client.
 pub(crate) enum ClientWake {
@@ -115,16 +116,26 @@ pub(crate) struct Session {
     pub(crate) lease: Option<Lease>,
 }
 
-/// The response ring as the exchange writes to it.
-struct RingSink<'a>(&'a mut Producer);
+/// The response ring as the exchange writes to it, counting the bytes of
+/// the frames it writes (header and payload; the ring's padding aside).
+struct RingSink<'a> {
+    ring: &'a mut Producer,
+    sent: u64,
+}
+
+impl<'a> RingSink<'a> {
+    fn new(ring: &'a mut Producer) -> RingSink<'a> {
+        RingSink { ring, sent: 0 }
+    }
+}
 
 impl Sink for RingSink<'_> {
     fn max_payload(&self) -> usize {
-        self.0.max_payload() as usize
+        self.ring.max_payload() as usize
     }
 
     fn put(&mut self, header: FrameHeader, parts: &[&[u8]]) -> Result<bool, String> {
-        let len = parts.iter().map(|p| p.len()).sum();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let fill = |w: &mut ipc_core::PayloadWriter<'_>| {
             let mut at = 0;
             for part in parts {
@@ -132,8 +143,11 @@ impl Sink for RingSink<'_> {
                 at += part.len();
             }
         };
-        match self.0.try_push_with(header.service, header.flags, header.request_id, len, fill) {
-            Ok(()) => Ok(true),
+        match self.ring.try_push_with(header.service, header.flags, header.request_id, len, fill) {
+            Ok(()) => {
+                self.sent += (HEADER_LEN + len) as u64;
+                Ok(true)
+            }
             Err(PushError::Full) => Ok(false),
             Err(e) => Err(format!("response ring: {e}")),
         }
@@ -244,6 +258,7 @@ impl Session {
         let result = self.serve_requests(with, scratch, budget, &mut tally);
         // Counted once per batch rather than per request.
         with.counters.add(tally.taken, tally.answered, tally.errors);
+        with.counters.add_bytes(Carrier::Shm, tally.received, tally.sent);
         // Hand back what was read, then publish whatever was answered, even
         // when the batch ended in a violation (the error is reported after).
         // In that order: a client that sees a reply then sees its request's
@@ -296,9 +311,14 @@ impl Session {
     /// Takes the answer to a call this session handed off, to go out at
     /// its next serve (or flush). Returns false, dropping it, if it answers
     /// no call outstanding here.
-    pub(crate) fn complete(&mut self, answer: Completion, limits: &std::sync::Arc<Limits>) -> bool {
+    pub(crate) fn complete(
+        &mut self,
+        answer: Completion,
+        counters: &WorkerCounters,
+        limits: &std::sync::Arc<Limits>,
+    ) -> bool {
         let max = self.responses.max_payload() as usize;
-        self.exchange.complete(answer, limits, max)
+        self.exchange.complete(answer, counters, limits, max)
     }
 
     /// Stream `id` has items or its end to send.
@@ -341,7 +361,7 @@ impl Session {
     /// asks the client to ring when it frees space; takes no request. For
     /// the drain of a graceful stop.
     pub(crate) fn flush(&mut self) -> Result<(), String> {
-        let flushed = self.exchange.flush(&mut RingSink(&mut self.responses), &mut Tally::default())?;
+        let flushed = self.exchange.flush(&mut RingSink::new(&mut self.responses), &mut Tally::default())?;
         if self.responses.publish() {
             self.wake_client(self.responses.peer_waiter());
         }
@@ -395,7 +415,10 @@ impl Session {
     ) -> Result<Progress, String> {
         let mut frames = 0;
         loop {
-            if let Flush::NoRoom(len) = self.exchange.flush(&mut RingSink(&mut self.responses), tally)? {
+            let mut sink = RingSink::new(&mut self.responses);
+            let flushed = self.exchange.flush(&mut sink, tally)?;
+            tally.sent += sink.sent;
+            if let Flush::NoRoom(len) = flushed {
                 // What waits goes first; the session takes nothing more
                 // until its client makes room.
                 self.waiting_len = len;
@@ -428,7 +451,7 @@ impl Session {
                 return Ok(Progress::Stalled);
             }
             self.requests.read_payload(&frame, &mut scratch.request);
-            let mut sink = RingSink(&mut self.responses);
+            let mut sink = RingSink::new(&mut self.responses);
             let took = self.exchange.take(
                 with,
                 self.slot,
@@ -439,8 +462,10 @@ impl Session {
                 &mut sink,
                 tally,
             )?;
+            tally.sent += sink.sent;
             match took {
                 Took::Taken => {
+                    tally.received += (HEADER_LEN + header.len as usize) as u64;
                     self.requests.consume(&frame);
                     frames += 1;
                 }
@@ -464,6 +489,10 @@ pub(crate) struct Tally {
     pub(crate) answered: u64,
     /// Of those, answered with an error.
     pub(crate) errors: u64,
+    /// Bytes of the frames taken (headers and payloads).
+    pub(crate) received: u64,
+    /// Bytes of the frames written.
+    pub(crate) sent: u64,
 }
 
 #[cfg(test)]
@@ -546,7 +575,7 @@ pub(crate) mod tests {
             for event in self.answers.try_iter() {
                 match event {
                     crate::deferred::Event::Answer(a) if a.slot == slot => {
-                        taken += usize::from(session.complete(a, &self.limits));
+                        taken += usize::from(session.complete(a, &self.counters, &self.limits));
                     }
                     crate::deferred::Event::Stream { slot: s, id } if s == slot => session.stream_ready(id),
                     _ => {}
@@ -1031,7 +1060,7 @@ pub(crate) mod tests {
         release_tx.send(()).unwrap();
         answers.push(rig.answer());
         for answer in answers {
-            assert!(session.complete(answer, &rig.limits()));
+            assert!(session.complete(answer, &rig.counters, &rig.limits()));
         }
         rig.serve(&mut session);
         let got = replies(&mut rx);

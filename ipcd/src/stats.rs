@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crate::durations::{CallDurations, Snapshot};
 use crate::limits::Limits;
 
 /// Adds one to a counter only one thread writes: a load and a store, not
@@ -56,6 +57,14 @@ impl ServiceCounts {
         if error {
             bump(&line.0[at + 1]);
         }
+    }
+
+    /// Counts an error of a call to `service` counted before: a
+    /// handed-off call answered with one. On the owning worker only.
+    pub(crate) fn count_error(&self, service: u16) {
+        let i = usize::from(service);
+        let Some(line) = self.lines.get(i / SERVICES_PER_LINE) else { return };
+        bump(&line.0[2 * (i % SERVICES_PER_LINE) + 1]);
     }
 
     /// The calls and errors of `service` counted so far.
@@ -162,6 +171,12 @@ pub(crate) struct WorkerCounters {
     pub(crate) turns: AtomicU64,
     /// Calls and errors per service.
     pub(crate) services: ServiceCounts,
+    /// How long the calls took, per service.
+    pub(crate) durations: CallDurations,
+    /// Bytes of the frames taken from clients and written to them, by
+    /// transport ([`TRANSPORTS`]), counted once per served batch.
+    received: [AtomicU64; TRANSPORTS.len()],
+    sent: [AtomicU64; TRANSPORTS.len()],
 }
 
 impl WorkerCounters {
@@ -179,7 +194,34 @@ impl WorkerCounters {
         self.replies.fetch_add(replies, Ordering::Relaxed);
         self.errors.fetch_add(errors, Ordering::Relaxed);
     }
+
+    /// Counts the bytes of a served batch's frames over `transport`, as
+    /// [`add`](Self::add) once per batch. Only the worker writes them, so
+    /// a load and a store do.
+    pub(crate) fn add_bytes(&self, transport: Carrier, received: u64, sent: u64) {
+        let at = transport as usize;
+        for (counter, n) in [(&self.received[at], received), (&self.sent[at], sent)] {
+            if n > 0 {
+                counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+            }
+        }
+    }
 }
+
+/// What carries a session's frames, for the bytes counted of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    /// Shared-memory rings (the daemon's own sessions, or a provider's
+    /// brokered ones).
+    Shm,
+    /// The Unix stream socket.
+    Uds,
+    /// TCP.
+    Tcp,
+}
+
+/// The names of the [`Carrier`]s, in order.
+pub(crate) const TRANSPORTS: [&str; 3] = ["shm", "uds", "tcp"];
 
 /// The acceptor's turn counter, alone on its cache lines (the acceptor
 /// counts every turn of its loop; see [`crate::health`]).
@@ -248,7 +290,11 @@ impl Stats {
             rejected: Default::default(),
             disconnects: Default::default(),
             workers: (0..workers)
-                .map(|_| WorkerCounters { services: ServiceCounts::new(services), ..WorkerCounters::default() })
+                .map(|_| WorkerCounters {
+                    services: ServiceCounts::new(services),
+                    durations: CallDurations::new(services),
+                    ..WorkerCounters::default()
+                })
                 .collect(),
             acceptor_turns: AcceptorTurns::default(),
             broker: std::sync::Mutex::new(BrokerView::default()),
@@ -273,6 +319,29 @@ impl Stats {
     /// The calls and errors of service `id`, summed over the workers.
     pub(crate) fn service_counts(&self, id: usize) -> (u64, u64) {
         self.workers.iter().map(|w| w.services.get(id)).fold((0, 0), |(c, e), (wc, we)| (c + wc, e + we))
+    }
+
+    /// The durations of the calls to service `id`, summed over the
+    /// workers.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn durations(&self, id: usize) -> Snapshot {
+        let mut sum = Snapshot::default();
+        for w in &self.workers {
+            sum.merge(&w.durations.get(id));
+        }
+        sum
+    }
+
+    /// The bytes received and sent over each transport, in [`TRANSPORTS`]
+    /// order, summed over the workers.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn bytes(&self) -> [(u64, u64); TRANSPORTS.len()] {
+        std::array::from_fn(|t| {
+            let sum = |f: fn(&WorkerCounters) -> &[AtomicU64; 3]| -> u64 {
+                self.workers.iter().map(|w| f(w)[t].load(Ordering::Relaxed)).sum()
+            };
+            (sum(|w| &w.received), sum(|w| &w.sent))
+        })
     }
 
     /// Sets the most handshakes that may be pending, as reported.
@@ -405,5 +474,14 @@ mod tests {
         stats.workers[1].services.count(2, false);
         assert_eq!(stats.service_counts(2), (2, 1));
         assert_eq!(stats.service_counts(0), (0, 0));
+        stats.workers[1].services.count_error(2);
+        assert_eq!(stats.service_counts(2), (2, 2), "a handed-off call's error, counted when it is answered");
+        stats.workers[0].durations.record(2, std::time::Duration::from_micros(3));
+        stats.workers[1].durations.record(2, std::time::Duration::from_micros(30));
+        assert_eq!((stats.durations(2).count(), stats.durations(2).sum_ns), (2, 33_000));
+        stats.workers[0].add_bytes(Carrier::Uds, 10, 20);
+        stats.workers[1].add_bytes(Carrier::Uds, 1, 2);
+        stats.workers[1].add_bytes(Carrier::Shm, 5, 0);
+        assert_eq!(stats.bytes(), [(5, 0), (11, 22), (0, 0)]);
     }
 }

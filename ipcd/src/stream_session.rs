@@ -48,6 +48,7 @@ use crate::outbox::{Flush, Sink};
 use crate::request::SessionContext;
 use crate::service::Serving;
 use crate::session::{Progress, Scratch, Tally};
+use crate::stats::{Carrier, WorkerCounters};
 
 /// Read-ahead beyond one maximum frame.
 const READ_AHEAD: usize = 64 * 1024;
@@ -231,6 +232,8 @@ struct Output {
     buf: Vec<u8>,
     sent: usize,
     max_payload: usize,
+    /// Bytes of the frames taken since the session last counted them.
+    counted: u64,
 }
 
 impl Output {
@@ -263,6 +266,7 @@ impl Sink for Output {
             return Ok(false);
         }
         header.len = parts.iter().map(|p| p.len()).sum::<usize>() as u32;
+        self.counted += (HEADER_LEN + header.len as usize) as u64;
         self.push(&header.encode());
         for part in parts {
             self.push(part);
@@ -287,7 +291,7 @@ impl StreamSession {
             input: Vec::new(),
             start: 0,
             end: 0,
-            output: Output { buf: Vec::new(), sent: 0, max_payload },
+            output: Output { buf: Vec::new(), sent: 0, max_payload, counted: 0 },
             read_closed: false,
             hangup_seen: false,
             peer_gone: false,
@@ -411,8 +415,13 @@ impl StreamSession {
     /// Takes the answer to a call this session handed off, to go out at
     /// its next serve (or flush). Returns false, dropping it, if it answers
     /// no call outstanding here.
-    pub(crate) fn complete(&mut self, answer: Completion, limits: &std::sync::Arc<Limits>) -> bool {
-        self.exchange.complete(answer, limits, self.max_payload)
+    pub(crate) fn complete(
+        &mut self,
+        answer: Completion,
+        counters: &WorkerCounters,
+        limits: &std::sync::Arc<Limits>,
+    ) -> bool {
+        self.exchange.complete(answer, counters, limits, self.max_payload)
     }
 
     /// Stream `id` has items or its end to send.
@@ -525,6 +534,7 @@ impl StreamSession {
             match took {
                 Ok(Took::Taken) => {
                     self.start = body + header.len as usize;
+                    tally.received += (HEADER_LEN + header.len as usize) as u64;
                     frames += 1;
                 }
                 // Left in the input: taken once there is room for what it
@@ -534,6 +544,11 @@ impl StreamSession {
             }
         };
         with.counters.add(tally.taken, tally.answered, tally.errors);
+        let carrier = match self.stream {
+            Stream::Unix(_) => Carrier::Uds,
+            Stream::Tcp(_) => Carrier::Tcp,
+        };
+        with.counters.add_bytes(carrier, tally.received, std::mem::take(&mut self.output.counted));
         // Replies to what was served go out even when the batch ended in a
         // violation.
         let sent = self.send();
@@ -662,7 +677,9 @@ pub(crate) mod tests {
             let mut taken = 0;
             for event in self.answers.try_iter() {
                 match event {
-                    crate::deferred::Event::Answer(a) => taken += usize::from(session.complete(a, &self.limits)),
+                    crate::deferred::Event::Answer(a) => {
+                        taken += usize::from(session.complete(a, &self.counters, &self.limits))
+                    }
                     crate::deferred::Event::Stream { id, .. } => session.stream_ready(id),
                 }
             }

@@ -248,10 +248,15 @@ impl Conn {
         }
     }
 
-    fn complete(&mut self, answer: Completion, limits: &Arc<crate::limits::Limits>) -> bool {
+    fn complete(
+        &mut self,
+        answer: Completion,
+        counters: &crate::stats::WorkerCounters,
+        limits: &Arc<crate::limits::Limits>,
+    ) -> bool {
         match self {
-            Conn::Shm(s) => s.complete(answer, limits),
-            Conn::Stream(s) => s.complete(answer, limits),
+            Conn::Shm(s) => s.complete(answer, counters, limits),
+            Conn::Stream(s) => s.complete(answer, counters, limits),
         }
     }
 
@@ -460,7 +465,7 @@ impl Worker {
             match event {
                 Event::Answer(answer) => {
                     let error = answer.flags != 0;
-                    if !conn.complete(answer, &self.engine.limits) {
+                    if !conn.complete(answer, &self.engine.stats.workers[self.index], &self.engine.limits) {
                         continue;
                     }
                     replies += 1;
@@ -873,7 +878,7 @@ mod tests {
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
         responder.reply(b"done".to_vec());
-        assert!(conn.complete(rig.answer(), &rig.limits()));
+        assert!(conn.complete(rig.answer(), &crate::stats::WorkerCounters::default(), &rig.limits()));
         assert!(conn.draining(), "an answer not yet sent keeps the drain going");
         conn.flush().unwrap();
         assert!(!conn.draining());
@@ -889,7 +894,7 @@ mod tests {
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
         responder.reply(b"done".to_vec());
-        assert!(conn.complete(rig.answer(), &rig.limits()));
+        assert!(conn.complete(rig.answer(), &crate::stats::WorkerCounters::default(), &rig.limits()));
         conn.flush().unwrap();
         assert!(!conn.draining());
     }

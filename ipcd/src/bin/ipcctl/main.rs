@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use ipc_client::{Client, ClientOptions, Service};
+use ipc_client::{Client, ClientOptions, Service, StreamOptions};
 use ipcd::introspect::{Page, ServiceList, SessionList, Status};
 
 mod monitor;
@@ -40,7 +40,7 @@ struct Args {
     socket: Option<PathBuf>,
 
     /// How long to wait for the daemon's answer to each call (e.g. 5s,
-    /// 500ms).
+    /// 500ms); for `stream`, how long the whole stream may last.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
 
@@ -81,6 +81,27 @@ enum Command {
         /// Read the request from this file.
         #[arg(long, value_name = "PATH", conflicts_with = "payload")]
         file: Option<PathBuf>,
+    },
+    /// Opens a stream from NAME and writes each item to stdout as it comes,
+    /// until the stream ends. The request is taken as `call` takes it;
+    /// --timeout is the stream's deadline (the daemon ends it there, and
+    /// ipcctl exits 1). Without --json, the items' bytes one after another,
+    /// exactly; with --json, one line per item:
+    /// {"item": N, "len": BYTES, "hex": "..."} (lowercase hex of the item).
+    Stream {
+        /// The stream service's name (the daemon's own, or a provided one).
+        name: String,
+        /// The request, as given.
+        payload: Option<String>,
+        /// Read the request from this file.
+        #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+        file: Option<PathBuf>,
+        /// Items the daemon may send ahead of those written out.
+        #[arg(long, default_value_t = 16, value_name = "ITEMS")]
+        window: u32,
+        /// One JSON line per item, the bytes in hex.
+        #[arg(long)]
+        json: bool,
     },
     /// A live view of calls per second per service, errors and sessions,
     /// refreshed every --interval; plain lines when stdout is not a
@@ -181,6 +202,17 @@ fn run(args: Args) -> anyhow::Result<()> {
                 writeln!(out)?;
             }
         }
+        Command::Stream { name, payload, file, window, json } => {
+            let request = request(payload, file)?;
+            daemon.stream(&name, &request, window, |i, item| {
+                if json {
+                    writeln!(out, "{}", item_json(i, item))
+                } else {
+                    // Each item as it comes, not held in the buffer.
+                    out.write_all(item).and_then(|()| out.flush())
+                }
+            })?;
+        }
         Command::Monitor { interval, count } => monitor::run(&mut daemon, &mut out, interval, count)?,
         Command::Completions { .. } | Command::Man => unreachable!("answered above"),
     }
@@ -199,6 +231,12 @@ fn request(payload: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Vec
         None if std::io::stdin().is_terminal() => Ok(Vec::new()),
         None => read_stdin(),
     }
+}
+
+/// The JSON line of stream item `i`.
+fn item_json(i: u64, item: &[u8]) -> String {
+    let hex: String = item.iter().map(|b| format!("{b:02x}")).collect();
+    format!(r#"{{"item":{i},"len":{},"hex":"{hex}"}}"#, item.len())
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {
@@ -290,6 +328,33 @@ impl Daemon {
         })
     }
 
+    /// Opens a stream from `name` with `request`, at most `window` items
+    /// ahead, and its deadline the timeout; hands each item to `each`
+    /// with its index, until the stream's end.
+    fn stream(
+        &mut self,
+        name: &str,
+        request: &[u8],
+        window: u32,
+        mut each: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let service = self.client.service(name).with_context(|| format!("cannot resolve {name:?}"))?;
+        let options = StreamOptions::default().window(window).deadline(self.timeout);
+        let mut stream =
+            self.client.stream_with(&service, request, options).with_context(|| format!("cannot open {name}"))?;
+        let mut item = Vec::new();
+        let mut i = 0;
+        while stream.next_into(&mut self.client, &mut item).with_context(|| format!("{name} failed after {i} items"))? {
+            if let Err(e) = each(i, &item) {
+                // Whatever ends here (a closed stdout), the daemon is told.
+                stream.cancel(&mut self.client);
+                return Err(e.into());
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
     /// Calls `name` (resolving a provided name through the broker).
     fn call(&mut self, name: &str, request: &[u8]) -> anyhow::Result<Vec<u8>> {
         let service = self.client.service(name).with_context(|| format!("cannot resolve {name:?}"))?;
@@ -304,6 +369,12 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn a_stream_item_is_one_json_line_with_its_bytes_in_hex() {
+        assert_eq!(item_json(3, &[0, 0xab, 7]), r#"{"item":3,"len":3,"hex":"00ab07"}"#);
+        assert_eq!(item_json(0, b""), r#"{"item":0,"len":0,"hex":""}"#);
     }
 
     #[test]
