@@ -711,8 +711,13 @@ impl Scenario {
                         let error = matches!(frame, StreamFrame::Error);
                         Published::End { id, outcome: if error { Err(handler_error()) } else { Ok(()) } }
                     }
+                    // Sent beyond the credit granted so far: the client
+                    // breaks the link if it reads it so, but it may read it
+                    // only after granting more, when it is in order (so
+                    // it is numbered as the peer's next item either way).
                     StreamFrame::BeyondCredit if !model.ended && model.sent >= model.credit => {
-                        Published::Item { id, seq: model.sent }
+                        model.sent += 1;
+                        Published::Item { id, seq: model.sent - 1 }
                     }
                     StreamFrame::AfterEnd if model.ended => {
                         if pick % 2 == 0 {
