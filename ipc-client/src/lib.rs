@@ -51,7 +51,7 @@ mod trust;
 mod wait;
 
 pub use calls::Ticket;
-pub use client::{Client, ReplyReader, Service, Stream, Upload};
+pub use client::{Armed, Client, FdToken, Received, ReplyReader, Service, Stream, Upload, WaitFd};
 pub use error::{CallError, ConnectError};
 pub use guard::ReplyGuard;
 pub use ipc_core::{Credentials, DoorbellKind, Reject};
