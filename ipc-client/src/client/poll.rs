@@ -208,6 +208,19 @@ impl Client {
         }
     }
 
+    /// Whether `ticket` still has an outcome to hand out (see
+    /// [`Calls::pending`](crate::calls::Calls::pending)).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn check_pending(&self, ticket: Ticket) -> Result<(), CallError> {
+        self.calls.pending(ticket)
+    }
+
+    /// The call timeout it was connected with.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn default_timeout(&self) -> std::time::Duration {
+        self.options.call_timeout
+    }
+
     /// Spins while it pays (as the blocking waits do before they sleep:
     /// [`ClientOptions::spin`](crate::ClientOptions::spin), and only while
     /// a core is free), watching every shared-memory link with replies
