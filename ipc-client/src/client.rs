@@ -454,7 +454,25 @@ impl Client {
 
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
-        let mut dl = Deadline::new(self.options.call_timeout);
+        self.wait_into_timeout(ticket, reply, self.options.call_timeout)
+    }
+
+    /// As [`Client::wait`], with its own timeout (on timeout the ticket is
+    /// spent, as there).
+    pub fn wait_timeout(&mut self, ticket: Ticket, timeout: Duration) -> Result<Vec<u8>, CallError> {
+        let mut reply = Vec::new();
+        self.wait_into_timeout(ticket, &mut reply, timeout)?;
+        Ok(reply)
+    }
+
+    /// As [`Client::wait_into`], with its own timeout.
+    pub fn wait_into_timeout(
+        &mut self,
+        ticket: Ticket,
+        reply: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let mut dl = Deadline::new(timeout);
         let found = self.await_reply(ticket, &mut dl)?;
         self.take_found(found, reply);
         Ok(())

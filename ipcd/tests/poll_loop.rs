@@ -200,3 +200,17 @@ fn arm_refuses_a_futex_doorbell() {
         assert_eq!(client.wait(ticket).unwrap(), b"x");
     });
 }
+
+/// `wait_timeout` waits with its own timeout and hands out the reply.
+#[test]
+fn wait_timeout_hands_out_the_reply() {
+    let (_daemon, ends) = start_with_streams(&[]);
+    let transport = ends.transport("shm");
+    watchdog(TEST_LIMIT, move || {
+        let mut client = connect(&transport, ClientOptions::default());
+        let echo = client.service("echo").unwrap();
+        let ticket = client.send(&echo, b"in time").unwrap();
+        assert_eq!(client.wait_timeout(ticket, std::time::Duration::from_secs(30)).unwrap(), b"in time");
+        assert!(matches!(client.wait_timeout(ticket, std::time::Duration::ZERO), Err(CallError::UnknownTicket { .. })));
+    });
+}
