@@ -385,6 +385,21 @@ impl Calls {
         }
     }
 
+    /// Whether `ticket` (this client's) still has an outcome to hand out:
+    /// in flight and not given up on, kept, or orphaned; else
+    /// [`CallError::ForeignTicket`] or [`CallError::UnknownTicket`].
+    pub(crate) fn pending(&self, ticket: Ticket) -> Result<(), CallError> {
+        self.check(ticket)?;
+        let live = self.find(ticket).is_some_and(|e| !e.abandoned)
+            || self.kept(ticket)
+            || self.orphans.iter().any(|(t, _)| *t == ticket);
+        if live {
+            Ok(())
+        } else {
+            Err(CallError::UnknownTicket { id: ticket.id })
+        }
+    }
+
     /// Whether `ticket`'s outcome was kept aside (a reply, or a refusal),
     /// not yet handed out.
     pub(crate) fn kept(&self, ticket: Ticket) -> bool {

@@ -162,6 +162,8 @@ pub struct Client {
     next_link: LinkId,
     /// The streams whose handles were dropped, to cancel.
     dropped: Arc<Dropped>,
+    /// Changes with the set of fds a poll loop waits on (`poll.rs`).
+    fd_epoch: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -213,6 +215,7 @@ impl Client {
             plan: Vec::new(),
             next_link: 0,
             dropped: Arc::new(Dropped::with_capacity(options.max_streams)),
+            fd_epoch: 0,
             options,
         };
         let slot = Slot::new(welcome.max_payload as usize, welcome.session_id, None, client.options.max_message);
@@ -224,6 +227,7 @@ impl Client {
     fn add_link(&mut self, link: Link, slot: Slot) -> LinkId {
         self.links.push(link);
         self.slots.push(slot);
+        self.fd_epoch += 1;
         // Room for every link's part of a sleep, so sleeps allocate nothing.
         self.plan = Vec::with_capacity(self.links.len());
         self.calls.add_link()
@@ -450,7 +454,25 @@ impl Client {
 
     /// As [`Client::wait`], writing the reply into `reply`.
     pub fn wait_into(&mut self, ticket: Ticket, reply: &mut Vec<u8>) -> Result<(), CallError> {
-        let mut dl = Deadline::new(self.options.call_timeout);
+        self.wait_into_timeout(ticket, reply, self.options.call_timeout)
+    }
+
+    /// As [`Client::wait`], with its own timeout (on timeout the ticket is
+    /// spent, as there).
+    pub fn wait_timeout(&mut self, ticket: Ticket, timeout: Duration) -> Result<Vec<u8>, CallError> {
+        let mut reply = Vec::new();
+        self.wait_into_timeout(ticket, &mut reply, timeout)?;
+        Ok(reply)
+    }
+
+    /// As [`Client::wait_into`], with its own timeout.
+    pub fn wait_into_timeout(
+        &mut self,
+        ticket: Ticket,
+        reply: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let mut dl = Deadline::new(timeout);
         let found = self.await_reply(ticket, &mut dl)?;
         self.take_found(found, reply);
         Ok(())
@@ -755,10 +777,12 @@ impl Deadline {
 mod inbound;
 mod links;
 mod messages;
+mod poll;
 mod replies;
 mod streams;
 
 pub use messages::{ReplyReader, Upload};
+pub use poll::{Armed, FdToken, Received, WaitFd};
 pub use streams::Stream;
 #[cfg(test)]
 mod tests;

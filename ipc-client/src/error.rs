@@ -194,6 +194,12 @@ pub enum CallError {
     /// [`crate::Client::recv`] was called with no request in flight.
     #[error("no request is in flight")]
     NothingInFlight,
+    /// The poll-style API ([`crate::Client::arm`]) was asked to wait on a
+    /// shared-memory link whose doorbell is a futex word, which no poll
+    /// loop can watch: connect with
+    /// [`DoorbellKind::Pollable`](crate::DoorbellKind).
+    #[error("the link's doorbell is a futex word, which no poll loop can watch (use DoorbellKind::Pollable)")]
+    NotPollable,
     /// The ticket has no request in flight: its outcome was already handed
     /// out (or it timed out).
     #[error("request {id} is not in flight (its outcome was already handed out)")]

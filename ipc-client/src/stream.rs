@@ -307,6 +307,49 @@ impl StreamLink {
         }
     }
 
+    /// Bytes received and not yet consumed.
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The socket, for a poll loop of the caller's own.
+    pub(crate) fn socket_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Whether frames wait to be sent (a poll loop then waits for the
+    /// socket to be writable too).
+    pub(crate) fn wants_write(&self) -> bool {
+        self.pending_output() > 0 && self.send_failed.is_none() && self.gone.is_none()
+    }
+
+    /// Without blocking: sends what the socket takes, then receives until
+    /// a receive finds nothing (or the input buffer is full). Whether a
+    /// receive came back empty, which is when a reactor may forget that
+    /// the socket was readable; an error once the link is lost.
+    pub(crate) fn try_receive(&mut self) -> Result<bool, CallError> {
+        self.send_pending()?;
+        loop {
+            if let Some(reason) = &self.gone {
+                return Err(disconnected(reason.clone()));
+            }
+            if self.start > 0 {
+                self.input.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.input.len() {
+                return Ok(false);
+            }
+            match stream::recv(self.socket.as_fd(), &mut self.input[self.end..], false) {
+                Ok(0) => return Err(self.broken("the daemon closed the connection".into())),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(self.broken(format!("receive failed: {e}"))),
+            }
+        }
+    }
+
     /// Waits until more input has arrived or the deadline passes, sending
     /// pending output meanwhile.
     pub(crate) fn wait_readable(&mut self, deadline: Instant, timeout: Duration) -> Result<(), CallError> {

@@ -70,7 +70,7 @@ pub(crate) enum Await {
 }
 
 impl Await {
-    fn sleep(self) -> Sleep {
+    pub(crate) fn sleep(self) -> Sleep {
         match self {
             Await::Reply => Sleep::Reply,
             Await::Room { len, replies_due: true } => Sleep::Either(len),
@@ -127,6 +127,20 @@ fn members<'a>(links: &'a mut [Link], plan: &'a [Option<Await>]) -> impl Iterato
     links.iter_mut().zip(plan).filter_map(|(link, what)| what.map(|w| (link, w.sleep())))
 }
 
+/// Step 2 of the module docs: spins while the spinner says it pays and a
+/// core is free, watching every planned shared-memory link. Whether what
+/// the plan waits for came. (The poll-style API spins the same way.)
+pub(crate) fn spin(links: &mut [Link], plan: &[Option<Await>], pace: &mut Pace) -> bool {
+    let Pace { spinner, gauge } = pace;
+    let ready = || {
+        members(links, plan).any(|(link, what)| match link {
+            Link::Shm(l) => l.ready(what),
+            Link::Stream(_) => false,
+        })
+    };
+    spinner.spin(|| gauge.core_free(), ready)
+}
+
 /// Steps 1 to 6 of the module docs.
 fn wait_shm(
     links: &mut [Link],
@@ -144,14 +158,7 @@ fn wait_shm(
             return Ok(());
         }
     }
-    let Pace { spinner, gauge } = pace;
-    let ready = || {
-        members(links, plan).any(|(link, what)| match link {
-            Link::Shm(l) => l.ready(what),
-            Link::Stream(_) => false,
-        })
-    };
-    if spinner.spin(|| gauge.core_free(), ready) {
+    if spin(links, plan, pace) {
         return Ok(());
     }
     let mut announced = true;

@@ -125,6 +125,7 @@ impl Client {
                 self.links[old] = Link::Shm(link);
                 self.slots[old] = slot;
                 self.calls.revive(old);
+                self.fd_epoch += 1;
                 old
             }
             Some(_) if strict => {
@@ -320,6 +321,7 @@ impl Client {
         self.slots[DAEMON].inbound = Inbound::new(self.options.max_message);
         self.slots[DAEMON].pending.clear();
         self.calls.revive(DAEMON);
+        self.fd_epoch += 1;
         self.reconnects += 1;
         Ok(())
     }

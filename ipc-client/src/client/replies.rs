@@ -54,6 +54,7 @@ impl Client {
         self.read_remaining(link);
         let closed_after = said.or_else(|| self.links[link].closed_after());
         self.calls.lose(link, reason, closed_after);
+        self.fd_epoch += 1;
         // Messages half come are lost with the link, and nothing more is
         // sent on it.
         self.slots[link].inbound.reset();
@@ -113,39 +114,9 @@ impl Client {
     /// settled that may be the awaited one (a link lost, a reply
     /// assembled), or what a reader or a stream awaits came.
     pub(super) fn next_reply(&mut self, awaiting: Awaiting, dl: &mut Deadline) -> Result<Next, CallError> {
-        let n = self.links.len();
-        // The awaited ticket's link first; for a receive, the links in turn.
-        let first = match awaiting {
-            Awaiting::Ticket(t) | Awaiting::Chunks(t) => t.link(),
-            Awaiting::Stream(key) => key.link,
-            _ => self.next_link % n,
-        };
         loop {
-            for k in 0..n {
-                let link = (first + k) % n;
-                while self.calls.replies_due(link) {
-                    let step = match self.take_frame(link, awaiting) {
-                        Ok(step) => step,
-                        Err(reason) => {
-                            let _ = self.note::<()>(link, Err(disconnected(reason)));
-                            return Ok(Next::Settled);
-                        }
-                    };
-                    match (step, awaiting) {
-                        (Step::Empty, _) => break,
-                        (Step::Reply(r, ticket), _) => return Ok(Next::Reply(link, r, ticket)),
-                        (Step::Kept(_), Awaiting::Any) | (Step::Chunk, _) => return Ok(Next::Settled),
-                        (Step::Kept(t), Awaiting::Ticket(x) | Awaiting::Chunks(x)) if t == x => {
-                            return Ok(Next::Settled)
-                        }
-                        (Step::Stream(id), Awaiting::Stream(key))
-                            if key == (StreamKey { link, id }) && self.calls.stream_ready(key) =>
-                        {
-                            return Ok(Next::Settled)
-                        }
-                        _ => {}
-                    }
-                }
+            if let Some(next) = self.scan(awaiting) {
+                return Ok(next);
             }
             if self.send_all_controls() {
                 return Ok(Next::Settled);
@@ -157,10 +128,48 @@ impl Client {
         }
     }
 
-    /// Sleeps until a reply may have come on any link with replies due, or
-    /// (with `room`) until there may be room for a frame of that many
-    /// bytes on that link, or the deadline passes.
-    pub(super) fn sleep(&mut self, room: Option<Room>, dl: &mut Deadline) -> Result<(), CallError> {
+    /// One pass over the links with replies due, as [`Client::next_reply`]
+    /// reads them, without waiting: what it found, or `None` when nothing
+    /// for `awaiting` is there now. (The blocking waits and the
+    /// poll-style API share it.)
+    pub(super) fn scan(&mut self, awaiting: Awaiting) -> Option<Next> {
+        let n = self.links.len();
+        // The awaited ticket's link first; for a receive, the links in turn.
+        let first = match awaiting {
+            Awaiting::Ticket(t) | Awaiting::Chunks(t) => t.link(),
+            Awaiting::Stream(key) => key.link,
+            _ => self.next_link % n,
+        };
+        for k in 0..n {
+            let link = (first + k) % n;
+            while self.calls.replies_due(link) {
+                let step = match self.take_frame(link, awaiting) {
+                    Ok(step) => step,
+                    Err(reason) => {
+                        let _ = self.note::<()>(link, Err(disconnected(reason)));
+                        return Some(Next::Settled);
+                    }
+                };
+                match (step, awaiting) {
+                    (Step::Empty, _) => break,
+                    (Step::Reply(r, ticket), _) => return Some(Next::Reply(link, r, ticket)),
+                    (Step::Kept(_), Awaiting::Any) | (Step::Chunk, _) => return Some(Next::Settled),
+                    (Step::Kept(t), Awaiting::Ticket(x) | Awaiting::Chunks(x)) if t == x => return Some(Next::Settled),
+                    (Step::Stream(id), Awaiting::Stream(key))
+                        if key == (StreamKey { link, id }) && self.calls.stream_ready(key) =>
+                    {
+                        return Some(Next::Settled)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None
+    }
+
+    /// What a wait on each link waits for now (into `self.plan`): the
+    /// replies due, the credits and cancels queued, and `room`.
+    pub(super) fn plan(&mut self, room: Option<Room>) {
         self.plan.clear();
         for link in 0..self.links.len() {
             let due = self.calls.replies_due(link);
@@ -176,6 +185,13 @@ impl Client {
             };
             self.plan.push(what);
         }
+    }
+
+    /// Sleeps until a reply may have come on any link with replies due, or
+    /// (with `room`) until there may be room for a frame of that many
+    /// bytes on that link, or the deadline passes.
+    pub(super) fn sleep(&mut self, room: Option<Room>, dl: &mut Deadline) -> Result<(), CallError> {
+        self.plan(room);
         let deadline = dl.at();
         if Instant::now() >= deadline {
             return Err(CallError::Timeout { after: dl.timeout });

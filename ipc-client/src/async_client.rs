@@ -1,0 +1,593 @@
+//! The async client (feature `tokio`): the blocking client's calls as
+//! futures, on a tokio runtime the caller supplies, built on the
+//! poll-style API of `client/poll.rs`.
+//!
+//! # Design
+//!
+//! One [`AsyncClient`] is one connection; it is a cloneable handle
+//! (`Arc`), so many tasks call through one connection at once and their
+//! requests are pipelined on its rings. The connection's [`Client`] sits
+//! behind a mutex held only inside `poll` (never across an await), with
+//! what the tasks wait for: the outcomes taken for them, their wakers,
+//! and the outcomes no task claimed yet (for [`AsyncClient::recv`]).
+//! There is no background task: whichever waiting task is polled reads
+//! every outcome there is and hands each to its task (waking it), so a
+//! reply costs one task wake-up, not two.
+//!
+//! # Protocol
+//!
+//! Every future that waits (a reply, a receive, room to send) goes round
+//! the poll-style protocol under the lock:
+//!
+//! 1. take every outcome there is (`try_recv`) and hand each out;
+//! 2. if it is the only waiter, spin while that pays (the blocking
+//!    client's adaptive spin);
+//! 3. `arm` (announce in every ring, `SeqCst` fence, re-check: this
+//!    fence pairs with the one after the daemon's publish of the head,
+//!    `SYNC(sleep-handshake)` in `ipc_core::ring`; so either the re-check
+//!    sees the reply, or the daemon sees the announcement and rings);
+//!    `Ready`: back to 1;
+//! 4. poll each fd's readiness (`AsyncFd::poll_read_ready`): an fd found
+//!    ready is drained by `on_ready` until a read finds it empty, and
+//!    only then is its readiness cleared (`clear_ready`); back to 1;
+//! 5. no fd ready: register the task's waker and return `Pending`. The
+//!    task is the *watcher*: tokio keeps the waker of the last task that
+//!    polled an fd, so that task is the one woken by the next ring.
+//!
+//! A ring after step 3 makes the bell readable; readiness set after the
+//! last clear (step 4 of an earlier round, always before step 3) is
+//! never cleared unseen, and tokio's own readiness ticks drop a clear
+//! that races with a new event. So the watcher is woken whenever a reply
+//! may have come. Its outcomes reach the other tasks through step 1.
+//!
+//! When the watcher stops waiting (its outcome came, or its future was
+//! dropped) while others still wait, it wakes one of them, which becomes
+//! the watcher at its next poll: some waiting task always has its waker
+//! on the fds.
+//!
+//! # Cancel safety
+//!
+//! A dropped future leaves nothing behind to be mistaken for another
+//! outcome: a dropped reply future forgets its ticket
+//! ([`Client::forget`]: the late reply is consumed unread) or drops the
+//! outcome already taken for it; a dropped send either sent (and was
+//! handed the ticket) or wrote nothing, since a request is written whole
+//! or not at all. A timeout is such a drop, followed by
+//! [`CallError::Timeout`]: each request has exactly one outcome.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::client::{Armed, FdToken, Received};
+use crate::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Service, Ticket, Transport};
+
+/// Rounds of the protocol one poll goes at most before it yields (a
+/// steady stream of replies must not keep one task polling for ever).
+const ROUNDS: usize = 64;
+
+/// An async connection to ipcd: cloneable, so that many tasks call
+/// through it at once, pipelined. See the module docs for the design and
+/// the protocol; the methods mirror [`Client`]'s.
+#[derive(Clone)]
+pub struct AsyncClient {
+    inner: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for AsyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncClient").field("client", &lock(&self.inner).client).finish_non_exhaustive()
+    }
+}
+
+/// Who waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Waiter {
+    /// A reply future, for its ticket.
+    Ticket(Ticket),
+    /// A receive or a send waiting for room, by number.
+    Other(u64),
+}
+
+/// A registered fd.
+struct Registered {
+    fd: AsyncFd<OwnedFd>,
+    token: FdToken,
+    /// A socket, registered for writability too.
+    writable: bool,
+}
+
+struct State {
+    client: Client,
+    fds: Vec<Registered>,
+    epoch: Option<u64>,
+    /// Outcomes taken, not yet handed to their future (or to a receive).
+    done: HashMap<Ticket, Result<Vec<u8>, CallError>>,
+    /// Outcomes no reply future waited for when they came, in order, for
+    /// receives.
+    unclaimed: VecDeque<Ticket>,
+    /// The wakers of reply futures whose outcome has not come.
+    waiting: HashMap<Ticket, Waker>,
+    /// The wakers of receives and of sends waiting for room.
+    others: HashMap<u64, Waker>,
+    watcher: Option<Waiter>,
+    next_other: u64,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic under the lock leaves the state as consistent as the
+    // client's own `&mut self` methods do.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    /// Step 1: takes every outcome there is and hands each out. Whether
+    /// any came.
+    fn pump(&mut self, me: Waiter) -> bool {
+        let mut any = false;
+        while let Ok(Some(Received { ticket, outcome })) = self.client.try_recv() {
+            any = true;
+            self.done.insert(ticket, outcome);
+            match self.waiting.remove(&ticket) {
+                // `me` is polled now: it finds its outcome without a wake.
+                Some(waker) if me != Waiter::Ticket(ticket) => waker.wake(),
+                Some(_) => {}
+                None => self.unclaimed.push_back(ticket),
+            }
+            // A receive may want it, or learn that nothing is left.
+            let mine = match me {
+                Waiter::Other(id) => self.others.remove(&id),
+                Waiter::Ticket(_) => None,
+            };
+            for (_, w) in self.others.drain() {
+                w.wake();
+            }
+            if let (Some(w), Waiter::Other(id)) = (mine, me) {
+                self.others.insert(id, w);
+            }
+        }
+        any
+    }
+
+    /// Whether no task but `me` waits.
+    fn alone(&self, me: Waiter) -> bool {
+        self.waiting.keys().all(|t| Waiter::Ticket(*t) == me) && self.others.keys().all(|id| Waiter::Other(*id) == me)
+    }
+
+    /// Registers the client's fds anew when they changed.
+    fn sync_fds(&mut self) -> Result<(), CallError> {
+        if self.epoch == Some(self.client.fd_epoch()) {
+            return Ok(());
+        }
+        self.fds.clear();
+        for w in self.client.wait_fds() {
+            let owned = w.fd.try_clone_to_owned().map_err(|e| gone(format!("cannot duplicate an fd: {e}")))?;
+            let writable = self.client.transport() != "shm";
+            let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            // SAFETY: `owned` is a duplicate made for the registration
+            // alone: the `AsyncFd` owns it, and nothing else closes it or
+            // puts another file behind its number while it is registered.
+            #[allow(unsafe_code)]
+            let fd = unsafe { AsyncFd::register_with_interest(owned, interest) }
+                .map_err(|e| gone(format!("cannot register an fd: {}", std::io::Error::from(e))))?;
+            self.fds.push(Registered { fd, token: w.token, writable });
+        }
+        self.epoch = Some(self.client.fd_epoch());
+        Ok(())
+    }
+
+    /// Step 4: polls every fd; drains those ready, clearing readiness
+    /// after an empty read. Whether any was ready.
+    fn poll_fds(&mut self, cx: &mut Context<'_>) -> Result<bool, CallError> {
+        self.sync_fds()?;
+        let mut any = false;
+        let wants_write = self.client.wait_fds().any(|w| w.writable);
+        for reg in &self.fds {
+            if let Poll::Ready(Ok(mut guard)) = reg.fd.poll_read_ready(cx) {
+                any = true;
+                if self.client.on_ready(reg.token) {
+                    guard.clear_ready();
+                }
+            }
+            if wants_write && reg.writable {
+                if let Poll::Ready(Ok(mut guard)) = reg.fd.poll_write_ready(cx) {
+                    any = true;
+                    if self.client.on_ready(reg.token) {
+                        guard.clear_ready();
+                    }
+                }
+            }
+        }
+        Ok(any)
+    }
+
+    /// Steps 1 to 5 for `me`, until `ready` gives its value.
+    fn drive<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        me: Waiter,
+        room: Option<(&Service, usize)>,
+        mut ready: impl FnMut(&mut State) -> Option<T>,
+    ) -> Poll<Result<T, CallError>> {
+        for _ in 0..ROUNDS {
+            if let Some(v) = ready(self) {
+                self.finished(me);
+                return Poll::Ready(Ok(v));
+            }
+            if self.pump(me) {
+                continue;
+            }
+            if room.is_none() && self.alone(me) && self.client.spin() {
+                continue;
+            }
+            let armed = match room {
+                Some((service, len)) => self.client.arm_for_room(service, len),
+                None => self.client.arm(),
+            };
+            match armed {
+                Ok(Armed::Wait) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    self.finished(me);
+                    return Poll::Ready(Err(e));
+                }
+            }
+            match self.poll_fds(cx) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.finished(me);
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let waker = cx.waker();
+            let slot = match me {
+                Waiter::Ticket(t) => self.waiting.entry(t),
+                Waiter::Other(id) => {
+                    match self.others.get_mut(&id) {
+                        Some(w) if w.will_wake(waker) => {}
+                        Some(w) => w.clone_from(waker),
+                        None => {
+                            self.others.insert(id, waker.clone());
+                        }
+                    }
+                    self.watcher = Some(me);
+                    return Poll::Pending;
+                }
+            };
+            slot.and_modify(|w| {
+                if !w.will_wake(waker) {
+                    w.clone_from(waker)
+                }
+            })
+            .or_insert_with(|| waker.clone());
+            self.watcher = Some(me);
+            return Poll::Pending;
+        }
+        // Many rounds, each finding something: let other tasks run.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// `me` waits no more: if it was the watcher, another waiter takes
+    /// over (see the module docs).
+    fn finished(&mut self, me: Waiter) {
+        match me {
+            Waiter::Ticket(t) => {
+                self.waiting.remove(&t);
+            }
+            Waiter::Other(id) => {
+                self.others.remove(&id);
+            }
+        }
+        if self.watcher == Some(me) {
+            self.watcher = None;
+            if let Some(&t) = self.waiting.keys().next() {
+                if let Some(w) = self.waiting.get(&t) {
+                    w.wake_by_ref();
+                }
+            } else if let Some(w) = self.others.values().next() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Takes `ticket`'s outcome out of `done`.
+    fn take(&mut self, ticket: Ticket) -> Option<Result<Vec<u8>, CallError>> {
+        let outcome = self.done.remove(&ticket)?;
+        if let Some(i) = self.unclaimed.iter().position(|t| *t == ticket) {
+            self.unclaimed.remove(i);
+        }
+        Some(outcome)
+    }
+}
+
+fn gone(reason: String) -> CallError {
+    CallError::Disconnected { reason }
+}
+
+impl AsyncClient {
+    /// Connects to the daemon at the default path (as
+    /// [`Client::connect`]).
+    pub async fn connect() -> Result<AsyncClient, ConnectError> {
+        AsyncClient::connect_with(ipc_platform::default_socket_path(), ClientOptions::default()).await
+    }
+
+    /// Connects through `transport` with `options` (as
+    /// [`Client::connect_with`]); over shared memory the doorbell is
+    /// always [`DoorbellKind::Pollable`], the one a reactor can wait on.
+    /// The handshake runs on tokio's blocking pool.
+    pub async fn connect_with(
+        transport: impl Into<Transport>,
+        options: ClientOptions,
+    ) -> Result<AsyncClient, ConnectError> {
+        let transport = transport.into();
+        let options = options.doorbell(DoorbellKind::Pollable);
+        let client = tokio::task::spawn_blocking(move || Client::connect_with(transport, options))
+            .await
+            .map_err(|e| ConnectError::Io(std::io::Error::other(e)))??;
+        Ok(AsyncClient::from_client(client))
+    }
+
+    /// Wraps a client connected already (with a pollable doorbell on
+    /// shared memory: else every wait fails with
+    /// [`CallError::NotPollable`]).
+    pub fn from_client(client: Client) -> AsyncClient {
+        let state = State {
+            client,
+            fds: Vec::new(),
+            epoch: None,
+            done: HashMap::new(),
+            unclaimed: VecDeque::new(),
+            waiting: HashMap::new(),
+            others: HashMap::new(),
+            watcher: None,
+            next_other: 0,
+        };
+        AsyncClient { inner: Arc::new(Mutex::new(state)) }
+    }
+
+    /// Resolves `name` (as [`Client::service`]). A provided name's first
+    /// resolve is an exchange with the broker, run on tokio's blocking
+    /// pool with the connection locked: resolve before the calls that
+    /// matter.
+    pub async fn service(&self, name: &str) -> Result<Service, CallError> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || lock(&inner).client.service(&name))
+            .await
+            .map_err(|e| gone(format!("the resolve panicked: {e}")))?
+    }
+
+    /// Runs `f` on the connection's [`Client`] (for what has no async
+    /// form: its options, its fds, a blocking call). Do not block in it
+    /// for long: every task of the connection waits meanwhile.
+    pub fn with_client<R>(&self, f: impl FnOnce(&mut Client) -> R) -> R {
+        f(&mut lock(&self.inner).client)
+    }
+
+    /// Calls `service` with `request`, waiting at most the call timeout
+    /// ([`CallError::Timeout`]: the request may still run, its late reply
+    /// is dropped). Cancel safe: dropped, the call's reply is dropped.
+    pub async fn call(&self, service: &Service, request: &[u8]) -> Result<Vec<u8>, CallError> {
+        let timeout = lock(&self.inner).client.default_timeout();
+        self.call_timeout(service, request, timeout).await
+    }
+
+    /// As [`AsyncClient::call`], with its own timeout.
+    pub async fn call_timeout(
+        &self,
+        service: &Service,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let call = async {
+            let ticket = self.send(service, request).await?;
+            self.wait(ticket).await
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(CallError::Timeout { after: timeout }),
+        }
+    }
+
+    /// As [`Client::call_typed`]: bincode (standard config) both ways.
+    pub async fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        service: &Service,
+        request: &Req,
+    ) -> Result<Resp, CallError> {
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(request, config).map_err(|e| CallError::Encode(e.to_string()))?;
+        let reply = self.call(service, &bytes).await?;
+        let (value, used) =
+            bincode::serde::decode_from_slice(&reply, config).map_err(|e| CallError::Decode(e.to_string()))?;
+        if used != reply.len() {
+            return Err(CallError::Decode(format!("{} stray bytes after the reply", reply.len() - used)));
+        }
+        Ok(value)
+    }
+
+    /// Queues a request, waiting for room in its link, and returns its
+    /// ticket (for [`AsyncClient::wait`] or [`AsyncClient::recv`]). The
+    /// request is one frame (at most [`Client::max_payload_of`];
+    /// [`CallError::TooLarge`] past it). Cancel safe: dropped before it
+    /// is ready, nothing was sent.
+    pub fn send<'a>(&'a self, service: &'a Service, request: &'a [u8]) -> SendFuture<'a> {
+        SendFuture { client: self, service, request, me: None }
+    }
+
+    /// Waits for `ticket`'s outcome. Dropped before it is ready, the
+    /// ticket is given up: its outcome is dropped, then or when it comes.
+    /// A ticket of another client is refused
+    /// ([`CallError::ForeignTicket`]).
+    pub fn wait(&self, ticket: Ticket) -> WaitFuture<'_> {
+        WaitFuture { client: self, ticket, done: false }
+    }
+
+    /// Waits for the next outcome no [`AsyncClient::wait`] is waiting
+    /// for, in the order they came; [`CallError::NothingInFlight`] once
+    /// there is none left to come.
+    pub fn recv(&self) -> RecvFuture<'_> {
+        RecvFuture { client: self, me: None }
+    }
+
+    /// Requests whose outcome has not been handed out.
+    pub fn in_flight(&self) -> usize {
+        let st = lock(&self.inner);
+        st.client.in_flight() + st.done.len()
+    }
+}
+
+/// The future of [`AsyncClient::send`].
+#[must_use = "futures do nothing unless polled"]
+pub struct SendFuture<'a> {
+    client: &'a AsyncClient,
+    service: &'a Service,
+    request: &'a [u8],
+    me: Option<u64>,
+}
+
+impl Future for SendFuture<'_> {
+    type Output = Result<Ticket, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut st = lock(&this.client.inner);
+        let me = *this.me.get_or_insert_with(|| {
+            st.next_other += 1;
+            st.next_other
+        });
+        let (service, request) = (this.service, this.request);
+        let polled = st.drive(cx, Waiter::Other(me), Some((service, request.len())), |st| {
+            match st.client.try_send(service, request) {
+                Err(CallError::Full { .. }) => None,
+                sent => Some(sent),
+            }
+        });
+        drop(st);
+        match polled {
+            Poll::Ready(sent) => {
+                this.me = None;
+                Poll::Ready(sent.and_then(|s| s))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for SendFuture<'_> {
+    fn drop(&mut self) {
+        if let Some(me) = self.me {
+            lock(&self.client.inner).finished(Waiter::Other(me));
+        }
+    }
+}
+
+/// The future of [`AsyncClient::wait`].
+#[must_use = "futures do nothing unless polled"]
+pub struct WaitFuture<'a> {
+    client: &'a AsyncClient,
+    ticket: Ticket,
+    done: bool,
+}
+
+impl Future for WaitFuture<'_> {
+    type Output = Result<Vec<u8>, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let ticket = self.ticket;
+        let mut st = lock(&self.client.inner);
+        if let Some(outcome) = st.take(ticket) {
+            st.finished(Waiter::Ticket(ticket));
+            drop(st);
+            self.done = true;
+            return Poll::Ready(outcome);
+        }
+        if let Err(e) = st.client.check_pending(ticket) {
+            drop(st);
+            self.done = true;
+            return Poll::Ready(Err(e));
+        }
+        let polled = st.drive(cx, Waiter::Ticket(ticket), None, |st| st.take(ticket));
+        drop(st);
+        match polled {
+            Poll::Ready(Ok(outcome)) => {
+                self.done = true;
+                Poll::Ready(outcome)
+            }
+            Poll::Ready(Err(e)) => {
+                // The wait failed for want of a way to wait: the ticket is
+                // given up (dropped below), and this is its outcome.
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for WaitFuture<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = lock(&self.client.inner);
+        if st.take(self.ticket).is_none() {
+            st.client.forget(self.ticket);
+        }
+        st.finished(Waiter::Ticket(self.ticket));
+    }
+}
+
+/// The future of [`AsyncClient::recv`].
+#[must_use = "futures do nothing unless polled"]
+pub struct RecvFuture<'a> {
+    client: &'a AsyncClient,
+    me: Option<u64>,
+}
+
+impl Future for RecvFuture<'_> {
+    type Output = Result<Received, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut st = lock(&this.client.inner);
+        let me = *this.me.get_or_insert_with(|| {
+            st.next_other += 1;
+            st.next_other
+        });
+        let polled = st.drive(cx, Waiter::Other(me), None, |st| {
+            if let Some(ticket) = st.unclaimed.pop_front() {
+                let outcome = st.done.remove(&ticket).expect("an unclaimed outcome is kept");
+                return Some(Ok(Received { ticket, outcome }));
+            }
+            // Nothing left to come but what reply futures wait for.
+            (st.client.in_flight() <= st.waiting.len()).then_some(Err(CallError::NothingInFlight))
+        });
+        drop(st);
+        match polled {
+            Poll::Ready(got) => {
+                this.me = None;
+                Poll::Ready(got.and_then(|g| g))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for RecvFuture<'_> {
+    fn drop(&mut self) {
+        if let Some(me) = self.me {
+            lock(&self.client.inner).finished(Waiter::Other(me));
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The async client against the real daemon, on every transport: many
+//! tasks calling through one connection at once; futures dropped after a
+//! random number of polls over many seeds, every other call still given
+//! its own reply and no ticket left without an outcome; and the
+//! readiness protocol hammered (many tasks, 4 KiB rings, the daemon not
+//! spinning) without a hang (the watchdog turns one into a failure).
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::{pattern, start_with_streams, watchdog, TEST_LIMIT};
+use ipc_client::{AsyncClient, CallError, ClientOptions, Transport};
+
+macro_rules! on_every_transport {
+    ($($test:ident),* $(,)?) => {
+        mod shm {
+            $(#[test] fn $test() { super::$test("shm") })*
+        }
+        mod uds {
+            $(#[test] fn $test() { super::$test("uds") })*
+        }
+        mod tcp {
+            $(#[test] fn $test() { super::$test("tcp") })*
+        }
+    };
+}
+
+on_every_transport!(
+    many_tasks_call_through_one_connection,
+    futures_dropped_at_any_poll_leave_no_stray_outcome,
+    the_readiness_protocol_survives_a_hammering,
+    send_then_wait_and_recv,
+);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn tiny() -> ClientOptions {
+    ClientOptions::default().ring_capacity(4096).spin(Duration::ZERO)
+}
+
+/// Runs `body` with a daemon (started with `args`) and an async client
+/// over `name`, on a runtime of two workers, under the watchdog.
+fn with_async<F, Fut>(name: &'static str, args: &[&str], options: ClientOptions, body: F)
+where
+    F: FnOnce(AsyncClient, Transport) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (_daemon, ends) = start_with_streams(args);
+    let transport: Transport = ends.transport(name);
+    watchdog(TEST_LIMIT, move || {
+        runtime().block_on(async move {
+            let client = AsyncClient::connect_with(transport.clone(), options).await.expect("connect");
+            body(client, transport).await;
+        })
+    });
+}
+
+/// 32 tasks x 50 calls through one cloned handle: each call gets its own
+/// request back.
+fn many_tasks_call_through_one_connection(name: &'static str) {
+    with_async(name, &[], ClientOptions::default(), |client, _| async move {
+        let echo = Arc::new(client.service("echo").await.unwrap());
+        let tasks: Vec<_> = (0..32u64)
+            .map(|t| {
+                let (client, echo) = (client.clone(), echo.clone());
+                tokio::spawn(async move {
+                    for i in 0..50u64 {
+                        let request = pattern(t * 1000 + i, 1 + (i as usize * 31) % 700);
+                        assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(client.in_flight(), 0);
+    });
+}
+
+/// Polls the inner future at most `polls` times, then drops it.
+struct DropAfter<F> {
+    inner: Option<Pin<Box<F>>>,
+    polls: u32,
+}
+
+impl<F: Future> Future for DropAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            self.inner = None;
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        let inner = self.inner.as_mut().expect("polled after completion");
+        match inner.as_mut().poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Over 20 seeds, 8 tasks each make 40 calls whose futures are dropped
+/// after 0 to 3 polls (a random choice per call): each call that
+/// completes gets its own request back (never another's), and once all
+/// are done no ticket is left in flight; a last call and a receive show
+/// nothing stray.
+fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
+    with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
+        let echo = Arc::new(client.service("echo").await.unwrap());
+        let (mut completed, mut dropped) = (0u64, 0u64);
+        for seed in 0..20u64 {
+            let tasks: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let (client, echo) = (client.clone(), echo.clone());
+                    tokio::spawn(async move {
+                        let mut rng = fastrand_like(seed * 64 + t);
+                        let (mut completed, mut dropped) = (0u64, 0u64);
+                        for i in 0..40u64 {
+                            let request = pattern(seed << 32 | t << 16 | i, 1 + (rng() % 900) as usize);
+                            let polls = (rng() % 4) as u32;
+                            let call = {
+                                let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
+                                async move { client.call(&echo, &request).await }
+                            };
+                            match (DropAfter { inner: Some(Box::pin(call)), polls }).await {
+                                Some(reply) => {
+                                    assert_eq!(reply.expect("call"), request, "seed {seed} task {t} call {i}");
+                                    completed += 1;
+                                }
+                                None => dropped += 1,
+                            }
+                        }
+                        (completed, dropped)
+                    })
+                })
+                .collect();
+            for task in tasks {
+                let (c, d) = task.await.unwrap();
+                completed += c;
+                dropped += d;
+            }
+            assert_eq!(client.in_flight(), 0, "seed {seed}: a ticket left without its outcome handed out");
+        }
+        assert!(completed > 0 && dropped > 0, "{completed} completed, {dropped} dropped: both must happen");
+        // The late replies of the dropped calls were dropped, not kept.
+        let last = b"the last call".to_vec();
+        assert_eq!(client.call(&echo, &last).await.unwrap(), last);
+        assert!(matches!(client.recv().await, Err(CallError::NothingInFlight)));
+    });
+}
+
+/// 64 tasks x 100 calls, 4 KiB rings (room runs out all the time), the
+/// daemon and the client not spinning: every wait goes through the
+/// doorbell or the socket. A lost wake-up hangs it.
+fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
+    with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
+        let echo = Arc::new(client.service("echo").await.unwrap());
+        let tasks: Vec<_> = (0..64u64)
+            .map(|t| {
+                let (client, echo) = (client.clone(), echo.clone());
+                tokio::spawn(async move {
+                    for i in 0..100u64 {
+                        let request = pattern(t << 20 | i, 1 + ((t + i) as usize * 97) % 1800);
+                        assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(client.in_flight(), 0);
+    });
+}
+
+/// Pipelining by hand: send a window, wait for some tickets out of
+/// order, receive the rest; a ticket of another connection is refused.
+fn send_then_wait_and_recv(name: &'static str) {
+    with_async(name, &[], ClientOptions::default(), |client, transport| async move {
+        let echo = client.service("echo").await.unwrap();
+        let mut tickets = Vec::new();
+        for i in 0..16u64 {
+            tickets.push((client.send(&echo, &pattern(i, 100)).await.unwrap(), i));
+        }
+        for &(ticket, i) in tickets.iter().rev().take(8) {
+            assert_eq!(client.wait(ticket).await.unwrap(), pattern(i, 100));
+        }
+        let mut rest: Vec<u64> = Vec::new();
+        for _ in 0..8 {
+            let got = client.recv().await.unwrap();
+            let i = tickets.iter().find(|(t, _)| *t == got.ticket).unwrap().1;
+            assert_eq!(got.outcome.unwrap(), pattern(i, 100));
+            rest.push(i);
+        }
+        rest.sort();
+        assert_eq!(rest, (0..8).collect::<Vec<_>>());
+        assert!(matches!(client.recv().await, Err(CallError::NothingInFlight)));
+        // A second connection's ticket (its ids start at 1 too) is
+        // refused, not matched with this connection's request 1.
+        let other = AsyncClient::connect_with(transport, ClientOptions::default()).await.unwrap();
+        let other_echo = other.service("echo").await.unwrap();
+        let foreign = other.send(&other_echo, b"theirs").await.unwrap();
+        assert!(matches!(client.wait(foreign).await, Err(CallError::ForeignTicket { .. })));
+        assert!(matches!(client.call(&other_echo, b"x").await, Err(CallError::ForeignService { .. })));
+        assert_eq!(other.wait(foreign).await.unwrap(), b"theirs");
+    });
+}
+
+/// A small xorshift generator, seeded.
+fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
