@@ -327,6 +327,15 @@ fn the_daemons_stream_count_ends_fails_is_cancelled_times_out_and_is_capped_on_e
                 other => panic!("{name}: a malformed request ended with {other:?}"),
             }
 
+            // A stream of a service that is not a stream service, and a
+            // plain call to one: refused, and nothing else is hurt.
+            let mut s = client.stream(&echo, b"not a stream").unwrap();
+            assert!(matches!(s.next(&mut client), Err(CallError::UnknownService { .. })), "{name}: a stream of echo");
+            match client.call(&svc, &count(1, 8)) {
+                Err(CallError::UnknownService { name: said }) => assert!(said.contains("stream"), "{name}: {said}"),
+                other => panic!("{name}: a plain call to stream.count: {other:?}"),
+            }
+
             // Calls between the items of an open stream.
             let mut s = client.stream_with(&svc, &count(200, 8), window(4)).unwrap();
             for i in 0..200 {
@@ -438,7 +447,7 @@ fn slow_reader(client: &mut Client, probe: &Probe, what: &str) {
         let sent = probe.sent.load(Ordering::SeqCst);
         assert!(sent <= taken + WINDOW, "{what}: {sent} sent with {taken} taken, a window of {WINDOW}");
         most_ahead = most_ahead.max(sent.saturating_sub(taken));
-        if taken % 1000 == 0 {
+        if taken.is_multiple_of(1000) {
             // The credit granted is more than half a window ahead of the
             // items taken: the handler gets that far, and no further.
             let far = (taken + WINDOW / 2).min(10_000);
@@ -448,6 +457,7 @@ fn slow_reader(client: &mut Client, probe: &Probe, what: &str) {
             );
             let sent = probe.sent.load(Ordering::SeqCst);
             assert!(sent <= taken + WINDOW, "{what}: {sent} sent with {taken} taken, a window of {WINDOW}");
+            most_ahead = most_ahead.max(sent - taken);
         }
     }
     assert_eq!((taken, probe.sent.load(Ordering::SeqCst)), (10_000, 10_000), "{what}");
