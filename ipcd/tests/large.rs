@@ -353,3 +353,36 @@ fn a_daemon_with_max_message_1m_refuses_a_2_mib_call_and_the_client_goes_on() {
         }
     });
 }
+
+#[test]
+fn chunked_stream_items_interleave_with_a_long_call_on_the_same_link() {
+    let _serial = serial();
+    let (_daemon, ends) = start_with_streams(&[]);
+    watchdog(TEST_LIMIT, move || {
+        for transport in ends.all() {
+            let name = transport.name();
+            let mut client = connect(&transport, options());
+            let (echo, count) = (client.service("echo").unwrap(), client.service("stream.count").unwrap());
+            // Items each three frames long, from three streams at once.
+            let size = 3 * client.max_payload() as u32 + 1;
+            const ITEMS: u32 = 8;
+            let request = [ITEMS.to_le_bytes(), size.to_le_bytes()].concat();
+            let mut streams: Vec<_> = (0..3)
+                .map(|_| client.stream_with(&count, &request, StreamOptions::default().window(2)).unwrap())
+                .collect();
+            for i in 0..ITEMS {
+                for (k, s) in streams.iter_mut().enumerate() {
+                    let item = s.next(&mut client).unwrap().unwrap_or_else(|| panic!("{name}: stream {k} ended early"));
+                    assert_eq!(item.len(), size as usize, "{name}: stream {k}, item {i}");
+                    assert!(item[..8] == u64::from(i).to_le_bytes() && item[8..].iter().all(|&b| b == i as u8));
+                }
+                // Its chunks go out and come back among the items' chunks.
+                let len = MIB + i as usize;
+                assert!(client.call(&echo, body(len)).unwrap() == body(len), "{name}: the echo after item {i}");
+            }
+            for s in &mut streams {
+                assert_eq!(s.next(&mut client).unwrap(), None, "{name}");
+            }
+        }
+    });
+}
