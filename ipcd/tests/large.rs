@@ -386,3 +386,35 @@ fn chunked_stream_items_interleave_with_a_long_call_on_the_same_link() {
         }
     });
 }
+
+#[test]
+fn an_upload_to_the_daemons_echo_cut_by_its_stop_ends_shutdown() {
+    let _serial = serial();
+    watchdog(TEST_LIMIT, || {
+        let (mut daemon, ends) = start_with_streams(&[]);
+        let mut clients: Vec<Client> = ends.all().iter().map(|t| connect(t, options())).collect();
+        let (mut uploads, mut maxes) = (Vec::new(), Vec::new());
+        for client in &mut clients {
+            let echo = client.service("echo").unwrap();
+            let max = client.max_payload();
+            maxes.push(max);
+            let mut up = client.upload(&echo, None).unwrap();
+            // Three frames' worth: the echo's reply has begun.
+            up.write_all(body(3 * max)).unwrap();
+            uploads.push(up);
+        }
+        // The daemon cuts each echo it has begun and not finished within
+        // its drain with an error frame of its id saying it stopped (one
+        // it never took is not run); one whose last chunk came within the
+        // drain is answered whole. Never a broken link.
+        daemon.signal(nix::sys::signal::Signal::SIGTERM);
+        for ((up, transport), max) in uploads.into_iter().zip(ends.all()).zip(maxes) {
+            match up.finish() {
+                Err(CallError::Shutdown) => {}
+                Ok(reply) => assert!(reply == body(3 * max), "{}: an echo of {} bytes", transport.name(), reply.len()),
+                Err(e) => panic!("{}: an upload cut by a stop ended with {e:?}", transport.name()),
+            }
+        }
+        assert!(daemon.wait_exit(common::EXIT_LIMIT).success());
+    });
+}
