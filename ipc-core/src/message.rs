@@ -13,6 +13,12 @@
 //! more, or at the last chunk to less, than the length announced: either
 //! breaks the protocol.
 //!
+//! A reply in chunks may be cut short by a frame of its id with
+//! [`FLAG_ERROR`](crate::FLAG_ERROR) alone (no [`FLAG_MORE`]) and an error
+//! body: the message ends there, and its request's outcome is that error.
+//! A server that sends a reply back as its request comes (an echo) and
+//! then refuses the request (too long, a stop) ends the reply so.
+//!
 //! Chunks of different messages may interleave (the replies of calls
 //! answered out of order, say); a receiver keeps the messages it is
 //! assembling by id, at most [`MAX_PARTIAL`] at once. A message short

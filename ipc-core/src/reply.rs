@@ -23,7 +23,8 @@ pub enum ErrorCode {
     Handler,
     /// The daemon is shutting down; the request was not executed.
     Shutdown,
-    /// The handler's reply exceeds the negotiated maximum payload.
+    /// The handler's reply exceeds the server's largest message (or the
+    /// memory it may hold): the handler ran, its reply is lost.
     ReplyTooLarge,
     /// The service handler panicked.
     HandlerPanicked,
@@ -45,7 +46,8 @@ pub enum ErrorCode {
     /// The session has its maximum of streams open, or of messages being
     /// assembled; the request was not executed.
     TooMany,
-    /// A message (request or reply) longer than the receiver's maximum.
+    /// A request longer than the server's largest message (or the memory
+    /// it may hold): refused, not executed.
     MessageTooLarge,
     /// A code this build does not know.
     Other(u32),

@@ -172,13 +172,13 @@ impl std::fmt::Debug for Responder {
 impl Responder {
     /// Answers the call with `reply`, of any length up to the largest
     /// message (longer than a frame, it goes out in chunks). A longer reply
-    /// is answered with an error instead (`MessageTooLarge`), as for any
-    /// handler.
+    /// is answered with an error instead (`ReplyTooLarge`: the handler
+    /// ran), as for any handler.
     pub fn reply(mut self, mut reply: Vec<u8>) {
         let Some(call) = self.call.take() else { return };
         if reply.len() as u64 > call.max_message {
             let message = too_long("reply", reply.len() as u64, call.max_message);
-            encode_error(ErrorCode::MessageTooLarge, &message, &mut reply);
+            encode_error(ErrorCode::ReplyTooLarge, &message, &mut reply);
             reply.shrink_to_fit();
             return call.send(FLAG_ERROR, reply);
         }
@@ -231,7 +231,8 @@ impl Call {
     }
 }
 
-/// The message of a `MessageTooLarge` error: `what` of `len` bytes, over
+/// The message of a `MessageTooLarge` (a request) or `ReplyTooLarge` (a
+/// reply) error: `what` of `len` bytes, over
 /// the largest message `max`.
 pub(crate) fn too_long(what: &str, len: u64, max: u64) -> String {
     format!("{what} of {len} bytes exceeds the largest message, {max} bytes")
@@ -339,7 +340,7 @@ pub(crate) mod tests {
                 (1, 0, ErrorCode::Other(0)),
                 (2, FLAG_ERROR, ErrorCode::Application(7)),
                 (3, FLAG_ERROR, ErrorCode::NoReply),
-                (4, FLAG_ERROR, ErrorCode::MessageTooLarge),
+                (4, FLAG_ERROR, ErrorCode::ReplyTooLarge),
                 (5, FLAG_ERROR, ErrorCode::HandlerPanicked),
             ]
         );

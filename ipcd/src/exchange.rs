@@ -529,7 +529,7 @@ impl Exchange {
 
     /// Takes the answer to a call this session handed off, to go out at
     /// its next serve (or flush); one longer than a frame is charged while
-    /// it waits (past the budget, `MessageTooLarge` goes instead). Returns
+    /// it waits (past the budget, `ReplyTooLarge` goes instead). Returns
     /// false, dropping it, if it answers no call outstanding here.
     ///
     /// The call's duration and, if it failed, its error are counted in
@@ -547,7 +547,7 @@ impl Exchange {
         if body.len() > max_payload {
             charge = limits.charge(body.capacity() as u64);
             if charge.is_none() {
-                body = error_body(ErrorCode::MessageTooLarge, &over_budget("reply", body.len(), limits));
+                body = error_body(ErrorCode::ReplyTooLarge, &over_budget("reply", body.len(), limits));
                 flags = FLAG_ERROR;
             }
         }
@@ -662,8 +662,8 @@ fn error_body(code: ErrorCode, message: &str) -> Vec<u8> {
     body
 }
 
-/// The message of a `MessageTooLarge` for a message the memory budget has
-/// no room for.
+/// The message of a `MessageTooLarge` (a request) or `ReplyTooLarge` (a
+/// reply) for a message the memory budget has no room for.
 fn over_budget(what: &str, len: usize, limits: &Limits) -> String {
     format!(
         "{what} of {len} bytes does not fit the memory budget ({} of {} bytes in use)",

@@ -21,8 +21,9 @@
 //! while is charged against the same budget as it holds it (a [`Charge`]):
 //! a request longer than a frame while it is assembled, a reply longer
 //! than a frame until it is sent, a stream's items until they are sent. A
-//! message whose charge would pass the budget is refused
-//! (`MessageTooLarge`), for that call alone.
+//! message whose charge would pass the budget is refused, for that call
+//! alone: a request with `MessageTooLarge` (not run), a reply with
+//! `ReplyTooLarge` (its handler ran).
 //!
 //! Not charged: kernel socket buffers and the fds, a worker's scratch
 //! buffers (one set per worker, not per session), and the bookkeeping of a

@@ -226,8 +226,9 @@ impl ServerBuilder {
     /// for a handler, or waiting to be sent, is charged against the memory
     /// budget ([`max_shm`](Self::max_shm)) for what it holds, so the budget
     /// bounds them too. A request longer than this (or than the budget has
-    /// room for) is answered with an error, `MessageTooLarge`, for that
-    /// call alone, and so is a handler's reply that is.
+    /// room for) is answered with an error, `MessageTooLarge` (not run),
+    /// for that call alone; a handler's reply that is, with `ReplyTooLarge`
+    /// (the handler ran: a remote error to the caller).
     pub fn max_message(mut self, bytes: u64) -> Self {
         self.max_message = bytes;
         self
@@ -736,7 +737,7 @@ mod tests {
 
         let huge = client.service("huge").unwrap();
         match client.call(&huge, b"") {
-            Err(CallError::MessageTooLarge { message }) => {
+            Err(CallError::Remote { code: None, message }) => {
                 assert!(message.contains("exceeds the largest message"), "{message}")
             }
             other => panic!("expected a too-large reply error, got {:?}", other.map(|r| r.len())),

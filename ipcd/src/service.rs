@@ -439,7 +439,9 @@ pub(crate) fn dispatch(
         Ok(Ok(())) if reply.len() as u64 <= max_message => Dispatched::Replied(0),
         Ok(Ok(())) => {
             let message = too_long("reply", reply.len() as u64, max_message);
-            fail(reply, ErrorCode::MessageTooLarge, &message)
+            // The handler ran: not `MessageTooLarge`, which says the
+            // request was refused unrun.
+            fail(reply, ErrorCode::ReplyTooLarge, &message)
         }
         Ok(Err(e)) => {
             e.encode(reply);

@@ -22,7 +22,10 @@
 //!   empty: a stream's terminal frame, one frame.
 //! - A frame of an id whose message is being assembled goes on with it:
 //!   `FLAG_STREAM` exactly when the message is an item, `FLAG_MORE` on all
-//!   but its last chunk, nothing else, and the first chunk's service.
+//!   but its last chunk, nothing else, and the first chunk's service. A
+//!   reply (not an item) may instead be cut short by `FLAG_ERROR` alone
+//!   and an error body: that error is its request's outcome (a peer that
+//!   echoes a request as it comes and refuses it half way does so).
 //!
 //! A reply (or item) longer than the client's `max_message` is not a
 //! violation: it is refused, that request's (or stream's) outcome is
@@ -390,6 +393,9 @@ impl Client {
             let p = &self.slots[link].inbound.partials[i];
             (p.kind, p.service)
         };
+        if h.flags == FLAG_ERROR && matches!(kind, Kind::Reply(_)) {
+            return self.cut_reply(link, i, r);
+        }
         let expected = if matches!(kind, Kind::Item(_)) { FLAG_STREAM } else { 0 };
         if h.flags & !FLAG_MORE != expected {
             return Err(self.bad(link, &h, "a chunk that does not go on with its message"));
@@ -459,6 +465,26 @@ impl Client {
                 }
                 Ok(Step::Stream(id))
             }
+        }
+    }
+
+    /// An error frame that cuts reply `i` short: the reply being assembled
+    /// is dropped, and the error is its request's outcome, claimed as an
+    /// error reply of one frame would be.
+    fn cut_reply(&mut self, link: LinkId, i: usize, r: &ReplyRef) -> Result<Step, String> {
+        let h = r.header();
+        let inbound = &mut self.slots[link].inbound;
+        let p = inbound.partials.swap_remove(i);
+        inbound.assembler.drop_partial(p.id);
+        let mut body = Vec::new();
+        self.links[link].read_all(r, &mut body);
+        match self.calls.arrived(link, &h, Awaiting::Nothing) {
+            Ok(Arrival::Keep(ticket) | Arrival::Deliver(ticket)) => {
+                self.calls.keep(ticket, h, body);
+                Ok(Step::Kept(ticket))
+            }
+            Ok(Arrival::Drop) => Ok(Step::Handled),
+            Err(v) => Err(v.describe(self.links[link].peer_name())),
         }
     }
 

@@ -221,8 +221,12 @@ impl Client {
     /// it at a time (the link is the backpressure: a reader that reads
     /// slowly slows the peer down). The reply may be up to
     /// [`ClientOptions::max_message`](crate::ClientOptions::max_message)
-    /// long; past it, or if its link is lost or its chunks are late (the
-    /// call timeout, for each), reading fails with an
+    /// long. An outcome known before the reply's first bytes (an error
+    /// reply, a reply whose first chunk announces more than the maximum
+    /// ([`CallError::ReplyTooLarge`]), a loss or a timeout before it) is
+    /// this call's error; one that comes later (a reply of unknown length
+    /// found longer, its link lost, a chunk late by the call timeout, the
+    /// peer cutting the reply short with an error) fails the read with an
     /// [`io::Error`] whose inner error is the [`CallError`].
     ///
     /// ```no_run

@@ -13,7 +13,10 @@
 //! prints `held PAYLOAD` when its hold service starts a call.
 //!
 //! A provider's service whose name ends in `whoami` answers with its
-//! caller's credentials as the handler sees them: `PID UID GID`.
+//! caller's credentials as the handler sees them: `PID UID GID`. One whose
+//! name ends in `stream` is a stream service: item `i` is `i` as a
+//! little-endian `u64`, until a send fails (the stream was cut), and it
+//! prints `streaming` when a stream begins.
 //!
 //! A caller helper connects with `ipc_client::Client`, resolves its name
 //! (`service`, or `wait_for_service`), calls it and prints `ok PID UID`
@@ -453,6 +456,14 @@ fn provider_main() {
                     open = turn.wait(open).unwrap();
                 }
                 Ok::<_, ServiceError>(req.payload().to_ascii_uppercase())
+            });
+        } else if name.ends_with("stream") {
+            builder = builder.stream_service(name, |_request, mut items| {
+                say("streaming");
+                let mut i = 0u64;
+                while items.send(i.to_le_bytes().to_vec()).is_ok() {
+                    i += 1;
+                }
             });
         } else if name.ends_with("whoami") {
             builder = builder.service(name, |req: &Request<'_>| match req.caller() {

@@ -219,6 +219,44 @@ fn a_reply_longer_than_the_maximum_is_refused_and_the_link_goes_on() {
     }
 }
 
+/// A reply in chunks cut short by an error frame of its id (a daemon that
+/// echoes a request as it comes and refuses it half way): the error is
+/// the call's outcome, and a reader's read fails with it after the bytes
+/// that came; the link goes on.
+#[test]
+fn a_reply_cut_short_by_an_error_frame_is_its_calls_error() {
+    for wire in WIRES {
+        let (daemon, mut client) = start(wire, |mut d| {
+            let max = d.max_payload();
+            let mut error = Vec::new();
+            ipc_core::encode_error(ipc_core::ErrorCode::MessageTooLarge, "too long", &mut error);
+            for _ in 0..2 {
+                let (head, _, _) = d.take_message();
+                let frames = chunks_of(&pattern(3 * max, 1), max, UNKNOWN_LENGTH);
+                for (flags, payload) in &frames[..2] {
+                    d.send(head.service, *flags, head.request_id, payload);
+                }
+                d.send(head.service, ipc_core::FLAG_ERROR, head.request_id, &error);
+            }
+            let (head, _, _) = d.take_message();
+            d.send_message(head.service, head.request_id, &reply_to(head.request_id));
+        });
+        let echo = client.service("echo").unwrap();
+        let too_long = CallError::MessageTooLarge { message: "too long".into() };
+        let max = client.max_payload();
+        assert_eq!(client.call(&echo, b"1"), Err(too_long.clone()), "{wire:?}");
+        let mut reader = client.call_reader(&echo, b"2").unwrap();
+        let mut got = Vec::new();
+        let e = reader.read_to_end(&mut got).unwrap_err();
+        assert_eq!(e.into_inner().and_then(|e| e.downcast_ref::<CallError>().cloned()), Some(too_long), "{wire:?}");
+        assert!(!got.is_empty() && got[..] == pattern(3 * max, 1)[..got.len()], "{wire:?}: the bytes before the cut");
+        drop(reader);
+        assert_eq!(client.call(&echo, b"3").unwrap(), reply_to(3), "{wire:?}");
+        assert_eq!(client.in_flight(), 0);
+        daemon.finish();
+    }
+}
+
 /// A request longer than the client sends is refused before anything
 /// goes out.
 #[test]
