@@ -2,7 +2,7 @@
 //! for replaying their corpus on stable (`ipcd/tests/fuzz_corpus.rs`). Not
 //! part of the API.
 //!
-//! [`exchange`] feeds a session's [`Exchange`] every request-direction frame
+//! [`exchange`] feeds a session's exchange (`crate::exchange::Exchange`) every request-direction frame
 //! a peer could send (new requests, chunks, openings, credits, cancels, any
 //! flags, any lengths), with a sink whose room the input decides, and
 //! checks what a client relies on: nothing panics, every frame sent back

@@ -21,21 +21,22 @@ mod show;
 ///
 /// Connects to the daemon's control socket like any client (the same path
 /// rules: --socket, else $IPCD_SOCKET, else $XDG_RUNTIME_DIR/ipcd.sock, else
-/// /tmp/ipcd-<uid>/ipcd.sock). What it is shown depends on who runs it, as
+/// /tmp/ipcd-UID/ipcd.sock). What it is shown depends on who runs it, as
 /// the kernel reports it to the daemon: root and the daemon's own user see
 /// everything; any other user sees the daemon-wide counts, the daemon's own
 /// services, the provided names it may call and its own sessions only.
 ///
 /// --json prints the daemon's answer as JSON, one document: `status` an
-/// ipcd::introspect::Status, `services` {"viewer", "services": [ServiceInfo]},
-/// `clients` {"viewer", "sessions": [SessionInfo]} (every page joined).
+/// ipcd::introspect::Status, `services` {"viewer", "services": a list of
+/// ipcd::introspect::ServiceInfo}, `clients` {"viewer", "sessions": a list
+/// of ipcd::introspect::SessionInfo} (every page joined).
 /// Exit status: 0 success, 1 the daemon could not be reached or answered
 /// with an error, 2 a usage error.
 #[derive(Parser, Debug)]
 #[command(version, name = "ipcctl")]
 struct Args {
     /// The daemon's control socket [default: $IPCD_SOCKET, else
-    /// $XDG_RUNTIME_DIR/ipcd.sock, else /tmp/ipcd-<uid>/ipcd.sock]
+    /// $XDG_RUNTIME_DIR/ipcd.sock, else /tmp/ipcd-UID/ipcd.sock]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
 
