@@ -141,6 +141,10 @@ fn a_provider_that_reads_late_takes_every_session_offered_meanwhile() {
         provider.expect("registered");
         let mut observer = client_of(&daemon, ClientOptions::default());
         provider.signal(Signal::SIGSTOP);
+        // A stop takes effect as each thread of the provider next runs:
+        // wait until all of them are stopped, or one may take an offer.
+        let stopped = poll_until(REPORT_LIMIT, || all_threads_stopped(provider.pid()));
+        assert!(stopped, "the provider's threads did not all stop");
         let callers: Vec<_> = (0..CALLERS)
             .map(|i| {
                 let mut client = client_of(&daemon, ClientOptions::default());
@@ -168,6 +172,17 @@ fn a_provider_that_reads_late_takes_every_session_offered_meanwhile() {
         });
         assert_eq!(holders(&broker, "test.upper"), [(provider.pid(), own_ids().0, CALLERS as u64)], "{broker}");
     });
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in its
+/// `/proc` stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // "pid (comm) S ...": the state follows the last ')'.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
 }
 
 #[test]
