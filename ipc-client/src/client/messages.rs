@@ -19,7 +19,7 @@
 
 use std::io;
 
-use ipc_core::message::{encode_chunk_prefix, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
+use ipc_core::message::{encode_chunk_prefix, CHUNK_LEN, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
 
 use super::inbound::Control;
 use super::{Client, Deadline, Next, Room, Service};
@@ -52,12 +52,14 @@ impl Outgoing {
         Outgoing { link, service, announced, ticket: None, state: Sending::Going }
     }
 
-    /// Bytes of the message the next chunk carries at most.
+    /// Bytes of the message the next chunk carries at most: a chunk is
+    /// at most [`CHUNK_LEN`] long, whatever a frame could carry.
     fn room(&self, max_payload: usize) -> usize {
+        let chunk = max_payload.min(CHUNK_LEN);
         if self.ticket.is_none() {
-            max_payload - CHUNK_PREFIX
+            chunk - CHUNK_PREFIX
         } else {
-            max_payload
+            chunk
         }
     }
 }
@@ -202,7 +204,7 @@ impl Client {
         let max_payload = self.slots[link].max_payload;
         let mut buf = std::mem::take(&mut self.upload_buf);
         buf.clear();
-        buf.reserve(max_payload);
+        buf.reserve(max_payload.min(CHUNK_LEN));
         let out = Outgoing::new(link, service.id, len);
         Ok(Upload {
             client: self,
