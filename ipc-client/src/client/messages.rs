@@ -113,7 +113,10 @@ impl Client {
                 buf.write_at(CHUNK_PREFIX, bytes);
             };
             self.write_request(service, flags, CHUNK_PREFIX + bytes.len(), fill, true, dl)?;
-            out.ticket = Some(self.calls.sent(out.link, out.service));
+            let ticket = self.calls.sent(out.link, out.service);
+            out.ticket = Some(ticket);
+            // Its reply may begin while the rest is sent.
+            self.lend_to(ticket);
             return Ok(());
         };
         let link = out.link;
