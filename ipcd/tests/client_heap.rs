@@ -4,6 +4,8 @@
 //! reply once, and a reader of an echo holds about a chunk of it however
 //! long it is.
 
+use std::io::Read;
+
 #[path = "common/embedded.rs"]
 mod embedded;
 
@@ -61,5 +63,36 @@ fn a_long_reply_is_held_once_where_its_caller_wants_it() {
         let (reply, grew) = growth(|| client.call(&echo, &request));
         assert!(reply.unwrap() == request, "{name}: the reply differs from the request");
         assert!(grew <= LEN as i64 + SLACK, "{name}: call held {grew} bytes for a reply of {LEN}");
+    }
+}
+
+#[test]
+fn a_reader_of_a_long_echo_holds_about_a_chunk_of_it() {
+    let server = Embedded::start(|b| b);
+    let request = body(LEN);
+    for transport in &server.transports()[..2] {
+        let name = transport.name();
+        let (mut client, echo) = client(transport);
+        client.call(&echo, &request[..4 << 20]).unwrap();
+        let mut piece = vec![0u8; 1 << 20];
+        // The echo answers as it reads: its reply comes while the request
+        // is still being sent, and the reader sends the rest as it reads.
+        let (read, grew) = growth(|| {
+            let mut reader = client.call_reader(&echo, &request).expect("call_reader");
+            let mut at = 0;
+            loop {
+                let n = reader.read(&mut piece).expect("reading the reply");
+                if n == 0 {
+                    break;
+                }
+                assert!(piece[..n] == request[at..at + n], "{name}: reply bytes at {at} differ");
+                at += n;
+            }
+            at
+        });
+        assert_eq!(read, LEN, "{name}: the reply's length");
+        assert!(grew <= SLACK, "{name}: call_reader of a {LEN}-byte echo held {grew} bytes");
+        // The link goes on.
+        assert_eq!(client.call(&echo, b"after").unwrap(), b"after", "{name}");
     }
 }
