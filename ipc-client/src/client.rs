@@ -117,6 +117,13 @@ impl Slot {
     }
 }
 
+/// A caller's reply buffer, lent to the assembly of its reply.
+struct Lent {
+    /// The call it is for, once its request is written.
+    ticket: Option<Ticket>,
+    buf: Vec<u8>,
+}
+
 /// A brokered session's provider and services.
 struct Provided {
     provider: Credentials,
@@ -154,6 +161,9 @@ pub struct Client {
     scratch: Vec<u8>,
     /// An upload's buffer, kept for the next.
     upload_buf: Vec<u8>,
+    /// The caller's buffer of the `call_into` under way, in which its
+    /// reply is assembled if it comes in chunks.
+    lent: Option<Lent>,
     pace: Pace,
     /// What the next sleep waits for on each link (scratch, one per link).
     plan: Vec<Option<Await>>,
@@ -211,6 +221,7 @@ impl Client {
             reconnects: 0,
             scratch: Vec::new(),
             upload_buf: Vec::new(),
+            lent: None,
             pace: Pace::new(options.spin),
             plan: Vec::new(),
             next_link: 0,
@@ -308,7 +319,10 @@ impl Client {
     }
 
     /// As [`Client::call`], writing the reply into `reply` (replacing its
-    /// contents). Allocates nothing once `reply` has grown large enough.
+    /// contents). Allocates nothing once `reply` has grown large enough: a
+    /// reply in chunks is assembled in `reply` itself, which grows once, to
+    /// the length the reply announces, if it is too short. A call that
+    /// fails may leave `reply` empty, without its capacity.
     pub fn call_into(&mut self, service: &Service, request: &[u8], reply: &mut Vec<u8>) -> Result<(), CallError> {
         self.call_into_timeout(service, request, reply, self.options.call_timeout)
     }
@@ -322,10 +336,36 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), CallError> {
         let mut dl = Deadline::new(timeout);
-        let ticket = self.send_message(service, request, &mut dl)?;
-        let found = self.await_reply(ticket, &mut dl)?;
-        self.take_found(found, reply);
+        // A reply in chunks is assembled in `reply` itself (lent until its
+        // first chunk comes, and handed back whole).
+        self.lent = Some(Lent { ticket: None, buf: std::mem::take(reply) });
+        let found = self.send_message(service, request, &mut dl).and_then(|ticket| {
+            self.lend_to(ticket);
+            self.await_reply(ticket, &mut dl)
+        });
+        if let Some(lent) = self.lent.take() {
+            *reply = lent.buf;
+        }
+        self.take_found(found?, reply);
         Ok(())
+    }
+
+    /// The buffer lent by the `call_into` under way is for `ticket`'s
+    /// reply (its request's first frame is written).
+    pub(super) fn lend_to(&mut self, ticket: Ticket) {
+        if let Some(lent) = self.lent.as_mut().filter(|l| l.ticket.is_none()) {
+            lent.ticket = Some(ticket);
+        }
+    }
+
+    /// The buffer lent for `ticket`'s reply, if one is: taken, empty.
+    pub(super) fn borrow_lent(&mut self, ticket: Option<Ticket>) -> Option<Vec<u8>> {
+        if ticket.is_none() || self.lent.as_ref().is_none_or(|l| l.ticket != ticket) {
+            return None;
+        }
+        let mut buf = self.lent.take().expect("lent").buf;
+        buf.clear();
+        Some(buf)
     }
 
     /// Calls `service` with a request of `len` bytes that `fill` writes in

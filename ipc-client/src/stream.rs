@@ -18,6 +18,9 @@ use crate::link::{disconnected, RequestBuf};
 /// Read-ahead beyond one maximum frame, so one `recv` can take many
 /// replies.
 const READ_AHEAD: usize = 64 * 1024;
+/// Unsent output past which no further frame is taken (one frame is,
+/// whatever its length, when nothing waits).
+const OUTPUT_BUDGET: usize = 256 * 1024;
 /// How much longer than asked a blocking receive may wait before its
 /// timeout is set again (setting it costs a system call).
 const TIMEOUT_SLACK: Duration = Duration::from_millis(1);
@@ -102,7 +105,10 @@ impl StreamLink {
             // Sized for a maximum frame up front, so calls allocate nothing.
             output: Vec::with_capacity(frame),
             sent: 0,
-            output_limit: frame.max(READ_AHEAD),
+            // A frame goes whenever nothing waits; behind others, only
+            // within the budget, so a long request's chunks wait in the
+            // socket rather than here.
+            output_limit: frame.clamp(READ_AHEAD, OUTPUT_BUDGET),
             recv_timeout: None,
             gone: None,
             closed_after: None,
@@ -164,6 +170,13 @@ impl StreamLink {
         }
         if self.sent == self.output.len() {
             self.output.clear();
+            self.sent = 0;
+        } else if self.sent >= self.pending_output() {
+            // A socket that always takes part of the output never empties
+            // it: what was sent goes, before it outgrows what was not (each
+            // byte is moved at most once), or the buffer would grow with
+            // every byte of a long request.
+            self.output.drain(..self.sent);
             self.sent = 0;
         }
         let header = FrameHeader { len: len as u32, service, flags, request_id: id };

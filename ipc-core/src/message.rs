@@ -19,6 +19,12 @@
 //! A server that sends a reply back as its request comes (an echo) and
 //! then refuses the request (too long, a stop) ends the reply so.
 //!
+//! A sender cuts a message longer than a frame into chunks of at most
+//! [`CHUNK_LEN`] bytes, even where its frames could carry more: what holds
+//! a message in passing (the daemon reflecting an echo, a socket session's
+//! buffers, a reader) holds about one chunk of it, not one frame of the
+//! largest ring. A receiver takes chunks of any length up to a frame.
+//!
 //! Chunks of different messages may interleave (the replies of calls
 //! answered out of order, say); a receiver keeps the messages it is
 //! assembling by id, at most [`MAX_PARTIAL`] at once. A message short
@@ -68,6 +74,9 @@ pub const FLAG_CANCEL: u16 = 1 << 7;
 
 /// The announced length of a message whose sender does not know it yet.
 pub const UNKNOWN_LENGTH: u64 = u64::MAX;
+/// The most payload a sender puts in one chunk of a message longer than a
+/// frame (the prefix included), whatever its frames could carry.
+pub const CHUNK_LEN: usize = 1 << 20;
 /// Bytes of the length that begins a first chunk.
 pub const CHUNK_PREFIX: usize = 8;
 /// The most messages one receiver assembles at once, per session and

@@ -287,22 +287,6 @@ impl Region {
             tail.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes()[..n]);
         }
     }
-
-    /// Copies `len` bytes out of the region at `offset`, appending them to
-    /// `dst`.
-    ///
-    /// # Panics
-    ///
-    /// Panics if the range is out of bounds.
-    pub(crate) fn copy_out_append(&self, offset: usize, len: usize, dst: &mut Vec<u8>) {
-        self.check(offset, len, 1);
-        let start = dst.len();
-        // Zeroing the new bytes first costs a pass over them, but keeps this
-        // module free of writes into uninitialised memory; the copy itself
-        // dominates.
-        dst.resize(start + len, 0);
-        self.copy_out(offset, &mut dst[start..]);
-    }
 }
 
 /// Panics unless `len` bytes at `offset` lie inside a region of
@@ -419,9 +403,6 @@ mod tests {
         let mut word = [0u8; 8];
         region.copy_out(64, &mut word);
         assert_eq!(word, [1, 2, 3, 4, 5, 6, 7, 8]);
-        let mut appended = vec![9u8];
-        region.copy_out_append(64, 3, &mut appended);
-        assert_eq!(appended, [9, 1, 2, 3]);
     }
 
     #[test]

@@ -616,10 +616,16 @@ impl Consumer {
         }
     }
 
-    /// Copies `frame`'s payload into `out`, replacing its contents.
+    /// Copies `frame`'s payload into `out`, replacing its contents. A
+    /// buffer reused frame after frame is zeroed only where it grows, so a
+    /// run of frames of one length costs one pass over each payload.
     pub fn read_payload(&self, frame: &Frame, out: &mut Vec<u8>) {
-        out.clear();
-        self.ring.region.copy_out_append(frame.payload, frame.len(), out);
+        if out.len() < frame.len() {
+            out.resize(frame.len(), 0);
+        } else {
+            out.truncate(frame.len());
+        }
+        self.ring.region.copy_out(frame.payload, out);
     }
 
     /// Copies `dst.len()` bytes of `frame`'s payload, from `offset`, into

@@ -13,7 +13,8 @@
 //!
 //! A message longer than the sink's largest payload goes out as
 //! `ipc_core::message` says: frames of its id, each but the last with
-//! `FLAG_MORE`, the first beginning with the message's length. The bytes
+//! `FLAG_MORE`, the first beginning with the message's length, each of at
+//! most `CHUNK_LEN` bytes (less than a frame of a large ring). The bytes
 //! are sent from the message's own buffer, never copied whole again. The
 //! client assembles at most [`MAX_PARTIAL`] messages at once, so no more
 //! than that many chunked messages (replies, stream items, and the echo's
@@ -33,7 +34,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use ipc_core::message::{encode_chunk_prefix, FLAG_MORE, MAX_PARTIAL};
+use ipc_core::message::{encode_chunk_prefix, CHUNK_LEN, FLAG_MORE, MAX_PARTIAL};
 use ipc_core::FrameHeader;
 
 use crate::limits::Charge;
@@ -124,23 +125,26 @@ impl Message {
             self.started = true;
             return Ok(Step::Sent(true));
         }
+        // Chunks of `CHUNK_LEN` at most, whatever a frame could carry: the
+        // client holds about one chunk, not one frame, of a message at once.
+        let chunk = max.min(CHUNK_LEN);
         let total = self.body.len();
         if !self.started {
             if *partials >= MAX_PARTIAL {
                 return Ok(Step::Capped);
             }
             // The first chunk: the length, then as much as fits after it.
-            let n = max - ipc_core::message::CHUNK_PREFIX;
+            let n = chunk - ipc_core::message::CHUNK_PREFIX;
             let prefix = encode_chunk_prefix(total as u64);
             if !sink.put(header(self.flags | FLAG_MORE), &[&prefix, &self.body[..n]])? {
-                return Ok(Step::NoRoom(max));
+                return Ok(Step::NoRoom(chunk));
             }
             *partials += 1;
             self.started = true;
             self.sent = n;
             return Ok(Step::Sent(false));
         }
-        let n = (total - self.sent).min(max);
+        let n = (total - self.sent).min(chunk);
         let last = self.sent + n == total;
         let flags = if last { self.flags } else { self.flags | FLAG_MORE };
         if !sink.put(header(flags), &[&self.body[self.sent..self.sent + n]])? {

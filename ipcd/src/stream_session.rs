@@ -13,8 +13,8 @@
 //! Both buffers are bounded in capacity, not only in what they hold, and
 //! [`buffer_bound`] is what a session is charged against the daemon's
 //! memory budget: input up to one maximum frame plus read-ahead; output up
-//! to the replies held back (the read-ahead, one maximum frame over it, and
-//! one more frame appended before the check), as much again of bytes sent
+//! to the replies held back (a maximum frame and the read-ahead, at most
+//! `OUTPUT_BUDGET`, and one more frame appended before the check), as much again of bytes sent
 //! but not yet compacted away (the output is compacted once the sent part
 //! is as large as the unsent one, so each byte is copied at most once), and
 //! the closing frame.
@@ -67,9 +67,15 @@ fn frame_bound(max_payload: usize) -> usize {
     HEADER_LEN + max_payload
 }
 
+/// The most unsent output past which a session of large frames stops
+/// taking requests: a session that reflects an echo, or sends a long reply,
+/// holds this and one frame (a chunk, for a long message) of it, not as
+/// much as the largest frame again.
+const OUTPUT_BUDGET: usize = 256 * 1024;
+
 /// Output beyond which a session stops reading requests.
 fn output_limit(max_payload: usize) -> usize {
-    frame_bound(max_payload) + READ_AHEAD
+    (frame_bound(max_payload) + READ_AHEAD).min(OUTPUT_BUDGET)
 }
 
 fn input_bound(max_payload: usize) -> usize {
@@ -738,10 +744,16 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn pair() -> (StreamSession, std::os::unix::net::UnixStream) {
+        pair_of(1024)
+    }
+
+    /// A session whose frames carry at most `max_payload` bytes, and its
+    /// client's end.
+    fn pair_of(max_payload: usize) -> (StreamSession, std::os::unix::net::UnixStream) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let peer = Peer::Unix(PeerCredentials { pid: 1, uid: 0, gid: 0 });
-        (StreamSession::new(7, peer, Stream::Unix(mio::net::UnixStream::from_std(ours)), 1024), theirs)
+        (StreamSession::new(7, peer, Stream::Unix(mio::net::UnixStream::from_std(ours)), max_payload), theirs)
     }
 
     fn services() -> ServiceTable {
@@ -842,6 +854,56 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(buffer_bound(1024), bound.0 + bound.1);
+    }
+
+    #[test]
+    fn a_long_echo_over_large_frames_holds_about_a_chunk_while_the_client_reads_slowly() {
+        use ipc_core::message::{encode_chunk_prefix, CHUNK_LEN, FLAG_MORE};
+        use std::io::{Read, Write};
+        let max = 8 << 20;
+        let len = 32 << 20;
+        let mut rig = Rig::new(services());
+        let (mut session, mut client) = pair_of(max);
+        client.set_nonblocking(true).unwrap();
+        // The request as the client library sends it: chunks of CHUNK_LEN,
+        // though a frame could carry 8 MiB.
+        let mut wire = Vec::with_capacity(len + len / CHUNK_LEN * 64);
+        let mut sent = 0;
+        while sent < len {
+            let mut payload = if sent == 0 { encode_chunk_prefix(len as u64).to_vec() } else { Vec::new() };
+            let n = (len - sent).min(CHUNK_LEN - payload.len());
+            payload.extend((sent..sent + n).map(|i| i as u8));
+            sent += n;
+            let flags = if sent < len { FLAG_MORE } else { 0 };
+            let h = FrameHeader { len: payload.len() as u32, service: 0, flags, request_id: 1 };
+            wire.extend_from_slice(&h.encode());
+            wire.extend_from_slice(&payload);
+        }
+        let (mut written, mut read, mut most) = (0, 0, 0);
+        let mut piece = vec![0u8; 64 << 10];
+        // The reflected reply is its request, prefix and headers alike.
+        while read < wire.len() {
+            match client.write(&wire[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            rig.serve(&mut session, usize::MAX).unwrap();
+            most = most.max(session.input.capacity() + session.output.buf.capacity());
+            // A slow reader: a little at a time.
+            match client.read(&mut piece) {
+                Ok(n) => {
+                    assert_eq!(piece[..n], wire[read..read + n], "reply bytes at {read}");
+                    read += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // A chunk in, the budget and a chunk out, and as much again not
+        // yet compacted away: never a frame of 8 MiB.
+        let held = 2 * (OUTPUT_BUDGET + CHUNK_LEN + HEADER_LEN) + CHUNK_LEN + HEADER_LEN + READ_AHEAD;
+        assert!(most <= held, "the session held {most} bytes of buffers, more than {held}");
     }
 
     #[test]

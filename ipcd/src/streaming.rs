@@ -45,7 +45,8 @@
 //! lock, when it finds nothing to take and parks. So each time the lane
 //! parks, the next item or end wakes it, and no notice is lost. The worker
 //! wakes a handler waiting to send (the condition variable) when it grants
-//! credit, writes out an item, or cuts the stream.
+//! credit or writes out an item and the handler may now send the item it
+//! waits with, or cuts the stream.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -140,8 +141,24 @@ struct State {
     /// The worker has been told there is something to take, and its lane
     /// has not yet found the stream empty since.
     told: bool,
-    /// The handler waits in `send`.
-    sender_waits: bool,
+    /// The handler waits in `send`, with an item of this length.
+    sender_waits: Option<usize>,
+}
+
+impl State {
+    /// Whether an item of `len` bytes may be sent now: credit is left and
+    /// the buffer has room (an item longer than it goes alone).
+    fn may_send(&self, len: usize) -> bool {
+        self.credit > 0 && (self.buffered == 0 || self.buffered + len <= STREAM_BUFFER)
+    }
+
+    /// Whether the handler waits in `send` for what it now has: it is
+    /// woken only then (an item written frees no credit, so waking a
+    /// sender that waits for credit at every item would cost a switch
+    /// each for nothing).
+    fn sender_may_go(&self) -> bool {
+        self.sender_waits.is_some_and(|len| self.may_send(len))
+    }
 }
 
 /// What the handler's side and the worker's lane share.
@@ -259,16 +276,15 @@ impl StreamSender {
             if let Some(End::Cut(why)) = &state.end {
                 return Err(TrySendError::Failed(why.clone()));
             }
-            let room = state.buffered == 0 || state.buffered + len <= STREAM_BUFFER;
-            if state.credit > 0 && room {
+            if state.may_send(len) {
                 break;
             }
             if !wait {
                 return Err(TrySendError::Full(item));
             }
-            state.sender_waits = true;
+            state.sender_waits = Some(len);
             state = shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-            state.sender_waits = false;
+            state.sender_waits = None;
         }
         // What waits is charged as it is held; the buffer, exactly.
         item.shrink_to_fit();
@@ -382,7 +398,7 @@ impl StreamLane {
             buffered: 0,
             end: None,
             told: false,
-            sender_waits: false,
+            sender_waits: None,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -463,7 +479,7 @@ impl StreamLane {
         }
         let mut state = self.shared.lock();
         state.buffered -= message.len();
-        if state.sender_waits {
+        if state.sender_may_go() {
             self.shared.changed.notify_all();
         }
         Written::Item
@@ -473,7 +489,7 @@ impl StreamLane {
     pub(crate) fn grant(&mut self, n: u32) {
         let mut state = self.shared.lock();
         state.credit = state.credit.saturating_add(u64::from(n));
-        if state.sender_waits {
+        if state.sender_may_go() {
             self.shared.changed.notify_all();
         }
     }
@@ -578,5 +594,29 @@ impl StreamThreads {
                 tracing::error!("a stream thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(credit: u64, buffered: usize, sender_waits: Option<usize>) -> State {
+        State { items: VecDeque::new(), credit, buffered, end: None, told: false, sender_waits }
+    }
+
+    #[test]
+    fn a_waiting_sender_is_woken_only_once_it_may_send() {
+        // Waiting for credit: an item written frees buffer, not credit.
+        assert!(!state(0, 0, Some(64)).sender_may_go());
+        assert!(state(1, 0, Some(64)).sender_may_go());
+        // Waiting for room: credit alone is not enough.
+        assert!(!state(5, STREAM_BUFFER, Some(64)).sender_may_go());
+        assert!(state(5, STREAM_BUFFER - 64, Some(64)).sender_may_go());
+        // A longer item than the buffer goes alone, once it is empty.
+        assert!(!state(5, 1, Some(STREAM_BUFFER * 2)).sender_may_go());
+        assert!(state(5, 0, Some(STREAM_BUFFER * 2)).sender_may_go());
+        // No one waits: no one to wake.
+        assert!(!state(5, 0, None).sender_may_go());
     }
 }

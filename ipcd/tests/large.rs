@@ -194,7 +194,9 @@ fn a_100_mib_call_passes_through_the_daemon_without_its_peak_memory_growing() {
 /// Reads a [`LONG`] reply of `t.grow` through `call_reader`, checking each
 /// piece where it belongs, in reads of an odd size.
 fn read_long(client: &mut Client, svc: &Service, what: &str) {
-    let mut reader = client.call_reader(svc, &grow(LONG)).unwrap();
+    // The reader borrows its request (it sends what is left as it reads).
+    let request = grow(LONG);
+    let mut reader = client.call_reader(svc, &request).unwrap();
     assert_eq!(reader.len(), Some(LONG as u64), "{what}: the length its first chunk announced");
     let mut piece = vec![0; 3 * MIB + 7];
     let mut at = 0;

@@ -316,7 +316,21 @@ impl Client {
         let ticket = self.calls.expects(link, &h).map_err(|v| v.describe(self.links[link].peer_name()))?;
         self.slots[link].inbound.room().map_err(|e| self.bad(link, &h, &e))?;
         let reader = matches!(awaiting, Awaiting::Chunks(t) if Some(t) == ticket);
-        let mut body = Vec::new();
+        // A `call_into`'s own buffer, reserved once for the whole reply as
+        // announced (within the longest message taken, and its prefix,
+        // dropped in place): the reply is held once, where its caller
+        // wants it.
+        let lent = self.borrow_lent(ticket);
+        let is_lent = lent.is_some();
+        let mut body = lent.unwrap_or_default();
+        if is_lent && r.len() >= CHUNK_PREFIX {
+            let mut prefix = [0u8; CHUNK_PREFIX];
+            self.links[link].read_at(r, 0, &mut prefix);
+            let total = u64::from_le_bytes(prefix);
+            if total != UNKNOWN_LENGTH && total <= self.options.max_message {
+                body.reserve_exact(CHUNK_PREFIX + total as usize);
+            }
+        }
         let checked = self.chunk_in(link, r, ticket.is_some().then_some(&mut body))?;
         let total = match checked {
             Checked::Piece { total, .. } => total,
@@ -329,7 +343,7 @@ impl Client {
         };
         if ticket.is_some() {
             body.drain(..CHUNK_PREFIX);
-            if let (Some(total), false) = (total, reader) {
+            if let (Some(total), false, false) = (total, reader, is_lent) {
                 body.reserve_exact(total.min(RESERVE_CAP) as usize);
             }
         }
@@ -405,6 +419,15 @@ impl Client {
         }
         let keep = matches!(kind, Kind::Reply(Some(_)) | Kind::Item(true));
         let mut body = if keep { std::mem::take(&mut self.slots[link].inbound.partials[i].body) } else { Vec::new() };
+        let needed = body.len() + r.len();
+        if keep && needed > body.capacity() {
+            // Grown by doubling, but never past the length announced: a
+            // message is held once, not up to twice.
+            let total = self.slots[link].inbound.partials[i].total.unwrap_or(u64::MAX);
+            let most = usize::try_from(total).unwrap_or(usize::MAX);
+            let grown = body.capacity().saturating_mul(2).min(most).max(needed);
+            body.reserve_exact(grown - body.len());
+        }
         let checked = match self.chunk_in(link, r, keep.then_some(&mut body)) {
             Ok(checked) => checked,
             Err(e) => {

@@ -19,9 +19,9 @@
 
 use std::io;
 
-use ipc_core::message::{encode_chunk_prefix, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
+use ipc_core::message::{encode_chunk_prefix, CHUNK_LEN, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
 
-use super::inbound::Control;
+use super::inbound::{Control, Step};
 use super::{Client, Deadline, Next, Room, Service};
 use crate::calls::{Awaiting, LinkId, Settled, Ticket};
 use crate::error::CallError;
@@ -52,12 +52,14 @@ impl Outgoing {
         Outgoing { link, service, announced, ticket: None, state: Sending::Going }
     }
 
-    /// Bytes of the message the next chunk carries at most.
+    /// Bytes of the message the next chunk carries at most: a chunk is
+    /// at most [`CHUNK_LEN`] long, whatever a frame could carry.
     fn room(&self, max_payload: usize) -> usize {
+        let chunk = max_payload.min(CHUNK_LEN);
         if self.ticket.is_none() {
-            max_payload - CHUNK_PREFIX
+            chunk - CHUNK_PREFIX
         } else {
-            max_payload
+            chunk
         }
     }
 }
@@ -111,7 +113,10 @@ impl Client {
                 buf.write_at(CHUNK_PREFIX, bytes);
             };
             self.write_request(service, flags, CHUNK_PREFIX + bytes.len(), fill, true, dl)?;
-            out.ticket = Some(self.calls.sent(out.link, out.service));
+            let ticket = self.calls.sent(out.link, out.service);
+            out.ticket = Some(ticket);
+            // Its reply may begin while the rest is sent.
+            self.lend_to(ticket);
             return Ok(());
         };
         let link = out.link;
@@ -202,7 +207,7 @@ impl Client {
         let max_payload = self.slots[link].max_payload;
         let mut buf = std::mem::take(&mut self.upload_buf);
         buf.clear();
-        buf.reserve(max_payload);
+        buf.reserve(max_payload.min(CHUNK_LEN));
         let out = Outgoing::new(link, service.id, len);
         Ok(Upload {
             client: self,
@@ -229,6 +234,14 @@ impl Client {
     /// peer cutting the reply short with an error) fails the read with an
     /// [`io::Error`] whose inner error is the [`CallError`].
     ///
+    /// A request longer than a frame is not sent whole before this
+    /// returns: its first chunk is, and the reader borrows the rest, which
+    /// each read sends on as room comes before it returns reply bytes. So
+    /// a peer that answers as it reads (the echo) is read while it is
+    /// still being sent, and neither end holds more than a chunk or so of
+    /// either message. Dropped before the request is sent whole, the
+    /// reader cancels it.
+    ///
     /// ```no_run
     /// # let mut client = ipc_client::Client::connect()?;
     /// let dump = client.service("db.dump")?;
@@ -236,16 +249,27 @@ impl Client {
     /// std::io::copy(&mut reply, &mut std::io::sink())?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn call_reader(&mut self, service: &Service, request: &[u8]) -> Result<ReplyReader<'_>, CallError> {
+    pub fn call_reader<'c>(&'c mut self, service: &Service, request: &'c [u8]) -> Result<ReplyReader<'c>, CallError> {
         let mut dl = Deadline::new(self.options.call_timeout);
-        let ticket = self.send_message(service, request, &mut dl)?;
-        let whole = self.await_start(ticket, &mut dl)?;
-        let link = ticket.link();
-        let total = match &whole {
-            Some(body) => Some(body.len() as u64),
-            None => self.slots[link].inbound.partial_mut(ticket.id()).and_then(|p| p.total),
-        };
-        Ok(ReplyReader { client: self, ticket, whole: whole.map(|b| (b, 0)), total, failed: None })
+        let link = self.link_of(service)?;
+        let max = self.slots[link].max_payload;
+        if request.len() <= max || request.len() as u64 > self.options.max_message {
+            let ticket = self.send_message(service, request, &mut dl)?;
+            let mut reader = ReplyReader::new(self, ticket, None);
+            reader.begin(&mut dl)?;
+            return Ok(reader);
+        }
+        let mut out = Outgoing::new(link, service.id, Some(request.len() as u64));
+        let (first, rest) = request.split_at(out.room(max));
+        self.send_chunk(service, &mut out, first, false, &mut dl)?;
+        let ticket = out.ticket.expect("the first chunk was sent");
+        let sending = Unsent { out, rest };
+        let mut reader = ReplyReader::new(self, ticket, Some(sending));
+        if let Err(e) = reader.pump() {
+            reader.sending = None;
+            return Err(e);
+        }
+        Ok(reader)
     }
 
     /// Waits for the start of `ticket`'s reply: the reply itself if it
@@ -440,14 +464,25 @@ impl Drop for Upload<'_> {
 /// A reply read as its chunks come, from [`Client::call_reader`]
 /// ([`io::Read`]; `Ok(0)` at its end).
 ///
-/// Dropped before its end, the rest of the reply is dropped as it comes.
+/// Dropped before its end, the rest of the reply is dropped as it comes
+/// (and a request not yet sent whole is cancelled).
 pub struct ReplyReader<'c> {
     client: &'c mut Client,
     ticket: Ticket,
+    /// The rest of a request longer than a frame, sent as reading goes.
+    sending: Option<Unsent<'c>>,
+    /// Whether the reply has begun (its first chunk came, or all of it).
+    begun: bool,
     /// The reply once it is in hand whole, and where reading is in it.
     whole: Option<(Vec<u8>, usize)>,
     total: Option<u64>,
     failed: Option<CallError>,
+}
+
+/// What is left to send of a reader's request.
+struct Unsent<'c> {
+    out: Outgoing,
+    rest: &'c [u8],
 }
 
 impl std::fmt::Debug for ReplyReader<'_> {
@@ -456,7 +491,11 @@ impl std::fmt::Debug for ReplyReader<'_> {
     }
 }
 
-impl ReplyReader<'_> {
+impl<'c> ReplyReader<'c> {
+    fn new(client: &'c mut Client, ticket: Ticket, sending: Option<Unsent<'c>>) -> ReplyReader<'c> {
+        ReplyReader { client, ticket, sending, begun: false, whole: None, total: None, failed: None }
+    }
+
     /// The reply's length, if its first chunk announced it (or it came
     /// whole).
     pub fn len(&self) -> Option<u64> {
@@ -471,6 +510,112 @@ impl ReplyReader<'_> {
     fn fail(&mut self, error: CallError) -> io::Error {
         self.failed = Some(error.clone());
         io::Error::other(error)
+    }
+
+    /// Waits for the reply to begin, the request sent whole.
+    fn begin(&mut self, dl: &mut Deadline) -> Result<(), CallError> {
+        let whole = self.client.await_start(self.ticket, dl)?;
+        self.begun = true;
+        self.total = match &whole {
+            Some(body) => Some(body.len() as u64),
+            None => self.client.slots[self.ticket.link()].inbound.partial_mut(self.ticket.id()).and_then(|p| p.total),
+        };
+        self.whole = whole.map(|b| (b, 0));
+        Ok(())
+    }
+
+    /// Sends as much of the rest of the request as fits now, without
+    /// waiting; stops (cancelling the rest) once the peer has answered.
+    fn pump(&mut self) -> Result<(), CallError> {
+        let Some(s) = &mut self.sending else { return Ok(()) };
+        let client = &mut *self.client;
+        let link = s.out.link;
+        let ticket = self.ticket;
+        loop {
+            if client.calls.kept(ticket) {
+                // Answered before its end: the rest is not sent.
+                s.out.state = Sending::Answered;
+                client.cancel_unfinished(link, s.out.service, ticket);
+                break;
+            }
+            let max = client.slots[link].max_payload;
+            let (chunk, after) = s.rest.split_at(s.out.room(max).min(s.rest.len()));
+            let flags = if after.is_empty() { 0 } else { FLAG_MORE };
+            let written = match client.send_controls(link) {
+                Ok(()) if !client.slots[link].pending.is_empty() => Ok(None),
+                Ok(()) => client.links[link].try_write(s.out.service, flags, ticket.id(), chunk.len(), |buf| {
+                    buf.write_at(0, chunk);
+                }),
+                Err(e) => Err(e),
+            };
+            match client.note(link, written) {
+                Ok(Some(())) => {
+                    s.rest = after;
+                    if after.is_empty() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let e = client.abort(&mut s.out, e);
+                    self.sending = None;
+                    return Err(e);
+                }
+            }
+        }
+        let flushed = client.links[link].flush();
+        let _ = client.note(link, flushed);
+        if s.rest.is_empty() || s.out.state != Sending::Going {
+            self.sending = None;
+        }
+        Ok(())
+    }
+
+    /// While the request is still being sent: takes frames off the link
+    /// one at a time until one is of this reply (so no more of it is held
+    /// than the reader asked for), or sleeps until there is room for the
+    /// next chunk or a frame comes.
+    fn await_while_sending(&mut self, dl: &mut Deadline) -> Result<(), CallError> {
+        let link = self.ticket.link();
+        loop {
+            match self.client.take_frame(link, Awaiting::Chunks(self.ticket)) {
+                Ok(Step::Empty) => break,
+                Ok(Step::Chunk) => {
+                    self.begun = true;
+                    return Ok(());
+                }
+                Ok(Step::Kept(t)) if t == self.ticket => return Ok(()),
+                Ok(Step::Reply(r, _)) => {
+                    // The whole reply in one frame (a refusal, say).
+                    let mut body = Vec::new();
+                    self.client.links[link].read_all(&r, &mut body);
+                    let outcome = self.client.outcome_on(link, r.header(), &mut body);
+                    let _ = self.client.release(link, &r);
+                    outcome?;
+                    self.begun = true;
+                    self.total = Some(body.len() as u64);
+                    self.whole = Some((body, 0));
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(reason) => {
+                    let _ = self.client.note::<()>(link, Err(crate::link::disconnected(reason)));
+                    return Ok(());
+                }
+            }
+        }
+        let Some(s) = &self.sending else { return Ok(()) };
+        let len = s.out.room(self.client.slots[link].max_payload).min(s.rest.len());
+        match self.client.sleep(Some(Room { link, len, begins: false }), dl) {
+            Ok(()) => {
+                self.client.notice_losses();
+                Ok(())
+            }
+            Err(e) => {
+                let mut s = self.sending.take().expect("sending");
+                Err(self.client.abort(&mut s.out, e))
+            }
+        }
     }
 }
 
@@ -491,6 +636,9 @@ impl io::Read for ReplyReader<'_> {
                 *pos += n;
                 return Ok(n);
             }
+            if let Err(e) = self.pump() {
+                return Err(self.fail(e));
+            }
             match self.client.slots[link].inbound.partial_mut(id) {
                 Some(p) if p.taken < p.body.len() => {
                     let n = buf.len().min(p.body.len() - p.taken);
@@ -500,23 +648,42 @@ impl io::Read for ReplyReader<'_> {
                         p.body.clear();
                         p.taken = 0;
                     }
+                    if self.total.is_none() {
+                        self.total = p.total;
+                    }
+                    self.begun = true;
                     return Ok(n);
                 }
-                Some(_) => {}
+                Some(_) => self.begun = true,
                 // Whole now (the rest of it was kept aside), or failed.
                 None => match self.client.calls.take_settled(self.ticket) {
                     Some(Settled::Reply { header, mut body }) => {
                         if let Err(e) = self.client.outcome_on(link, header, &mut body) {
                             return Err(self.fail(e));
                         }
+                        self.total = Some(self.total.unwrap_or(body.len() as u64));
                         self.whole = Some((body, 0));
                         continue;
                     }
                     Some(Settled::Failed(e)) => return Err(self.fail(e)),
+                    None if self.sending.is_some() => {}
+                    None if !self.begun => {
+                        let mut dl = Deadline::new(self.client.options.call_timeout);
+                        if let Err(e) = self.begin(&mut dl) {
+                            return Err(self.fail(e));
+                        }
+                        continue;
+                    }
                     None => return Err(self.fail(CallError::UnknownTicket { id })),
                 },
             }
             let mut dl = Deadline::new(self.client.options.call_timeout);
+            if self.sending.is_some() {
+                if let Err(e) = self.await_while_sending(&mut dl) {
+                    return Err(self.fail(e));
+                }
+                continue;
+            }
             self.client.flush_live();
             if let Err(e) = self.client.next_reply(Awaiting::Chunks(self.ticket), &mut dl) {
                 self.client.slots[link].inbound.forsake(id);
@@ -537,6 +704,10 @@ impl io::Read for ReplyReader<'_> {
 impl Drop for ReplyReader<'_> {
     fn drop(&mut self) {
         let link = self.ticket.link();
+        // A request not sent whole is cancelled.
+        if let Some(mut s) = self.sending.take() {
+            let _ = self.client.abort(&mut s.out, CallError::Cancelled);
+        }
         // Whatever is left of it is dropped as it comes.
         let _ = self.client.calls.take_settled(self.ticket);
         self.client.calls.abandon(self.ticket);

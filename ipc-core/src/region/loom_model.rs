@@ -153,12 +153,4 @@ impl Region {
             cell.with(|bytes| unsafe { ptr::copy_nonoverlapping(bytes.cast::<u8>().add(within), dst.as_mut_ptr(), n) });
         });
     }
-
-    /// Copies `len` bytes out of the region at `offset`, appending them to
-    /// `dst`.
-    pub(crate) fn copy_out_append(&self, offset: usize, len: usize, dst: &mut Vec<u8>) {
-        let start = dst.len();
-        dst.resize(start + len, 0);
-        self.copy_out(offset, &mut dst[start..]);
-    }
 }
