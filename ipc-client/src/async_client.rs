@@ -12,7 +12,9 @@
 //! and the outcomes no task claimed yet (for [`AsyncClient::recv`]).
 //! There is no background task: whichever waiting task is polled reads
 //! every outcome there is and hands each to its task (waking it), so a
-//! reply costs one task wake-up, not two.
+//! reply costs one task wake-up, not two. Streams (`async_stream.rs`)
+//! are waiters too: reading for anyone queues their items, and the pump
+//! wakes each stream that has one.
 //!
 //! # Protocol
 //!
@@ -80,7 +82,7 @@ const ROUNDS: usize = 64;
 /// the protocol; the methods mirror [`Client`]'s.
 #[derive(Clone)]
 pub struct AsyncClient {
-    inner: Arc<Mutex<State>>,
+    pub(crate) inner: Arc<Mutex<State>>,
 }
 
 impl std::fmt::Debug for AsyncClient {
@@ -91,7 +93,7 @@ impl std::fmt::Debug for AsyncClient {
 
 /// Who waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Waiter {
+pub(crate) enum Waiter {
     /// A reply future, for its ticket.
     Ticket(Ticket),
     /// A receive or a send waiting for room, by number.
@@ -106,8 +108,8 @@ struct Registered {
     writable: bool,
 }
 
-struct State {
-    client: Client,
+pub(crate) struct State {
+    pub(crate) client: Client,
     fds: Vec<Registered>,
     epoch: Option<u64>,
     /// Outcomes taken, not yet handed to their future (or to a receive).
@@ -121,9 +123,12 @@ struct State {
     others: HashMap<u64, Waker>,
     watcher: Option<Waiter>,
     next_other: u64,
+    /// The async streams waiting for an item, by waiter number: taking
+    /// frames for any waiter may queue their items.
+    pub(crate) streams: HashMap<u64, crate::calls::StreamKey>,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic under the lock leaves the state as consistent as the
     // client's own `&mut self` methods do.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -132,7 +137,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl State {
     /// Step 1: takes every outcome there is and hands each out. Whether
     /// any came.
-    fn pump(&mut self, me: Waiter) -> bool {
+    pub(crate) fn pump(&mut self, me: Waiter) -> bool {
         let mut any = false;
         while let Ok(Some(Received { ticket, outcome })) = self.client.try_recv() {
             any = true;
@@ -155,7 +160,22 @@ impl State {
                 self.others.insert(id, w);
             }
         }
+        // Taking frames queues stream items too, outcomes or not: wake the
+        // streams that have one (`me` finds its own as it is polled).
+        for (&id, &key) in &self.streams {
+            if Waiter::Other(id) != me && self.client.stream_waiting(key) {
+                if let Some(w) = self.others.remove(&id) {
+                    w.wake();
+                }
+            }
+        }
         any
+    }
+
+    /// A number for a new waiter of the `Other` kind.
+    pub(crate) fn new_other(&mut self) -> u64 {
+        self.next_other += 1;
+        self.next_other
     }
 
     /// Whether no task but `me` waits.
@@ -211,7 +231,7 @@ impl State {
     }
 
     /// Steps 1 to 5 for `me`, until `ready` gives its value.
-    fn drive<T>(
+    pub(crate) fn drive<T>(
         &mut self,
         cx: &mut Context<'_>,
         me: Waiter,
@@ -225,6 +245,12 @@ impl State {
             }
             if self.pump(me) {
                 continue;
+            }
+            // Taking frames may have queued what `me` waits for (a
+            // stream's item) without an outcome to show for it.
+            if let Some(v) = ready(self) {
+                self.finished(me);
+                return Poll::Ready(Ok(v));
             }
             if room.is_none() && self.alone(me) && self.client.spin() {
                 continue;
@@ -280,7 +306,7 @@ impl State {
 
     /// `me` waits no more: if it was the watcher, another waiter takes
     /// over (see the module docs).
-    fn finished(&mut self, me: Waiter) {
+    pub(crate) fn finished(&mut self, me: Waiter) {
         match me {
             Waiter::Ticket(t) => {
                 self.waiting.remove(&t);
@@ -352,6 +378,7 @@ impl AsyncClient {
             others: HashMap::new(),
             watcher: None,
             next_other: 0,
+            streams: HashMap::new(),
         };
         AsyncClient { inner: Arc::new(Mutex::new(state)) }
     }

@@ -37,6 +37,8 @@
 
 #[cfg(feature = "tokio")]
 mod async_client;
+#[cfg(feature = "tokio")]
+mod async_stream;
 mod broker;
 mod calls;
 mod client;
@@ -56,6 +58,8 @@ mod wait;
 
 #[cfg(feature = "tokio")]
 pub use async_client::{AsyncClient, RecvFuture, SendFuture, WaitFuture};
+#[cfg(feature = "tokio")]
+pub use async_stream::AsyncStream;
 pub use calls::Ticket;
 pub use client::{Armed, Client, FdToken, Received, ReplyReader, Service, Stream, Upload, WaitFd};
 pub use error::{CallError, ConnectError};

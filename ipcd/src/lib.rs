@@ -66,6 +66,8 @@
 
 mod acceptor;
 mod access;
+#[cfg(feature = "tokio")]
+mod async_service;
 mod broker;
 mod control_conn;
 mod cooldown;

@@ -86,6 +86,13 @@ pub(crate) enum Handler {
     Inline(Arc<InlineFn>),
     Blocking(Arc<BlockingFn>),
     Deferred(Arc<DeferredFn>),
+    /// A deferred handler whose work goes on elsewhere (an async service's
+    /// tasks), and `cancel`, which the last worker to stop calls to end it.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Cancellable {
+        handler: Arc<DeferredFn>,
+        cancel: Arc<dyn Fn() + Send + Sync>,
+    },
     /// Takes its request chunk by chunk, on the worker.
     Upload(Arc<UploadFn>),
     /// Answers with a stream of items, on a thread of its own.
@@ -173,11 +180,17 @@ impl ServiceTable {
         Ok(())
     }
 
-    /// Stops the handler threads (see [`Pool::stop`]), and waits for the
-    /// stream handlers to return.
+    /// Stops the handler threads (see [`Pool::stop`]), waits for the
+    /// stream handlers to return, and cancels the work of cancellable
+    /// handlers (async services' tasks).
     pub(crate) fn stop_pool(&self) {
         self.pool.stop();
         self.streams.stop();
+        for (_, handler) in &self.entries {
+            if let Handler::Cancellable { cancel, .. } = handler {
+                cancel();
+            }
+        }
     }
 }
 
@@ -394,7 +407,7 @@ pub(crate) fn dispatch(
             counts.count(header.service, false);
             return Dispatched::Deferred(started);
         }
-        Handler::Deferred(handler) => {
+        Handler::Deferred(handler) | Handler::Cancellable { handler, .. } => {
             let (payload, charge) = request.into_owned();
             let request = OwnedRequest::from_parts(payload, charge, Arc::clone(name), session, header.request_id);
             let responder = with.completions.responder(slot, header, max_message);
@@ -769,6 +782,9 @@ macro_rules! service_methods {
             self.handler_threads = n;
             self
         }
+
+        #[cfg(feature = "tokio")]
+        $crate::async_service::async_service_method!();
     };
 }
 pub(crate) use service_methods;

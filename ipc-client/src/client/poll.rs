@@ -356,7 +356,7 @@ impl Client {
 
     /// One pass over the links without waiting, socket links receiving
     /// what they hold: what [`Client::scan`] found, or `None`.
-    fn poll_next(&mut self, awaiting: Awaiting) -> Option<Next> {
+    pub(super) fn poll_next(&mut self, awaiting: Awaiting) -> Option<Next> {
         loop {
             if let Some(next) = self.scan(awaiting) {
                 return Some(next);

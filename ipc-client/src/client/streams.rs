@@ -115,6 +115,18 @@ impl Stream {
         self.finished
     }
 
+    /// When its deadline passes, if it has one.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline.map(|(at, _)| at)
+    }
+
+    /// Its key among its client's calls (to tell whether items wait).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn key(&self) -> StreamKey {
+        self.key
+    }
+
     /// The next item, waiting for it up to the stream's deadline (or,
     /// without one, the client's call timeout); `Ok(None)` at the
     /// stream's end. A wait that runs out is the stream's terminal
@@ -188,6 +200,18 @@ impl Client {
         request: &[u8],
         options: StreamOptions,
     ) -> Result<Stream, CallError> {
+        self.open_stream(service, request, options, true)
+    }
+
+    /// Opens a stream; without `wait`, [`CallError::Full`] if its link has
+    /// no room for the opening now (nothing was written).
+    pub(crate) fn open_stream(
+        &mut self,
+        service: &Service,
+        request: &[u8],
+        options: StreamOptions,
+        wait: bool,
+    ) -> Result<Stream, CallError> {
         let link = self.link_of(service)?;
         self.collect_dropped();
         let max = self.options.max_streams;
@@ -211,7 +235,7 @@ impl Client {
                 buf.write_at(0, &open);
                 buf.write_at(StreamOpen::LEN, request);
             },
-            true,
+            wait,
             &mut dl,
         )?;
         let key = self.calls.open_stream(link, service.id, window);
@@ -286,6 +310,70 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// The next item of `stream` or its terminal outcome if either is
+    /// there now, without waiting (`None`: nothing yet); the async
+    /// stream's step. Taking an item grants credit as [`Stream::next`]
+    /// does.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn try_next_item(&mut self, stream: &mut Stream) -> Option<Result<Option<Vec<u8>>, CallError>> {
+        if let Err(e) = self.check_stream(stream) {
+            return Some(Err(e));
+        }
+        let key = stream.key;
+        if stream.finished {
+            return Some(Err(CallError::UnknownTicket { id: key.id }));
+        }
+        self.collect_dropped();
+        match self.calls.take_next(key) {
+            Some(StreamNext::Item(item)) => {
+                self.grant(stream);
+                Some(Ok(Some(item)))
+            }
+            Some(StreamNext::End(outcome)) => {
+                stream.finished = true;
+                Some(match outcome {
+                    Err(CallError::Timeout { after }) if after.is_zero() => {
+                        Err(CallError::Timeout { after: stream.deadline.map_or(after, |(_, span)| span) })
+                    }
+                    outcome => outcome.map(|()| None),
+                })
+            }
+            None => {
+                self.flush_live();
+                // Read what the links hold: this stream's items, and the
+                // replies of calls, kept aside for their waiters (a stream
+                // is awaited, so none is delivered here).
+                while self.poll_next(Awaiting::Stream(key)).is_some() {
+                    if self.calls.stream_ready(key) {
+                        return self.try_next_item(stream);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// `stream`'s deadline passed with nothing for it: unless its terminal
+    /// came meanwhile, that is its outcome ([`CallError::Timeout`]), and
+    /// the server is told to stop.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn stream_deadline_passed(&mut self, stream: &Stream) {
+        let (key, Some((_, span))) = (stream.key, stream.deadline) else { return };
+        if self.check_stream(stream).is_err() || stream.finished || self.calls.stream_ready(key) {
+            return;
+        }
+        if self.calls.give_up(key, CallError::Timeout { after: span }) {
+            self.queue_control(key.link, Control::cancel(stream.service, key.id));
+            self.send_all_controls();
+        }
+    }
+
+    /// Whether `stream` has an item or its terminal outcome to take now.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn stream_waiting(&self, key: StreamKey) -> bool {
+        self.calls.stream_ready(key)
     }
 
     /// Grants `stream` more credit if taking an item made room for it.
