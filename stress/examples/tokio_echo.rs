@@ -90,13 +90,7 @@ async fn serve(mut stream: UnixStream, payload: usize) -> io::Result<()> {
 
 /// Client `id`: `messages` calls with up to `window` in flight, every
 /// reply checked.
-async fn client(
-    mut stream: UnixStream,
-    id: u32,
-    messages: u64,
-    payload: usize,
-    window: usize,
-) -> Result<Rtts, String> {
+async fn client(mut stream: UnixStream, id: u32, messages: u64, payload: usize, window: usize) -> Result<Rtts, String> {
     let mut request = vec![0u8; PREFIX + payload];
     request[..PREFIX].copy_from_slice(&(payload as u32).to_le_bytes());
     let mut reply = vec![0u8; PREFIX + payload];
