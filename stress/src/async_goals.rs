@@ -217,3 +217,68 @@ pub fn table(runs: &[Run], baselines: &[Baseline], goals: &[AsyncGoal]) -> Strin
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::report::Spec;
+    use crate::workload::ClientOutcome;
+
+    /// A throughput run over shm of 100 calls, `right` of them answered
+    /// right, over `secs`.
+    fn run(client: &'static str, right: u64, secs: f64) -> Run {
+        let spec = Spec { scenario: "throughput", transport: "shm", clients: 1, messages: 100, payload: 64, window: 1 };
+        let mut o = ClientOutcome::new(1);
+        o.made = 100;
+        o.outcomes.replied = 100;
+        o.succeeded = right;
+        o.mismatched = 100 - right;
+        o.latency_ns.record(1000).unwrap();
+        let mut r = Run::from_outcomes(&spec, &[o], None, Duration::from_secs_f64(secs), Default::default(), 0);
+        r.client = client;
+        if client == "async" {
+            r.tasks_per_connection = Some(1);
+        }
+        r
+    }
+
+    fn verdicts(goals: &[AsyncGoal]) -> Vec<(&str, &str)> {
+        goals.iter().map(|g| (g.goal.as_str(), g.verdict)).collect()
+    }
+
+    #[test]
+    fn goals_are_judged_on_ratios_of_runs_that_passed() {
+        // 100 msg/s blocking; 95 and 85 msg/s async.
+        let runs = [run("sync", 100, 1.0), run("async", 100, 100.0 / 95.0)];
+        let judged = goals(&runs, &[], false);
+        assert_eq!(
+            verdicts(&judged),
+            [
+                ("async msg/s >= 0.9x sync", "met"),
+                // No tokio_echo row: nothing to compare with.
+                ("async msg/s >= 3x tokio_echo", "not judged"),
+                ("async allocations/call < 0.01", "met"),
+            ]
+        );
+        assert!((judged[0].measured.unwrap() - 0.95).abs() < 1e-9);
+        let runs = [run("sync", 100, 1.0), run("async", 100, 100.0 / 85.0)];
+        assert_eq!(goals_of(&runs)[0], ("async msg/s >= 0.9x sync".to_string(), "MISSED"));
+    }
+
+    fn goals_of(runs: &[Run]) -> Vec<(String, &'static str)> {
+        goals(runs, &[], false).into_iter().map(|g| (g.goal, g.verdict)).collect()
+    }
+
+    #[test]
+    fn a_ratio_from_a_run_that_failed_judges_nothing() {
+        // Faster, but one reply was wrong.
+        let runs = [run("sync", 100, 1.0), run("async", 99, 0.5)];
+        let judged = goals_of(&runs);
+        assert!(judged.iter().all(|(_, v)| *v == "not judged"), "{judged:?}");
+        let runs = [run("sync", 99, 1.0), run("async", 100, 0.5)];
+        assert_eq!(goals_of(&runs)[0].1, "not judged");
+        assert!(table(&runs, &[], &goals(&runs, &[], false)).contains("async only"));
+    }
+}
