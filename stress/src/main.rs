@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+mod async_goals;
+mod async_workload;
 mod attacker;
 mod bandwidth;
 mod baselines;
@@ -65,6 +67,14 @@ static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::Counting
 ///
 /// Every reply is checked byte for byte. Ends with a comparison table.
 /// Exits 1 if any call failed or a reply did not match.
+///
+/// --client async makes every throughput, latency and pipelined run twice:
+/// with the blocking client (a thread per client), then with the async
+/// client (a tokio task per client, --async-share tasks per connection, on
+/// one multi-thread runtime of --async-workers threads); and after each of
+/// those scenarios the tokio_echo baseline (tokio's UnixStream against a
+/// tokio echo server, stress/examples) with the same clients, calls,
+/// payload and window. Ends with a table of the three and the async goals.
 ///
 /// --scenario hostile (not part of all) starts its own daemon with a short
 /// handshake timeout and runs 10 clients x 20,000 synchronous calls over
@@ -185,6 +195,22 @@ struct Args {
     #[arg(long)]
     baselines: bool,
 
+    /// Which client makes the throughput, latency and pipelined calls:
+    /// `sync`, the blocking client; `async`, the blocking client and then
+    /// the async client in the same run, beside tokio_echo.
+    #[arg(long, value_enum, default_value_t = ClientKind::Sync)]
+    client: ClientKind,
+
+    /// With --client async: tasks calling through one connection (1: a
+    /// connection per task); several, comma-separated, make a run each.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "1")]
+    async_share: Vec<usize>,
+
+    /// With --client async: worker threads of the tokio runtime (and of
+    /// tokio_echo's) [default: the number of cores]
+    #[arg(long, value_name = "N")]
+    async_workers: Option<usize>,
+
     /// Use the daemon already running on this control socket instead of
     /// starting one.
     #[arg(long, conflicts_with = "daemon")]
@@ -294,6 +320,12 @@ impl Scenario {
             Scenario::Stream => (100, 1_000, vec![64, 4 << 10], streams::DEFAULT_WINDOW),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ClientKind {
+    Sync,
+    Async,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -442,6 +474,17 @@ fn validate(args: &Args) -> Result<(), String> {
         }
         _ => {}
     }
+    if args.client == ClientKind::Async {
+        if !matches!(args.scenario, Scenario::Throughput | Scenario::Latency | Scenario::Pipelined | Scenario::All) {
+            return Err("--client async runs the throughput, latency and pipelined scenarios (or all)".into());
+        }
+        if faulty || args.procs || args.plot.is_some() {
+            return Err("--client async makes plain runs of tasks in this process: drop --chaos, --duration, --procs and --plot".into());
+        }
+        if args.async_share.contains(&0) || args.async_workers == Some(0) {
+            return Err("--async-share and --async-workers must be at least 1".into());
+        }
+    }
     if args.duration == Some(0) {
         return Err("--duration must be at least 1 second".into());
     }
@@ -548,8 +591,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(dir) = &args.plot {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if args.baselines {
-        baselines::check_built(&exe, &specs)?;
+    let wanted = wanted_baselines(&args);
+    if wanted.classic || wanted.tokio {
+        baselines::check_built(&exe, &specs, wanted)?;
     }
     // A hung-up session is closed by its worker a moment later, so connects
     // in a row (latency runs) can outpace the clean-up on a loaded machine:
@@ -634,6 +678,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         // Before the run: the daemon's allocator would otherwise hand the
         // check memory the run's 4 clients made it take from the system.
         let heap_check = heap_w.map(|w| bandwidth::heap_check(&w, spec.payload, pid));
+        let w_async = (args.client == ClientKind::Async && is_async_scenario(spec.scenario)).then(|| w.clone());
         let mut run = run_one(&spec, w, pid, args.procs, &exe, &faults, private.as_mut())?;
         run.heap_check = heap_check;
         // A restarted private daemon has another pid.
@@ -642,6 +687,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
         print!("{}", run.summary(mode));
         runs.push(run);
+        if let Some(w) = w_async {
+            for share in shares(&args.async_share, spec.clients) {
+                let layout = async_workload::Layout { share, workers: async_workers(&args) };
+                let run = async_run(&spec, w.clone(), pid, layout)?;
+                let mode = format!("tokio tasks, {share} per connection, {} runtime workers", layout.workers);
+                print!("{}", run.summary(&mode));
+                runs.push(run);
+            }
+        }
     }
     if let Some(done) = group {
         baseline_rows.extend(run_baselines(&args, &exe, &done, &runs)?);
@@ -661,8 +715,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if !baseline_rows.is_empty() {
         print!("{}", report::baseline_table(&baseline_rows));
     }
+    let async_goals = async_goals::goals(&runs, &baseline_rows, args.spin_us == Some(0));
+    print!("{}", async_goals::table(&runs, &baseline_rows, &async_goals));
     if let Some(path) = &args.json {
-        report::write_json_all(path, &runs, &baseline_rows, &goals)?;
+        report::write_json_all(path, &runs, &baseline_rows, &goals, &async_goals)?;
     }
     if let Some(dir) = &args.plot {
         let files = plot::draw(dir, &runs)?;
@@ -679,20 +735,78 @@ fn run(args: Args) -> anyhow::Result<bool> {
 /// With `--baselines`, runs the baselines of `spec`'s scenario and payload,
 /// printing each one's summary against the runs just made.
 fn run_baselines(args: &Args, exe: &std::path::Path, spec: &Spec, runs: &[Run]) -> anyhow::Result<Vec<Baseline>> {
-    if !args.baselines {
+    let wanted = wanted_baselines(args);
+    if !wanted.classic && !wanted.tokio {
         return Ok(Vec::new());
     }
-    if spec.scenario == "latency" && spec.clients != 1 {
+    if args.baselines && spec.scenario == "latency" && spec.clients != 1 {
         eprintln!("note: spin_floor and futex_baseline are one pair of threads: skipped for {} clients", spec.clients);
     }
     let mut rows = Vec::new();
-    for name in baselines::for_spec(spec) {
-        let figures = baselines::run(exe, name, spec, args.spin_us.map(Duration::from_micros))?;
+    for name in baselines::for_spec(spec, wanted) {
+        let figures = baselines::run(exe, name, spec, args.spin_us.map(Duration::from_micros), async_workers(args))?;
         let row = Baseline::new(spec, figures, runs);
         print!("{}", row.summary());
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// The baselines the command line asks for.
+fn wanted_baselines(args: &Args) -> baselines::Wanted {
+    baselines::Wanted { classic: args.baselines, tokio: args.client == ClientKind::Async }
+}
+
+/// Whether `--client async` runs `scenario` with the async client too.
+fn is_async_scenario(scenario: &str) -> bool {
+    matches!(scenario, "throughput" | "latency" | "pipelined")
+}
+
+/// The worker threads of the async runs' runtime.
+fn async_workers(args: &Args) -> usize {
+    args.async_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The distinct tasks per connection `--async-share` gives for `clients`
+/// tasks, in order (a share beyond the clients is one connection for all).
+fn shares(asked: &[usize], clients: usize) -> Vec<usize> {
+    let mut shares = Vec::new();
+    for &share in asked {
+        let share = share.clamp(1, clients.max(1));
+        if !shares.contains(&share) {
+            shares.push(share);
+        }
+    }
+    shares
+}
+
+/// One run of `spec` with the async client, laid out as `layout` says,
+/// its progress on display meanwhile.
+fn async_run(spec: &Spec, mut w: Workload, pid: i32, layout: async_workload::Layout) -> anyhow::Result<Run> {
+    let calls = Arc::new(progress::Calls::new(spec.clients));
+    w.progress = Some(Arc::clone(&calls));
+    let label =
+        format!("{} over {} ({}), async x{}", spec.scenario, spec.transport, report::size(spec.payload), layout.share);
+    let shown = Progress::start(label, Goal::Calls(spec.clients as u64 * spec.messages), Some(calls));
+    let sampler = PeakSampler::start(pid, Duration::from_millis(20));
+    let result = async_workload::run(&w, spec.clients, layout);
+    let (outcomes, elapsed, kept) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            sampler.finish();
+            shown.finish();
+            return Err(e);
+        }
+    };
+    let usage = daemon_usage(pid);
+    let peak = sampler.finish();
+    shown.finish();
+    drop(kept);
+    let mut run = Run::from_outcomes(spec, &outcomes, None, elapsed, usage, peak.max(usage.rss_anon_kb));
+    run.client = "async";
+    run.tasks_per_connection = Some(layout.share);
+    run.runtime_workers = Some(layout.workers);
+    Ok(run)
 }
 
 /// The hostile scenario's configuration from the command line.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::async_goals::AsyncGoal;
 use crate::bandwidth::{GoalRow, HeapCheck};
 use crate::brokered::{BrokeredRestartReport, KillProviderReport};
 use crate::chaos::{KillReport, RestartReport, Sample, Soak, StopReport};
@@ -36,6 +37,15 @@ pub struct Connect {
 pub struct Run {
     pub scenario: &'static str,
     pub transport: &'static str,
+    /// Which client made the calls: `sync` (the blocking client, a thread
+    /// per client) or `async` (`--client async`: a tokio task per client).
+    pub client: &'static str,
+    /// Async runs: tasks calling through one connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks_per_connection: Option<usize>,
+    /// Async runs: worker threads of the tokio runtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_workers: Option<usize>,
     /// In the provider scenario: who served the calls, `daemon` (its own
     /// `echo`) or `provider` (the provider process's, brokered).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +163,9 @@ impl Run {
         Run {
             scenario: spec.scenario,
             transport: spec.transport,
+            client: "sync",
+            tasks_per_connection: None,
+            runtime_workers: None,
             served_by: None,
             clients: outcomes.len(),
             messages_per_client: messages,
@@ -402,8 +415,12 @@ pub fn comparison(runs: &[Run]) -> String {
         "scenario", "payload", "figure", "shm", "uds", "tcp", "shm:uds", "shm:tcp"
     );
     for (scenario, payload) in rows {
-        let find =
-            |t: &str| runs.iter().find(|r| r.scenario == scenario && r.payload_bytes == payload && r.transport == t);
+        // The blocking client's runs: `--client async` has a table of its own.
+        let find = |t: &str| {
+            runs.iter().find(|r| {
+                r.scenario == scenario && r.payload_bytes == payload && r.transport == t && r.client == "sync"
+            })
+        };
         let (label, higher_better, figure): (&str, bool, fn(&Run) -> f64) = match scenario {
             "latency" => ("p50 us", false, |r| r.latency_us.p50),
             "bandwidth" => ("GB/s", true, |r| r.bytes_per_s.unwrap_or(0.0) / 1e9),
@@ -482,7 +499,8 @@ impl Baseline {
     pub fn new(spec: &Spec, figures: BaselineFigures, runs: &[Run]) -> Baseline {
         let latency = spec.scenario == "latency";
         let mut ratios = BTreeMap::new();
-        for r in runs.iter().filter(|r| r.scenario == spec.scenario && r.payload_bytes == spec.payload) {
+        let beside = |r: &&Run| r.scenario == spec.scenario && r.payload_bytes == spec.payload && r.client == "sync";
+        for r in runs.iter().filter(beside) {
             let (ours, theirs) = if latency {
                 (figures.p50_us, r.latency_us.p50)
             } else {
@@ -583,6 +601,8 @@ struct Report<'a, R> {
     baselines: &'a [Baseline],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     bandwidth_goals: &'a [GoalRow],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    async_goals: &'a [AsyncGoal],
 }
 
 /// Writes `document` to `path` as pretty JSON.
@@ -605,18 +625,20 @@ pub fn write_json_with_baselines<R: Serialize>(
     runs: &[R],
     baselines: &[Baseline],
 ) -> anyhow::Result<()> {
-    write_json_all(path, runs, baselines, &[])
+    write_json_all(path, runs, baselines, &[], &[])
 }
 
 /// As [`write_json_with_baselines`], with the bandwidth goals as
-/// `"bandwidth_goals": [...]` when there are any.
+/// `"bandwidth_goals": [...]` and the async client's as `"async_goals":
+/// [...]` when there are any.
 pub fn write_json_all<R: Serialize>(
     path: &std::path::Path,
     runs: &[R],
     baselines: &[Baseline],
     bandwidth_goals: &[GoalRow],
+    async_goals: &[AsyncGoal],
 ) -> anyhow::Result<()> {
-    write_document(path, &Report { runs, baselines, bandwidth_goals })
+    write_document(path, &Report { runs, baselines, bandwidth_goals, async_goals })
 }
 
 #[cfg(test)]

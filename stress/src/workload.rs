@@ -204,7 +204,7 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 impl ClientOutcome {
-    fn new(connect_ns: u64) -> ClientOutcome {
+    pub(crate) fn new(connect_ns: u64) -> ClientOutcome {
         ClientOutcome {
             latency_ns: new_histogram(),
             connect_ns,
@@ -228,7 +228,15 @@ impl ClientOutcome {
     /// Records a call's reply: a success with its round trip if it is the
     /// expected bytes; a duplicate if it is another request's; else a
     /// mismatch.
-    fn reply(&mut self, id: u32, seq: u64, started: Instant, reply: &[u8], expected: &[u8], probe: Option<&Probe>) {
+    pub(crate) fn reply(
+        &mut self,
+        id: u32,
+        seq: u64,
+        started: Instant,
+        reply: &[u8],
+        expected: &[u8],
+        probe: Option<&Probe>,
+    ) {
         self.outcomes.replied += 1;
         if reply == expected {
             self.succeeded += 1;
@@ -246,7 +254,7 @@ impl ClientOutcome {
     }
 
     /// Records a call that ended in an error.
-    fn error(&mut self, id: u32, seq: u64, e: &CallError, probe: Option<&Probe>) {
+    pub(crate) fn error(&mut self, id: u32, seq: u64, e: &CallError, probe: Option<&Probe>) {
         let rejected = self.outcomes.rejected;
         self.outcomes.error(e);
         if self.outcomes.rejected > rejected {
@@ -281,10 +289,8 @@ fn is_payload(bytes: &[u8]) -> bool {
     expected == bytes
 }
 
-/// Connects one client and resolves the workload's service (a provided
-/// one through the daemon's broker). Returns the time both took.
-pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
-    let start = Instant::now();
+/// The options every client of `w` connects with.
+pub fn options(w: &Workload) -> ClientOptions {
     let mut options = ClientOptions::default().fit_payload(w.payload).call_timeout(w.call_timeout);
     if let Some(spin) = w.spin {
         options = options.spin(spin);
@@ -292,8 +298,16 @@ pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
     if w.reconnect {
         options = options.reconnect(Reconnect::default());
     }
+    options
+}
+
+/// Connects one client and resolves the workload's service (a provided
+/// one through the daemon's broker). Returns the time both took.
+pub fn connect(w: &Workload) -> (Result<(Client, Service), String>, u64) {
+    let start = Instant::now();
     // With its causes: the library's errors keep them as sources.
-    let result = Client::connect_with(w.transport.clone(), options).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
+    let result =
+        Client::connect_with(w.transport.clone(), options(w)).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
     let result = result.and_then(|mut client| {
         let echo = client.service(w.service).map_err(|e| e.to_string())?;
         // A payload longer than a frame goes in chunks: only the longest
@@ -378,7 +392,7 @@ fn sync_calls(
 /// Publishes the calls client `id` has done (those with an outcome) to the
 /// progress display: one store to a word of its own, no lock, no
 /// allocation.
-fn publish(w: &Workload, id: u32, out: &ClientOutcome) {
+pub(crate) fn publish(w: &Workload, id: u32, out: &ClientOutcome) {
     if let Some(calls) = &w.progress {
         calls.set(id, out.outcomes.total());
     }

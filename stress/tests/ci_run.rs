@@ -425,3 +425,63 @@ fn bandwidth_beyond_the_ring_is_verified_and_heap_checked() {
     assert!(goals[0]["shm_ge_uds"].is_boolean(), "judged: both runs passed: {}", goals[0]);
     assert!(goals[0]["shm_ge_goal"].is_boolean(), "{}", goals[0]);
 }
+
+/// Checks the calls of one run of `report`: all made, all right.
+fn all_right(run: &serde_json::Value, calls: u64) {
+    for (key, want) in [("sent", calls), ("succeeded", calls), ("failed", 0), ("mismatched", 0), ("lost", 0)] {
+        assert_eq!(run[key], want, "{key}: {run}");
+    }
+    assert_eq!(run["duplicated"], 0, "{run}");
+    assert!(run["throughput_msgs_per_s"].as_f64().unwrap() > 0.0, "{run}");
+}
+
+/// `--client async`, CI-sized: each run made by the blocking client, then
+/// by the async client (a connection per task, then 4 tasks per
+/// connection), with tokio_echo beside them and the goals judged. The
+/// tokio_echo example is built by `cargo test -p stress` (not by a run
+/// limited to this file).
+#[test]
+fn async_client_runs_beside_the_blocking_client_and_tokio_echo() {
+    let args = ["--scenario", "throughput", "--transport", "shm", "--clients", "8", "--messages", "500"];
+    let report = run_all(&args, &["--client", "async", "--async-share", "1,4"]);
+    let runs = report["runs"].as_array().unwrap();
+    let layout: Vec<(&str, Option<u64>)> =
+        runs.iter().map(|r| (r["client"].as_str().unwrap(), r["tasks_per_connection"].as_u64())).collect();
+    assert_eq!(layout, [("sync", None), ("async", Some(1)), ("async", Some(4))]);
+    for run in runs {
+        all_right(run, 4000);
+    }
+    assert_eq!(
+        runs[1]["runtime_workers"].as_u64().unwrap() as usize,
+        std::thread::available_parallelism().unwrap().get()
+    );
+    let baselines = report["baselines"].as_array().unwrap();
+    let tokio: Vec<_> = baselines.iter().filter(|b| b["baseline"]["name"] == "tokio_echo").collect();
+    assert_eq!(tokio.len(), 1, "{baselines:?}");
+    assert_eq!(tokio[0]["baseline"]["calls"], 4000);
+    // Per async run over shm: against the blocking client, against
+    // tokio_echo, allocations; each judged, as both runs passed.
+    let goals = report["async_goals"].as_array().unwrap();
+    assert_eq!(goals.len(), 6, "{goals:?}");
+    for g in goals {
+        assert!(g["verdict"] == "met" || g["verdict"] == "MISSED", "{g}");
+        assert!(g["measured"].as_f64().is_some(), "{g}");
+    }
+
+    // A window over a Unix socket, 2 tasks per connection, 2 workers.
+    let args = ["--scenario", "pipelined", "--transport", "uds", "--clients", "4", "--messages", "1000"];
+    let report = run_all(&args, &["--client", "async", "--async-share", "2", "--async-workers", "2"]);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["window"], 32);
+        all_right(run, 4000);
+    }
+    assert_eq!(runs[1]["client"], "async");
+    assert_eq!(runs[1]["runtime_workers"], 2);
+    let tokio = &report["baselines"][0]["baseline"];
+    assert_eq!(
+        (tokio["name"].as_str(), tokio["calls"].as_u64(), tokio["window"].as_u64()),
+        (Some("tokio_echo"), Some(4000), Some(32))
+    );
+}
