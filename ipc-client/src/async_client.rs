@@ -193,12 +193,9 @@ impl State {
             let owned = w.fd.try_clone_to_owned().map_err(|e| gone(format!("cannot duplicate an fd: {e}")))?;
             let writable = self.client.transport() != "shm";
             let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            // SAFETY: `owned` is a duplicate made for the registration
-            // alone: the `AsyncFd` owns it, and nothing else closes it or
-            // puts another file behind its number while it is registered.
-            #[allow(unsafe_code)]
-            let fd = unsafe { AsyncFd::register_with_interest(owned, interest) }
-                .map_err(|e| gone(format!("cannot register an fd: {}", std::io::Error::from(e))))?;
+            // A duplicate made for the registration alone, owned by it.
+            let fd = ipc_platform::async_fd::register_owned(owned, interest)
+                .map_err(|e| gone(format!("cannot register an fd: {e}")))?;
             self.fds.push(Registered { fd, token: w.token, writable });
         }
         self.epoch = Some(self.client.fd_epoch());

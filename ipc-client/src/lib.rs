@@ -31,9 +31,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-// Denied, not forbidden: the async client registers its fds with tokio,
-// whose registration is `unsafe` (one block, justified there).
-#![deny(unsafe_code)]
+// The async client's one unsafe step, registering an fd with tokio, is
+// `ipc_platform::async_fd`'s.
+#![forbid(unsafe_code)]
 
 #[cfg(feature = "tokio")]
 mod async_client;

@@ -18,6 +18,8 @@
 //! ```
 
 mod activation;
+#[cfg(feature = "tokio")]
+pub mod async_fd;
 mod bell;
 mod cgroup;
 mod cpu;
