@@ -39,6 +39,7 @@
 mod async_client;
 #[cfg(feature = "tokio")]
 mod async_stream;
+mod backoff;
 mod broker;
 mod calls;
 mod client;

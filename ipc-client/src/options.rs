@@ -120,7 +120,9 @@ pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 30;
 ///
 /// With a policy set, a request started after its link was lost first
 /// re-establishes it, retrying with a delay that starts at `first_delay`
-/// and doubles up to `max_delay`, for at most the request's own timeout:
+/// and doubles up to `max_delay` (each pause drawn at random from the upper
+/// half of its delay, so clients that lost one daemon together come back
+/// spread out), for at most the request's own timeout:
 /// the daemon link by connecting again (same transport, same options), a
 /// brokered link (its provider went away) by resolving the called
 /// service's name again, which reaches a restarted provider, or another of

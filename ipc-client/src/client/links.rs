@@ -11,6 +11,7 @@ use ipc_core::{Credentials, Reject, Welcome};
 
 use super::inbound::Inbound;
 use super::{Client, Deadline, Provided, Service, Slot, DAEMON};
+use crate::backoff::Backoff;
 use crate::broker::{self, Broker, Exchange};
 use crate::calls::LinkId;
 use crate::connect;
@@ -50,7 +51,7 @@ impl Client {
             return Ok(self.handle(DAEMON, id, name));
         }
         let policy = self.options.reconnect.unwrap_or_default();
-        let mut delay = policy.first_delay;
+        let mut backoff = Backoff::new(policy);
         let mut dl = Deadline::new(timeout);
         loop {
             let left = dl.at().saturating_duration_since(Instant::now());
@@ -65,8 +66,7 @@ impl Client {
             if !passing || left.is_zero() {
                 return Err(error);
             }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
+            backoff.pause(left);
         }
     }
 
@@ -249,7 +249,7 @@ impl Client {
         policy: Reconnect,
         dl: &mut Deadline,
     ) -> Result<(), CallError> {
-        let mut delay = policy.first_delay;
+        let mut backoff = Backoff::new(policy);
         loop {
             let left = dl.at().saturating_duration_since(Instant::now());
             let error = match self.resolve(name, left, Some(link), true) {
@@ -264,14 +264,13 @@ impl Client {
                     e => CallError::NotConnected { reason: format!("cannot reach {name:?} again: {e}") },
                 });
             }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
+            backoff.pause(left);
         }
     }
 
     /// Connects again, retrying with `policy`'s backoff until the deadline.
     pub(super) fn connect_again(&mut self, policy: Reconnect, dl: &mut Deadline) -> Result<(), CallError> {
-        let mut delay = policy.first_delay;
+        let mut backoff = Backoff::new(policy);
         loop {
             let now = Instant::now();
             let left = dl.at().saturating_duration_since(now);
@@ -293,8 +292,7 @@ impl Client {
             if lasting || left.is_zero() {
                 return Err(CallError::NotConnected { reason: format!("cannot reconnect: {}", with_causes(&error)) });
             }
-            std::thread::sleep(delay.min(left));
-            delay = (delay * 2).min(policy.max_delay);
+            backoff.pause(left);
         }
     }
 
