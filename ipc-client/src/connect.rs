@@ -285,7 +285,7 @@ pub(crate) enum ReadError {
 impl ReadError {
     fn in_handshake(self, limit: Duration) -> ConnectError {
         match self {
-            ReadError::Closed => ConnectError::Protocol("the daemon closed the connection during the handshake".into()),
+            ReadError::Closed => ConnectError::Closed,
             ReadError::Timeout => ConnectError::Timeout { after: limit },
             ReadError::Protocol(m) => ConnectError::Protocol(m),
             ReadError::Io(e) => timeout_or(e, limit),

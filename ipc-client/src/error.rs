@@ -54,6 +54,12 @@ pub enum ConnectError {
         /// What was found.
         reason: String,
     },
+    /// The daemon closed the connection before it answered the hello: it
+    /// stopped or was killed as the client connected (a restart), or cut
+    /// the connection without a reason. Worth trying again, unlike
+    /// [`ConnectError::Protocol`].
+    #[error("the daemon closed the connection during the handshake")]
+    Closed,
     /// The daemon's answer broke the protocol (bad welcome, wrong fds,
     /// unsealed or mis-sized segment).
     #[error("handshake protocol error: {0}")]

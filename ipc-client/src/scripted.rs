@@ -636,7 +636,7 @@ impl Scripted {
 
 /// Reads a session's hello on `control` and answers it with a welcome and
 /// a session of the peer's making.
-fn answer_session(control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
+pub(crate) fn answer_session(control: UnixStream, doorbell: DoorbellKind, bell: PeerBell) -> PeerSide {
     answer_session_of(CAPACITY, control, doorbell, bell)
 }
 

@@ -253,3 +253,31 @@ fn a_reply_kept_aside_before_a_failed_consume_gives_each_ticket_one_outcome() {
     drop(client);
     daemon.finish();
 }
+
+/// A daemon that dies as a reconnecting client's hello arrives closes the
+/// connection without an answer: that attempt is tried again (within the
+/// request's timeout), not taken for a broken protocol.
+#[test]
+fn a_reconnect_closed_during_its_handshake_is_tried_again() {
+    use crate::scripted::{answer_session, options, Rig};
+    let rig = Rig::new();
+    let policy = crate::Reconnect::new(Duration::from_millis(1), Duration::from_millis(1));
+    let (mut client, daemon) = rig.connect(options().reconnect(policy));
+    let echo = client.service("echo").unwrap();
+    drop(daemon);
+    assert!(matches!(client.call(&echo, b"lost"), Err(CallError::Disconnected { .. })));
+    let daemon = std::thread::scope(|s| {
+        let daemon = s.spawn(|| {
+            // The first attempt meets a daemon that goes away mid-handshake:
+            // it takes the hello, then closes without an answer.
+            let mut dying = rig.accept();
+            crate::scripted::read_hello(&mut dying);
+            drop(dying);
+            answer_session(rig.accept(), options().doorbell, DaemonBell::EventFd)
+        });
+        let sent = client.send(&echo, b"again");
+        assert!(sent.is_ok(), "the request after a closed handshake: {sent:?}");
+        daemon.join().unwrap()
+    });
+    drop(daemon);
+}
