@@ -527,7 +527,10 @@ impl Worker {
                 completions: &self.completions,
                 limits: &self.engine.limits,
                 max_message: self.engine.max_message,
-                shutting_down: false,
+                // Read per session, not per pass: a stop signalled while a
+                // handler of this pass ran (an inline one can take seconds)
+                // must keep the sessions after it from starting new calls.
+                shutting_down: self.engine.shutting_down.load(Ordering::Acquire),
             };
             let was_stalled = conn.stalled_since().is_some();
             let progress = match conn {
