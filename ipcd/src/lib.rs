@@ -100,6 +100,8 @@ mod shared;
 mod stats;
 mod stream_session;
 mod streaming;
+#[cfg(test)]
+mod test_rig;
 mod upload;
 mod views;
 mod worker;

@@ -498,10 +498,9 @@ pub(crate) struct Tally {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::deferred::{Completions, Responder, MAX_OUTSTANDING_CALLS};
+    use crate::deferred::{Responder, MAX_OUTSTANDING_CALLS};
     use crate::request::{OwnedRequest, Request};
     use crate::service::{Handler, ServiceError, ServiceTable};
-    use crate::stats::WorkerCounters;
     use ipc_core::{decode_error, ErrorCode, HeapMemory, Region, Segment, SegmentLayout};
     use std::sync::atomic::Ordering;
     use std::sync::mpsc::{channel, Receiver};
@@ -520,50 +519,28 @@ pub(crate) mod tests {
         (Handler::Deferred(Arc::new(handler)), rx)
     }
 
-    /// What a worker lends its sessions, and the end its answers arrive
-    /// at.
-    pub(crate) struct Rig {
-        services: ServiceTable,
-        counters: WorkerCounters,
-        completions: Completions,
-        pub(crate) answers: Receiver<crate::deferred::Event>,
-        limits: Arc<Limits>,
-        _poll: mio::Poll,
-        scratch: Scratch,
+    pub(crate) use crate::test_rig::Rig;
+
+    /// How the tests drive a shared-memory session with a [`Rig`].
+    pub(crate) trait ShmRig {
+        fn serve_with(&mut self, session: &mut Session, budget: usize, shutting_down: bool)
+            -> Result<Progress, String>;
+        fn serve(&mut self, session: &mut Session) -> Progress;
+        fn deliver(&mut self, session: &mut Session) -> usize;
     }
 
-    impl Rig {
-        pub(crate) fn new(services: ServiceTable) -> Rig {
-            let (completions, answers, poll) = crate::deferred::tests::completions();
-            Rig {
-                services,
-                counters: WorkerCounters::default(),
-                completions,
-                answers,
-                limits: Arc::new(Limits::new(u64::MAX, usize::MAX)),
-                _poll: poll,
-                scratch: Scratch::default(),
-            }
-        }
-
+    impl ShmRig for Rig {
         fn serve_with(
             &mut self,
             session: &mut Session,
             budget: usize,
             shutting_down: bool,
         ) -> Result<Progress, String> {
-            let with = Serving {
-                services: &self.services,
-                counters: &self.counters,
-                completions: &self.completions,
-                limits: &self.limits,
-                max_message: crate::DEFAULT_MAX_MESSAGE,
-                shutting_down,
-            };
-            session.serve(&with, &mut self.scratch, budget, true)
+            let (with, scratch) = self.lend(shutting_down);
+            session.serve(&with, scratch, budget, true)
         }
 
-        pub(crate) fn serve(&mut self, session: &mut Session) -> Progress {
+        fn serve(&mut self, session: &mut Session) -> Progress {
             self.serve_with(session, usize::MAX, false).unwrap()
         }
 
@@ -571,32 +548,18 @@ pub(crate) mod tests {
         /// does; returns how many it took.
         fn deliver(&mut self, session: &mut Session) -> usize {
             let slot = session.slot;
+            let limits = self.limits();
             let mut taken = 0;
             for event in self.answers.try_iter() {
                 match event {
                     crate::deferred::Event::Answer(a) if a.slot == slot => {
-                        taken += usize::from(session.complete(a, &self.counters, &self.limits));
+                        taken += usize::from(session.complete(a, &self.counters, &limits));
                     }
                     crate::deferred::Event::Stream { slot: s, id } if s == slot => session.stream_ready(id),
                     _ => {}
                 }
             }
             taken
-        }
-
-        /// The next answer to come back, waiting for it (under a watchdog).
-        pub(crate) fn answer(&self) -> Completion {
-            loop {
-                match self.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer") {
-                    crate::deferred::Event::Answer(a) => return a,
-                    crate::deferred::Event::Stream { .. } => continue,
-                }
-            }
-        }
-
-        /// What the sessions' messages are charged against.
-        pub(crate) fn limits(&self) -> Arc<Limits> {
-            Arc::clone(&self.limits)
         }
     }
 

@@ -622,89 +622,56 @@ impl StreamSession {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::deferred::{Completions, Responder};
+    use crate::deferred::Responder;
     use crate::request::OwnedRequest;
     use crate::service::{Handler, ServiceTable};
-    use crate::stats::WorkerCounters;
     use ipc_core::{decode_error, ErrorCode, FLAG_CLOSED, FLAG_ERROR};
     use std::sync::mpsc::{channel, Receiver};
     use std::sync::{Arc, Mutex};
 
-    /// What a worker lends its sessions, and the end its answers arrive
-    /// at.
-    pub(crate) struct Rig {
-        services: ServiceTable,
-        counters: WorkerCounters,
-        completions: Completions,
-        pub(crate) answers: Receiver<crate::deferred::Event>,
-        limits: Arc<Limits>,
-        _poll: mio::Poll,
-        scratch: Scratch,
+    pub(crate) use crate::test_rig::Rig;
+
+    /// How the tests drive a stream session with a [`Rig`].
+    pub(crate) trait StreamRig {
+        fn serve_with(
+            &mut self,
+            session: &mut StreamSession,
+            budget: usize,
+            shutting_down: bool,
+        ) -> Result<Progress, String>;
+        fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String>;
+        fn deliver(&mut self, session: &mut StreamSession) -> usize;
     }
 
-    impl Rig {
-        pub(crate) fn new(services: ServiceTable) -> Rig {
-            let (completions, answers, poll) = crate::deferred::tests::completions();
-            Rig {
-                services,
-                counters: WorkerCounters::default(),
-                completions,
-                answers,
-                limits: Arc::new(Limits::new(u64::MAX, usize::MAX)),
-                _poll: poll,
-                scratch: Scratch::default(),
-            }
-        }
-
+    impl StreamRig for Rig {
         fn serve_with(
             &mut self,
             session: &mut StreamSession,
             budget: usize,
             shutting_down: bool,
         ) -> Result<Progress, String> {
-            let with = Serving {
-                services: &self.services,
-                counters: &self.counters,
-                completions: &self.completions,
-                limits: &self.limits,
-                max_message: crate::DEFAULT_MAX_MESSAGE,
-                shutting_down,
-            };
-            session.serve(&with, &mut self.scratch, budget)
+            let (with, scratch) = self.lend(shutting_down);
+            session.serve(&with, scratch, budget)
         }
 
-        pub(crate) fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String> {
+        fn serve(&mut self, session: &mut StreamSession, budget: usize) -> Result<Progress, String> {
             self.serve_with(session, budget, false)
         }
 
         /// Hands the answers that came back to `session`, as its worker
         /// does.
         fn deliver(&mut self, session: &mut StreamSession) -> usize {
+            let limits = self.limits();
             let mut taken = 0;
             for event in self.answers.try_iter() {
                 match event {
                     crate::deferred::Event::Answer(a) => {
-                        taken += usize::from(session.complete(a, &self.counters, &self.limits))
+                        taken += usize::from(session.complete(a, &self.counters, &limits))
                     }
                     crate::deferred::Event::Stream { id, .. } => session.stream_ready(id),
                 }
             }
             taken
-        }
-
-        /// The next answer to come back, waiting for it (under a watchdog).
-        pub(crate) fn answer(&self) -> Completion {
-            loop {
-                match self.answers.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer") {
-                    crate::deferred::Event::Answer(a) => return a,
-                    crate::deferred::Event::Stream { .. } => continue,
-                }
-            }
-        }
-
-        /// What the sessions' messages are charged against.
-        pub(crate) fn limits(&self) -> Arc<Limits> {
-            Arc::clone(&self.limits)
         }
     }
 

@@ -876,7 +876,7 @@ mod tests {
         let (mut session, mut tx, mut rx) = session::tests::new_session();
         tx.try_push(0, 0, 1, b"").unwrap();
         tx.publish();
-        rig.serve(&mut session);
+        session::tests::ShmRig::serve(&mut rig, &mut session);
         let mut conn = Conn::Shm(session);
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
@@ -892,7 +892,7 @@ mod tests {
         let mut rig = stream_session::tests::Rig::new(services);
         let (mut session, mut client) = stream_session::tests::pair();
         std::io::Write::write_all(&mut client, &stream_session::tests::request(1, 1)).unwrap();
-        rig.serve(&mut session, 64).unwrap();
+        stream_session::tests::StreamRig::serve(&mut rig, &mut session, 64).unwrap();
         let mut conn = Conn::Stream(session);
         assert!(conn.draining(), "a call outstanding keeps the drain going");
         let (_, responder) = handed.try_recv().unwrap();
