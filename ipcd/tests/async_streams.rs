@@ -12,7 +12,7 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use common::{start_with_streams, watchdog, TEST_LIMIT};
+use common::{count_item, start_with_streams, stream_count as count, watchdog, TEST_LIMIT};
 use futures_core::Stream as _;
 use ipc_client::{AsyncClient, AsyncStream, CallError, ClientOptions, StreamOptions, Transport};
 
@@ -51,21 +51,6 @@ where
             body(client).await;
         })
     });
-}
-
-/// A `stream.count` request.
-fn count(n: u32, size: u32) -> Vec<u8> {
-    [n.to_le_bytes(), size.to_le_bytes()].concat()
-}
-
-/// Item `i` of a `stream.count` stream of items of `size` bytes, as the
-/// daemon documents it.
-fn count_item(i: u32, size: u32) -> Vec<u8> {
-    let mut item = vec![i as u8; size as usize];
-    let head = u64::from(i).to_le_bytes();
-    let n = head.len().min(item.len());
-    item[..n].copy_from_slice(&head[..n]);
-    item
 }
 
 fn window(items: u32) -> StreamOptions {

@@ -21,7 +21,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{connect, poll_until, start_with_streams, watchdog, Daemon, TEST_LIMIT};
+use common::{
+    connect, count_item, poll_until, start_with_streams, stream_count as count, watchdog, Daemon, TEST_LIMIT,
+};
 use embedded::Embedded;
 use in_process::InProcess;
 use ipc_client::{CallError, Client, ClientOptions, Service, Stream, StreamOptions, Transport};
@@ -50,21 +52,6 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Options for every client: calls wait long enough for a loaded machine.
 fn options() -> ClientOptions {
     ClientOptions::default().call_timeout(Duration::from_secs(60)).connect_timeout(Duration::from_secs(10))
-}
-
-/// A `stream.count` request.
-fn count(n: u32, size: u32) -> Vec<u8> {
-    [n.to_le_bytes(), size.to_le_bytes()].concat()
-}
-
-/// Item `i` of a `stream.count` stream of items of `size` bytes, as the
-/// daemon documents it.
-fn count_item(i: u32, size: u32) -> Vec<u8> {
-    let mut item = vec![i as u8; size as usize];
-    let head = u64::from(i).to_le_bytes();
-    let n = head.len().min(item.len());
-    item[..n].copy_from_slice(&head[..n]);
-    item
 }
 
 fn window(items: u32) -> StreamOptions {

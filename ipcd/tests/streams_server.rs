@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use common::{start_with_streams, watchdog, TEST_LIMIT};
+use common::{count_item, start_with_streams, stream_count as count, watchdog, TEST_LIMIT};
 use embedded::Embedded;
 use ipc_client::Transport;
 use ipc_core::ErrorCode;
@@ -26,21 +26,6 @@ use wire::{Message, Messages, Wire, FRAME_LIMIT};
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A `stream.count` request.
-fn count(n: u32, size: u32) -> Vec<u8> {
-    [n.to_le_bytes(), size.to_le_bytes()].concat()
-}
-
-/// Item `i` of a `stream.count` stream of items of `size` bytes, as the
-/// daemon documents it.
-fn count_item(i: u32, size: u32) -> Vec<u8> {
-    let mut item = vec![i as u8; size as usize];
-    let head = u64::from(i).to_le_bytes();
-    let n = head.len().min(item.len());
-    item[..n].copy_from_slice(&head[..n]);
-    item
 }
 
 /// Reads stream `id` to its end, granting `step` items each time the

@@ -864,3 +864,20 @@ pub fn connect(transport: &ipc_client::Transport, options: ipc_client::ClientOpt
         Err(e) => panic!("cannot connect to ipcd over {}: {e}", transport.name()),
     }
 }
+
+/// A request of the daemon's built-in `stream.count`: `n` items of `size`
+/// bytes.
+pub fn stream_count(n: u32, size: u32) -> Vec<u8> {
+    [n.to_le_bytes(), size.to_le_bytes()].concat()
+}
+
+/// Item `i` of a `stream.count` stream of items of `size` bytes, as the
+/// daemon documents it: `i` as a little-endian `u64` (cut to `size`), the
+/// rest filled with `i as u8`.
+pub fn count_item(i: u32, size: u32) -> Vec<u8> {
+    let mut item = vec![i as u8; size as usize];
+    let head = u64::from(i).to_le_bytes();
+    let n = head.len().min(item.len());
+    item[..n].copy_from_slice(&head[..n]);
+    item
+}
