@@ -824,7 +824,7 @@ mod streams;
 
 pub use messages::{ReplyReader, Upload};
 #[cfg_attr(not(feature = "tokio"), allow(unused_imports))]
-pub(crate) use outgoing::{Outgoing, Pushed};
+pub(crate) use outgoing::{Gathered, Outgoing, Pushed};
 pub use poll::{Armed, FdToken, Received, WaitFd};
 pub use streams::Stream;
 #[cfg(test)]

@@ -19,10 +19,8 @@
 
 use std::io;
 
-use ipc_core::message::CHUNK_LEN;
-
 use super::inbound::Step;
-use super::outgoing::{Outgoing, Pushed};
+use super::outgoing::{Gathered, Outgoing, Pushed};
 use super::{Client, Deadline, Next, Service};
 use crate::calls::{Awaiting, Settled, Ticket};
 use crate::error::CallError;
@@ -80,24 +78,9 @@ impl Client {
         let link = self.link_of(service)?;
         let mut dl = Deadline::new(self.options.call_timeout);
         self.ensure_connected(service, link, &mut dl)?;
-        if let Some(len) = len {
-            self.check_message_len(len)?;
-        }
-        let max_payload = self.slots[link].max_payload;
-        let mut buf = std::mem::take(&mut self.upload_buf);
-        buf.clear();
-        buf.reserve(max_payload.min(CHUNK_LEN));
-        let out = Outgoing::new(link, service.id, len);
-        Ok(Upload {
-            client: self,
-            service: service.clone(),
-            out,
-            max_payload,
-            buf,
-            written: 0,
-            failed: None,
-            done: false,
-        })
+        let buf = std::mem::take(&mut self.upload_buf);
+        let g = self.gathered(service, len, buf)?;
+        Ok(Upload { client: self, service: service.clone(), g, failed: None, done: false })
     }
 
     /// Calls `service` with `request` and returns a reader of the reply,
@@ -205,12 +188,7 @@ impl Client {
 pub struct Upload<'c> {
     client: &'c mut Client,
     service: Service,
-    out: Outgoing,
-    max_payload: usize,
-    /// Written, not yet sent: at most a chunk, sent when more comes (so
-    /// the last chunk is never empty) or at the finish.
-    buf: Vec<u8>,
-    written: u64,
+    g: Gathered,
     failed: Option<CallError>,
     done: bool,
 }
@@ -219,8 +197,7 @@ impl std::fmt::Debug for Upload<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upload")
             .field("service", &self.service.name())
-            .field("announced", &self.out.announced)
-            .field("written", &self.written)
+            .field("written", &self.g.written())
             .finish_non_exhaustive()
     }
 }
@@ -228,12 +205,12 @@ impl std::fmt::Debug for Upload<'_> {
 impl Upload<'_> {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.written
+        self.g.written()
     }
 
     /// The request's ticket, once its first chunk is sent.
     pub fn ticket(&self) -> Option<Ticket> {
-        self.out.ticket()
+        self.g.out.ticket()
     }
 
     /// Sends what is left and waits up to the call timeout for the reply.
@@ -248,20 +225,20 @@ impl Upload<'_> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        if let Some(announced) = self.out.announced.filter(|&n| n != self.written) {
-            return Err(self.fail(CallError::UploadLength { announced, written: self.written }));
+        if let Err(e) = self.g.check_whole() {
+            return Err(self.fail(e));
         }
         let mut dl = Deadline::new(self.client.options.call_timeout);
-        let ticket = match self.out.ticket() {
+        let ticket = match self.g.out.ticket() {
             // All of it fits one frame.
             None => {
-                let buf = &self.buf;
+                let buf = &self.g.buf;
                 let sent = self.client.start(&self.service, buf.len(), |b| b.write_at(0, buf), true, &mut dl);
                 self.done = true;
                 sent?.0
             }
             Some(ticket) => {
-                if self.out.is_going() {
+                if self.g.out.is_going() {
                     self.send_buffered(true, &mut dl)?;
                 }
                 ticket
@@ -276,8 +253,8 @@ impl Upload<'_> {
 
     /// Sends the bytes written and not yet sent as the next chunk.
     fn send_buffered(&mut self, last: bool, dl: &mut Deadline) -> Result<(), CallError> {
-        let sent = self.client.send_chunk(&self.service, &mut self.out, &self.buf, last, dl);
-        self.buf.clear();
+        let sent = self.client.send_chunk(&self.service, &mut self.g.out, &self.g.buf, last, dl);
+        self.g.buf.clear();
         sent.map_err(|e| self.fail(e))
     }
 
@@ -285,7 +262,7 @@ impl Upload<'_> {
     /// to hand out.
     fn fail(&mut self, error: CallError) -> CallError {
         self.done = true;
-        let error = self.client.abort(&mut self.out, error);
+        let error = self.client.abort(&mut self.g.out, error);
         self.failed = Some(error.clone());
         error
     }
@@ -296,33 +273,18 @@ impl io::Write for Upload<'_> {
         if let Some(e) = &self.failed {
             return Err(io::Error::other(e.clone()));
         }
-        let total = self.written + data.len() as u64;
-        let limit = self.client.options.max_message;
-        match self.out.announced {
-            Some(announced) if total > announced => {
-                return Err(io::Error::other(self.fail(CallError::UploadLength { announced, written: total })));
-            }
-            None if total > limit => {
-                let len = usize::try_from(total).unwrap_or(usize::MAX);
-                let max = usize::try_from(limit).unwrap_or(usize::MAX);
-                return Err(io::Error::other(self.fail(CallError::TooLarge { len, max })));
-            }
-            _ => {}
+        if let Err(e) = self.g.admit(data.len()) {
+            return Err(io::Error::other(self.fail(e)));
         }
         let mut rest = data;
-        // Once the peer answered, the rest is not sent.
-        while !rest.is_empty() && self.out.is_going() {
-            let room = self.out.room(self.max_payload);
-            if self.buf.len() == room {
+        while !rest.is_empty() {
+            if self.g.is_full() {
                 let mut dl = Deadline::new(self.client.options.call_timeout);
                 self.send_buffered(false, &mut dl).map_err(io::Error::other)?;
                 continue;
             }
-            let n = (room - self.buf.len()).min(rest.len());
-            self.buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+            rest = &rest[self.g.gather(rest)..];
         }
-        self.written = total;
         Ok(data.len())
     }
 
@@ -334,9 +296,9 @@ impl io::Write for Upload<'_> {
 impl Drop for Upload<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.client.abort(&mut self.out, CallError::Cancelled);
+            let _ = self.client.abort(&mut self.g.out, CallError::Cancelled);
         }
-        self.client.upload_buf = std::mem::take(&mut self.buf);
+        self.client.upload_buf = std::mem::take(&mut self.g.buf);
     }
 }
 

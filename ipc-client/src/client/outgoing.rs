@@ -35,7 +35,7 @@ pub(crate) struct Outgoing {
     link: LinkId,
     service: u16,
     /// The length its first chunk announces (`None`: unknown).
-    pub(super) announced: Option<u64>,
+    announced: Option<u64>,
     /// Once its first chunk is written.
     ticket: Option<Ticket>,
     state: Sending,
@@ -102,7 +102,100 @@ impl Outgoing {
     }
 }
 
+/// A request written bit by bit (an upload), gathered into chunks: the
+/// bytes written and not yet sent are at most a chunk, sent when more
+/// comes (so the last chunk is never empty) or at the finish.
+pub(crate) struct Gathered {
+    pub(crate) out: Outgoing,
+    max_payload: usize,
+    /// The longest message the client sends.
+    limit: u64,
+    pub(crate) buf: Vec<u8>,
+    written: u64,
+}
+
+impl Gathered {
+    /// An upload of `out` on a link of `max_payload`, gathered in `buf`.
+    pub(crate) fn new(out: Outgoing, max_payload: usize, limit: u64, mut buf: Vec<u8>) -> Gathered {
+        buf.clear();
+        buf.reserve(max_payload.min(CHUNK_LEN));
+        Gathered { out, max_payload, limit, buf, written: 0 }
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether `n` more bytes may be written: not past the length
+    /// announced ([`CallError::UploadLength`]), nor past the longest
+    /// message ([`CallError::TooLarge`]).
+    pub(crate) fn admit(&self, n: usize) -> Result<(), CallError> {
+        let total = self.written + n as u64;
+        match self.out.announced {
+            Some(announced) if total > announced => Err(CallError::UploadLength { announced, written: total }),
+            None if total > self.limit => {
+                let len = usize::try_from(total).unwrap_or(usize::MAX);
+                Err(CallError::TooLarge { len, max: usize::try_from(self.limit).unwrap_or(usize::MAX) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the bytes gathered are a whole chunk, to send before more
+    /// is gathered.
+    pub(crate) fn is_full(&self) -> bool {
+        self.out.is_going() && self.buf.len() == self.out.room(self.max_payload)
+    }
+
+    /// Gathers what fits of `data` (admitted, and not [`Gathered::is_full`]):
+    /// the bytes taken. Once the peer answered, all of it is taken and
+    /// dropped: the rest is not sent.
+    pub(crate) fn gather(&mut self, data: &[u8]) -> usize {
+        let n = if self.out.is_going() {
+            let n = (self.out.room(self.max_payload) - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            n
+        } else {
+            data.len()
+        };
+        self.written += n as u64;
+        n
+    }
+
+    /// At the finish: [`CallError::UploadLength`] short of the length
+    /// announced.
+    pub(crate) fn check_whole(&self) -> Result<(), CallError> {
+        match self.out.announced {
+            Some(announced) if announced != self.written => {
+                Err(CallError::UploadLength { announced, written: self.written })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Client {
+    /// Sends the bytes `g` gathered as its next chunk (the last with
+    /// `last`) if there is room now; [`Pushed::Full`] leaves them
+    /// gathered. An error is the link's, as [`Client::try_chunk`]'s.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn try_send_gathered(
+        &mut self,
+        service: &Service,
+        g: &mut Gathered,
+        last: bool,
+    ) -> Result<Pushed, CallError> {
+        let pushed = match g.out.ticket() {
+            None => self.try_begin_chunks(service, &mut g.out, &g.buf, last)?,
+            Some(_) => self.try_chunk(&mut g.out, &g.buf, last)?,
+        };
+        if pushed != Pushed::Full {
+            g.buf.clear();
+        }
+        Ok(pushed)
+    }
+
     /// Refuses a request of `len` bytes longer than the client's
     /// [`ClientOptions::max_message`](crate::ClientOptions::max_message).
     pub(crate) fn check_message_len(&self, len: u64) -> Result<(), CallError> {
@@ -116,13 +209,20 @@ impl Client {
 
     /// A request of `len` bytes (if known) to `service` to send in chunks:
     /// [`CallError::TooLarge`] past the client's largest message.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn outgoing(&self, service: &Service, len: Option<u64>) -> Result<Outgoing, CallError> {
         let link = self.link_of(service)?;
         if let Some(len) = len {
             self.check_message_len(len)?;
         }
         Ok(Outgoing::new(link, service.id, len))
+    }
+
+    /// An upload to `service` of `len` bytes if known, gathered in `buf`:
+    /// [`CallError::TooLarge`] past the client's largest message.
+    pub(crate) fn gathered(&self, service: &Service, len: Option<u64>, buf: Vec<u8>) -> Result<Gathered, CallError> {
+        let out = self.outgoing(service, len)?;
+        let max_payload = self.slots[out.link].max_payload;
+        Ok(Gathered::new(out, max_payload, self.options.max_message, buf))
     }
 
     /// [`Client::begin_chunks`] without waiting: [`Pushed::Full`] if there
