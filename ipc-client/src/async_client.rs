@@ -634,3 +634,6 @@ impl Drop for RecvFuture<'_> {
 }
 
 mod large;
+mod upload;
+
+pub use upload::AsyncUpload;

@@ -8,7 +8,9 @@
 //! every other call still given its own reply, no ticket left without
 //! its outcome and the connection still the same session; and the two
 //! maximums (the client's `TooLarge`, the daemon's `MessageTooLarge`),
-//! after which the connection goes on.
+//! after which the connection goes on. Uploads (`AsyncClient::upload`, a
+//! `tokio::io::AsyncWrite`) of unknown and announced length, of the
+//! wrong length, and dropped half way.
 
 #[path = "common/async_rig.rs"]
 mod async_rig;
@@ -20,6 +22,7 @@ use std::time::Duration;
 use async_rig::{fastrand_like, tiny, with_async, DropAfter};
 use common::pattern;
 use ipc_client::{CallError, ClientOptions};
+use tokio::io::AsyncWriteExt;
 
 macro_rules! on_every_transport {
     ($($test:ident),* $(,)?) => {
@@ -40,6 +43,7 @@ on_every_transport!(
     many_tasks_send_long_requests_through_one_connection,
     calls_dropped_mid_message_leave_no_stray_outcome,
     past_either_maximum_a_call_fails_alone,
+    uploads_are_written_as_async_writes,
 );
 
 const KIB: usize = 1 << 10;
@@ -183,5 +187,68 @@ fn past_either_maximum_a_call_fails_alone(name: &'static str) {
         assert_eq!(client.call(&echo, &fits).await.unwrap(), fits, "{name}");
         assert_eq!(client.call(&echo, b"after").await.unwrap(), b"after", "{name}");
         assert_eq!(client.in_flight(), 0, "{name}");
+    });
+}
+
+/// Uploads through 4 KiB rings, the echo sending each back: of unknown
+/// length, written in uneven pieces, while other tasks call; of an
+/// announced length; one that fits a frame; one written past its length
+/// and one finished short of it (`UploadLength`, cancelled); one dropped
+/// half way (cancelled). The connection goes on, nothing left in flight.
+fn uploads_are_written_as_async_writes(name: &'static str) {
+    with_async(name, &["--spin-us", "0"], tiny(), move |client, _| async move {
+        let echo = Arc::new(client.service("echo").await.unwrap());
+        let max = client.with_client(|c| c.max_payload());
+        let callers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (client, echo) = (client.clone(), echo.clone());
+                tokio::spawn(async move {
+                    for i in 0..20u64 {
+                        let request = pattern(t << 16 | i, 1 + (i as usize * 131) % (3 * max));
+                        assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                    }
+                })
+            })
+            .collect();
+        let body = pattern(1, 200 * KIB + 3);
+        let mut upload = client.upload(&echo, None).unwrap();
+        for piece in body.chunks(7 * KIB + 1) {
+            upload.write_all(piece).await.unwrap();
+        }
+        assert_eq!(upload.written(), body.len() as u64);
+        assert!(upload.ticket().is_some(), "{name}: chunks went out as it was written");
+        assert!(upload.finish().await.unwrap() == body, "{name}: unknown length");
+
+        let mut upload = client.upload(&echo, Some(body.len() as u64)).unwrap();
+        upload.write_all(&body).await.unwrap();
+        assert!(upload.finish().await.unwrap() == body, "{name}: announced length");
+
+        let mut upload = client.upload(&echo, None).unwrap();
+        upload.write_all(b"one frame").await.unwrap();
+        assert!(upload.ticket().is_none(), "{name}: nothing sent before the finish");
+        assert_eq!(upload.finish().await.unwrap(), b"one frame", "{name}");
+
+        let mut upload = client.upload(&echo, Some(10 * max as u64)).unwrap();
+        upload.write_all(&body[..5 * max]).await.unwrap();
+        let past = upload.write_all(&body[..6 * max]).await.unwrap_err();
+        let past = past.get_ref().and_then(|e| e.downcast_ref::<CallError>()).cloned();
+        assert!(matches!(past, Some(CallError::UploadLength { .. })), "{name}: {past:?}");
+        assert!(matches!(upload.finish().await, Err(CallError::UploadLength { .. })), "{name}");
+
+        let mut upload = client.upload(&echo, Some(10 * max as u64)).unwrap();
+        upload.write_all(&body[..5 * max]).await.unwrap();
+        assert!(matches!(upload.finish().await, Err(CallError::UploadLength { .. })), "{name}: short");
+
+        let mut upload = client.upload(&echo, None).unwrap();
+        upload.write_all(&body[..6 * max]).await.unwrap();
+        assert!(upload.ticket().is_some(), "{name}");
+        drop(upload);
+
+        for task in callers {
+            task.await.unwrap();
+        }
+        assert_eq!(client.call(&echo, &body).await.unwrap(), body, "{name}: after");
+        assert_eq!(client.in_flight(), 0, "{name}");
+        assert_eq!(client.with_client(|c| c.reconnects()), 0, "{name}");
     });
 }

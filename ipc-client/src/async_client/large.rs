@@ -54,12 +54,12 @@ pub(crate) struct Lanes {
     /// Lanes taken, per link.
     busy: HashMap<LinkId, usize>,
     /// The sends waiting for a lane, by waiter number.
-    waiting: HashMap<u64, Waker>,
+    pub(super) waiting: HashMap<u64, Waker>,
 }
 
 impl Lanes {
     /// Takes a lane of `link` for send `me`, or registers its waker.
-    fn take(&mut self, link: LinkId, me: u64, waker: &Waker) -> bool {
+    pub(super) fn take(&mut self, link: LinkId, me: u64, waker: &Waker) -> bool {
         let busy = self.busy.entry(link).or_default();
         if *busy < LANES {
             *busy += 1;
@@ -72,7 +72,7 @@ impl Lanes {
 
     /// Gives a lane of `link` back, waking every send waiting for one
     /// (each takes one, or waits again).
-    fn give_back(&mut self, link: LinkId) {
+    pub(super) fn give_back(&mut self, link: LinkId) {
         if let Some(busy) = self.busy.get_mut(&link) {
             *busy = busy.saturating_sub(1);
         }

@@ -12,7 +12,9 @@
 //! way: a blocking sender sleeps ([`Client::send_chunk`]), the async client
 //! arms the doorbell and yields. Between steps, whatever reads the links
 //! takes replies aside, so a peer that answers as it reads (the echo) is
-//! never stuck behind the sender.
+//! never stuck behind the sender. An upload, written bit by bit, gathers
+//! its bytes into chunks first ([`Gathered`]: at most a chunk held, its
+//! length checked as it grows).
 //!
 //! A step first looks whether the peer answered the request already (a
 //! refusal before its end): then the rest is not sent but cancelled, and
