@@ -53,8 +53,9 @@
 //! outcome: a dropped reply future forgets its ticket
 //! ([`Client::forget`]: the late reply is consumed unread) or drops the
 //! outcome already taken for it; a dropped send either sent (and was
-//! handed the ticket) or wrote nothing, since a request is written whole
-//! or not at all. A timeout is such a drop, followed by
+//! handed the ticket) or wrote nothing, since a request of one frame is
+//! written whole or not at all, and one in chunks dropped half way is
+//! cancelled (`async_client/large.rs`). A timeout is such a drop, followed by
 //! [`CallError::Timeout`]: each request has exactly one outcome.
 
 use std::collections::{HashMap, VecDeque};
@@ -126,6 +127,8 @@ pub(crate) struct State {
     /// The async streams waiting for an item, by waiter number: taking
     /// frames for any waiter may queue their items.
     pub(crate) streams: HashMap<u64, crate::calls::StreamKey>,
+    /// Requests in chunks under way, per link (`async_client/large.rs`).
+    lanes: large::Lanes,
 }
 
 pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -376,6 +379,7 @@ impl AsyncClient {
             watcher: None,
             next_other: 0,
             streams: HashMap::new(),
+            lanes: large::Lanes::default(),
         };
         AsyncClient { inner: Arc::new(Mutex::new(state)) }
     }
@@ -442,12 +446,15 @@ impl AsyncClient {
     }
 
     /// Queues a request, waiting for room in its link, and returns its
-    /// ticket (for [`AsyncClient::wait`] or [`AsyncClient::recv`]). The
-    /// request is one frame (at most [`Client::max_payload_of`];
-    /// [`CallError::TooLarge`] past it). Cancel safe: dropped before it
-    /// is ready, nothing was sent.
+    /// ticket (for [`AsyncClient::wait`] or [`AsyncClient::recv`]). A
+    /// request longer than [`Client::max_payload_of`] (up to
+    /// [`ClientOptions::max_message`]; [`CallError::TooLarge`] past it)
+    /// goes out in chunks, all of them before it is ready, as the blocking
+    /// [`Client::send`] sends it. Cancel safe: dropped before it is ready,
+    /// nothing was sent, or the request begun in chunks is cancelled (it
+    /// does not run, and its answer is dropped).
     pub fn send<'a>(&'a self, service: &'a Service, request: &'a [u8]) -> SendFuture<'a> {
-        SendFuture { client: self, service, request, me: None }
+        SendFuture { client: self, service, request, me: None, chunked: None }
     }
 
     /// Waits for `ticket`'s outcome. Dropped before it is ready, the
@@ -479,6 +486,8 @@ pub struct SendFuture<'a> {
     service: &'a Service,
     request: &'a [u8],
     me: Option<u64>,
+    /// A request longer than a frame, as its chunks go.
+    chunked: Option<large::Chunked<'a>>,
 }
 
 impl Future for SendFuture<'_> {
@@ -492,6 +501,12 @@ impl Future for SendFuture<'_> {
             st.next_other
         });
         let (service, request) = (this.service, this.request);
+        if let Some(polled) = large::poll_send(&mut st, cx, me, service, request, &mut this.chunked) {
+            if polled.is_ready() {
+                this.me = None;
+            }
+            return polled;
+        }
         let polled = st.drive(cx, Waiter::Other(me), Some((service, request.len())), |st| {
             match st.client.try_send(service, request) {
                 Err(CallError::Full { .. }) => None,
@@ -512,7 +527,9 @@ impl Future for SendFuture<'_> {
 impl Drop for SendFuture<'_> {
     fn drop(&mut self) {
         if let Some(me) = self.me {
-            lock(&self.client.inner).finished(Waiter::Other(me));
+            let mut st = lock(&self.client.inner);
+            large::drop_send(&mut st, me, &mut self.chunked);
+            st.finished(Waiter::Other(me));
         }
     }
 }
@@ -615,3 +632,8 @@ impl Drop for RecvFuture<'_> {
         }
     }
 }
+
+mod large;
+mod upload;
+
+pub use upload::AsyncUpload;

@@ -817,11 +817,14 @@ impl Deadline {
 mod inbound;
 mod links;
 mod messages;
+mod outgoing;
 mod poll;
 mod replies;
 mod streams;
 
 pub use messages::{ReplyReader, Upload};
+#[cfg_attr(not(feature = "tokio"), allow(unused_imports))]
+pub(crate) use outgoing::{Gathered, Outgoing, Pushed};
 pub use poll::{Armed, FdToken, Received, WaitFd};
 pub use streams::Stream;
 #[cfg(test)]

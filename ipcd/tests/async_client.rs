@@ -5,16 +5,15 @@
 //! readiness protocol hammered (many tasks, 4 KiB rings, the daemon not
 //! spinning) without a hang (the watchdog turns one into a failure).
 
+#[path = "common/async_rig.rs"]
+mod async_rig;
 mod common;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use common::{pattern, start_with_streams, watchdog, TEST_LIMIT};
-use ipc_client::{AsyncClient, CallError, ClientOptions, Transport};
+use async_rig::{fastrand_like, tiny, with_async, DropAfter};
+use common::pattern;
+use ipc_client::{AsyncClient, CallError, ClientOptions};
 
 macro_rules! on_every_transport {
     ($($test:ident),* $(,)?) => {
@@ -37,31 +36,6 @@ on_every_transport!(
     send_then_wait_and_recv,
 );
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-fn tiny() -> ClientOptions {
-    ClientOptions::default().ring_capacity(4096).spin(Duration::ZERO)
-}
-
-/// Runs `body` with a daemon (started with `args`) and an async client
-/// over `name`, on a runtime of two workers, under the watchdog.
-fn with_async<F, Fut>(name: &'static str, args: &[&str], options: ClientOptions, body: F)
-where
-    F: FnOnce(AsyncClient, Transport) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let (_daemon, ends) = start_with_streams(args);
-    let transport: Transport = ends.transport(name);
-    watchdog(TEST_LIMIT, move || {
-        runtime().block_on(async move {
-            let client = AsyncClient::connect_with(transport.clone(), options).await.expect("connect");
-            body(client, transport).await;
-        })
-    });
-}
-
 /// 32 tasks x 50 calls through one cloned handle: each call gets its own
 /// request back.
 fn many_tasks_call_through_one_connection(name: &'static str) {
@@ -83,29 +57,6 @@ fn many_tasks_call_through_one_connection(name: &'static str) {
         }
         assert_eq!(client.in_flight(), 0);
     });
-}
-
-/// Polls the inner future at most `polls` times, then drops it.
-struct DropAfter<F> {
-    inner: Option<Pin<Box<F>>>,
-    polls: u32,
-}
-
-impl<F: Future> Future for DropAfter<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.polls == 0 {
-            self.inner = None;
-            return Poll::Ready(None);
-        }
-        self.polls -= 1;
-        let inner = self.inner.as_mut().expect("polled after completion");
-        match inner.as_mut().poll(cx) {
-            Poll::Ready(v) => Poll::Ready(Some(v)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 /// Over 20 seeds, 8 tasks each make 40 calls whose futures are dropped
@@ -131,7 +82,7 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
                                 let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
                                 async move { client.call(&echo, &request).await }
                             };
-                            match (DropAfter { inner: Some(Box::pin(call)), polls }).await {
+                            match DropAfter::new(call, polls).await {
                                 Some(reply) => {
                                     assert_eq!(reply.expect("call"), request, "seed {seed} task {t} call {i}");
                                     completed += 1;
@@ -213,15 +164,4 @@ fn send_then_wait_and_recv(name: &'static str) {
         assert!(matches!(client.call(&other_echo, b"x").await, Err(CallError::ForeignService { .. })));
         assert_eq!(other.wait(foreign).await.unwrap(), b"theirs");
     });
-}
-
-/// A small xorshift generator, seeded.
-fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
 }

@@ -19,50 +19,11 @@
 
 use std::io;
 
-use ipc_core::message::{encode_chunk_prefix, CHUNK_LEN, CHUNK_PREFIX, FLAG_MORE, UNKNOWN_LENGTH};
-
-use super::inbound::{Control, Step};
-use super::{Client, Deadline, Next, Room, Service};
-use crate::calls::{Awaiting, LinkId, Settled, Ticket};
+use super::inbound::Step;
+use super::outgoing::{Gathered, Outgoing, Pushed};
+use super::{Client, Deadline, Next, Service};
+use crate::calls::{Awaiting, Settled, Ticket};
 use crate::error::CallError;
-
-/// A request being sent in chunks.
-pub(super) struct Outgoing {
-    link: LinkId,
-    service: u16,
-    /// The length its first chunk announces (`None`: unknown).
-    announced: Option<u64>,
-    /// Once its first chunk is written.
-    ticket: Option<Ticket>,
-    state: Sending,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Sending {
-    /// Chunks go on.
-    Going,
-    /// The peer answered before its end: the rest was cancelled.
-    Answered,
-    /// Given up before its end, and cancelled.
-    Aborted,
-}
-
-impl Outgoing {
-    fn new(link: LinkId, service: u16, announced: Option<u64>) -> Outgoing {
-        Outgoing { link, service, announced, ticket: None, state: Sending::Going }
-    }
-
-    /// Bytes of the message the next chunk carries at most: a chunk is
-    /// at most [`CHUNK_LEN`] long, whatever a frame could carry.
-    fn room(&self, max_payload: usize) -> usize {
-        let chunk = max_payload.min(CHUNK_LEN);
-        if self.ticket.is_none() {
-            chunk - CHUNK_PREFIX
-        } else {
-            chunk
-        }
-    }
-}
 
 impl Client {
     /// Sends `request` to `service`, waiting for room until the deadline:
@@ -74,108 +35,26 @@ impl Client {
         dl: &mut Deadline,
     ) -> Result<Ticket, CallError> {
         let link = self.link_of(service)?;
-        let limit = self.options.max_message;
-        if request.len() as u64 > limit {
-            return Err(CallError::TooLarge { len: request.len(), max: usize::try_from(limit).unwrap_or(usize::MAX) });
-        }
+        self.check_message_len(request.len() as u64)?;
         let max = self.slots[link].max_payload;
         if request.len() <= max {
             return self.start(service, request.len(), |buf| buf.write_at(0, request), true, dl).map(|(t, _)| t);
         }
         let mut out = Outgoing::new(link, service.id, Some(request.len() as u64));
-        let mut rest = request;
-        while !rest.is_empty() && out.state == Sending::Going {
-            let (chunk, after) = rest.split_at(out.room(max).min(rest.len()));
-            self.send_chunk(service, &mut out, chunk, after.is_empty(), dl)?;
-            rest = after;
-        }
-        Ok(out.ticket.expect("a chunk was sent"))
-    }
-
-    /// Writes the next chunk of `out`, the last with `last`, waiting for
-    /// room until the deadline. Stops without writing it if the peer
-    /// answered the request meanwhile; gives the request up (see
-    /// [`Client::abort`]) if no room came or the link was lost.
-    fn send_chunk(
-        &mut self,
-        service: &Service,
-        out: &mut Outgoing,
-        bytes: &[u8],
-        last: bool,
-        dl: &mut Deadline,
-    ) -> Result<(), CallError> {
-        let flags = if last { 0 } else { FLAG_MORE };
-        let Some(ticket) = out.ticket else {
-            // The first chunk begins the request, with its length.
-            let prefix = encode_chunk_prefix(out.announced.unwrap_or(UNKNOWN_LENGTH));
-            let fill = |buf: &mut crate::RequestBuf<'_>| {
-                buf.write_at(0, &prefix);
-                buf.write_at(CHUNK_PREFIX, bytes);
-            };
-            self.write_request(service, flags, CHUNK_PREFIX + bytes.len(), fill, true, dl)?;
-            let ticket = self.calls.sent(out.link, out.service);
-            out.ticket = Some(ticket);
-            // Its reply may begin while the rest is sent.
-            self.lend_to(ticket);
-            return Ok(());
-        };
-        let link = out.link;
-        loop {
-            if self.calls.kept(ticket) {
-                // Answered before its end: the rest is not sent.
-                out.state = Sending::Answered;
-                self.cancel_unfinished(link, out.service, ticket);
-                return Ok(());
+        let (first, mut rest) = request.split_at(out.room(max));
+        self.send_chunk(service, &mut out, first, false, dl)?;
+        let ticket = out.ticket().expect("a chunk was sent");
+        // As many chunks as fit at a time, waiting for room between.
+        while self.push_chunks(&mut out, &mut rest)? == Pushed::Full {
+            let len = out.room(max).min(rest.len());
+            if let Err(e) = self.wait_for_room(out.room_for(len), dl) {
+                // Answered meanwhile: the next push stops and cancels.
+                if !self.calls.kept(ticket) {
+                    return Err(self.abort(&mut out, e));
+                }
             }
-            // Credits and cancels queued go first, in order.
-            let written = match self.send_controls(link) {
-                Ok(()) if !self.slots[link].pending.is_empty() => Ok(None),
-                Ok(()) => self.links[link].try_write(out.service, flags, ticket.id(), bytes.len(), |buf| {
-                    buf.write_at(0, bytes);
-                }),
-                Err(e) => Err(e),
-            };
-            let error = match self.note(link, written) {
-                Ok(Some(())) => return Ok(()),
-                Ok(None) => match self.wait_for_room(Room { link, len: bytes.len(), begins: false }, dl) {
-                    Ok(()) => continue,
-                    Err(e) => e,
-                },
-                Err(e) => e,
-            };
-            if self.calls.kept(ticket) {
-                continue;
-            }
-            return Err(self.abort(out, error));
         }
-    }
-
-    /// Gives up a request in chunks before its end, for `error`: on a link
-    /// still up, it is cancelled (its peer drops what it has, and its
-    /// answer, if any, is dropped); on a lost link its outcome settled by
-    /// the loss is dropped. Either way it did not run, and the returned
-    /// error says so.
-    fn abort(&mut self, out: &mut Outgoing, error: CallError) -> CallError {
-        let Some(ticket) = out.ticket.filter(|_| out.state == Sending::Going) else { return error };
-        out.state = Sending::Aborted;
-        let link = out.link;
-        if let Some(refused) = self.calls.refusal(link) {
-            let _ = self.calls.take_settled(ticket);
-            return match error {
-                CallError::Disconnected { .. } | CallError::NotConnected { .. } | CallError::Shutdown => refused,
-                other => other,
-            };
-        }
-        self.calls.abandon(ticket);
-        self.cancel_unfinished(link, out.service, ticket);
-        error
-    }
-
-    /// Sends a cancel for a request whose chunks stopped before its end.
-    fn cancel_unfinished(&mut self, link: LinkId, service: u16, ticket: Ticket) {
-        self.queue_control(link, Control::cancel(service, ticket.id()));
-        let sent = self.send_controls(link).and_then(|()| self.links[link].flush());
-        let _ = self.note(link, sent);
+        Ok(ticket)
     }
 
     /// Starts an upload to `service`: a request written bit by bit through
@@ -199,26 +78,9 @@ impl Client {
         let link = self.link_of(service)?;
         let mut dl = Deadline::new(self.options.call_timeout);
         self.ensure_connected(service, link, &mut dl)?;
-        let limit = self.options.max_message;
-        if let Some(len) = len.filter(|&n| n > limit) {
-            let len = usize::try_from(len).unwrap_or(usize::MAX);
-            return Err(CallError::TooLarge { len, max: usize::try_from(limit).unwrap_or(usize::MAX) });
-        }
-        let max_payload = self.slots[link].max_payload;
-        let mut buf = std::mem::take(&mut self.upload_buf);
-        buf.clear();
-        buf.reserve(max_payload.min(CHUNK_LEN));
-        let out = Outgoing::new(link, service.id, len);
-        Ok(Upload {
-            client: self,
-            service: service.clone(),
-            out,
-            max_payload,
-            buf,
-            written: 0,
-            failed: None,
-            done: false,
-        })
+        let buf = std::mem::take(&mut self.upload_buf);
+        let g = self.gathered(service, len, buf)?;
+        Ok(Upload { client: self, service: service.clone(), g, failed: None, done: false })
     }
 
     /// Calls `service` with `request` and returns a reader of the reply,
@@ -262,7 +124,7 @@ impl Client {
         let mut out = Outgoing::new(link, service.id, Some(request.len() as u64));
         let (first, rest) = request.split_at(out.room(max));
         self.send_chunk(service, &mut out, first, false, &mut dl)?;
-        let ticket = out.ticket.expect("the first chunk was sent");
+        let ticket = out.ticket().expect("the first chunk was sent");
         let sending = Unsent { out, rest };
         let mut reader = ReplyReader::new(self, ticket, Some(sending));
         if let Err(e) = reader.pump() {
@@ -326,12 +188,7 @@ impl Client {
 pub struct Upload<'c> {
     client: &'c mut Client,
     service: Service,
-    out: Outgoing,
-    max_payload: usize,
-    /// Written, not yet sent: at most a chunk, sent when more comes (so
-    /// the last chunk is never empty) or at the finish.
-    buf: Vec<u8>,
-    written: u64,
+    g: Gathered,
     failed: Option<CallError>,
     done: bool,
 }
@@ -340,8 +197,7 @@ impl std::fmt::Debug for Upload<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upload")
             .field("service", &self.service.name())
-            .field("announced", &self.out.announced)
-            .field("written", &self.written)
+            .field("written", &self.g.written())
             .finish_non_exhaustive()
     }
 }
@@ -349,12 +205,12 @@ impl std::fmt::Debug for Upload<'_> {
 impl Upload<'_> {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.written
+        self.g.written()
     }
 
     /// The request's ticket, once its first chunk is sent.
     pub fn ticket(&self) -> Option<Ticket> {
-        self.out.ticket
+        self.g.out.ticket()
     }
 
     /// Sends what is left and waits up to the call timeout for the reply.
@@ -369,20 +225,20 @@ impl Upload<'_> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        if let Some(announced) = self.out.announced.filter(|&n| n != self.written) {
-            return Err(self.fail(CallError::UploadLength { announced, written: self.written }));
+        if let Err(e) = self.g.check_whole() {
+            return Err(self.fail(e));
         }
         let mut dl = Deadline::new(self.client.options.call_timeout);
-        let ticket = match self.out.ticket {
+        let ticket = match self.g.out.ticket() {
             // All of it fits one frame.
             None => {
-                let buf = &self.buf;
+                let buf = &self.g.buf;
                 let sent = self.client.start(&self.service, buf.len(), |b| b.write_at(0, buf), true, &mut dl);
                 self.done = true;
                 sent?.0
             }
             Some(ticket) => {
-                if self.out.state == Sending::Going {
+                if self.g.out.is_going() {
                     self.send_buffered(true, &mut dl)?;
                 }
                 ticket
@@ -397,8 +253,8 @@ impl Upload<'_> {
 
     /// Sends the bytes written and not yet sent as the next chunk.
     fn send_buffered(&mut self, last: bool, dl: &mut Deadline) -> Result<(), CallError> {
-        let sent = self.client.send_chunk(&self.service, &mut self.out, &self.buf, last, dl);
-        self.buf.clear();
+        let sent = self.client.send_chunk(&self.service, &mut self.g.out, &self.g.buf, last, dl);
+        self.g.buf.clear();
         sent.map_err(|e| self.fail(e))
     }
 
@@ -406,7 +262,7 @@ impl Upload<'_> {
     /// to hand out.
     fn fail(&mut self, error: CallError) -> CallError {
         self.done = true;
-        let error = self.client.abort(&mut self.out, error);
+        let error = self.client.abort(&mut self.g.out, error);
         self.failed = Some(error.clone());
         error
     }
@@ -417,33 +273,18 @@ impl io::Write for Upload<'_> {
         if let Some(e) = &self.failed {
             return Err(io::Error::other(e.clone()));
         }
-        let total = self.written + data.len() as u64;
-        let limit = self.client.options.max_message;
-        match self.out.announced {
-            Some(announced) if total > announced => {
-                return Err(io::Error::other(self.fail(CallError::UploadLength { announced, written: total })));
-            }
-            None if total > limit => {
-                let len = usize::try_from(total).unwrap_or(usize::MAX);
-                let max = usize::try_from(limit).unwrap_or(usize::MAX);
-                return Err(io::Error::other(self.fail(CallError::TooLarge { len, max })));
-            }
-            _ => {}
+        if let Err(e) = self.g.admit(data.len()) {
+            return Err(io::Error::other(self.fail(e)));
         }
         let mut rest = data;
-        // Once the peer answered, the rest is not sent.
-        while !rest.is_empty() && self.out.state == Sending::Going {
-            let room = self.out.room(self.max_payload);
-            if self.buf.len() == room {
+        while !rest.is_empty() {
+            if self.g.is_full() {
                 let mut dl = Deadline::new(self.client.options.call_timeout);
                 self.send_buffered(false, &mut dl).map_err(io::Error::other)?;
                 continue;
             }
-            let n = (room - self.buf.len()).min(rest.len());
-            self.buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+            rest = &rest[self.g.gather(rest)..];
         }
-        self.written = total;
         Ok(data.len())
     }
 
@@ -455,9 +296,9 @@ impl io::Write for Upload<'_> {
 impl Drop for Upload<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.client.abort(&mut self.out, CallError::Cancelled);
+            let _ = self.client.abort(&mut self.g.out, CallError::Cancelled);
         }
-        self.client.upload_buf = std::mem::take(&mut self.buf);
+        self.client.upload_buf = std::mem::take(&mut self.g.buf);
     }
 }
 
@@ -528,47 +369,11 @@ impl<'c> ReplyReader<'c> {
     /// waiting; stops (cancelling the rest) once the peer has answered.
     fn pump(&mut self) -> Result<(), CallError> {
         let Some(s) = &mut self.sending else { return Ok(()) };
-        let client = &mut *self.client;
-        let link = s.out.link;
-        let ticket = self.ticket;
-        loop {
-            if client.calls.kept(ticket) {
-                // Answered before its end: the rest is not sent.
-                s.out.state = Sending::Answered;
-                client.cancel_unfinished(link, s.out.service, ticket);
-                break;
-            }
-            let max = client.slots[link].max_payload;
-            let (chunk, after) = s.rest.split_at(s.out.room(max).min(s.rest.len()));
-            let flags = if after.is_empty() { 0 } else { FLAG_MORE };
-            let written = match client.send_controls(link) {
-                Ok(()) if !client.slots[link].pending.is_empty() => Ok(None),
-                Ok(()) => client.links[link].try_write(s.out.service, flags, ticket.id(), chunk.len(), |buf| {
-                    buf.write_at(0, chunk);
-                }),
-                Err(e) => Err(e),
-            };
-            match client.note(link, written) {
-                Ok(Some(())) => {
-                    s.rest = after;
-                    if after.is_empty() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let e = client.abort(&mut s.out, e);
-                    self.sending = None;
-                    return Err(e);
-                }
-            }
-        }
-        let flushed = client.links[link].flush();
-        let _ = client.note(link, flushed);
-        if s.rest.is_empty() || s.out.state != Sending::Going {
+        let pushed = self.client.push_chunks(&mut s.out, &mut s.rest);
+        if !matches!(pushed, Ok(Pushed::Full)) {
             self.sending = None;
         }
-        Ok(())
+        pushed.map(|_| ())
     }
 
     /// While the request is still being sent: takes frames off the link
@@ -606,7 +411,7 @@ impl<'c> ReplyReader<'c> {
         }
         let Some(s) = &self.sending else { return Ok(()) };
         let len = s.out.room(self.client.slots[link].max_payload).min(s.rest.len());
-        match self.client.sleep(Some(Room { link, len, begins: false }), dl) {
+        match self.client.sleep(Some(s.out.room_for(len)), dl) {
             Ok(()) => {
                 self.client.notice_losses();
                 Ok(())

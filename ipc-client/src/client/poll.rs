@@ -134,7 +134,18 @@ impl Client {
         self.collect_dropped();
         self.flush_live();
         loop {
-            if let Some((ticket, settled)) = self.calls.begin_recv()? {
+            let begun = match self.calls.begin_recv() {
+                Ok(begun) => begun,
+                Err(e) => {
+                    // Nothing awaited, but the answers to requests given
+                    // up may still be due: they are read off (and dropped)
+                    // all the same, so that no peer is stuck behind them
+                    // while a send waits for room.
+                    self.stash_replies();
+                    return Err(e);
+                }
+            };
+            if let Some((ticket, settled)) = begun {
                 return Ok(Some(Received { ticket, outcome: self.hand_out(ticket.link(), settled, reply) }));
             }
             match self.poll_next(Awaiting::Any) {

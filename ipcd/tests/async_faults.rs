@@ -1,0 +1,248 @@
+//! The daemon's faults under async load, on every transport: 24 tasks
+//! call through the async client, long requests (in chunks) among short
+//! ones, through one shared connection or a connection each, while the
+//! daemon is killed (SIGKILL), killed and restarted in its directory
+//! under a reconnect policy, or stopped (SIGTERM). Every call ends once,
+//! with its own reply or an explicit error of the fault (`Disconnected`
+//! or `NotConnected` for a kill, `Shutdown` for a stop), none hangs (the
+//! watchdog turns one into a failure; the tasks wait on conditions, never
+//! on sleeps), no ticket is left in flight, and after a restart every
+//! task's calls are answered again on the same handles.
+
+#[path = "common/async_rig.rs"]
+mod async_rig;
+mod common;
+
+use async_rig::runtime;
+use common::{pattern, poll_until, start_with_streams, watchdog, Daemon, STARTUP_LIMIT, TEST_LIMIT};
+use ipc_client::{AsyncClient, CallError, ClientOptions, Reconnect, Service, Transport};
+use tokio::sync::{mpsc, watch};
+
+macro_rules! on_every_transport {
+    ($($test:ident),* $(,)?) => {
+        mod shm {
+            $(#[test] fn $test() { super::$test("shm") })*
+        }
+        mod uds {
+            $(#[test] fn $test() { super::$test("uds") })*
+        }
+        mod tcp {
+            $(#[test] fn $test() { super::$test("tcp") })*
+        }
+    };
+}
+
+on_every_transport!(
+    sigkill_under_async_load_ends_every_call_once,
+    a_restart_under_async_load_is_survived_with_a_reconnect_policy,
+    sigterm_under_async_load_ends_every_call_with_its_reply_or_shutdown,
+);
+
+/// Tasks calling at once.
+const TASKS: u64 = 24;
+/// Calls each task gets answered after a restart.
+const AFTER_RESTART: u64 = 5;
+
+/// How the tasks reach the daemon.
+#[derive(Clone, Copy, Debug)]
+enum Sharing {
+    /// One connection, cloned into every task.
+    Shared,
+    /// A connection per task.
+    PerTask,
+}
+
+/// The fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Restart,
+    Stop,
+}
+
+/// What one task saw.
+#[derive(Debug, Default)]
+struct Tally {
+    replied: u64,
+    /// Replies after the restart.
+    again: u64,
+    /// Every error, in order.
+    errors: Vec<CallError>,
+    /// Its handle's count of outcomes not handed out, once every task
+    /// is done.
+    in_flight: usize,
+    reconnects: u64,
+}
+
+/// Whether `e` is an outcome `fault` may give a call.
+fn explicit(fault: Fault, e: &CallError) -> bool {
+    match fault {
+        Fault::Kill | Fault::Restart => matches!(e, CallError::Disconnected { .. } | CallError::NotConnected { .. }),
+        Fault::Stop => matches!(e, CallError::Shutdown),
+    }
+}
+
+/// Task `t`'s `i`th request: every fifth longer than a frame.
+fn request(t: u64, i: u64, max: usize) -> Vec<u8> {
+    let len = if i % 5 == 4 { 3 * max + 1 } else { 1 + (i as usize * 37) % 600 };
+    pattern(t << 32 | i, len)
+}
+
+/// One task: calls until the fault ends a call; after a kill or a stop,
+/// one more call, which must fail at once; after a restart, waits for it
+/// (`restarted`) and calls until [`AFTER_RESTART`] are answered. Says on
+/// `first` when its first reply came.
+async fn caller(
+    t: u64,
+    client: AsyncClient,
+    echo: Service,
+    fault: Fault,
+    first: mpsc::UnboundedSender<()>,
+    mut restarted: watch::Receiver<bool>,
+) -> Tally {
+    let max = client.with_client(|c| c.max_payload());
+    let mut tally = Tally::default();
+    let mut faulted = false;
+    for i in 0.. {
+        let sent = request(t, i, max);
+        match client.call(&echo, &sent).await {
+            Ok(reply) => {
+                assert!(reply == sent, "task {t} call {i}: another reply ({} bytes for {})", reply.len(), sent.len());
+                tally.replied += 1;
+                if tally.replied == 1 {
+                    first.send(()).expect("the test waits");
+                }
+                if faulted {
+                    tally.again += 1;
+                    if tally.again == AFTER_RESTART {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                assert!(explicit(fault, &e), "task {t} call {i}: {e:?} after {fault:?}");
+                tally.errors.push(e);
+                faulted = true;
+                match fault {
+                    // Down: no call can be answered until it is back.
+                    Fault::Restart => {
+                        restarted.wait_for(|&up| up).await.expect("the test restarts it");
+                    }
+                    _ if tally.errors.len() == 2 => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+    tally
+}
+
+/// Runs [`caller`] in [`TASKS`] tasks over `name` with `sharing`, brings
+/// `fault` on once every task has had a reply, and checks what each saw.
+fn under_fault(name: &'static str, sharing: Sharing, fault: Fault) {
+    let (daemon, ends) = start_with_streams(&["--workers", "2"]);
+    let transport: Transport = ends.transport(name);
+    watchdog(TEST_LIMIT, move || {
+        let mut daemon = Some(daemon);
+        let mut options = ClientOptions::default();
+        if fault == Fault::Restart {
+            options = options.reconnect(Reconnect::default());
+        }
+        let rt = runtime();
+        let tallies = rt.block_on(async move {
+            let shared = AsyncClient::connect_with(transport.clone(), options.clone()).await.expect("connect");
+            let (first_tx, mut first_rx) = mpsc::unbounded_channel();
+            let (up_tx, up_rx) = watch::channel(false);
+            let mut tasks = Vec::new();
+            for t in 0..TASKS {
+                let client = match sharing {
+                    Sharing::Shared => shared.clone(),
+                    Sharing::PerTask => {
+                        AsyncClient::connect_with(transport.clone(), options.clone()).await.expect("connect")
+                    }
+                };
+                let echo = client.service("echo").await.expect("echo");
+                let task = tokio::spawn(caller(t, client.clone(), echo, fault, first_tx.clone(), up_rx.clone()));
+                tasks.push((task, client));
+            }
+            for _ in 0..TASKS {
+                first_rx.recv().await.expect("every task has a reply");
+            }
+            let mut d = daemon.take().expect("started");
+            match fault {
+                Fault::Kill => {
+                    tokio::task::block_in_place(|| d.kill());
+                }
+                Fault::Stop => {
+                    let status = tokio::task::block_in_place(|| d.terminate());
+                    assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", d.stderr());
+                }
+                Fault::Restart => {
+                    let second = tokio::task::block_in_place(|| {
+                        let dir = d.into_dir();
+                        let args = restart_args(&ends.uds, ends.tcp);
+                        let mut second = Daemon::builder().dir(dir).args(args).start();
+                        // Its stream listeners are bound after the control socket.
+                        let up = poll_until(STARTUP_LIMIT, || {
+                            !second.is_running()
+                                || (std::os::unix::net::UnixStream::connect(&ends.uds).is_ok()
+                                    && std::net::TcpStream::connect(ends.tcp).is_ok())
+                        });
+                        assert!(up && second.is_running(), "the second ipcd did not listen:\n{}", second.stderr());
+                        second
+                    });
+                    up_tx.send(true).expect("the tasks wait");
+                    daemon = Some(second);
+                }
+            }
+            let mut tallies = Vec::new();
+            for (task, _) in &mut tasks {
+                tallies.push(task.await.expect("a task panicked"));
+            }
+            for ((_, client), tally) in tasks.iter().zip(&mut tallies) {
+                tally.in_flight = client.in_flight();
+                tally.reconnects = client.with_client(|c| c.reconnects());
+            }
+            drop(daemon);
+            tallies
+        });
+        let label = format!("{name}, {sharing:?}, {fault:?}");
+        for (t, tally) in tallies.iter().enumerate() {
+            assert!(tally.replied > 0, "{label}: task {t} had no reply: {tally:?}");
+            assert!(!tally.errors.is_empty(), "{label}: task {t} never saw the fault: {tally:?}");
+            assert_eq!(tally.in_flight, 0, "{label}: task {t} left outcomes: {tally:?}");
+            match fault {
+                Fault::Restart => {
+                    assert_eq!(tally.again, AFTER_RESTART, "{label}: task {t}: {tally:?}");
+                    assert_eq!(tally.reconnects, 1, "{label}: task {t}: {tally:?}");
+                }
+                // The call after the one the fault ended was refused, not sent.
+                Fault::Kill => {
+                    assert!(matches!(tally.errors[1], CallError::NotConnected { .. }), "{label}: task {t}: {tally:?}")
+                }
+                Fault::Stop => {}
+            }
+        }
+    });
+}
+
+/// The listeners of the daemon restarted in place of the first: its
+/// `--uds` socket (in the same directory) and its `--tcp` address.
+fn restart_args(uds: &std::path::Path, tcp: std::net::SocketAddr) -> Vec<String> {
+    vec!["--workers".into(), "2".into(), "--uds".into(), uds.display().to_string(), "--tcp".into(), tcp.to_string()]
+}
+
+fn sigkill_under_async_load_ends_every_call_once(name: &'static str) {
+    under_fault(name, Sharing::Shared, Fault::Kill);
+    under_fault(name, Sharing::PerTask, Fault::Kill);
+}
+
+fn a_restart_under_async_load_is_survived_with_a_reconnect_policy(name: &'static str) {
+    under_fault(name, Sharing::Shared, Fault::Restart);
+    under_fault(name, Sharing::PerTask, Fault::Restart);
+}
+
+fn sigterm_under_async_load_ends_every_call_with_its_reply_or_shutdown(name: &'static str) {
+    under_fault(name, Sharing::Shared, Fault::Stop);
+    under_fault(name, Sharing::PerTask, Fault::Stop);
+}
