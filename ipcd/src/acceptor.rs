@@ -610,7 +610,12 @@ impl Acceptor {
         // Counted now, so that `max_clients` holds while openers work; an
         // opener that cannot open the session takes it off again.
         self.shared.engine.stats.connected.fetch_add(1, Ordering::Relaxed);
+        // Only making a segment is worth another thread.
+        let cheap = kind == Kind::Stream || pooled.is_some();
         let admitted = Admitted { id, pending, hello, capacity, lease, pooled };
+        if cheap {
+            return self.openers.open_here(admitted);
+        }
         if let Err(admitted) = self.openers.open(admitted) {
             self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
             self.reject_pending(admitted.pending, Reject::ShuttingDown, RejectReason::ShuttingDown);

@@ -1,13 +1,14 @@
 //! Openers: the threads that open the sessions the acceptor admitted.
 //!
 //! The acceptor judges every handshake (its bytes, the peer's credentials,
-//! the limits) on its one thread, and that is cheap; what costs is what
-//! comes after: making the session's segment and doorbells (or taking them
-//! from the [`crate::segment_pool`]), sending the welcome with their fds,
-//! and handing the session to a worker. That runs on a few opener threads
-//! (one per usable core, at most [`MAX_OPENERS`]), so that clients
-//! connecting together are welcomed side by side instead of one after
-//! another behind the acceptor.
+//! the limits) on its one thread, and that is cheap; what costs is making
+//! a session's segment (memfd, allocation, seals, mapping). A session that
+//! needs one made runs on a few opener threads (one per usable core, at
+//! most [`MAX_OPENERS`]), so that clients connecting together are welcomed
+//! side by side instead of one after another behind the acceptor. A
+//! session that needs none (a stream, or one with a segment from the
+//! [`crate::segment_pool`]) is opened on the acceptor's thread at once
+//! ([`Openers::open_here`]): handing it over would cost more than it saves.
 //!
 //! An admitted handshake reaches an opener with its lease on the limits
 //! already taken and its place among the connected clients already
@@ -56,6 +57,8 @@ pub(crate) struct Admitted {
 pub(crate) struct Openers {
     tx: Option<Sender<Admitted>>,
     threads: Vec<JoinHandle<()>>,
+    /// What opens sessions on the acceptor's thread.
+    here: Opener,
 }
 
 impl Openers {
@@ -65,7 +68,8 @@ impl Openers {
         let (tx, rx) = channel::<Admitted>();
         let rx = Arc::new(Mutex::new(rx));
         let workers: Arc<[WorkerLink]> = workers.into();
-        let mut openers = Openers { tx: Some(tx), threads: Vec::new() };
+        let here = Opener { shared: Arc::clone(shared), workers: Arc::clone(&workers) };
+        let mut openers = Openers { tx: Some(tx), threads: Vec::new(), here };
         for i in 0..n.max(1) {
             let opener = Opener { shared: Arc::clone(shared), workers: Arc::clone(&workers) };
             let rx = Arc::clone(&rx);
@@ -88,6 +92,12 @@ impl Openers {
             Some(tx) => tx.send(admitted).map_err(|lost| Box::new(lost.0)),
             None => Err(Box::new(admitted)),
         }
+    }
+
+    /// Opens an admitted handshake on this thread (one that needs no
+    /// segment made).
+    pub(crate) fn open_here(&self, admitted: Admitted) {
+        self.here.open(admitted);
     }
 
     /// Lets the openers finish what is queued, then waits for them.

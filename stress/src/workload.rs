@@ -285,6 +285,8 @@ impl ClientOutcome {
         let mut out = ClientOutcome::new(connect_ns);
         out.made = messages;
         out.outcomes.rejected = messages;
+        // Its calls count as refused: the report names why with them.
+        out.first_rejection = Some(error.clone());
         out.first_error = Some(error);
         out
     }
