@@ -157,6 +157,8 @@ pub struct Client {
     /// has no broker (it brokers no names).
     brokerless: bool,
     reconnects: u64,
+    /// How long the connect that made the latest reconnect took.
+    last_reconnect: Option<Duration>,
     /// Scratch for error replies read in place, and chunks dropped.
     scratch: Vec<u8>,
     /// An upload's buffer, kept for the next.
@@ -219,6 +221,7 @@ impl Client {
             broker: None,
             brokerless: false,
             reconnects: 0,
+            last_reconnect: None,
             scratch: Vec::new(),
             upload_buf: Vec::new(),
             lent: None,
@@ -303,6 +306,14 @@ impl Client {
     /// [`Reconnect`](crate::Reconnect)).
     pub fn reconnects(&self) -> u64 {
         self.reconnects
+    }
+
+    /// How long the connect of the latest reconnect took: the attempt that
+    /// succeeded, from its start to the daemon's welcome checked and the
+    /// segment mapped (the pauses and failed attempts before it left out).
+    /// `None` before the first reconnect.
+    pub fn last_reconnect_took(&self) -> Option<Duration> {
+        self.last_reconnect
     }
 
     /// Calls `service` with `request` and returns the reply, waiting at most

@@ -166,7 +166,7 @@ impl Default for ClientOptions {
         // Read once per process: a connect pays no system call for it.
         let cores = ipc_platform::usable_cores();
         ClientOptions {
-            ring_capacity: 64 * 1024,
+            ring_capacity: ipc_core::DEFAULT_RING_CAPACITY,
             doorbell: DoorbellKind::Futex,
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),

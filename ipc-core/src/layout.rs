@@ -56,6 +56,9 @@ pub const RING_CONTROL_SIZE: usize = 3 * CACHE_LINE;
 pub const DATA_START: usize = 4096;
 /// The smallest ring capacity accepted.
 pub const MIN_RING_CAPACITY: u32 = 4096;
+/// The ring capacity a client asks for unless told otherwise (the daemon
+/// keeps segments of it ready).
+pub const DEFAULT_RING_CAPACITY: u32 = 64 * 1024;
 /// The largest ring capacity accepted (1 GiB).
 pub const MAX_RING_CAPACITY: u32 = 1 << 30;
 

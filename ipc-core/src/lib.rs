@@ -48,10 +48,12 @@ pub use control::{Credentials, Role};
 pub use error::{HandshakeError, LayoutError};
 pub use frame::{stream_frame, FrameHeader, FLAG_CLOSED, FLAG_ERROR, FLAG_PAD, HEADER_LEN};
 pub use handshake::{DoorbellKind, Hello, Reject, ServerMessage, ServiceEntry, Welcome, PROTOCOL_VERSION};
-pub use layout::SegmentLayout;
+pub use layout::{SegmentLayout, DEFAULT_RING_CAPACITY};
 #[cfg(not(loom))]
 #[doc(hidden)]
 pub use region::bench;
+#[cfg(not(all(test, loom)))]
+pub use region::Retained;
 pub use region::{HeapMemory, Region, SharedMemory, REGION_ALIGN, WORD};
 pub use reply::{decode_error, encode_error, ErrorCode, MAX_ERROR_MESSAGE};
 pub use ring::{Consumer, Direction, Frame, Index, PayloadWriter, Producer, PushError, RingError};

@@ -124,6 +124,21 @@ unsafe impl Send for Region {}
 #[cfg(not(all(test, loom)))]
 unsafe impl Sync for Region {}
 
+/// Keeps a [`Region`]'s memory alive and nothing else: see
+/// [`Region::retain`]. The memory is released when the last region, ring
+/// end and `Retained` of it are gone.
+#[cfg(not(all(test, loom)))]
+pub struct Retained {
+    _owner: Arc<dyn SharedMemory>,
+}
+
+#[cfg(not(all(test, loom)))]
+impl fmt::Debug for Retained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retained").field("len", &self._owner.len()).finish()
+    }
+}
+
 #[cfg(not(all(test, loom)))]
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,6 +167,14 @@ impl Region {
     /// Crate-private: outside code cannot make two producers of one ring.
     pub(crate) fn share(&self) -> Region {
         Region { base: self.base, len: self.len, _owner: Arc::clone(&self._owner) }
+    }
+
+    /// A handle that keeps the memory alive (mapped) without giving any
+    /// access to it: its owner can let the region and its ends go and
+    /// release the memory later, elsewhere (the daemon unmaps closed
+    /// sessions' segments off its workers).
+    pub fn retain(&self) -> Retained {
+        Retained { _owner: Arc::clone(&self._owner) }
     }
 
     /// The region's length in bytes.

@@ -34,7 +34,7 @@
 //! frames.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use ipc_core::handshake::{self, LENGTH_PREFIX};
 use ipc_core::{
-    Consumer, HandshakeError, Hello, Producer, Reject, Role, Segment, SegmentLayout, ServerMessage, SharedWords,
-    Welcome, PROTOCOL_VERSION,
+    Consumer, HandshakeError, Hello, Producer, Reject, Role, SegmentLayout, ServerMessage, SharedWords,
+    PROTOCOL_VERSION,
 };
 use ipc_platform::EventFd;
 use mio::net::{TcpListener, UnixListener};
@@ -51,17 +51,17 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::broker::{self, Broker};
 use crate::health::Health;
-use crate::introspect::Transport;
-use crate::limits::{self, Refusal};
+use crate::limits::{self, Lease, Refusal};
+use crate::opener::{Admitted, Openers};
 use crate::pending::{Owner, PendingSet};
-use crate::roster::Entry;
 use crate::segment::NewSegment;
+use crate::segment_pool::{Pooled, SegmentPool};
 use crate::server::ServerError;
-use crate::session::{ClientWake, Session};
+use crate::session::ClientWake;
 use crate::shared::Shared;
-use crate::stats::RejectReason;
-use crate::stream_session::{Peer, Stream, StreamSession};
-use crate::worker::{self, Conn, WorkerHandle};
+use crate::stats::{RejectReason, Stats};
+use crate::stream_session::{Peer, Stream};
+use crate::worker::{self, WorkerHandle};
 
 const LISTENER: Token = Token(0);
 /// The acceptor's waker: [`crate::ShutdownHandle`] rings it.
@@ -73,30 +73,62 @@ const FIRST_PENDING: usize = 4;
 const MAX_HELLO: usize = 1024;
 /// How long to stop accepting after running out of fds.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a hello refused by its uid's session limit is held, looked at
+/// again each time a session of any uid gives its slot back, before the
+/// refusal is sent. A client that closes a session and connects again at
+/// once is otherwise refused whenever its worker has not yet seen the
+/// close (a worker notices a hang-up at its next turn, which on a busy
+/// machine can come after the next connect's hello).
+const UID_GRACE: Duration = Duration::from_millis(200);
 
-type SessionParts = (EventFd, ClientWake, Consumer, Producer, SharedWords);
+/// The daemon's parts of a new shared-memory session.
+pub(crate) type SessionParts = (EventFd, ClientWake, Consumer, Producer, SharedWords);
 
 /// Which listener a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// The control socket: the session gets shared-memory rings.
     Shm,
     /// A stream listener: frames travel on the connection itself.
     Stream,
 }
 
-struct Pending {
-    stream: Stream,
-    kind: Kind,
-    peer: Peer,
+/// A connection whose handshake is under way.
+pub(crate) struct Pending {
+    pub(crate) stream: Stream,
+    pub(crate) kind: Kind,
+    pub(crate) peer: Peer,
     /// Why the peer's credentials are refused, if they are: sent as the
     /// answer to its first bytes.
     refusal: Option<String>,
     buf: Vec<u8>,
-    /// A complete hello held back by the peer's cool-down. When the
-    /// handshake's deadline passes, the hello is admitted if there is one;
-    /// otherwise the handshake timed out.
+    /// A complete hello held back by the peer's cool-down, or while its
+    /// uid is at its session limit with sessions closing (see
+    /// [`UID_GRACE`]). When the handshake's deadline passes, the hello is
+    /// admitted if there is one; otherwise the handshake timed out.
     held: Option<Hello>,
+    /// Until when a hello refused by its uid's session limit is held for
+    /// another look, once it was first refused.
+    uid_grace: Option<Instant>,
+}
+
+impl Pending {
+    /// Sends `reject` (best effort: the socket is fresh, so a few bytes
+    /// always fit) and closes the connection, counting `reason`.
+    pub(crate) fn refuse(mut self, stats: &Stats, reject: Reject, reason: RejectReason) {
+        if matches!(reason, RejectReason::NotPermitted | RejectReason::OverMemoryBudget | RejectReason::UidSessionLimit)
+        {
+            tracing::warn!(peer = %self.peer, "handshake rejected: {reject}");
+        } else {
+            tracing::info!(peer = %self.peer, "handshake rejected: {reject}");
+        }
+        // Count before answering, so a client that sees the reject also
+        // sees the count.
+        stats.rejected(reason);
+        if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
+            let _ = self.stream.write(&bytes);
+        }
+    }
 }
 
 /// The sockets a server listens on, bound by its builder or given to it.
@@ -161,6 +193,13 @@ pub(crate) struct Acceptor {
     accept_paused_until: Option<Instant>,
     /// Broker and provider connections, once their hello is answered.
     broker: Broker,
+    /// Ready segments, taken at connect.
+    pool: SegmentPool,
+    /// The threads that open admitted sessions.
+    openers: Openers,
+    /// Pending handshakes held by their uid's session limit (keys; stale
+    /// ones are skipped).
+    uid_held: Vec<usize>,
 }
 
 impl Acceptor {
@@ -195,6 +234,15 @@ impl Acceptor {
         };
         let workers = worker::spawn_all(&shared.engine)?;
         let broker = Broker::new(Arc::clone(&shared));
+        let pool_capacity = SegmentLayout::fit_capacity(
+            ipc_core::DEFAULT_RING_CAPACITY,
+            shared.settings.current().settings.max_ring_capacity,
+        );
+        let pool = SegmentPool::start(pool_capacity, shared.config.segment_pool, Arc::clone(&shared.limits))?;
+        let _ = shared.engine.retirer.set(pool.retirer());
+        let links = workers.iter().map(WorkerHandle::link).collect();
+        let openers = Openers::start(shared.config.openers, &shared, links)?;
+        shared.limits.set_slot_waker(Arc::clone(&waker));
         Ok(Acceptor {
             shared,
             bound,
@@ -208,6 +256,9 @@ impl Acceptor {
             pending: PendingSet::default(),
             accept_paused_until: None,
             broker,
+            pool,
+            openers,
+            uid_held: Vec::new(),
         })
     }
 
@@ -239,6 +290,9 @@ impl Acceptor {
                     }
                     Token(t) => self.read_hello(t - FIRST_PENDING),
                 }
+            }
+            if self.shared.limits.take_freed() {
+                self.admit_uid_held();
             }
             let now = Instant::now();
             if self.accept_paused_until.is_some_and(|t| t <= now) {
@@ -367,7 +421,7 @@ impl Acceptor {
             tracing::error!("cannot register a connection: {e}");
             return;
         }
-        let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None };
+        let pending = Pending { stream, kind, peer, refusal, buf: Vec::with_capacity(64), held: None, uid_grace: None };
         let deadline = Instant::now() + settings.settings.handshake_timeout;
         self.pending.insert(pending, owner, deadline);
         self.shared.engine.stats.set_pending(self.pending.len());
@@ -493,19 +547,8 @@ impl Acceptor {
         }
     }
 
-    fn reject_pending(&self, mut pending: Pending, reject: Reject, reason: RejectReason) {
-        if matches!(reason, RejectReason::NotPermitted | RejectReason::OverMemoryBudget | RejectReason::UidSessionLimit)
-        {
-            tracing::warn!(peer = %pending.peer, "handshake rejected: {reject}");
-        } else {
-            tracing::info!(peer = %pending.peer, "handshake rejected: {reject}");
-        }
-        // Count before answering, so a client that sees the reject also
-        // sees the count.
-        self.shared.engine.stats.rejected(reason);
-        if let Ok(bytes) = handshake::encode(&ServerMessage::Reject(reject)) {
-            let _ = pending.stream.write(&bytes);
-        }
+    fn reject_pending(&self, pending: Pending, reject: Reject, reason: RejectReason) {
+        pending.refuse(&self.shared.engine.stats, reject, reason);
     }
 
     fn admit(&mut self, key: usize, hello: Hello) {
@@ -539,14 +582,19 @@ impl Acceptor {
             return;
         };
         // Charged before anything is created for it, so a client over a
-        // limit costs no segment.
+        // limit costs no segment (a pooled one is already charged: see
+        // `segment_pool`).
         let uid = match pending.peer {
             Peer::Unix(cred) => Some(cred.uid),
             Peer::Tcp(_) => None,
         };
+        let kind = pending.kind;
         let max_ring = settings.settings.max_ring_capacity;
-        let lease = match self.shared.limits.lease(uid, charge(pending.kind, &hello, max_ring)) {
-            Ok(lease) => lease,
+        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, max_ring);
+        let bytes = charge(kind, &hello, max_ring);
+        let (lease, pooled) = match self.lease(uid, bytes, kind, capacity) {
+            Ok(leased) => leased,
+            Err(Refusal::Uid { .. }) if self.hold_for_uid(key, &hello) => return,
             Err(refusal) => {
                 let reason = match refusal {
                     Refusal::Uid { .. } => RejectReason::UidSessionLimit,
@@ -559,54 +607,64 @@ impl Acceptor {
             return;
         };
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
-        let capacity = SegmentLayout::fit_capacity(hello.ring_capacity, max_ring);
-        let (transport, address) = match (pending.kind, pending.peer) {
-            (Kind::Shm, _) => (Transport::Shm, None),
-            (Kind::Stream, Peer::Unix(_)) => (Transport::Uds, None),
-            (Kind::Stream, Peer::Tcp(addr)) => (Transport::Tcp, Some(addr)),
-        };
-        let caller = match pending.peer {
-            Peer::Unix(cred) => Some(cred.into()),
-            Peer::Tcp(_) => None,
-        };
-        let conn = match pending.kind {
-            Kind::Shm => self.open_shm(id, pending, &hello, capacity),
-            Kind::Stream => self.open_stream(id, pending, &hello, capacity),
-        };
-        // A session that could not be opened gives its lease back here.
-        let Some(mut conn) = conn else { return };
-        conn.hold(lease);
+        // Counted now, so that `max_clients` holds while openers work; an
+        // opener that cannot open the session takes it off again.
         self.shared.engine.stats.connected.fetch_add(1, Ordering::Relaxed);
-        self.shared.engine.stats.accepted();
-        let worker = worker::least_busy(&self.workers, &self.shared.engine.stats);
-        tracing::debug!(session = id, worker = worker.index, "session opened");
-        let calls = match &conn {
-            Conn::Shm(s) => Arc::clone(&s.context().calls),
-            Conn::Stream(s) => Arc::clone(&s.context().calls),
-        };
-        let max_payload = SegmentLayout::new(capacity).map_or(0, |l| l.max_payload());
-        // In the roster before its worker has it, so that the worker's
-        // closing of it always finds it there to take out.
-        self.shared.roster.insert(
-            id,
-            Entry {
-                transport,
-                caller,
-                address,
-                ring_size: (transport == Transport::Shm).then_some(capacity),
-                max_payload,
-                opened: Instant::now(),
-                worker: Some(worker.index),
-                calls: Some(calls),
-                service: None,
-                provider: None,
-            },
-        );
-        if let Err(e) = worker.adopt(conn) {
-            tracing::error!(session = id, "cannot hand the session to a worker: {e}");
-            self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
-            self.shared.roster.remove(id);
+        // Only making a segment is worth another thread.
+        let cheap = kind == Kind::Stream || pooled.is_some();
+        let admitted = Admitted { id, pending, hello, capacity, lease, pooled };
+        if cheap {
+            return self.openers.open_here(admitted);
         }
+        if let Err(admitted) = self.openers.open(admitted) {
+            self.shared.engine.stats.connected.fetch_sub(1, Ordering::Relaxed);
+            self.reject_pending(admitted.pending, Reject::ShuttingDown, RejectReason::ShuttingDown);
+        }
+    }
+
+    /// Takes the lease of a session of `uid` charged `bytes`, with a
+    /// pooled segment when the pool has one of `capacity`; a session
+    /// refused for memory while the pool holds segments has them given up
+    /// and is judged again.
+    fn lease(
+        &self,
+        uid: Option<u32>,
+        bytes: u64,
+        kind: Kind,
+        capacity: u32,
+    ) -> Result<(Lease, Option<NewSegment>), Refusal> {
+        let limits = &self.shared.limits;
+        let attempt = || match (kind == Kind::Shm).then(|| self.pool.take(capacity)).flatten() {
+            Some(Pooled { segment, charge }) => match limits.lease_with(uid, bytes, charge) {
+                Ok(lease) => Ok((lease, Some(segment))),
+                Err((refusal, charge)) => {
+                    self.pool.put_back(Pooled { segment, charge });
+                    Err(refusal)
+                }
+            },
+            None => limits.lease(uid, bytes).map(|lease| (lease, None)),
+        };
+        match attempt() {
+            Err(Refusal::Memory { .. }) if self.pool.give_way() => attempt(),
+            leased => leased,
+        }
+    }
+
+    /// Holds a hello refused by its uid's session limit for another look
+    /// (see [`UID_GRACE`]), unless its grace is over. Returns whether it
+    /// was held.
+    fn hold_for_uid(&mut self, key: usize, hello: &Hello) -> bool {
+        let now = Instant::now();
+        let Some(pending) = self.pending.get_mut(key) else { return false };
+        let until = *pending.uid_grace.get_or_insert(now + UID_GRACE);
+        if until <= now {
+            return false;
+        }
+        pending.held = Some(hello.clone());
+        self.uid_held.push(key);
+        self.pending.set_deadline(key, until);
+        self.shared.limits.watch_slots(true);
+        true
     }
 
     /// Answers the hello of a broker or provider connection and hands it
@@ -641,79 +699,20 @@ impl Acceptor {
         self.broker.adopt(self.poll.registry(), stream, creds, role == Role::Provider);
     }
 
-    fn open_shm(&mut self, id: u64, pending: Pending, hello: &Hello, capacity: u32) -> Option<Conn> {
-        let (bell, wake, requests, responses, words) = match self.create_session(id, &pending, hello, capacity) {
-            Ok(parts) => parts,
-            Err(e) => {
-                tracing::error!("cannot create a session: {e}");
-                let reason = e.to_string();
-                self.reject_pending(pending, Reject::ResourceExhausted { reason }, RejectReason::Resources);
-                return None;
+    /// Looks again at the hellos held by their uid's session limit: a
+    /// session has given its slot back.
+    fn admit_uid_held(&mut self) {
+        let held = std::mem::take(&mut self.uid_held);
+        self.shared.limits.watch_slots(false);
+        for key in held {
+            let Some(pending) = self.pending.get_mut(key) else { continue };
+            if pending.uid_grace.is_none() {
+                continue;
             }
-        };
-        let (Stream::Unix(control), Peer::Unix(peer)) = (pending.stream, pending.peer) else {
-            unreachable!("the control socket is a Unix socket");
-        };
-        tracing::debug!(session = id, pid = peer.pid, uid = peer.uid, "shared-memory session");
-        Some(Conn::Shm(Session::new(id, peer, control, bell, wake, requests, responses, words)))
-    }
-
-    /// Answers a stream client's hello: a welcome without fds, after which
-    /// the connection carries frames.
-    fn open_stream(&mut self, id: u64, mut pending: Pending, hello: &Hello, capacity: u32) -> Option<Conn> {
-        let max_payload = SegmentLayout::new(capacity).map(|l| l.max_payload()).unwrap_or(0);
-        let welcome = Welcome {
-            version: PROTOCOL_VERSION,
-            session_id: id,
-            ring_capacity: capacity,
-            max_payload,
-            doorbell: hello.doorbell,
-            services: self.shared.engine.services.directory(),
-        };
-        let sent = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other).and_then(|bytes| {
-            // A fresh connection's send buffer takes a welcome whole.
-            match pending.stream.write(&bytes)? {
-                n if n == bytes.len() => Ok(()),
-                n => Err(io::Error::other(format!("welcome cut short: {n} of {} bytes sent", bytes.len()))),
+            if let Some(hello) = pending.held.take() {
+                self.admit(key, hello);
             }
-        });
-        if let Err(e) = sent {
-            tracing::warn!(peer = %pending.peer, "cannot welcome a stream client: {e}");
-            self.shared.engine.stats.rejected(RejectReason::HungUp);
-            return None;
         }
-        tracing::debug!(session = id, peer = %pending.peer, "stream session");
-        Some(Conn::Stream(StreamSession::new(id, pending.peer, pending.stream, max_payload as usize)))
-    }
-
-    /// Creates the segment and doorbells and sends the welcome with their
-    /// fds.
-    fn create_session(&self, id: u64, pending: &Pending, hello: &Hello, capacity: u32) -> io::Result<SessionParts> {
-        let NewSegment { layout, memfd, region, bell, wake: client_bell } =
-            NewSegment::create(capacity, hello.doorbell)?;
-        let welcome = Welcome {
-            version: PROTOCOL_VERSION,
-            session_id: id,
-            ring_capacity: capacity,
-            max_payload: layout.max_payload(),
-            doorbell: hello.doorbell,
-            services: self.shared.engine.services.directory(),
-        };
-        let bytes = handshake::encode(&ServerMessage::Welcome(welcome)).map_err(io::Error::other)?;
-        let mut fds: Vec<BorrowedFd<'_>> = vec![memfd.as_fd(), bell.as_fd()];
-        if let Some((_ours, theirs)) = &client_bell {
-            fds.push(theirs.as_fd());
-        }
-        let sent = ipc_platform::send_with_fds(pending.stream.as_fd(), &bytes, &fds)?;
-        if sent != bytes.len() {
-            return Err(io::Error::other(format!("welcome cut short: {sent} of {} bytes sent", bytes.len())));
-        }
-        // The mapping keeps the segment alive; the daemon needs no fd for it.
-        drop(memfd);
-        let wake = client_bell.map_or(ClientWake::Futex, |(ours, _theirs)| ClientWake::Pollable(ours));
-        // The daemon's ends: it reads requests and writes replies.
-        let Segment { request_consumer, response_producer, words, .. } = Segment::new(region, &layout);
-        Ok((bell, wake, request_consumer, response_producer, words))
     }
 
     /// Handles every handshake whose deadline has passed: admits a held
@@ -757,12 +756,15 @@ impl Acceptor {
         for key in self.pending.keys() {
             self.reject(key, Reject::ShuttingDown, RejectReason::ShuttingDown);
         }
+        // What the openers hold reaches the workers (or is refused) first.
+        self.openers.stop();
         for w in &self.workers {
             w.wake();
         }
         for w in &mut self.workers {
             w.join();
         }
+        self.pool.stop();
         tracing::info!("ipcd stopped");
     }
 }

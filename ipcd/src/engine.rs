@@ -49,6 +49,10 @@ pub(crate) struct Engine {
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) events: Box<dyn SessionEvents>,
+    /// Where closed sessions' mappings go to be unmapped, once the daemon
+    /// has a segment pool (see [`crate::segment_pool`]); else a worker
+    /// unmaps them as it closes them.
+    pub(crate) retirer: std::sync::OnceLock<crate::segment_pool::Retirer>,
 }
 
 /// The stall timeout, which the daemon's reload may change while the

@@ -83,6 +83,7 @@ pub mod introspect;
 mod limits;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod opener;
 mod outbox;
 mod pending;
 mod policy;
@@ -92,6 +93,7 @@ mod registry;
 mod request;
 mod roster;
 mod segment;
+mod segment_pool;
 mod server;
 mod service;
 mod session;
@@ -116,7 +118,7 @@ pub use provider::{Provider, ProviderBuilder, ProviderError};
 pub use request::{Caller, OwnedRequest, Request};
 pub use server::{
     Server, ServerBuilder, ServerError, ShutdownHandle, DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PENDING_HANDSHAKES,
-    DEFAULT_MAX_SESSIONS_PER_UID, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
+    DEFAULT_MAX_SESSIONS_PER_UID, DEFAULT_SEGMENT_POOL, DEFAULT_SPIN, DEFAULT_STALL_TIMEOUT, FALLBACK_MAX_SHM,
 };
 pub use service::ServiceError;
 pub use settings::{ReloadHandle, Settings};

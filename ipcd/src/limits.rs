@@ -25,16 +25,23 @@
 //! alone: a request with `MessageTooLarge` (not run), a reply with
 //! `ReplyTooLarge` (its handler ran).
 //!
+//! The segment pool (see [`crate::segment_pool`]) is charged too: each
+//! segment it holds ready counts against the budget as a [`Charge`] of the
+//! segment's size, until a session takes it (the charge becomes part of
+//! the session's lease) or the pool gives it up. [`Limits::in_use`] is the
+//! sessions' part, [`Limits::pooled`] the pool's.
+//!
 //! Not charged: kernel socket buffers and the fds, a worker's scratch
 //! buffers (one set per worker, not per session), and the bookkeeping of a
 //! few hundred bytes per session. The budget bounds what clients can make
 //! the daemon allocate, not its whole footprint.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ipc_core::{Reject, SegmentLayout};
+use mio::Waker;
 
 /// Why a session was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,9 +74,16 @@ fn saturate(n: usize) -> u32 {
 pub(crate) struct Limits {
     budget: AtomicU64,
     in_use: AtomicU64,
+    /// The part of `in_use` the segment pool holds.
+    pooled: AtomicU64,
     max_per_uid: AtomicUsize,
     /// Live sessions per uid; a uid with none has no entry.
     per_uid: Mutex<HashMap<u32, usize>>,
+    /// Set while the acceptor holds hellos refused by their uid's limit:
+    /// a slot given back then sets `freed` and rings the acceptor.
+    watching: AtomicBool,
+    freed: AtomicBool,
+    slot_waker: OnceLock<Arc<Waker>>,
 }
 
 impl Limits {
@@ -77,9 +91,32 @@ impl Limits {
         Limits {
             budget: AtomicU64::new(budget),
             in_use: AtomicU64::new(0),
+            pooled: AtomicU64::new(0),
             max_per_uid: AtomicUsize::new(max_per_uid),
             per_uid: Mutex::default(),
+            watching: AtomicBool::new(false),
+            freed: AtomicBool::new(false),
+            slot_waker: OnceLock::new(),
         }
+    }
+
+    /// Sets what a slot given back rings while the acceptor watches.
+    pub(crate) fn set_slot_waker(&self, waker: Arc<Waker>) {
+        let _ = self.slot_waker.set(waker);
+    }
+
+    /// Starts or stops the watch for slots given back (see `watching`).
+    pub(crate) fn watch_slots(&self, on: bool) {
+        // SeqCst with the load in `give_back_slot`: a slot given back
+        // after the watch starts either sees it and rings, or was given
+        // back before, and the acceptor's next look at the limit finds it.
+        self.watching.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether a slot was given back while watched, clearing the mark.
+    pub(crate) fn take_freed(&self) -> bool {
+        // Relaxed: a hint to look again; the look itself takes the lock.
+        self.freed.swap(false, Ordering::Relaxed)
     }
 
     /// Sets the budget and the limit per uid (a reload, on the acceptor's
@@ -97,10 +134,20 @@ impl Limits {
         self.budget.load(Ordering::Relaxed)
     }
 
-    /// What the live sessions are charged, in bytes.
+    /// What the live sessions are charged, in bytes (the segment pool's
+    /// part left out: see [`Limits::pooled`]).
     pub(crate) fn in_use(&self) -> u64 {
-        // Relaxed: a figure for `stats`, read on its own.
-        self.in_use.load(Ordering::Relaxed)
+        // Relaxed: figures for `stats`, each read on its own; a pooled
+        // segment taken between the two loads is briefly counted in
+        // neither, never twice.
+        let pooled = self.pooled();
+        self.in_use.load(Ordering::Relaxed).saturating_sub(pooled)
+    }
+
+    /// What the segments the pool holds ready are charged, in bytes.
+    pub(crate) fn pooled(&self) -> u64 {
+        // Relaxed: see `in_use`.
+        self.pooled.load(Ordering::Relaxed)
     }
 
     /// The most live sessions one uid may have.
@@ -145,6 +192,43 @@ impl Limits {
         }
     }
 
+    /// As [`Limits::lease`], for a session that takes a pooled segment
+    /// whose charge is `held`: only what the lease needs beyond it is
+    /// charged anew, and the lease then holds both. On refusal `held` is
+    /// handed back, still charged.
+    pub(crate) fn lease_with(
+        self: &Arc<Self>,
+        uid: Option<u32>,
+        bytes: u64,
+        mut held: PoolCharge,
+    ) -> Result<Lease, (Refusal, PoolCharge)> {
+        match self.lease(uid, bytes.saturating_sub(held.bytes)) {
+            Ok(mut lease) => {
+                // Relaxed: see `lease`; the bytes stay in `in_use`, they
+                // only change hands.
+                self.pooled.fetch_sub(held.bytes, Ordering::Relaxed);
+                lease.bytes += std::mem::take(&mut held.bytes);
+                Ok(lease)
+            }
+            Err(refusal) => Err((refusal, held)),
+        }
+    }
+
+    /// Charges a segment of `bytes` the pool is to hold, if the budget
+    /// then still has room for `headroom` bytes more: the pool never takes
+    /// the last room a session could have. `None` otherwise.
+    pub(crate) fn charge_pooled(self: &Arc<Self>, bytes: u64, headroom: u64) -> Option<PoolCharge> {
+        // Relaxed: see `lease`.
+        let budget = self.budget();
+        let charged = self.in_use.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
+            in_use.checked_add(bytes).filter(|&total| total.saturating_add(headroom) <= budget)
+        });
+        charged.ok()?;
+        // Relaxed: a figure for `stats`.
+        self.pooled.fetch_add(bytes, Ordering::Relaxed);
+        Some(PoolCharge { limits: Arc::clone(self), bytes })
+    }
+
     /// Charges `bytes` held for a while (a message being assembled, a
     /// reply waiting to be sent), or `None` if that would pass the budget.
     pub(crate) fn charge(self: &Arc<Self>, bytes: u64) -> Option<Charge> {
@@ -170,6 +254,15 @@ impl Limits {
                 per_uid.remove(&uid);
             }
         }
+        drop(per_uid);
+        // SeqCst: see `watch_slots`.
+        if self.watching.load(Ordering::SeqCst) {
+            // Relaxed: see `take_freed`.
+            self.freed.store(true, Ordering::Relaxed);
+            if let Some(waker) = self.slot_waker.get() {
+                let _ = waker.wake();
+            }
+        }
     }
 }
 
@@ -181,6 +274,16 @@ pub(crate) struct Lease {
     bytes: u64,
 }
 
+impl Lease {
+    /// Takes the memory part of the lease out as a [`Charge`], leaving
+    /// the uid's slot: a closing session gives its slot back at once and
+    /// its memory when its mapping is unmapped (see
+    /// [`crate::segment_pool::Retirer`]).
+    pub(crate) fn take_memory(&mut self) -> Charge {
+        Charge { limits: Arc::clone(&self.limits), bytes: std::mem::take(&mut self.bytes) }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         // Relaxed: see `Limits::lease`.
@@ -188,6 +291,21 @@ impl Drop for Lease {
         if let Some(uid) = self.uid {
             self.limits.give_back_slot(uid);
         }
+    }
+}
+
+/// What a segment the pool holds is charged; dropping it gives that back.
+#[derive(Debug)]
+pub(crate) struct PoolCharge {
+    limits: Arc<Limits>,
+    bytes: u64,
+}
+
+impl Drop for PoolCharge {
+    fn drop(&mut self) {
+        // Relaxed: see `Limits::lease`.
+        self.limits.pooled.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.limits.in_use.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -304,6 +422,23 @@ mod tests {
         assert_eq!(limits.per_uid(), [(1, 3)], "a uid refused for memory keeps no entry");
         drop(held);
         assert!(limits.lease(Some(1), 250).is_ok());
+    }
+
+    #[test]
+    fn the_pool_leaves_headroom_and_its_charge_passes_to_the_lease_that_takes_it() {
+        let limits = Arc::new(Limits::new(1000, 1));
+        assert!(limits.charge_pooled(300, 701).is_none(), "no room left for a session after it");
+        let a = limits.charge_pooled(300, 700).expect("room for the segment and a session");
+        let b = limits.charge_pooled(300, 100).unwrap();
+        assert_eq!((limits.in_use(), limits.pooled()), (0, 600));
+        let lease = limits.lease_with(Some(1), 350, a).expect("only 50 bytes more are charged");
+        assert_eq!((limits.in_use(), limits.pooled()), (350, 300));
+        let (refusal, b) = limits.lease_with(Some(1), 350, b).unwrap_err();
+        assert_eq!(refusal, Refusal::Uid { uid: 1, max: 1 });
+        assert_eq!((limits.in_use(), limits.pooled()), (350, 300), "a refused lease leaves the pool's charge");
+        drop(b);
+        drop(lease);
+        assert_eq!((limits.in_use(), limits.pooled()), (0, 0));
     }
 
     #[test]

@@ -239,6 +239,7 @@ impl ProviderBuilder {
             max_message: crate::server::clamp_max_message(self.max_message, budget),
             shutting_down: AtomicBool::new(false),
             events,
+            retirer: std::sync::OnceLock::new(),
         });
         let mut link = Link {
             socket,

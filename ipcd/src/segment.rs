@@ -32,10 +32,15 @@ impl NewSegment {
         let region = Mapping::map(memfd.as_fd(), size).map_err(io::Error::other)?;
         layout.write_header(&region);
         let bell = EventFd::new()?;
-        let wake = match doorbell {
-            DoorbellKind::Pollable => Some(SocketBell::pair()?),
-            DoorbellKind::Futex => None,
-        };
-        Ok(NewSegment { layout, memfd, region, bell, wake })
+        NewSegment { layout, memfd, region, bell, wake: None }.with_doorbell(doorbell)
+    }
+
+    /// Gives a segment made with a futex doorbell (a pooled one) the
+    /// `doorbell` a client asks for: with a pollable one, its socket pair.
+    pub(crate) fn with_doorbell(mut self, doorbell: DoorbellKind) -> io::Result<NewSegment> {
+        if doorbell == DoorbellKind::Pollable && self.wake.is_none() {
+            self.wake = Some(SocketBell::pair()?);
+        }
+        Ok(self)
     }
 }

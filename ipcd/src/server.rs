@@ -46,6 +46,11 @@ pub const DEFAULT_MAX_SESSIONS_PER_UID: usize = 1024;
 /// and a few hundred KiB.
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 
+/// Segments kept ready for connecting clients, by default (see
+/// [`ServerBuilder::segment_pool`]): enough for a few clients connecting
+/// close together, at about 135 KiB of the memory budget each.
+pub const DEFAULT_SEGMENT_POOL: usize = 8;
+
 /// The memory budget for sessions when the machine's memory cannot be read
 /// (otherwise the default is a quarter of it; see
 /// [`ServerBuilder::max_shm`]).
@@ -103,6 +108,7 @@ pub struct ServerBuilder {
     socket: Option<PathBuf>,
     socket_mode: u32,
     workers: Option<usize>,
+    segment_pool: usize,
     /// What a reload may change later.
     settings: Settings,
     max_message: u64,
@@ -123,6 +129,7 @@ impl Default for ServerBuilder {
             socket: None,
             socket_mode: 0o600,
             workers: None,
+            segment_pool: DEFAULT_SEGMENT_POOL,
             settings: Settings::default(),
             max_message: DEFAULT_MAX_MESSAGE,
             debug_services: false,
@@ -155,6 +162,20 @@ impl ServerBuilder {
     /// Worker threads (default: the available cores).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
+        self
+    }
+
+    /// Segments kept ready for connecting clients (default
+    /// [`DEFAULT_SEGMENT_POOL`]; 0: none). A thread of their own makes
+    /// them, sealed and mapped, with rings of the capacity clients ask for
+    /// by default; a client that asks for it gets one at connect instead
+    /// of waiting while its segment is made. Each is charged against the
+    /// memory budget while it waits ([`ServerBuilder::max_shm`]), and the
+    /// pool gives them up when a client would otherwise be refused for
+    /// memory. A segment goes to one client only, never to another after
+    /// it.
+    pub fn segment_pool(mut self, n: usize) -> Self {
+        self.segment_pool = n;
         self
     }
 
@@ -503,7 +524,9 @@ impl ServerBuilder {
         let spin = if workers_cores() > 1 { self.spin } else { Duration::ZERO };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), acceptor::WAKER)?);
-        let config = Config { socket, socket_mode: self.socket_mode, uds: uds_path };
+        let openers = (ipc_platform::usable_cores() as usize).clamp(1, crate::opener::MAX_OPENERS);
+        let config =
+            Config { socket, socket_mode: self.socket_mode, uds: uds_path, segment_pool: self.segment_pool, openers };
         let cooldown = Arc::new(crate::cooldown::Cooldown::default());
         let events = Box::new(Strikes {
             cooldown: Arc::clone(&cooldown),
@@ -520,6 +543,7 @@ impl ServerBuilder {
             max_message,
             shutting_down: AtomicBool::new(false),
             events,
+            retirer: std::sync::OnceLock::new(),
         });
         let shared =
             Arc::new(Shared { config, engine, cooldown, limits, settings, roster, next_session: AtomicU64::new(1) });

@@ -111,6 +111,10 @@ pub(crate) struct Session {
     pub(crate) queued: bool,
     /// Whether the session sits in its worker's idle list.
     pub(crate) idle: bool,
+    /// A hold on the daemon's mapping of the segment, which the closing
+    /// worker hands on to be unmapped elsewhere (see
+    /// [`crate::segment_pool::Retirer`]).
+    pub(crate) mapping: Option<ipc_core::Retained>,
     /// What the session is charged (memory, its uid's slot), given back
     /// when it drops; last, so that the segment is unmapped first.
     pub(crate) lease: Option<Lease>,
@@ -223,6 +227,7 @@ impl Session {
             waiting_len: 0,
             queued: false,
             idle: false,
+            mapping: None,
             lease: None,
         }
     }

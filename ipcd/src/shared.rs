@@ -24,6 +24,10 @@ pub(crate) struct Config {
     pub(crate) socket: PathBuf,
     pub(crate) socket_mode: u32,
     pub(crate) uds: Option<PathBuf>,
+    /// Segments kept ready ([`crate::ServerBuilder::segment_pool`]).
+    pub(crate) segment_pool: usize,
+    /// Opener threads (see [`crate::opener`]).
+    pub(crate) openers: usize,
 }
 
 /// What every thread of a server shares.

@@ -436,6 +436,7 @@ impl Stats {
             "limits": {
                 "memory_budget": limits.budget(),
                 "memory_in_use": limits.in_use(),
+                "memory_pooled": limits.pooled(),
                 "max_sessions_per_uid": limits.max_per_uid(),
                 "pending_handshakes": pending,
                 "max_pending_handshakes": max_pending,

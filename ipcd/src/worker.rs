@@ -53,6 +53,7 @@ use ipc_core::Spinner;
 
 use crate::deferred::{Completion, Completions, Event, Slot};
 use crate::limits::Lease;
+use crate::segment_pool::Retired;
 use crate::service::Serving;
 use crate::session::{Progress, Scratch, Session};
 use crate::stats::{DisconnectReason, Stats};
@@ -76,7 +77,15 @@ pub(crate) struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-impl WorkerHandle {
+/// What hands new sessions to a worker from another thread (an
+/// opener's).
+pub(crate) struct WorkerLink {
+    pub(crate) index: usize,
+    tx: Sender<Conn>,
+    waker: Arc<Waker>,
+}
+
+impl WorkerLink {
     /// Hands a new session to the worker. An error means the worker did not
     /// get it (the session is dropped); a failed wake-up only delays it to
     /// the worker's next event, so it is logged, not returned.
@@ -86,6 +95,35 @@ impl WorkerHandle {
             tracing::warn!(worker = self.index, "cannot wake the worker for a new session: {e}");
         }
         Ok(())
+    }
+}
+
+/// A worker's index, for [`least_busy`].
+pub(crate) trait Indexed {
+    fn index(&self) -> usize;
+}
+
+impl Indexed for WorkerLink {
+    fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Indexed for WorkerHandle {
+    fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl WorkerHandle {
+    /// A link that hands sessions to this worker.
+    pub(crate) fn link(&self) -> WorkerLink {
+        WorkerLink { index: self.index, tx: self.tx.clone(), waker: Arc::clone(&self.waker) }
+    }
+
+    /// As [`WorkerLink::adopt`].
+    pub(crate) fn adopt(&self, session: Conn) -> io::Result<()> {
+        self.link().adopt(session)
     }
 
     /// Wakes the worker (to notice shutdown).
@@ -109,8 +147,11 @@ impl WorkerHandle {
 }
 
 /// The worker with the fewest sessions, for a new one.
-pub(crate) fn least_busy<'w>(workers: &'w [WorkerHandle], stats: &Stats) -> &'w WorkerHandle {
-    workers.iter().min_by_key(|w| stats.workers[w.index].sessions.load(Ordering::Relaxed)).expect("at least one worker")
+pub(crate) fn least_busy<'w, W: Indexed>(workers: &'w [W], stats: &Stats) -> &'w W {
+    workers
+        .iter()
+        .min_by_key(|w| stats.workers[w.index()].sessions.load(Ordering::Relaxed))
+        .expect("at least one worker")
 }
 
 /// Starts the engine's workers, and the handler threads if a service needs
@@ -727,9 +768,23 @@ impl Worker {
         self.engine.stats.disconnected(reason);
         let id = conn.id();
         tracing::debug!(session = id, reason = reason.name(), "session closed");
-        // Dropping the session unmaps its segment and closes its fds; the
-        // client sees its connection hang up. Only then is the owner told.
+        // The segment's mapping, with the memory it is charged, goes to be
+        // unmapped off this thread (where the daemon has a segment pool);
+        // the uid's slot is given back with the session.
+        let retired = match (&mut conn, self.engine.retirer.get()) {
+            (Conn::Shm(s), Some(retirer)) => s.mapping.take().map(|mapping| {
+                let charge = s.lease.as_mut().map(Lease::take_memory);
+                (retirer, Retired::new(mapping, charge))
+            }),
+            _ => None,
+        };
+        // Dropping the session closes its fds (and, unless retired, unmaps
+        // its segment); the client sees its connection hang up. Only then
+        // is the owner told.
         drop(conn);
+        if let Some((retirer, retired)) = retired {
+            retirer.retire(retired);
+        }
         self.engine.events.closed(id);
     }
 

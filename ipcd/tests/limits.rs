@@ -239,6 +239,30 @@ fn a_uid_is_refused_past_its_sessions_while_another_uid_goes_on() {
 }
 
 #[test]
+fn connects_and_drops_in_a_row_are_never_refused_by_the_uid_limit() {
+    // A client that drops its session and connects again at once may
+    // reach the acceptor before the worker has seen the hang-up: the
+    // slot it gave back must count as free all the same.
+    const MAX: usize = 2;
+    const CYCLES: usize = 2000;
+    let (_daemon, shm, uds) = start(&["--max-sessions-per-uid", &MAX.to_string()]);
+    watchdog(TEST_LIMIT, move || {
+        let transports = [Transport::Shm(shm), Transport::Uds(uds)];
+        // One session held throughout, so that every cycle runs at the
+        // limit's edge.
+        let mut held = open(&transports[0], 4096).unwrap();
+        for i in 0..CYCLES {
+            let options = ClientOptions::default().ring_capacity(4096);
+            match Client::connect_with(transports[i % 2].clone(), options) {
+                Ok(client) => drop(client),
+                Err(e) => panic!("connect {i} of {CYCLES}, with one other session open: {e}"),
+            }
+        }
+        still_works(&mut held, "the session held throughout");
+    });
+}
+
+#[test]
 fn sessions_past_the_memory_budget_are_refused_while_sessions_within_it_go_on() {
     /// Room for this uid's small session and three of the helper's (two
     /// on shared memory, one stream) but not a fourth.

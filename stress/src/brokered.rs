@@ -594,11 +594,7 @@ fn measure_resolves(socket: &Path, n: usize, options: &ClientOptions) -> Resolve
             }
         }
     }
-    let figures = |h: &Histogram<u64>| Connect {
-        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
-        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
-        max: h.max() as f64 / 1000.0,
-    };
+    let figures = |h: &Histogram<u64>| Connect::of(h, format!("{n} in a row"));
     ResolveFigures {
         resolves: n,
         failed,

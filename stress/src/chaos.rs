@@ -12,7 +12,8 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use crate::daemon::{self, PrivateDaemon, ProcessUsage};
-use crate::workload::Probe;
+use crate::report::Connect;
+use crate::workload::{new_histogram, Probe};
 
 /// A fault to inject during a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,6 +223,11 @@ pub struct RestartReport {
     pub disconnect_delay_ms_p50: f64,
     /// The worst recovery, in ms.
     pub recovery_ms_max: Option<f64>,
+    /// The clients' reconnects, and how long the connect that made each
+    /// took (the attempt that succeeded, without the pauses before it):
+    /// `null` if none reconnected.
+    pub reconnects: usize,
+    pub reconnect_us: Option<Connect>,
 }
 
 impl RestartReport {
@@ -295,6 +301,15 @@ pub fn restart_daemon(
     report.disconnected_before_any_kill = events.len() - delays.len();
     report.disconnect_delay_ms_max = delays.last().copied().unwrap_or(0.0);
     report.disconnect_delay_ms_p50 = delays.get(delays.len() / 2).copied().unwrap_or(0.0);
+    let reconnects = probe.reconnects.lock().expect("probe lock").clone();
+    report.reconnects = reconnects.len();
+    if !reconnects.is_empty() {
+        let mut h = new_histogram();
+        for ns in &reconnects {
+            h.saturating_record((*ns).max(1));
+        }
+        report.reconnect_us = Some(Connect::of(&h, format!("{} reconnecting", reconnects.len())));
+    }
     Ok(report)
 }
 

@@ -210,7 +210,7 @@ impl FloodFigures {
             partial: 0,
             dribbling: 0,
             connects: run.clients,
-            connect_us: run.connect_us,
+            connect_us: run.connect_us.clone(),
             connect_p50_ratio: None,
             connect_p99_ratio: None,
             handshake_timeout_ms: timeout.as_millis() as u64,
@@ -233,7 +233,7 @@ impl FloodFigures {
     ) -> FloodFigures {
         let count = |k: Stall| closings.conns.iter().filter(|c| c.0 == k).count();
         let closed: Vec<f64> = closings.conns.iter().filter_map(|c| c.1).map(|d| d.as_secs_f64() * 1e3).collect();
-        let connect_us = run.connect_us;
+        let connect_us = run.connect_us.clone();
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
         FloodFigures {
             phase: "with",
@@ -242,9 +242,9 @@ impl FloodFigures {
             partial: count(Stall::Partial),
             dribbling: count(Stall::Dribble),
             connects: run.clients,
-            connect_us,
             connect_p50_ratio: ratio(connect_us.p50, without.connect_us.p50),
             connect_p99_ratio: ratio(connect_us.p99, without.connect_us.p99),
+            connect_us,
             handshake_timeout_ms: without.handshake_timeout_ms,
             connects_before_first_close: closings.first_close.is_none_or(|first| connects_end <= first),
             stalled_closed: closed.len(),

@@ -25,11 +25,15 @@ pub struct Latency {
 }
 
 /// Connect-time figures in microseconds.
-#[derive(Serialize, Debug, Default, Clone, Copy)]
+#[derive(Serialize, Debug, Default, Clone)]
 pub struct Connect {
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
+    /// How the connects came: `"N in a row"` (one client connecting and
+    /// dropping, latency runs) or `"N at once"` (every client of the run
+    /// connecting together).
+    pub pattern: String,
 }
 
 /// One run, with the keys documented in the README.
@@ -117,6 +121,13 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
+impl Connect {
+    /// The figures of `h` (nanoseconds), in microseconds.
+    pub fn of(h: &Histogram<u64>, pattern: String) -> Connect {
+        Connect { p50: us(h.value_at_quantile(0.50)), p99: us(h.value_at_quantile(0.99)), max: us(h.max()), pattern }
+    }
+}
+
 impl Run {
     /// Gathers the outcomes of every client into one run.
     pub fn from_outcomes(
@@ -154,6 +165,10 @@ impl Run {
         // one after another.
         let connect_ns: Vec<u64> =
             connects.map_or_else(|| outcomes.iter().map(|o| o.connect_ns).collect(), <[u64]>::to_vec);
+        let pattern = match connects {
+            Some(c) => format!("{} in a row", c.len()),
+            None => format!("{} at once", outcomes.len()),
+        };
         for ns in connect_ns {
             connect.saturating_record(ns.max(1));
         }
@@ -188,7 +203,7 @@ impl Run {
                 max: us(latency.max()),
                 mean: latency.mean() / 1000.0,
             },
-            connect_us: Connect { p50: q(&connect, 0.50), p99: q(&connect, 0.99), max: us(connect.max()) },
+            connect_us: Connect::of(&connect, pattern),
             bytes_per_s: (spec.scenario == "bandwidth" && secs > 0.0)
                 .then(|| 2.0 * payload as f64 * succeeded as f64 / secs),
             allocations_per_call: if sent > 0 { allocations as f64 / sent as f64 } else { 0.0 },
@@ -267,8 +282,12 @@ impl Run {
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         );
         s += &format!(
-            "  connect us  p50 {:.1}  max {:.1}   allocations/call {:.3}\n",
-            self.connect_us.p50, self.connect_us.max, self.allocations_per_call
+            "  connect us  p50 {:.1}  p99 {:.1}  max {:.1} ({})   allocations/call {:.3}\n",
+            self.connect_us.p50,
+            self.connect_us.p99,
+            self.connect_us.max,
+            self.connect_us.pattern,
+            self.allocations_per_call
         );
         s += &format!(
             "  {:<11} rss_anon {} kB (peak during run {} kB)  rss_shmem {} kB  fds {}\n",
@@ -313,6 +332,12 @@ impl Run {
                 r.disconnect_delay_ms_p50,
                 r.disconnected_before_any_kill
             );
+            if let Some(c) = &r.reconnect_us {
+                s += &format!(
+                    "  reconnect   {} connects that made a reconnect: p50 {:.1} us  p99 {:.1} us  max {:.1} us\n",
+                    r.reconnects, c.p50, c.p99, c.max
+                );
+            }
         }
         if let Some(k) = &self.kill_provider {
             for (i, x) in k.kills.iter().enumerate() {

@@ -112,9 +112,23 @@ pub struct Probe {
     pub first_successes: Mutex<Vec<Instant>>,
     /// Per-minute latency histograms of every call (soak runs), merged.
     pub minutes: Mutex<Vec<Histogram<u64>>>,
+    /// How long the connect of each reconnect took, in nanoseconds.
+    pub reconnects: Mutex<Vec<u64>>,
 }
 
 impl Probe {
+    /// Records the connect of a reconnect `client` made, if its count of
+    /// reconnects went past `seen`.
+    fn reconnected(&self, client: &Client, seen: &mut u64) {
+        if client.reconnects() == *seen {
+            return;
+        }
+        *seen = client.reconnects();
+        if let Some(took) = client.last_reconnect_took() {
+            self.reconnects.lock().expect("probe lock").push(took.as_nanos() as u64);
+        }
+    }
+
     fn success(&self, call_started: Instant) {
         if !self.awaiting_success.load(Ordering::Relaxed) {
             return;
@@ -280,6 +294,8 @@ impl ClientOutcome {
         let mut out = ClientOutcome::new(connect_ns);
         out.made = messages;
         out.outcomes.rejected = messages;
+        // Its calls count as refused: the report names why with them.
+        out.first_rejection = Some(error.clone());
         out.first_error = Some(error);
         out
     }
@@ -375,6 +391,7 @@ fn sync_calls(
     let soak = probe.filter(|_| w.until.is_some());
     let begin = Instant::now();
     let mut minutes: Vec<Histogram<u64>> = Vec::new();
+    let mut reconnects = client.reconnects();
     for seq in 0..w.messages {
         if (w.until.is_some() && time_is_up(w)) || gave_up(client, w) {
             break;
@@ -390,6 +407,9 @@ fn sync_calls(
                 }
             }
             Err(e) => out.error(id, seq, &e, probe),
+        }
+        if let Some(p) = probe {
+            p.reconnected(client, &mut reconnects);
         }
         publish(w, id, out);
     }

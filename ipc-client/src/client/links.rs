@@ -278,7 +278,11 @@ impl Client {
             // An attempt never outlasts the request's deadline by much.
             options.connect_timeout = options.connect_timeout.min(left.max(Duration::from_millis(1)));
             let error = match connect::open(&self.target, &options) {
-                Ok((link, welcome)) => return self.adopt(link, welcome),
+                Ok((link, welcome)) => {
+                    self.adopt(link, welcome)?;
+                    self.last_reconnect = Some(now.elapsed());
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             let lasting = matches!(

@@ -43,6 +43,7 @@ pub struct File {
     socket: Option<PathBuf>,
     socket_mode: Option<IntOrText>,
     workers: Option<usize>,
+    segment_pool: Option<usize>,
     max_clients: Option<usize>,
     handshake_timeout: Option<String>,
     max_pending_handshakes: Option<usize>,
@@ -104,6 +105,7 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     pub socket_mode: u32,
     pub workers: Option<usize>,
+    pub segment_pool: Option<usize>,
     pub log_level: String,
     pub log_format: LogFormat,
     pub debug_services: bool,
@@ -200,6 +202,7 @@ impl Config {
             socket: pick(args.socket.clone(), file.socket, "socket", same)?,
             socket_mode: pick(args.socket_mode, file.socket_mode, "socket-mode", mode)?.unwrap_or(0o600),
             workers: pick(args.workers, file.workers, "workers", positive)?,
+            segment_pool: pick(args.segment_pool, file.segment_pool, "segment-pool", same)?,
             log_level: pick(args.log_level.clone(), file.log_level, "log-level", |s| parse_log_level(&s))?
                 .unwrap_or_else(|| "info".into()),
             log_format: pick(args.log_format, file.log_format, "log-format", same)?.unwrap_or(LogFormat::Text),
@@ -253,6 +256,7 @@ impl Config {
         note("socket", self.socket != new.socket);
         note("socket-mode", self.socket_mode != new.socket_mode);
         note("workers", self.workers != new.workers);
+        note("segment-pool", self.segment_pool != new.segment_pool);
         note("log-level", self.log_level != new.log_level);
         note("log-format", self.log_format != new.log_format);
         note("debug-services", self.debug_services != new.debug_services);

@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, value_parser = parse_positive)]
     workers: Option<usize>,
 
+    /// Segments kept ready for connecting clients, each charged against
+    /// --max-shm while it waits; 0 makes every segment at connect
+    /// [default: 8]
+    #[arg(long)]
+    segment_pool: Option<usize>,
+
     /// Clients served at once; the next one is rejected [default: 4096]
     #[arg(long, value_parser = parse_positive)]
     max_clients: Option<usize>,
@@ -371,6 +377,9 @@ fn run(args: Args, config: config::Config, passed: systemd::Passed<OwnedFd>) -> 
     }
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
+    }
+    if let Some(n) = config.segment_pool {
+        builder = builder.segment_pool(n);
     }
     if let Some(path) = &config.uds {
         builder = builder.uds(path);
