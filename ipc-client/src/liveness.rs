@@ -64,13 +64,20 @@ impl Alarm {
         // SYNC(liveness-alarm): SeqCst, in one order with the sleeper's
         // fence after its announcement; see the module docs.
         self.rung.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Clears both waiter words the sleeper may sleep on and wakes it:
+    /// after `ring`, or alone when the watcher stops (the sleeper then
+    /// looks at its peer for itself).
+    fn wake(&self) {
         for word in
             [self.words.waiter(Direction::Response, Waiter::Data), self.words.waiter(Direction::Request, Waiter::Space)]
         {
-            // SYNC(liveness-alarm): SeqCst, after the store above.
+            // SYNC(liveness-alarm): SeqCst, after the store in `ring`.
             word.swap(0, Ordering::SeqCst);
             // A wake that fails wakes no one, and there is no one else to
-            // tell: the sleeper then finds the alarm at its next slice.
+            // tell: the sleeper then finds the alarm at its next pass.
             let _ = ipc_platform::futex::wake_one(word);
         }
     }
@@ -132,7 +139,7 @@ impl Watcher {
                 self.running.store(false, Ordering::Relaxed);
                 let alarms: Vec<Arc<Alarm>> = self.lock().values().cloned().collect();
                 // Wake every sleeper, so each looks at its peer by itself.
-                alarms.iter().for_each(|a| a.ring_without_alarm());
+                alarms.iter().for_each(|a| a.wake());
                 return;
             }
             for key in &keys {
@@ -147,20 +154,6 @@ impl Watcher {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Alarm>>> {
         // The map holds no invariant a panic could break.
         self.alarms.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Alarm {
-    /// Wakes the sleeper without saying the peer is gone (the watcher
-    /// stops): it looks for itself.
-    fn ring_without_alarm(&self) {
-        for word in
-            [self.words.waiter(Direction::Response, Waiter::Data), self.words.waiter(Direction::Request, Waiter::Space)]
-        {
-            // SeqCst as in `ring`.
-            word.swap(0, Ordering::SeqCst);
-            let _ = ipc_platform::futex::wake_one(word);
-        }
     }
 }
 
