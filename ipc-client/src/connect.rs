@@ -250,6 +250,7 @@ pub(crate) fn shm_link(control: UnixStream, segment: Segment, layout: &SegmentLa
     // The mapping keeps the segment alive; no fd is needed for it.
     drop(segment.memfd);
     let Rings { request_producer, response_consumer, words, .. } = Rings::new(segment.region, layout);
+    let watch = crate::liveness::watch(&control, &words, segment.client_bell.is_none());
     ShmLink {
         control,
         requests: request_producer,
@@ -259,6 +260,7 @@ pub(crate) fn shm_link(control: UnixStream, segment: Segment, layout: &SegmentLa
         words,
         peer,
         gone: None,
+        watch,
     }
 }
 

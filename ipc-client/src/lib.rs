@@ -47,6 +47,7 @@ mod connect;
 mod error;
 mod guard;
 mod link;
+mod liveness;
 mod options;
 #[cfg(feature = "raw")]
 pub mod raw;
@@ -67,4 +68,5 @@ pub use error::{CallError, ConnectError};
 pub use guard::ReplyGuard;
 pub use ipc_core::{Credentials, DoorbellKind, Reject};
 pub use link::RequestBuf;
+pub use liveness::watch_liveness;
 pub use options::{ClientOptions, Reconnect, StreamOptions, Transport, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN};

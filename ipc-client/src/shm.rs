@@ -15,6 +15,7 @@ use ipc_platform::{Drained, EventFd, SocketBell};
 
 use crate::error::CallError;
 use crate::link::{disconnected, RequestBuf};
+use crate::liveness::Watch;
 
 /// How the peer wakes us.
 pub(crate) enum Bell {
@@ -64,6 +65,18 @@ pub(crate) struct ShmLink {
     pub(crate) peer: Peer,
     /// Set once the peer is found gone; replies it left are still read.
     pub(crate) gone: Option<String>,
+    /// The liveness watcher's registration of `control` (futex doorbells
+    /// only; see `liveness.rs`).
+    pub(crate) watch: Option<Watch>,
+}
+
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        // Before `control` closes: the watch borrows its fd.
+        if let Some(watch) = self.watch.take() {
+            watch.release(self.control.as_fd());
+        }
+    }
 }
 
 impl ShmLink {
@@ -72,6 +85,29 @@ impl ShmLink {
             Bell::Pollable(b) => Some(b.as_fd()),
             Bell::Futex => None,
         }
+    }
+
+    /// Whether a sleeping wait on this link is told at once that its peer
+    /// hung up: by the poll on its control connection (a pollable
+    /// doorbell) or by the liveness watcher. Else the wait must look
+    /// every slice.
+    pub(crate) fn is_watched(&self) -> bool {
+        match &self.bell {
+            Bell::Pollable(_) => true,
+            Bell::Futex => self.watch.as_ref().is_some_and(Watch::is_watched),
+        }
+    }
+
+    /// After the announcement (see `liveness.rs`): settles the link if the
+    /// liveness watcher found its control connection hung up. Whether it
+    /// is gone now.
+    pub(crate) fn check_alarm(&mut self) -> bool {
+        if self.gone.is_none() && self.watch.as_ref().is_some_and(Watch::rung) {
+            self.gone = Some(
+                self.peer_gone().unwrap_or_else(|| format!("{} sent data on the control connection", self.peer.name())),
+            );
+        }
+        self.gone.is_some()
     }
 
     /// The last request the peer took, once it closed the session on

@@ -18,10 +18,17 @@
 //!    link, `futex_waitv` for several (a word already cleared is a wake);
 //!    with pollable doorbells, one `poll` over every bell and every
 //!    control connection.
-//! 5. Every [`LIVENESS_SLICE`] at most, look at each peer: a `closed` word
-//!    or a hung-up control connection marks that link gone, and the wait
-//!    returns so that the client settles it (a dead provider is noticed,
-//!    not waited for).
+//! 5. Look at each peer: a `closed` word or a hung-up control connection
+//!    marks that link gone, and the wait returns so that the client
+//!    settles it (a dead provider is noticed, not waited for). A hang-up
+//!    wakes the sleep: the poll watches the control connections of
+//!    pollable doorbells, and the liveness watcher (`liveness.rs`) those
+//!    of futex doorbells, ringing the link's alarm and waking its words;
+//!    a peer that stops on purpose marks `closed` and rings. So a sleep
+//!    lasts until the deadline, with no wake-up while idle. Only a link
+//!    nothing watches (no watcher thread, or it was turned off with
+//!    [`crate::watch_liveness`]) makes the sleep wake every
+//!    [`LIVENESS_SLICE`] to look.
 //! 6. Withdraw every announcement.
 //!
 //! A wait returns `Ok` once anything may have changed, a link found gone
@@ -39,8 +46,9 @@ use crate::error::CallError;
 use crate::link::Link;
 use crate::shm::{Bell, ShmLink, Sleep};
 
-/// How long a sleeping wait sleeps between checks that its peers are still
-/// there. Bounds how late a peer's crash is noticed by a blocked call.
+/// How long a sleeping wait on a link nothing watches sleeps between
+/// checks that its peers are still there. Bounds how late a peer's crash
+/// is noticed by a blocked call on such a link.
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(50);
 /// The slice of a wait that must also look at links it cannot sleep on
 /// (a futex word beside pollable doorbells, a kernel without
@@ -189,19 +197,27 @@ fn wait_shm(
 /// or the deadline passes.
 fn sleep(links: &mut [Link], plan: &[Option<Await>], deadline: Instant, timeout: Duration) -> Result<(), CallError> {
     loop {
+        let mut watched = true;
         for (link, _) in members(links, plan) {
             if let Link::Shm(l) = link {
                 if l.closed_after().is_some() {
                     l.gone = l.peer_gone();
                     return Ok(());
                 }
+                // SYNC(liveness-alarm): after the announcement.
+                if l.check_alarm() {
+                    return Ok(());
+                }
+                watched &= l.is_watched();
             }
         }
         let now = Instant::now();
         if now >= deadline {
             return Err(CallError::Timeout { after: timeout });
         }
-        let slice = (deadline - now).min(LIVENESS_SLICE);
+        // Every peer's hang-up wakes this sleep (a peer stopping on
+        // purpose rings): it may last until the deadline.
+        let slice = if watched { deadline - now } else { (deadline - now).min(LIVENESS_SLICE) };
         let pollable = members(links, plan).any(|(link, _)| matches!(link, Link::Shm(l) if l.doorbell_fd().is_some()));
         let woken = if pollable { poll_once(links, plan, slice) } else { futex_once(links, plan, slice) };
         if woken {

@@ -81,6 +81,12 @@ impl fmt::Debug for SharedWords {
 }
 
 impl SharedWords {
+    /// Another handle on the same words (the region is shared, not
+    /// copied), for a thread of this side that must reach them too.
+    pub fn share(&self) -> SharedWords {
+        SharedWords { region: self.region.share(), layout: self.layout }
+    }
+
     /// Records in the header that the daemon closes the session on purpose
     /// and took no request after `last_taken` (0: none at all). Done by the
     /// daemon just before it hangs up; see `layout`.

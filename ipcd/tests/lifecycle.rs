@@ -14,10 +14,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    die_with_parent, expect_worker_in_handler, fd_count, ipcd_command, join_within, json_u64, mapping_count, pattern,
-    poll_until, stat_eventually, stats_json, watchdog, Daemon, CLEANUP_LIMIT, EXIT_LIMIT, TEST_LIMIT,
+    blocked_in_syscall, die_with_parent, expect_worker_in_handler, fd_count, ipcd_command, join_within, json_u64,
+    mapping_count, pattern, poll_until, sleeping_syscalls, stat_eventually, stats_json, watchdog, Daemon,
+    CLEANUP_LIMIT, EXIT_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ClientOptions, ConnectError, Reconnect, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Reconnect, Ticket};
 use nix::sys::signal::Signal;
 
 /// Set in the environment of the helper process to the socket it uses.
@@ -214,6 +215,41 @@ fn daemon_killed_mid_call_is_a_disconnect_not_a_hang() {
     let (result, after) = join_within(call, Duration::from_secs(10), "the call to a dead daemon");
     assert!(matches!(result, Err(CallError::Disconnected { .. })), "{result:?}");
     assert!(matches!(after, Err(CallError::NotConnected { .. })), "{after:?}");
+}
+
+/// A call asleep in its wait (a futex wait, or a poll with the pollable
+/// doorbell) when the daemon is SIGKILLed ends `Disconnected`, long
+/// before its timeout: the liveness watcher (or the poll) sees the
+/// control connection hang up and wakes it; a sleep that only ended at
+/// its timeout would make the call `Timeout`. The delay is printed.
+#[test]
+fn a_call_asleep_in_its_wait_is_woken_by_the_daemons_death() {
+    for (kind, sleeps_in) in
+        [(DoorbellKind::Futex, sleeping_syscalls::FUTEX), (DoorbellKind::Pollable, sleeping_syscalls::POLL)]
+    {
+        let mut daemon = Daemon::start(&["--workers", "1", "--debug-services"]);
+        let options =
+            ClientOptions::default().doorbell(kind).spin(Duration::ZERO).call_timeout(Duration::from_secs(60));
+        let mut client = Client::connect_with(daemon.socket(), options).expect("cannot connect");
+        let sleep = client.service("debug.sleep").unwrap();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let call = thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+            let result = client.call(&sleep, &10_000u32.to_le_bytes());
+            (result, std::time::Instant::now())
+        });
+        let tid = tid_rx.recv().unwrap();
+        expect_worker_in_handler(daemon.pid());
+        let asleep = poll_until(HANG_UP_LIMIT, || {
+            blocked_in_syscall(std::process::id(), tid).is_some_and(|n| sleeps_in.contains(&n))
+        });
+        assert!(asleep, "{kind:?}: the caller never went to sleep in its wait");
+        let killed = std::time::Instant::now();
+        daemon.kill();
+        let (result, ended) = join_within(call, Duration::from_secs(30), "the call to a killed daemon");
+        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{kind:?}: {result:?}");
+        println!("{kind:?}: the sleeping call ended {:?} after the SIGKILL", ended.saturating_duration_since(killed));
+    }
 }
 
 /// Runs a second ipcd on `socket` and returns its exit code and stderr.

@@ -26,6 +26,7 @@ mod cpu;
 mod eventfd;
 mod fdpass;
 pub mod futex;
+mod hangup;
 mod listener;
 mod mapping;
 mod memfd;
@@ -41,6 +42,7 @@ pub use bell::{Drained, SocketBell};
 pub use cpu::{runnable_threads, usable_cores, CoreGauge};
 pub use eventfd::EventFd;
 pub use fdpass::{recv_refusing_fds, recv_with_fds, send_with_fds, MAX_FDS};
+pub use hangup::HangupWatch;
 pub use listener::{prepare_listener, unix_listener_path, ListenerFamily};
 pub use mapping::Mapping;
 pub use memfd::{check_sealed, create_sealed, try_resize, SealError, SEALS};
@@ -51,4 +53,7 @@ pub use path::{
     remove_control_socket, BoundSocket, SOCKET_ENV,
 };
 pub use process::{die_with_parent, ProcessHandle};
-pub use socket::{connect_unix, peer_closed, peer_credentials, raise_nofile_limit, wait_readable, PeerCredentials};
+pub use socket::{
+    connect_unix, peer_closed, peer_credentials, raise_nofile_limit, raise_nofile_limit_to, wait_readable,
+    PeerCredentials,
+};

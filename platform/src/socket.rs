@@ -100,6 +100,23 @@ pub fn raise_nofile_limit() -> io::Result<Option<u64>> {
     Ok(limit.maximum)
 }
 
+/// Raises this process's open-files limit (soft and hard) to at least
+/// `want`: beyond the hard limit only a privileged process may (and at
+/// most to `/proc/sys/fs/nr_open`). Returns the soft limit now; fails
+/// when the hard limit is below `want` and cannot be raised. Processes
+/// started afterwards inherit the limits.
+pub fn raise_nofile_limit_to(want: u64) -> io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (current, maximum) = (limit.current.unwrap_or(u64::MAX), limit.maximum.unwrap_or(u64::MAX));
+    if current >= want {
+        return Ok(current);
+    }
+    let maximum = maximum.max(want);
+    setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: Some(maximum) })?;
+    Ok(want)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

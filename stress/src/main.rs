@@ -14,12 +14,15 @@ mod baselines;
 mod brokered;
 mod chaos;
 mod daemon;
+mod fleet;
 mod flood;
 mod hostile;
+mod idle;
 mod plot;
 mod progress;
 mod provider;
 mod report;
+mod scale;
 mod started;
 mod streams;
 mod workload;
@@ -102,6 +105,22 @@ static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::Counting
 /// stream must end exactly once. Reports items/s and each item's latency
 /// (from the previous item, or the opening for the first), with the goal
 /// of 5,000,000 items/s over shm for 64 B items.
+///
+/// --scenario idle (not part of all) connects --clients (1,000) blocking
+/// clients to its own daemon, stops the daemon (SIGSTOP) so that the call
+/// each makes next is never answered, counts the context switches of all
+/// of stress's threads for --duration seconds (5): the wake-ups per
+/// second of that many idle clients; then SIGKILLs the daemon, and every
+/// blocked call must end disconnected (the delay is reported). Twice:
+/// with the liveness watcher off (50 ms checks) and on.
+///
+/// --scenario scale (not part of all) connects --clients (10,000)
+/// blocking clients (a thread each) to its own daemon all at once, each
+/// makes --messages (10) echo calls of --payload bytes (64), every reply
+/// checked; reports connect p50 and p99 and the daemon's RssAnon,
+/// RssShmem, charged shared memory and fds with all connected, per
+/// client. Both raise the open-files limit as needed (root may raise the
+/// hard limit) and give the daemon --max-sessions-per-uid and --max-shm.
 ///
 /// SIGTERM or SIGINT stops everything stress started (its daemon with
 /// SIGTERM), removes the daemon's directory and exits 128 + the signal's
@@ -261,7 +280,8 @@ struct Args {
 
     /// Soak: run the throughput workload for this many seconds (instead of
     /// a number of calls), sampling the daemon's memory and fds every
-    /// second.
+    /// second. With --scenario idle: how long the idle clients are
+    /// watched (5).
     #[arg(long, value_name = "SECONDS")]
     duration: Option<u64>,
 
@@ -278,6 +298,11 @@ struct Args {
     #[arg(long, hide = true, value_name = "NAME")]
     attack_service: Option<String>,
 
+    /// Internal: run as a client process of the scale scenario, with N
+    /// clients.
+    #[arg(long, hide = true, value_name = "N")]
+    child_scale: Option<usize>,
+
     /// Internal: run as the provider process, with WORKERS workers.
     #[arg(long, hide = true, value_name = "WORKERS")]
     child_provider: Option<usize>,
@@ -292,6 +317,8 @@ enum Scenario {
     Hostile,
     Provider,
     Stream,
+    Idle,
+    Scale,
     All,
 }
 
@@ -305,6 +332,8 @@ impl Scenario {
             Scenario::Hostile => "hostile",
             Scenario::Provider => "provider",
             Scenario::Stream => "stream",
+            Scenario::Idle => "idle",
+            Scenario::Scale => "scale",
             Scenario::All => "all",
         }
     }
@@ -318,6 +347,8 @@ impl Scenario {
             Scenario::Bandwidth => (4, 0, bandwidth::PAYLOADS.to_vec(), 1),
             Scenario::Hostile => (10, 20_000, vec![64], 1),
             Scenario::Stream => (100, 1_000, vec![64, 4 << 10], streams::DEFAULT_WINDOW),
+            Scenario::Idle => (1_000, 0, vec![64], 1),
+            Scenario::Scale => (10_000, 10, vec![64], 1),
         }
     }
 }
@@ -370,6 +401,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(n) = args.child_scale {
+        let Some(socket) = &args.socket else {
+            eprintln!("error: --child-scale needs --socket");
+            return ExitCode::from(2);
+        };
+        let (calls, payload) = (args.messages.unwrap_or(10), args.payload.unwrap_or(64));
+        let timeout = Duration::from_millis(args.call_timeout_ms);
+        return match scale::child_main(socket, n, calls, payload, timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: scale client process: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(id) = args.child_client {
         return match child(&args, id) {
             Ok(()) => ExitCode::SUCCESS,
@@ -418,6 +464,25 @@ fn validate(args: &Args) -> Result<(), String> {
             return Err("--flood-connects and --handshake-timeout-ms must be at least 1".into());
         }
     }
+    if matches!(args.scenario, Scenario::Idle | Scenario::Scale) {
+        if args.socket.is_some() && args.child_scale.is_none()
+            || args.procs
+            || args.chaos.is_some()
+            || args.plot.is_some()
+            || args.baselines
+        {
+            return Err("--scenario idle and scale start their own daemon and client threads: drop --socket, --procs, --chaos, --plot and --baselines".into());
+        }
+        if !matches!(args.transport, TransportArg::All | TransportArg::Shm) || args.client != ClientKind::Sync {
+            return Err("--scenario idle and scale run blocking clients over shared memory".into());
+        }
+        if args.scenario == Scenario::Scale && args.duration.is_some() {
+            return Err("--duration is the idle scenario's window; --scenario scale makes --messages calls".into());
+        }
+        if args.payload.is_some_and(|p| p < 1) || args.duration == Some(0) {
+            return Err("--payload and --duration must be at least 1".into());
+        }
+    }
     if args.scenario == Scenario::Stream {
         if args.socket.is_some() || args.procs || args.chaos.is_some() || args.duration.is_some() {
             return Err("--scenario stream starts its own daemon and client threads: drop --socket, --procs, --chaos and --duration".into());
@@ -453,7 +518,7 @@ fn validate(args: &Args) -> Result<(), String> {
     } else if matches!(args.chaos, Some(Chaos::KillProvider(_))) {
         return Err("--chaos kill-provider kills the provider of --scenario provider".into());
     }
-    let faulty = args.chaos.is_some() || args.duration.is_some();
+    let faulty = args.chaos.is_some() || args.duration.is_some() && args.scenario != Scenario::Idle;
     if faulty && !matches!(args.scenario, Scenario::Throughput | Scenario::All | Scenario::Provider) {
         return Err("--chaos and --duration run the throughput scenario".into());
     }
@@ -585,6 +650,24 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     if args.scenario == Scenario::Stream {
         return streams::run(&stream_config(&args, &exe));
+    }
+    let daemon = || args.daemon.clone().unwrap_or_else(|| exe.with_file_name("ipcd"));
+    let spin = args.spin_us.map(Duration::from_micros);
+    if args.scenario == Scenario::Idle {
+        let window = Duration::from_secs(args.duration.unwrap_or(5));
+        return idle::run(&idle::Config { daemon: daemon(), clients: args.clients.unwrap_or(1_000), window, spin });
+    }
+    if args.scenario == Scenario::Scale {
+        let (clients, calls, payloads, _) = Scenario::Scale.defaults();
+        return scale::run(&scale::Config {
+            daemon: daemon(),
+            exe: exe.clone(),
+            clients: args.clients.unwrap_or(clients),
+            calls: args.messages.unwrap_or(calls),
+            payload: args.payload.unwrap_or(payloads[0]),
+            call_timeout: Duration::from_millis(args.call_timeout_ms),
+            spin,
+        });
     }
     let specs = plan(&args);
     // Before the runs, so a directory that cannot be made fails at once.
