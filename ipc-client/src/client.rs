@@ -269,6 +269,13 @@ impl Client {
         Ok(self.slots[self.link_of(service)?].max_payload)
     }
 
+    /// The largest payload of one frame on any of its links: the longest
+    /// reply that comes whole, not in chunks.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn largest_payload(&self) -> usize {
+        self.slots.iter().map(|s| s.max_payload).max().unwrap_or(0)
+    }
+
     /// The daemon's id for this client's session with it (it appears in
     /// the daemon's logs).
     pub fn session_id(&self) -> u64 {
