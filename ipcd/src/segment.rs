@@ -35,6 +35,7 @@ impl NewSegment {
         let wake = match doorbell {
             DoorbellKind::Pollable => Some(SocketBell::pair()?),
             DoorbellKind::Futex => None,
+            other => return Err(io::Error::other(format!("doorbell {other:?} is not one this daemon makes"))),
         };
         Ok(NewSegment { layout, memfd, region, bell, wake })
     }

@@ -133,7 +133,7 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
                         for i in 0..40u64 {
                             let request = pattern(seed << 32 | t << 16 | i, 1 + (rng() % 900) as usize);
                             let polls = (rng() % 4) as u32;
-                            if rng() % 2 == 0 {
+                            if rng() & 1 == 0 {
                                 let call = {
                                     let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
                                     async move { client.call(&echo, &request).await }
@@ -196,7 +196,7 @@ fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
                     let mut buf = Vec::new();
                     for i in 0..100u64 {
                         let request = pattern(t << 20 | i, 1 + ((t + i) as usize * 97) % 1800);
-                        if t % 2 == 0 {
+                        if t & 1 == 0 {
                             assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
                         } else {
                             client.call_into(&echo, &request, &mut buf).await.unwrap();

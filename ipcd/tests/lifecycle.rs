@@ -17,7 +17,7 @@ use common::{
     die_with_parent, expect_worker_in_handler, fd_count, ipcd_command, join_within, json_u64, mapping_count, pattern,
     poll_until, stat_eventually, stats_json, watchdog, Daemon, CLEANUP_LIMIT, EXIT_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ClientOptions, ConnectError, Reconnect, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, ConnectError, Received, Reconnect, Ticket};
 use nix::sys::signal::Signal;
 
 /// Set in the environment of the helper process to the socket it uses.
@@ -374,7 +374,7 @@ fn sigterm_under_load_gives_every_call_exactly_one_outcome() {
                         first = false;
                         started.wait();
                     }
-                    let (ticket, outcome) = match client.recv() {
+                    let Received { ticket, outcome } = match client.recv() {
                         Ok(got) => got,
                         Err(CallError::NothingInFlight) if !client.is_connected() => break,
                         Err(e) => {
