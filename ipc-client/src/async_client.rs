@@ -56,7 +56,21 @@
 //! handed the ticket) or wrote nothing, since a request of one frame is
 //! written whole or not at all, and one in chunks dropped half way is
 //! cancelled (`async_client/large.rs`). A timeout is such a drop, followed by
-//! [`CallError::Timeout`]: each request has exactly one outcome.
+//! [`CallError::Timeout`]: each request has exactly one outcome. A
+//! dropped `_into` future leaves the caller's buffer as it was: a reply
+//! is exchanged into it only as the future completes.
+//!
+//! # Buffers
+//!
+//! Each reply is read into a spare buffer of the connection's, and a
+//! future of the `_into` kind ([`AsyncClient::call_into`],
+//! [`AsyncClient::wait_into`], [`AsyncClient::recv_into`]) exchanges it
+//! with the caller's buffer, which becomes a spare in its turn. So the
+//! spares are the buffers callers lent, and once they have grown to the
+//! replies' length nothing is allocated per call. A spare is made only
+//! when there is none, so there are never more than the most outcomes
+//! that were taken and not yet handed out at once; a buffer longer than
+//! one frame's payload is not kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -129,6 +143,8 @@ pub(crate) struct State {
     pub(crate) streams: HashMap<u64, crate::calls::StreamKey>,
     /// Requests in chunks under way, per link (`async_client/large.rs`).
     lanes: large::Lanes,
+    /// Empty buffers to read replies into (see the module docs).
+    spare: Vec<Vec<u8>>,
 }
 
 pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -142,7 +158,19 @@ impl State {
     /// any came.
     pub(crate) fn pump(&mut self, me: Waiter) -> bool {
         let mut any = false;
-        while let Ok(Some(Received { ticket, outcome })) = self.client.try_recv() {
+        loop {
+            let mut buf = self.spare.pop().unwrap_or_default();
+            let Ok(Some(Received { ticket, outcome })) = self.client.try_recv_into(&mut buf) else {
+                self.recycle(buf);
+                break;
+            };
+            let outcome = match outcome {
+                Ok(()) => Ok(buf),
+                Err(e) => {
+                    self.recycle(buf);
+                    Err(e)
+                }
+            };
             any = true;
             self.done.insert(ticket, outcome);
             match self.waiting.remove(&ticket) {
@@ -173,6 +201,22 @@ impl State {
             }
         }
         any
+    }
+
+    /// Keeps `buf` as a spare, unless it has no room at all or more than
+    /// a frame's payload (see the module docs).
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() != 0 && buf.capacity() <= self.client.largest_payload() {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Hands the reply `buf` out in `reply`, keeping `reply`'s buffer as
+    /// a spare.
+    fn hand_into(&mut self, buf: Vec<u8>, reply: &mut Vec<u8>) {
+        let lent = std::mem::replace(reply, buf);
+        self.recycle(lent);
     }
 
     /// A number for a new waiter of the `Other` kind.
@@ -380,6 +424,7 @@ impl AsyncClient {
             next_other: 0,
             streams: HashMap::new(),
             lanes: large::Lanes::default(),
+            spare: Vec::new(),
         };
         AsyncClient { inner: Arc::new(Mutex::new(state)) }
     }
@@ -418,9 +463,33 @@ impl AsyncClient {
         request: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
+        let mut reply = Vec::new();
+        self.call_into_timeout(service, request, &mut reply, timeout).await?;
+        Ok(reply)
+    }
+
+    /// As [`AsyncClient::call`], writing the reply into `reply`
+    /// (replacing its contents), as [`Client::call_into`]. Allocates
+    /// nothing once the buffers lent so have grown to the replies' length:
+    /// the reply was read into a spare buffer of the connection's, which
+    /// is exchanged with `reply`'s (see the module docs). A call that
+    /// fails, or is dropped, leaves `reply` as it was.
+    pub async fn call_into(&self, service: &Service, request: &[u8], reply: &mut Vec<u8>) -> Result<(), CallError> {
+        let timeout = lock(&self.inner).client.default_timeout();
+        self.call_into_timeout(service, request, reply, timeout).await
+    }
+
+    /// As [`AsyncClient::call_into`], with its own timeout.
+    pub async fn call_into_timeout(
+        &self,
+        service: &Service,
+        request: &[u8],
+        reply: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
         let call = async {
             let ticket = self.send(service, request).await?;
-            self.wait(ticket).await
+            self.wait_into(ticket, reply).await
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(outcome) => outcome,
@@ -465,11 +534,25 @@ impl AsyncClient {
         WaitFuture { client: self, ticket, done: false }
     }
 
+    /// As [`AsyncClient::wait`], writing the reply into `reply` (as
+    /// [`AsyncClient::call_into`] does: no allocation once the buffers
+    /// lent have grown). Dropped before it is ready, the ticket is given
+    /// up and `reply` is left as it was.
+    pub fn wait_into<'a>(&'a self, ticket: Ticket, reply: &'a mut Vec<u8>) -> WaitIntoFuture<'a> {
+        WaitIntoFuture { wait: self.wait(ticket), reply }
+    }
+
     /// Waits for the next outcome no [`AsyncClient::wait`] is waiting
     /// for, in the order they came; [`CallError::NothingInFlight`] once
     /// there is none left to come.
     pub fn recv(&self) -> RecvFuture<'_> {
         RecvFuture { client: self, me: None }
+    }
+
+    /// As [`AsyncClient::recv`], writing a reply into `reply` (as
+    /// [`AsyncClient::call_into`] does); the outcome says whose it is.
+    pub fn recv_into<'a>(&'a self, reply: &'a mut Vec<u8>) -> RecvIntoFuture<'a> {
+        RecvIntoFuture { recv: self.recv(), reply }
     }
 
     /// Requests whose outcome has not been handed out.
@@ -542,29 +625,29 @@ pub struct WaitFuture<'a> {
     done: bool,
 }
 
-impl Future for WaitFuture<'_> {
-    type Output = Result<Vec<u8>, CallError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let ticket = self.ticket;
-        let mut st = lock(&self.client.inner);
+impl WaitFuture<'_> {
+    /// Polls for the ticket's outcome; a reply is handed out by `hand`,
+    /// under the lock.
+    fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        hand: impl FnOnce(&mut State, Vec<u8>) -> T,
+    ) -> Poll<Result<T, CallError>> {
+        let (client, ticket) = (self.client, self.ticket);
+        let mut st = lock(&client.inner);
         if let Some(outcome) = st.take(ticket) {
             st.finished(Waiter::Ticket(ticket));
-            drop(st);
             self.done = true;
-            return Poll::Ready(outcome);
+            return Poll::Ready(outcome.map(|buf| hand(&mut st, buf)));
         }
         if let Err(e) = st.client.check_pending(ticket) {
-            drop(st);
             self.done = true;
             return Poll::Ready(Err(e));
         }
-        let polled = st.drive(cx, Waiter::Ticket(ticket), None, |st| st.take(ticket));
-        drop(st);
-        match polled {
+        match st.drive(cx, Waiter::Ticket(ticket), None, |st| st.take(ticket)) {
             Poll::Ready(Ok(outcome)) => {
                 self.done = true;
-                Poll::Ready(outcome)
+                Poll::Ready(outcome.map(|buf| hand(&mut st, buf)))
             }
             Poll::Ready(Err(e)) => {
                 // The wait failed for want of a way to wait: the ticket is
@@ -576,16 +659,42 @@ impl Future for WaitFuture<'_> {
     }
 }
 
+impl Future for WaitFuture<'_> {
+    type Output = Result<Vec<u8>, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_with(cx, |_, buf| buf)
+    }
+}
+
 impl Drop for WaitFuture<'_> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
         let mut st = lock(&self.client.inner);
-        if st.take(self.ticket).is_none() {
-            st.client.forget(self.ticket);
+        match st.take(self.ticket) {
+            Some(Ok(buf)) => st.recycle(buf),
+            Some(Err(_)) => {}
+            None => st.client.forget(self.ticket),
         }
         st.finished(Waiter::Ticket(self.ticket));
+    }
+}
+
+/// The future of [`AsyncClient::wait_into`].
+#[must_use = "futures do nothing unless polled"]
+pub struct WaitIntoFuture<'a> {
+    wait: WaitFuture<'a>,
+    reply: &'a mut Vec<u8>,
+}
+
+impl Future for WaitIntoFuture<'_> {
+    type Output = Result<(), CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        this.wait.poll_with(cx, |st, buf| st.hand_into(buf, this.reply))
     }
 }
 
@@ -596,11 +705,15 @@ pub struct RecvFuture<'a> {
     me: Option<u64>,
 }
 
-impl Future for RecvFuture<'_> {
-    type Output = Result<Received, CallError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+impl RecvFuture<'_> {
+    /// Polls for the next unclaimed outcome; a reply is handed out by
+    /// `hand`, under the lock.
+    fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        hand: impl FnOnce(&mut State, Vec<u8>) -> T,
+    ) -> Poll<Result<Received<T>, CallError>> {
+        let this = self;
         let mut st = lock(&this.client.inner);
         let me = *this.me.get_or_insert_with(|| {
             st.next_other += 1;
@@ -614,14 +727,24 @@ impl Future for RecvFuture<'_> {
             // Nothing left to come but what reply futures wait for.
             (st.client.in_flight() <= st.waiting.len()).then_some(Err(CallError::NothingInFlight))
         });
-        drop(st);
         match polled {
             Poll::Ready(got) => {
                 this.me = None;
-                Poll::Ready(got.and_then(|g| g))
+                Poll::Ready(got.and_then(|g| g).map(|Received { ticket, outcome }| Received {
+                    ticket,
+                    outcome: outcome.map(|buf| hand(&mut st, buf)),
+                }))
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl Future for RecvFuture<'_> {
+    type Output = Result<Received, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_with(cx, |_, buf| buf)
     }
 }
 
@@ -633,6 +756,22 @@ impl Drop for RecvFuture<'_> {
     }
 }
 
+/// The future of [`AsyncClient::recv_into`]; its reply, if the outcome is
+/// one, is in the caller's buffer.
+#[must_use = "futures do nothing unless polled"]
+pub struct RecvIntoFuture<'a> {
+    recv: RecvFuture<'a>,
+    reply: &'a mut Vec<u8>,
+}
+
+impl Future for RecvIntoFuture<'_> {
+    type Output = Result<Received<()>, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        this.recv.poll_with(cx, |st, buf| st.hand_into(buf, this.reply))
+    }
+}
 mod large;
 mod upload;
 

@@ -272,6 +272,13 @@ impl Client {
         Ok(self.slots[self.link_of(service)?].max_payload)
     }
 
+    /// The largest payload of one frame on any of its links: the longest
+    /// reply that comes whole, not in chunks.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn largest_payload(&self) -> usize {
+        self.slots.iter().map(|s| s.max_payload).max().unwrap_or(0)
+    }
+
     /// The daemon's id for this client's session with it (it appears in
     /// the daemon's logs).
     pub fn session_id(&self) -> u64 {
@@ -530,35 +537,48 @@ impl Client {
     }
 
     /// Waits up to the call timeout for the next reply to any request in
-    /// flight, on any link, and returns its ticket with its outcome. Replies
-    /// kept aside come first, in arrival order; then whichever link has a
-    /// reply first (the links take turns being looked at first).
+    /// flight, on any link, and returns it as a [`Received`]: its
+    /// `ticket`, and its `outcome` (the reply, or that request's error).
+    /// Replies kept aside come first, in arrival order; then whichever
+    /// link has a reply first (the links take turns being looked at
+    /// first). The same shape as [`Client::try_recv`] and the async
+    /// client's `recv`.
     ///
-    /// The outer error means no outcome came: [`CallError::Timeout`] (the
+    /// An error means no outcome came: [`CallError::Timeout`] (the
     /// requests stay in flight) or [`CallError::NothingInFlight`]. A lost
-    /// link is not an outer error: each request that was in flight on it
+    /// link is not such an error: each request that was in flight on it
     /// comes back in turn with its own outcome (its reply if it had
     /// arrived, else [`CallError::Disconnected`] or [`CallError::Shutdown`]).
-    pub fn recv(&mut self) -> Result<(Ticket, Result<Vec<u8>, CallError>), CallError> {
+    ///
+    /// ```no_run
+    /// # let mut client = ipc_client::Client::connect()?;
+    /// # let echo = client.service("echo")?;
+    /// let sent = client.send(&echo, b"one")?;
+    /// let got = client.recv()?; // no outcome came: the `?`
+    /// assert_eq!(got.ticket, sent);
+    /// let reply = got.outcome?; // this request's own error: the other `?`
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn recv(&mut self) -> Result<Received, CallError> {
         let mut reply = Vec::new();
-        let (ticket, outcome) = self.recv_into(&mut reply)?;
-        Ok((ticket, outcome.map(|()| reply)))
+        let got = self.recv_into(&mut reply)?;
+        Ok(Received { ticket: got.ticket, outcome: got.outcome.map(|()| reply) })
     }
 
     /// As [`Client::recv`], writing a reply into `reply`. Allocates nothing
     /// once `reply` has grown large enough (unless replies had to be kept
     /// aside while [`Client::send`] or [`Client::wait`] waited for another).
-    pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<(Ticket, Result<(), CallError>), CallError> {
+    pub fn recv_into(&mut self, reply: &mut Vec<u8>) -> Result<Received<()>, CallError> {
         self.collect_dropped();
         if let Some((ticket, settled)) = self.calls.begin_recv()? {
-            return Ok((ticket, self.hand_out(ticket.link(), settled, reply)));
+            return Ok(Received { ticket, outcome: self.hand_out(ticket.link(), settled, reply) });
         }
         let mut dl = Deadline::new(self.options.call_timeout);
         self.flush_live();
         loop {
             // A loss (in the flush, or on the way) settles outcomes.
             if let Some((ticket, settled)) = self.calls.begin_recv()? {
-                return Ok((ticket, self.hand_out(ticket.link(), settled, reply)));
+                return Ok(Received { ticket, outcome: self.hand_out(ticket.link(), settled, reply) });
             }
             if let Next::Reply(link, r, ticket) = self.next_reply(Awaiting::Any, &mut dl)? {
                 self.next_link = link + 1;
@@ -566,7 +586,7 @@ impl Client {
                 // Read, the reply is its request's outcome whatever
                 // `release` says.
                 let _ = self.release(link, &r);
-                return Ok((ticket, self.outcome_on(link, r.header(), reply)));
+                return Ok(Received { ticket, outcome: self.outcome_on(link, r.header(), reply) });
             }
         }
     }

@@ -59,7 +59,7 @@ mod trust;
 mod wait;
 
 #[cfg(feature = "tokio")]
-pub use async_client::{AsyncClient, AsyncUpload, RecvFuture, SendFuture, WaitFuture};
+pub use async_client::{AsyncClient, AsyncUpload, RecvFuture, RecvIntoFuture, SendFuture, WaitFuture, WaitIntoFuture};
 #[cfg(feature = "tokio")]
 pub use async_stream::AsyncStream;
 pub use calls::Ticket;

@@ -18,6 +18,7 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// How a client reaches the daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Transport {
     /// Shared-memory rings, set up over the daemon's control socket at this
     /// path.

@@ -430,6 +430,7 @@ pub(crate) fn make_session_of(
             fds.push(theirs.as_fd().try_clone_to_owned().unwrap());
             Some(ours)
         }
+        other => panic!("the scripted daemon makes no {other:?} doorbell"),
     };
     // The peer's ends: it reads requests and writes replies.
     let Segment { request_consumer: requests, response_producer: responses, words, .. } = Segment::new(region, &layout);

@@ -36,6 +36,7 @@ fn config() -> impl bincode::config::Config {
 
 /// How the daemon wakes a client that sleeps waiting for a reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum DoorbellKind {
     /// A futex word in the shared segment (the default: one syscall per
     /// wake, no extra fd).
@@ -115,6 +116,7 @@ impl Welcome {
 
 /// Why the daemon refused a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Reject {
     /// The client speaks another protocol version.
     VersionMismatch {

@@ -38,8 +38,10 @@ impl NewSegment {
     /// Gives a segment made with a futex doorbell (a pooled one) the
     /// `doorbell` a client asks for: with a pollable one, its socket pair.
     pub(crate) fn with_doorbell(mut self, doorbell: DoorbellKind) -> io::Result<NewSegment> {
-        if doorbell == DoorbellKind::Pollable && self.wake.is_none() {
-            self.wake = Some(SocketBell::pair()?);
+        match doorbell {
+            DoorbellKind::Pollable if self.wake.is_none() => self.wake = Some(SocketBell::pair()?),
+            DoorbellKind::Pollable | DoorbellKind::Futex => {}
+            other => return Err(io::Error::other(format!("doorbell {other:?} is not one this daemon makes"))),
         }
         Ok(self)
     }

@@ -1,9 +1,11 @@
 //! The async client against the real daemon, on every transport: many
 //! tasks calling through one connection at once; futures dropped after a
-//! random number of polls over many seeds, every other call still given
-//! its own reply and no ticket left without an outcome; and the
-//! readiness protocol hammered (many tasks, 4 KiB rings, the daemon not
-//! spinning) without a hang (the watchdog turns one into a failure).
+//! random number of polls over many seeds (calls, calls into a buffer,
+//! receives into a buffer), every other call still given its own reply,
+//! a dropped call's buffer left as it was, and no ticket left without an
+//! outcome; and the readiness protocol hammered (many tasks, 4 KiB
+//! rings, the daemon not spinning) without a hang (the watchdog turns one
+//! into a failure).
 
 #[path = "common/async_rig.rs"]
 mod async_rig;
@@ -34,6 +36,7 @@ on_every_transport!(
     futures_dropped_at_any_poll_leave_no_stray_outcome,
     the_readiness_protocol_survives_a_hammering,
     send_then_wait_and_recv,
+    receives_into_a_buffer_dropped_at_any_poll_lose_no_outcome,
 );
 
 /// 32 tasks x 50 calls through one cloned handle: each call gets its own
@@ -60,10 +63,12 @@ fn many_tasks_call_through_one_connection(name: &'static str) {
 }
 
 /// Over 20 seeds, 8 tasks each make 40 calls whose futures are dropped
-/// after 0 to 3 polls (a random choice per call): each call that
-/// completes gets its own request back (never another's), and once all
-/// are done no ticket is left in flight; a last call and a receive show
-/// nothing stray.
+/// after 0 to 3 polls (a random choice per call), half of them `call`,
+/// half `call_into` a buffer of the task's: each call that completes
+/// gets its own request back (never another's), a dropped `call_into`
+/// leaves its buffer holding the reply before, and once all are done no
+/// ticket is left in flight; a last call and a receive show nothing
+/// stray.
 fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
     with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
         let echo = Arc::new(client.service("echo").await.unwrap());
@@ -75,19 +80,37 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
                     tokio::spawn(async move {
                         let mut rng = fastrand_like(seed * 64 + t);
                         let (mut completed, mut dropped) = (0u64, 0u64);
+                        let mut buf = Vec::new();
                         for i in 0..40u64 {
                             let request = pattern(seed << 32 | t << 16 | i, 1 + (rng() % 900) as usize);
                             let polls = (rng() % 4) as u32;
-                            let call = {
-                                let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
-                                async move { client.call(&echo, &request).await }
-                            };
-                            match DropAfter::new(call, polls).await {
-                                Some(reply) => {
-                                    assert_eq!(reply.expect("call"), request, "seed {seed} task {t} call {i}");
+                            if rng() & 1 == 0 {
+                                let call = {
+                                    let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
+                                    async move { client.call(&echo, &request).await }
+                                };
+                                match DropAfter::new(call, polls).await {
+                                    Some(reply) => {
+                                        assert_eq!(reply.expect("call"), request, "seed {seed} task {t} call {i}");
+                                        completed += 1;
+                                    }
+                                    None => dropped += 1,
+                                }
+                                continue;
+                            }
+                            let before = buf.clone();
+                            let call = client.call_into(&echo, &request, &mut buf);
+                            let called = DropAfter::new(call, polls).await;
+                            match called {
+                                Some(called) => {
+                                    called.expect("call_into");
+                                    assert_eq!(buf, request, "seed {seed} task {t} call_into {i}");
                                     completed += 1;
                                 }
-                                None => dropped += 1,
+                                None => {
+                                    assert_eq!(buf, before, "seed {seed} task {t}: a dropped call_into wrote");
+                                    dropped += 1;
+                                }
                             }
                         }
                         (completed, dropped)
@@ -111,7 +134,9 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
 
 /// 64 tasks x 100 calls, 4 KiB rings (room runs out all the time), the
 /// daemon and the client not spinning: every wait goes through the
-/// doorbell or the socket. A lost wake-up hangs it.
+/// doorbell or the socket. A lost wake-up hangs it. Odd tasks call into
+/// a buffer they keep, so the connection's spare buffers change hands
+/// all the time.
 fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
     with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
         let echo = Arc::new(client.service("echo").await.unwrap());
@@ -119,9 +144,15 @@ fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
             .map(|t| {
                 let (client, echo) = (client.clone(), echo.clone());
                 tokio::spawn(async move {
+                    let mut buf = Vec::new();
                     for i in 0..100u64 {
                         let request = pattern(t << 20 | i, 1 + ((t + i) as usize * 97) % 1800);
-                        assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                        if t & 1 == 0 {
+                            assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                        } else {
+                            client.call_into(&echo, &request, &mut buf).await.unwrap();
+                            assert_eq!(buf, request, "task {t} call_into {i}");
+                        }
                     }
                 })
             })
@@ -163,5 +194,56 @@ fn send_then_wait_and_recv(name: &'static str) {
         assert!(matches!(client.wait(foreign).await, Err(CallError::ForeignTicket { .. })));
         assert!(matches!(client.call(&other_echo, b"x").await, Err(CallError::ForeignService { .. })));
         assert_eq!(other.wait(foreign).await.unwrap(), b"theirs");
+    });
+}
+
+/// Over 20 seeds: 24 requests sent, some waited for into a buffer
+/// (`wait_into`, dropped after 0 to 3 polls: the ticket is given up),
+/// the rest received into a buffer (`recv_into`, each dropped after 0 to
+/// 3 polls, then received again): every outcome that is not given up is
+/// received exactly once, with its own request, and a dropped future
+/// leaves the buffer as it was.
+fn receives_into_a_buffer_dropped_at_any_poll_lose_no_outcome(name: &'static str) {
+    with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
+        let echo = client.service("echo").await.unwrap();
+        let mut buf = Vec::new();
+        for seed in 0..20u64 {
+            let mut rng = fastrand_like(seed);
+            let mut tickets = Vec::new();
+            for i in 0..24u64 {
+                let request = pattern(seed << 32 | i, 1 + (rng() % 900) as usize);
+                tickets.push((client.send(&echo, &request).await.unwrap(), request));
+            }
+            // A few waited for by ticket, whether or not the wait is dropped.
+            for (ticket, request) in tickets.drain(..6) {
+                let before = buf.clone();
+                let polls = (rng() % 4) as u32;
+                let waited = DropAfter::new(client.wait_into(ticket, &mut buf), polls).await;
+                match waited {
+                    Some(got) => {
+                        got.expect("wait_into");
+                        assert_eq!(buf, request, "seed {seed}: wait_into");
+                    }
+                    None => assert_eq!(buf, before, "seed {seed}: a dropped wait_into wrote"),
+                }
+            }
+            while !tickets.is_empty() {
+                let before = buf.clone();
+                let polls = (rng() % 4) as u32;
+                let received = DropAfter::new(client.recv_into(&mut buf), polls).await;
+                let Some(got) = received else {
+                    assert_eq!(buf, before, "seed {seed}: a dropped recv_into wrote");
+                    continue;
+                };
+                let got = got.expect("recv_into");
+                got.outcome.expect("an echo");
+                let i = tickets.iter().position(|(t, _)| *t == got.ticket).expect("a ticket of this round");
+                // A second outcome for it would find no ticket left.
+                let (_, request) = tickets.swap_remove(i);
+                assert_eq!(buf, request, "seed {seed}: recv_into of ticket {}", got.ticket.id());
+            }
+            assert!(matches!(client.recv_into(&mut buf).await, Err(CallError::NothingInFlight)), "seed {seed}");
+            assert_eq!(client.in_flight(), 0, "seed {seed}: a ticket left without its outcome handed out");
+        }
     });
 }

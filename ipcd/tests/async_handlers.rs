@@ -24,7 +24,7 @@ use std::time::Duration;
 use common::{connect, start_with_streams, watchdog, TEST_LIMIT};
 use embedded::Embedded;
 use in_process::InProcess;
-use ipc_client::{CallError, Client, ClientOptions, Transport};
+use ipc_client::{CallError, Client, ClientOptions, Received, Transport};
 use ipcd::{OwnedRequest, ServiceError, MAX_OUTSTANDING_CALLS};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::oneshot;
@@ -125,10 +125,10 @@ fn out_of_order(client: &mut Client, gates: &Receiver<Gate>, service: &str, name
     }
     assert_eq!((a.0.as_slice(), b.0.as_slice()), (&b"first"[..], &b"second"[..]), "{name}");
     b.1.send(Ok(b"second done".to_vec())).unwrap();
-    let (ticket, reply) = client.recv().unwrap();
+    let Received { ticket, outcome: reply } = client.recv().unwrap();
     assert_eq!((ticket, reply.unwrap()), (second, b"second done".to_vec()), "{name}");
     a.1.send(Ok(b"first done".to_vec())).unwrap();
-    let (ticket, reply) = client.recv().unwrap();
+    let Received { ticket, outcome: reply } = client.recv().unwrap();
     assert_eq!((ticket, reply.unwrap()), (first, b"first done".to_vec()), "{name}");
 }
 

@@ -15,7 +15,7 @@ use common::{
     connect, join_within, json_u64, pattern, poll_until, start_with_streams, stats_json, wait_worker_in_handler,
     watchdog, EXIT_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ClientOptions, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, Received, Ticket};
 
 /// Generates, for each test function below that takes a transport name,
 /// one test per transport listed: `shm::name`, `uds::name`, `tcp::name`.
@@ -50,7 +50,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// `recv`, retried on timeouts (the requests stay in flight) for up to
 /// [`PATIENCE`].
-fn recv_patiently(client: &mut Client) -> (Ticket, Result<Vec<u8>, CallError>) {
+fn recv_patiently(client: &mut Client) -> Received {
     let deadline = Instant::now() + PATIENCE;
     loop {
         match client.recv() {
@@ -108,7 +108,7 @@ fn a_request_that_never_finds_room_is_not_sent(name: &'static str) {
         assert_eq!(holder.wait(held), Ok(Vec::new()));
         let mut waiting: HashSet<Ticket> = sent.into_iter().collect();
         while !waiting.is_empty() {
-            let (ticket, outcome) = recv_patiently(&mut client);
+            let Received { ticket, outcome } = recv_patiently(&mut client);
             assert!(waiting.remove(&ticket), "{name}: {ticket:?} came back twice or was never sent");
             assert_eq!(outcome.as_deref(), Ok(&request[..]), "{name}: {ticket:?}");
         }
@@ -188,7 +188,7 @@ fn sigterm_while_pipelining(name: &'static str, payload: usize) {
             let mut outcomes = Vec::new();
             loop {
                 match client.recv() {
-                    Ok(got) => outcomes.push(got),
+                    Ok(got) => outcomes.push((got.ticket, got.outcome)),
                     Err(CallError::NothingInFlight) => break,
                     Err(e) => panic!("recv failed after {} outcomes: {e}", outcomes.len()),
                 }

@@ -194,7 +194,7 @@ fn a_daemon_of_another_user_is_refused_before_the_hello() {
         for transport in &transports {
             let path = match transport {
                 Transport::Shm(p) | Transport::Uds(p) => p.clone(),
-                Transport::Tcp(_) => unreachable!(),
+                _ => unreachable!("only the two Unix transports are tried"),
             };
             let outcome = try_connect(Some(transport));
             assert_untrusted(&outcome, &path, &format!("runs as uid {OTHER_UID}, neither uid 0 nor root"));

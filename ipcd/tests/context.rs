@@ -121,7 +121,7 @@ fn a_client_of_another_user_is_seen_as_that_user_and_process() {
         let target = match transport {
             Transport::Shm(p) => format!("shm:{}", p.display()),
             Transport::Uds(p) => format!("uds:{}", p.display()),
-            Transport::Tcp(_) => unreachable!("the helper speaks Unix sockets only"),
+            _ => unreachable!("the helper speaks Unix sockets only"),
         };
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new(&exe);

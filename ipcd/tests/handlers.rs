@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::{fd_count, join_within, poll_until, watchdog, CLEANUP_LIMIT, TEST_LIMIT};
 use embedded::Embedded;
-use ipc_client::CallError;
+use ipc_client::{CallError, Received};
 use ipcd::{OwnedRequest, Request, Responder, ServiceError, MAX_OUTSTANDING_CALLS};
 
 /// How long a test waits for a handler to be called (a watchdog).
@@ -108,7 +108,7 @@ fn a_fast_call_does_not_wait_for_a_slow_blocking_one() {
         let slow_ticket = same.send(&slow_svc, b"slow too").unwrap();
         let fast_ticket = same.send(&fast, b"quick").unwrap();
         let (first, same) = watchdog(TEST_LIMIT, move || (same.recv(), same));
-        let (ticket, reply) = first.unwrap();
+        let Received { ticket, outcome: reply } = first.unwrap();
         assert_eq!((ticket, reply), (fast_ticket, Ok(b"quick".to_vec())), "{name}");
         let mut same = same;
         assert_eq!(started.recv_timeout(HANDED_LIMIT).unwrap(), slow_ticket.id());
@@ -237,7 +237,7 @@ fn replies_come_in_the_order_their_answers_do() {
         for (i, ticket) in [(2, tickets[2]), (0, tickets[0]), (0, tickets[1])] {
             let (request, responder) = calls.remove(i);
             responder.reply(request.into_payload());
-            let (got, reply) = client.recv().unwrap();
+            let Received { ticket: got, outcome: reply } = client.recv().unwrap();
             assert_eq!(got, ticket, "{name}");
             assert_eq!(reply.unwrap(), [tickets.iter().position(|t| *t == ticket).unwrap() as u8], "{name}");
         }

@@ -18,7 +18,7 @@ use common::{
     mapping_count, pattern, poll_until, sleeping_syscalls, stat_eventually, stats_json, watchdog, Daemon,
     CLEANUP_LIMIT, EXIT_LIMIT, HANG_UP_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Reconnect, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, ConnectError, DoorbellKind, Received, Reconnect, Ticket};
 use nix::sys::signal::Signal;
 
 /// Set in the environment of the helper process to the socket it uses.
@@ -412,7 +412,7 @@ fn sigterm_under_load_gives_every_call_exactly_one_outcome() {
                         first = false;
                         started.wait();
                     }
-                    let (ticket, outcome) = match client.recv() {
+                    let Received { ticket, outcome } = match client.recv() {
                         Ok(got) => got,
                         Err(CallError::NothingInFlight) if !client.is_connected() => break,
                         Err(e) => {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{
     connect, json_u64, pattern, poll_until, start_with_streams, stats_json, watchdog, CLEANUP_LIMIT, TEST_LIMIT,
 };
-use ipc_client::{CallError, Client, ClientOptions, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, Received, Ticket};
 
 /// Generates, for each test function below that takes a transport name,
 /// one test per transport: `shm::name`, `uds::name`, `tcp::name`.
@@ -63,7 +63,7 @@ where
 fn recv_all(client: &mut Client, mut expected: HashMap<Ticket, Vec<u8>>) {
     let name = client.transport();
     while !expected.is_empty() {
-        let (ticket, outcome) = client.recv().unwrap_or_else(|e| panic!("{name}: recv failed: {e}"));
+        let Received { ticket, outcome } = client.recv().unwrap_or_else(|e| panic!("{name}: recv failed: {e}"));
         let want = expected.remove(&ticket).unwrap_or_else(|| panic!("{name}: {ticket:?} came back twice or unasked"));
         let reply = outcome.unwrap_or_else(|e| panic!("{name}: {ticket:?} failed: {e}"));
         assert!(reply == want, "{name}: {ticket:?} got another request's reply");
@@ -93,7 +93,7 @@ fn window_of_32_comes_back_once_each_through_recv(name: &'static str) {
         }
         let mut reply = Vec::new();
         while !expected.is_empty() {
-            let (ticket, outcome) = client.recv_into(&mut reply).unwrap();
+            let Received { ticket, outcome } = client.recv_into(&mut reply).unwrap();
             outcome.unwrap();
             assert!(expected.remove(&ticket).is_some_and(|want| want == reply), "{name}: {ticket:?}");
         }
@@ -155,7 +155,7 @@ fn try_send_reports_full_and_recv_makes_room(name: &'static str) {
                     assert_eq!(in_flight, expected.len(), "{name}: Full counts another number in flight");
                     assert_eq!(in_flight, client.in_flight(), "{name}");
                     // Take one reply; the daemon can then move on.
-                    let (ticket, outcome) = client.recv().unwrap();
+                    let Received { ticket, outcome } = client.recv().unwrap();
                     let want = expected.remove(&ticket).unwrap_or_else(|| panic!("{name}: {ticket:?} came back twice"));
                     assert!(outcome.unwrap() == want, "{name}: {ticket:?} got another request's reply");
                     received += 1;
@@ -294,7 +294,7 @@ fn timed_out_wait_abandons_its_ticket(name: &'static str) {
         assert_eq!(client.wait(given_up), Err(CallError::Timeout { after: limit }), "{name}");
         assert_eq!(client.in_flight(), 1, "{name}");
         assert_eq!(client.wait(given_up), Err(CallError::UnknownTicket { id: given_up.id() }), "{name}");
-        let (ticket, outcome) = recv_patiently(client);
+        let Received { ticket, outcome } = recv_patiently(client);
         assert_eq!((ticket, outcome), (behind, Ok(b"behind".to_vec())), "{name}");
         assert_eq!(client.recv().unwrap_err(), CallError::NothingInFlight, "{name}");
 
@@ -303,7 +303,7 @@ fn timed_out_wait_abandons_its_ticket(name: &'static str) {
         let slow_ticket = client.send(&sleep, &slow).unwrap();
         let given_up = client.send(&echo, b"given up").unwrap();
         assert_eq!(client.wait(given_up), Err(CallError::Timeout { after: limit }), "{name}");
-        let (ticket, outcome) = recv_patiently(client);
+        let Received { ticket, outcome } = recv_patiently(client);
         assert_eq!((ticket, outcome), (slow_ticket, Ok(Vec::new())), "{name}");
         assert_eq!(client.recv().unwrap_err(), CallError::NothingInFlight, "{name}");
         assert_eq!(client.in_flight(), 0, "{name}");
@@ -316,7 +316,7 @@ fn timed_out_wait_abandons_its_ticket(name: &'static str) {
 
 /// `recv` with a short call timeout, retried on timeouts (the requests stay
 /// in flight) for up to ten seconds.
-fn recv_patiently(client: &mut Client) -> (Ticket, Result<Vec<u8>, CallError>) {
+fn recv_patiently(client: &mut Client) -> Received {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.recv() {
@@ -371,7 +371,7 @@ fn daemon_gone_mid_window_ends_every_ticket(name: &'static str) {
         // Every ticket gets exactly one outcome, in order: disconnected,
         // since the daemon died without saying what it ran.
         for &ticket in &tickets {
-            let (got, outcome) = client.recv().unwrap_or_else(|e| panic!("{name}: recv gave {e:?}"));
+            let Received { ticket: got, outcome } = client.recv().unwrap_or_else(|e| panic!("{name}: recv gave {e:?}"));
             assert_eq!(got, ticket, "{name}");
             assert!(matches!(outcome, Err(CallError::Disconnected { .. })), "{name}: recv gave {outcome:?}");
         }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
-use ipc_client::{CallError, Client, ClientOptions, Reconnect, Ticket};
+use ipc_client::{CallError, Client, ClientOptions, Received, Reconnect, Ticket};
 use ipc_core::control::RegisterError;
 use ipcd::{Provider, ProviderError, Request, ServiceError};
 use nix::sys::signal::Signal;
@@ -242,7 +242,7 @@ fn a_provider_killed_mid_call_disconnects_each_call_once_and_a_reconnecting_call
         // whether it ran.
         let mut outcomes = BTreeSet::new();
         for _ in 0..sent.len() {
-            let (ticket, outcome) = client.recv().expect("an outcome for each call in flight");
+            let Received { ticket, outcome } = client.recv().expect("an outcome for each call in flight");
             assert!(matches!(outcome, Err(CallError::Disconnected { .. })), "request {}: {outcome:?}", ticket.id());
             assert!(outcomes.insert(ticket), "request {} has two outcomes", ticket.id());
         }

@@ -78,6 +78,7 @@ impl RawStream {
                 RawSocket::Tcp(s)
             }
             Transport::Shm(_) => panic!("a raw stream needs a stream transport"),
+            other => panic!("no raw stream over {other:?}"),
         };
         let hello = handshake::encode(&Hello::new(capacity, DoorbellKind::Futex)).unwrap();
         socket.write_all(&hello).expect("cannot send the hello");

@@ -27,6 +27,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the daemon tells its service manager.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ServiceState<'a> {
     /// `READY=1`, with a `STATUS=` line: it serves.
     Ready {

@@ -6,8 +6,10 @@
 //! call counted as the blocking clients' are, with the same
 //! [`ClientOutcome`].
 //!
-//! Synchronous calls are `call`; a window is `send` until it is full, then
-//! `wait` for the oldest ticket (each wait bounded by the call timeout).
+//! Synchronous calls are `call_into`; a window is `send` until it is full,
+//! then `wait_into` for the oldest ticket (each wait bounded by the call
+//! timeout): each task's replies go into one buffer of its own, as a
+//! blocking client's do, so a run allocates nothing per call.
 //! Once every task of a connection is done, what `recv` still hands out is
 //! an outcome no call was waiting for: counted as `duplicated`.
 //!
@@ -120,11 +122,12 @@ async fn connect(w: &Workload) -> (Result<(AsyncClient, Service), String>, u64) 
 async fn calls(client: &AsyncClient, echo: &Service, w: &Workload, id: u32, connect_ns: u64) -> ClientOutcome {
     let mut out = ClientOutcome::new(connect_ns);
     let mut request = vec![0u8; w.payload];
+    let mut reply = Vec::with_capacity(w.payload);
     // Counted from the first call on, as a blocking client's thread is.
     let ((), allocations) = if w.window <= 1 {
-        Counted::new(sync_calls(client, echo, w, id, &mut out, &mut request)).await
+        Counted::new(sync_calls(client, echo, w, id, &mut out, &mut request, &mut reply)).await
     } else {
-        Counted::new(pipelined_calls(client, echo, w, id, &mut out, &mut request)).await
+        Counted::new(pipelined_calls(client, echo, w, id, &mut out, &mut request, &mut reply)).await
     };
     out.allocations = allocations;
     out.lost = out.made.saturating_sub(out.outcomes.total());
@@ -147,13 +150,14 @@ async fn sync_calls(
     id: u32,
     out: &mut ClientOutcome,
     request: &mut [u8],
+    reply: &mut Vec<u8>,
 ) {
     for seq in 0..w.messages {
         fill_payload(id, seq, request);
         out.made += 1;
         let start = Instant::now();
-        match client.call(echo, request).await {
-            Ok(reply) => out.reply(id, seq, start, &reply, request, None),
+        match client.call_into(echo, request, reply).await {
+            Ok(()) => out.reply(id, seq, start, reply, request, None),
             Err(e) => {
                 out.error(id, seq, &e, None);
                 if gave_up(client, &e) {
@@ -175,6 +179,7 @@ async fn pipelined_calls(
     id: u32,
     out: &mut ClientOutcome,
     request: &mut [u8],
+    reply: &mut Vec<u8>,
 ) {
     let mut expected = vec![0u8; w.payload];
     let mut in_flight: VecDeque<(Ticket, u64, Instant)> = VecDeque::with_capacity(w.window as usize);
@@ -200,10 +205,10 @@ async fn pipelined_calls(
         let Some((ticket, seq, sent)) = in_flight.pop_front() else { break };
         // Dropped at the timeout, the wait gives the ticket up: its
         // outcome is the timeout.
-        match tokio::time::timeout(w.call_timeout, client.wait(ticket)).await {
-            Ok(Ok(reply)) => {
+        match tokio::time::timeout(w.call_timeout, client.wait_into(ticket, reply)).await {
+            Ok(Ok(())) => {
                 fill_payload(id, seq, &mut expected);
-                out.reply(id, seq, sent, &reply, &expected, None);
+                out.reply(id, seq, sent, reply, &expected, None);
             }
             Ok(Err(e)) => {
                 out.error(id, seq, &e, None);

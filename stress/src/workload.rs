@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use ipc_client::{CallError, Client, ClientOptions, Reconnect, Service, Ticket, Transport};
+use ipc_client::{CallError, Client, ClientOptions, Received, Reconnect, Service, Ticket, Transport};
 use serde::Serialize;
 
 use crate::chaos::{self, KillPlan, KillReport};
@@ -474,7 +474,7 @@ fn pipelined_calls(
         if in_flight.is_empty() {
             break;
         }
-        let (ticket, outcome) = match client.recv_into(reply) {
+        let Received { ticket, outcome } = match client.recv_into(reply) {
             Ok(got) => got,
             Err(e @ CallError::Timeout { .. }) => {
                 // Nothing came within the timeout: every request in flight
@@ -594,6 +594,8 @@ pub fn run_procs(
             Transport::Shm(path) => command.arg("--transport").arg("shm").arg("--socket").arg(path),
             Transport::Uds(path) => command.arg("--transport").arg("uds").arg("--uds").arg(path),
             Transport::Tcp(addr) => command.arg("--transport").arg("tcp").arg("--tcp").arg(addr.to_string()),
+            // A transport stress has no flag for: the child refuses the name.
+            other => command.arg("--transport").arg(other.name()),
         };
         if let Some(spin) = w.spin {
             command.arg("--spin-us").arg(spin.as_micros().to_string());

@@ -13,7 +13,7 @@ use ipc_core::control::{Resolve, ResolveError, Role};
 use ipc_core::{DoorbellKind, FrameHeader, ServerMessage};
 
 use crate::scripted::*;
-use crate::{CallError, Client, Reconnect, Service, Ticket, Transport};
+use crate::{CallError, Client, Received, Reconnect, Service, Ticket, Transport};
 
 /// Resolves the first provided name of a client: the broker connection is
 /// opened then. Returns the service, the broker's side, the resolve it
@@ -65,7 +65,9 @@ fn recv_all(client: &mut Client) -> HashMap<Ticket, Result<Vec<u8>, CallError>> 
     let mut got = HashMap::new();
     loop {
         match client.recv() {
-            Ok((ticket, outcome)) => assert!(got.insert(ticket, outcome).is_none(), "{ticket:?} handed out twice"),
+            Ok(Received { ticket, outcome }) => {
+                assert!(got.insert(ticket, outcome).is_none(), "{ticket:?} handed out twice")
+            }
             Err(CallError::NothingInFlight) => return got,
             Err(e) => panic!("recv failed after {got:?}: {e}"),
         }
@@ -122,13 +124,13 @@ fn recv_takes_the_replies_of_every_link_in_any_order() {
     let (ha, hb, hd) = ([pa.take_request().0, pa.take_request().0], pb.take_request().0, daemon.take_request().0);
 
     pb.reply_as(hb.service, hb.request_id, b"beta 1");
-    assert_eq!(client.recv(), Ok((tb, Ok(b"beta 1".to_vec()))));
+    assert_eq!(client.recv(), Ok(Received { ticket: tb, outcome: Ok(b"beta 1".to_vec()) }));
     pa.reply_as(ha[1].service, ha[1].request_id, b"alpha 2");
-    assert_eq!(client.recv(), Ok((ta[1], Ok(b"alpha 2".to_vec()))));
+    assert_eq!(client.recv(), Ok(Received { ticket: ta[1], outcome: Ok(b"alpha 2".to_vec()) }));
     daemon.reply_as(hd.service, hd.request_id, b"daemon 1");
-    assert_eq!(client.recv(), Ok((td, Ok(b"daemon 1".to_vec()))));
+    assert_eq!(client.recv(), Ok(Received { ticket: td, outcome: Ok(b"daemon 1".to_vec()) }));
     pa.reply_as(ha[0].service, ha[0].request_id, b"alpha 1");
-    assert_eq!(client.recv(), Ok((ta[0], Ok(b"alpha 1".to_vec()))));
+    assert_eq!(client.recv(), Ok(Received { ticket: ta[0], outcome: Ok(b"alpha 1".to_vec()) }));
     assert_eq!(client.recv(), Err(CallError::NothingInFlight));
 }
 
@@ -148,7 +150,7 @@ fn a_sleeping_recv_is_woken_by_a_reply_on_any_link(doorbell: DoorbellKind) {
         expected.insert(ticket, (header, service.name().to_string()));
     }
     for peer in [&mut pb, &mut daemon, &mut pa] {
-        let (ticket, outcome) = thread::scope(|s| {
+        let Received { ticket, outcome } = thread::scope(|s| {
             let received = s.spawn(|| client.recv());
             // The client sleeps, and said so in this peer's ring too.
             peer.await_client_asleep();

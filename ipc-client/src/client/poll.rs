@@ -107,9 +107,9 @@ pub struct WaitFd<'a> {
     pub writable: bool,
 }
 
-/// An outcome taken by [`Client::try_recv`]: whose it is, and what came
-/// of it (`T` is `()` for [`Client::try_recv_into`], whose reply is in
-/// the caller's buffer).
+/// An outcome taken by [`Client::recv`] or [`Client::try_recv`]: whose it
+/// is, and what came of it (`T` is `()` for [`Client::recv_into`] and
+/// [`Client::try_recv_into`], whose reply is in the caller's buffer).
 #[must_use = "an outcome is handed out once"]
 #[derive(Debug, PartialEq, Eq)]
 pub struct Received<T = Vec<u8>> {

@@ -81,7 +81,7 @@ fn recv_all(client: &mut Client) -> Vec<(u64, Result<Vec<u8>, CallError>)> {
     let mut got = Vec::new();
     loop {
         match client.recv() {
-            Ok((ticket, outcome)) => got.push((ticket.id(), outcome)),
+            Ok(Received { ticket, outcome }) => got.push((ticket.id(), outcome)),
             Err(CallError::NothingInFlight) => return got,
             Err(e) => panic!("recv failed after {got:?}: {e}"),
         }
@@ -196,7 +196,10 @@ fn a_reply_received_before_a_failed_consume_is_its_outcome() {
     let ticket = client.send(&echo, b"one").unwrap();
     let got = within_limit("recv", move || (client.recv(), client.recv(), client));
     let (first, second, client) = got;
-    assert_eq!((first, second), (Ok((ticket, Ok(b"one".to_vec()))), Err(CallError::NothingInFlight)));
+    assert_eq!(
+        (first, second),
+        (Ok(Received { ticket, outcome: Ok(b"one".to_vec()) }), Err(CallError::NothingInFlight))
+    );
     assert!(!client.is_connected(), "the failed ring breaks the connection");
     assert_eq!(client.in_flight(), 0);
     drop(client);

@@ -62,6 +62,7 @@ impl Wire {
                 let r = s.try_clone().unwrap();
                 Wire::over_stream(Box::new(s), Box::new(r), capacity)
             }
+            other => panic!("no wire for {other:?}"),
         }
     }
 
