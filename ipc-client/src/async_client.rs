@@ -143,6 +143,9 @@ pub(crate) struct State {
     pub(crate) streams: HashMap<u64, crate::calls::StreamKey>,
     /// Requests in chunks under way, per link (`async_client/large.rs`).
     lanes: large::Lanes,
+    /// Whether a send is connecting the lost daemon link again
+    /// (`async_client/reconnect.rs`): one at a time.
+    opening: bool,
     /// Empty buffers to read replies into (see the module docs).
     spare: Vec<Vec<u8>>,
 }
@@ -424,6 +427,7 @@ impl AsyncClient {
             next_other: 0,
             streams: HashMap::new(),
             lanes: large::Lanes::default(),
+            opening: false,
             spare: Vec::new(),
         };
         AsyncClient { inner: Arc::new(Mutex::new(state)) }
@@ -523,7 +527,7 @@ impl AsyncClient {
     /// nothing was sent, or the request begun in chunks is cancelled (it
     /// does not run, and its answer is dropped).
     pub fn send<'a>(&'a self, service: &'a Service, request: &'a [u8]) -> SendFuture<'a> {
-        SendFuture { client: self, service, request, me: None, chunked: None }
+        SendFuture { client: self, service, request, me: None, chunked: None, reconnect: None }
     }
 
     /// Waits for `ticket`'s outcome. Dropped before it is ready, the
@@ -571,6 +575,8 @@ pub struct SendFuture<'a> {
     me: Option<u64>,
     /// A request longer than a frame, as its chunks go.
     chunked: Option<large::Chunked<'a>>,
+    /// The lost daemon link being connected again first.
+    reconnect: Option<Box<reconnect::Reconnecting>>,
 }
 
 impl Future for SendFuture<'_> {
@@ -579,6 +585,15 @@ impl Future for SendFuture<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let mut st = lock(&this.client.inner);
+        // Before the request's first frame only: a request in chunks
+        // whose link was lost ends with that loss, not on a new link.
+        if !large::begun(&this.chunked) {
+            match reconnect::poll(&mut st, cx, this.service, &mut this.reconnect) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         let me = *this.me.get_or_insert_with(|| {
             st.next_other += 1;
             st.next_other
@@ -609,6 +624,9 @@ impl Future for SendFuture<'_> {
 
 impl Drop for SendFuture<'_> {
     fn drop(&mut self) {
+        if self.reconnect.is_some() {
+            reconnect::drop_send(&mut lock(&self.client.inner), &mut self.reconnect);
+        }
         if let Some(me) = self.me {
             let mut st = lock(&self.client.inner);
             large::drop_send(&mut st, me, &mut self.chunked);
@@ -773,6 +791,7 @@ impl Future for RecvIntoFuture<'_> {
     }
 }
 mod large;
+mod reconnect;
 mod upload;
 
 pub use upload::AsyncUpload;

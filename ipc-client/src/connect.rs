@@ -345,3 +345,16 @@ pub(crate) fn read_message(socket: BorrowedFd<'_>, budget: &Budget) -> Result<(V
         }
     }
 }
+
+/// Whether a failed connect would fail again however long it is retried:
+/// the daemon speaks another protocol, is not trusted, or refuses this
+/// client for what it is rather than for how busy it is.
+pub(crate) fn lasts(error: &ConnectError) -> bool {
+    matches!(
+        error,
+        ConnectError::VersionMismatch { .. }
+            | ConnectError::Protocol(_)
+            | ConnectError::Untrusted { .. }
+            | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
+    )
+}

@@ -4,7 +4,9 @@
 //! daemon is killed (SIGKILL), killed and restarted in its directory
 //! under a reconnect policy, or stopped (SIGTERM). Every call ends once,
 //! with its own reply or an explicit error of the fault (`Disconnected`
-//! or `NotConnected` for a kill, `Shutdown` for a stop), none hangs (the
+//! or `NotConnected` for a kill, `Shutdown` for a stop; under a reconnect
+//! policy only the call a kill caught fails, and later calls wait for
+//! the daemon to be back), none hangs (the
 //! watchdog turns one into a failure; the tasks wait on conditions, never
 //! on sleeps), no ticket is left in flight, and after a restart every
 //! task's calls are answered again on the same handles.
@@ -36,6 +38,7 @@ on_every_transport!(
     sigkill_under_async_load_ends_every_call_once,
     a_restart_under_async_load_is_survived_with_a_reconnect_policy,
     sigterm_under_async_load_ends_every_call_with_its_reply_or_shutdown,
+    a_call_made_while_the_daemon_is_down_waits_for_it_with_a_reconnect_policy,
 );
 
 /// Tasks calling at once.
@@ -102,9 +105,10 @@ async fn caller(
 ) -> Tally {
     let max = client.with_client(|c| c.max_payload());
     let mut tally = Tally::default();
-    let mut faulted = false;
     for i in 0.. {
         let sent = request(t, i, max);
+        // Made once the daemon is back (or was never killed).
+        let after_restart = *restarted.borrow();
         match client.call(&echo, &sent).await {
             Ok(reply) => {
                 assert!(reply == sent, "task {t} call {i}: another reply ({} bytes for {})", reply.len(), sent.len());
@@ -112,7 +116,7 @@ async fn caller(
                 if tally.replied == 1 {
                     first.send(()).expect("the test waits");
                 }
-                if faulted {
+                if fault == Fault::Restart && after_restart {
                     tally.again += 1;
                     if tally.again == AFTER_RESTART {
                         break;
@@ -122,7 +126,6 @@ async fn caller(
             Err(e) => {
                 assert!(explicit(fault, &e), "task {t} call {i}: {e:?} after {fault:?}");
                 tally.errors.push(e);
-                faulted = true;
                 match fault {
                     // Down: no call can be answered until it is back.
                     Fault::Restart => {
@@ -209,10 +212,18 @@ fn under_fault(name: &'static str, sharing: Sharing, fault: Fault) {
         let label = format!("{name}, {sharing:?}, {fault:?}");
         for (t, tally) in tallies.iter().enumerate() {
             assert!(tally.replied > 0, "{label}: task {t} had no reply: {tally:?}");
-            assert!(!tally.errors.is_empty(), "{label}: task {t} never saw the fault: {tally:?}");
+            // Under a reconnect policy a call made while the daemon is
+            // down waits for it: only a call the kill caught fails.
+            if fault != Fault::Restart {
+                assert!(!tally.errors.is_empty(), "{label}: task {t} never saw the fault: {tally:?}");
+            }
             assert_eq!(tally.in_flight, 0, "{label}: task {t} left outcomes: {tally:?}");
             match fault {
                 Fault::Restart => {
+                    assert!(
+                        tally.errors.len() <= 1,
+                        "{label}: task {t}: a call failed but the one the kill caught: {tally:?}"
+                    );
                     assert_eq!(tally.again, AFTER_RESTART, "{label}: task {t}: {tally:?}");
                     assert_eq!(tally.reconnects, 1, "{label}: task {t}: {tally:?}");
                 }
@@ -245,4 +256,67 @@ fn a_restart_under_async_load_is_survived_with_a_reconnect_policy(name: &'static
 fn sigterm_under_async_load_ends_every_call_with_its_reply_or_shutdown(name: &'static str) {
     under_fault(name, Sharing::Shared, Fault::Stop);
     under_fault(name, Sharing::PerTask, Fault::Stop);
+}
+
+/// With a reconnect policy, a call made while the daemon is down waits
+/// for it (connecting again off the runtime's threads, with the policy's
+/// pauses), up to its call timeout, rather than failing at once: the one
+/// call the kill caught ends in an error, and every call after it, made
+/// at once, is answered once the daemon is back.
+fn a_call_made_while_the_daemon_is_down_waits_for_it_with_a_reconnect_policy(name: &'static str) {
+    let (daemon, ends) = start_with_streams(&["--workers", "2"]);
+    let transport: Transport = ends.transport(name);
+    watchdog(TEST_LIMIT, move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            let options = ClientOptions::default().reconnect(Reconnect::default());
+            let client = AsyncClient::connect_with(transport, options).await.expect("connect");
+            let echo = client.service("echo").await.expect("echo");
+            assert_eq!(client.call(&echo, b"before").await.expect("a call before the kill"), b"before");
+            let mut d = daemon;
+            tokio::task::block_in_place(|| d.kill());
+            let (error_tx, mut error_rx) = mpsc::unbounded_channel();
+            let calls = tokio::spawn({
+                let client = client.clone();
+                async move {
+                    let (mut errors, mut replies) = (Vec::new(), 0);
+                    for i in 0u64.. {
+                        let sent = pattern(i, 64);
+                        match client.call(&echo, &sent).await {
+                            Ok(reply) => {
+                                assert!(reply == sent, "call {i}: another reply");
+                                replies += 1;
+                                if replies == AFTER_RESTART {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                errors.push(e);
+                                error_tx.send(()).expect("the test waits");
+                            }
+                        }
+                    }
+                    errors
+                }
+            });
+            // The call the kill caught has ended; the next one is made at
+            // once, while the daemon is still down.
+            error_rx.recv().await.expect("the call the kill caught ends in an error");
+            let second = tokio::task::block_in_place(|| {
+                let mut second = Daemon::builder().dir(d.into_dir()).args(restart_args(&ends.uds, ends.tcp)).start();
+                let up = poll_until(STARTUP_LIMIT, || {
+                    !second.is_running()
+                        || (std::os::unix::net::UnixStream::connect(&ends.uds).is_ok()
+                            && std::net::TcpStream::connect(ends.tcp).is_ok())
+                });
+                assert!(up && second.is_running(), "the second ipcd did not listen:\n{}", second.stderr());
+                second
+            });
+            let errors = calls.await.expect("the calling task panicked");
+            assert_eq!(errors.len(), 1, "{name}: only the call the kill caught may fail: {errors:?}");
+            assert!(explicit(Fault::Kill, &errors[0]), "{name}: {errors:?}");
+            assert_eq!(client.with_client(|c| c.reconnects()), 1, "{name}");
+            drop(second);
+        });
+    });
 }

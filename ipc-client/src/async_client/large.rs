@@ -90,6 +90,12 @@ pub(crate) struct Chunked<'a> {
     out: Option<Outgoing>,
 }
 
+/// Whether a send's request in chunks has begun on its link (it holds a
+/// lane and its outgoing state).
+pub(crate) fn begun(chunked: &Option<Chunked<'_>>) -> bool {
+    chunked.as_ref().is_some_and(|c| c.out.is_some())
+}
+
 /// Polls send `me` of `request` to `service` if the request is longer
 /// than a frame (`None`: it is not, and goes as one frame): takes a lane,
 /// then writes its chunks as room comes, waiting as any waiter of the

@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use ipc_core::control::{Brokered, Resolution};
-use ipc_core::{Credentials, Reject, Welcome};
+use ipc_core::{Credentials, Welcome};
 
 use super::inbound::Inbound;
 use super::{Client, Deadline, Provided, Service, Slot, DAEMON};
@@ -15,9 +15,9 @@ use crate::backoff::Backoff;
 use crate::broker::{self, Broker, Exchange};
 use crate::calls::LinkId;
 use crate::connect;
-use crate::error::{with_causes, CallError, ConnectError};
+use crate::error::{with_causes, CallError};
 use crate::link::Link;
-use crate::options::{Reconnect, Transport};
+use crate::options::{ClientOptions, Reconnect, Transport};
 
 impl Client {
     /// Resolves a service by name.
@@ -285,19 +285,34 @@ impl Client {
                 }
                 Err(e) => e,
             };
-            let lasting = matches!(
-                error,
-                ConnectError::VersionMismatch { .. }
-                    | ConnectError::Protocol(_)
-                    | ConnectError::Untrusted { .. }
-                    | ConnectError::Rejected(Reject::NotPermitted { .. } | Reject::BadHello { .. })
-            );
             let left = dl.at().saturating_duration_since(Instant::now());
-            if lasting || left.is_zero() {
+            if connect::lasts(&error) || left.is_zero() {
                 return Err(CallError::NotConnected { reason: format!("cannot reconnect: {}", with_causes(&error)) });
             }
             backoff.pause(left);
         }
+    }
+
+    /// What connecting the lost daemon link again takes, off this thread
+    /// (the async client's reconnect): the transport, the options and the
+    /// policy, when `service`'s calls go over the daemon link, that link
+    /// is lost, and the client has a reconnect policy.
+    pub(crate) fn reconnect_plan(&self, service: &Service) -> Option<(Transport, ClientOptions, Reconnect)> {
+        let policy = self.options.reconnect?;
+        let lost = self.link_of(service).ok()? == DAEMON && self.calls.refusal(DAEMON).is_some();
+        lost.then(|| (self.target.clone(), self.options.clone(), policy))
+    }
+
+    /// Takes a daemon link opened off this thread (`took` to open) in
+    /// place of the lost one, unless one was taken meanwhile (the link
+    /// opened then closes unused).
+    pub(crate) fn adopt_opened(&mut self, (link, welcome): (Link, Welcome), took: Duration) -> Result<(), CallError> {
+        if self.calls.refusal(DAEMON).is_none() {
+            return Ok(());
+        }
+        self.adopt(link, welcome)?;
+        self.last_reconnect = Some(took);
+        Ok(())
     }
 
     /// Takes a new daemon link in place of the lost one.
