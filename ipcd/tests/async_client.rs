@@ -9,6 +9,7 @@
 
 #[path = "common/async_rig.rs"]
 mod async_rig;
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -16,20 +17,6 @@ use std::sync::Arc;
 use async_rig::{fastrand_like, tiny, with_async, DropAfter};
 use common::pattern;
 use ipc_client::{AsyncClient, CallError, ClientOptions};
-
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
-    };
-}
 
 on_every_transport!(
     many_tasks_call_through_one_connection,

@@ -13,26 +13,13 @@
 
 #[path = "common/async_rig.rs"]
 mod async_rig;
+#[macro_use]
 mod common;
 
 use async_rig::runtime;
 use common::{pattern, poll_until, start_with_streams, watchdog, Daemon, STARTUP_LIMIT, TEST_LIMIT};
 use ipc_client::{AsyncClient, CallError, ClientOptions, Reconnect, Service, Transport};
 use tokio::sync::{mpsc, watch};
-
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
-    };
-}
 
 on_every_transport!(
     sigkill_under_async_load_ends_every_call_once,

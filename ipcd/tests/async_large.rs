@@ -14,6 +14,7 @@
 
 #[path = "common/async_rig.rs"]
 mod async_rig;
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -23,20 +24,6 @@ use async_rig::{fastrand_like, tiny, with_async, DropAfter};
 use common::pattern;
 use ipc_client::{CallError, ClientOptions};
 use tokio::io::AsyncWriteExt;
-
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
-    };
-}
 
 on_every_transport!(
     sizes_below_at_and_far_above_the_ring_come_back_whole,

@@ -5,6 +5,7 @@
 //! given up on stays given up; a flush alone delivers what was queued; and
 //! a daemon that dies mid-window ends every ticket.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -15,22 +16,6 @@ use common::{
     connect, json_u64, pattern, poll_until, start_with_streams, stats_json, watchdog, CLEANUP_LIMIT, TEST_LIMIT,
 };
 use ipc_client::{CallError, Client, ClientOptions, Received, Ticket};
-
-/// Generates, for each test function below that takes a transport name,
-/// one test per transport: `shm::name`, `uds::name`, `tcp::name`.
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
-    };
-}
 
 on_every_transport!(
     window_of_32_comes_back_once_each_through_recv,

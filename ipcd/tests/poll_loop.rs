@@ -5,6 +5,7 @@
 //! forgotten only after `on_ready` reports an empty read. A lost wake-up
 //! hangs the loop, which the watchdog turns into a failure.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -13,20 +14,6 @@ use std::os::fd::OwnedFd;
 use common::{connect, pattern, start_with_streams, watchdog, TEST_LIMIT};
 use ipc_client::{Armed, CallError, Client, ClientOptions, DoorbellKind, FdToken};
 use rustix::event::epoll;
-
-macro_rules! on_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod shm {
-            $(#[test] fn $test() { super::$test("shm") })*
-        }
-        mod uds {
-            $(#[test] fn $test() { super::$test("uds") })*
-        }
-        mod tcp {
-            $(#[test] fn $test() { super::$test("tcp") })*
-        }
-    };
-}
 
 on_every_transport!(an_epoll_loop_pipelines_through_tiny_rings, an_epoll_loop_waits_for_one_call_at_a_time);
 

@@ -7,6 +7,24 @@
 
 #![allow(dead_code)]
 
+/// Runs each named test function (taking the transport's name) as a
+/// test of its own over shared memory, a Unix socket and TCP: in modules
+/// `shm`, `uds` and `tcp`, for the files that `#[macro_use]` this one.
+#[allow(unused_macros)]
+macro_rules! on_every_transport {
+    ($($test:ident),* $(,)?) => {
+        mod shm {
+            $(#[test] fn $test() { super::$test("shm") })*
+        }
+        mod uds {
+            $(#[test] fn $test() { super::$test("uds") })*
+        }
+        mod tcp {
+            $(#[test] fn $test() { super::$test("tcp") })*
+        }
+    };
+}
+
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
