@@ -482,8 +482,9 @@ fn flood_without_reading(transport: &Transport) -> (RawStream, u64) {
 
 #[test]
 fn stream_client_that_never_reads_replies_holds_back_only_itself() {
-    // One worker: the flooding sessions and the neighbours share it.
-    let (daemon, ends) = start_with_streams(&["--workers", "1"]);
+    // One worker: the flooding sessions and the neighbours share it. No
+    // segment pool: its refills would move the fd count this test checks.
+    let (daemon, ends) = start_with_streams(&["--workers", "1", "--segment-pool", "0"]);
     let pid = daemon.pid();
     watchdog(TEST_LIMIT, move || {
         let mut shm = connect(&Transport::Shm(ends.shm.clone()), ClientOptions::default());
