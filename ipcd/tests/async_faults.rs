@@ -17,7 +17,7 @@ mod async_rig;
 mod common;
 
 use async_rig::runtime;
-use common::{pattern, poll_until, start_with_streams, watchdog, Daemon, STARTUP_LIMIT, TEST_LIMIT};
+use common::{pattern, poll_until, start_with_streams, watchdog, Daemon, Endpoints, STARTUP_LIMIT, TEST_LIMIT};
 use ipc_client::{AsyncClient, CallError, ClientOptions, Reconnect, Service, Transport};
 use tokio::sync::{mpsc, watch};
 
@@ -168,19 +168,7 @@ fn under_fault(name: &'static str, sharing: Sharing, fault: Fault) {
                     assert!(status.success(), "ipcd exited with {status}; stderr:\n{}", d.stderr());
                 }
                 Fault::Restart => {
-                    let second = tokio::task::block_in_place(|| {
-                        let dir = d.into_dir();
-                        let args = restart_args(&ends.uds, ends.tcp);
-                        let mut second = Daemon::builder().dir(dir).args(args).start();
-                        // Its stream listeners are bound after the control socket.
-                        let up = poll_until(STARTUP_LIMIT, || {
-                            !second.is_running()
-                                || (std::os::unix::net::UnixStream::connect(&ends.uds).is_ok()
-                                    && std::net::TcpStream::connect(ends.tcp).is_ok())
-                        });
-                        assert!(up && second.is_running(), "the second ipcd did not listen:\n{}", second.stderr());
-                        second
-                    });
+                    let second = tokio::task::block_in_place(|| restart(d, &ends));
                     up_tx.send(true).expect("the tasks wait");
                     daemon = Some(second);
                 }
@@ -222,6 +210,20 @@ fn under_fault(name: &'static str, sharing: Sharing, fault: Fault) {
             }
         }
     });
+}
+
+/// Starts a daemon in the directory of the killed `first`, with its
+/// listeners, and waits until it listens on all of them.
+fn restart(first: Daemon, ends: &Endpoints) -> Daemon {
+    let mut second = Daemon::builder().dir(first.into_dir()).args(restart_args(&ends.uds, ends.tcp)).start();
+    // Its stream listeners are bound after the control socket.
+    let up = poll_until(STARTUP_LIMIT, || {
+        !second.is_running()
+            || (std::os::unix::net::UnixStream::connect(&ends.uds).is_ok()
+                && std::net::TcpStream::connect(ends.tcp).is_ok())
+    });
+    assert!(up && second.is_running(), "the second ipcd did not listen:\n{}", second.stderr());
+    second
 }
 
 /// The listeners of the daemon restarted in place of the first: its
@@ -289,16 +291,7 @@ fn a_call_made_while_the_daemon_is_down_waits_for_it_with_a_reconnect_policy(nam
             // The call the kill caught has ended; the next one is made at
             // once, while the daemon is still down.
             error_rx.recv().await.expect("the call the kill caught ends in an error");
-            let second = tokio::task::block_in_place(|| {
-                let mut second = Daemon::builder().dir(d.into_dir()).args(restart_args(&ends.uds, ends.tcp)).start();
-                let up = poll_until(STARTUP_LIMIT, || {
-                    !second.is_running()
-                        || (std::os::unix::net::UnixStream::connect(&ends.uds).is_ok()
-                            && std::net::TcpStream::connect(ends.tcp).is_ok())
-                });
-                assert!(up && second.is_running(), "the second ipcd did not listen:\n{}", second.stderr());
-                second
-            });
+            let second = tokio::task::block_in_place(|| restart(d, &ends));
             let errors = calls.await.expect("the calling task panicked");
             assert_eq!(errors.len(), 1, "{name}: only the call the kill caught may fail: {errors:?}");
             assert!(explicit(Fault::Kill, &errors[0]), "{name}: {errors:?}");
