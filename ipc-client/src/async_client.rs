@@ -34,7 +34,10 @@
 //!    only then is its readiness cleared (`clear_ready`); back to 1;
 //! 5. no fd ready: register the task's waker and return `Pending`. The
 //!    task is the *watcher*: tokio keeps the waker of the last task that
-//!    polled an fd, so that task is the one woken by the next ring.
+//!    polled an fd and found it not ready, so that task is the one woken
+//!    by the next ring. A task that found one fd not ready and another
+//!    ready is the watcher too, though it goes back to 1 and may finish
+//!    without returning `Pending`: its waker replaced the last one.
 //!
 //! A ring after step 3 makes the bell readable; readiness set after the
 //! last clear (step 4 of an earlier round, always before step 3) is
@@ -44,8 +47,10 @@
 //!
 //! When the watcher stops waiting (its outcome came, or its future was
 //! dropped) while others still wait, it wakes one of them, which becomes
-//! the watcher at its next poll: some waiting task always has its waker
-//! on the fds.
+//! the watcher at its next poll; until one does there is no watcher, and
+//! any waiter that stops waiting meanwhile wakes the next. So some
+//! waiting task always has its waker on the fds, or has been woken to
+//! put it there.
 //!
 //! # Cancel safety
 //!
@@ -254,25 +259,42 @@ impl State {
 
     /// Step 4: polls every fd; drains those ready, clearing readiness
     /// after an empty read. Whether any was ready.
-    fn poll_fds(&mut self, cx: &mut Context<'_>) -> Result<bool, CallError> {
+    ///
+    /// A poll that finds an fd not ready leaves `me`'s waker on it, in
+    /// place of the watcher's, even when another fd was ready and `me`
+    /// goes on to find its outcome and stop waiting: so `me` is the
+    /// watcher from then on, and hands over when it stops (a test that
+    /// drops futures at every poll lost wake-ups this way).
+    fn poll_fds(&mut self, cx: &mut Context<'_>, me: Waiter) -> Result<bool, CallError> {
         self.sync_fds()?;
-        let mut any = false;
+        let (mut any, mut registered) = (false, false);
         let wants_write = self.client.wait_fds().any(|w| w.writable);
         for reg in &self.fds {
-            if let Poll::Ready(Ok(mut guard)) = reg.fd.poll_read_ready(cx) {
-                any = true;
-                if self.client.on_ready(reg.token) {
-                    guard.clear_ready();
-                }
-            }
-            if wants_write && reg.writable {
-                if let Poll::Ready(Ok(mut guard)) = reg.fd.poll_write_ready(cx) {
+            match reg.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
                     any = true;
                     if self.client.on_ready(reg.token) {
                         guard.clear_ready();
                     }
                 }
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => registered = true,
             }
+            if wants_write && reg.writable {
+                match reg.fd.poll_write_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => {
+                        any = true;
+                        if self.client.on_ready(reg.token) {
+                            guard.clear_ready();
+                        }
+                    }
+                    Poll::Ready(Err(_)) => {}
+                    Poll::Pending => registered = true,
+                }
+            }
+        }
+        if registered {
+            self.watcher = Some(me);
         }
         Ok(any)
     }
@@ -314,7 +336,7 @@ impl State {
                     return Poll::Ready(Err(e));
                 }
             }
-            match self.poll_fds(cx) {
+            match self.poll_fds(cx, me) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
@@ -352,7 +374,10 @@ impl State {
     }
 
     /// `me` waits no more: if it was the watcher, another waiter takes
-    /// over (see the module docs).
+    /// over (see the module docs). So does one if there is no watcher:
+    /// the waiter woken to take over may itself stop waiting before it
+    /// polls an fd (its outcome was taken for it meanwhile), and then the
+    /// hand-over goes on to the next.
     pub(crate) fn finished(&mut self, me: Waiter) {
         match me {
             Waiter::Ticket(t) => {
@@ -362,7 +387,7 @@ impl State {
                 self.others.remove(&id);
             }
         }
-        if self.watcher == Some(me) {
+        if self.watcher == Some(me) || self.watcher.is_none() {
             self.watcher = None;
             if let Some(&t) = self.waiting.keys().next() {
                 if let Some(w) = self.waiting.get(&t) {
@@ -659,6 +684,7 @@ impl WaitFuture<'_> {
             return Poll::Ready(outcome.map(|buf| hand(&mut st, buf)));
         }
         if let Err(e) = st.client.check_pending(ticket) {
+            st.finished(Waiter::Ticket(ticket));
             self.done = true;
             return Poll::Ready(Err(e));
         }

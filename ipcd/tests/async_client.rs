@@ -14,7 +14,7 @@ mod common;
 
 use std::sync::Arc;
 
-use async_rig::{fastrand_like, tiny, with_async, DropAfter};
+use async_rig::{fastrand_like, tiny, with_async, woken, DropAfter};
 use common::pattern;
 use ipc_client::{AsyncClient, CallError, ClientOptions};
 
@@ -55,7 +55,8 @@ fn many_tasks_call_through_one_connection(name: &'static str) {
 /// gets its own request back (never another's), a dropped `call_into`
 /// leaves its buffer holding the reply before, and once all are done no
 /// ticket is left in flight; a last call and a receive show nothing
-/// stray.
+/// stray. A call not done within `WAKE_LIMIT` fails it: a dropped
+/// watcher must hand its watch over.
 fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
     with_async(name, &["--spin-us", "0"], tiny(), |client, _| async move {
         let echo = Arc::new(client.service("echo").await.unwrap());
@@ -76,7 +77,7 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
                                     let (client, echo, request) = (client.clone(), echo.clone(), request.clone());
                                     async move { client.call(&echo, &request).await }
                                 };
-                                match DropAfter::new(call, polls).await {
+                                match woken("call", DropAfter::new(call, polls)).await {
                                     Some(reply) => {
                                         assert_eq!(reply.expect("call"), request, "seed {seed} task {t} call {i}");
                                         completed += 1;
@@ -87,7 +88,7 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
                             }
                             let before = buf.clone();
                             let call = client.call_into(&echo, &request, &mut buf);
-                            let called = DropAfter::new(call, polls).await;
+                            let called = woken("call_into", DropAfter::new(call, polls)).await;
                             match called {
                                 Some(called) => {
                                     called.expect("call_into");
@@ -121,7 +122,7 @@ fn futures_dropped_at_any_poll_leave_no_stray_outcome(name: &'static str) {
 
 /// 64 tasks x 100 calls, 4 KiB rings (room runs out all the time), the
 /// daemon and the client not spinning: every wait goes through the
-/// doorbell or the socket. A lost wake-up hangs it. Odd tasks call into
+/// doorbell or the socket. A lost wake-up fails it (`WAKE_LIMIT`). Odd tasks call into
 /// a buffer they keep, so the connection's spare buffers change hands
 /// all the time.
 fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
@@ -135,9 +136,13 @@ fn the_readiness_protocol_survives_a_hammering(name: &'static str) {
                     for i in 0..100u64 {
                         let request = pattern(t << 20 | i, 1 + ((t + i) as usize * 97) % 1800);
                         if t & 1 == 0 {
-                            assert_eq!(client.call(&echo, &request).await.unwrap(), request, "task {t} call {i}");
+                            assert_eq!(
+                                woken("call", client.call(&echo, &request)).await.unwrap(),
+                                request,
+                                "task {t} call {i}"
+                            );
                         } else {
-                            client.call_into(&echo, &request, &mut buf).await.unwrap();
+                            woken("call_into", client.call_into(&echo, &request, &mut buf)).await.unwrap();
                             assert_eq!(buf, request, "task {t} call_into {i}");
                         }
                     }
@@ -205,7 +210,7 @@ fn receives_into_a_buffer_dropped_at_any_poll_lose_no_outcome(name: &'static str
             for (ticket, request) in tickets.drain(..6) {
                 let before = buf.clone();
                 let polls = (rng() % 4) as u32;
-                let waited = DropAfter::new(client.wait_into(ticket, &mut buf), polls).await;
+                let waited = woken("wait_into", DropAfter::new(client.wait_into(ticket, &mut buf), polls)).await;
                 match waited {
                     Some(got) => {
                         got.expect("wait_into");
@@ -217,7 +222,7 @@ fn receives_into_a_buffer_dropped_at_any_poll_lose_no_outcome(name: &'static str
             while !tickets.is_empty() {
                 let before = buf.clone();
                 let polls = (rng() % 4) as u32;
-                let received = DropAfter::new(client.recv_into(&mut buf), polls).await;
+                let received = woken("recv_into", DropAfter::new(client.recv_into(&mut buf), polls)).await;
                 let Some(got) = received else {
                     assert_eq!(buf, before, "seed {seed}: a dropped recv_into wrote");
                     continue;

@@ -25,6 +25,23 @@ pub fn tiny() -> ClientOptions {
     ClientOptions::default().ring_capacity(4096).spin(Duration::ZERO)
 }
 
+/// How long a wait for the reply to a small message may take before it
+/// counts as a lost wake-up: a round trip takes microseconds, so a wait
+/// that lasts this long slept through its wake-up.
+pub const WAKE_LIMIT: Duration = Duration::from_secs(5);
+
+/// `fut`, failing the test if it is not done within [`WAKE_LIMIT`].
+/// The limit is checked before `fut` is polled: a future whose wake-up
+/// was lost is polled again when a call timeout fires, finds its reply
+/// and would pass late, so a call's own timeout cannot catch it.
+pub async fn woken<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::select! {
+        biased;
+        () = tokio::time::sleep(WAKE_LIMIT) => panic!("{what}: not woken within {WAKE_LIMIT:?}: a lost wake-up"),
+        out = fut => out,
+    }
+}
+
 /// Runs `body` with a daemon (started with `args`) and an async client
 /// over `name`, on a runtime of two workers, under the watchdog.
 pub fn with_async<F, Fut>(name: &'static str, args: &[&str], options: ClientOptions, body: F)
