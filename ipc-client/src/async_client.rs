@@ -23,7 +23,9 @@
 //!
 //! 1. take every outcome there is (`try_recv`) and hand each out;
 //! 2. if it is the only waiter, spin while that pays (the blocking
-//!    client's adaptive spin);
+//!    client's adaptive spin), and only until another task waits for the
+//!    lock: a spin under the lock would hold up that task's send, the
+//!    very request the daemon waits for;
 //! 3. `arm` (announce in every ring, `SeqCst` fence, re-check: this
 //!    fence pairs with the one after the daemon's publish of the head,
 //!    `SYNC(sleep-handshake)` in `ipc_core::ring`; so either the re-check
@@ -77,14 +79,16 @@
 //! that were taken and not yet handed out at once; a buffer longer than
 //! one frame's payload is not kept.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -102,7 +106,14 @@ const ROUNDS: usize = 64;
 /// the protocol; the methods mirror [`Client`]'s.
 #[derive(Clone)]
 pub struct AsyncClient {
-    pub(crate) inner: Arc<Mutex<State>>,
+    pub(crate) inner: Arc<Shared>,
+}
+
+/// The connection's state behind its lock, and how many tasks are
+/// blocked taking the lock.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for AsyncClient {
@@ -133,19 +144,19 @@ pub(crate) struct State {
     fds: Vec<Registered>,
     epoch: Option<u64>,
     /// Outcomes taken, not yet handed to their future (or to a receive).
-    done: HashMap<Ticket, Result<Vec<u8>, CallError>>,
+    done: FxHashMap<Ticket, Result<Vec<u8>, CallError>>,
     /// Outcomes no reply future waited for when they came, in order, for
     /// receives.
     unclaimed: VecDeque<Ticket>,
     /// The wakers of reply futures whose outcome has not come.
-    waiting: HashMap<Ticket, Waker>,
+    waiting: FxHashMap<Ticket, Waker>,
     /// The wakers of receives and of sends waiting for room.
-    others: HashMap<u64, Waker>,
+    others: FxHashMap<u64, Waker>,
     watcher: Option<Waiter>,
     next_other: u64,
     /// The async streams waiting for an item, by waiter number: taking
     /// frames for any waiter may queue their items.
-    pub(crate) streams: HashMap<u64, crate::calls::StreamKey>,
+    pub(crate) streams: FxHashMap<u64, crate::calls::StreamKey>,
     /// Requests in chunks under way, per link (`async_client/large.rs`).
     lanes: large::Lanes,
     /// Whether a send is connecting the lost daemon link again
@@ -153,12 +164,26 @@ pub(crate) struct State {
     opening: bool,
     /// Empty buffers to read replies into (see the module docs).
     spare: Vec<Vec<u8>>,
+    /// [`Shared::queued`]: a spin ends when a task waits for the lock.
+    queued: Arc<AtomicUsize>,
 }
 
-pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+/// Takes the connection's lock, counting the wait in `queued` when
+/// another task holds it (a hint for a spin under the lock: the count is
+/// read without ordering, and a spin only ends early on it).
+pub(crate) fn lock(m: &Shared) -> MutexGuard<'_, State> {
     // A panic under the lock leaves the state as consistent as the
     // client's own `&mut self` methods do.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    match m.state.try_lock() {
+        Ok(guard) => guard,
+        Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            m.queued.fetch_add(1, Ordering::Relaxed);
+            let guard = m.state.lock().unwrap_or_else(|e| e.into_inner());
+            m.queued.fetch_sub(1, Ordering::Relaxed);
+            guard
+        }
+    }
 }
 
 impl State {
@@ -235,7 +260,11 @@ impl State {
 
     /// Whether no task but `me` waits.
     fn alone(&self, me: Waiter) -> bool {
-        self.waiting.keys().all(|t| Waiter::Ticket(*t) == me) && self.others.keys().all(|id| Waiter::Other(*id) == me)
+        let mine = match me {
+            Waiter::Ticket(t) => self.waiting.contains_key(&t),
+            Waiter::Other(id) => self.others.contains_key(&id),
+        };
+        self.waiting.len() + self.others.len() == usize::from(mine)
     }
 
     /// Registers the client's fds anew when they changed.
@@ -321,8 +350,14 @@ impl State {
                 self.finished(me);
                 return Poll::Ready(Ok(v));
             }
-            if room.is_none() && self.alone(me) && self.client.spin() {
-                continue;
+            // The spin holds the lock: it ends when another task waits
+            // for it (that task may be about to send, which is what the
+            // daemon waits for), and `me` sleeps on the fds instead.
+            if room.is_none() && self.alone(me) {
+                let queued = &self.queued;
+                if self.client.spin_unless(|| queued.load(Ordering::Relaxed) > 0) {
+                    continue;
+                }
             }
             let armed = match room {
                 Some((service, len)) => self.client.arm_for_room(service, len),
@@ -440,22 +475,24 @@ impl AsyncClient {
     /// shared memory: else every wait fails with
     /// [`CallError::NotPollable`]).
     pub fn from_client(client: Client) -> AsyncClient {
+        let queued = Arc::new(AtomicUsize::new(0));
         let state = State {
             client,
             fds: Vec::new(),
             epoch: None,
-            done: HashMap::new(),
+            done: FxHashMap::default(),
             unclaimed: VecDeque::new(),
-            waiting: HashMap::new(),
-            others: HashMap::new(),
+            waiting: FxHashMap::default(),
+            others: FxHashMap::default(),
             watcher: None,
             next_other: 0,
-            streams: HashMap::new(),
+            streams: FxHashMap::default(),
             lanes: large::Lanes::default(),
             opening: false,
             spare: Vec::new(),
+            queued: queued.clone(),
         };
-        AsyncClient { inner: Arc::new(Mutex::new(state)) }
+        AsyncClient { inner: Arc::new(Shared { state: Mutex::new(state), queued }) }
     }
 
     /// Resolves `name` (as [`Client::service`]). A provided name's first

@@ -139,6 +139,16 @@ fn members<'a>(links: &'a mut [Link], plan: &'a [Option<Await>]) -> impl Iterato
 /// core is free, watching every planned shared-memory link. Whether what
 /// the plan waits for came. (The poll-style API spins the same way.)
 pub(crate) fn spin(links: &mut [Link], plan: &[Option<Await>], pace: &mut Pace) -> bool {
+    spin_unless(links, plan, pace, || false)
+}
+
+/// As [`spin`], giving up as soon as `stop` says so.
+pub(crate) fn spin_unless(
+    links: &mut [Link],
+    plan: &[Option<Await>],
+    pace: &mut Pace,
+    stop: impl FnMut() -> bool,
+) -> bool {
     let Pace { spinner, gauge } = pace;
     let ready = || {
         members(links, plan).any(|(link, what)| match link {
@@ -146,7 +156,7 @@ pub(crate) fn spin(links: &mut [Link], plan: &[Option<Await>], pace: &mut Pace) 
             Link::Stream(_) => false,
         })
     };
-    spinner.spin(|| gauge.core_free(), ready)
+    spinner.spin_unless(|| gauge.core_free(), ready, stop)
 }
 
 /// Steps 1 to 6 of the module docs.

@@ -65,7 +65,19 @@ impl Spinner {
     /// `core_free` is asked only when a spin is due: when it says another
     /// thread waits for a core, the wait does not spin (and nothing is
     /// recorded), since spinning would delay the very peer it waits for.
-    pub fn spin(&mut self, core_free: impl FnOnce() -> bool, mut ready: impl FnMut() -> bool) -> bool {
+    pub fn spin(&mut self, core_free: impl FnOnce() -> bool, ready: impl FnMut() -> bool) -> bool {
+        self.spin_unless(core_free, ready, || false)
+    }
+
+    /// As [`Spinner::spin`], giving up early (recording nothing) as soon
+    /// as `stop` returns true: for a spinner that holds up others while
+    /// it spins, such as one holding a lock they wait for.
+    pub fn spin_unless(
+        &mut self,
+        core_free: impl FnOnce() -> bool,
+        mut ready: impl FnMut() -> bool,
+        mut stop: impl FnMut() -> bool,
+    ) -> bool {
         let budget = self.budget();
         if budget.is_zero() || !core_free() {
             return false;
@@ -80,6 +92,9 @@ impl Spinner {
                     return true;
                 }
                 std::hint::spin_loop();
+            }
+            if stop() {
+                return false;
             }
             if start.elapsed() >= budget {
                 self.record(false);
@@ -97,6 +112,26 @@ mod tests {
     fn zero_limit_never_spins() {
         let mut s = Spinner::new(Duration::ZERO);
         assert!(!s.spin(|| panic!("a zero limit must not ask"), || panic!("a zero limit must not look")));
+    }
+
+    #[test]
+    fn a_stopped_spin_gives_up_at_once_and_records_nothing() {
+        let mut s = Spinner::new(Duration::from_secs(3600));
+        let mut looks = 0;
+        assert!(!s.spin_unless(
+            || true,
+            || {
+                looks += 1;
+                false
+            },
+            || true
+        ));
+        assert_eq!(looks, 16, "one round of looks before the first stop check");
+        // Eight failures would have halved trust to nothing; stops do not.
+        for _ in 0..8 {
+            assert!(!s.spin_unless(|| true, || false, || true));
+        }
+        assert_eq!(s.budget(), Duration::from_secs(3600));
     }
 
     #[test]

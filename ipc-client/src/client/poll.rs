@@ -238,9 +238,15 @@ impl Client {
     /// due. Whether something came: take again. Optional: a loop that
     /// never spins only sleeps more often.
     pub fn spin(&mut self) -> bool {
+        self.spin_unless(|| false)
+    }
+
+    /// As [`Client::spin`], giving up as soon as `stop` says so (the
+    /// async client's, when another task waits for its lock).
+    pub(crate) fn spin_unless(&mut self, stop: impl FnMut() -> bool) -> bool {
         self.flush_live();
         self.plan(None);
-        wait::spin(&mut self.links, &self.plan, &mut self.pace)
+        wait::spin_unless(&mut self.links, &self.plan, &mut self.pace, stop)
     }
 
     /// Step 2 of the protocol (see the module docs): hands the written
