@@ -18,7 +18,9 @@
 //!   if it is clear sleeps on the words while they hold 1.
 //! - The watcher, on the connection's hang-up (or any byte on it: the
 //!   peer never writes there), stores `alarm` (`SeqCst`), then swaps both
-//!   waiter words to 0 (`SeqCst`) and futex-wakes each.
+//!   waiter words to 0 (`SeqCst`) and futex-wakes each. (Of many links
+//!   found at once, every link's store and swaps come before the first
+//!   wake; each link's order is the same.)
 //!
 //! Why no wake-up is lost (`SYNC(liveness-alarm)`): the sleeper's fence
 //! and the watcher's `SeqCst` store and swaps are in one total order. If
@@ -32,6 +34,29 @@
 //! The swap clears the client's own announcement, which the peer (gone)
 //! would otherwise have cleared; a sleeper that wakes withdraws it anyway.
 //!
+//! # One wake for a dead daemon's every sleeper
+//!
+//! A daemon that dies hangs up all its links at once, and a thousand
+//! sleepers woken one after another by this thread would be woken
+//! slowly: each woken thread takes the core from it. So a sleeper sleeps
+//! (`futex_waitv`) on its ring words and on the process's [`rounds`]
+//! word too, expecting the value it read before it read its alarms. The
+//! watcher, once it has raised every alarm it found (store and swaps),
+//! adds one to `rounds` (`SeqCst`) and wakes every sleeper on it with one
+//! call. Only a kernel without `futex_waitv` (before 5.16), where a
+//! sleeper sleeps on one ring word alone, has the watcher futex-wake each
+//! link's words as well. Before raising anything it takes every hang-up
+//! already reported, so that one round covers as many as it can: a woken
+//! thread takes the core from the watcher, and a thousand of them keep it
+//! from its next round for as long as they run.
+//!
+//! Why no such sleeper is left asleep (`SYNC(liveness-rounds)`): it reads
+//! `rounds`, then its alarm, in that order and `SeqCst`. If it found its
+//! alarm clear, that read is before the watcher's store of the alarm, so
+//! its read of `rounds` is before the watcher's increment: the value it
+//! expects is stale by the time of the wake, and `futex_waitv` either
+//! finds the word changed or is queued before the wake-all.
+//!
 //! Registration is one-shot: a connection found ready is reported once.
 //! A link removes its registration before its connection closes (the
 //! watch borrows the fd, never owns or copies it, so the peer sees the
@@ -43,8 +68,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use ipc_core::{Direction, SharedWords, Waiter};
 use ipc_platform::HangupWatch;
@@ -59,28 +85,54 @@ struct Alarm {
 }
 
 impl Alarm {
-    /// The watcher's half of the protocol in the module docs.
-    fn ring(&self) {
+    /// The watcher's half of the protocol in the module docs, but the
+    /// futex wakes, which [`Alarm::wake`] makes after.
+    fn raise(&self) {
         // SYNC(liveness-alarm): SeqCst, in one order with the sleeper's
         // fence after its announcement; see the module docs.
         self.rung.store(true, Ordering::SeqCst);
-        self.wake();
+        self.clear();
     }
 
-    /// Clears both waiter words the sleeper may sleep on and wakes it:
-    /// after `ring`, or alone when the watcher stops (the sleeper then
-    /// looks at its peer for itself).
-    fn wake(&self) {
-        for word in
-            [self.words.waiter(Direction::Response, Waiter::Data), self.words.waiter(Direction::Request, Waiter::Space)]
-        {
-            // SYNC(liveness-alarm): SeqCst, after the store in `ring`.
+    /// Clears both waiter words the sleeper may sleep on.
+    fn clear(&self) {
+        for word in self.words_slept_on() {
+            // SYNC(liveness-alarm): SeqCst, after the store in `raise`.
             word.swap(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes the sleeper, after `raise` or `clear`: the watcher stopping
+    /// clears and wakes alone (the sleeper then looks at its peer for
+    /// itself).
+    fn wake(&self) {
+        for word in self.words_slept_on() {
             // A wake that fails wakes no one, and there is no one else to
             // tell: the sleeper then finds the alarm at its next pass.
             let _ = ipc_platform::futex::wake_one(word);
         }
     }
+
+    fn words_slept_on(&self) -> [&AtomicU32; 2] {
+        [self.words.waiter(Direction::Response, Waiter::Data), self.words.waiter(Direction::Request, Waiter::Space)]
+    }
+}
+
+/// Rounds of alarms raised in this process: see the module docs.
+static ROUNDS: AtomicU32 = AtomicU32::new(0);
+
+/// The process's word of alarm rounds, for a sleeper to sleep on beside
+/// its ring words (see the module docs). Read it before the alarms.
+pub(crate) fn rounds() -> &'static AtomicU32 {
+    &ROUNDS
+}
+
+/// Starts a round: every sleeper on [`rounds`] is woken, by one call.
+fn next_round() {
+    // SYNC(liveness-rounds): SeqCst, after the alarms' stores.
+    ROUNDS.fetch_add(1, Ordering::SeqCst);
+    // A failed wake leaves the per-link wakes that follow.
+    let _ = ipc_platform::futex::wake_all(&ROUNDS);
 }
 
 /// The one watcher of this process.
@@ -130,7 +182,7 @@ impl Watcher {
     /// The thread: sleeps until a watched connection is ready, rings its
     /// alarm. Never wakes otherwise.
     fn run(&self) {
-        let mut keys = Vec::new();
+        let (mut keys, mut alarms) = (Vec::new(), Vec::new());
         loop {
             keys.clear();
             if self.watch.wait(&mut keys, None).is_err() {
@@ -139,14 +191,30 @@ impl Watcher {
                 self.running.store(false, Ordering::Relaxed);
                 let alarms: Vec<Arc<Alarm>> = self.lock().values().cloned().collect();
                 // Wake every sleeper, so each looks at its peer by itself.
+                alarms.iter().for_each(|a| a.clear());
+                next_round();
                 alarms.iter().for_each(|a| a.wake());
                 return;
             }
-            for key in &keys {
-                let alarm = self.lock().get(key).cloned();
-                if let Some(alarm) = alarm {
-                    alarm.ring();
+            // A dead daemon hangs up every link at once: every hang-up
+            // reported is taken, every alarm raised, then one call wakes
+            // every sleeper (see the module docs); the map is locked once.
+            while !keys.is_empty() {
+                let before = keys.len();
+                if self.watch.wait(&mut keys, Some(Duration::ZERO)).is_err() || keys.len() == before {
+                    break;
                 }
+            }
+            {
+                let map = self.lock();
+                alarms.extend(keys.iter().filter_map(|key| map.get(key).cloned()));
+            }
+            alarms.iter().for_each(|a| a.raise());
+            next_round();
+            if ipc_platform::futex::wait_any_supported() {
+                alarms.clear();
+            } else {
+                alarms.drain(..).for_each(|a| a.wake());
             }
         }
     }

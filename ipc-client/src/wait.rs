@@ -14,9 +14,10 @@
 //!    announced, a peer that publishes on any of them sees its
 //!    announcement and wakes us: no wake-up is lost, whichever link it
 //!    comes on.
-//! 4. Sleep on every announced word at once: one `futex_wait` for one
-//!    link, `futex_waitv` for several (a word already cleared is a wake);
-//!    with pollable doorbells, one `poll` over every bell and every
+//! 4. Sleep on every announced word at once, and on the liveness
+//!    watcher's word of rounds (`liveness.rs`): one `futex_waitv` (a word
+//!    already cleared is a wake; before Linux 5.16, `futex_wait` on one
+//!    word); with pollable doorbells, one `poll` over every bell and every
 //!    control connection.
 //! 5. Look at each peer: a `closed` word or a hung-up control connection
 //!    marks that link gone, and the wait returns so that the client
@@ -207,6 +208,8 @@ fn wait_shm(
 /// or the deadline passes.
 fn sleep(links: &mut [Link], plan: &[Option<Await>], deadline: Instant, timeout: Duration) -> Result<(), CallError> {
     loop {
+        // SYNC(liveness-rounds): before the alarms are read.
+        let round = crate::liveness::rounds().load(Ordering::SeqCst);
         let mut watched = true;
         for (link, _) in members(links, plan) {
             if let Link::Shm(l) = link {
@@ -229,33 +232,47 @@ fn sleep(links: &mut [Link], plan: &[Option<Await>], deadline: Instant, timeout:
         // purpose rings): it may last until the deadline.
         let slice = if watched { deadline - now } else { (deadline - now).min(LIVENESS_SLICE) };
         let pollable = members(links, plan).any(|(link, _)| matches!(link, Link::Shm(l) if l.doorbell_fd().is_some()));
-        let woken = if pollable { poll_once(links, plan, slice) } else { futex_once(links, plan, slice) };
+        let woken = if pollable { poll_once(links, plan, slice) } else { futex_once(links, plan, slice, round) };
         if woken {
+            // A round of alarms means a peer of this process died, and
+            // the daemon's links hang up over some milliseconds: rather
+            // than wait for a later round (which the threads this one woke
+            // delay), look at the peers now. Rare: only after a death.
+            if !pollable && crate::liveness::rounds().load(Ordering::Relaxed) != round {
+                look_at_peers(links, plan);
+            }
             return Ok(());
         }
-        let mut changed = false;
-        for (link, _) in members(links, plan) {
-            match link {
-                Link::Shm(l) => {
-                    if let Some(reason) = l.peer_gone() {
-                        l.gone = Some(reason);
-                        changed = true;
-                    }
-                }
-                // Not in a sleep it could wake: look at its socket.
-                Link::Stream(l) => changed |= l.receive_left(),
-            }
-        }
-        if changed {
+        if look_at_peers(links, plan) {
             return Ok(());
         }
     }
 }
 
-/// One futex sleep on every member's word, for at most `slice`. Whether
-/// it was woken (or a word was cleared: a peer rang).
-fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration) -> bool {
-    let mut words: [&AtomicU32; WAIT_ANY_MAX] = [&UNUSED; WAIT_ANY_MAX];
+/// Marks every member link whose peer is found gone; whether any changed
+/// (a socket link's bytes received count too).
+fn look_at_peers(links: &mut [Link], plan: &[Option<Await>]) -> bool {
+    let mut changed = false;
+    for (link, _) in members(links, plan) {
+        match link {
+            Link::Shm(l) => {
+                if let Some(reason) = l.peer_gone() {
+                    l.gone = Some(reason);
+                    changed = true;
+                }
+            }
+            // Not in a sleep it could wake: look at its socket.
+            Link::Stream(l) => changed |= l.receive_left(),
+        }
+    }
+    changed
+}
+
+/// One futex sleep on every member's word, and on the liveness watcher's
+/// word of rounds expecting `round` (see `liveness.rs`), for at most
+/// `slice`. Whether it was woken (or a word was cleared: a peer rang).
+fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration, round: u32) -> bool {
+    let mut words: [(&AtomicU32, u32); WAIT_ANY_MAX] = [(&UNUSED, 0); WAIT_ANY_MAX];
     let (mut n, mut unwatched) = (0, false);
     for (link, what) in links.iter().zip(plan).filter_map(|(link, what)| what.map(|w| (link, w.sleep()))) {
         let Link::Shm(l) = link else {
@@ -269,8 +286,9 @@ fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration) -> bo
             if word.load(Ordering::Acquire) != 1 {
                 return true;
             }
-            if n < WAIT_ANY_MAX {
-                words[n] = word;
+            // One entry stays for the word of rounds.
+            if n < WAIT_ANY_MAX - 1 {
+                words[n] = (word, 1);
                 n += 1;
             } else {
                 unwatched = true;
@@ -283,12 +301,17 @@ fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration) -> bo
             std::thread::sleep(slice);
             Ok(Wake::TimedOut)
         }
-        1 => futex::wait(words[0], 1, Some(slice)),
-        _ => match futex::wait_any(&words[..n], 1, Some(slice)) {
-            // Before Linux 5.16: sleep on one word, look at the others often.
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => futex::wait(words[0], 1, Some(SHORT_SLICE)),
-            other => other,
-        },
+        _ => {
+            words[n] = (crate::liveness::rounds(), round);
+            match futex::wait_any_of(&words[..=n], Some(slice)) {
+                // Before Linux 5.16: sleep on one word (the watcher wakes
+                // each link's words too), and look at the others often.
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    futex::wait(words[0].0, 1, Some(if n == 1 { slice } else { SHORT_SLICE }))
+                }
+                other => other,
+            }
+        }
     };
     match waited {
         Ok(Wake::Woken) => true,

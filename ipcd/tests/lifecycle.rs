@@ -252,6 +252,53 @@ fn a_call_asleep_in_its_wait_is_woken_by_the_daemons_death() {
     }
 }
 
+/// 32 clients of one process, each asleep on its futex words in a call
+/// the daemon is not answering (its one worker is in a handler), all end
+/// `Disconnected` when the daemon is SIGKILLed: the liveness watcher
+/// raises every alarm it finds and wakes them all by one round
+/// (`liveness.rs`); with `futex_waitv` nothing else wakes them, so a
+/// sleeper the round missed would sleep to its 60 s timeout. The slowest
+/// delay is printed.
+#[test]
+fn many_calls_asleep_are_all_woken_by_one_round_at_the_daemons_death() {
+    let mut daemon = Daemon::start(&["--workers", "1", "--debug-services"]);
+    let options = ClientOptions::default().spin(Duration::ZERO).call_timeout(Duration::from_secs(60));
+    // The first client's call holds the worker; the others' wait behind it.
+    let (tids_tx, tids_rx) = mpsc::channel();
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let mut client = Client::connect_with(daemon.socket(), options.clone()).expect("cannot connect");
+            let sleep = client.service("debug.sleep").unwrap();
+            let tids_tx = tids_tx.clone();
+            let call = thread::spawn(move || {
+                tids_tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+                let result = client.call(&sleep, &10_000u32.to_le_bytes());
+                (result, std::time::Instant::now())
+            });
+            if i == 0 {
+                expect_worker_in_handler(daemon.pid());
+            }
+            call
+        })
+        .collect();
+    let tids: Vec<u32> = (0..32).map(|_| tids_rx.recv().unwrap()).collect();
+    let asleep = poll_until(HANG_UP_LIMIT, || {
+        tids.iter().all(|&tid| {
+            blocked_in_syscall(std::process::id(), tid).is_some_and(|n| sleeping_syscalls::FUTEX.contains(&n))
+        })
+    });
+    assert!(asleep, "not every caller went to sleep in its wait");
+    let killed = std::time::Instant::now();
+    daemon.kill();
+    let mut slowest = Duration::ZERO;
+    for call in calls {
+        let (result, ended) = join_within(call, Duration::from_secs(30), "a call to a killed daemon");
+        assert!(matches!(result, Err(CallError::Disconnected { .. })), "{result:?}");
+        slowest = slowest.max(ended.saturating_duration_since(killed));
+    }
+    println!("the slowest of 32 sleeping calls ended {slowest:?} after the SIGKILL");
+}
+
 /// Runs a second ipcd on `socket` and returns its exit code and stderr.
 fn run_second_daemon(socket: &std::path::Path) -> (Option<i32>, String) {
     let mut cmd = ipcd_command();

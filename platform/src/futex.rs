@@ -47,13 +47,40 @@ pub const WAIT_ANY_MAX: usize = 128;
 /// [`io::ErrorKind::InvalidInput`].
 pub fn wait_any(words: &[&AtomicU32], expected: u32, timeout: Option<Duration>) -> io::Result<Wake> {
     if words.is_empty() || words.len() > WAIT_ANY_MAX {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("futex_waitv takes 1 to {WAIT_ANY_MAX} words, not {}", words.len()),
-        ));
+        return Err(list_length(words.len()));
+    }
+    let mut pairs = [(&UNUSED, 0); WAIT_ANY_MAX];
+    for (pair, word) in pairs.iter_mut().zip(words) {
+        *pair = (word, expected);
+    }
+    wait_any_of(&pairs[..words.len()], timeout)
+}
+
+/// Whether this kernel has `futex_waitv` (Linux 5.16 or later): asked
+/// once, with a wait that ends at once.
+pub fn wait_any_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let word = AtomicU32::new(0);
+        !matches!(wait_any_of(&[(&word, 1)], Some(Duration::ZERO)), Err(e) if e.kind() == io::ErrorKind::Unsupported)
+    })
+}
+
+fn list_length(n: usize) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("futex_waitv takes 1 to {WAIT_ANY_MAX} words, not {n}"))
+}
+
+/// A word for the unused entries of a list.
+static UNUSED: AtomicU32 = AtomicU32::new(0);
+
+/// As [`wait_any`], each word with its own expected value: sleeps while
+/// every `(word, expected)` holds.
+pub fn wait_any_of(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> io::Result<Wake> {
+    if words.is_empty() || words.len() > WAIT_ANY_MAX {
+        return Err(list_length(words.len()));
     }
     let mut waits = [futex::Wait::new(); WAIT_ANY_MAX];
-    for (wait, word) in waits.iter_mut().zip(words) {
+    for (wait, &(word, expected)) in waits.iter_mut().zip(words) {
         wait.val = u64::from(expected);
         // The borrow of `words` keeps every word alive for the call, which
         // is all the kernel needs: it only reads the word and queues us on
@@ -92,6 +119,12 @@ pub fn wake_one(word: &AtomicU32) -> io::Result<bool> {
     Ok(futex::wake(word, futex::Flags::empty(), 1)? > 0)
 }
 
+/// Wakes every waiter sleeping on `word`, in one call. Returns how many.
+pub fn wake_all(word: &AtomicU32) -> io::Result<usize> {
+    // The kernel takes an int: a count above `i32::MAX` would be negative.
+    Ok(futex::wake(word, futex::Flags::empty(), i32::MAX as u32)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,8 +160,7 @@ mod tests {
 
     /// Skips a test on a kernel without `futex_waitv` (before 5.16).
     fn supported() -> bool {
-        let w = AtomicU32::new(0);
-        !matches!(wait_any(&[&w], 1, Some(Duration::ZERO)), Err(e) if e.kind() == io::ErrorKind::Unsupported)
+        wait_any_supported()
     }
 
     #[test]
@@ -155,6 +187,37 @@ mod tests {
         let words = vec![&w; WAIT_ANY_MAX + 1];
         for list in [&words[..0], &words[..]] {
             assert_eq!(wait_any(list, 1, None).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    /// Four sleepers, each on a word of its own (never changed) and on a
+    /// shared count with the value each read: one `wake_all` of the count
+    /// after its change ends every wait, whether the sleeper was asleep
+    /// yet or not (then the changed count ends it at once).
+    #[test]
+    fn one_wake_all_of_a_shared_count_ends_every_wait_on_it() {
+        if !supported() {
+            return;
+        }
+        let count = Arc::new(AtomicU32::new(7));
+        let read = Arc::new(std::sync::Barrier::new(5));
+        let sleepers: Vec<_> = (0..4)
+            .map(|_| {
+                let (count, read) = (count.clone(), read.clone());
+                std::thread::spawn(move || {
+                    let own = AtomicU32::new(1);
+                    let seen = count.load(Ordering::SeqCst);
+                    read.wait();
+                    wait_any_of(&[(&own, 1), (&count, seen)], Some(Duration::from_secs(30))).unwrap()
+                })
+            })
+            .collect();
+        // Every sleeper read 7 before the count changes.
+        read.wait();
+        count.fetch_add(1, Ordering::SeqCst);
+        wake_all(&count).unwrap();
+        for s in sleepers {
+            assert_eq!(s.join().unwrap(), Wake::Woken);
         }
     }
 

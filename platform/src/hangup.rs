@@ -50,7 +50,9 @@ impl HangupWatch {
     /// forever), and appends the keys of those found ready to `keys`.
     /// An interrupted wait returns with none.
     pub fn wait(&self, keys: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
-        let mut events: Vec<Event> = Vec::with_capacity(64);
+        // A dead peer hangs up many connections at once: take them in
+        // few waits.
+        let mut events: Vec<Event> = Vec::with_capacity(1024);
         let ts = timeout.map(crate::futex::timespec);
         match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), ts.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}

@@ -297,6 +297,7 @@ impl Client {
     /// (the async client's reconnect): the transport, the options and the
     /// policy, when `service`'s calls go over the daemon link, that link
     /// is lost, and the client has a reconnect policy.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn reconnect_plan(&self, service: &Service) -> Option<(Transport, ClientOptions, Reconnect)> {
         let policy = self.options.reconnect?;
         let lost = self.link_of(service).ok()? == DAEMON && self.calls.refusal(DAEMON).is_some();
@@ -306,6 +307,7 @@ impl Client {
     /// Takes a daemon link opened off this thread (`took` to open) in
     /// place of the lost one, unless one was taken meanwhile (the link
     /// opened then closes unused).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn adopt_opened(&mut self, (link, welcome): (Link, Welcome), took: Duration) -> Result<(), CallError> {
         if self.calls.refusal(DAEMON).is_none() {
             return Ok(());

@@ -420,8 +420,9 @@ pub fn blocked_in_syscall(pid: u32, tid: u32) -> Option<i64> {
 /// The system calls a thread sleeps in: a futex wait, a poll, an epoll
 /// wait, as this architecture numbers them.
 pub mod sleeping_syscalls {
-    /// A futex wait (the futex doorbell).
-    pub const FUTEX: &[i64] = &[libc::SYS_futex];
+    /// A futex wait (the futex doorbell): `futex_waitv` on the ring words
+    /// and the liveness watcher's word, or `futex` on a kernel without it.
+    pub const FUTEX: &[i64] = &[libc::SYS_futex, libc::SYS_futex_waitv];
     /// `poll` and `ppoll` (the pollable doorbell).
     #[cfg(target_arch = "x86_64")]
     pub const POLL: &[i64] = &[libc::SYS_poll, libc::SYS_ppoll];
