@@ -132,7 +132,7 @@ fn next_round() {
     // SYNC(liveness-rounds): SeqCst, after the alarms' stores.
     ROUNDS.fetch_add(1, Ordering::SeqCst);
     // A failed wake leaves the per-link wakes that follow.
-    let _ = ipc_platform::futex::wake_all(&ROUNDS);
+    let _ = ipc_platform::futex::wake_all_private(&ROUNDS);
 }
 
 /// The one watcher of this process.

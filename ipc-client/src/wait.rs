@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipc_core::Spinner;
-use ipc_platform::futex::{self, Wake, WAIT_ANY_MAX};
+use ipc_platform::futex::{self, WaitOn, Wake, WAIT_ANY_MAX};
 use ipc_platform::CoreGauge;
 
 use crate::error::CallError;
@@ -272,8 +272,8 @@ fn look_at_peers(links: &mut [Link], plan: &[Option<Await>]) -> bool {
 /// word of rounds expecting `round` (see `liveness.rs`), for at most
 /// `slice`. Whether it was woken (or a word was cleared: a peer rang).
 fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration, round: u32) -> bool {
-    let mut words: [(&AtomicU32, u32); WAIT_ANY_MAX] = [(&UNUSED, 0); WAIT_ANY_MAX];
-    let (mut n, mut unwatched) = (0, false);
+    let mut words = [WaitOn::shared(&UNUSED, 0); WAIT_ANY_MAX];
+    let (mut n, mut unwatched, mut first) = (0, false, &UNUSED);
     for (link, what) in links.iter().zip(plan).filter_map(|(link, what)| what.map(|w| (link, w.sleep()))) {
         let Link::Shm(l) = link else {
             unwatched = true;
@@ -288,7 +288,10 @@ fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration, round
             }
             // One entry stays for the word of rounds.
             if n < WAIT_ANY_MAX - 1 {
-                words[n] = (word, 1);
+                if n == 0 {
+                    first = word;
+                }
+                words[n] = WaitOn::shared(word, 1);
                 n += 1;
             } else {
                 unwatched = true;
@@ -302,12 +305,12 @@ fn futex_once(links: &mut [Link], plan: &[Option<Await>], slice: Duration, round
             Ok(Wake::TimedOut)
         }
         _ => {
-            words[n] = (crate::liveness::rounds(), round);
+            words[n] = WaitOn::private(crate::liveness::rounds(), round);
             match futex::wait_any_of(&words[..=n], Some(slice)) {
                 // Before Linux 5.16: sleep on one word (the watcher wakes
                 // each link's words too), and look at the others often.
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                    futex::wait(words[0].0, 1, Some(if n == 1 { slice } else { SHORT_SLICE }))
+                    futex::wait(first, 1, Some(if n == 1 { slice } else { SHORT_SLICE }))
                 }
                 other => other,
             }

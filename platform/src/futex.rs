@@ -1,10 +1,12 @@
 //! Futex wait and wake on words shared between processes.
 //!
 //! The words live in a `MAP_SHARED` mapping, so the private-futex flag (which
-//! keys waiters by address in one process) must never be used: the kernel
-//! has to key them by the underlying page. That holds for [`wait_any`] too,
-//! whose words are 32-bit futexes without `FUTEX2_PRIVATE`, so a plain
-//! [`wake_one`] on any of them reaches its sleeper.
+//! keys waiters by address in one process) must never be used on them: the
+//! kernel has to key them by the underlying page. That holds for
+//! [`wait_any`] too, whose words are 32-bit futexes without
+//! `FUTEX2_PRIVATE`, so a plain [`wake_one`] on any of them reaches its
+//! sleeper. Only a word of the process's own memory that only the process
+//! wakes may be private ([`WaitOn::private`], [`wake_all_private`]).
 
 use std::io;
 use std::sync::atomic::AtomicU32;
@@ -49,11 +51,33 @@ pub fn wait_any(words: &[&AtomicU32], expected: u32, timeout: Option<Duration>) 
     if words.is_empty() || words.len() > WAIT_ANY_MAX {
         return Err(list_length(words.len()));
     }
-    let mut pairs = [(&UNUSED, 0); WAIT_ANY_MAX];
-    for (pair, word) in pairs.iter_mut().zip(words) {
-        *pair = (word, expected);
+    let mut list = [WaitOn::shared(&UNUSED, 0); WAIT_ANY_MAX];
+    for (on, word) in list.iter_mut().zip(words) {
+        *on = WaitOn::shared(word, expected);
     }
-    wait_any_of(&pairs[..words.len()], timeout)
+    wait_any_of(&list[..words.len()], timeout)
+}
+
+/// One word of a [`wait_any_of`]: sleep while it holds `expected`.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitOn<'a> {
+    word: &'a AtomicU32,
+    expected: u32,
+    private: bool,
+}
+
+impl<'a> WaitOn<'a> {
+    /// A word in shared memory, which another process may wake
+    /// ([`wake_one`]).
+    pub fn shared(word: &'a AtomicU32, expected: u32) -> WaitOn<'a> {
+        WaitOn { word, expected, private: false }
+    }
+
+    /// A word only this process wakes ([`wake_all_private`]): the kernel
+    /// keys it by address, without looking up its page.
+    pub fn private(word: &'a AtomicU32, expected: u32) -> WaitOn<'a> {
+        WaitOn { word, expected, private: true }
+    }
 }
 
 /// Whether this kernel has `futex_waitv` (Linux 5.16 or later): asked
@@ -62,7 +86,8 @@ pub fn wait_any_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
         let word = AtomicU32::new(0);
-        !matches!(wait_any_of(&[(&word, 1)], Some(Duration::ZERO)), Err(e) if e.kind() == io::ErrorKind::Unsupported)
+        let probe = wait_any_of(&[WaitOn::private(&word, 1)], Some(Duration::ZERO));
+        !matches!(probe, Err(e) if e.kind() == io::ErrorKind::Unsupported)
     })
 }
 
@@ -73,21 +98,26 @@ fn list_length(n: usize) -> io::Error {
 /// A word for the unused entries of a list.
 static UNUSED: AtomicU32 = AtomicU32::new(0);
 
-/// As [`wait_any`], each word with its own expected value: sleeps while
-/// every `(word, expected)` holds.
-pub fn wait_any_of(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> io::Result<Wake> {
+/// As [`wait_any`], each word with its own expected value, shared or
+/// private: sleeps while every word holds its value.
+pub fn wait_any_of(words: &[WaitOn<'_>], timeout: Option<Duration>) -> io::Result<Wake> {
     if words.is_empty() || words.len() > WAIT_ANY_MAX {
         return Err(list_length(words.len()));
     }
     let mut waits = [futex::Wait::new(); WAIT_ANY_MAX];
-    for (wait, &(word, expected)) in waits.iter_mut().zip(words) {
-        wait.val = u64::from(expected);
+    for (wait, on) in waits.iter_mut().zip(words) {
+        wait.val = u64::from(on.expected);
         // The borrow of `words` keeps every word alive for the call, which
         // is all the kernel needs: it only reads the word and queues us on
         // its page.
-        wait.uaddr = futex::WaitPtr::new(word.as_ptr().cast());
-        // Shared: no FUTEX2_PRIVATE, the words live in a shared mapping.
-        wait.flags = futex::WaitFlags::SIZE_U32;
+        wait.uaddr = futex::WaitPtr::new(on.word.as_ptr().cast());
+        // A shared word has no FUTEX2_PRIVATE: it lives in a shared
+        // mapping, and the kernel must key it by the page.
+        wait.flags = if on.private {
+            futex::WaitFlags::SIZE_U32 | futex::WaitFlags::PRIVATE
+        } else {
+            futex::WaitFlags::SIZE_U32
+        };
     }
     // The kernel takes an absolute time on the clock it is told.
     let deadline = timeout.map(|t| {
@@ -119,10 +149,11 @@ pub fn wake_one(word: &AtomicU32) -> io::Result<bool> {
     Ok(futex::wake(word, futex::Flags::empty(), 1)? > 0)
 }
 
-/// Wakes every waiter sleeping on `word`, in one call. Returns how many.
-pub fn wake_all(word: &AtomicU32) -> io::Result<usize> {
+/// Wakes every waiter of this process sleeping on `word` as a private
+/// word ([`WaitOn::private`]), in one call. Returns how many.
+pub fn wake_all_private(word: &AtomicU32) -> io::Result<usize> {
     // The kernel takes an int: a count above `i32::MAX` would be negative.
-    Ok(futex::wake(word, futex::Flags::empty(), i32::MAX as u32)?)
+    Ok(futex::wake(word, futex::Flags::PRIVATE, i32::MAX as u32)?)
 }
 
 #[cfg(test)]
@@ -208,14 +239,18 @@ mod tests {
                     let own = AtomicU32::new(1);
                     let seen = count.load(Ordering::SeqCst);
                     read.wait();
-                    wait_any_of(&[(&own, 1), (&count, seen)], Some(Duration::from_secs(30))).unwrap()
+                    wait_any_of(
+                        &[WaitOn::shared(&own, 1), WaitOn::private(&count, seen)],
+                        Some(Duration::from_secs(30)),
+                    )
+                    .unwrap()
                 })
             })
             .collect();
         // Every sleeper read 7 before the count changes.
         read.wait();
         count.fetch_add(1, Ordering::SeqCst);
-        wake_all(&count).unwrap();
+        wake_all_private(&count).unwrap();
         for s in sleepers {
             assert_eq!(s.join().unwrap(), Wake::Woken);
         }
