@@ -91,7 +91,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 
 use crate::client::{Armed, FdToken, Received};
@@ -299,7 +299,8 @@ impl State {
         let (mut any, mut registered) = (false, false);
         let wants_write = self.client.wait_fds().any(|w| w.writable);
         for reg in &self.fds {
-            match reg.fd.poll_read_ready(cx) {
+            // Drains a direction found ready; notes a waker left on it.
+            let mut take = |polled: Poll<std::io::Result<AsyncFdReadyGuard<'_, OwnedFd>>>| match polled {
                 Poll::Ready(Ok(mut guard)) => {
                     any = true;
                     if self.client.on_ready(reg.token) {
@@ -308,18 +309,10 @@ impl State {
                 }
                 Poll::Ready(Err(_)) => {}
                 Poll::Pending => registered = true,
-            }
+            };
+            take(reg.fd.poll_read_ready(cx));
             if wants_write && reg.writable {
-                match reg.fd.poll_write_ready(cx) {
-                    Poll::Ready(Ok(mut guard)) => {
-                        any = true;
-                        if self.client.on_ready(reg.token) {
-                            guard.clear_ready();
-                        }
-                    }
-                    Poll::Ready(Err(_)) => {}
-                    Poll::Pending => registered = true,
-                }
+                take(reg.fd.poll_write_ready(cx));
             }
         }
         if registered {
