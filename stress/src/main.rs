@@ -112,7 +112,8 @@ static ALLOCATOR: ipc_alloc_count::CountingAllocator = ipc_alloc_count::Counting
 /// of stress's threads for --duration seconds (5): the wake-ups per
 /// second of that many idle clients; then SIGKILLs the daemon, and every
 /// blocked call must end disconnected (the delay is reported). Twice:
-/// with the liveness watcher off (50 ms checks) and on.
+/// with the liveness watcher off (50 ms checks) and on (--liveness runs
+/// one of the two alone).
 ///
 /// --scenario scale (not part of all) connects --clients (10,000)
 /// blocking clients (a thread each) to its own daemon all at once, each
@@ -285,6 +286,12 @@ struct Args {
     #[arg(long, value_name = "SECONDS")]
     duration: Option<u64>,
 
+    /// With --scenario idle: which passes to run, the 50 ms checks, the
+    /// liveness watcher or both (one alone, for a count of clients whose
+    /// checks would swamp the machine).
+    #[arg(long, value_enum, default_value_t = Liveness::Both)]
+    liveness: Liveness,
+
     /// Internal: run as client process number ID of a --procs run.
     #[arg(long, hide = true)]
     child_client: Option<u32>,
@@ -351,6 +358,13 @@ impl Scenario {
             Scenario::Scale => (10_000, 10, vec![64], 1),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Liveness {
+    Checks,
+    Watcher,
+    Both,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -463,6 +477,9 @@ fn validate(args: &Args) -> Result<(), String> {
         if args.flood > 0 && args.flood_connects == 0 || args.handshake_timeout_ms == 0 {
             return Err("--flood-connects and --handshake-timeout-ms must be at least 1".into());
         }
+    }
+    if args.scenario != Scenario::Idle && args.liveness != Liveness::Both {
+        return Err("--liveness chooses the passes of --scenario idle only".into());
     }
     if matches!(args.scenario, Scenario::Idle | Scenario::Scale) {
         if args.socket.is_some() && args.child_scale.is_none()
@@ -655,7 +672,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let spin = args.spin_us.map(Duration::from_micros);
     if args.scenario == Scenario::Idle {
         let window = Duration::from_secs(args.duration.unwrap_or(5));
-        return idle::run(&idle::Config { daemon: daemon(), clients: args.clients.unwrap_or(1_000), window, spin });
+        let watchers = match args.liveness {
+            Liveness::Checks => vec![false],
+            Liveness::Watcher => vec![true],
+            Liveness::Both => vec![false, true],
+        };
+        let clients = args.clients.unwrap_or(1_000);
+        return idle::run(&idle::Config { daemon: daemon(), clients, window, spin, watchers });
     }
     if args.scenario == Scenario::Scale {
         let (clients, calls, payloads, _) = Scenario::Scale.defaults();

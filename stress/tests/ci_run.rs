@@ -485,3 +485,24 @@ fn async_client_runs_beside_the_blocking_client_and_tokio_echo() {
         (Some("tokio_echo"), Some(4000), Some(32))
     );
 }
+
+/// The idle scenario with one of its passes: 16 clients blocked in calls
+/// their stopped daemon never answers, every one told `Disconnected` at
+/// its SIGKILL; `--liveness watcher` runs the watcher's pass alone.
+#[test]
+fn idle_runs_the_watchers_pass_alone() {
+    let (stress, ipcd) = binaries();
+    let output = Command::new(&stress)
+        .args(["--scenario", "idle", "--clients", "16", "--duration", "1", "--liveness", "watcher", "--daemon"])
+        .arg(&ipcd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "stress failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<_> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| liveness")).collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert!(rows[0].starts_with("| watcher thread |") && rows[0].ends_with("| 16 of 16 |"), "{stdout}");
+    // The choice belongs to the idle scenario alone.
+    let refused = Command::new(&stress).args(["--scenario", "throughput", "--liveness", "checks"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+}
