@@ -108,7 +108,8 @@ pub struct Run {
     /// made the daemon and its caller hold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap_check: Option<HeapCheck>,
-    #[serde(skip)]
+    /// The first call that failed, or why a client stopped short.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
     #[serde(skip)]
     pub first_rejection: Option<String>,

@@ -368,9 +368,15 @@ pub fn run_calls(client: &mut Client, echo: &Service, w: &Workload, id: u32, con
 
 /// Whether a client stops calling: it lost its connection and has no
 /// reconnect policy, so every later call would be refused at once. The run
-/// then reports fewer calls made than planned.
-fn gave_up(client: &Client, w: &Workload) -> bool {
-    !w.reconnect && !client.is_connected()
+/// then reports fewer calls made than planned, and, if no call of this
+/// client failed, says why in its first error: its last call may have
+/// been answered in the same wait that found the daemon gone.
+fn gave_up(client: &Client, w: &Workload, id: u32, next: u64, out: &mut ClientOutcome) -> bool {
+    let gone = !w.reconnect && !client.is_connected();
+    if gone {
+        out.first_error.get_or_insert_with(|| format!("client {id} stopped before call {next}: disconnected"));
+    }
+    gone
 }
 
 /// Whether a client should stop before its next call.
@@ -393,7 +399,7 @@ fn sync_calls(
     let mut minutes: Vec<Histogram<u64>> = Vec::new();
     let mut reconnects = client.reconnects();
     for seq in 0..w.messages {
-        if (w.until.is_some() && time_is_up(w)) || gave_up(client, w) {
+        if (w.until.is_some() && time_is_up(w)) || gave_up(client, w, id, seq, out) {
             break;
         }
         fill_payload(id, seq, request);
@@ -461,7 +467,11 @@ fn pipelined_calls(
     let probe = w.probe.as_deref();
     let mut next = 0u64;
     loop {
-        while in_flight.len() < w.window as usize && next < w.messages && !time_is_up(w) && !gave_up(client, w) {
+        while in_flight.len() < w.window as usize
+            && next < w.messages
+            && !time_is_up(w)
+            && !gave_up(client, w, id, next, out)
+        {
             fill_payload(id, next, request);
             out.made += 1;
             match client.send(echo, request) {

@@ -148,8 +148,9 @@ fn failed_calls_are_counted_and_exit_1() {
     ipc_platform::die_with_parent(&mut run);
     let mut run = run.spawn().unwrap();
     // The daemon dies once both clients have connected and had calls
-    // answered: each then has exactly one call in flight, or is about to
-    // send one into the dead session.
+    // answered: each then has one call in flight, is about to send one
+    // into the dead session, or has its last reply in hand as it finds
+    // the daemon gone (and stops).
     // (The replies counted include the observer's earlier stats calls.)
     let mut stats_calls = 0;
     let calling = poll_until(Duration::from_secs(60), || {
@@ -177,14 +178,18 @@ fn failed_calls_are_counted_and_exit_1() {
     let run = &report["runs"][0];
     let (sent, ok, failed) =
         (run["sent"].as_u64().unwrap(), run["succeeded"].as_u64().unwrap(), run["failed"].as_u64().unwrap());
-    // Each client's call in flight at the crash ends as disconnected; no
-    // call is lost or counted twice, and the rest are never made.
+    // A client's call in flight at the crash ends as disconnected (at most
+    // one per client); no call is lost or counted twice, the rest are never
+    // made, and the report says why the run stopped short.
     let o = &run["outcomes"];
-    assert_eq!(o["disconnected"], 2, "{run}");
-    assert_eq!(failed, 2, "{run}");
+    let disconnected = o["disconnected"].as_u64().unwrap();
+    assert!(disconnected <= 2, "{run}");
+    assert_eq!(failed, disconnected, "{run}");
     assert!(sent < 200_000_000, "{run}");
     assert_eq!(ok + failed, sent, "{run}");
-    assert_eq!(o["replied"].as_u64().unwrap() + 2, sent, "{run}");
+    assert_eq!(o["replied"].as_u64().unwrap() + disconnected, sent, "{run}");
+    let why = run["first_error"].as_str().unwrap_or_else(|| panic!("no first error: {run}"));
+    assert!(why.contains("disconnected"), "{run}");
     assert_eq!(run["lost"], 0, "{run}");
     assert_eq!(run["duplicated"], 0, "{run}");
 }
