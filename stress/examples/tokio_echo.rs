@@ -12,8 +12,18 @@
 //! `read_exact`, checking every byte (replies come in order, so a
 //! windowed client knows which request each one answers).
 //!
+//! With `--server-process` the server runs in a child process of its
+//! own (this program again, on a runtime of the same size), as a tokio
+//! user calling another service would have it. Without it, one runtime
+//! serves both ends, and one client's round trip is usually done by one
+//! worker thread that never sleeps: it writes the request, finds the
+//! server's read ready in its next poll of the reactor, and so on, with
+//! no wake-up across threads (a handful of context switches in 20,000
+//! calls). That measures tokio's in-process hand-off, not two processes.
+//!
 //! ```text
 //! cargo run --release -p stress --example tokio_echo -- --clients 100 --messages 10000
+//! cargo run --release -p stress --example tokio_echo -- --messages 20000 --server-process
 //! ```
 
 #![forbid(unsafe_code)]
@@ -50,6 +60,16 @@ struct Args {
     /// Worker threads of the runtime [default: the number of cores]
     #[arg(long)]
     workers: Option<usize>,
+
+    /// Runs the server in a child process, with a runtime of its own of
+    /// --workers threads, instead of on the clients' runtime
+    #[arg(long)]
+    server_process: bool,
+
+    /// (Internal: what the child of --server-process runs.) Serves
+    /// --clients connections on the abstract socket NAME, then exits
+    #[arg(long, value_name = "NAME", hide = true)]
+    serve_at: Option<String>,
 }
 
 /// A client gives up on a reply after this long, so a bug ends the run
@@ -121,6 +141,76 @@ async fn client(mut stream: UnixStream, id: u32, messages: u64, payload: usize, 
     Ok(rtts)
 }
 
+/// Accepts `clients` connections on `listener` and echoes on each until
+/// it hangs up.
+async fn serve_all(listener: UnixListener, clients: usize, payload: usize) -> io::Result<()> {
+    let mut served = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let (stream, _) = listener.accept().await?;
+        served.push(tokio::spawn(serve(stream, payload)));
+    }
+    for s in served {
+        s.await.map_err(io::Error::other)??;
+    }
+    Ok(())
+}
+
+/// Binds the abstract socket `name` for a tokio listener.
+fn listen(name: &str) -> UnixListener {
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap_or_else(|e| fail(&format!("address: {e}")));
+    let listener = StdListener::bind_addr(&addr).unwrap_or_else(|e| fail(&format!("bind @{name}: {e}")));
+    listener.set_nonblocking(true).unwrap_or_else(|e| fail(&format!("listener: {e}")));
+    UnixListener::from_std(listener).unwrap_or_else(|e| fail(&format!("listener: {e}")))
+}
+
+/// Where the clients' server runs.
+enum Server {
+    /// A task on the clients' runtime.
+    Task(tokio::task::JoinHandle<io::Result<()>>),
+    /// A child process, which exits once every client has hung up.
+    Process(std::process::Child),
+}
+
+/// Starts this program again as the server at `name`, and returns once
+/// it listens (it says so on its stdout).
+fn spawn_server(name: &str, args: &Args, workers: usize) -> std::process::Child {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("tokio_echo: own path: {e}")));
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("--serve-at")
+        .arg(name)
+        .arg("--clients")
+        .arg(args.common.clients.to_string())
+        .arg("--payload")
+        .arg(args.payload.to_string())
+        .arg("--workers")
+        .arg(workers.to_string())
+        .stdout(std::process::Stdio::piped());
+    // The server dies with this program, however it ends.
+    ipc_platform::die_with_parent(&mut command);
+    let mut child = command.spawn().unwrap_or_else(|e| fail(&format!("tokio_echo: server process: {e}")));
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped");
+    match std::io::BufReader::new(out).read_line(&mut line) {
+        Ok(_) if line == "listening\n" => child,
+        Ok(_) => fail(&format!("tokio_echo: the server process said {line:?}, not that it listens")),
+        Err(e) => fail(&format!("tokio_echo: the server process: {e}")),
+    }
+}
+
+/// The child of `--server-process`: serves `clients` connections at
+/// `name` and exits.
+fn serve_at(name: &str, clients: usize, payload: usize, runtime: &tokio::runtime::Runtime) {
+    runtime.block_on(async move {
+        let listener = listen(name);
+        println!("listening");
+        if let Err(e) = serve_all(listener, clients, payload).await {
+            fail(&format!("tokio_echo: server: {e}"));
+        }
+    });
+}
+
 fn main() {
     let args = Args::parse();
     args.common.check();
@@ -134,25 +224,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(&format!("tokio_echo: runtime: {e}")));
+    if let Some(name) = &args.serve_at {
+        serve_at(name, clients, payload, &runtime);
+        return;
+    }
     // An abstract socket name: nothing in the file system to leave behind
     // if the program is killed.
     let name = format!("tokio-echo-{}-{}", std::process::id(), fastrand::u64(..));
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap_or_else(|e| fail(&format!("address: {e}")));
-    let (elapsed, rtts) = runtime.block_on(async move {
-        let listener = StdListener::bind_addr(&addr).unwrap_or_else(|e| fail(&format!("bind @{name}: {e}")));
-        listener.set_nonblocking(true).unwrap_or_else(|e| fail(&format!("listener: {e}")));
-        let listener = UnixListener::from_std(listener).unwrap_or_else(|e| fail(&format!("listener: {e}")));
-        let server = tokio::spawn(async move {
-            let mut served = Vec::with_capacity(clients);
-            for _ in 0..clients {
-                let (stream, _) = listener.accept().await?;
-                served.push(tokio::spawn(serve(stream, payload)));
+    let mut server = if args.server_process { Some(spawn_server(&name, &args, workers)) } else { None };
+    let (elapsed, rtts) = runtime.block_on(async {
+        let server = match server.take() {
+            Some(child) => Server::Process(child),
+            None => {
+                let listener = listen(&name);
+                Server::Task(tokio::spawn(serve_all(listener, clients, payload)))
             }
-            for s in served {
-                s.await.map_err(io::Error::other)??;
-            }
-            io::Result::Ok(())
-        });
+        };
         // Every client connected before the clock starts.
         let mut streams = Vec::with_capacity(clients);
         for _ in 0..clients {
@@ -175,15 +263,25 @@ fn main() {
             }
         }
         let elapsed = start.elapsed();
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => fail(&format!("tokio_echo: server: {e}")),
-            Err(e) => fail(&format!("tokio_echo: the server task: {e}")),
+        match server {
+            Server::Task(task) => match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => fail(&format!("tokio_echo: server: {e}")),
+                Err(e) => fail(&format!("tokio_echo: the server task: {e}")),
+            },
+            // The clients' streams are dropped with their tasks: the
+            // server sees every hang-up and exits.
+            Server::Process(mut child) => match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => fail(&format!("tokio_echo: the server process ended with {status}")),
+                Err(e) => fail(&format!("tokio_echo: the server process: {e}")),
+            },
         }
         (elapsed, rtts)
     });
     Figures::new("tokio_echo", &args.common, payload, elapsed, &rtts)
         .note("window", window)
         .note("workers", workers)
+        .note("server_process", args.server_process)
         .print(args.common.json);
 }

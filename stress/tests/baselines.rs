@@ -202,3 +202,39 @@ fn sigterm_stops_a_running_baseline() {
     assert_eq!(status.and_then(|s| s.code()), Some(128 + Signal::SIGTERM as i32), "{status:?}");
     assert!(gone, "epoll_echo (pid {}) outlived stress", found[0].pid);
 }
+
+/// `tokio_echo --server-process` serves from a child process: every call
+/// is made and checked (the program fails on any wrong reply), the child
+/// exits once the clients hang up, and it dies with the program if that
+/// is killed.
+#[test]
+fn tokio_echo_serves_from_its_own_process() {
+    let (stress, _) = binaries();
+    let echo = stress.with_file_name("examples").join("tokio_echo");
+    assert!(echo.exists(), "{} is missing: run the package's tests (cargo test -p stress)", echo.display());
+    let args = ["--server-process", "--clients", "4", "--messages", "200", "--json"];
+    let out = output(Command::new(&echo).args(args));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["calls"], 800, "{line}");
+    assert_eq!(line["server_process"], true, "{line}");
+
+    let limit = Duration::from_secs(60);
+    let mut command = Command::new(&echo);
+    command.args(["--server-process", "--messages", "100000000"]).stdout(Stdio::null()).stderr(Stdio::null());
+    ipc_platform::die_with_parent(&mut command);
+    let mut run = command.spawn().unwrap();
+    let mut found = Vec::new();
+    let caught = poll_until(limit, || {
+        found = children(run.id(), "tokio_echo");
+        !found.is_empty()
+    });
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(caught, "tokio_echo started no server process within {limit:?}");
+    let gone = poll_until(limit, || found[0].is_gone());
+    if !gone {
+        found[0].kill();
+    }
+    assert!(gone, "the server process (pid {}) outlived tokio_echo", found[0].pid);
+}
