@@ -166,8 +166,11 @@ pub fn fill_payload(client: u32, seq: u64, buf: &mut [u8]) {
     let mix = payload_mix(client, seq);
     let body = &mut buf[12..];
     // Byte i of the body is byte i % 8 of `mix` xor i (mod 256): the first
-    // 256 bytes repeat, so the rest is copied at memcpy speed (a 256 MiB
-    // payload is filled in a few ms, not the IPC's time spent here).
+    // 256 bytes repeat, so the rest is copied at memcpy speed. Every byte
+    // depends on the call, so a reply assembled from chunks of different
+    // calls fails the check; the price is a pass over memory per call (for
+    // 256 MiB about a tenth of a bandwidth client's CPU samples), which a
+    // run over every transport pays alike.
     let block = body.len().min(PATTERN);
     // Eight bytes at a time, as the baselines fill theirs: bytes 8j..8j+7
     // xor their own indices, 8j | k for k < 8, which is one word.
