@@ -177,30 +177,21 @@ fn sigterm_stops_a_running_baseline() {
     // Should this test die, stress dies with it.
     ipc_platform::die_with_parent(&mut command);
     let mut run = command.spawn().unwrap();
-    let mut found = Vec::new();
-    let caught = poll_until(limit, || {
-        found = children(run.id(), "epoll_echo");
-        !found.is_empty()
-    });
-    if !caught {
-        let _ = run.kill();
-        let _ = run.wait();
-        panic!("stress started no epoll_echo within {limit:?}");
-    }
+    let echo = child_named(&mut run, "epoll_echo", limit);
     kill(Pid::from_raw(run.id() as i32), Signal::SIGTERM).unwrap();
     let mut status = None;
     poll_until(limit, || {
         status = run.try_wait().unwrap();
         status.is_some()
     });
-    let gone = poll_until(limit, || found[0].is_gone());
+    let gone = poll_until(limit, || echo.is_gone());
     if status.is_none() || !gone {
         let _ = run.kill();
         let _ = run.wait();
-        found[0].kill();
+        echo.kill();
     }
     assert_eq!(status.and_then(|s| s.code()), Some(128 + Signal::SIGTERM as i32), "{status:?}");
-    assert!(gone, "epoll_echo (pid {}) outlived stress", found[0].pid);
+    assert!(gone, "epoll_echo (pid {}) outlived stress", echo.pid);
 }
 
 /// `tokio_echo --server-process` serves from a child process: every call
@@ -224,17 +215,28 @@ fn tokio_echo_serves_from_its_own_process() {
     command.args(["--server-process", "--messages", "100000000"]).stdout(Stdio::null()).stderr(Stdio::null());
     ipc_platform::die_with_parent(&mut command);
     let mut run = command.spawn().unwrap();
-    let mut found = Vec::new();
-    let caught = poll_until(limit, || {
-        found = children(run.id(), "tokio_echo");
-        !found.is_empty()
-    });
+    let server = child_named(&mut run, "tokio_echo", limit);
     run.kill().unwrap();
     run.wait().unwrap();
-    assert!(caught, "tokio_echo started no server process within {limit:?}");
-    let gone = poll_until(limit, || found[0].is_gone());
+    let gone = poll_until(limit, || server.is_gone());
     if !gone {
-        found[0].kill();
+        server.kill();
     }
-    assert!(gone, "the server process (pid {}) outlived tokio_echo", found[0].pid);
+    assert!(gone, "the server process (pid {}) outlived tokio_echo", server.pid);
+}
+
+/// The first child of `run` named `comm`, waited for up to `limit`; if
+/// none comes, `run` is killed and the test fails.
+fn child_named(run: &mut std::process::Child, comm: &str, limit: Duration) -> common::Proc {
+    let mut found = Vec::new();
+    let caught = poll_until(limit, || {
+        found = children(run.id(), comm);
+        !found.is_empty()
+    });
+    if !caught {
+        let _ = run.kill();
+        let _ = run.wait();
+        panic!("process {} started no {comm} within {limit:?}", run.id());
+    }
+    found.swap_remove(0)
 }
